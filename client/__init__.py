@@ -1,0 +1,1 @@
+"""Client side: SDK (sync and asyncio), CLI subcommands, load generator and benchmarks."""

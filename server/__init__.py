@@ -1,0 +1,1 @@
+"""The serving process: settings, errors, metrics, state pool, engine, scheduler, sessions, servicers."""
