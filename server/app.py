@@ -1,0 +1,194 @@
+"""Wiring: ``build_server(settings, registry)`` builds the whole server; ``cellserve serve`` runs it.
+
+Start-up order: load and warm every model, start the gRPC server, then flip health to SERVING and
+write the ready file. Shutdown (SIGTERM/SIGINT): health NOT_SERVING, stop accepting, let in-flight
+work finish within ``grace_s``, stop the schedulers, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cellserve.server.health import Health
+from cellserve.server.metrics import Metrics
+from cellserve.server.models import ModelRepository
+from cellserve.server.servicer import CellServeServicer
+from cellserve.server.sessions import SessionManager
+from cellserve.server.settings import Settings
+from cellserve.v1 import cellserve_pb2, cellserve_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+# (grpc server, CellServer) -> None; returns the full service names it registered (for reflection).
+ServicerHook = Callable[[grpc.aio.Server, "CellServer"], list[str]]
+
+
+class CellServer:
+    """One serving process: models, sessions, gRPC server, health, metrics endpoint."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = Metrics(registry)
+        self.models = ModelRepository.load(settings, self.metrics)
+        self.sessions = SessionManager(self.models, settings, self.metrics)
+        self.health = Health([m.name for m in self.models])
+        self.servicer = CellServeServicer(self.sessions, settings, self.metrics)
+        self.port = 0
+        self.metrics_port = 0
+        self._hooks: list[ServicerHook] = []
+        self._grpc: grpc.aio.Server | None = None
+        self._http: Any = None
+
+    def add_servicer(self, hook: ServicerHook) -> None:
+        """Register another service on the same port (call before ``start``)."""
+        self._hooks.append(hook)
+
+    def grpc_options(self) -> list[tuple[str, Any]]:
+        size = self.settings.max_message_bytes
+        return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+    async def start(self) -> None:
+        s = self.settings
+        for model in self.models:
+            model.engine.warmup(sorted({1, s.max_batch}))
+            model.scheduler.start()
+        self.sessions.start()
+        server = grpc.aio.server(options=self.grpc_options())
+        cellserve_pb2_grpc.add_CellServeServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        names = [
+            cellserve_pb2.DESCRIPTOR.services_by_name["CellServe"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        for hook in self._hooks:
+            names += hook(server, self)
+        reflection.enable_server_reflection(names, server)
+        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind the gRPC port {s.host}:{s.port}")
+        await server.start()
+        self._grpc = server
+        if s.metrics_port:
+            self._http, _ = start_http_server(s.metrics_port, s.metrics_host, registry=self.registry)
+            self.metrics_port = self._http.server_port
+        await self.health.serving()
+        log.info(
+            "serving",
+            extra={"port": self.port, "metrics_port": self.metrics_port, "models": [m.name for m in self.models]},
+        )
+        if s.ready_file is not None:
+            tmp = Path(f"{s.ready_file}.tmp")
+            tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}))
+            tmp.replace(s.ready_file)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new sessions, give in-flight RPCs ``grace_s``, then stop."""
+        grace = self.settings.grace_s if grace_s is None else grace_s
+        await self.health.not_serving()
+        self.sessions.accepting = False
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+            self._grpc = None
+        for model in self.models:
+            await model.scheduler.stop()
+        await self.sessions.stop()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    async def wait(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.wait_for_termination()
+
+
+def build_server(settings: Settings, registry: CollectorRegistry) -> CellServer:
+    """Build (not start) a server. Call ``await server.start()`` inside a running event loop."""
+    return CellServer(settings, registry)
+
+
+async def run_until_signal(settings: Settings) -> None:
+    server = build_server(settings, CollectorRegistry())
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received; shutting down", extra={"grace_s": settings.grace_s})
+    await server.stop()
+
+
+# -- `cellserve serve` ----------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, its help the field's docstring (flags override CELLSERVE_* env)."""
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = [str(p) for p in default] if isinstance(default, list) else default
+        help_text = f"{field.description} [env CELLSERVE_{name.upper()}; default: {shown}]"
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        annotation = field.annotation
+        if typing.get_origin(annotation) is typing.Literal:
+            kwargs["choices"] = typing.get_args(annotation)
+        if typing.get_origin(annotation) is list:
+            kwargs.update(action="append", metavar="DIR")
+        elif annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+            kwargs["metavar"] = name.upper()
+        parser.add_argument(_flag(name), **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    given = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
+    return Settings(**given)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as e:
+        for err in e.errors():
+            where = _flag(str(err["loc"][0])) if err["loc"] else "settings"
+            print(f"cellserve serve: error: {where}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(run_until_signal(settings))
+    except (OSError, ValueError) as e:
+        print(f"cellserve serve: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="serve models over gRPC (native API, health, reflection) with Prometheus metrics",
+        description="Serve exported models. Every flag can also be set by its CELLSERVE_* environment variable.",
+    )
+    _add_setting_flags(parser)
+    parser.set_defaults(func=_serve)

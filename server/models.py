@@ -1,0 +1,119 @@
+"""Loaded models: manifest + state pool + engine + scheduler per model, and checks of step inputs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from cellserve.model.manifest import Manifest, ManifestError, load_manifest
+from cellserve.server.arrays import array_ops
+from cellserve.server.engine import Engine
+from cellserve.server.errors import InvalidArgument, NotFound
+from cellserve.server.metrics import Metrics
+from cellserve.server.scheduler import Scheduler
+from cellserve.server.settings import Settings
+from cellserve.server.state_pool import StatePool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """Everything that serves one model."""
+
+    manifest: Manifest
+    model_dir: Path
+    pool: StatePool
+    engine: Engine
+    scheduler: Scheduler
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    def check_input(self, x: np.ndarray, max_steps: int) -> np.ndarray:
+        """Validate one session's step input; returns it ready for the engine or raises InvalidArgument."""
+        m = self.manifest
+        want = np.dtype(m.tensor("input").dtype)
+        if m.input_kind == "tokens":
+            expect = f"model {m.name!r} expects {want} token ids of shape [T] with 1 <= T <= {max_steps}"
+            if x.ndim != 1:
+                raise InvalidArgument(f"input has shape {list(x.shape)}; {expect}")
+        else:
+            expect = (
+                f"model {m.name!r} expects {want} features of shape [T, {m.input_size}] with 1 <= T <= {max_steps}"
+            )
+            if x.ndim != 2 or x.shape[1] != m.input_size:
+                raise InvalidArgument(f"input has shape {list(x.shape)}; {expect}")
+        if x.dtype != want:
+            raise InvalidArgument(f"input has dtype {x.dtype}; {expect}")
+        if not 1 <= x.shape[0] <= max_steps:
+            raise InvalidArgument(f"input has T={x.shape[0]} steps; {expect}")
+        if m.input_kind == "tokens":
+            lo, hi = int(x.min()), int(x.max())
+            if lo < 0 or hi >= m.input_size:
+                bad = lo if lo < 0 else hi
+                raise InvalidArgument(
+                    f"token id {bad} is out of range; model {m.name!r} has vocabulary [0, {m.input_size})"
+                )
+        elif not np.isfinite(x).all():
+            raise InvalidArgument(f"input contains NaN or Inf; model {m.name!r} needs finite features")
+        return x
+
+
+class ModelRepository:
+    """Name → LoadedModel for every model directory in the settings."""
+
+    def __init__(self, models: dict[str, LoadedModel]) -> None:
+        self._models = models
+
+    @classmethod
+    def load(cls, settings: Settings, metrics: Metrics) -> ModelRepository:
+        ops = array_ops(settings.device, settings.device_id)
+        models: dict[str, LoadedModel] = {}
+        for model_dir in settings.model_dirs:
+            try:
+                manifest = load_manifest(model_dir)
+            except ManifestError as e:
+                raise ManifestError(f"cannot serve {model_dir}: {e}") from e
+            if manifest.name in models:
+                raise ManifestError(f"two model directories are both named {manifest.name!r}")
+            pool = StatePool(manifest.layers, manifest.hidden, settings.capacity, ops)
+            engine = Engine(manifest, Path(model_dir), pool, intra_op_threads=settings.intra_op_threads)
+            scheduler = Scheduler(
+                engine,
+                metrics,
+                max_batch=settings.max_batch,
+                max_wait_us=settings.max_wait_us,
+                max_queued=settings.max_queued_steps,
+                mode=settings.engine_mode,
+                live_sessions=lambda pool=pool: pool.used,
+            )
+            models[manifest.name] = LoadedModel(manifest, Path(model_dir), pool, engine, scheduler)
+            metrics.state_pool_bytes.labels(model=manifest.name).set(pool.nbytes)
+            metrics.state_pool_slots.labels(model=manifest.name, state="used").set(0)
+            metrics.state_pool_slots.labels(model=manifest.name, state="free").set(pool.capacity)
+            log.info(
+                "model loaded",
+                extra={"model": manifest.name, "sha256": manifest.sha256, "device": settings.device},
+            )
+        return cls(models)
+
+    def get(self, name: str) -> LoadedModel:
+        model = self._models.get(name)
+        if model is None:
+            known = ", ".join(sorted(self._models)) or "none"
+            raise NotFound(f"model {name!r} is not loaded on this server (loaded: {known})")
+        return model
+
+    def default_name(self) -> str:
+        return next(iter(self._models))
+
+    def __iter__(self) -> Iterator[LoadedModel]:
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)

@@ -1,0 +1,222 @@
+"""Sessions: a server-issued id, a state-pool slot, a step count, and an idle deadline.
+
+Sessions know nothing of gRPC. The stream servicer opens one per stream and passes a ``notify``
+callback through which the manager tells it about server-side events (idle expiry, drain).
+Idle expiry uses a heap of deadlines checked lazily, so it costs O(expired), not O(sessions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from cellserve.server.errors import CellserveError, FailedPrecondition, InvalidArgument, Unavailable
+from cellserve.server.metrics import Metrics
+from cellserve.server.models import LoadedModel, ModelRepository
+from cellserve.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """A session's portable state: what a resume token carries."""
+
+    model: str
+    model_sha256: str
+    steps: int
+    h: np.ndarray  # [L, H] float32
+    c: np.ndarray  # [L, H] float32
+
+
+@dataclass(frozen=True)
+class SessionClosed:
+    """Event: the server closed the session (``reason``: idle, drain, error)."""
+
+    reason: str
+    message: str
+
+
+SessionEvent = SessionClosed
+Notify = Callable[[SessionEvent], None]
+
+
+class Session:
+    """One client's recurrent state on one model. At most one step in flight."""
+
+    def __init__(self, manager: SessionManager, model: LoadedModel, idle_timeout_s: int, notify: Notify | None) -> None:
+        self.id = secrets.token_hex(12)
+        self.model = model
+        self.idle_timeout_s = idle_timeout_s
+        self.steps = 0
+        self.closed = False
+        self.close_reason = ""
+        self.slot = model.pool.allocate(self)
+        self._manager = manager
+        self._notify = notify
+        self._inflight = False
+        self.deadline = time.monotonic() + idle_timeout_s
+
+    def touch(self) -> None:
+        self.deadline = time.monotonic() + self.idle_timeout_s
+
+    async def step(self, x: np.ndarray) -> np.ndarray:
+        """Run ``x`` ([T] or [T, I]) through the model from this session's state; returns y [T, O]."""
+        if self.closed:
+            raise FailedPrecondition(f"session {self.id} is closed ({self.close_reason}); open a new one")
+        if self._inflight:
+            raise FailedPrecondition(f"session {self.id} already has a step in flight; wait for its output")
+        x = self.model.check_input(x, self._manager.settings.max_chunk_steps)
+        self._inflight = True
+        self.touch()
+        start = time.perf_counter()
+        try:
+            y = await self.model.scheduler.submit(self.slot, x)
+        finally:
+            self._inflight = False
+            self.touch()
+            if self.closed:  # closed while the step ran: the slot was kept for the engine until now
+                self._manager.release(self)
+        self.steps += x.shape[0]
+        self._manager.metrics.step_latency.labels(model=self.model.name).observe(time.perf_counter() - start)
+        return y
+
+    def state(self) -> ResumeState:
+        """Host copy of the current state (for snapshots and drain)."""
+        if self.closed:
+            raise FailedPrecondition(f"session {self.id} is closed; there is no state to snapshot")
+        h, c = self.model.pool.read(self.slot)
+        return ResumeState(self.model.name, self.model.manifest.sha256, self.steps, h, c)
+
+    @property
+    def inflight(self) -> bool:
+        return self._inflight
+
+
+class SessionManager:
+    """Opens, tracks, expires and closes sessions across all models."""
+
+    def __init__(self, models: ModelRepository, settings: Settings, metrics: Metrics) -> None:
+        self.models = models
+        self.settings = settings
+        self.metrics = metrics
+        self.sessions: dict[str, Session] = {}
+        self.accepting = True
+        self._deadlines: list[tuple[float, str]] = []
+        self._reaper: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def grant_idle_timeout(self, requested_s: int) -> int:
+        if requested_s < 0:
+            raise InvalidArgument("idle_timeout_s must be >= 0")
+        if requested_s == 0:
+            return self.settings.idle_timeout_s
+        return min(requested_s, self.settings.max_idle_timeout_s)
+
+    def open(
+        self,
+        model_name: str,
+        *,
+        idle_timeout_s: int = 0,
+        resume: ResumeState | None = None,
+        notify: Notify | None = None,
+    ) -> Session:
+        """A new session on ``model_name`` (zero state, or ``resume``'s). Admission is decided here."""
+        if not self.accepting:
+            raise Unavailable("server is draining and accepts no new sessions; open on another replica")
+        model = self.models.get(model_name)
+        granted = self.grant_idle_timeout(idle_timeout_s)
+        session = Session(self, model, granted, notify)  # may raise ResourceExhausted (pool full)
+        if resume is not None:
+            try:
+                model.pool.write(session.slot, resume.h, resume.c)
+            except ValueError as e:
+                model.pool.release(session.slot, session)
+                raise InvalidArgument(f"resume state does not fit model {model_name!r}: {e}") from e
+            session.steps = resume.steps
+        self.sessions[session.id] = session
+        heapq.heappush(self._deadlines, (session.deadline, session.id))
+        self._wake.set()
+        self.metrics.sessions_opened.labels(model=model.name).inc()
+        self.metrics.sessions_active.labels(model=model.name).inc()
+        self._update_slots(model)
+        log.debug("session opened", extra={"model": model.name, "resumed": resume is not None})
+        return session
+
+    def close(self, session: Session, reason: str, *, notify: str | None = None) -> None:
+        """Close ``session`` (idempotent). ``notify`` (a message) tells its stream why."""
+        if session.closed:
+            return
+        session.closed = True
+        session.close_reason = reason
+        self.sessions.pop(session.id, None)
+        if not session.inflight:  # else Session.step releases when the engine is done with the slot
+            self.release(session)
+        model = session.model.name
+        self.metrics.sessions_active.labels(model=model).dec()
+        self.metrics.sessions_closed.labels(model=model, reason=reason).inc()
+        if notify is not None and session._notify is not None:
+            session._notify(SessionClosed(reason, notify))
+
+    def release(self, session: Session) -> None:
+        session.model.pool.release(session.slot, session)
+        self._update_slots(session.model)
+
+    def _update_slots(self, model: LoadedModel) -> None:
+        used = model.pool.used
+        self.metrics.state_pool_slots.labels(model=model.name, state="used").set(used)
+        self.metrics.state_pool_slots.labels(model=model.name, state="free").set(model.pool.capacity - used)
+
+    # -- idle expiry ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="session-reaper")
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            try:
+                await self._reaper
+            except asyncio.CancelledError:
+                pass
+            self._reaper = None
+
+    def expire_idle(self, now: float) -> int:
+        """Close sessions whose idle deadline passed; returns how many. Touched sessions are re-queued."""
+        expired = 0
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, sid = heapq.heappop(self._deadlines)
+            session = self.sessions.get(sid)
+            if session is None:
+                continue
+            if session.deadline > now or session.inflight:
+                heapq.heappush(self._deadlines, (max(session.deadline, now + 0.001), sid))
+                continue
+            self.close(
+                session,
+                "idle",
+                notify=f"session idle for {session.idle_timeout_s}s (its idle timeout); state was freed",
+            )
+            expired += 1
+        return expired
+
+    async def _reap(self) -> None:
+        while True:
+            try:
+                self.expire_idle(time.monotonic())
+                delay = self._deadlines[0][0] - time.monotonic() if self._deadlines else 3600.0
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), max(delay, 0.001))
+                except TimeoutError:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except CellserveError:  # pragma: no cover - defensive: never let the reaper die
+                log.exception("idle reaper error")

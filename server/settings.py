@@ -1,0 +1,81 @@
+"""The server's one configuration object: pydantic-settings, env prefix ``CELLSERVE_``.
+
+Every field has a docstring; ``cellserve serve --help`` is generated from them, so the flags, the
+environment variables and this file never disagree. Flags override the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_model_dir() -> Path:
+    """The model shipped inside the package (``cellserve/model/default``)."""
+    import cellserve.model
+
+    return Path(cellserve.model.__file__).parent / "default"
+
+
+class Settings(BaseSettings):
+    """cellserve server settings. Environment: CELLSERVE_<FIELD>; lists as JSON (e.g. '["/m1","/m2"]')."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CELLSERVE_", use_attribute_docstrings=True, frozen=True, extra="forbid"
+    )
+
+    host: str = "[::]"
+    """Address the gRPC server binds."""
+    port: int = Field(50051, ge=0, le=65535)
+    """gRPC port; 0 picks a free port (the ready file tells which)."""
+    metrics_port: int = Field(9090, ge=0, le=65535)
+    """Prometheus /metrics port; 0 disables the metrics endpoint."""
+    metrics_host: str = "0.0.0.0"
+    """Address the metrics endpoint binds."""
+    model_dirs: list[Path] = Field(default_factory=lambda: [default_model_dir()])
+    """Exported model directories (manifest.json + ONNX); repeat the flag for several models."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where state lives and onnxruntime runs: cpu, or cuda (needs onnxruntime-gpu and CuPy)."""
+    device_id: int = Field(0, ge=0)
+    """CUDA device ordinal when device=cuda."""
+    intra_op_threads: int = Field(0, ge=0)
+    """onnxruntime intra-op threads; 0 lets onnxruntime choose."""
+    capacity: int = Field(4096, ge=1)
+    """State slots per model: the most sessions one model holds at once."""
+    max_batch: int = Field(64, ge=1)
+    """Most sessions batched into one engine call."""
+    max_wait_us: int = Field(500, ge=0)
+    """Longest a batch waits for more sessions after its first step arrives, in microseconds."""
+    engine_mode: Literal["inline", "thread"] = "inline"
+    """Run onnxruntime on the event loop (inline) or in a worker thread (thread); see README Performance."""
+    max_chunk_steps: int = Field(4096, ge=1)
+    """Most time steps (T) one Step message may carry."""
+    max_queued_steps: int = Field(8192, ge=1)
+    """Most messages waiting in one model's scheduler queue; beyond it steps get RESOURCE_EXHAUSTED."""
+    max_streams: int = Field(10000, ge=1)
+    """Most concurrent Stream and Generate RPCs; beyond it new ones get RESOURCE_EXHAUSTED."""
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Largest gRPC message accepted or sent, in bytes."""
+    idle_timeout_s: int = Field(300, ge=1)
+    """Idle timeout granted to sessions that ask for none (Open.idle_timeout_s = 0)."""
+    max_idle_timeout_s: int = Field(3600, ge=1)
+    """Largest idle timeout a session may ask for."""
+    max_generate_tokens: int = Field(4096, ge=1)
+    """Most tokens one Generate call may ask for."""
+    grace_s: float = Field(20.0, ge=0)
+    """On SIGTERM/SIGINT: seconds in-flight work may take before the server stops."""
+    ready_file: Path | None = None
+    """If set, write {"port", "metrics_port", "pid"} as JSON here once every model is SERVING."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.model_dirs:
+            raise ValueError("model_dirs: at least one model directory is needed")
+        if self.idle_timeout_s > self.max_idle_timeout_s:
+            raise ValueError(
+                f"idle_timeout_s ({self.idle_timeout_s}) exceeds max_idle_timeout_s ({self.max_idle_timeout_s})"
+            )
+        return self

@@ -1,0 +1,45 @@
+"""``cellserve.v1.Tensor`` ↔ numpy, with precise errors for malformed tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+from cellserve.server.errors import InvalidArgument
+from cellserve.v1 import cellserve_pb2 as pb
+
+DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+}
+PB_DTYPES: dict[str, int] = {dt.name: code for code, dt in DTYPES.items()}
+
+
+def to_numpy(t: pb.Tensor) -> np.ndarray:
+    """Decode a Tensor; INVALID_ARGUMENT if its dtype, shape or byte length is inconsistent."""
+    dtype = DTYPES.get(t.dtype)
+    if dtype is None:
+        raise InvalidArgument(f"tensor dtype {t.dtype} is not supported; use one of {sorted(PB_DTYPES)}")
+    shape = tuple(int(d) for d in t.shape)
+    if not shape:
+        raise InvalidArgument("tensor has no shape; give its dimensions, e.g. [T] for T token ids")
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"tensor shape {list(shape)} has a negative dimension")
+    count = int(np.prod(shape, dtype=np.int64))
+    if count == 0:
+        raise InvalidArgument(f"tensor shape {list(shape)} is empty; a step needs at least one element")
+    if len(t.raw) != count * dtype.itemsize:
+        raise InvalidArgument(
+            f"tensor raw has {len(t.raw)} bytes; shape {list(shape)} of {dtype.name} needs {count * dtype.itemsize}"
+        )
+    return np.frombuffer(t.raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+
+
+def to_proto(a: np.ndarray) -> pb.Tensor:
+    """Encode a numpy array as raw little-endian bytes."""
+    a = np.ascontiguousarray(a)
+    code = PB_DTYPES.get(a.dtype.name)
+    if code is None:
+        raise TypeError(f"dtype {a.dtype} has no Tensor encoding")
+    return pb.Tensor(dtype=code, shape=list(a.shape), raw=a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
