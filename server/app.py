@@ -87,7 +87,8 @@ class CellServer:
         await server.start()
         self._grpc = server
         if s.metrics_port:
-            self._http, _ = start_http_server(s.metrics_port, s.metrics_host, registry=self.registry)
+            port = 0 if s.metrics_port == "auto" else s.metrics_port
+            self._http, _ = start_http_server(port, s.metrics_host, registry=self.registry)
             self.metrics_port = self._http.server_port
         await self.health.serving()
         log.info(

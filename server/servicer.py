@@ -83,7 +83,13 @@ class CellServeServicer(pb_grpc.CellServeServicer):
                 )
             )
             while True:
-                item = await inbox.get()
+                if session.closed:  # after `close`: wait (bounded) for the client to half-close
+                    try:
+                        item = await asyncio.wait_for(inbox.get(), session.idle_timeout_s)
+                    except TimeoutError:
+                        return
+                else:
+                    item = await inbox.get()
                 if isinstance(item, SessionClosed):
                     reason = item.reason
                     yield _closed(session, item.reason, item.message)
@@ -91,24 +97,27 @@ class CellServeServicer(pb_grpc.CellServeServicer):
                 if isinstance(item, _EndOfRequests):
                     if item.error is not None:
                         raise item.error
-                    reason = "client"
-                    self.sessions.close(session, reason)
-                    yield _closed(session, reason, "client half-closed the stream")
+                    if not session.closed:
+                        reason = "client"
+                        self.sessions.close(session, reason)
+                        yield _closed(session, reason, "client half-closed the stream")
                     return
                 credit.release()
                 kind = item.WhichOneof("kind")
                 if kind == "step":
                     yield await self._step(session, item.step)
                 elif kind == "close":
+                    if session.closed:
+                        raise FailedPrecondition(f"session {session.id} is already closed")
                     reason = "client"
                     self.sessions.close(session, reason)
                     yield _closed(session, reason, "closed by client")
-                    return
                 elif kind == "open":
                     raise FailedPrecondition(
                         f"this stream already has session {session.id}; open another stream for another session"
                     )
                 elif kind == "snapshot":
+                    session.state()  # FAILED_PRECONDITION once closed
                     raise Unimplemented("snapshot is not implemented on this server yet")
                 else:
                     raise InvalidArgument("request has none of open, step, snapshot, close set")

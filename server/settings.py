@@ -7,7 +7,7 @@ environment variables and this file never disagree. Flags override the environme
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,8 +31,8 @@ class Settings(BaseSettings):
     """Address the gRPC server binds."""
     port: int = Field(50051, ge=0, le=65535)
     """gRPC port; 0 picks a free port (the ready file tells which)."""
-    metrics_port: int = Field(9090, ge=0, le=65535)
-    """Prometheus /metrics port; 0 disables the metrics endpoint."""
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | Literal["auto"] = 9090
+    """Prometheus /metrics port; 0 disables the endpoint; "auto" picks a free port (the ready file tells which)."""
     metrics_host: str = "0.0.0.0"
     """Address the metrics endpoint binds."""
     model_dirs: list[Path] = Field(default_factory=lambda: [default_model_dir()])

@@ -1,0 +1,132 @@
+"""Sessions free their state on every way out: close, cancel, disconnect, idle; capacity is enforced."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+
+from cellserve.v1 import cellserve_pb2 as pb
+from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+
+from test_stream import open_msg, step_msg
+
+
+def slots(srv, state: str) -> float | None:
+    return srv.registry.get_sample_value("cellserve_state_pool_slots", {"model": "tiny", "state": state})
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:
+    """Poll a condition on the event loop (no fixed sleeps): the server frees slots asynchronously."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def test_cancel_and_disconnect_free_the_slot(running_server):
+    with running_server(capacity=4) as srv:
+
+        async def main() -> None:
+            ch = grpc.aio.insecure_channel(srv.address)
+            calls = []
+            for _ in range(4):
+                call = pb_grpc.CellServeStub(ch).Stream()
+                await call.write(open_msg())
+                await call.read()
+                await call.write(step_msg(0, np.array([1, 2], dtype=np.int64)))
+                await call.read()
+                calls.append(call)
+            await wait_until(lambda: slots(srv, "free") == 0)
+            calls[0].cancel()  # client-side cancel
+            calls[1].cancel()
+            await wait_until(lambda: slots(srv, "free") == 2)
+            await ch.close()  # abrupt disconnect of the rest
+            await wait_until(lambda: slots(srv, "free") == 4)
+
+        asyncio.run(main())
+        disconnects = srv.registry.get_sample_value(
+            "cellserve_sessions_closed_total", {"model": "tiny", "reason": "disconnect"}
+        )
+        assert disconnects == 4
+        assert srv.registry.get_sample_value("cellserve_sessions_active", {"model": "tiny"}) == 0
+
+
+def test_capacity_plus_one_open_is_resource_exhausted(running_server):
+    with running_server(capacity=3) as srv:
+
+        async def main() -> tuple[grpc.StatusCode, str]:
+            async with grpc.aio.insecure_channel(srv.address) as ch:
+                held = []
+                for _ in range(3):
+                    call = pb_grpc.CellServeStub(ch).Stream()
+                    await call.write(open_msg())
+                    assert (await call.read()).WhichOneof("kind") == "opened"
+                    held.append(call)
+                extra = pb_grpc.CellServeStub(ch).Stream()
+                await extra.write(open_msg())
+                async for _ in extra:
+                    pass
+                for call in held:
+                    await call.done_writing()
+                return await extra.code(), await extra.details()
+
+        code, details = asyncio.run(main())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "capacity" in details and "3" in details
+
+
+def test_idle_session_gets_closed_reason_and_frees_its_slot(running_server):
+    with running_server(idle_timeout_s=1, max_idle_timeout_s=5) as srv:
+
+        async def main() -> list[pb.StreamResponse]:
+            async with grpc.aio.insecure_channel(srv.address) as ch:
+                call = pb_grpc.CellServeStub(ch).Stream()
+                await call.write(open_msg())
+                opened = await call.read()
+                assert opened.opened.idle_timeout_s == 1
+                # no message: the server's reaper expires the session after ~1 s and tells us
+                responses = [r async for r in call]
+                assert await call.code() == grpc.StatusCode.OK
+                return responses
+
+        responses = asyncio.run(asyncio.wait_for(main(), 30))
+        assert slots(srv, "free") == srv.server.settings.capacity
+    assert [r.WhichOneof("kind") for r in responses] == ["closed"]
+    assert responses[0].closed.reason == pb.CLOSE_REASON_IDLE
+    assert "idle" in responses[0].closed.message
+
+
+def test_idle_timeout_request_is_capped_at_the_server_maximum(running_server):
+    with running_server(idle_timeout_s=10, max_idle_timeout_s=60) as srv:
+
+        async def granted(requested: int) -> int:
+            async with grpc.aio.insecure_channel(srv.address) as ch:
+                call = pb_grpc.CellServeStub(ch).Stream()
+                await call.write(open_msg(idle_timeout_s=requested))
+                opened = await call.read()
+                await call.done_writing()
+                return opened.opened.idle_timeout_s
+
+        assert asyncio.run(granted(0)) == 10
+        assert asyncio.run(granted(30)) == 30
+        assert asyncio.run(granted(10_000)) == 60
+
+
+def test_expiry_skips_touched_sessions(running_server):
+    """The reaper's lazy heap re-queues sessions that were active since their entry was pushed."""
+    with running_server(idle_timeout_s=100, max_idle_timeout_s=1000) as srv:
+
+        async def main() -> tuple[int, int, bool]:
+            mgr = srv.server.sessions
+            a, b = mgr.open("tiny"), mgr.open("tiny")
+            now = time.monotonic()
+            b.deadline = now + 1000  # b was touched recently; a was not
+            first = mgr.expire_idle(now + 150)
+            second = mgr.expire_idle(now + 2000)
+            return first, second, a.closed and b.closed
+
+        assert srv.call(main()) == (1, 1, True)
