@@ -47,6 +47,8 @@ class Engine:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = intra_op_threads
+        # Idle onnxruntime workers must not spin: they would take the cores gRPC's event loop needs.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.ops.device_type == "cuda":
             cuda = ("CUDAExecutionProvider", {"device_id": self.ops.device_id})
             providers: list[Any] = [cuda, "CPUExecutionProvider"]

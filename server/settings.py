@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     max_queued_steps: int = Field(8192, ge=1)
     """Most messages waiting in one model's scheduler queue; beyond it steps get RESOURCE_EXHAUSTED."""
     max_streams: int = Field(10000, ge=1)
-    """Most concurrent Stream and Generate RPCs; beyond it new ones get RESOURCE_EXHAUSTED."""
+    """Most concurrent Stream RPCs; beyond it new streams get RESOURCE_EXHAUSTED."""
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """Largest gRPC message accepted or sent, in bytes."""
     idle_timeout_s: int = Field(300, ge=1)
