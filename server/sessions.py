@@ -84,7 +84,7 @@ class Session:
             if self.closed:  # closed while the step ran: the slot was kept for the engine until now
                 self._manager.release(self)
         self.steps += x.shape[0]
-        self._manager.metrics.step_latency.labels(model=self.model.name).observe(time.perf_counter() - start)
+        self._manager.observe_latency(self.model.name, time.perf_counter() - start)
         return y
 
     def state(self) -> ResumeState:
@@ -111,6 +111,10 @@ class SessionManager:
         self._deadlines: list[tuple[float, str]] = []
         self._reaper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._latency = {m.name: metrics.step_latency.labels(model=m.name) for m in models}
+
+    def observe_latency(self, model: str, seconds: float) -> None:
+        self._latency[model].observe(seconds)
 
     def grant_idle_timeout(self, requested_s: int) -> int:
         if requested_s < 0:
