@@ -11,7 +11,7 @@ import numpy as np
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
-from test_stream import open_msg, step_msg
+from test_stream import open_msg, read_rest, step_msg
 
 
 def slots(srv, state: str) -> float | None:
@@ -68,8 +68,7 @@ def test_capacity_plus_one_open_is_resource_exhausted(running_server):
                     held.append(call)
                 extra = pb_grpc.CellServeStub(ch).Stream()
                 await extra.write(open_msg())
-                async for _ in extra:
-                    pass
+                await read_rest(extra)
                 for call in held:
                     await call.done_writing()
                 return await extra.code(), await extra.details()
@@ -89,7 +88,7 @@ def test_idle_session_gets_closed_reason_and_frees_its_slot(running_server):
                 opened = await call.read()
                 assert opened.opened.idle_timeout_s == 1
                 # no message: the server's reaper expires the session after ~1 s and tells us
-                responses = [r async for r in call]
+                responses = await read_rest(call)
                 assert await call.code() == grpc.StatusCode.OK
                 return responses
 

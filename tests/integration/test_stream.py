@@ -24,6 +24,17 @@ def oracle_outputs(oracle: Any, tokens: np.ndarray) -> np.ndarray:
     return y[0]
 
 
+async def read_rest(call: Any) -> list[pb.StreamResponse]:
+    """Read until the stream ends (status in ``call.code()``), using read() so it mixes with writes."""
+    out = []
+    try:
+        while (r := await call.read()) is not grpc.aio.EOF:
+            out.append(r)
+    except grpc.aio.AioRpcError:
+        pass  # the stream ended with a non-OK status; callers check call.code()
+    return out
+
+
 def step_msg(seq: int, x: np.ndarray) -> pb.StreamRequest:
     return pb.StreamRequest(step=pb.Step(seq=seq, input=to_proto(x)))
 
