@@ -8,12 +8,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from test_stream import TOL, open_msg, oracle_outputs, read_rest, step_msg
 
 from cellserve.server.tensors import to_numpy, to_proto
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
-
-from test_stream import TOL, open_msg, oracle_outputs, read_rest, step_msg
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -7,11 +7,10 @@ import time
 
 import grpc
 import numpy as np
+from test_stream import open_msg, read_rest, step_msg
 
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
-
-from test_stream import open_msg, read_rest, step_msg
 
 
 def slots(srv, state: str) -> float | None:

@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from test_stream import run_session
 
 from cellserve.server.app import build_server
 from cellserve.server.settings import Settings
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
-
-from test_stream import run_session
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
@@ -160,7 +159,8 @@ def test_grpcurl_lists_describes_checks_health_and_streams(running_server, tiny_
                                           "raw": base64.b64encode(tokens.tobytes()).decode()}}},
             {"close": {}},
         ]
-        out = _grpcurl(srv.address, "-d", "@", "cellserve.v1.CellServe/Stream", stdin="\n".join(map(json.dumps, requests)))
+        stdin = "\n".join(map(json.dumps, requests))
+        out = _grpcurl(srv.address, "-d", "@", "cellserve.v1.CellServe/Stream", stdin=stdin)
     responses = [json.loads(chunk) for chunk in out.replace("}\n{", "}\x00{").split("\x00")]
     assert list(responses[0]) == ["opened"] and list(responses[-1]) == ["closed"]
     output = responses[1]["output"]

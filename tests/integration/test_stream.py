@@ -86,13 +86,12 @@ def test_served_equals_oracle_for_100_interleaved_chunked_sessions(running_serve
     with running_server() as srv:
 
         async def main() -> list[np.ndarray]:
-            return await asyncio.gather(
-                *(run_session(srv.address, s, ch, random.Random(i)) for i, (s, ch) in enumerate(zip(seqs, chunkings)))
-            )
+            pairs = enumerate(zip(seqs, chunkings, strict=True))
+            return await asyncio.gather(*(run_session(srv.address, s, ch, random.Random(i)) for i, (s, ch) in pairs))
 
         results = asyncio.run(main())
         batch = srv.registry.get_sample_value("cellserve_batch_size_count", {"model": "tiny"})
-    for tokens, got in zip(seqs, results):
+    for tokens, got in zip(seqs, results, strict=True):
         np.testing.assert_allclose(got, oracle_outputs(tiny_oracle, tokens), atol=TOL, rtol=0)
     assert batch is not None and batch > 0
 
@@ -112,7 +111,7 @@ def test_batching_is_real_with_64_single_step_streams(running_server, tiny_oracl
         calls = srv.registry.get_sample_value("cellserve_batch_size_count", {"model": "tiny"})
     assert total == 64 * 40
     assert total / calls > 8, f"mean batch size {total / calls:.1f} shows no real cross-session batching"
-    for tokens, got in zip(seqs, results):
+    for tokens, got in zip(seqs, results, strict=True):
         np.testing.assert_allclose(got, oracle_outputs(tiny_oracle, tokens), atol=TOL, rtol=0)
 
 
