@@ -21,6 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+from pydantic import ValidationError
+
 from cellserve.server.health import Health
 from cellserve.server.metrics import Metrics
 from cellserve.server.models import ModelRepository
@@ -28,10 +33,6 @@ from cellserve.server.servicer import CellServeServicer
 from cellserve.server.sessions import SessionManager
 from cellserve.server.settings import Settings
 from cellserve.v1 import cellserve_pb2, cellserve_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
-from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 

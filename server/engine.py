@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
 from cellserve.model.manifest import Manifest
 from cellserve.server.state_pool import DTYPE, StatePool
 

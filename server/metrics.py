@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from cellserve import __version__
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from cellserve import __version__
 
 # Latencies from ~50 µs (a batched CPU step) to 10 s (a long chunk under load).
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 10)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from cellserve.model.manifest import Manifest, ManifestError, load_manifest
 from cellserve.server.arrays import array_ops
 from cellserve.server.engine import Engine

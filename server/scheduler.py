@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from cellserve.server.engine import Engine
 from cellserve.server.errors import ResourceExhausted, Unavailable
 from cellserve.server.metrics import Metrics

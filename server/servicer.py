@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+
 from cellserve.server.errors import (
     CellserveError,
     FailedPrecondition,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from cellserve.server.errors import CellserveError, FailedPrecondition, InvalidArgument, Unavailable
 from cellserve.server.metrics import Metrics
 from cellserve.server.models import LoadedModel, ModelRepository

@@ -8,6 +8,7 @@ idempotent and checks the owner, so no session can ever free (or see) another's 
 from __future__ import annotations
 
 import numpy as np
+
 from cellserve.server.arrays import ArrayOps, NumpyOps
 from cellserve.server.errors import ResourceExhausted
 

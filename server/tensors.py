@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from cellserve.server.errors import InvalidArgument
 from cellserve.v1 import cellserve_pb2 as pb
 
