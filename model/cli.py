@@ -1,0 +1,170 @@
+"""``cellserve train``, ``cellserve export`` and ``cellserve generate``.
+
+Nothing heavy is imported here at module level (no torch, no onnxruntime): ``cellserve --help`` must work
+in a torch-free install. Each handler imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TRAIN_HELP = {
+    "layers": "LSTM layers",
+    "hidden": "hidden size H of each layer",
+    "embed": "byte-embedding width",
+    "batch": "parallel training streams (rows per step)",
+    "bptt": "truncated-BPTT window in bytes; h/c are carried across windows",
+    "lr": "peak AdamW learning rate (100-step warm-up, cosine decay to 10%% over the budget)",
+    "weight_decay": "AdamW weight decay",
+    "clip": "gradient-norm clip",
+    "minutes": "wall-clock budget of the training loop, in minutes",
+    "max_steps": "stop after this many steps (0 = only the budget decides)",
+    "eval_every_s": "seconds between validation evaluations",
+    "val_bytes": "bytes of the val split scored at each evaluation",
+    "test_bytes": "bytes of the test split scored at the end (0 = all of it)",
+    "max_train_bytes": "use only this prefix of the train split (0 = all of it)",
+    "seed": "random seed (weights init)",
+    "device": "cpu or cuda",
+    "threads": "torch intra-op threads (0 = torch's default)",
+}
+
+
+def _default_model_dir() -> Path:
+    return Path(__file__).resolve().parent / "default"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``train``, ``export`` and ``generate`` to the ``cellserve`` command."""
+    from cellserve.model.train_config import TrainConfig
+
+    p = subparsers.add_parser(
+        "train",
+        help="train the byte-level LSTM on the stdlib's .py sources",
+        description="Train with truncated BPTT (h/c carried across windows); writes checkpoint.pt, metrics.json, "
+        "training_curve.png into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data-dir", type=Path, default=None, help="directory of .py files (default: this Python's stdlib)")
+    p.add_argument("--out", type=Path, default=Path("runs/train"), help="output directory")
+    for f in dataclasses.fields(TrainConfig):
+        kw: dict = {"type": type(f.default), "default": f.default, "help": TRAIN_HELP[f.name]}
+        if f.name == "device":
+            kw["choices"] = ["cpu", "cuda"]
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+    p.set_defaults(func=_train)
+
+    p = subparsers.add_parser(
+        "export",
+        help="export a checkpoint to ONNX + manifest.json (parity-checked)",
+        description="Export to DIR/model.onnx with a parity check against torch; writes DIR/manifest.json and "
+        "copies metrics.json / training_curve.png found beside the checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt written by `cellserve train`")
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument("--name", default="pychar", help="model name (what clients ask for)")
+    p.add_argument("--version", dest="model_version", default="1", help="model version")
+    p.set_defaults(func=_export)
+
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text from a byte-level model (offline with onnxruntime, or from a server)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model-dir", type=Path, default=None, help="exported model directory (default: shipped model)")
+    p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument("--max-bytes", type=int, default=200, help="bytes to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample only among the k most likely bytes (0 = all)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same text)")
+    p.add_argument("--server", default=None, metavar="HOST:PORT", help="generate on a cellserve server instead")
+    p.add_argument("--model", default="", help="model name on the server (with --server; default: its default)")
+    p.set_defaults(func=_generate)
+
+
+def _fail(message: str) -> int:
+    print(f"cellserve: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cellserve.model.data import DataError
+    from cellserve.model.train import train
+    from cellserve.model.train_config import TrainConfig
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    try:
+        metrics = train(cfg, args.out, data_dir=args.data_dir)
+    except (DataError, ValueError) as e:
+        return _fail(str(e))
+    held = metrics["held_out"]
+    print(json.dumps({"out": str(args.out), "held_out_bpb": round(held["model_bpb"], 4),
+                      "gzip_9_bpb": round(held["gzip_9_bpb"], 4), "xz_9_bpb": round(held["xz_9_bpb"], 4)}))  # fmt: skip
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cellserve.model.export import export_onnx
+    from cellserve.model.model import load_checkpoint
+
+    try:
+        model, payload = load_checkpoint(args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    training = payload.get("training") or {}
+    manifest = export_onnx(model, args.out, name=args.name, version=args.model_version, training=training)
+    for extra in ("metrics.json", "training_curve.png"):
+        src = args.checkpoint.parent / extra
+        if src.is_file() and src.resolve() != (args.out / extra).resolve():
+            shutil.copyfile(src, args.out / extra)
+    print(json.dumps({"out": str(args.out), "name": manifest.name, "sha256": manifest.sha256,
+                      "parity_max_scaled_diff": manifest.training["parity_max_scaled_diff"]}))  # fmt: skip
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.server:
+        from cellserve.client.cli import remote_generate
+
+        return remote_generate(args)
+    from cellserve.model.generate import Generator
+    from cellserve.model.manifest import ManifestError
+
+    try:
+        gen = Generator(args.model_dir or _default_model_dir())
+        tokens = gen.generate(
+            args.prompt, max_bytes=args.max_bytes, temperature=args.temperature, top_k=args.top_k, seed=args.seed
+        )
+        out = sys.stdout.buffer
+        out.write(args.prompt.encode("utf-8"))
+        out.flush()
+        for token in tokens:
+            out.write(bytes([token]))
+            out.flush()
+        out.write(b"\n")
+        out.flush()
+    except (ManifestError, ValueError) as e:
+        return _fail(str(e))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cellserve.model.cli``: the model subcommands alone (same handlers as ``cellserve``)."""
+    parser = argparse.ArgumentParser(prog="cellserve-model", description="cellserve model commands")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
