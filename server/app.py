@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from cellserve.server.health import Health
 from cellserve.server.metrics import Metrics
 from cellserve.server.models import ModelRepository
+from cellserve.server.oip_servicer import register as register_oip
 from cellserve.server.servicer import CellServeServicer
 from cellserve.server.sessions import SessionManager
 from cellserve.server.settings import Settings
@@ -124,7 +125,10 @@ class CellServer:
 
 def build_server(settings: Settings, registry: CollectorRegistry) -> CellServer:
     """Build (not start) a server. Call ``await server.start()`` inside a running event loop."""
-    return CellServer(settings, registry)
+    server = CellServer(settings, registry)
+    if settings.oip:
+        server.add_servicer(register_oip)
+    return server
 
 
 async def run_until_signal(settings: Settings) -> None:

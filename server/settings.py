@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     """Most tokens one Generate call may ask for."""
     grace_s: float = Field(20.0, ge=0)
     """On SIGTERM/SIGINT: seconds in-flight work may take before the server stops."""
+    oip: bool = True
+    """Also serve the Open Inference Protocol (Triton's inference.GRPCInferenceService) on the gRPC port."""
     ready_file: Path | None = None
     """If set, write {"port", "metrics_port", "pid"} as JSON here once every model is SERVING."""
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cellserve.oip import grpc_service_pb2 as oip
-from cellserve.oip import model_config_pb2 as oip_config
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from tritonclient.grpc import model_config_pb2 as triton_config
 from tritonclient.grpc import service_pb2 as triton_service
+
+from cellserve.oip import grpc_service_pb2 as oip
+from cellserve.oip import model_config_pb2 as oip_config
 
 
 def _kind(f: FieldDescriptor) -> str:
