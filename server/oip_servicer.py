@@ -243,7 +243,9 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def _sequence_step(
         self, request: oip.ModelInferRequest, flags: SequenceFlags, sequences: StreamSequences
     ) -> oip.ModelInferResponse:
-        model = self._model_for_inference(request)
+        # No drain check here: running sequences go on through the grace period; starts are
+        # refused by SessionManager.open while draining.
+        model = find_model(self.models, request.model_name, request.model_version)
         outputs = output_names(model, [o.name for o in request.outputs], sequence=True)
         n = Names.of(model.manifest)
         s = self.settings

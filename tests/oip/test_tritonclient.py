@@ -124,7 +124,7 @@ def test_20_interleaved_sequences_on_one_stream_equal_the_oracle(triton, tiny_or
         )
     got: dict[str, np.ndarray] = {}
     for result, error in inbox.take(len(order)):
-        assert error is None, error
+        assert error is None, error.message()
         got[result.get_response().id] = result.as_numpy("y")
     client.stop_stream()
 
@@ -160,7 +160,7 @@ def test_stateless_infer_round_trips_state_and_equals_the_oracle(triton, tiny_or
     inbox = StreamInbox(client)
     client.async_stream_infer("tiny", [tokens_input(x[:, :10])], request_id="s")
     [(result, error)] = inbox.take(1)
-    assert error is None, error
+    assert error is None, error.message()
     np.testing.assert_allclose(result.as_numpy("hn"), h, atol=0, rtol=0)
     client.stop_stream()
 
@@ -210,7 +210,7 @@ def test_sequence_rules_are_reported_in_the_stream_and_the_stream_goes_on(triton
     assert "must specify the START flag" in inbox.take_error()
     client.async_stream_infer("tiny", [tokens_input(tokens[:, :4])], sequence_id=7, sequence_start=True)
     [(first, error)] = inbox.take(1)
-    assert error is None, error
+    assert error is None, error.message()
     client.async_stream_infer("tiny", [tokens_input(tokens[:, :4])], sequence_id=7, sequence_start=True)
     assert "already active" in inbox.take_error()
     client.async_stream_infer("tiny", [tokens_input(np.zeros(3, dtype=np.int64))], sequence_id=7)
@@ -223,7 +223,7 @@ def test_sequence_rules_are_reported_in_the_stream_and_the_stream_goes_on(triton
         "tiny", [tokens_input(tokens[:, 4:])], sequence_id=7, sequence_end=True, outputs=[tc.InferRequestedOutput("y")]
     )
     [(rest, error)] = inbox.take(1)
-    assert error is None, error
+    assert error is None, error.message()
     y = np.concatenate([first.as_numpy("y"), rest.as_numpy("y")], axis=1)
     np.testing.assert_allclose(y, tiny_oracle.run(tokens)[0], atol=TOL, rtol=0)
     client.async_stream_infer("tiny", [tokens_input(tokens[:, :4])], sequence_id=7)  # ended: state freed
