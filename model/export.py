@@ -157,6 +157,9 @@ def export_onnx(
     # one ONNX LSTM node per layer. Its warning about batch sizes does not apply: h0/c0 are graph inputs.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
+        # Chosen knowingly (see above); the tracer's shape warnings are covered by the parity grid below.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         _export(model, args, onnx_path)
     try:
         onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
