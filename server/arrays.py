@@ -2,10 +2,21 @@
 
 Both expose the same few operations, so the pool and the engine have one code path; only the
 memory they point onnxruntime at differs (``device_type`` "cpu" or "cuda" in IO binding).
+
+On CUDA every operation is issued on one CUDA stream per ``CupyOps`` (``stream_ptr``), and the
+engine gives onnxruntime that same stream (``user_compute_stream``). Gather, the upload of x, the
+onnxruntime kernels, scatter and the download of y are then ordered by the stream itself: the only
+host synchronisation per batch is the one that waits for y. Device and stream are entered
+explicitly in every call, never taken from CuPy's thread-local "current" ones, so calls from the
+event-loop thread and from an engine worker thread land on the same device and stream.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,13 +27,18 @@ class ArrayOps(Protocol):
 
     device_type: str  # onnxruntime IO-binding device name: "cpu" or "cuda"
     device_id: int
+    stream_ptr: int  # the CUDA stream every call is issued on (0 on the host)
 
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any: ...
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any: ...
     def take_rows(self, src: Any, rows: Any, out: Any) -> None: ...
     def put_rows(self, dst: Any, rows: Any, src: Any) -> None: ...
     def index(self, rows: np.ndarray) -> Any: ...
+    def write_row(self, dst: Any, row: int, value: np.ndarray | float) -> None: ...
+    def read_row(self, src: Any, row: int) -> np.ndarray: ...
+    def upload(self, arr: np.ndarray) -> Any: ...
+    def download(self, arr: Any) -> np.ndarray: ...
     def to_host(self, arr: Any) -> np.ndarray: ...
-    def from_host(self, arr: np.ndarray) -> Any: ...
     def ptr(self, arr: Any) -> int: ...
     def synchronize(self) -> None: ...
 
@@ -32,9 +48,13 @@ class NumpyOps:
 
     device_type = "cpu"
     device_id = 0
+    stream_ptr = 0
 
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        return np.zeros(shape, dtype=dtype)
+        return np.zeros(shape, dtype=dtype)  # calloc: pages are committed when first written
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        return np.empty(shape, dtype=dtype)
 
     def take_rows(self, src: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         np.take(src, rows, axis=1, out=out)
@@ -45,11 +65,20 @@ class NumpyOps:
     def index(self, rows: np.ndarray) -> np.ndarray:
         return rows
 
+    def write_row(self, dst: np.ndarray, row: int, value: np.ndarray | float) -> None:
+        dst[:, row, :] = value
+
+    def read_row(self, src: np.ndarray, row: int) -> np.ndarray:
+        return np.array(src[:, row, :], copy=True)
+
+    def upload(self, arr: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(arr)  # host is the device: bound in place, no copy when contiguous
+
+    def download(self, arr: np.ndarray) -> np.ndarray:
+        return arr  # the engine allocates the output per call, so handing it out is safe
+
     def to_host(self, arr: np.ndarray) -> np.ndarray:
         return np.array(arr, copy=True)
-
-    def from_host(self, arr: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(arr)
 
     def ptr(self, arr: np.ndarray) -> int:
         return int(arr.ctypes.data)
@@ -59,41 +88,96 @@ class NumpyOps:
 
 
 class CupyOps:
-    """GPU memory through CuPy; gather/scatter are device kernels, only slot ids go up per batch."""
+    """GPU memory through CuPy on one device and one stream; per batch only slot ids and x go up, y comes down."""
 
     device_type = "cuda"
 
     def __init__(self, device_id: int) -> None:
         import cupy  # deferred: only GPU deployments have it
+        import cupyx
 
         self._cp = cupy
+        self._cpx = cupyx
         self.device_id = device_id
         self._device = cupy.cuda.Device(device_id)
-        self._device.use()
+        with self._device:
+            # Non-blocking: it never waits on the legacy default stream other libraries may use.
+            self._stream = cupy.cuda.Stream(non_blocking=True)
+        self.stream_ptr = int(self._stream.ptr)
+        self._staged: deque[tuple[Any, Any]] = deque()  # (event, pinned buffer) until its copy has run
+        self._staged_lock = threading.Lock()
+
+    @contextmanager
+    def _on(self) -> Iterator[None]:
+        with self._device, self._stream:
+            yield
+
+    def _keep_until_copied(self, pinned: Any) -> None:
+        """Hold a pinned staging buffer until the stream has passed its copy (then the pool may reuse it)."""
+        event = self._stream.record()
+        with self._staged_lock:
+            self._staged.append((event, pinned))
+            while self._staged and self._staged[0][0].done:
+                self._staged.popleft()
 
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        return self._cp.zeros(shape, dtype=dtype)
+        with self._on():
+            arr = self._cp.zeros(shape, dtype=dtype)
+        self._stream.synchronize()  # memset is asynchronous; the array is complete before anyone else sees it
+        return arr
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        with self._on():
+            return self._cp.empty(shape, dtype=dtype)
 
     def take_rows(self, src: Any, rows: Any, out: Any) -> None:
-        self._cp.take(src, rows, axis=1, out=out)
+        with self._on():
+            self._cp.take(src, rows, axis=1, out=out)
 
     def put_rows(self, dst: Any, rows: Any, src: Any) -> None:
-        dst[:, rows, :] = src
+        with self._on():
+            dst[:, rows, :] = src
 
     def index(self, rows: np.ndarray) -> Any:
-        return self._cp.asarray(rows)
+        return self.upload(np.ascontiguousarray(rows, dtype=np.int64))
+
+    def write_row(self, dst: Any, row: int, value: np.ndarray | float) -> None:
+        with self._on():
+            if isinstance(value, np.ndarray):
+                dst[:, row, :] = self.upload(np.ascontiguousarray(value, dtype=dst.dtype))
+            else:
+                dst[:, row, :] = value
+
+    def read_row(self, src: Any, row: int) -> np.ndarray:
+        return self.to_host(src[:, row, :])
+
+    def upload(self, arr: np.ndarray) -> Any:
+        """Stage ``arr`` in pinned host memory and copy it up asynchronously on the stream."""
+        with self._on():
+            pinned = self._cpx.empty_pinned(arr.shape, dtype=arr.dtype)
+            pinned[...] = arr
+            out = self._cp.empty(arr.shape, dtype=arr.dtype)
+            out.set(pinned, stream=self._stream)
+            self._keep_until_copied(pinned)
+            return out
+
+    def download(self, arr: Any) -> np.ndarray:
+        """Copy ``arr`` into pinned host memory on the stream and wait for it (the one host sync per batch)."""
+        with self._on():
+            out = self._cpx.empty_pinned(arr.shape, dtype=arr.dtype)
+            arr.get(stream=self._stream, out=out)
+            self._stream.synchronize()
+            return out
 
     def to_host(self, arr: Any) -> np.ndarray:
-        return self._cp.asnumpy(arr)
-
-    def from_host(self, arr: np.ndarray) -> Any:
-        return self._cp.asarray(arr)
+        with self._on():
+            return np.array(self.download(self._cp.ascontiguousarray(arr)), copy=True)
 
     def ptr(self, arr: Any) -> int:
         return int(arr.data.ptr)
 
     def synchronize(self) -> None:
-        self._cp.cuda.Device(self.device_id).synchronize()
+        self._stream.synchronize()
 
 
 def array_ops(device: str, device_id: int = 0) -> ArrayOps:

@@ -1,8 +1,10 @@
 """Per-model session state: preallocated h and c ``[layers, capacity, hidden]`` on the engine's device.
 
 A slot is a column of both tensors. Sessions own slots; gather and scatter touch only the batch's
-slots (cost O(batch), never O(capacity)). A slot is zeroed when allocated, and release is
-idempotent and checks the owner, so no session can ever free (or see) another's state.
+slots (cost O(batch), never O(capacity)); every touch of the tensors goes through ``ops``, so on
+CUDA it is issued on the engine's stream and ordered with onnxruntime's kernels. A slot is zeroed
+when allocated, and release is idempotent and checks the owner, so no session can ever free (or
+see) another's state.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ class StatePool:
             )
         slot = self._free.pop()
         self._owner[slot] = owner
-        self.h[:, slot, :] = 0
-        self.c[:, slot, :] = 0
+        self.ops.write_row(self.h, slot, 0.0)
+        self.ops.write_row(self.c, slot, 0.0)
         return slot
 
     def release(self, slot: int, owner: object) -> bool:
@@ -67,12 +69,12 @@ class StatePool:
 
     def read(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """Host copies of one slot's state, ``([L, H], [L, H])`` (for snapshots)."""
-        return self.ops.to_host(self.h[:, slot, :]), self.ops.to_host(self.c[:, slot, :])
+        return self.ops.read_row(self.h, slot), self.ops.read_row(self.c, slot)
 
     def write(self, slot: int, h: np.ndarray, c: np.ndarray) -> None:
         """Set one slot's state from host arrays ``[L, H]`` (for resume)."""
         shape = (self.layers, self.hidden)
         if h.shape != shape or c.shape != shape:
             raise ValueError(f"state must be {shape}, got h {h.shape} and c {c.shape}")
-        self.h[:, slot, :] = self.ops.from_host(h.astype(DTYPE, copy=False))
-        self.c[:, slot, :] = self.ops.from_host(c.astype(DTYPE, copy=False))
+        self.ops.write_row(self.h, slot, h.astype(DTYPE, copy=False))
+        self.ops.write_row(self.c, slot, c.astype(DTYPE, copy=False))
