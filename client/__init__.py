@@ -1,1 +1,55 @@
-"""Client side: SDK (sync and asyncio), CLI subcommands, load generator and benchmarks."""
+"""cellserve client SDK: ``Client`` (blocking) and ``AsyncClient`` (asyncio), typed errors, CLI, bench.
+
+    from cellserve.client import Client
+    with Client("localhost:50051") as client, client.session("pychar") as s:
+        y = s.step([104, 105])  # [T=2, 256] logits
+
+Depends only on the generated ``cellserve.v1`` stubs, grpcio and numpy (never on server or model).
+"""
+
+from cellserve.client.aio import AsyncClient, AsyncSession
+from cellserve.client.channel import TLS, ChannelConfig
+from cellserve.client.client import Client, Generated
+from cellserve.client.errors import (
+    CellserveClientError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    InvalidInputError,
+    NotFoundError,
+    ResourceExhaustedError,
+    SessionClosedError,
+    StepRejected,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+)
+from cellserve.client.model_info import ModelInfo
+from cellserve.client.protocol import StepOutput
+from cellserve.client.session import Session
+
+__all__ = [
+    "TLS",
+    "AsyncClient",
+    "AsyncSession",
+    "CellserveClientError",
+    "ChannelConfig",
+    "Client",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "Generated",
+    "InternalError",
+    "InvalidArgumentError",
+    "InvalidInputError",
+    "ModelInfo",
+    "NotFoundError",
+    "ResourceExhaustedError",
+    "Session",
+    "SessionClosedError",
+    "StepOutput",
+    "StepRejected",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+]

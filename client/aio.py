@@ -1,0 +1,284 @@
+"""asyncio client: sessions with pipelined sends (``async for`` over outputs), generate, models, health."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from types import TracebackType
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cellserve.client.channel import ChannelConfig, normalize_targets
+from cellserve.client.client import Generated, generate_request, health_name
+from cellserve.client.errors import (
+    CellserveClientError,
+    FailedPreconditionError,
+    UnavailableError,
+    error_class,
+    from_rpc_error,
+)
+from cellserve.client.model_info import ModelInfo
+from cellserve.client.protocol import SessionState, StepOutput
+from cellserve.v1 import cellserve_pb2 as pb
+from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+
+
+class AsyncSession:
+    """An asyncio session.
+
+    One at a time: ``y = await s.step(x)``. Pipelined: ``await s.send(x)`` any number of chunks from
+    one task and ``async for out in s`` (``out.seq``, ``out.y``) in another; ``await s.end()`` asks the
+    server to close after the steps already sent, which ends the iteration. A ``StepRejected`` raised
+    by the iteration concerns that step only: catch it and keep iterating. ``async with`` closes the
+    session on the way out, also on exceptions.
+    """
+
+    def __init__(self, call: grpc.aio.StreamStreamCall, state: SessionState) -> None:
+        self._call = call
+        self.state = state
+        self.info: ModelInfo | None = None
+        self._close_sent = False
+        self._done_writing = False
+
+    @classmethod
+    async def open(
+        cls,
+        stub: pb_grpc.CellServeStub,
+        info_for: Callable[[str], Awaitable[ModelInfo]],
+        state: SessionState,
+        *,
+        model: str,
+        idle_timeout_s: int,
+        resume_token: bytes,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> AsyncSession:
+        session = cls(stub.Stream(metadata=metadata), state)
+        try:
+            await session._write(state.open_request(model, idle_timeout_s, resume_token))
+            state.on_opened(await session._read())
+            session.info = await info_for(state.model)
+        except BaseException:
+            session._call.cancel()
+            raise
+        return session
+
+    @property
+    def session_id(self) -> str:
+        return self.state.session_id
+
+    @property
+    def steps(self) -> int:
+        return self.state.steps
+
+    async def send(self, x: object) -> int:
+        """Send one chunk without waiting for its output; returns its seq."""
+        assert self.info is not None
+        if self._close_sent:
+            raise FailedPreconditionError("end() or close() was called; this session takes no more steps")
+        req = self.state.step_request(self.info.check_input(x))
+        await self._write(req)
+        return req.step.seq
+
+    async def step(self, x: object) -> np.ndarray:
+        """Send one chunk and wait for its output [T, O] (use with no other steps pending)."""
+        if self.state.pending:
+            raise FailedPreconditionError("step() with pipelined steps pending; read them with `async for` first")
+        seq = await self.send(x)
+        while True:
+            out = self.state.on_response(await self._read())
+            if out is not None:
+                if out.seq != seq:
+                    raise UnavailableError(f"server answered seq {out.seq} while seq {seq} was expected")
+                return out.y
+            if self.state.closed_reason is not None:
+                raise self.state.closed_error()
+
+    async def snapshot(self) -> bytes:
+        """Ask for a resume token of the current state (servers without resume answer UNIMPLEMENTED)."""
+        await self._write(self.state.snapshot_request())
+        while True:
+            resp = await self._read()
+            self.state.on_response(resp)
+            if resp.WhichOneof("kind") == "snapshot":
+                return resp.snapshot.token
+            if self.state.closed_reason is not None:
+                raise self.state.closed_error()
+
+    def __aiter__(self) -> AsyncSession:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        while self.state.closed_reason is None:
+            try:
+                resp = await self._read()
+            except UnavailableError:
+                if self._close_sent:
+                    raise StopAsyncIteration from None
+                raise
+            out = self.state.on_response(resp)  # StepRejected for a rejected step
+            if out is not None:
+                return out
+        if self.state.pending and self.state.closed_reason != "client":
+            raise self.state.closed_error()
+        raise StopAsyncIteration
+
+    async def end(self) -> None:
+        """Ask the server to close once the steps already sent are answered."""
+        if not self._close_sent and self.state.closed_reason is None:
+            self._close_sent = True
+            await self._write(self.state.close_request())
+
+    async def close(self) -> None:
+        """``end()``, discard outputs still pending, wait for ``closed``, half-close. Idempotent."""
+        try:
+            await self.end()
+            while self.state.closed_reason is None:
+                try:
+                    resp = await self._read()
+                except UnavailableError:
+                    break
+                if resp.WhichOneof("kind") != "error":
+                    self.state.on_response(resp)
+        finally:
+            await self._half_close()
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            await self.close()
+            return
+        try:  # never mask the original exception
+            await self.close()
+        except CellserveClientError:
+            self._call.cancel()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    async def _write(self, req: pb.StreamRequest) -> None:
+        try:
+            await self._call.write(req)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        except grpc.aio.UsageError:
+            raise await self._status_error() from None
+
+    async def _read(self) -> pb.StreamResponse:
+        try:
+            resp = await self._call.read()
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        if resp is grpc.aio.EOF:
+            raise await self._status_error()
+        return resp
+
+    async def _status_error(self) -> CellserveClientError:
+        code = await self._call.code()
+        if code is not None and code != grpc.StatusCode.OK:
+            details = await self._call.details()
+            return error_class(code)(details or "", code)
+        return UnavailableError("the server ended the stream")
+
+    async def _half_close(self) -> None:
+        if not self._done_writing:
+            self._done_writing = True
+            try:
+                await self._call.done_writing()
+            except (grpc.RpcError, grpc.aio.UsageError):
+                pass
+
+
+class AsyncClient:
+    """asyncio client; same arguments as ``Client``. Use ``async with AsyncClient(...) as c``."""
+
+    def __init__(
+        self, target: str | Sequence[str], config: ChannelConfig | None = None, *, timeout_s: float = 30.0
+    ) -> None:
+        self.targets = normalize_targets(target)
+        self.config = config or ChannelConfig()
+        self.timeout_s = timeout_s
+        self._metadata = self.config.call_metadata()
+        self._channel = self.config.aio_channel(self.targets[0])
+        self._stub = pb_grpc.CellServeStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._infos: dict[str, ModelInfo] = {}
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def session(
+        self, model: str | None = None, *, idle_timeout_s: int = 0, resume_token: bytes = b""
+    ) -> AsyncSession:
+        """Open a session: ``async with await client.session("m") as s``."""
+        return await AsyncSession.open(
+            self._stub,
+            self.model_info,
+            SessionState(targets=self.targets),
+            model=model or "",
+            idle_timeout_s=idle_timeout_s,
+            resume_token=resume_token,
+            metadata=self._metadata,
+        )
+
+    async def generate(
+        self,
+        prompt: str,
+        max_tokens: int = 200,
+        *,
+        temperature: float = 0.8,
+        top_k: int = 0,
+        seed: int | None = None,
+        model: str | None = None,
+    ) -> AsyncIterator[Generated]:
+        """Stream generated tokens as the server produces them."""
+        call = self._stub.Generate(
+            generate_request(prompt, max_tokens, temperature, top_k, seed, model or ""), metadata=self._metadata
+        )
+        try:
+            async for resp in call:
+                yield Generated(tuple(resp.token_ids), resp.text)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    async def list_models(self) -> list[ModelInfo]:
+        try:
+            resp = await self._stub.ListModels(pb.ListModelsRequest(), metadata=self._metadata, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        infos = [ModelInfo.from_proto(m) for m in resp.models]
+        self._infos.update({i.name: i for i in infos})
+        return infos
+
+    async def model_info(self, name: str) -> ModelInfo:
+        if name not in self._infos:
+            try:
+                resp = await self._stub.ModelInfo(
+                    pb.ModelInfoRequest(model=name), metadata=self._metadata, timeout=self.timeout_s
+                )
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+            self._infos[name] = ModelInfo.from_proto(resp.model)
+        return self._infos[name]
+
+    async def health(self, service: str = "") -> str:
+        try:
+            resp = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), metadata=self._metadata, timeout=self.timeout_s
+            )
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return health_name(resp.status)

@@ -1,0 +1,1 @@
+"""``cellserve bench``: load generator, same-run baselines (echo, naive stateless, raw ORT), report."""

@@ -1,0 +1,90 @@
+"""How a client reaches a server: targets, channel options (keepalive, message size), TLS, metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+
+def _read(source: bytes | str | Path | None) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    return Path(source).read_bytes()
+
+
+@dataclass(frozen=True)
+class TLS:
+    """TLS settings. Paths or PEM bytes; a client certificate and key together enable mutual TLS."""
+
+    root_certificates: bytes | str | Path | None = None  # None: the system's roots
+    client_certificate: bytes | str | Path | None = None
+    client_key: bytes | str | Path | None = None
+    server_name: str | None = None  # override the name checked against the server's certificate
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.client_certificate is None) != (self.client_key is None):
+            raise ValueError("TLS: give both client_certificate and client_key, or neither")
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.root_certificates),
+            private_key=_read(self.client_key),
+            certificate_chain=_read(self.client_certificate),
+        )
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """Everything about the connection except the target.
+
+    Defaults suit long-lived streams: HTTP/2 keepalive pings every 30 s (so idle NATs and proxies don't
+    drop a quiet session silently) and 16 MiB messages (the server's default limit).
+    """
+
+    max_message_bytes: int = 16 * 1024 * 1024
+    keepalive_time_ms: int = 30_000
+    keepalive_timeout_ms: int = 10_000
+    keepalive_without_calls: bool = False
+    tls: TLS | None = None
+    bearer_token: str | None = None  # sent as "authorization: Bearer <token>" on every call
+    metadata: tuple[tuple[str, str], ...] = ()
+    extra_options: tuple[tuple[str, Any], ...] = field(default=())
+
+    def options(self) -> list[tuple[str, Any]]:
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", self.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", int(self.keepalive_without_calls)),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if self.tls is not None and self.tls.server_name:
+            opts.append(("grpc.ssl_target_name_override", self.tls.server_name))
+        return opts + list(self.extra_options)
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        md = tuple((k.lower(), v) for k, v in self.metadata)
+        if self.bearer_token:
+            md += (("authorization", f"Bearer {self.bearer_token}"),)
+        return md
+
+    def sync_channel(self, target: str) -> grpc.Channel:
+        if self.tls is None:
+            return grpc.insecure_channel(target, options=self.options())
+        return grpc.secure_channel(target, self.tls.credentials(), options=self.options())
+
+    def aio_channel(self, target: str) -> grpc.aio.Channel:
+        if self.tls is None:
+            return grpc.aio.insecure_channel(target, options=self.options())
+        return grpc.aio.secure_channel(target, self.tls.credentials(), options=self.options())
+
+
+def normalize_targets(target: str | Sequence[str]) -> tuple[str, ...]:
+    """One address or several (``HOST:PORT``); several are the candidates a resuming session may move to."""
+    targets = (target,) if isinstance(target, str) else tuple(target)
+    if not targets or not all(targets):
+        raise ValueError("give at least one non-empty target address HOST:PORT")
+    return targets

@@ -1,0 +1,129 @@
+"""Client subcommands: ``cellserve models``, ``cellserve health``, ``cellserve bench``, and the
+``--server`` half of ``cellserve generate`` (``remote_generate``).
+
+Nothing heavy is imported at module level; each handler imports the SDK when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_SERVER = "localhost:50051"
+
+
+def _add_connection_flags(p: argparse.ArgumentParser, *, server_default: str | None = DEFAULT_SERVER) -> None:
+    p.add_argument("--server", default=server_default, metavar="HOST:PORT", help="server address")
+    p.add_argument("--tls-root-cert", type=Path, default=None, help="PEM root certificate(s): connect with TLS")
+    p.add_argument("--tls-client-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-client-key", type=Path, default=None, help="PEM client private key (mutual TLS)")
+    p.add_argument("--tls-server-name", default=None, help="name to check the server certificate against")
+    p.add_argument("--token", default=None, help="bearer token sent as 'authorization: Bearer …'")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds for unary calls")
+
+
+def channel_config(args: argparse.Namespace) -> object:
+    """ChannelConfig from the connection flags (TLS when any TLS flag is given)."""
+    from cellserve.client.channel import TLS, ChannelConfig
+
+    tls = None
+    if args.tls_root_cert or args.tls_client_cert or args.tls_client_key or args.tls_server_name:
+        tls = TLS(args.tls_root_cert, args.tls_client_cert, args.tls_client_key, args.tls_server_name)
+    return ChannelConfig(tls=tls, bearer_token=args.token)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``models``, ``health`` and ``bench`` to the ``cellserve`` command."""
+    p = subparsers.add_parser("models", help="list the models a server serves (JSON lines)")
+    _add_connection_flags(p)
+    p.set_defaults(func=_models)
+
+    p = subparsers.add_parser("health", help="check a server's health; exit 0 iff SERVING")
+    _add_connection_flags(p)
+    p.add_argument("--service", default="", help="health service name: '' = the server, or a model name")
+    p.set_defaults(func=_health)
+
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark a server against same-run baselines (echo, naive stateless, raw onnxruntime)",
+        description="Drive N concurrent sessions with T steps per message from several client processes; "
+        "print a table, write JSON and a PNG. Without --server, starts `cellserve serve` on port 0 itself.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from cellserve.client.bench.options import add_bench_flags
+
+    add_bench_flags(p)
+    p.set_defaults(func=_bench)
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"cellserve: error: {message}", file=sys.stderr)
+    return code
+
+
+def _models(args: argparse.Namespace) -> int:
+    from cellserve.client import CellserveClientError, Client
+
+    try:
+        with Client(args.server, channel_config(args), timeout_s=args.timeout) as client:  # type: ignore[arg-type]
+            for m in client.list_models():
+                print(json.dumps({"name": m.name, "version": m.version, "sha256": m.sha256,
+                                  "input_kind": m.input_kind, "layers": m.layers, "hidden": m.hidden,
+                                  "input_size": m.input_size, "output_size": m.output_size}))  # fmt: skip
+    except CellserveClientError as e:
+        return _fail(str(e))
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from cellserve.client import CellserveClientError, Client
+
+    try:
+        with Client(args.server, channel_config(args), timeout_s=args.timeout) as client:  # type: ignore[arg-type]
+            status = client.health(args.service)
+    except CellserveClientError as e:
+        print(f"UNREACHABLE ({e})")
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def remote_generate(args: argparse.Namespace) -> int:
+    """``cellserve generate --server HOST:PORT``: stream the server's text to stdout as it arrives.
+
+    ``args`` has server, model (None/"" = the server's default), prompt, max_bytes, temperature,
+    top_k, seed; TLS/token flags are honoured when present.
+    """
+    from cellserve.client import CellserveClientError, ChannelConfig, Client
+
+    config = channel_config(args) if hasattr(args, "tls_root_cert") else ChannelConfig()
+    out = sys.stdout.buffer
+    try:
+        with Client(args.server, config) as client:  # type: ignore[arg-type]
+            out.write(args.prompt.encode("utf-8"))
+            out.flush()
+            for chunk in client.generate(
+                args.prompt,
+                args.max_bytes,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                seed=args.seed,
+                model=getattr(args, "model", None) or None,
+            ):
+                out.write(chunk.text)
+                out.flush()
+    except CellserveClientError as e:
+        out.write(b"\n")
+        out.flush()
+        return _fail(str(e))
+    out.write(b"\n")
+    out.flush()
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from cellserve.client.bench.runner import run_bench
+
+    return run_bench(args)

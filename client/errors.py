@@ -1,0 +1,154 @@
+"""Typed client exceptions: one class per gRPC status code, each carrying the server's message.
+
+Two kinds of failure reach a client (see README "Errors"):
+
+* a broken session or call ends the RPC with a status: ``from_rpc_error`` turns it into the
+  matching subclass of ``CellserveClientError`` (``NotFoundError``, ``UnavailableError`` ...);
+* a rejected *step* is answered inside the stream: it raises ``StepRejected`` for that step only,
+  and the session stays usable with its state unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+
+class CellserveClientError(Exception):
+    """Base of every client error: ``code`` is the gRPC status, ``details`` the server's message."""
+
+    default_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, details: str, code: grpc.StatusCode | None = None) -> None:
+        self.code: grpc.StatusCode = code or self.default_code
+        self.details = details
+        super().__init__(f"{self.code.name}: {details}")
+
+
+class CancelledError(CellserveClientError):
+    default_code = grpc.StatusCode.CANCELLED
+
+
+class UnknownError(CellserveClientError):
+    default_code = grpc.StatusCode.UNKNOWN
+
+
+class InvalidArgumentError(CellserveClientError):
+    default_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class InvalidInputError(InvalidArgumentError, ValueError):
+    """An input the client rejected before sending it (wrong dtype, shape, range): nothing was sent."""
+
+
+class DeadlineExceededError(CellserveClientError):
+    default_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class NotFoundError(CellserveClientError):
+    default_code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(CellserveClientError):
+    default_code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDeniedError(CellserveClientError):
+    default_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhaustedError(CellserveClientError):
+    default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPreconditionError(CellserveClientError):
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AbortedError(CellserveClientError):
+    default_code = grpc.StatusCode.ABORTED
+
+
+class OutOfRangeError(CellserveClientError):
+    default_code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class UnimplementedError(CellserveClientError):
+    default_code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class InternalError(CellserveClientError):
+    default_code = grpc.StatusCode.INTERNAL
+
+
+class UnavailableError(CellserveClientError):
+    default_code = grpc.StatusCode.UNAVAILABLE
+
+
+class DataLossError(CellserveClientError):
+    default_code = grpc.StatusCode.DATA_LOSS
+
+
+class UnauthenticatedError(CellserveClientError):
+    default_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class StepRejected(CellserveClientError):
+    """The server rejected one step (in-stream ``StepError``); the session goes on, state unchanged."""
+
+    def __init__(self, seq: int, code: grpc.StatusCode, details: str) -> None:
+        self.seq = seq
+        super().__init__(details, code)
+
+
+class SessionClosedError(CellserveClientError):
+    """The session is closed (by the client, idle expiry or drain); ``reason`` says which."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, reason: str, details: str, code: grpc.StatusCode | None = None) -> None:
+        self.reason = reason
+        super().__init__(details, code)
+
+
+_BY_CODE: dict[grpc.StatusCode, type[CellserveClientError]] = {
+    cls.default_code: cls
+    for cls in (
+        CancelledError,
+        UnknownError,
+        InvalidArgumentError,
+        DeadlineExceededError,
+        NotFoundError,
+        AlreadyExistsError,
+        PermissionDeniedError,
+        ResourceExhaustedError,
+        FailedPreconditionError,
+        AbortedError,
+        OutOfRangeError,
+        UnimplementedError,
+        InternalError,
+        UnavailableError,
+        DataLossError,
+        UnauthenticatedError,
+    )
+}
+_BY_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_class(code: grpc.StatusCode) -> type[CellserveClientError]:
+    """The exception class for a status code (``UnknownError`` for codes without their own class)."""
+    return _BY_CODE.get(code, UnknownError)
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """``grpc.StatusCode`` for a numeric code as carried in ``StepError.code``."""
+    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def from_rpc_error(err: grpc.RpcError) -> CellserveClientError:
+    """Typed exception for a failed RPC (sync ``grpc.RpcError`` or ``grpc.aio.AioRpcError``)."""
+    code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+    details = err.details() if callable(getattr(err, "details", None)) else str(err)  # type: ignore[attr-defined]
+    code = code or grpc.StatusCode.UNKNOWN
+    return error_class(code)(details or "", code)

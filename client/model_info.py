@@ -1,0 +1,93 @@
+"""What the client knows about a served model (from ``ListModels``/``ModelInfo``) and its input check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cellserve.client.errors import InvalidInputError
+from cellserve.client.tensors import DTYPES
+from cellserve.v1 import cellserve_pb2 as pb
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    role: str
+    dtype: str
+    shape: tuple[int, ...]  # -1 marks a dynamic dimension
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A served model's description. ``check_input`` validates a step's input before it is sent."""
+
+    name: str
+    version: str
+    sha256: str
+    input_kind: str  # "tokens" (int64 ids) or "features" (float32 vectors)
+    layers: int
+    hidden: int
+    input_size: int
+    output_size: int
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+
+    @classmethod
+    def from_proto(cls, m: pb.ModelSummary) -> ModelInfo:
+        def spec(t: pb.TensorSpec) -> TensorSpec:
+            dtype = DTYPES[t.dtype].name if t.dtype in DTYPES else "unspecified"
+            return TensorSpec(t.name, t.role, dtype, tuple(int(d) for d in t.shape))
+
+        return cls(
+            name=m.name,
+            version=m.version,
+            sha256=m.sha256,
+            input_kind=m.input_kind,
+            layers=m.layers,
+            hidden=m.hidden,
+            input_size=m.input_size,
+            output_size=m.output_size,
+            inputs=tuple(spec(t) for t in m.inputs),
+            outputs=tuple(spec(t) for t in m.outputs),
+        )
+
+    def check_input(self, x: object) -> np.ndarray:
+        """Return ``x`` as the array a step sends ([T] int64 or [T, I] float32); InvalidInputError if it can't be.
+
+        A single step may be given without its T axis (a scalar token id, or an [I] feature vector).
+        """
+        a = np.asarray(x)
+        if self.input_kind == "tokens":
+            if a.dtype.kind not in "iu":
+                raise InvalidInputError(
+                    f"input has dtype {a.dtype}; model {self.name!r} expects integer token ids (int64 [T])"
+                )
+            if a.ndim == 0:
+                a = a.reshape(1)
+            if a.ndim != 1 or a.shape[0] == 0:
+                raise InvalidInputError(
+                    f"input has shape {list(a.shape)}; model {self.name!r} expects int64 [T], T >= 1"
+                )
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 0 or hi >= self.input_size:
+                bad = lo if lo < 0 else hi
+                raise InvalidInputError(
+                    f"token id {bad} is out of range; model {self.name!r} has vocabulary [0, {self.input_size})"
+                )
+            return a.astype(np.int64, copy=False)
+        if a.dtype.kind not in "fiu":
+            raise InvalidInputError(
+                f"input has dtype {a.dtype}; model {self.name!r} expects float32 [T, {self.input_size}]"
+            )
+        if a.ndim == 1:
+            a = a.reshape(1, -1)
+        if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] != self.input_size:
+            raise InvalidInputError(
+                f"input has shape {list(a.shape)}; model {self.name!r} expects float32 [T, {self.input_size}], T >= 1"
+            )
+        a = a.astype(np.float32, copy=False)
+        if not np.isfinite(a).all():
+            raise InvalidInputError(f"input has NaN or infinite values; model {self.name!r} needs finite features")
+        return a

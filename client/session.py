@@ -1,0 +1,137 @@
+"""Synchronous session: one bidirectional stream, one step in flight, closed by its context manager."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+from types import TracebackType
+
+import grpc
+import numpy as np
+
+from cellserve.client.errors import CellserveClientError, UnavailableError, from_rpc_error
+from cellserve.client.model_info import ModelInfo
+from cellserve.client.protocol import SessionState
+from cellserve.v1 import cellserve_pb2 as pb
+from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+
+_END = object()  # half-closes the request stream
+
+
+class Session:
+    """A stateful session. ``y = s.step(x)``: x is [T] token ids (or one id) / [T, I] features; y is [T, O].
+
+    Use it as a context manager: leaving the block (also by an exception) sends ``close`` and
+    half-closes the stream, so the server frees the session's state slot at once.
+    """
+
+    def __init__(
+        self,
+        stub: pb_grpc.CellServeStub,
+        state: SessionState,
+        info_for: Callable[[str], ModelInfo],
+        *,
+        model: str = "",
+        idle_timeout_s: int = 0,
+        resume_token: bytes = b"",
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self.state = state
+        self._requests: queue.Queue[object] = queue.Queue()
+        self._ended = False
+        self._requests.put(state.open_request(model, idle_timeout_s, resume_token))
+        self._call = stub.Stream(iter(self._requests.get, _END), metadata=metadata)
+        try:
+            state.on_opened(self._next())
+            self.info = info_for(state.model)
+        except BaseException:
+            self._abandon()
+            raise
+
+    @property
+    def session_id(self) -> str:
+        return self.state.session_id
+
+    @property
+    def steps(self) -> int:
+        """Steps this session has taken (including those before a resume)."""
+        return self.state.steps
+
+    def step(self, x: object) -> np.ndarray:
+        """Run one chunk of T >= 1 steps; returns [T, O] float32. StepRejected leaves the session usable."""
+        a = self.info.check_input(x)
+        req = self.state.step_request(a)
+        seq = req.step.seq
+        self._requests.put(req)
+        while True:
+            out = self.state.on_response(self._next())  # raises StepRejected for this step
+            if out is not None:
+                if out.seq != seq:
+                    raise UnavailableError(f"server answered seq {out.seq} while seq {seq} was expected")
+                return out.y
+            if self.state.closed_reason is not None:
+                self._half_close()
+                raise self.state.closed_error()
+
+    def snapshot(self) -> bytes:
+        """Ask for a resume token of the current state (servers without resume answer UNIMPLEMENTED)."""
+        self._requests.put(self.state.snapshot_request())
+        while True:
+            resp = self._next()
+            self.state.on_response(resp)
+            if resp.WhichOneof("kind") == "snapshot":
+                return resp.snapshot.token
+            if self.state.closed_reason is not None:
+                raise self.state.closed_error()
+
+    def close(self) -> None:
+        """Send ``close``, wait for ``closed``, half-close. Idempotent."""
+        if self._ended:
+            return
+        try:
+            if self.state.closed_reason is None:
+                self._requests.put(self.state.close_request())
+                while self.state.closed_reason is None:
+                    try:
+                        resp = self._next()
+                    except UnavailableError:
+                        break
+                    if resp.WhichOneof("kind") != "error":
+                        self.state.on_response(resp)
+        finally:
+            self._half_close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # leaving on an exception: still close politely, but never mask the original error
+            self.close()
+        except CellserveClientError:
+            self._abandon()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _next(self) -> pb.StreamResponse:
+        try:
+            return next(self._call)
+        except StopIteration:
+            self._half_close()
+            raise UnavailableError("the server ended the stream without closing the session") from None
+        except grpc.RpcError as e:
+            self._half_close()
+            raise from_rpc_error(e) from None
+
+    def _half_close(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._requests.put(_END)
+
+    def _abandon(self) -> None:
+        self._half_close()
+        self._call.cancel()
