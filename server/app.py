@@ -68,6 +68,7 @@ class CellServer:
 
     async def start(self) -> None:
         s = self.settings
+        await self.health.not_serving()  # the servicer's default for "" would be SERVING
         for model in self.models:
             model.engine.warmup(sorted({1, s.max_batch}))
             model.scheduler.start()

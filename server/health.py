@@ -14,8 +14,10 @@ class Health:
     def __init__(self, model_names: list[str]) -> None:
         self.servicer = health.aio.HealthServicer()
         self.names = ["", *model_names]
+        self.status = NOT_SERVING  # what every name was last set to
 
     async def set_all(self, status: int) -> None:
+        self.status = status
         for name in self.names:
             await self.servicer.set(name, status)
 

@@ -40,24 +40,30 @@ def test_health_is_serving_overall_and_per_model(running_server):
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_health_is_not_serving_before_start(tiny_model_dir):
-    """Health starts NOT_SERVING: SERVING is only set once models are loaded and warmed."""
+def test_health_is_not_serving_until_models_are_warm(tiny_model_dir):
+    """While the server starts (models loaded and warmed, services being added) health is NOT_SERVING."""
     from prometheus_client import CollectorRegistry
+
+    seen: list[int] = []
+
+    def hook(grpc_server, cell) -> list[str]:  # runs inside start(), after warm-up, before SERVING
+        seen.append(cell.health.status)
+        return []
 
     async def main() -> list[int]:
         settings = Settings(model_dirs=[tiny_model_dir], host="127.0.0.1", port=0, metrics_port=0)
         server = build_server(settings, CollectorRegistry())
-        before = await server.health.servicer.Check(health_pb2.HealthCheckRequest(service=""), None)
+        server.add_servicer(hook)
         await server.start()
-        after = await server.health.servicer.Check(health_pb2.HealthCheckRequest(service=""), None)
+        after = await server.health.servicer.Check(health_pb2.HealthCheckRequest(service="tiny"), None)
         await server.stop(0)
         stopped = await server.health.servicer.Check(health_pb2.HealthCheckRequest(service=""), None)
-        return [before.status, after.status, stopped.status]
+        return [after.status, stopped.status]
 
     statuses = asyncio.run(main())
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-    assert statuses[1:] == [serving, not_serving]
-    assert statuses[0] != serving
+    assert seen == [not_serving]
+    assert statuses == [serving, not_serving]
 
 
 def test_list_models_and_model_info(running_server):
@@ -131,9 +137,10 @@ def test_bad_serve_flags_give_a_one_line_error(args, words):
     assert len(error_lines) == 1 and words in error_lines[0], proc.stderr
 
 
-def _grpcurl(address: str, *args: str, stdin: str | None = None) -> str:
+def _grpcurl(address: str, *args: str, flags: tuple[str, ...] = (), stdin: str | None = None) -> str:
+    """``grpcurl -plaintext [flags] address [args]`` (verbs and method names come after the address)."""
     proc = subprocess.run(
-        [GRPCURL, "-plaintext", *args[:-1], address, args[-1]] if args else [GRPCURL, "-plaintext", address],
+        [GRPCURL, "-plaintext", *flags, address, *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -150,7 +157,7 @@ def test_grpcurl_lists_describes_checks_health_and_streams(running_server, tiny_
         assert "cellserve.v1.CellServe" in listed and "grpc.health.v1.Health" in listed
         described = _grpcurl(srv.address, "describe", "cellserve.v1.CellServe")
         assert "rpc Stream ( stream .cellserve.v1.StreamRequest )" in described
-        health = json.loads(_grpcurl(srv.address, "-d", '{"service": "tiny"}', "grpc.health.v1.Health/Check"))
+        health = json.loads(_grpcurl(srv.address, "grpc.health.v1.Health/Check", flags=("-d", '{"service": "tiny"}')))
         assert health == {"status": "SERVING"}
         tokens = np.array([72, 105, 33], dtype=np.int64)
         requests = [
@@ -160,7 +167,7 @@ def test_grpcurl_lists_describes_checks_health_and_streams(running_server, tiny_
             {"close": {}},
         ]
         stdin = "\n".join(map(json.dumps, requests))
-        out = _grpcurl(srv.address, "-d", "@", "cellserve.v1.CellServe/Stream", stdin=stdin)
+        out = _grpcurl(srv.address, "cellserve.v1.CellServe/Stream", flags=("-d", "@"), stdin=stdin)
     responses = [json.loads(chunk) for chunk in out.replace("}\n{", "}\x00{").split("\x00")]
     assert list(responses[0]) == ["opened"] and list(responses[-1]) == ["closed"]
     output = responses[1]["output"]
