@@ -150,7 +150,7 @@ class Engine:
         gather/scatter kernels are compiled (CuPy) without changing any slot.
         """
         layers, hidden = self.pool.layers, self.pool.hidden
-        for b in batch_sizes:
+        for b in sorted(batch_sizes, reverse=True):  # the largest first: buffers are sized once
             x = self.example_input(b, 1)
             zeros = np.zeros((layers, b, hidden), DTYPE)
             self.run_stateless(x, zeros, zeros)

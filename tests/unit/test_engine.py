@@ -1,0 +1,208 @@
+"""Engine.run_slots (IO binding on the pool's buffers) against plain onnxruntime runs and the numpy oracle."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellserve.model.manifest import load_manifest
+from cellserve.server.engine import Engine
+from cellserve.server.state_pool import StatePool
+
+TOL = 1e-5  # float32 engine vs float64 oracle on the tiny model
+
+
+def make_engine(model_dir: Path, capacity: int) -> Engine:
+    manifest = load_manifest(model_dir)
+    pool = StatePool(manifest.layers, manifest.hidden, capacity)
+    return Engine(manifest, model_dir, pool, intra_op_threads=1)
+
+
+def fill_random(pool: StatePool, rng: np.random.Generator) -> list[int]:
+    """Allocate every slot and give each a distinct random state; returns the slots."""
+    slots = []
+    for _ in range(pool.capacity):
+        slot = pool.allocate(object())
+        shape = (pool.layers, pool.hidden)
+        pool.write(slot, rng.standard_normal(shape), rng.standard_normal(shape))
+        slots.append(slot)
+    return slots
+
+
+def tokens(rng: np.random.Generator, batch: int, steps: int) -> np.ndarray:
+    return rng.integers(0, 256, size=(batch, steps), dtype=np.int64)  # [B, T]
+
+
+@pytest.fixture
+def engine(tiny_model_dir: Path) -> Engine:
+    return make_engine(tiny_model_dir, capacity=16)
+
+
+def test_run_slots_equals_a_plain_onnxruntime_run_and_the_oracle(engine, tiny_oracle):
+    rng = np.random.default_rng(1)
+    fill_random(engine.pool, rng)
+    slots = np.array([11, 2, 7], dtype=np.int64)
+    x = tokens(rng, 3, 5)
+    h0, c0 = engine.pool.h[:, slots, :].copy(), engine.pool.c[:, slots, :].copy()  # [L, B, H]
+
+    y = engine.run_slots(slots, x)
+
+    y_plain, hn_plain, cn_plain = engine.session.run(None, {"x": x, "h0": h0, "c0": c0})
+    np.testing.assert_array_equal(y, y_plain)
+    np.testing.assert_array_equal(engine.pool.h[:, slots, :], hn_plain)
+    np.testing.assert_array_equal(engine.pool.c[:, slots, :], cn_plain)
+    y_ref, hn_ref, cn_ref = tiny_oracle.run(x, h0, c0)
+    np.testing.assert_allclose(y, y_ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(engine.pool.h[:, slots, :], hn_ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(engine.pool.c[:, slots, :], cn_ref, atol=TOL, rtol=0)
+
+
+def test_rows_outside_the_batch_are_untouched(engine):
+    rng = np.random.default_rng(2)
+    fill_random(engine.pool, rng)
+    slots = np.array([0, 15, 8, 3], dtype=np.int64)
+    before_h, before_c = engine.pool.h.copy(), engine.pool.c.copy()
+    engine.run_slots(slots, tokens(rng, 4, 3))
+    others = np.setdiff1d(np.arange(16), slots)
+    np.testing.assert_array_equal(engine.pool.h[:, others, :], before_h[:, others, :])
+    np.testing.assert_array_equal(engine.pool.c[:, others, :], before_c[:, others, :])
+    assert not np.array_equal(engine.pool.h[:, slots, :], before_h[:, slots, :])  # the batch did move
+
+
+def test_chunked_steps_across_batches_match_the_oracle_sequence(engine, tiny_oracle):
+    """Sessions stepped in chunks of varying T, in different batch mixes, equal one oracle run each."""
+    rng = np.random.default_rng(3)
+    slots = [engine.pool.allocate(object()) for _ in range(6)]
+    seqs = {s: tokens(rng, 1, 12)[0] for s in slots}
+    done = dict.fromkeys(slots, 0)
+    outputs: dict[int, list[np.ndarray]] = {s: [] for s in slots}
+    schedule = [([0, 1, 2, 3, 4, 5], 2), ([1, 3], 3), ([0, 2, 4, 5], 3), ([5, 4, 3, 2, 1, 0], 1), ([0, 2, 4, 5], 1)]
+    schedule += [([1, 3], 1), ([0, 1, 2, 3, 4, 5], 5)]
+    for members, t in schedule:
+        batch = np.array([slots[i] for i in members], dtype=np.int64)
+        x = np.stack([seqs[s][done[s] : done[s] + t] for s in batch])  # [B, T]
+        y = engine.run_slots(batch, x)
+        for i, s in enumerate(batch):
+            outputs[s].append(y[i])
+            done[s] += t
+    for s in slots:
+        assert done[s] == 12
+        y_ref, hn_ref, _ = tiny_oracle.run(seqs[s][None, :])
+        np.testing.assert_allclose(np.concatenate(outputs[s]), y_ref[0], atol=TOL, rtol=0)
+        np.testing.assert_allclose(engine.pool.h[:, s, :], hn_ref[:, 0, :], atol=TOL, rtol=0)
+
+
+def test_state_buffers_and_binding_are_reused_per_batch_size(engine):
+    rng = np.random.default_rng(4)
+    fill_random(engine.pool, rng)
+    engine.run_slots(np.array([1, 2, 3]), tokens(rng, 3, 2))
+    first = engine._buckets[3]
+    ptrs = [engine.ops.ptr(a) for a in (first.h_in, first.c_in, first.h_out, first.c_out)]
+    engine.run_slots(np.array([4, 5, 6]), tokens(rng, 3, 4))
+    again = engine._buckets[3]
+    assert again is first
+    assert [engine.ops.ptr(a) for a in (again.h_in, again.c_in, again.h_out, again.c_out)] == ptrs
+    engine.run_slots(np.array([7]), tokens(rng, 1, 1))
+    one = engine._buckets[1]
+    assert one.binding is not first.binding and one.h_out.shape == (2, 1, 32)
+
+
+def test_a_larger_batch_regrows_the_buffers_and_smaller_ones_stay_correct(engine, tiny_oracle):
+    rng = np.random.default_rng(5)
+    fill_random(engine.pool, rng)
+    for batch in (3, 9, 3, 16, 2):
+        slots = rng.choice(16, size=batch, replace=False).astype(np.int64)
+        x = tokens(rng, batch, 2)
+        h0, c0 = engine.pool.h[:, slots, :].copy(), engine.pool.c[:, slots, :].copy()
+        y = engine.run_slots(slots, x)
+        y_ref, hn_ref, cn_ref = tiny_oracle.run(x, h0, c0)
+        np.testing.assert_allclose(y, y_ref, atol=TOL, rtol=0)
+        np.testing.assert_allclose(engine.pool.h[:, slots, :], hn_ref, atol=TOL, rtol=0)
+        np.testing.assert_allclose(engine.pool.c[:, slots, :], cn_ref, atol=TOL, rtol=0)
+
+
+def test_onnxruntime_writes_into_our_buffers_and_reads_h0_c0_from_them(engine, tiny_oracle):
+    """The bound outputs are exactly the pool-side buffers (pointer identity), and h0/c0 are read in place."""
+    rng = np.random.default_rng(6)
+    fill_random(engine.pool, rng)
+    y = engine.run_slots(np.array([3, 9]), tokens(rng, 2, 4))
+    bucket = engine._buckets[2]
+    got = [v.data_ptr() for v in bucket.binding.get_outputs()]  # in binding order: hn, cn (once), y (per call)
+    assert got == [engine.ops.ptr(bucket.h_out), engine.ops.ptr(bucket.c_out), engine.ops.ptr(y)]
+
+    # Write a state straight into the bound h0/c0 memory and run the binding as it is: the output
+    # follows that state, so onnxruntime read our buffers and no copy taken at bind time.
+    h_new = rng.standard_normal(bucket.h_in.shape).astype(np.float32)
+    c_new = rng.standard_normal(bucket.c_in.shape).astype(np.float32)
+    bucket.h_in[...] = h_new
+    bucket.c_in[...] = c_new
+    x = tokens(rng, 2, 3)
+    y_out = np.empty((2, 3, 256), np.float32)
+    bucket.binding.bind_cpu_input("x", x)
+    bucket.binding.bind_output("y", "cpu", 0, np.float32, y_out.shape, y_out.ctypes.data)
+    engine.session.run_with_iobinding(bucket.binding)
+    y_ref, hn_ref, cn_ref = tiny_oracle.run(x, h_new, c_new)
+    np.testing.assert_allclose(y_out, y_ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(bucket.h_out, hn_ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(bucket.c_out, cn_ref, atol=TOL, rtol=0)
+
+
+def test_warmup_leaves_every_slot_unchanged(engine):
+    rng = np.random.default_rng(7)
+    fill_random(engine.pool, rng)
+    before_h, before_c = engine.pool.h.copy(), engine.pool.c.copy()
+    engine.warmup([1, 4, 16])
+    np.testing.assert_array_equal(engine.pool.h, before_h)
+    np.testing.assert_array_equal(engine.pool.c, before_c)
+    assert set(engine._buckets) >= {1, 4, 16}
+
+
+def test_engine_thread_and_pool_calls_from_another_thread_do_not_interfere(tiny_model_dir, tiny_oracle):
+    """engine_mode=thread: run_slots in a worker while the loop thread allocates, writes and reads other slots."""
+    engine = make_engine(tiny_model_dir, capacity=64)
+    pool = engine.pool
+    rng = np.random.default_rng(8)
+    stepped = [pool.allocate(object()) for _ in range(8)]
+    seqs = tokens(rng, 8, 40)  # [8, 40]
+    ys: list[np.ndarray] = []
+    failure: list[BaseException] = []
+    start = threading.Event()
+
+    def worker() -> None:
+        try:
+            start.wait(10)
+            for t in range(0, 40, 2):
+                ys.append(engine.run_slots(np.array(stepped, dtype=np.int64), seqs[:, t : t + 2]))
+        except BaseException as e:
+            failure.append(e)
+
+    thread = threading.Thread(target=worker, name="engine-test")
+    thread.start()
+    start.set()
+    expected: dict[int, np.ndarray] = {}
+    for i in range(400):  # churn slots the engine is not stepping
+        owner = object()
+        slot = pool.allocate(owner)
+        assert slot not in stepped
+        h = np.full((pool.layers, pool.hidden), float(i), np.float32)
+        pool.write(slot, h, -h)
+        got_h, got_c = pool.read(slot)
+        np.testing.assert_array_equal(got_h, h)
+        np.testing.assert_array_equal(got_c, -h)
+        if i % 3 or len(expected) >= 40:
+            assert pool.release(slot, owner)
+        else:
+            expected[slot] = h
+        if not thread.is_alive():
+            break
+    thread.join(60)
+    assert not thread.is_alive() and not failure, failure
+    y_ref, hn_ref, cn_ref = tiny_oracle.run(seqs)
+    np.testing.assert_allclose(np.concatenate(ys, axis=1), y_ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(pool.h[:, stepped, :], hn_ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(pool.c[:, stepped, :], cn_ref, atol=TOL, rtol=0)
+    for slot, h in expected.items():
+        np.testing.assert_array_equal(pool.h[:, slot, :], h)
