@@ -1,0 +1,221 @@
+"""The load generator: worker processes, each driving its share of the streams with grpc.aio.
+
+Every stream runs closed-loop (send one message, wait for its reply, repeat), timing each round
+trip. Requests are encoded before the clock starts, so the client does as little as it can. All
+workers start measuring at the same wall-clock instant (after a warm-up) and stop at a deadline or
+after a message count; progress is shared through a counter the parent shows as a bar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from multiprocessing.sharedctypes import Synchronized
+from typing import Any
+
+import grpc
+import numpy as np
+
+PROGRESS_EVERY = 32  # messages between progress-counter updates
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """One worker's job. ``target`` is cellserve, echo or naive."""
+
+    target: str
+    address: str
+    model: str
+    streams: int
+    t: int
+    input_kind: str
+    input_size: int
+    output_size: int
+    layers: int
+    hidden: int
+    warmup_s: float  # unmeasured load before the window opens
+    duration_s: float  # window length (0: use messages_per_stream)
+    messages_per_stream: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """The measured window, shared by every stream of every worker (time.time() values)."""
+
+    start_at: float
+    end_at: float  # 0: count-bound
+
+
+def _inputs(spec: LoadSpec, rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    if spec.input_kind == "tokens":
+        return [rng.integers(0, spec.input_size, size=spec.t, dtype=np.int64) for _ in range(n)]
+    return [rng.standard_normal((spec.t, spec.input_size), dtype=np.float32) for _ in range(n)]
+
+
+async def _closed_loop(spec: LoadSpec, w: Window, roundtrip: Any, progress: Synchronized) -> list[float]:
+    """Run ``await roundtrip(i)`` until the deadline / count; latencies of messages in the window."""
+    lat: list[float] = []
+    i = 0
+    since = 0
+    while True:
+        now = time.time()
+        if w.end_at and now >= w.end_at:
+            break
+        if not w.end_at and len(lat) >= spec.messages_per_stream:
+            break
+        t0 = time.perf_counter()
+        await roundtrip(i)
+        dt = time.perf_counter() - t0
+        i += 1
+        if now >= w.start_at:
+            lat.append(dt)
+            since += 1
+            if since >= PROGRESS_EVERY:
+                with progress.get_lock():
+                    progress.value += since
+                since = 0
+    with progress.get_lock():
+        progress.value += since
+    return lat
+
+
+Roundtrip = Callable[[int], Awaitable[None]]
+Close = Callable[[], Awaitable[None]]
+
+
+async def _open_cellserve(spec: LoadSpec, channel: Any, seed: int) -> tuple[Roundtrip, Close]:
+    from cellserve.client.tensors import to_proto
+    from cellserve.v1 import cellserve_pb2 as pb
+
+    method = channel.stream_stream(
+        "/cellserve.v1.CellServe/Stream",
+        request_serializer=lambda b: b,
+        response_deserializer=pb.StreamResponse.FromString,
+    )
+    call = method()
+    await call.write(pb.StreamRequest(open=pb.Open(model=spec.model)).SerializeToString())
+    opened = await call.read()
+    if not isinstance(opened, pb.StreamResponse) or opened.WhichOneof("kind") != "opened":
+        raise RuntimeError(f"cellserve open failed: {opened!r} {await call.details()}")
+    xs = [to_proto(x) for x in _inputs(spec, np.random.default_rng(seed), 16)]
+    reqs = [pb.StreamRequest(step=pb.Step(seq=s, input=xs[s % 16])).SerializeToString() for s in range(64)]
+
+    async def roundtrip(i: int) -> None:
+        await call.write(reqs[i % 64])
+        resp = await call.read()
+        if not isinstance(resp, pb.StreamResponse) or resp.WhichOneof("kind") != "output":
+            raise RuntimeError(f"cellserve step failed: {resp!r}")
+
+    async def close() -> None:
+        await call.write(pb.StreamRequest(close=pb.Close()).SerializeToString())
+        await call.done_writing()
+        while await call.read() is not grpc.aio.EOF:
+            pass
+
+    return roundtrip, close
+
+
+async def _open_echo(spec: LoadSpec, channel: Any, seed: int) -> tuple[Roundtrip, Close]:
+    from cellserve.client.bench.echo import METHOD, echo_request
+    from cellserve.client.bench.sizes import message_sizes
+
+    req_size, reply_size = message_sizes(spec)
+    call = channel.stream_stream(METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)()
+    req = echo_request(req_size, reply_size)
+
+    async def roundtrip(i: int) -> None:
+        await call.write(req)
+        reply = await call.read()
+        if not isinstance(reply, bytes) or len(reply) != reply_size:
+            raise RuntimeError(f"echo replied {reply!r:.40}, expected {reply_size} bytes")
+
+    async def close() -> None:
+        await call.done_writing()
+        while await call.read() is not grpc.aio.EOF:
+            pass
+
+    await roundtrip(0)  # the stream is up before the clock starts, as cellserve's open is
+    return roundtrip, close
+
+
+async def _open_naive(spec: LoadSpec, channel: Any, seed: int) -> tuple[Roundtrip, Close]:
+    from cellserve.client.bench.naive import METHOD, decode_reply, encode_request
+
+    method = channel.unary_unary(METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    xs = [x[None] for x in _inputs(spec, np.random.default_rng(seed), 16)]  # [1, T] / [1, T, I]
+    n_state = spec.layers * spec.hidden
+    shape = (spec.layers, 1, spec.hidden)
+    state = [np.zeros(shape, np.float32), np.zeros(shape, np.float32)]
+
+    async def roundtrip(i: int) -> None:
+        reply = await method(encode_request(xs[i % 16], state[0], state[1]))  # x, h, c every step
+        _, h, c = decode_reply(reply, n_state)
+        state[0], state[1] = h.reshape(shape), c.reshape(shape)
+
+    async def close() -> None:
+        return None
+
+    return roundtrip, close
+
+
+OPENERS = {"cellserve": _open_cellserve, "echo": _open_echo, "naive": _open_naive}
+
+
+async def _run(spec: LoadSpec, sync: Any, progress: Synchronized) -> tuple[list[list[float]], float]:
+    # One channel (HTTP/2 connection) per 16 streams: like many clients, not one multiplexed pipe.
+    channels = [
+        grpc.aio.insecure_channel(spec.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(max(1, (spec.streams + 15) // 16))
+    ]
+    try:
+        opener = OPENERS[spec.target]
+        streams = await asyncio.gather(
+            *(opener(spec, channels[i % len(channels)], spec.seed * 100_003 + i) for i in range(spec.streams))
+        )
+        window = sync.wait_window()  # blocks until every worker has its streams open
+        lats = await asyncio.gather(*(_closed_loop(spec, window, rt, progress) for rt, _ in streams))
+        finished = time.time()
+        await asyncio.gather(*(close() for _, close in streams))
+        return list(lats), finished
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+class StartSync:
+    """Two barriers: workers report ready; the parent publishes the window; all start together."""
+
+    def __init__(self, ctx: Any, workers: int) -> None:
+        self.ready = ctx.Barrier(workers + 1)
+        self.go = ctx.Barrier(workers + 1)
+        self.start_at = ctx.Value("d", 0.0)
+        self.end_at = ctx.Value("d", 0.0)
+
+    def wait_window(self, timeout_s: float = 300.0) -> Window:
+        self.ready.wait(timeout_s)
+        self.go.wait(timeout_s)
+        return Window(self.start_at.value, self.end_at.value)
+
+    def publish(self, warmup_s: float, duration_s: float, timeout_s: float = 300.0) -> Window:
+        """Parent side: wait for the workers, open the window ``warmup_s`` from now, release them."""
+        self.ready.wait(timeout_s)
+        start = time.time() + warmup_s
+        self.start_at.value = start
+        self.end_at.value = start + duration_s if duration_s else 0.0
+        self.go.wait(timeout_s)
+        return Window(self.start_at.value, self.end_at.value)
+
+
+def worker(spec: LoadSpec, sync: StartSync, progress: Synchronized, results: Any) -> None:
+    """Process entry point: put (latencies as float64 bytes, finish time.time(), error text) on ``results``."""
+    try:
+        per_stream, finished = asyncio.run(_run(spec, sync, progress))
+        lat = np.concatenate([np.asarray(s, np.float64) for s in per_stream])
+        results.put((lat.tobytes(), finished, ""))
+    except Exception as e:  # reported to the parent, which fails the bench with it
+        for barrier in (sync.ready, sync.go):
+            barrier.abort()
+        results.put((b"", 0.0, f"{type(e).__name__}: {e}"))

@@ -1,0 +1,194 @@
+"""One measurement: spawn the load workers against one target, collect latencies, read server metrics."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cellserve.client.bench.load import LoadSpec, StartSync, worker
+from cellserve.client.bench.metrics_scrape import ServerCounters
+from cellserve.client.bench.onnx_model import OnnxModel
+
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+
+@dataclass
+class Result:
+    """What one target did in one configuration."""
+
+    target: str
+    streams: int
+    t: int
+    messages: int
+    seconds: float
+    latencies_s: np.ndarray
+    mean_batch: float | None = None
+    engine_s_per_call: float | None = None
+
+    @property
+    def msgs_per_s(self) -> float:
+        return self.messages / self.seconds
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.msgs_per_s * self.t
+
+    def percentiles_ms(self) -> dict[str, float]:
+        q = np.percentile(self.latencies_s, PERCENTILES) * 1e3
+        return {f"p{p:g}".replace(".", "_"): float(v) for p, v in zip(PERCENTILES, q, strict=True)}
+
+    def to_json(self) -> dict[str, Any]:
+        cdf_q = np.linspace(0, 100, 101)
+        return {
+            "messages": self.messages,
+            "seconds": self.seconds,
+            "msgs_per_s": self.msgs_per_s,
+            "steps_per_s": self.steps_per_s,
+            "latency_ms": self.percentiles_ms(),
+            "latency_cdf_ms": [float(v) for v in np.percentile(self.latencies_s, cdf_q) * 1e3],
+            "mean_batch": self.mean_batch,
+            "engine_ms_per_call": None if self.engine_s_per_call is None else self.engine_s_per_call * 1e3,
+        }
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    streams: int
+    t: int
+    duration_s: float
+    messages: int  # total per run; 0 = duration-bound
+    warmup_s: float
+    procs: int
+    seed: int
+
+
+def run_load(
+    target: str,
+    address: str,
+    info: Any,
+    plan: LoadPlan,
+    *,
+    metrics_url: str | None = None,
+    progress_bar: bool = True,
+) -> Result:
+    """Drive ``address`` with ``plan.streams`` closed-loop streams split over worker processes."""
+    ctx = mp.get_context("spawn")  # never fork a process that may hold gRPC state
+    procs = max(1, min(plan.procs, plan.streams))
+    shares = [plan.streams // procs + (1 if i < plan.streams % procs else 0) for i in range(procs)]
+    per_stream = -(-plan.messages // plan.streams) if plan.messages else 0
+    sync = StartSync(ctx, procs)
+    progress = ctx.Value("q", 0)
+    results: Any = ctx.Queue()
+    workers = []
+    for i, n in enumerate(shares):
+        spec = LoadSpec(
+            target=target, address=address, model=info.name, streams=n, t=plan.t, input_kind=info.input_kind,
+            input_size=info.input_size, output_size=info.output_size, layers=info.layers, hidden=info.hidden,
+            warmup_s=plan.warmup_s, duration_s=plan.duration_s if not plan.messages else 0.0,
+            messages_per_stream=per_stream, seed=plan.seed * 1000 + i,
+        )  # fmt: skip
+        p = ctx.Process(target=worker, args=(spec, sync, progress, results), daemon=True)
+        p.start()
+        workers.append(p)
+    try:
+        return _collect(target, plan, per_stream, sync, progress, results, workers, metrics_url, info, progress_bar)
+    finally:
+        for p in workers:
+            p.join(30)
+            if p.is_alive():
+                p.terminate()
+
+
+def _collect(
+    target: str,
+    plan: LoadPlan,
+    per_stream: int,
+    sync: StartSync,
+    progress: Any,
+    results: Any,
+    workers: list,
+    metrics_url: str | None,
+    info: Any,
+    progress_bar: bool,
+) -> Result:
+    from tqdm import tqdm
+
+    try:
+        window = sync.publish(plan.warmup_s, 0.0 if plan.messages else plan.duration_s)
+    except Exception as e:  # a broken barrier: some worker failed while opening its streams
+        raise RuntimeError(f"{target}: load workers failed to start: {_first_error(results)}") from e
+    total = per_stream * plan.streams if plan.messages else None
+    bar = tqdm(total=total, desc=f"{target:>9} s={plan.streams} T={plan.t}", unit="msg", disable=not progress_bar,
+               leave=False)  # fmt: skip
+    before = after = None
+    got: list[tuple[bytes, float, str]] = []
+    while len(got) < len(workers):
+        now = time.time()
+        if metrics_url and before is None and now >= window.start_at:
+            before = ServerCounters.read(metrics_url, info.name)
+        if metrics_url and after is None and window.end_at and now >= window.end_at:
+            after = ServerCounters.read(metrics_url, info.name)
+        try:
+            got.append(results.get(timeout=0.1))
+        except queue.Empty:
+            if not any(p.is_alive() for p in workers) and results.empty():
+                raise RuntimeError(f"{target}: load workers died without a result") from None
+        bar.n = progress.value
+        bar.refresh()
+    bar.close()
+    errors = [e for _, _, e in got if e]
+    if errors:
+        raise RuntimeError(f"{target}: load worker failed: {errors[0]}")
+    if metrics_url and after is None:
+        after = ServerCounters.read(metrics_url, info.name)
+    lat = np.concatenate([np.frombuffer(b, np.float64) for b, _, _ in got])
+    end = window.end_at or max(f for _, f, _ in got)
+    result = Result(target, plan.streams, plan.t, len(lat), max(end - window.start_at, 1e-9), lat)
+    if before is not None and after is not None:
+        delta = after - before
+        result.mean_batch = delta.batch.mean
+        result.engine_s_per_call = delta.engine.mean
+    return result
+
+
+def _first_error(results: Any) -> str:
+    try:
+        return results.get(timeout=5)[2] or "unknown error"
+    except queue.Empty:
+        return "no error reported"
+
+
+@dataclass(frozen=True)
+class OrtResult:
+    batch: int
+    t: int
+    calls: int
+    s_per_call: float
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.batch * self.t / self.s_per_call
+
+    def to_json(self) -> dict[str, Any]:
+        return {"batch": self.batch, "t": self.t, "calls": self.calls, "ms_per_call": self.s_per_call * 1e3,
+                "steps_per_s": self.steps_per_s}  # fmt: skip
+
+
+def ort_ceiling(model: OnnxModel, batch: int, t: int, seconds: float, seed: int = 0) -> OrtResult:
+    """Baseline (c): onnxruntime in-process at ``batch`` rows of ``t`` steps, state fed back each call."""
+    rng = np.random.default_rng(seed)
+    xs = [model.sample_input(rng, batch, t) for _ in range(8)]
+    h, c = model.zero_state(batch)
+    for x in xs[:2]:  # warm-up
+        _, h, c = model.run(x, h, c)
+    calls = 0
+    start = time.perf_counter()
+    while calls < 5 or time.perf_counter() - start < seconds:
+        _, h, c = model.run(xs[calls % 8], h, c)
+        calls += 1
+    return OrtResult(batch, t, calls, (time.perf_counter() - start) / calls)

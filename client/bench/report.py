@@ -1,0 +1,117 @@
+"""The bench report: ratios against the same-run baselines, a table, JSON, and a PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from cellserve.client.bench.measure import OrtResult, Result
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0 or not math.isfinite(a) or not math.isfinite(b):
+        return None
+    return a / b
+
+
+def config_entry(results: dict[str, Result], ort: OrtResult | None) -> dict[str, Any]:
+    """One configuration: cellserve, the baselines, and the ratios the README quotes."""
+    cs = results["cellserve"]
+    echo, naive = results.get("echo"), results.get("naive")
+    ratios = {
+        "msgs_vs_echo": _ratio(cs.msgs_per_s, echo.msgs_per_s) if echo else None,
+        "p99_vs_echo": _ratio(cs.percentiles_ms()["p99"], echo.percentiles_ms()["p99"]) if echo else None,
+        "msgs_vs_naive": _ratio(cs.msgs_per_s, naive.msgs_per_s) if naive else None,
+        "steps_vs_ort": _ratio(cs.steps_per_s, ort.steps_per_s) if ort else None,
+        "engine_vs_ort": _ratio(cs.engine_s_per_call, ort.s_per_call) if ort else None,
+    }
+    baselines: dict[str, Any] = {k: v.to_json() for k, v in results.items() if k != "cellserve"}
+    if ort is not None:
+        baselines["ort"] = ort.to_json()
+    return {"streams": cs.streams, "t": cs.t, "cellserve": cs.to_json(), "baselines": baselines, "ratios": ratios}
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def table(configs: list[dict[str, Any]]) -> str:
+    """Plain-text table: one row per target and configuration, then the ratios."""
+    head = f"{'target':>9} {'streams':>7} {'T':>3} {'msgs/s':>10} {'steps/s':>11} {'p50 ms':>8} {'p90 ms':>8} " \
+           f"{'p99 ms':>8} {'p99.9 ms':>9} {'batch':>6}"  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for c in configs:
+        rows = [("cellserve", c["cellserve"])] + [(k, v) for k, v in c["baselines"].items() if k != "ort"]
+        for name, r in rows:
+            p = r["latency_ms"]
+            lines.append(
+                f"{name:>9} {c['streams']:>7} {c['t']:>3} {r['msgs_per_s']:>10,.0f} {r['steps_per_s']:>11,.0f} "
+                f"{p['p50']:>8.2f} {p['p90']:>8.2f} {p['p99']:>8.2f} {p['p99_9']:>9.2f} {_fmt(r['mean_batch'], 1):>6}"
+            )
+        ort = c["baselines"].get("ort")
+        if ort:
+            lines.append(f"{'raw ORT':>9} {'':>7} {c['t']:>3} {'':>10} {ort['steps_per_s']:>11,.0f} "
+                         f"{ort['ms_per_call']:>8.3f} ms/call at batch {ort['batch']}")  # fmt: skip
+        r = c["ratios"]
+        lines.append(
+            f"{'ratios':>9}  msgs/echo {_fmt(r['msgs_vs_echo'])}  p99/echo {_fmt(r['p99_vs_echo'])}  "
+            f"msgs/naive {_fmt(r['msgs_vs_naive'])}  steps/ORT {_fmt(r['steps_vs_ort'])}  "
+            f"engine/ORT {_fmt(r['engine_vs_ort'])}"
+        )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, allow_nan=False))
+
+
+def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
+    """Latency CDF per configuration, and throughput vs concurrency. False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_cdf, ax_tp) = plt.subplots(1, 2, figsize=(13, 5))
+    styles = {"cellserve": "-", "echo": "--", "naive": ":"}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    qs = [i / 100 for i in range(101)]
+    for i, c in enumerate(configs):
+        color = colors[i % len(colors)]
+        for name, r in [("cellserve", c["cellserve"])] + [(k, v) for k, v in c["baselines"].items() if k != "ort"]:
+            label = f"{name} s={c['streams']} T={c['t']}"
+            ax_cdf.plot(r["latency_cdf_ms"], qs, styles.get(name, "-."), color=color, label=label, linewidth=1.2)
+    ax_cdf.set_xscale("log")
+    ax_cdf.set_xlabel("round-trip latency per message (ms)")
+    ax_cdf.set_ylabel("fraction of messages")
+    ax_cdf.set_title("Latency CDF per configuration")
+    ax_cdf.legend(fontsize=6, ncol=2)
+    ax_cdf.grid(alpha=0.3)
+    for t in sorted({c["t"] for c in configs}):
+        cs = sorted((c for c in configs if c["t"] == t), key=lambda c: c["streams"])
+        streams = [c["streams"] for c in cs]
+        ax_tp.plot(streams, [c["cellserve"]["steps_per_s"] for c in cs], "o-", label=f"cellserve T={t}")
+        for name in ("echo", "naive"):
+            if all(name in c["baselines"] for c in cs):
+                vals = [c["baselines"][name]["steps_per_s"] for c in cs]
+                ax_tp.plot(streams, vals, "s" + styles[name], label=f"{name} T={t}")
+        if all("ort" in c["baselines"] for c in cs):
+            ax_tp.plot(streams, [c["baselines"]["ort"]["steps_per_s"] for c in cs], "^-.", label=f"raw ORT T={t}")
+    ax_tp.set_xscale("log", base=2)
+    ax_tp.set_yscale("log")
+    ax_tp.set_xlabel("concurrent streams")
+    ax_tp.set_ylabel("steps/s (messages/s × T)")
+    ax_tp.set_title("Throughput vs concurrency")
+    ax_tp.legend(fontsize=7)
+    ax_tp.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
