@@ -1,0 +1,129 @@
+"""Client unit tests: status → exception mapping, tensor encoding, client-side input checks."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from cellserve.client import errors
+from cellserve.client.model_info import ModelInfo
+from cellserve.client.protocol import SessionState
+from cellserve.client.tensors import to_numpy, to_proto
+from cellserve.v1 import cellserve_pb2 as pb
+
+EXPECTED = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPreconditionError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhaustedError,
+    grpc.StatusCode.UNAUTHENTICATED: errors.UnauthenticatedError,
+    grpc.StatusCode.UNAVAILABLE: errors.UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceededError,
+    grpc.StatusCode.UNIMPLEMENTED: errors.UnimplementedError,
+    grpc.StatusCode.INTERNAL: errors.InternalError,
+}
+
+
+@pytest.mark.parametrize("code", list(grpc.StatusCode)[1:])
+def test_every_status_code_maps_to_its_typed_error_with_the_message(code):
+    rpc_error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=f"why {code.name}")
+    err = errors.from_rpc_error(rpc_error)
+    assert isinstance(err, errors.CellserveClientError)
+    assert err.code is code
+    assert err.details == f"why {code.name}"
+    if code in EXPECTED:
+        assert type(err) is EXPECTED[code]
+    assert type(err) is errors.error_class(code)
+
+
+def test_step_error_numbers_map_to_status_codes():
+    assert errors.status_code(3) is grpc.StatusCode.INVALID_ARGUMENT
+    assert errors.status_code(8) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert errors.status_code(999) is grpc.StatusCode.UNKNOWN
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    hnp.arrays(
+        dtype=st.sampled_from([np.float32, np.float64, np.int64, np.int32, np.float16]),
+        shape=hnp.array_shapes(min_dims=1, max_dims=3, max_side=5),
+    )
+)
+def test_tensor_round_trip_is_exact(a):
+    t = to_proto(a)
+    assert len(t.raw) == a.nbytes
+    b = to_numpy(t)
+    assert b.dtype == a.dtype and b.shape == a.shape
+    np.testing.assert_array_equal(b, a)
+
+
+def test_tensor_with_wrong_byte_count_is_refused():
+    t = to_proto(np.zeros(4, np.float32))
+    t.raw = t.raw[:-1]
+    with pytest.raises(ValueError, match="15 bytes"):
+        to_numpy(t)
+
+
+TOKENS = ModelInfo("m", "1", "sha", "tokens", 2, 8, 256, 256)
+FEATURES = ModelInfo("f", "1", "sha", "features", 1, 4, 3, 2)
+
+
+def test_token_input_accepts_ids_and_adds_the_time_axis():
+    assert TOKENS.check_input(7).tolist() == [7]
+    out = TOKENS.check_input(np.array([1, 2, 3], np.int32))
+    assert out.dtype == np.int64 and out.tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (np.array([1.0, 2.0]), "expects integer token ids"),
+        (np.array([[1, 2]]), "expects int64 \\[T\\]"),
+        (np.array([], np.int64), "T >= 1"),
+        (np.array([0, 256]), "token id 256 is out of range"),
+        (np.array([-1]), "token id -1 is out of range"),
+    ],
+)
+def test_bad_token_inputs_are_refused_before_sending(x, message):
+    with pytest.raises(errors.InvalidInputError, match=message) as info:
+        TOKENS.check_input(x)
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(info.value, ValueError)
+
+
+def test_feature_input_checks_width_and_finiteness():
+    assert FEATURES.check_input([1, 2, 3]).shape == (1, 3)
+    assert FEATURES.check_input(np.ones((4, 3))).dtype == np.float32
+    with pytest.raises(errors.InvalidInputError, match=r"expects float32 \[T, 3\]"):
+        FEATURES.check_input(np.ones((2, 4)))
+    with pytest.raises(errors.InvalidInputError, match="NaN"):
+        FEATURES.check_input([1.0, np.nan, 0.0])
+
+
+def test_session_state_tracks_steps_seq_and_the_latest_resume_token():
+    st_ = SessionState(targets=("a:1", "b:2"))
+    req = st_.step_request(np.array([1, 2, 3], np.int64))
+    assert req.step.seq == 0 and st_.pending == {0: 3}
+    y = np.zeros((3, 4), np.float32)
+    out = st_.on_response(pb.StreamResponse(output=pb.Output(seq=0, output=to_proto(y))))
+    assert out is not None and out.seq == 0 and st_.steps == 3 and not st_.pending
+    st_.on_response(pb.StreamResponse(draining=pb.Draining(resume_token=b"tok", deadline_unix_ms=5)))
+    assert st_.draining and st_.resume_token == b"tok" and st_.resume_deadline_unix_ms == 5
+    st_.step_request(np.array([1], np.int64))
+    with pytest.raises(errors.StepRejected) as info:
+        st_.on_response(pb.StreamResponse(error=pb.StepError(seq=1, code=3, message="bad")))
+    assert info.value.seq == 1 and info.value.code is grpc.StatusCode.INVALID_ARGUMENT and info.value.details == "bad"
+    st_.on_response(pb.StreamResponse(closed=pb.Closed(steps=3, reason=pb.CLOSE_REASON_IDLE, message="idle 1s")))
+    with pytest.raises(errors.SessionClosedError) as closed:
+        st_.step_request(np.array([1], np.int64))
+    assert closed.value.reason == "idle" and closed.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_output_for_an_unknown_seq_is_an_error():
+    st_ = SessionState(targets=("a:1",))
+    with pytest.raises(errors.UnknownError, match="no step pending"):
+        st_.on_response(pb.StreamResponse(output=pb.Output(seq=9, output=to_proto(np.zeros((1, 1), np.float32)))))
