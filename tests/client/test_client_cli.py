@@ -1,0 +1,71 @@
+"""CLI: `cellserve models`, `cellserve generate --server`, and `cellserve bench` at tiny size."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from cellserve.client import Client
+from cellserve.server.cli import main as cellserve_main
+
+
+def test_models_prints_one_json_line_per_model(running_server, capsys, tiny_model):
+    with running_server() as srv:
+        assert cellserve_main(["models", "--server", srv.address]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    m = json.loads(line)
+    assert m["name"] == "tiny" and m["sha256"] == tiny_model.manifest.sha256 and m["hidden"] == 32
+
+
+def test_models_against_a_dead_server_fails_with_unavailable(capsys):
+    assert cellserve_main(["models", "--server", "127.0.0.1:1", "--timeout", "3"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_generate_with_server_streams_the_servers_text(running_server, capsysbinary):
+    with running_server() as srv:
+        with Client(srv.address) as client:
+            want = b"".join(g.text for g in client.generate("ab", 9, temperature=0.9, top_k=20, seed=3))
+        argv = ["generate", "--server", srv.address, "--prompt", "ab", "--max-bytes", "9", "--temperature", "0.9",
+                "--top-k", "20", "--seed", "3"]  # fmt: skip
+        assert cellserve_main(argv) == 0
+        assert capsysbinary.readouterr().out == b"ab" + want + b"\n"
+        assert cellserve_main([*argv[:-2], "--seed", "3", "--model", "nope"]) == 1
+        assert b"NOT_FOUND" in capsysbinary.readouterr().err
+
+
+def _finite_positive(x: object) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_bench_at_tiny_size_reports_three_baselines_and_sane_ratios(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "cellserve.server.cli", "--log-level", "WARNING", "bench", "--model-dir",
+           str(tiny_model_dir), "--streams", "3", "-T", "2", "--messages", "240", "--warmup", "0.1", "--procs", "2",
+           "--no-progress", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "msgs/echo" in proc.stdout  # the table was printed
+    report = json.loads((out / "bench.json").read_text())
+    (cfg,) = report["configs"]
+    assert (cfg["streams"], cfg["t"]) == (3, 2)
+    assert set(cfg["baselines"]) == {"echo", "naive", "ort"}
+    for name in ("echo", "naive"):
+        b = cfg["baselines"][name]
+        assert b["messages"] == 240 and _finite_positive(b["msgs_per_s"])
+        assert math.isclose(b["steps_per_s"], 2 * b["msgs_per_s"])
+    cs = cfg["cellserve"]
+    assert cs["messages"] == 240
+    lat = cs["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99_9"]
+    assert len(cs["latency_cdf_ms"]) == 101 and cs["latency_cdf_ms"] == sorted(cs["latency_cdf_ms"])
+    assert 1 <= cs["mean_batch"] <= 3  # read from the server's cellserve_batch_size histogram
+    assert _finite_positive(cs["engine_ms_per_call"])
+    ort = cfg["baselines"]["ort"]
+    assert ort["t"] == 2 and ort["batch"] == round(cs["mean_batch"]) and _finite_positive(ort["steps_per_s"])
+    assert set(cfg["ratios"]) == {"msgs_vs_echo", "p99_vs_echo", "msgs_vs_naive", "steps_vs_ort", "engine_vs_ort"}
+    assert all(_finite_positive(v) for v in cfg["ratios"].values()), cfg["ratios"]
+    assert math.isclose(cfg["ratios"]["msgs_vs_echo"], cs["msgs_per_s"] / cfg["baselines"]["echo"]["msgs_per_s"])
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
