@@ -37,6 +37,7 @@ class ArrayOps(Protocol):
     def write_row(self, dst: Any, row: int, value: np.ndarray | float) -> None: ...
     def read_row(self, src: Any, row: int) -> np.ndarray: ...
     def upload(self, arr: np.ndarray) -> Any: ...
+    def copy_in(self, dst: Any, src: np.ndarray) -> None: ...
     def download(self, arr: Any) -> np.ndarray: ...
     def to_host(self, arr: Any) -> np.ndarray: ...
     def ptr(self, arr: Any) -> int: ...
@@ -74,8 +75,11 @@ class NumpyOps:
     def upload(self, arr: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(arr)  # host is the device: bound in place, no copy when contiguous
 
+    def copy_in(self, dst: np.ndarray, src: np.ndarray) -> None:
+        dst[...] = src
+
     def download(self, arr: np.ndarray) -> np.ndarray:
-        return arr  # the engine allocates the output per call, so handing it out is safe
+        return np.array(arr, copy=True)  # a copy: the engine reuses its output buffer next call
 
     def to_host(self, arr: np.ndarray) -> np.ndarray:
         return np.array(arr, copy=True)
@@ -154,12 +158,17 @@ class CupyOps:
     def upload(self, arr: np.ndarray) -> Any:
         """Stage ``arr`` in pinned host memory and copy it up asynchronously on the stream."""
         with self._on():
-            pinned = self._cpx.empty_pinned(arr.shape, dtype=arr.dtype)
-            pinned[...] = arr
             out = self._cp.empty(arr.shape, dtype=arr.dtype)
-            out.set(pinned, stream=self._stream)
-            self._keep_until_copied(pinned)
+            self.copy_in(out, arr)
             return out
+
+    def copy_in(self, dst: Any, src: np.ndarray) -> None:
+        """Host ``src`` into the device array ``dst`` (same shape, contiguous) via pinned memory, asynchronously."""
+        with self._on():
+            pinned = self._cpx.empty_pinned(dst.shape, dtype=dst.dtype)
+            pinned[...] = src
+            dst.set(pinned, stream=self._stream)
+            self._keep_until_copied(pinned)
 
     def download(self, arr: Any) -> np.ndarray:
         """Copy ``arr`` into pinned host memory on the stream and wait for it (the one host sync per batch)."""

@@ -15,7 +15,12 @@ from collections.abc import Sequence
 from cellserve import __version__
 
 # Each module has `register(subparsers)`, adding its subcommands with `set_defaults(func=...)`.
-COMMAND_MODULES = ("cellserve.server.app", "cellserve.model.cli", "cellserve.client.cli")
+COMMAND_MODULES = (
+    "cellserve.server.app",
+    "cellserve.server.engine_bench",
+    "cellserve.model.cli",
+    "cellserve.client.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

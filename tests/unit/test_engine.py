@@ -95,27 +95,42 @@ def test_chunked_steps_across_batches_match_the_oracle_sequence(engine, tiny_ora
         np.testing.assert_allclose(engine.pool.h[:, s, :], hn_ref[:, 0, :], atol=TOL, rtol=0)
 
 
-def test_state_buffers_and_binding_are_reused_per_batch_size(engine):
+def test_buffers_and_binding_are_reused_per_shape_with_fixed_addresses(engine):
     rng = np.random.default_rng(4)
     fill_random(engine.pool, rng)
     engine.run_slots(np.array([1, 2, 3]), tokens(rng, 3, 2))
-    first = engine._buckets[3]
-    ptrs = [engine.ops.ptr(a) for a in (first.h_in, first.c_in, first.h_out, first.c_out)]
-    engine.run_slots(np.array([4, 5, 6]), tokens(rng, 3, 4))
-    again = engine._buckets[3]
-    assert again is first
-    assert [engine.ops.ptr(a) for a in (again.h_in, again.c_in, again.h_out, again.c_out)] == ptrs
+    first = engine._buckets[(3, 2)]
+    names = ("x", "y", "h_in", "c_in", "h_out", "c_out")
+    ptrs = [engine.ops.ptr(getattr(first, n)) for n in names]
+    engine.run_slots(np.array([4, 5, 6]), tokens(rng, 3, 2))
+    again = engine._buckets[(3, 2)]
+    assert again is first and again.binding is first.binding
+    assert [engine.ops.ptr(getattr(again, n)) for n in names] == ptrs
     engine.run_slots(np.array([7]), tokens(rng, 1, 1))
-    one = engine._buckets[1]
-    assert one.binding is not first.binding and one.h_out.shape == (2, 1, 32)
+    one = engine._buckets[(1, 1)]
+    assert one.binding is not first.binding and one.h_out.shape == (2, 1, 32) and one.y.shape == (1, 1, 256)
+    # Views of the same fixed buffers: a smaller shape starts at the same address.
+    assert engine.ops.ptr(one.h_out) == engine.ops.ptr(first.h_out)
+
+
+def test_returned_outputs_are_copies_that_later_calls_do_not_overwrite(engine, tiny_oracle):
+    rng = np.random.default_rng(9)
+    fill_random(engine.pool, rng)
+    x1, x2 = tokens(rng, 2, 3), tokens(rng, 2, 3)
+    h0, c0 = engine.pool.h[:, [4, 5], :].copy(), engine.pool.c[:, [4, 5], :].copy()
+    y1 = engine.run_slots(np.array([4, 5]), x1)
+    kept = y1.copy()
+    engine.run_slots(np.array([6, 7]), x2)
+    np.testing.assert_array_equal(y1, kept)
+    np.testing.assert_allclose(y1, tiny_oracle.run(x1, h0, c0)[0], atol=TOL, rtol=0)
 
 
 def test_a_larger_batch_regrows_the_buffers_and_smaller_ones_stay_correct(engine, tiny_oracle):
     rng = np.random.default_rng(5)
     fill_random(engine.pool, rng)
-    for batch in (3, 9, 3, 16, 2):
+    for batch, steps in ((3, 2), (9, 1), (3, 2), (16, 4), (2, 7), (3, 2)):
         slots = rng.choice(16, size=batch, replace=False).astype(np.int64)
-        x = tokens(rng, batch, 2)
+        x = tokens(rng, batch, steps)
         h0, c0 = engine.pool.h[:, slots, :].copy(), engine.pool.c[:, slots, :].copy()
         y = engine.run_slots(slots, x)
         y_ref, hn_ref, cn_ref = tiny_oracle.run(x, h0, c0)
@@ -125,27 +140,24 @@ def test_a_larger_batch_regrows_the_buffers_and_smaller_ones_stay_correct(engine
 
 
 def test_onnxruntime_writes_into_our_buffers_and_reads_h0_c0_from_them(engine, tiny_oracle):
-    """The bound outputs are exactly the pool-side buffers (pointer identity), and h0/c0 are read in place."""
+    """The bound outputs are exactly the engine's buffers (pointer identity), and x/h0/c0 are read in place."""
     rng = np.random.default_rng(6)
     fill_random(engine.pool, rng)
     y = engine.run_slots(np.array([3, 9]), tokens(rng, 2, 4))
-    bucket = engine._buckets[2]
-    got = [v.data_ptr() for v in bucket.binding.get_outputs()]  # in binding order: hn, cn (once), y (per call)
-    assert got == [engine.ops.ptr(bucket.h_out), engine.ops.ptr(bucket.c_out), engine.ops.ptr(y)]
+    bucket = engine._buckets[(2, 4)]
+    got = [v.data_ptr() for v in bucket.binding.get_outputs()]  # in binding order: y, hn, cn
+    assert got == [engine.ops.ptr(bucket.y), engine.ops.ptr(bucket.h_out), engine.ops.ptr(bucket.c_out)]
+    np.testing.assert_array_equal(y, bucket.y)
 
-    # Write a state straight into the bound h0/c0 memory and run the binding as it is: the output
-    # follows that state, so onnxruntime read our buffers and no copy taken at bind time.
+    # Write x and a state straight into the bound memory and run the binding as it is: the outputs
+    # follow them, so onnxruntime read our buffers and took no copy at bind time.
     h_new = rng.standard_normal(bucket.h_in.shape).astype(np.float32)
     c_new = rng.standard_normal(bucket.c_in.shape).astype(np.float32)
-    bucket.h_in[...] = h_new
-    bucket.c_in[...] = c_new
-    x = tokens(rng, 2, 3)
-    y_out = np.empty((2, 3, 256), np.float32)
-    bucket.binding.bind_cpu_input("x", x)
-    bucket.binding.bind_output("y", "cpu", 0, np.float32, y_out.shape, y_out.ctypes.data)
+    x = tokens(rng, 2, 4)
+    bucket.h_in[...], bucket.c_in[...], bucket.x[...] = h_new, c_new, x
     engine.session.run_with_iobinding(bucket.binding)
     y_ref, hn_ref, cn_ref = tiny_oracle.run(x, h_new, c_new)
-    np.testing.assert_allclose(y_out, y_ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(bucket.y, y_ref, atol=TOL, rtol=0)
     np.testing.assert_allclose(bucket.h_out, hn_ref, atol=TOL, rtol=0)
     np.testing.assert_allclose(bucket.c_out, cn_ref, atol=TOL, rtol=0)
 
@@ -157,7 +169,7 @@ def test_warmup_leaves_every_slot_unchanged(engine):
     engine.warmup([1, 4, 16])
     np.testing.assert_array_equal(engine.pool.h, before_h)
     np.testing.assert_array_equal(engine.pool.c, before_c)
-    assert set(engine._buckets) >= {1, 4, 16}
+    assert set(engine._buckets) >= {(1, 1), (4, 1), (16, 1)}
 
 
 def test_engine_thread_and_pool_calls_from_another_thread_do_not_interfere(tiny_model_dir, tiny_oracle):

@@ -1,0 +1,246 @@
+"""`cellserve bench-engine`: the engine and state pool in-process, O(batch) check and host round-trip baseline.
+
+For every pool capacity (e.g. 1k and 1M slots) it fills the pool (every slot allocated, so the
+memory is really committed), then times ``Engine.run_slots`` per batch size on random slots spread
+over the whole pool. In the same run, on the same pool, it times the *host round trip* that a
+server keeping state in host memory pays (Triton's ORT path without CUDA shared memory): gather →
+copy h/c to the host → ``session.run`` with host state → copy hn/cn back → scatter. It prints a
+table with ratios and writes ``engine_bench.json`` (+ ``engine_bench.png`` when matplotlib is there).
+
+Flat per-step time across capacities is the O(batch) evidence; on the CPU the round trip costs
+only extra host copies, on CUDA it adds PCIe transfers and syncs: run it with ``--device cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODES = ("resident", "round_trip")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-engine",
+        help="benchmark the engine + state pool in-process: per-step time vs capacity, host round-trip baseline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model-dir", type=Path, required=True, help="exported model directory (manifest.json)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the pool lives (default: cpu)")
+    p.add_argument("--device-id", type=int, default=0, help="CUDA device ordinal (default: 0)")
+    p.add_argument("--capacities", default="1000,1000000", help="comma-separated pool sizes (default: %(default)s)")
+    p.add_argument("--batch-sizes", default="1,8,64,256", help="comma-separated batch sizes (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1, help="time steps T per message (default: 1)")
+    p.add_argument("--iters", type=int, default=200, help="timed engine calls per point and mode (default: 200)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed calls per point and mode (default: 20)")
+    p.add_argument("--intra-op-threads", type=int, default=1, help="onnxruntime threads (default: 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/bench-engine"), help="directory for JSON and PNG")
+    p.set_defaults(func=_main)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def round_trip_step(engine: Any, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The baseline: the batch's state goes to the host and back every step, beside the pool."""
+    ops, pool = engine.ops, engine.pool
+    rows = ops.index(slots)
+    shape = (pool.layers, len(slots), pool.hidden)  # [L, B, H]
+    h, c = ops.empty(shape, np.float32), ops.empty(shape, np.float32)
+    pool.gather(rows, h, c)
+    y, hn, cn = engine.run_stateless(x, ops.to_host(h), ops.to_host(c))  # device → host → (ORT) → host
+    pool.scatter(rows, ops.upload(hn), ops.upload(cn))  # host → device
+    ops.synchronize()
+    return y
+
+
+def _time_point(engine: Any, batch: int, args: argparse.Namespace, rng: np.random.Generator) -> dict[str, Any]:
+    capacity = engine.pool.capacity
+    n = args.warmup + args.iters
+    slot_sets = [rng.choice(capacity, size=batch, replace=False).astype(np.int64) for _ in range(n)]
+    xs = [engine.example_input(batch, args.steps) for _ in range(4)]
+    if engine.manifest.input_kind == "tokens":
+        for x in xs:
+            x[...] = rng.integers(0, engine.manifest.input_size, size=x.shape)
+    else:
+        for x in xs:
+            x[...] = rng.standard_normal(x.shape)
+    runs = {"resident": engine.run_slots, "round_trip": lambda s, x: round_trip_step(engine, s, x)}
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    for i in range(n):  # modes interleaved call by call, so contention hits both alike
+        for mode in MODES:
+            t0 = time.perf_counter()
+            runs[mode](slot_sets[i], xs[i % len(xs)])
+            dt = time.perf_counter() - t0
+            if i >= args.warmup:
+                times[mode].append(dt)
+    out: dict[str, Any] = {"batch": batch}
+    for mode in MODES:
+        arr = np.array(times[mode])
+        med = float(np.median(arr))
+        out[mode] = {
+            "median_us": med * 1e6,
+            "p90_us": float(np.percentile(arr, 90)) * 1e6,
+            "steps_per_s": batch * args.steps / med,
+        }
+    return out
+
+
+def _device_bytes(ops: Any) -> int | None:
+    if ops.device_type != "cuda":
+        return None
+    import cupy
+
+    with cupy.cuda.Device(ops.device_id):
+        return int(cupy.get_default_memory_pool().total_bytes())
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every capacity × batch size × mode; returns the report (also what the JSON holds)."""
+    from cellserve.model.manifest import load_manifest
+    from cellserve.server.arrays import array_ops
+    from cellserve.server.engine import Engine
+    from cellserve.server.state_pool import StatePool
+
+    manifest = load_manifest(args.model_dir)
+    ops = array_ops(args.device, args.device_id)
+    rng = np.random.default_rng(args.seed)
+    batch_sizes = _ints(args.batch_sizes)
+    report: dict[str, Any] = {
+        "device": args.device if args.device == "cpu" else f"cuda:{args.device_id}",
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+        "model": {"name": manifest.name, "layers": manifest.layers, "hidden": manifest.hidden},
+        "steps": args.steps,
+        "iters": args.iters,
+        "capacities": [],
+    }
+    for capacity in _ints(args.capacities):
+        if max(batch_sizes) > capacity:
+            raise SystemExit(f"batch size {max(batch_sizes)} exceeds capacity {capacity}")
+        rss_before = rss_bytes()
+        pool = StatePool(manifest.layers, manifest.hidden, capacity, ops)
+        t0 = time.perf_counter()
+        owner = object()
+        for _ in range(capacity):  # every slot allocated (and zeroed): the pool's memory is really in use
+            pool.allocate(owner)
+        fill_s = time.perf_counter() - t0
+        engine = Engine(manifest, args.model_dir, pool, intra_op_threads=args.intra_op_threads)
+        engine.warmup(batch_sizes)
+        entry: dict[str, Any] = {
+            "capacity": capacity,
+            "pool_bytes": pool.nbytes,
+            "fill_seconds": fill_s,
+            "rss_bytes_before": rss_before,
+            "rss_bytes_filled": rss_bytes(),
+            "device_pool_bytes": _device_bytes(ops),
+            "points": [_time_point(engine, b, args, rng) for b in batch_sizes],
+        }
+        report["capacities"].append(entry)
+        log.info("capacity measured", extra={"capacity": capacity, "rss": entry["rss_bytes_filled"]})
+        del engine, pool
+    report["host"]["loadavg_end"] = os.getloadavg()
+    report["host"]["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report["ratios"] = ratios(report)
+    return report
+
+
+def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per batch size: largest/smallest capacity (flat ≈ 1) and round trip / resident at the largest."""
+    caps = sorted(report["capacities"], key=lambda e: e["capacity"])
+    small, large = caps[0], caps[-1]
+    rows = []
+    for p_small, p_large in zip(small["points"], large["points"], strict=True):
+        rows.append(
+            {
+                "batch": p_large["batch"],
+                "resident_large_over_small": p_large["resident"]["median_us"] / p_small["resident"]["median_us"],
+                "round_trip_large_over_small": p_large["round_trip"]["median_us"] / p_small["round_trip"]["median_us"],
+                "round_trip_over_resident": p_large["round_trip"]["median_us"] / p_large["resident"]["median_us"],
+            }
+        )
+    return rows
+
+
+def table(report: dict[str, Any]) -> str:
+    caps = sorted(report["capacities"], key=lambda e: e["capacity"])
+    small, large = caps[0], caps[-1]
+    head = (
+        f"{'batch':>5} | {'resident µs':>11} {'@cap':>9} | {'resident µs':>11} {'@cap':>9} | {'ratio':>5} | "
+        f"{'round-trip µs':>13} | {'rt/resident':>11} | {'steps/s':>9}"
+    )
+    lines = [f"device {report['device']}, model L={report['model']['layers']} H={report['model']['hidden']}", head]
+    lines.append("-" * len(head))
+    for ps, pl, r in zip(small["points"], large["points"], report["ratios"], strict=True):
+        lines.append(
+            f"{pl['batch']:>5} | {ps['resident']['median_us']:>11.1f} {small['capacity']:>9} | "
+            f"{pl['resident']['median_us']:>11.1f} {large['capacity']:>9} | {r['resident_large_over_small']:>5.2f} | "
+            f"{pl['round_trip']['median_us']:>13.1f} | {r['round_trip_over_resident']:>11.2f} | "
+            f"{pl['resident']['steps_per_s']:>9.0f}"
+        )
+    for e in caps:
+        lines.append(
+            f"capacity {e['capacity']}: pool {e['pool_bytes'] / 2**20:.0f} MiB, "
+            f"RSS {e['rss_bytes_filled'] / 2**20:.0f} MiB after filling every slot ({e['fill_seconds']:.1f} s)"
+            + (f", device pool {e['device_pool_bytes'] / 2**20:.0f} MiB" if e["device_pool_bytes"] else "")
+        )
+    return "\n".join(lines)
+
+
+def write_png(report: dict[str, Any], path: Path) -> bool:
+    """Per-call latency vs batch size, one line per capacity and mode. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for e in report["capacities"]:
+        batches = [p["batch"] for p in e["points"]]
+        for mode, style in (("resident", "-o"), ("round_trip", "--s")):
+            ax.plot(batches, [p[mode]["median_us"] for p in e["points"]], style, label=f"{mode}, {e['capacity']} slots")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size (sessions per engine call)")
+    ax.set_ylabel("median µs per engine call")
+    ax.set_title(f"cellserve engine on {report['device']}: state resident vs host round trip")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _main(args: argparse.Namespace) -> int:
+    report = run_bench(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "engine_bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    png = write_png(report, args.out / "engine_bench.png")
+    print(table(report))
+    print(f"wrote {args.out / 'engine_bench.json'}" + (" and engine_bench.png" if png else " (no matplotlib: no PNG)"))
+    return 0
