@@ -76,6 +76,7 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     fig, (ax_cdf, ax_tp) = plt.subplots(1, 2, figsize=(13, 5))
@@ -88,6 +89,7 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
             label = f"{name} s={c['streams']} T={c['t']}"
             ax_cdf.plot(r["latency_cdf_ms"], qs, styles.get(name, "-."), color=color, label=label, linewidth=1.2)
     ax_cdf.set_xscale("log")
+    ax_cdf.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax_cdf.set_xlabel("round-trip latency per message (ms)")
     ax_cdf.set_ylabel("fraction of messages")
     ax_cdf.set_title("Latency CDF per configuration")

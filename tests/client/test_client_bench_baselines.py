@@ -1,0 +1,86 @@
+"""The bench's baselines do the real work: the echo server returns cellserve-sized replies, the naive
+server runs the model from the state the client sends, and raw ORT counts calls honestly."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+
+from cellserve.client.bench import echo, naive
+from cellserve.client.bench.measure import ort_ceiling
+from cellserve.client.bench.metrics_scrape import histogram
+from cellserve.client.bench.onnx_model import OnnxModel
+from cellserve.client.bench.sizes import message_sizes
+
+
+def test_echo_replies_with_the_requested_size():
+    spec = SimpleNamespace(t=4, input_kind="tokens", input_size=256, output_size=256)
+    req_size, reply_size = message_sizes(spec)
+    assert reply_size > 4 * 256 * 4 > req_size  # [T, V] float32 logits dominate the reply
+
+    async def main() -> list[int]:
+        server, port = await echo.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                call = ch.stream_stream(echo.METHOD, request_serializer=bytes, response_deserializer=bytes)()
+                sizes = []
+                for n in (reply_size, 10, reply_size):
+                    await call.write(echo.echo_request(req_size, n))
+                    sizes.append(len(await call.read()))
+                await call.done_writing()
+                return sizes
+        finally:
+            await server.stop(0)
+
+    assert asyncio.run(main()) == [reply_size, 10, reply_size]
+
+
+def test_naive_server_carries_state_through_the_client(tiny_model_dir, tiny_oracle):
+    model = OnnxModel.load(tiny_model_dir)
+    tokens = np.arange(10, 16, dtype=np.int64)[None, :]  # [1, 6]
+    n_state = model.layers * model.hidden
+    shape = (model.layers, 1, model.hidden)
+
+    async def main() -> np.ndarray:
+        server, port = await naive.start(tiny_model_dir)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                method = ch.unary_unary(naive.METHOD, request_serializer=bytes, response_deserializer=bytes)
+                h, c = model.zero_state(1)
+                ys = []
+                for chunk in (tokens[:, :2], tokens[:, 2:3], tokens[:, 3:]):
+                    y, h, c = naive.decode_reply(await method(naive.encode_request(chunk, h, c)), n_state)
+                    h, c = h.reshape(shape), c.reshape(shape)
+                    ys.append(y.reshape(chunk.shape[1], model.output_size))
+                return np.concatenate(ys)
+        finally:
+            await server.stop(0)
+
+    h0, c0 = tiny_oracle.init_state(1)
+    want, _, _ = tiny_oracle.run(tokens, h0, c0)
+    np.testing.assert_allclose(asyncio.run(main()), want[0], atol=1e-5)
+
+
+def test_ort_ceiling_runs_the_requested_batch_and_t(tiny_model_dir):
+    r = ort_ceiling(OnnxModel.load(tiny_model_dir), batch=3, t=2, seconds=0.05)
+    assert (r.batch, r.t) == (3, 2) and r.calls >= 5
+    assert np.isclose(r.steps_per_s, 6 / r.s_per_call)
+
+
+def test_histogram_totals_filter_by_model():
+    text = "\n".join(
+        [
+            "# TYPE cellserve_batch_size histogram",
+            'cellserve_batch_size_bucket{le="1.0",model="a"} 3.0',
+            'cellserve_batch_size_sum{model="a"} 10.0',
+            'cellserve_batch_size_count{model="a"} 4.0',
+            'cellserve_batch_size_sum{model="b"} 5.0',
+            'cellserve_batch_size_count{model="b"} 5.0',
+        ]
+    )
+    assert histogram(text, "cellserve_batch_size", "a").mean == 2.5
+    assert histogram(text, "cellserve_batch_size").mean == 15 / 9
+    assert histogram(text, "cellserve_engine_run_seconds").mean is None
