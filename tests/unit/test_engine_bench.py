@@ -1,0 +1,49 @@
+"""`cellserve bench-engine` at tiny sizes: report structure, same-run baseline, committed pool memory."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from cellserve.server.cli import main
+
+
+def test_bench_engine_reports_both_capacities_modes_and_finite_ratios(tiny_model_dir: Path, tmp_path: Path, capsys):
+    rc = main(
+        [
+            "bench-engine",
+            "--model-dir",
+            str(tiny_model_dir),
+            "--capacities",
+            "1000,65536",
+            "--batch-sizes",
+            "1,8",
+            "--iters",
+            "5",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 0
+    report = json.loads((tmp_path / "engine_bench.json").read_text())
+    assert (tmp_path / "engine_bench.png").stat().st_size > 0
+    assert [e["capacity"] for e in report["capacities"]] == [1000, 65536]
+    for entry in report["capacities"]:
+        assert [p["batch"] for p in entry["points"]] == [1, 8]
+        for point in entry["points"]:
+            for mode in ("resident", "round_trip"):
+                assert point[mode]["median_us"] > 0 and point[mode]["p90_us"] >= point[mode]["median_us"]
+                assert math.isfinite(point[mode]["steps_per_s"])
+    large = report["capacities"][1]
+    assert large["pool_bytes"] == 2 * 2 * 65536 * 32 * 4
+    # Every slot was allocated (zeroed), so the pool's pages are resident, not just reserved.
+    assert large["rss_bytes_filled"] - large["rss_bytes_before"] >= 0.9 * large["pool_bytes"]
+    assert [r["batch"] for r in report["ratios"]] == [1, 8]
+    for r in report["ratios"]:
+        for key in ("resident_large_over_small", "round_trip_large_over_small", "round_trip_over_resident"):
+            assert math.isfinite(r[key]) and r[key] > 0
+    out = capsys.readouterr().out
+    assert "rt/resident" in out and "capacity 65536" in out
