@@ -54,6 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data-dir", type=Path, default=None, help="directory of .py files (default: this Python's stdlib)")
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="output directory")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue training from this checkpoint (same architecture flags; see `cellserve.model.train`)",
+    )
     for f in dataclasses.fields(TrainConfig):
         kw: dict = {"type": type(f.default), "default": f.default, "help": TRAIN_HELP[f.name]}
         if f.name == "device":
@@ -102,8 +109,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     try:
-        metrics = train(cfg, args.out, data_dir=args.data_dir)
-    except (DataError, ValueError) as e:
+        metrics = train(cfg, args.out, data_dir=args.data_dir, init_from=args.init_from)
+    except (DataError, ValueError, FileNotFoundError) as e:
         return _fail(str(e))
     held = metrics["held_out"]
     print(json.dumps({"out": str(args.out), "held_out_bpb": round(held["model_bpb"], 4),

@@ -10,12 +10,13 @@ the server runs. Losses are reported in bits per byte (cross-entropy in nats / l
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import lzma
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cellserve.model.data import Corpus, load_corpus
-from cellserve.model.model import BYTE_VOCAB, LSTMConfig, LSTMModel, save_checkpoint
+from cellserve.model.model import BYTE_VOCAB, LSTMConfig, LSTMModel, load_checkpoint, save_checkpoint
 from cellserve.model.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,19 @@ def _lr_at(cfg: TrainConfig, progress: float, step: int) -> float:
 
 
 def train(
-    cfg: TrainConfig, out: Path | str, *, data_dir: Path | str | None = None, corpus: Corpus | None = None
+    cfg: TrainConfig,
+    out: Path | str,
+    *,
+    data_dir: Path | str | None = None,
+    corpus: Corpus | None = None,
+    init_from: Path | str | None = None,
 ) -> dict:
-    """Run one training job; returns the metrics dict also written to ``out/metrics.json``."""
+    """Run one training job; returns the metrics dict also written to ``out/metrics.json``.
+
+    ``init_from``: continue from a checkpoint written by this function (same architecture flags). With its
+    ``metrics.json`` beside it and the same train text and ``batch``, the streams continue where that run
+    stopped, and the step/bytes counters and curve carry on; the optimiser restarts (warm-up, new schedule).
+    """
     cfg.validate()
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(
@@ -105,28 +116,34 @@ def train(
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     model_cfg = LSTMConfig("tokens", BYTE_VOCAB, BYTE_VOCAB, cfg.layers, cfg.hidden, cfg.embed)
-    model = LSTMModel(model_cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = LSTMModel(model_cfg)
     rows = streams(train_text, cfg.batch, device)  # [B, N]
+    prev = _Previous()
+    if init_from is not None:
+        prev = _load_previous(Path(init_from), model, cfg, hashlib.sha256(train_text).hexdigest(), rows.shape[1])
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     log.info("training %s on %d bytes (%d streams x %d), %d parameters, budget %.2f min, device %s",
              model_cfg, len(train_text), cfg.batch, rows.shape[1], sum(p.numel() for p in model.parameters()),
              cfg.minutes, device)  # fmt: skip
 
     budget_s = cfg.minutes * 60.0
-    history: list[dict[str, float]] = []
+    history: list[dict[str, float | None]] = list(prev.history)
     state = model.init_state(cfg.batch)
-    pos, step, epoch, seen = 0, 0, 0, 0
+    pos, step, epoch, seen = prev.pos, 0, prev.epoch, 0
     run_loss, run_count = 0.0, 0
     start = time.perf_counter()
     next_eval = min(cfg.eval_every_s, budget_s / 4)
     bar = tqdm(total=round(budget_s), unit="s", desc="train", dynamic_ncols=True, mininterval=1.0)
 
-    def record(elapsed: float) -> dict[str, float]:
-        point = {"step": step, "elapsed_s": round(elapsed, 2), "bytes_seen": seen,
-                 "train_bpb": run_loss / max(run_count, 1) / LN2, "val_bpb": evaluate_bpb(model, val_text)}  # fmt: skip
+    def record(elapsed: float) -> dict[str, float | None]:
+        train_bpb = run_loss / run_count / LN2 if run_count else None
+        point = {"step": prev.steps + step, "elapsed_s": round(prev.seconds + elapsed, 2),
+                 "bytes_seen": prev.bytes_seen + seen, "train_bpb": train_bpb,
+                 "val_bpb": evaluate_bpb(model, val_text)}  # fmt: skip
         model.train()
         history.append(point)
-        bar.set_postfix(step=step, train_bpb=f"{point['train_bpb']:.3f}", val_bpb=f"{point['val_bpb']:.3f}")
+        bar.set_postfix(step=step, train_bpb=f"{train_bpb or 0:.3f}", val_bpb=f"{point['val_bpb']:.3f}")
         return point
 
     first = record(0.0)
@@ -159,14 +176,15 @@ def train(
         seen += y.numel()
         pos += y.shape[1]
         step += 1
-        bar.n = min(round(time.perf_counter() - start), bar.total)
-        bar.refresh() if step % 20 == 0 else None
+        if step % 20 == 0:
+            bar.n = min(round(time.perf_counter() - start), bar.total)
+            bar.set_postfix(step=step, batch_bpb=f"{loss.item() / LN2:.3f}", val_bpb=f"{history[-1]['val_bpb']:.3f}")
         if time.perf_counter() - start >= next_eval:
             record(time.perf_counter() - start)
             run_loss, run_count = 0.0, 0
             next_eval = time.perf_counter() - start + cfg.eval_every_s
     train_s = time.perf_counter() - start
-    if run_count or len(history) == 1:
+    if run_count or len(history) == len(prev.history) + 1:
         record(train_s)
     bar.close()
 
@@ -176,17 +194,23 @@ def train(
         "config": asdict(cfg),
         "model": asdict(model_cfg),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "steps": step,
+        "steps": prev.steps + step,
         "epochs_completed": epoch,
-        "bytes_seen": seen,
-        "train_seconds": round(train_s, 1),
+        "bytes_seen": prev.bytes_seen + seen,
+        "train_seconds": round(prev.seconds + train_s, 1),
+        "this_run": {
+            "steps": step,
+            "bytes_seen": seen,
+            "train_seconds": round(train_s, 1),
+            "init_from": str(init_from) if init_from else None,
+        },
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "data": corpus.summary(),
         "held_out": {
             "split": "test",
             "bytes": len(test_text),
-            "sha256": __import__("hashlib").sha256(test_text).hexdigest(),
+            "sha256": hashlib.sha256(test_text).hexdigest(),
             "model_bpb": test_bpb,
             **{f"{k}_bpb": v for k, v in compressor_bpb(test_text).items()},
         },
@@ -200,6 +224,43 @@ def train(
     log.info("held-out %.3f bits/byte (gzip -9 %.3f, xz -9 %.3f); wrote %s", test_bpb,
              metrics["held_out"]["gzip_9_bpb"], metrics["held_out"]["xz_9_bpb"], out)  # fmt: skip
     return metrics
+
+
+@dataclass
+class _Previous:
+    """Where an earlier run (``init_from``) stopped: counters, stream position and curve."""
+
+    steps: int = 0
+    bytes_seen: int = 0
+    seconds: float = 0.0
+    pos: int = 0
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _load_previous(path: Path, model: LSTMModel, cfg: TrainConfig, train_sha256: str, per_stream: int) -> _Previous:
+    """Load ``path``'s weights into ``model``; recover the run's position from the ``metrics.json`` beside it."""
+    old, _ = load_checkpoint(path)
+    if old.cfg != model.cfg:
+        raise ValueError(f"--init-from {path} holds a model {old.cfg}; the flags ask for {model.cfg}")
+    model.load_state_dict(old.state_dict())
+    metrics_path = path.parent / METRICS_FILE
+    if not metrics_path.is_file():
+        log.warning(
+            "no %s beside %s: continuing from its weights only, at the start of the streams", METRICS_FILE, path
+        )
+        return _Previous()
+    m = json.loads(metrics_path.read_text())
+    prev = _Previous(m["steps"], m["bytes_seen"], m["train_seconds"], history=m["history"])
+    same_text = m["data"]["splits"]["train"]["sha256"] == train_sha256 and not m["config"]["max_train_bytes"]
+    if same_text and m["config"]["batch"] == cfg.batch:
+        consumed = prev.bytes_seen // cfg.batch  # bytes each stream has been trained on
+        prev.epoch, prev.pos = divmod(consumed, per_stream - 1)
+    else:
+        log.warning("%s trained on other text or --batch: its streams restart from the beginning", path)
+    log.info("continuing from %s: step %d, %d bytes seen, stream position %d (epoch %d)", path, prev.steps,
+             prev.bytes_seen, prev.pos, prev.epoch)  # fmt: skip
+    return prev
 
 
 def training_summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +289,8 @@ def plot_curve(history: list[dict[str, float]], held_out: dict[str, Any], path: 
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
     seen = [p["bytes_seen"] / 1e6 for p in history]
-    ax.plot(seen[1:], [p["train_bpb"] for p in history[1:]], label="train (running mean)")
+    trained = [(x, p["train_bpb"]) for x, p in zip(seen, history, strict=True) if p["train_bpb"] is not None]
+    ax.plot([x for x, _ in trained], [b for _, b in trained], label="train (running mean since last point)")
     ax.plot(seen, [p["val_bpb"] for p in history], marker="o", ms=3, label="validation")
     ax.axhline(
         held_out["gzip_9_bpb"], color="grey", ls="--", label=f"gzip -9 on held-out ({held_out['gzip_9_bpb']:.2f})"

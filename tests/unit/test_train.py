@@ -130,3 +130,20 @@ def test_train_cli_reports_bad_arguments_without_a_traceback(tmp_path: Path) -> 
     proc = subprocess.run([_cellserve(), "export", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_training_continues_from_a_checkpoint_where_it_stopped(tiny_corpus_dir: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(layers=1, hidden=32, embed=8, batch=4, bptt=32, minutes=5, max_steps=20, eval_every_s=1000,
+                      val_bytes=2_000, test_bytes=2_000, seed=1)  # fmt: skip
+    first = train(cfg, tmp_path / "a", data_dir=tiny_corpus_dir)
+    second = train(cfg, tmp_path / "b", data_dir=tiny_corpus_dir, init_from=tmp_path / "a" / "checkpoint.pt")
+    assert second["steps"] == 40 and second["bytes_seen"] == 2 * first["bytes_seen"]
+    assert second["this_run"]["steps"] == 20
+    assert second["history"][: len(first["history"])] == first["history"]
+    resumed = second["history"][len(first["history"])]
+    assert resumed["step"] == 20 and resumed["train_bpb"] is None
+    # the resumed model starts from the first run's weights, not from scratch (~8 bits/byte)
+    assert resumed["val_bpb"] == pytest.approx(first["history"][-1]["val_bpb"], abs=1e-6)
+    with pytest.raises(ValueError, match="holds a model"):
+        train(TrainConfig(**{**cfg.__dict__, "hidden": 16}), tmp_path / "c", data_dir=tiny_corpus_dir,
+              init_from=tmp_path / "a" / "checkpoint.pt")  # fmt: skip
