@@ -19,7 +19,9 @@ import logging
 import os
 import platform
 import resource
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -244,3 +246,16 @@ def _main(args: argparse.Namespace) -> int:
     print(table(report))
     print(f"wrote {args.out / 'engine_bench.json'}" + (" and engine_bench.png" if png else " (no matplotlib: no PNG)"))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cellserve.server.engine_bench ARGS``: the same command without the rest of the CLI's imports."""
+    parser = argparse.ArgumentParser(prog="python -m cellserve.server.engine_bench")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench-engine", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

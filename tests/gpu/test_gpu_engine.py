@@ -223,9 +223,9 @@ def test_per_step_device_host_traffic_is_slot_ids_x_and_y_only(tiny_model_dir, t
 
 
 def test_bench_engine_runs_on_cuda(tiny_model_dir, tmp_path):
-    from cellserve.server.cli import main
+    from cellserve.server.engine_bench import main  # not the full CLI: the GPU image may lack serve-only packages
 
-    args = ["bench-engine", "--model-dir", str(tiny_model_dir), "--device", "cuda", "--capacities", "1000,65536"]
+    args = ["--model-dir", str(tiny_model_dir), "--device", "cuda", "--capacities", "1000,65536"]
     args += ["--batch-sizes", "1,64", "--iters", "20", "--warmup", "3", "--out", str(tmp_path)]
     assert main(args) == 0
     report = json.loads((tmp_path / "engine_bench.json").read_text())
