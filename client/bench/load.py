@@ -55,8 +55,8 @@ def _inputs(spec: LoadSpec, rng: np.random.Generator, n: int) -> list[np.ndarray
     return [rng.standard_normal((spec.t, spec.input_size), dtype=np.float32) for _ in range(n)]
 
 
-async def _closed_loop(spec: LoadSpec, w: Window, roundtrip: Any, progress: Synchronized) -> list[float]:
-    """Run ``await roundtrip(i)`` until the deadline / count; latencies of messages in the window."""
+async def _closed_loop(spec: LoadSpec, w: Window, roundtrip: Any, progress: Synchronized) -> tuple[list[float], int]:
+    """Run ``await roundtrip(i)`` until the deadline / count: (latencies in the window, messages sent)."""
     lat: list[float] = []
     i = 0
     since = 0
@@ -79,7 +79,7 @@ async def _closed_loop(spec: LoadSpec, w: Window, roundtrip: Any, progress: Sync
                 since = 0
     with progress.get_lock():
         progress.value += since
-    return lat
+    return lat, i
 
 
 Roundtrip = Callable[[int], Awaitable[None]]
@@ -164,7 +164,16 @@ async def _open_naive(spec: LoadSpec, channel: Any, seed: int) -> tuple[Roundtri
 OPENERS = {"cellserve": _open_cellserve, "echo": _open_echo, "naive": _open_naive}
 
 
-async def _run(spec: LoadSpec, sync: Any, progress: Synchronized) -> tuple[list[list[float]], float]:
+@dataclass(frozen=True)
+class WorkerResult:
+    latencies: bytes  # float64 seconds of the messages in the window
+    finished: float  # time.time() when the last stream stopped
+    cpu_s: float  # this process's CPU time while its streams ran (warm-up included)
+    sent: int  # messages sent in that time (warm-up included)
+    error: str = ""
+
+
+async def _run(spec: LoadSpec, sync: Any, progress: Synchronized) -> WorkerResult:
     # One channel (HTTP/2 connection) per 16 streams: like many clients, not one multiplexed pipe.
     channels = [
         grpc.aio.insecure_channel(spec.address, options=[("grpc.use_local_subchannel_pool", 1)])
@@ -176,10 +185,12 @@ async def _run(spec: LoadSpec, sync: Any, progress: Synchronized) -> tuple[list[
             *(opener(spec, channels[i % len(channels)], spec.seed * 100_003 + i) for i in range(spec.streams))
         )
         window = sync.wait_window()  # blocks until every worker has its streams open
-        lats = await asyncio.gather(*(_closed_loop(spec, window, rt, progress) for rt, _ in streams))
-        finished = time.time()
+        cpu0 = time.process_time()
+        loops = await asyncio.gather(*(_closed_loop(spec, window, rt, progress) for rt, _ in streams))
+        cpu, finished = time.process_time() - cpu0, time.time()
         await asyncio.gather(*(close() for _, close in streams))
-        return list(lats), finished
+        lat = np.concatenate([np.asarray(lat, np.float64) for lat, _ in loops])
+        return WorkerResult(lat.tobytes(), finished, cpu, sum(n for _, n in loops))
     finally:
         for ch in channels:
             await ch.close()
@@ -210,12 +221,10 @@ class StartSync:
 
 
 def worker(spec: LoadSpec, sync: StartSync, progress: Synchronized, results: Any) -> None:
-    """Process entry point: put (latencies as float64 bytes, finish time.time(), error text) on ``results``."""
+    """Process entry point: put a WorkerResult on ``results`` (its ``error`` set if the run failed)."""
     try:
-        per_stream, finished = asyncio.run(_run(spec, sync, progress))
-        lat = np.concatenate([np.asarray(s, np.float64) for s in per_stream])
-        results.put((lat.tobytes(), finished, ""))
+        results.put(asyncio.run(_run(spec, sync, progress)))
     except Exception as e:  # reported to the parent, which fails the bench with it
         for barrier in (sync.ready, sync.go):
             barrier.abort()
-        results.put((b"", 0.0, f"{type(e).__name__}: {e}"))
+        results.put(WorkerResult(b"", 0.0, 0.0, 0, f"{type(e).__name__}: {e}"))

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cellserve.client.bench.load import LoadSpec, StartSync, worker
+from cellserve.client.bench.load import LoadSpec, StartSync, WorkerResult, worker
 from cellserve.client.bench.metrics_scrape import ServerCounters
 from cellserve.client.bench.onnx_model import OnnxModel
 
@@ -29,6 +31,8 @@ class Result:
     latencies_s: np.ndarray
     mean_batch: float | None = None
     engine_s_per_call: float | None = None
+    client_cpu_s_per_msg: float | None = None  # load generator CPU per message (all workers)
+    server_cpu_s_per_msg: float | None = None  # server process CPU per message in the window (bench-started)
 
     @property
     def msgs_per_s(self) -> float:
@@ -52,8 +56,25 @@ class Result:
             "latency_ms": self.percentiles_ms(),
             "latency_cdf_ms": [float(v) for v in np.percentile(self.latencies_s, cdf_q) * 1e3],
             "mean_batch": self.mean_batch,
-            "engine_ms_per_call": None if self.engine_s_per_call is None else self.engine_s_per_call * 1e3,
+            "engine_ms_per_call": _scaled(self.engine_s_per_call, 1e3),
+            "client_cpu_us_per_msg": _scaled(self.client_cpu_s_per_msg, 1e6),
+            "server_cpu_us_per_msg": _scaled(self.server_cpu_s_per_msg, 1e6),
         }
+
+
+def _scaled(v: float | None, k: float) -> float | None:
+    return None if v is None else v * k
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """user + system CPU seconds of a process and its threads (Linux /proc), None where unavailable."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,7 @@ def run_load(
     plan: LoadPlan,
     *,
     metrics_url: str | None = None,
+    server_pid: int | None = None,
     progress_bar: bool = True,
 ) -> Result:
     """Drive ``address`` with ``plan.streams`` closed-loop streams split over worker processes."""
@@ -96,7 +118,9 @@ def run_load(
         p.start()
         workers.append(p)
     try:
-        return _collect(target, plan, per_stream, sync, progress, results, workers, metrics_url, info, progress_bar)
+        return _collect(
+            target, plan, per_stream, sync, progress, results, workers, metrics_url, server_pid, info, progress_bar
+        )
     finally:
         for p in workers:
             p.join(30)
@@ -113,6 +137,7 @@ def _collect(
     results: Any,
     workers: list,
     metrics_url: str | None,
+    server_pid: int | None,
     info: Any,
     progress_bar: bool,
 ) -> Result:
@@ -126,13 +151,16 @@ def _collect(
     bar = tqdm(total=total, desc=f"{target:>9} s={plan.streams} T={plan.t}", unit="msg", disable=not progress_bar,
                leave=False)  # fmt: skip
     before = after = None
-    got: list[tuple[bytes, float, str]] = []
+    cpu_before = cpu_after = None
+    got: list[WorkerResult] = []
     while len(got) < len(workers):
         now = time.time()
-        if metrics_url and before is None and now >= window.start_at:
-            before = ServerCounters.read(metrics_url, info.name)
-        if metrics_url and after is None and window.end_at and now >= window.end_at:
-            after = ServerCounters.read(metrics_url, info.name)
+        if before is None and now >= window.start_at:
+            cpu_before = process_cpu_s(server_pid)
+            before = ServerCounters.read(metrics_url, info.name) if metrics_url else False
+        if after is None and window.end_at and now >= window.end_at:
+            cpu_after = process_cpu_s(server_pid)
+            after = ServerCounters.read(metrics_url, info.name) if metrics_url else False
         try:
             got.append(results.get(timeout=0.1))
         except queue.Empty:
@@ -141,15 +169,19 @@ def _collect(
         bar.n = progress.value
         bar.refresh()
     bar.close()
-    errors = [e for _, _, e in got if e]
+    errors = [r.error for r in got if r.error]
     if errors:
         raise RuntimeError(f"{target}: load worker failed: {errors[0]}")
-    if metrics_url and after is None:
-        after = ServerCounters.read(metrics_url, info.name)
-    lat = np.concatenate([np.frombuffer(b, np.float64) for b, _, _ in got])
-    end = window.end_at or max(f for _, f, _ in got)
+    if after is None:
+        cpu_after = process_cpu_s(server_pid)
+        after = ServerCounters.read(metrics_url, info.name) if metrics_url else False
+    lat = np.concatenate([np.frombuffer(r.latencies, np.float64) for r in got])
+    end = window.end_at or max(r.finished for r in got)
     result = Result(target, plan.streams, plan.t, len(lat), max(end - window.start_at, 1e-9), lat)
-    if before is not None and after is not None:
+    result.client_cpu_s_per_msg = sum(r.cpu_s for r in got) / max(1, sum(r.sent for r in got))
+    if cpu_before is not None and cpu_after is not None:
+        result.server_cpu_s_per_msg = (cpu_after - cpu_before) / max(1, len(lat))
+    if before and after:
         delta = after - before
         result.mean_batch = delta.batch.mean
         result.engine_s_per_call = delta.engine.mean
@@ -158,7 +190,7 @@ def _collect(
 
 def _first_error(results: Any) -> str:
     try:
-        return results.get(timeout=5)[2] or "unknown error"
+        return results.get(timeout=5).error or "unknown error"
     except queue.Empty:
         return "no error reported"
 

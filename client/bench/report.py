@@ -40,7 +40,7 @@ def _fmt(v: float | None, digits: int = 2) -> str:
 def table(configs: list[dict[str, Any]]) -> str:
     """Plain-text table: one row per target and configuration, then the ratios."""
     head = f"{'target':>9} {'streams':>7} {'T':>3} {'msgs/s':>10} {'steps/s':>11} {'p50 ms':>8} {'p90 ms':>8} " \
-           f"{'p99 ms':>8} {'p99.9 ms':>9} {'batch':>6}"  # fmt: skip
+           f"{'p99 ms':>8} {'p99.9 ms':>9} {'batch':>6} {'srv µs/msg':>10} {'cli µs/msg':>10}"  # fmt: skip
     lines = [head, "-" * len(head)]
     for c in configs:
         rows = [("cellserve", c["cellserve"])] + [(k, v) for k, v in c["baselines"].items() if k != "ort"]
@@ -48,7 +48,8 @@ def table(configs: list[dict[str, Any]]) -> str:
             p = r["latency_ms"]
             lines.append(
                 f"{name:>9} {c['streams']:>7} {c['t']:>3} {r['msgs_per_s']:>10,.0f} {r['steps_per_s']:>11,.0f} "
-                f"{p['p50']:>8.2f} {p['p90']:>8.2f} {p['p99']:>8.2f} {p['p99_9']:>9.2f} {_fmt(r['mean_batch'], 1):>6}"
+                f"{p['p50']:>8.2f} {p['p90']:>8.2f} {p['p99']:>8.2f} {p['p99_9']:>9.2f} {_fmt(r['mean_batch'], 1):>6} "
+                f"{_fmt(r['server_cpu_us_per_msg'], 0):>10} {_fmt(r['client_cpu_us_per_msg'], 0):>10}"
             )
         ort = c["baselines"].get("ort")
         if ort:

@@ -70,12 +70,14 @@ def _run(
 
     with ExitStack() as stack:
         address, metrics_url = args.server, args.metrics_url
+        pids: dict[str, int | None] = {"cellserve": None}
         if address is None:
             serve = ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "auto",
                      "--metrics-host", "127.0.0.1", "--ready-file", "{ready_file}", "--model-dirs", str(model_dir),
                      "--max-streams", str(max(1024, 2 * max(s for s, _ in configs))), *args.serve_arg]  # fmt: skip
             cs = stack.enter_context(ServerProcess(python_module("cellserve.server.cli", *serve), "cellserve"))
             address = cs.address
+            pids["cellserve"] = cs.pid
             metrics_url = metrics_url or f"http://127.0.0.1:{cs.info['metrics_port']}/metrics"
         with Client(address) as client:
             client.wait_ready(30)
@@ -84,11 +86,12 @@ def _run(
         if "echo" in baselines:
             echo = stack.enter_context(ServerProcess(python_module("cellserve.client.bench.echo", "--ready-file",
                                                                    "{ready_file}"), "echo"))  # fmt: skip
-            addresses["echo"] = echo.address
+            addresses["echo"], pids["echo"] = echo.address, echo.pid
         if "naive" in baselines:
             argv = python_module("cellserve.client.bench.naive", "--model-dir", str(model_dir), "--ready-file",
                                  "{ready_file}")  # fmt: skip
-            addresses["naive"] = stack.enter_context(ServerProcess(argv, "naive")).address
+            naive = stack.enter_context(ServerProcess(argv, "naive"))
+            addresses["naive"], pids["naive"] = naive.address, naive.pid
         ort_model = OnnxModel.load(model_dir) if "ort" in baselines and model_dir is not None else None
         entries = []
         for streams, t in configs:
@@ -99,7 +102,7 @@ def _run(
                 if target in addresses:
                     url = metrics_url if target == "cellserve" else None
                     results[target] = run_load(target, addresses[target], info, plan, metrics_url=url,
-                                               progress_bar=not args.no_progress)  # fmt: skip
+                                               server_pid=pids[target], progress_bar=not args.no_progress)  # fmt: skip
             ort = None
             if ort_model is not None:
                 batch = max(1, round(results["cellserve"].mean_batch or 1))

@@ -44,6 +44,10 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
     def address(self) -> str:
         return f"127.0.0.1:{self.info['port']}"
 

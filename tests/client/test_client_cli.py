@@ -56,13 +56,14 @@ def test_bench_at_tiny_size_reports_three_baselines_and_sane_ratios(tiny_model_d
         b = cfg["baselines"][name]
         assert b["messages"] == 240 and _finite_positive(b["msgs_per_s"])
         assert math.isclose(b["steps_per_s"], 2 * b["msgs_per_s"])
+        assert _finite_positive(b["server_cpu_us_per_msg"]) and _finite_positive(b["client_cpu_us_per_msg"])
     cs = cfg["cellserve"]
     assert cs["messages"] == 240
     lat = cs["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99_9"]
     assert len(cs["latency_cdf_ms"]) == 101 and cs["latency_cdf_ms"] == sorted(cs["latency_cdf_ms"])
     assert 1 <= cs["mean_batch"] <= 3  # read from the server's cellserve_batch_size histogram
-    assert _finite_positive(cs["engine_ms_per_call"])
+    assert _finite_positive(cs["engine_ms_per_call"]) and _finite_positive(cs["server_cpu_us_per_msg"])
     ort = cfg["baselines"]["ort"]
     assert ort["t"] == 2 and ort["batch"] == round(cs["mean_batch"]) and _finite_positive(ort["steps_per_s"])
     assert set(cfg["ratios"]) == {"msgs_vs_echo", "p99_vs_echo", "msgs_vs_naive", "steps_vs_ort", "engine_vs_ort"}
