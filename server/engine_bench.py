@@ -79,36 +79,57 @@ def round_trip_step(engine: Any, slots: np.ndarray, x: np.ndarray) -> np.ndarray
     return y
 
 
-def _time_point(engine: Any, batch: int, args: argparse.Namespace, rng: np.random.Generator) -> dict[str, Any]:
-    capacity = engine.pool.capacity
-    n = args.warmup + args.iters
-    slot_sets = [rng.choice(capacity, size=batch, replace=False).astype(np.int64) for _ in range(n)]
-    xs = [engine.example_input(batch, args.steps) for _ in range(4)]
-    if engine.manifest.input_kind == "tokens":
-        for x in xs:
+def gather_scatter_step(engine: Any, slots: np.ndarray, x: np.ndarray) -> None:
+    """The pool's share of a step alone: gather the batch's state and scatter it back (the O(batch) part)."""
+    ops, pool = engine.ops, engine.pool
+    bucket = engine._bucket(x.shape[0], x.shape[1])
+    rows = ops.index(slots)
+    pool.gather(rows, bucket.h_in, bucket.c_in)
+    pool.scatter(rows, bucket.h_in, bucket.c_in)
+    ops.synchronize()
+
+
+def _inputs(engine: Any, batch: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+    xs = [engine.example_input(batch, steps) for _ in range(4)]
+    for x in xs:
+        if engine.manifest.input_kind == "tokens":
             x[...] = rng.integers(0, engine.manifest.input_size, size=x.shape)
-    else:
-        for x in xs:
+        else:
             x[...] = rng.standard_normal(x.shape)
-    runs = {"resident": engine.run_slots, "round_trip": lambda s, x: round_trip_step(engine, s, x)}
-    times: dict[str, list[float]] = {m: [] for m in MODES}
-    for i in range(n):  # modes interleaved call by call, so contention hits both alike
-        for mode in MODES:
-            t0 = time.perf_counter()
-            runs[mode](slot_sets[i], xs[i % len(xs)])
-            dt = time.perf_counter() - t0
-            if i >= args.warmup:
-                times[mode].append(dt)
-    out: dict[str, Any] = {"batch": batch}
-    for mode in MODES:
-        arr = np.array(times[mode])
-        med = float(np.median(arr))
-        out[mode] = {
-            "median_us": med * 1e6,
-            "p90_us": float(np.percentile(arr, 90)) * 1e6,
-            "steps_per_s": batch * args.steps / med,
-        }
-    return out
+    return xs
+
+
+def _time_batch(engines: list[Any], batch: int, args: argparse.Namespace, rng: np.random.Generator) -> list[dict]:
+    """One batch size on every pool: calls interleaved across capacities and modes, so load drift hits all alike."""
+    n = args.warmup + args.iters
+    slot_sets = [
+        [rng.choice(e.pool.capacity, size=batch, replace=False).astype(np.int64) for _ in range(n)] for e in engines
+    ]
+    xs = _inputs(engines[0], batch, args.steps, rng)
+    modes = {"resident": lambda e, s, x: e.run_slots(s, x), "round_trip": round_trip_step}
+    modes["gather_scatter"] = gather_scatter_step
+    times = [{m: [] for m in modes} for _ in engines]
+    for i in range(n):
+        for k, engine in enumerate(engines):
+            for mode, step in modes.items():
+                t0 = time.perf_counter()
+                step(engine, slot_sets[k][i], xs[i % len(xs)])
+                dt = time.perf_counter() - t0
+                if i >= args.warmup:
+                    times[k][mode].append(dt)
+    points = []
+    for k in range(len(engines)):
+        point: dict[str, Any] = {"batch": batch}
+        for mode, samples in times[k].items():
+            arr = np.array(samples)
+            med = float(np.median(arr))
+            point[mode] = {
+                "median_us": med * 1e6,
+                "p90_us": float(np.percentile(arr, 90)) * 1e6,
+                "steps_per_s": batch * args.steps / med,
+            }
+        points.append(point)
+    return points
 
 
 def _device_bytes(ops: Any) -> int | None:
@@ -139,7 +160,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "iters": args.iters,
         "capacities": [],
     }
-    for capacity in _ints(args.capacities):
+    engines = []
+    for capacity in _ints(args.capacities):  # every pool is built and filled first, then all are timed together
         if max(batch_sizes) > capacity:
             raise SystemExit(f"batch size {max(batch_sizes)} exceeds capacity {capacity}")
         rss_before = rss_bytes()
@@ -151,18 +173,22 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         fill_s = time.perf_counter() - t0
         engine = Engine(manifest, args.model_dir, pool, intra_op_threads=args.intra_op_threads)
         engine.warmup(batch_sizes)
-        entry: dict[str, Any] = {
-            "capacity": capacity,
-            "pool_bytes": pool.nbytes,
-            "fill_seconds": fill_s,
-            "rss_bytes_before": rss_before,
-            "rss_bytes_filled": rss_bytes(),
-            "device_pool_bytes": _device_bytes(ops),
-            "points": [_time_point(engine, b, args, rng) for b in batch_sizes],
-        }
-        report["capacities"].append(entry)
-        log.info("capacity measured", extra={"capacity": capacity, "rss": entry["rss_bytes_filled"]})
-        del engine, pool
+        engines.append(engine)
+        report["capacities"].append(
+            {
+                "capacity": capacity,
+                "pool_bytes": pool.nbytes,
+                "fill_seconds": fill_s,
+                "rss_bytes_before": rss_before,
+                "rss_bytes_filled": rss_bytes(),
+                "device_pool_bytes": _device_bytes(ops),
+                "points": [],
+            }
+        )
+        log.info("pool filled", extra={"capacity": capacity, "seconds": fill_s})
+    for batch in batch_sizes:
+        for entry, point in zip(report["capacities"], _time_batch(engines, batch, args, rng), strict=True):
+            entry["points"].append(point)
     report["host"]["loadavg_end"] = os.getloadavg()
     report["host"]["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report["ratios"] = ratios(report)
@@ -180,6 +206,8 @@ def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "batch": p_large["batch"],
                 "resident_large_over_small": p_large["resident"]["median_us"] / p_small["resident"]["median_us"],
                 "round_trip_large_over_small": p_large["round_trip"]["median_us"] / p_small["round_trip"]["median_us"],
+                "gather_scatter_large_over_small": p_large["gather_scatter"]["median_us"]
+                / p_small["gather_scatter"]["median_us"],
                 "round_trip_over_resident": p_large["round_trip"]["median_us"] / p_large["resident"]["median_us"],
             }
         )
@@ -189,17 +217,24 @@ def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
 def table(report: dict[str, Any]) -> str:
     caps = sorted(report["capacities"], key=lambda e: e["capacity"])
     small, large = caps[0], caps[-1]
+    cs, cl = small["capacity"], large["capacity"]
     head = (
-        f"{'batch':>5} | {'resident µs':>11} {'@cap':>9} | {'resident µs':>11} {'@cap':>9} | {'ratio':>5} | "
-        f"{'round-trip µs':>13} | {'rt/resident':>11} | {'steps/s':>9}"
+        f"{'batch':>5} | {'step µs @' + str(cs):>16} {'@' + str(cl):>9} {'ratio':>5} | "
+        f"{'gather+scatter µs @' + str(cs):>26} {'@' + str(cl):>9} {'ratio':>5} | "
+        f"{'round-trip µs':>13} {'rt/resident':>11} | {'steps/s':>9}"
     )
-    lines = [f"device {report['device']}, model L={report['model']['layers']} H={report['model']['hidden']}", head]
-    lines.append("-" * len(head))
+    lines = [
+        f"device {report['device']}, model L={report['model']['layers']} H={report['model']['hidden']}, "
+        f"T={report['steps']}, median of {report['iters']} calls (resident = Engine.run_slots)",
+        head,
+        "-" * len(head),
+    ]
     for ps, pl, r in zip(small["points"], large["points"], report["ratios"], strict=True):
         lines.append(
-            f"{pl['batch']:>5} | {ps['resident']['median_us']:>11.1f} {small['capacity']:>9} | "
-            f"{pl['resident']['median_us']:>11.1f} {large['capacity']:>9} | {r['resident_large_over_small']:>5.2f} | "
-            f"{pl['round_trip']['median_us']:>13.1f} | {r['round_trip_over_resident']:>11.2f} | "
+            f"{pl['batch']:>5} | {ps['resident']['median_us']:>16.1f} {pl['resident']['median_us']:>9.1f} "
+            f"{r['resident_large_over_small']:>5.2f} | {ps['gather_scatter']['median_us']:>26.1f} "
+            f"{pl['gather_scatter']['median_us']:>9.1f} {r['gather_scatter_large_over_small']:>5.2f} | "
+            f"{pl['round_trip']['median_us']:>13.1f} {r['round_trip_over_resident']:>11.2f} | "
             f"{pl['resident']['steps_per_s']:>9.0f}"
         )
     for e in caps:
@@ -223,7 +258,7 @@ def write_png(report: dict[str, Any], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for e in report["capacities"]:
         batches = [p["batch"] for p in e["points"]]
-        for mode, style in (("resident", "-o"), ("round_trip", "--s")):
+        for mode, style in (("resident", "-o"), ("round_trip", "--s"), ("gather_scatter", ":^")):
             ax.plot(batches, [p[mode]["median_us"] for p in e["points"]], style, label=f"{mode}, {e['capacity']} slots")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

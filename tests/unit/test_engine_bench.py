@@ -34,7 +34,7 @@ def test_bench_engine_reports_both_capacities_modes_and_finite_ratios(tiny_model
     for entry in report["capacities"]:
         assert [p["batch"] for p in entry["points"]] == [1, 8]
         for point in entry["points"]:
-            for mode in ("resident", "round_trip"):
+            for mode in ("resident", "round_trip", "gather_scatter"):
                 assert point[mode]["median_us"] > 0 and point[mode]["p90_us"] >= point[mode]["median_us"]
                 assert math.isfinite(point[mode]["steps_per_s"])
     large = report["capacities"][1]
@@ -43,7 +43,7 @@ def test_bench_engine_reports_both_capacities_modes_and_finite_ratios(tiny_model
     assert large["rss_bytes_filled"] - large["rss_bytes_before"] >= 0.9 * large["pool_bytes"]
     assert [r["batch"] for r in report["ratios"]] == [1, 8]
     for r in report["ratios"]:
-        for key in ("resident_large_over_small", "round_trip_large_over_small", "round_trip_over_resident"):
+        for key in ("resident_large_over_small", "gather_scatter_large_over_small", "round_trip_over_resident"):
             assert math.isfinite(r[key]) and r[key] > 0
     out = capsys.readouterr().out
     assert "rt/resident" in out and "capacity 65536" in out
