@@ -35,6 +35,11 @@ def _shipped_model_dir() -> Path | None:
     return None
 
 
+def bench_configs(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(streams, T) pairs to run: the sweep grid, or the one configuration the flags name."""
+    return [(s, t) for t in SWEEP_T for s in SWEEP_STREAMS] if args.sweep else [(args.streams, args.t)]
+
+
 def _fail(message: str) -> int:
     print(f"cellserve bench: error: {message}", file=sys.stderr)
     return 2
@@ -45,7 +50,7 @@ def run_bench(args: argparse.Namespace) -> int:
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
         return _fail(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
-    configs = [(s, t) for t in SWEEP_T for s in SWEEP_STREAMS] if args.sweep else [(args.streams, args.t)]
+    configs = bench_configs(args)
     if any(s < 1 or t < 1 for s, t in configs):
         return _fail("--streams and -T must be >= 1")
     model_dir = args.model_dir or _shipped_model_dir()

@@ -84,3 +84,16 @@ def test_histogram_totals_filter_by_model():
     assert histogram(text, "cellserve_batch_size", "a").mean == 2.5
     assert histogram(text, "cellserve_batch_size").mean == 15 / 9
     assert histogram(text, "cellserve_engine_run_seconds").mean is None
+
+
+def test_sweep_covers_the_streams_by_t_grid_and_single_runs_one_config():
+    import argparse
+
+    from cellserve.client.bench.options import add_bench_flags
+    from cellserve.client.bench.runner import bench_configs
+
+    p = argparse.ArgumentParser()
+    add_bench_flags(p)
+    grid = bench_configs(p.parse_args(["--sweep"]))
+    assert sorted(grid) == sorted((s, t) for s in (1, 16, 64, 256) for t in (1, 32))
+    assert bench_configs(p.parse_args(["--streams", "5", "-T", "3"])) == [(5, 3)]
