@@ -10,6 +10,7 @@ Every validator also runs on a deliberately broken copy (in tmp_path) and must r
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -422,3 +423,68 @@ def test_prometheusrule_drift_is_detected(deploy_copy):
     rule = yaml.safe_load((deploy_copy / "deploy/k8s/monitoring/prometheusrule.yaml").read_text())
     alerts = yaml.safe_load((deploy_copy / "deploy/prometheus/alerts.yml").read_text())
     assert rule["spec"]["groups"] != alerts["groups"]
+
+
+def test_gpu_extra_is_the_tested_serve_extra_with_the_cuda_build():
+    """The GPU image installs `gpu`; only `serve` is installed and served in CI (test_serve_without_torch)."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def name(req: str) -> str:
+        return re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].lower()
+
+    gpu_only = {r for r in extras["gpu"] if name(r) == "onnxruntime-gpu" or name(r).startswith("cupy")}
+    assert {r for r in extras["gpu"] if r not in gpu_only} == {r for r in extras["serve"] if name(r) != "onnxruntime"}
+    ort = {name(r): r.split("==")[-1] for r in extras["serve"] + extras["gpu"] if name(r).startswith("onnxruntime")}
+    assert ort["onnxruntime"] == ort["onnxruntime-gpu"], "CPU and GPU images must run the same onnxruntime"
+    assert not any(name(r) == "torch" for r in extras["serve"] + extras["gpu"])
+
+
+def settings_env_problems(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """CELLSERVE_* variables must name Settings fields (pydantic-settings ignores unknown ones) and parse."""
+    from pydantic import ValidationError
+
+    from cellserve.server.settings import Settings
+
+    fields = Settings.model_fields
+    unknown = [k for k in env if k.startswith("CELLSERVE_") and k.removeprefix("CELLSERVE_").lower() not in fields]
+    problems = [f"{k}: not a cellserve setting" for k in unknown]
+    with monkeypatch.context() as m:
+        for k in [k for k in os.environ if k.startswith("CELLSERVE_")]:
+            m.delenv(k)
+        for k, v in env.items():
+            m.setenv(k, v)
+        try:
+            Settings()
+        except ValidationError as e:
+            problems += [f"{err['loc']}: {err['msg']}" for err in e.errors()]
+    return problems
+
+
+def dockerfile_env() -> dict[str, str]:
+    runtime = (REPO / "Dockerfile").read_text().split(" AS runtime", 1)[1]
+    block = re.search(r"^ENV (.*?)\n(?!\s)", runtime, re.M | re.S).group(1)
+    pairs = re.findall(r"(\w+)=('[^']*'|\"[^\"]*\"|\S+)", block)
+    return {k: v.strip("'\"") for k, v in pairs if k.startswith("CELLSERVE_")}
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_configmap_settings_are_real_and_parse(tool, overlay, monkeypatch):
+    config = _kind(render(tool("kubectl"), DEPLOY / "k8s/overlays" / overlay), "ConfigMap")["data"]
+    assert settings_env_problems(config, monkeypatch) == []
+
+
+def test_image_and_compose_settings_are_real_and_parse(monkeypatch):
+    assert dockerfile_env()["CELLSERVE_MODEL_DIRS"] == '["/models/default"]'
+    assert settings_env_problems(dockerfile_env(), monkeypatch) == []
+    compose = yaml.safe_load((DEPLOY / "compose/docker-compose.yml").read_text())
+    for name in ("cellserve-gpu", "cellserve-cpu"):
+        env = {**dockerfile_env(), **compose["services"][name]["environment"]}
+        assert settings_env_problems(env, monkeypatch) == [], name
+
+
+def test_settings_check_rejects_misspelt_variable(monkeypatch):
+    problems = settings_env_problems({"CELLSERVE_CAPACTY": "8", "CELLSERVE_GRACE_S": "soon"}, monkeypatch)
+    assert "CELLSERVE_CAPACTY: not a cellserve setting" in problems
+    assert any("grace_s" in p for p in problems)
