@@ -31,7 +31,7 @@ sys.exit(0 if 'cellserve/model/default/manifest.json' in n else 'wheel lacks the
 
 # ---- runtime bases: the interpreter only -----------------------------------------------------------
 FROM ${CUDA_IMAGE} AS base-gpu
-ENV CELLSERVE_EXTRA=gpu \
+ENV SERVING_EXTRA=gpu \
     CELLSERVE_DEVICE=cuda
 # Ubuntu 24.04's Python 3.12 with venv support; no pip, no compilers, no docs. Package versions follow the
 # pinned base image's Ubuntu release (pinning apt versions breaks as soon as the archive moves on).
@@ -41,7 +41,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 FROM ${PYTHON_IMAGE} AS base-cpu
-ENV CELLSERVE_EXTRA=serve \
+ENV SERVING_EXTRA=serve \
     CELLSERVE_DEVICE=cpu
 
 # ---- venv: install the wheel with its serving extra, move the model to /models/default -------------
@@ -49,7 +49,7 @@ ENV CELLSERVE_EXTRA=serve \
 FROM base-${VARIANT} AS venv
 COPY --from=builder /wheels /wheels
 RUN python3 -m venv /opt/cellserve \
-    && /opt/cellserve/bin/pip install --no-cache-dir "$(ls /wheels/cellserve-*.whl)[${CELLSERVE_EXTRA}]" \
+    && /opt/cellserve/bin/pip install --no-cache-dir "$(ls /wheels/cellserve-*.whl)[${SERVING_EXTRA}]" \
     && /opt/cellserve/bin/pip uninstall -y pip \
     && site="$(/opt/cellserve/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
     && mkdir -p /models \
@@ -93,7 +93,7 @@ WORKDIR /tmp
 EXPOSE 50051 9090
 
 # grpc.health.v1 on the overall service "": exit 0 only when SERVING (NOT_SERVING while warming/draining).
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["cellserve", "health", "--server", "localhost:50051"]
 
 # Exec form: the server is PID 1 and gets SIGTERM itself (health flips, sessions drain, then exit).

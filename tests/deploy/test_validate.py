@@ -62,7 +62,7 @@ def dockerfile_problems(dockerfile: Path) -> list[str]:
         ),
         "model at /models/default": "CELLSERVE_MODEL_DIRS='[\"/models/default\"]'" in runtime,
         "gpu extra for the CUDA base, serve extra for the slim base": (
-            "CELLSERVE_EXTRA=gpu" in text and "CELLSERVE_EXTRA=serve" in text
+            "SERVING_EXTRA=gpu" in text and "SERVING_EXTRA=serve" in text
         ),
         "CUDA 13 + cuDNN runtime base (onnxruntime-gpu 1.31 links libcudart.so.13)": re.search(
             r"ARG CUDA_IMAGE=nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-", text
