@@ -51,9 +51,8 @@ def build_wheel(tmp: Path) -> Path:
             shutil.copytree(path, src / name, ignore=ignore)
         else:
             shutil.copy2(path, src / name)
-    # The dev venv's setuptools builds it (no isolation: no build-requirement downloads).
-    check([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"),
-           str(src)], timeout=180)
+    # An isolated build, as the image's builder does: build requirements come from pip's indexes.
+    check([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(src)], timeout=300)
     (wheel,) = (tmp / "dist").glob("cellserve-*.whl")
     return wheel
 
