@@ -488,3 +488,30 @@ def test_settings_check_rejects_misspelt_variable(monkeypatch):
     problems = settings_env_problems({"CELLSERVE_CAPACTY": "8", "CELLSERVE_GRACE_S": "soon"}, monkeypatch)
     assert "CELLSERVE_CAPACTY: not a cellserve setting" in problems
     assert any("grace_s" in p for p in problems)
+
+
+def build_context_problems(dockerfile: Path, dockerignore: Path) -> list[str]:
+    """The builder's COPY sources must be exactly what .dockerignore lets in (and what the no-torch test builds)."""
+    builder = dockerfile.read_text().split(" AS builder", 1)[1].split("\nFROM ", 1)[0]
+    copied = {src.rstrip("/") for line in re.findall(r"^COPY (?!--from)(.+)$", builder, re.M)
+              for src in line.split()[:-1]}
+    allowed = {line[1:].rstrip("/") for line in dockerignore.read_text().splitlines() if line.startswith("!")}
+    problems = [f"builder copies {p} but .dockerignore excludes it" for p in sorted(copied - allowed)]
+    problems += [f".dockerignore lets in {p} which the builder never copies" for p in sorted(allowed - copied)]
+    from test_serve_without_torch import BUILD_INPUTS
+
+    if copied != set(BUILD_INPUTS):
+        problems.append(f"builder copies {sorted(copied)}, the no-torch test builds from {sorted(BUILD_INPUTS)}")
+    return problems
+
+
+def test_build_context_is_what_the_builder_copies():
+    assert build_context_problems(REPO / "Dockerfile", REPO / ".dockerignore") == []
+
+
+def test_build_context_check_rejects_an_excluded_source(deploy_copy):
+    ignore = deploy_copy / ".dockerignore"
+    shutil.copy2(REPO / ".dockerignore", ignore)
+    _edit(ignore, "!client/\n", "")
+    problems = build_context_problems(deploy_copy / "Dockerfile", ignore)
+    assert "builder copies client but .dockerignore excludes it" in problems
