@@ -15,6 +15,7 @@ import json
 import logging
 import lzma
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -146,6 +147,29 @@ def train(
         bar.set_postfix(step=step, train_bpb=f"{train_bpb or 0:.3f}", val_bpb=f"{point['val_bpb']:.3f}")
         return point
 
+    def so_far(elapsed: float) -> dict[str, Any]:
+        """The run so far as plain data (metrics.json without the held-out score)."""
+        return {
+            "config": asdict(cfg),
+            "model": asdict(model_cfg),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "steps": prev.steps + step,
+            "epochs_completed": epoch,
+            "bytes_seen": prev.bytes_seen + seen,
+            "train_seconds": round(prev.seconds + elapsed, 1),
+            "this_run": {
+                "steps": step,
+                "bytes_seen": seen,
+                "train_seconds": round(elapsed, 1),
+                "init_from": str(init_from) if init_from else None,
+            },
+            "device": str(device),
+            "torch_threads": torch.get_num_threads(),
+            "data": corpus.summary(),
+            "val_bpb": history[-1]["val_bpb"],
+            "history": history,
+        }
+
     first = record(0.0)
     log.info("initial val %.3f bits/byte", first["val_bpb"])
     model.train()
@@ -182,6 +206,8 @@ def train(
         if time.perf_counter() - start >= next_eval:
             record(time.perf_counter() - start)
             run_loss, run_count = 0.0, 0
+            # a resumable snapshot (weights + progress) so a cut-off run can go on with --init-from
+            _write_snapshot(model, so_far(time.perf_counter() - start), out)
             next_eval = time.perf_counter() - start + cfg.eval_every_s
     train_s = time.perf_counter() - start
     if run_count or len(history) == len(prev.history) + 1:
@@ -190,32 +216,13 @@ def train(
 
     log.info("scoring %d held-out bytes", len(test_text))
     test_bpb = evaluate_bpb(model, test_text)
-    metrics: dict[str, Any] = {
-        "config": asdict(cfg),
-        "model": asdict(model_cfg),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "steps": prev.steps + step,
-        "epochs_completed": epoch,
-        "bytes_seen": prev.bytes_seen + seen,
-        "train_seconds": round(prev.seconds + train_s, 1),
-        "this_run": {
-            "steps": step,
-            "bytes_seen": seen,
-            "train_seconds": round(train_s, 1),
-            "init_from": str(init_from) if init_from else None,
-        },
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "data": corpus.summary(),
-        "held_out": {
-            "split": "test",
-            "bytes": len(test_text),
-            "sha256": hashlib.sha256(test_text).hexdigest(),
-            "model_bpb": test_bpb,
-            **{f"{k}_bpb": v for k, v in compressor_bpb(test_text).items()},
-        },
-        "val_bpb": history[-1]["val_bpb"],
-        "history": history,
+    metrics = so_far(train_s)
+    metrics["held_out"] = {
+        "split": "test",
+        "bytes": len(test_text),
+        "sha256": hashlib.sha256(test_text).hexdigest(),
+        "model_bpb": test_bpb,
+        **{f"{k}_bpb": v for k, v in compressor_bpb(test_text).items()},
     }
     model.cpu()
     save_checkpoint(model, out / CHECKPOINT_FILE, extra={"training": training_summary(metrics)})
@@ -224,6 +231,16 @@ def train(
     log.info("held-out %.3f bits/byte (gzip -9 %.3f, xz -9 %.3f); wrote %s", test_bpb,
              metrics["held_out"]["gzip_9_bpb"], metrics["held_out"]["xz_9_bpb"], out)  # fmt: skip
     return metrics
+
+
+def _write_snapshot(model: LSTMModel, metrics: dict[str, Any], out: Path) -> None:
+    """Checkpoint + metrics.json of a run in progress, each replaced atomically."""
+    tmp = out / (CHECKPOINT_FILE + ".tmp")
+    save_checkpoint(model, tmp)
+    os.replace(tmp, out / CHECKPOINT_FILE)
+    tmp = out / (METRICS_FILE + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, out / METRICS_FILE)
 
 
 @dataclass

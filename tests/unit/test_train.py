@@ -147,3 +147,11 @@ def test_training_continues_from_a_checkpoint_where_it_stopped(tiny_corpus_dir: 
     with pytest.raises(ValueError, match="holds a model"):
         train(TrainConfig(**{**cfg.__dict__, "hidden": 16}), tmp_path / "c", data_dir=tiny_corpus_dir,
               init_from=tmp_path / "a" / "checkpoint.pt")  # fmt: skip
+
+
+def test_each_evaluation_leaves_a_resumable_snapshot(tiny_corpus_dir: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(layers=1, hidden=16, embed=4, batch=2, bptt=16, minutes=5, max_steps=4, eval_every_s=1e-3,
+                      val_bytes=500, test_bytes=500, seed=1)  # fmt: skip
+    metrics = train(cfg, tmp_path, data_dir=tiny_corpus_dir)
+    assert [p["step"] for p in metrics["history"]] == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.json", "training_curve.png"]
