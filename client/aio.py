@@ -40,6 +40,7 @@ class AsyncSession:
         self.info: ModelInfo | None = None
         self._close_sent = False
         self._done_writing = False
+        self._failed = False  # the stream ended with an error status: nothing left to close
 
     @classmethod
     async def open(
@@ -132,6 +133,8 @@ class AsyncSession:
     async def close(self) -> None:
         """``end()``, discard outputs still pending, wait for ``closed``, half-close. Idempotent."""
         try:
+            if self._failed:
+                return
             await self.end()
             while self.state.closed_reason is None:
                 try:
@@ -162,17 +165,20 @@ class AsyncSession:
     async def _write(self, req: pb.StreamRequest) -> None:
         try:
             await self._call.write(req)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        except grpc.aio.UsageError:
+        except (grpc.RpcError, grpc.aio.UsageError):
+            # A write can fail before the RPC's status arrives ("Internal error from Core"): report
+            # the status the server ended the stream with, which is the real reason.
+            self._failed = True
             raise await self._status_error() from None
 
     async def _read(self) -> pb.StreamResponse:
         try:
             resp = await self._call.read()
         except grpc.RpcError as e:
+            self._failed = True
             raise from_rpc_error(e) from None
         if resp is grpc.aio.EOF:
+            self._failed = True
             raise await self._status_error()
         return resp
 

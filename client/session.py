@@ -39,6 +39,7 @@ class Session:
         self.state = state
         self._requests: queue.Queue[object] = queue.Queue()
         self._ended = False
+        self._failed = False  # the stream ended with an error status: nothing left to close
         self._requests.put(state.open_request(model, idle_timeout_s, resume_token))
         self._call = stub.Stream(iter(self._requests.get, _END), metadata=metadata)
         try:
@@ -89,7 +90,7 @@ class Session:
         if self._ended:
             return
         try:
-            if self.state.closed_reason is None:
+            if self.state.closed_reason is None and not self._failed:
                 self._requests.put(self.state.close_request())
                 while self.state.closed_reason is None:
                     try:
@@ -121,9 +122,11 @@ class Session:
         try:
             return next(self._call)
         except StopIteration:
+            self._failed = True
             self._half_close()
             raise UnavailableError("the server ended the stream without closing the session") from None
         except grpc.RpcError as e:
+            self._failed = True
             self._half_close()
             raise from_rpc_error(e) from None
 
