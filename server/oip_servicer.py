@@ -259,6 +259,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def _abort(self, context: grpc.aio.ServicerContext, e: CellserveError) -> NoReturn:
         self.metrics.errors.labels(code=e.code.name).inc()
         await abort(context, e)
+        raise AssertionError("abort returned")  # pragma: no cover - abort always raises
 
 
 def _response(

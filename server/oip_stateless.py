@@ -9,6 +9,7 @@ released only after the engine is done with them, even when the RPC is cancelled
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,13 @@ async def run_stateless(
     """x [B, T] or [B, T, I]; h0, c0 [B, L, H] or None (zeros) → (y [B, T, O], hn [B, L, H], cn [B, L, H])."""
     rows = [model.check_input(x[b], max_steps) for b in range(x.shape[0])]  # InvalidArgument before any slot
     task = asyncio.ensure_future(_run_rows(model, rows, h0, c0))
+    task.add_done_callback(_retrieve)  # nobody may be left to read its outcome
     return await asyncio.shield(task)  # a cancelled caller leaves the task to finish and free its slots
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _run_rows(
@@ -41,14 +48,16 @@ async def _run_rows(
             *(model.scheduler.submit(slot, row) for slot, row in zip(slots, rows, strict=True)),
             return_exceptions=True,
         )
+        ys: list[np.ndarray] = []
         for r in results:
             if isinstance(r, BaseException):
                 raise r
+            ys.append(r)
         states = [pool.read(slot) for slot in slots]
     finally:
         for slot in slots:
             pool.release(slot, owner)
-    y = np.stack(results)  # [B, T, O]
+    y = np.stack(ys)  # [B, T, O]
     hn = np.stack([h for h, _ in states])  # [B, L, H]
     cn = np.stack([c for _, c in states])  # [B, L, H]
     return y, hn, cn
