@@ -80,32 +80,36 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
         import matplotlib.ticker
     except ImportError:
         return False
-    fig, (ax_cdf, ax_tp) = plt.subplots(1, 2, figsize=(13, 5))
-    styles = {"cellserve": "-", "echo": "--", "naive": ":"}
+    ts = sorted({c["t"] for c in configs})
+    fig, axes = plt.subplots(1, len(ts) + 1, figsize=(6 * (len(ts) + 1), 5))
+    styles = {"cellserve": "-", "echo": "--", "naive": ":", "raw ORT": "-."}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    by_streams = {s: colors[i % len(colors)] for i, s in enumerate(sorted({c["streams"] for c in configs}))}
     qs = [i / 100 for i in range(101)]
-    for i, c in enumerate(configs):
-        color = colors[i % len(colors)]
-        for name, r in [("cellserve", c["cellserve"])] + [(k, v) for k, v in c["baselines"].items() if k != "ort"]:
-            label = f"{name} s={c['streams']} T={c['t']}"
-            ax_cdf.plot(r["latency_cdf_ms"], qs, styles.get(name, "-."), color=color, label=label, linewidth=1.2)
-    ax_cdf.set_xscale("log")
-    ax_cdf.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax_cdf.set_xlabel("round-trip latency per message (ms)")
-    ax_cdf.set_ylabel("fraction of messages")
-    ax_cdf.set_title("Latency CDF per configuration")
-    ax_cdf.legend(fontsize=6, ncol=2)
-    ax_cdf.grid(alpha=0.3)
-    for t in sorted({c["t"] for c in configs}):
+    for ax, t in zip(axes, ts, strict=False):  # one latency-CDF panel per T: colour = streams, style = target
+        for c in (c for c in configs if c["t"] == t):
+            for name, r in [("cellserve", c["cellserve"])] + [(k, v) for k, v in c["baselines"].items() if k != "ort"]:
+                ax.plot(r["latency_cdf_ms"], qs, styles.get(name, "-"), color=by_streams[c["streams"]],
+                        label=f"{name} s={c['streams']}", linewidth=1.3)  # fmt: skip
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("round-trip latency per message (ms)")
+        ax.set_ylabel("fraction of messages")
+        ax.set_title(f"Latency CDF, T={t} steps per message")
+        ax.legend(fontsize=6, ncol=2)
+        ax.grid(alpha=0.3)
+    ax_tp = axes[-1]  # throughput: colour = target, style = T
+    target_colors = {"cellserve": colors[0], "echo": colors[1], "naive": colors[2], "raw ORT": colors[3]}
+    t_styles = ["o-", "s--", "^:", "d-."]
+    for i, t in enumerate(ts):
         cs = sorted((c for c in configs if c["t"] == t), key=lambda c: c["streams"])
         streams = [c["streams"] for c in cs]
-        ax_tp.plot(streams, [c["cellserve"]["steps_per_s"] for c in cs], "o-", label=f"cellserve T={t}")
-        for name in ("echo", "naive"):
-            if all(name in c["baselines"] for c in cs):
-                vals = [c["baselines"][name]["steps_per_s"] for c in cs]
-                ax_tp.plot(streams, vals, "s" + styles[name], label=f"{name} T={t}")
-        if all("ort" in c["baselines"] for c in cs):
-            ax_tp.plot(streams, [c["baselines"]["ort"]["steps_per_s"] for c in cs], "^-.", label=f"raw ORT T={t}")
+        series = {"cellserve": [c["cellserve"]["steps_per_s"] for c in cs]}
+        for name, key in (("echo", "echo"), ("naive", "naive"), ("raw ORT", "ort")):
+            if all(key in c["baselines"] for c in cs):
+                series[name] = [c["baselines"][key]["steps_per_s"] for c in cs]
+        for name, vals in series.items():
+            ax_tp.plot(streams, vals, t_styles[i % len(t_styles)], color=target_colors[name], label=f"{name} T={t}")
     ax_tp.set_xscale("log", base=2)
     ax_tp.set_yscale("log")
     ax_tp.set_xlabel("concurrent streams")
