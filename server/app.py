@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import types
 import typing
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from cellserve.server.health import Health
 from cellserve.server.metrics import Metrics
 from cellserve.server.models import ModelRepository
 from cellserve.server.oip_servicer import register as register_oip
+from cellserve.server.resume_token import TokenCodec, TokenKeys
 from cellserve.server.servicer import CellServeServicer
 from cellserve.server.sessions import SessionManager
 from cellserve.server.settings import Settings
@@ -51,7 +53,8 @@ class CellServer:
         self.models = ModelRepository.load(settings, self.metrics)
         self.sessions = SessionManager(self.models, settings, self.metrics)
         self.health = Health([m.name for m in self.models])
-        self.servicer = CellServeServicer(self.sessions, settings, self.metrics)
+        self.tokens = TokenCodec(load_token_keys(settings), settings.token_ttl_s)
+        self.servicer = CellServeServicer(self.sessions, settings, self.metrics, self.tokens)
         self.port = 0
         self.metrics_port = 0
         self._hooks: list[ServicerHook] = []
@@ -119,9 +122,31 @@ class CellServer:
             self._http.server_close()
             self._http = None
 
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Zero-loss shutdown: NOT_SERVING, refuse opens (UNAVAILABLE), push every live session a
+        ``draining{resume_token, deadline}``, let them leave within ``grace_s``, close the rest, stop."""
+        grace = self.settings.grace_s if grace_s is None else grace_s
+        await self.health.not_serving()
+        deadline_ms = int((time.time() + grace) * 1000)
+        told = self.sessions.begin_drain(deadline_ms)
+        log.info("draining", extra={"sessions": told, "grace_s": grace})
+        if not await self.sessions.wait_empty(grace):
+            self.sessions.close_all("drain", "the drain grace period ended; resume with the draining token")
+        await self.stop(grace_s=min(grace, 1.0))
+
     async def wait(self) -> None:
         if self._grpc is not None:
             await self._grpc.wait_for_termination()
+
+
+def load_token_keys(settings: Settings) -> TokenKeys:
+    """Resume-token keys from the settings, or one random key (tokens then resume on this process only)."""
+    if settings.token_keys is not None:
+        return TokenKeys.from_json(settings.token_keys.get_secret_value())
+    if settings.token_keys_file is not None:
+        return TokenKeys.from_file(settings.token_keys_file)
+    log.warning("no token keys configured: resume tokens will only be accepted by this process")
+    return TokenKeys.generate()
 
 
 def build_server(settings: Settings, registry: CollectorRegistry) -> CellServer:
@@ -140,8 +165,8 @@ async def run_until_signal(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("signal received; shutting down", extra={"grace_s": settings.grace_s})
-    await server.stop()
+    log.info("signal received; draining", extra={"grace_s": settings.grace_s})
+    await server.drain()
 
 
 # -- `cellserve serve` ----------------------------------------------------------------------------

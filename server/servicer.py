@@ -21,13 +21,13 @@ from cellserve.server.errors import (
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
-    Unimplemented,
     abort,
     to_status,
 )
 from cellserve.server.metrics import Metrics
 from cellserve.server.models import LoadedModel, ModelRepository
-from cellserve.server.sessions import Session, SessionClosed, SessionManager
+from cellserve.server.resume_token import TokenCodec
+from cellserve.server.sessions import DrainNotice, Session, SessionClosed, SessionManager
 from cellserve.server.settings import Settings
 from cellserve.server.tensors import PB_DTYPES, to_numpy, to_proto
 from cellserve.v1 import cellserve_pb2 as pb
@@ -49,8 +49,9 @@ class _EndOfRequests:
 class CellServeServicer(pb_grpc.CellServeServicer):
     """Native API servicer."""
 
-    def __init__(self, sessions: SessionManager, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, sessions: SessionManager, settings: Settings, metrics: Metrics, tokens: TokenCodec) -> None:
         self.sessions = sessions
+        self.tokens = tokens
         self.models: ModelRepository = sessions.models
         self.settings = settings
         self.metrics = metrics
@@ -61,7 +62,7 @@ class CellServeServicer(pb_grpc.CellServeServicer):
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
-        inbox: asyncio.Queue[pb.StreamRequest | SessionClosed | _EndOfRequests] = asyncio.Queue()
+        inbox: asyncio.Queue[pb.StreamRequest | SessionClosed | DrainNotice | _EndOfRequests] = asyncio.Queue()
         credit = asyncio.Semaphore(READ_AHEAD)
         reader = asyncio.create_task(_pump(request_iterator, inbox, credit))
         session: Session | None = None
@@ -91,6 +92,13 @@ class CellServeServicer(pb_grpc.CellServeServicer):
                         return
                 else:
                     item = await inbox.get()
+                if isinstance(item, DrainNotice):
+                    if not session.closed:  # the token is current: every request read before it is answered
+                        token, _ = self.tokens.encode(session.state())
+                        yield pb.StreamResponse(
+                            draining=pb.Draining(resume_token=token, deadline_unix_ms=item.deadline_ms)
+                        )
+                    continue
                 if isinstance(item, SessionClosed):
                     reason = item.reason
                     yield _closed(session, item.reason, item.message)
@@ -118,8 +126,10 @@ class CellServeServicer(pb_grpc.CellServeServicer):
                         f"this stream already has session {session.id}; open another stream for another session"
                     )
                 elif kind == "snapshot":
-                    session.state()  # FAILED_PRECONDITION once closed
-                    raise Unimplemented("snapshot is not implemented on this server yet")
+                    token, expires = self.tokens.encode(session.state())  # FAILED_PRECONDITION once closed
+                    yield pb.StreamResponse(
+                        snapshot=pb.SnapshotTaken(token=token, steps=session.steps, expires_at_unix_ms=expires)
+                    )
                 else:
                     raise InvalidArgument("request has none of open, step, snapshot, close set")
         except CellserveError as e:
@@ -142,10 +152,14 @@ class CellServeServicer(pb_grpc.CellServeServicer):
         if kind != "open":
             what = kind or "an empty request"
             raise FailedPrecondition(f"{what} before open: the first message of a stream must be open{{model}}")
+        name = first.open.model or self.models.default_name()
+        resume = None
         if first.open.resume_token:
-            raise Unimplemented("resume tokens are not implemented on this server yet")
-        model = first.open.model or self.models.default_name()
-        return self.sessions.open(model, idle_timeout_s=first.open.idle_timeout_s, notify=inbox.put_nowait)
+            model = self.models.get(name)
+            resume, _ = self.tokens.decode(first.open.resume_token, model=name, model_sha256=model.manifest.sha256)
+        return self.sessions.open(
+            name, idle_timeout_s=first.open.idle_timeout_s, resume=resume, notify=inbox.put_nowait
+        )
 
     async def _step(self, session: Session, step: pb.Step) -> pb.StreamResponse:
         try:

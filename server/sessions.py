@@ -44,7 +44,14 @@ class SessionClosed:
     message: str
 
 
-SessionEvent = SessionClosed
+@dataclass(frozen=True)
+class DrainNotice:
+    """Event: the server is draining; the session should leave (with a resume token) by ``deadline_ms``."""
+
+    deadline_ms: int
+
+
+SessionEvent = SessionClosed | DrainNotice
 Notify = Callable[[SessionEvent], None]
 
 
@@ -112,6 +119,8 @@ class SessionManager:
         self._deadlines: list[tuple[float, str]] = []
         self._reaper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._empty = asyncio.Event()
+        self._empty.set()
         self._latency = {m.name: metrics.step_latency.labels(model=m.name) for m in models}
 
     def observe_latency(self, model: str, seconds: float) -> None:
@@ -146,6 +155,7 @@ class SessionManager:
                 raise InvalidArgument(f"resume state does not fit model {model_name!r}: {e}") from e
             session.steps = resume.steps
         self.sessions[session.id] = session
+        self._empty.clear()
         heapq.heappush(self._deadlines, (session.deadline, session.id))
         self._wake.set()
         self.metrics.sessions_opened.labels(model=model.name).inc()
@@ -161,6 +171,8 @@ class SessionManager:
         session.closed = True
         session.close_reason = reason
         self.sessions.pop(session.id, None)
+        if not self.sessions:
+            self._empty.set()
         if not session.inflight:  # else Session.step releases when the engine is done with the slot
             self.release(session)
         model = session.model.name
@@ -168,6 +180,28 @@ class SessionManager:
         self.metrics.sessions_closed.labels(model=model, reason=reason).inc()
         if notify is not None and session._notify is not None:
             session._notify(SessionClosed(reason, notify))
+
+    def begin_drain(self, deadline_ms: int) -> int:
+        """Refuse new sessions and tell every live one to leave by ``deadline_ms``; returns how many."""
+        self.accepting = False
+        told = 0
+        for session in list(self.sessions.values()):
+            if session._notify is not None:
+                session._notify(DrainNotice(deadline_ms))
+                told += 1
+        return told
+
+    async def wait_empty(self, timeout: float) -> bool:
+        """Wait until no session is open (True) or ``timeout`` seconds pass (False)."""
+        try:
+            await asyncio.wait_for(self._empty.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def close_all(self, reason: str, message: str) -> None:
+        for session in list(self.sessions.values()):
+            self.close(session, reason, notify=message)
 
     def release(self, session: Session) -> None:
         session.model.pool.release(session.slot, session)

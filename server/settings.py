@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     """On SIGTERM/SIGINT: seconds in-flight work may take before the server stops."""
     oip: bool = True
     """Also serve the Open Inference Protocol (Triton's inference.GRPCInferenceService) on the gRPC port."""
+    token_keys: SecretStr | None = None
+    """Resume-token HMAC keys as JSON {"active": ID, "keys": {ID: HEX}}; unset = a random key per process."""
+    token_keys_file: Path | None = None
+    """File with the resume-token keys (same JSON); used when token_keys is unset."""
+    token_ttl_s: int = Field(3600, ge=1)
+    """How long a resume token (snapshot or drain) stays valid, in seconds."""
     ready_file: Path | None = None
     """If set, write {"port", "metrics_port", "pid"} as JSON here once every model is SERVING."""
 

@@ -1,0 +1,183 @@
+"""Resume tokens: a session's state, signed, so any replica serving the same model file can continue it.
+
+Layout, version 1 (all integers little-endian; nothing is pickled):
+
+    offset  size     field
+    0       4        magic b"CSRT"
+    4       1        version (1)
+    5       1        key id length k (1..64)
+    6       k        key id (ASCII) — names the HMAC key that signed the token
+    6+k     8        issued at, unix ms (u64)
+    14+k    8        expires at, unix ms (u64)
+    22+k    8        steps taken so far (u64)
+    30+k    32       sha256 of the ONNX file (raw bytes)
+    62+k    2        model name length n (u16)
+    64+k    n        model name (UTF-8)
+    64+k+n  2        layers L (u16)
+    66+k+n  4        hidden H (u32)
+    70+k+n  4·L·H    h, float32 [L, H]
+    …       4·L·H    c, float32 [L, H]
+    end-32  32       HMAC-SHA256(key, every byte before it)
+
+The state is signed, not encrypted: whoever holds a token can read the session's h and c (see
+README, Reliability and security). The MAC is checked (constant time) before any field after the
+key id is trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cellserve.server.errors import FailedPrecondition, InvalidArgument, Unauthenticated
+from cellserve.server.sessions import ResumeState
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"CSRT"
+VERSION = 1
+MAC_BYTES = 32
+_HEAD = struct.Struct("<4sBB")  # magic, version, key id length
+_TIMES = struct.Struct("<QQQ32sH")  # issued, expires, steps, sha256, name length
+_DIMS = struct.Struct("<HI")  # layers, hidden
+_STATE = np.dtype("<f4")
+
+
+class TokenKeys:
+    """HMAC keys by id: all of them verify, ``active`` signs (rotate by adding a key, then switching)."""
+
+    def __init__(self, keys: dict[str, bytes], active: str) -> None:
+        if active not in keys:
+            raise ValueError(f"active token key {active!r} is not among the keys {sorted(keys)}")
+        for kid, key in keys.items():
+            if not 1 <= len(kid.encode()) <= 64 or not kid.isascii():
+                raise ValueError(f"token key id {kid!r} must be 1..64 ASCII characters")
+            if len(key) < 16:
+                raise ValueError(f"token key {kid!r} is shorter than 16 bytes; use 32 random bytes")
+        self.keys = dict(keys)
+        self.active = active
+
+    @classmethod
+    def generate(cls) -> TokenKeys:
+        """One random key for this process: tokens then resume only on this process."""
+        return cls({"ephemeral": secrets.token_bytes(32)}, "ephemeral")
+
+    @classmethod
+    def from_json(cls, text: str) -> TokenKeys:
+        """``{"active": "k2", "keys": {"k1": "<hex>", "k2": "<hex>"}}``."""
+        try:
+            doc = json.loads(text)
+            keys = {kid: bytes.fromhex(value) for kid, value in doc["keys"].items()}
+            return cls(keys, doc["active"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f'token keys must be JSON {{"active": ID, "keys": {{ID: HEX, …}}}} with hex secrets: {e}'
+            ) from e
+
+    @classmethod
+    def from_file(cls, path: Path) -> TokenKeys:
+        return cls.from_json(Path(path).read_text())
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What a decoded token says besides the state."""
+
+    key_id: str
+    issued_at_ms: int
+    expires_at_ms: int
+
+
+class TokenCodec:
+    """Encodes session state into signed tokens and decodes them back, checking everything."""
+
+    def __init__(self, keys: TokenKeys, ttl_s: float) -> None:
+        self.keys = keys
+        self.ttl_ms = int(ttl_s * 1000)
+
+    def encode(self, state: ResumeState, now_ms: int | None = None) -> tuple[bytes, int]:
+        """Returns (token, expires_at_ms)."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        expires = now_ms + self.ttl_ms
+        kid = self.keys.active.encode()
+        name = state.model.encode()
+        layers, hidden = state.h.shape
+        body = b"".join(
+            (
+                _HEAD.pack(MAGIC, VERSION, len(kid)),
+                kid,
+                _TIMES.pack(now_ms, expires, state.steps, bytes.fromhex(state.model_sha256), len(name)),
+                name,
+                _DIMS.pack(layers, hidden),
+                np.ascontiguousarray(state.h, dtype=_STATE).tobytes(),
+                np.ascontiguousarray(state.c, dtype=_STATE).tobytes(),
+            )
+        )
+        mac = hmac.new(self.keys.keys[self.keys.active], body, hashlib.sha256).digest()
+        return body + mac, expires
+
+    def decode(
+        self, token: bytes, *, model: str, model_sha256: str, now_ms: int | None = None
+    ) -> tuple[ResumeState, TokenInfo]:
+        """Verify and unpack ``token`` for ``model``.
+
+        Malformed → INVALID_ARGUMENT; unknown key or bad signature → UNAUTHENTICATED; expired, other
+        model or other model file → FAILED_PRECONDITION.
+        """
+        if len(token) < _HEAD.size + MAC_BYTES or token[:4] != MAGIC:
+            raise InvalidArgument("resume_token is not a cellserve resume token (bad magic or too short)")
+        _, version, kid_len = _HEAD.unpack_from(token)
+        if version != VERSION:
+            raise InvalidArgument(f"resume_token has format version {version}; this server reads version {VERSION}")
+        kid = token[_HEAD.size : _HEAD.size + kid_len].decode("ascii", "replace")
+        key = self.keys.keys.get(kid)
+        if key is None:
+            raise Unauthenticated(
+                f"resume_token was signed with key {kid!r}, which this server does not have; "
+                "configure the same token keys on every replica"
+            )
+        body, mac = token[:-MAC_BYTES], token[-MAC_BYTES:]
+        if not hmac.compare_digest(hmac.new(key, body, hashlib.sha256).digest(), mac):
+            raise Unauthenticated("resume_token signature does not verify: it was altered, truncated or forged")
+        try:
+            state, info = _unpack(body, _HEAD.size + kid_len, kid)
+        except (struct.error, ValueError, UnicodeDecodeError) as e:  # signed but malformed: a signer bug
+            raise InvalidArgument(f"resume_token is malformed: {e}") from e
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        if now_ms > info.expires_at_ms:
+            raise FailedPrecondition(
+                f"resume_token expired {(now_ms - info.expires_at_ms) / 1000:.0f}s ago; take a fresh snapshot"
+            )
+        if state.model != model:
+            raise FailedPrecondition(f"resume_token is for model {state.model!r}, not {model!r}; open that model")
+        if state.model_sha256 != model_sha256:
+            raise FailedPrecondition(
+                f"resume_token was taken on model {model!r} with ONNX sha256 {state.model_sha256[:16]}…; this "
+                f"server's file is {model_sha256[:16]}…, so the state would not mean the same — resume on a "
+                "replica serving the same model version"
+            )
+        return state, info
+
+
+def _unpack(body: bytes, offset: int, kid: str) -> tuple[ResumeState, TokenInfo]:
+    issued, expires, steps, sha, name_len = _TIMES.unpack_from(body, offset)
+    offset += _TIMES.size
+    name = body[offset : offset + name_len].decode("utf-8")
+    offset += name_len
+    layers, hidden = _DIMS.unpack_from(body, offset)
+    offset += _DIMS.size
+    count = layers * hidden
+    if len(body) != offset + 2 * count * _STATE.itemsize:
+        raise ValueError(f"state holds {len(body) - offset} bytes; [{layers}, {hidden}] h and c need {8 * count}")
+    h = np.frombuffer(body, _STATE, count, offset).reshape(layers, hidden).astype(np.float32)
+    c = np.frombuffer(body, _STATE, count, offset + 4 * count).reshape(layers, hidden).astype(np.float32)
+    return ResumeState(name, sha.hex(), steps, h, c), TokenInfo(kid, issued, expires)
