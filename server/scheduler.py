@@ -88,6 +88,10 @@ class Scheduler:
 
     async def submit(self, slot: int, x: np.ndarray) -> np.ndarray:
         """Queue one session's step (``x`` is [T] or [T, I]) and wait for its output [T, O]."""
+        return await self.enqueue(slot, x)
+
+    def enqueue(self, slot: int, x: np.ndarray) -> asyncio.Future[np.ndarray]:
+        """Queue one step; the future resolves to its output [T, O] once the engine is done with ``slot``."""
         if self._task is None:
             raise Unavailable(f"model {self.model!r} is not running; the server is starting or stopping")
         if self._queue.qsize() >= self.max_queued:
@@ -97,7 +101,7 @@ class Scheduler:
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Request(slot, x, future))
         self._arrived.set()
-        return await future
+        return future
 
     async def _loop(self) -> None:
         while True:

@@ -85,15 +85,28 @@ class Session:
         self.touch()
         start = time.perf_counter()
         try:
-            y = await self.model.scheduler.submit(self.slot, x)
-        finally:
+            done = self.model.scheduler.enqueue(self.slot, x)
+        except BaseException:
             self._inflight = False
-            self.touch()
-            if self.closed:  # closed while the step ran: the slot was kept for the engine until now
-                self._manager.release(self)
+            raise
+        try:
+            # shield: if this caller is cancelled (client gone), the engine may still be writing the
+            # slot; the slot stays in flight until the engine call finishes, then is released.
+            y = await asyncio.shield(done)
+        finally:
+            if done.done():
+                self._engine_done()
+            else:
+                done.add_done_callback(lambda _: self._engine_done())
         self.steps += x.shape[0]
         self._manager.observe_latency(self.model.name, time.perf_counter() - start)
         return y
+
+    def _engine_done(self) -> None:
+        self._inflight = False
+        self.touch()
+        if self.closed:  # closed while the step ran: the slot was kept for the engine until now
+            self._manager.release(self)
 
     def state(self) -> ResumeState:
         """Host copy of the current state (for snapshots and drain)."""

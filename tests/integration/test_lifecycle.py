@@ -128,3 +128,39 @@ def test_expiry_skips_touched_sessions(running_server):
             return first, second, a.closed and b.closed
 
         assert srv.call(main()) == (1, 1, True)
+
+
+def test_a_cancelled_step_keeps_its_slot_until_the_engine_is_done(running_server):
+    """Thread mode: a client that vanishes mid-step must not free a slot the engine is still writing."""
+    import threading
+
+    with running_server(engine_mode="thread") as srv:
+        model = srv.server.models.get("tiny")
+        engine_entered, release_engine = threading.Event(), threading.Event()
+        real_run = model.engine.run_slots
+
+        def slow_run(slots, x):
+            engine_entered.set()
+            release_engine.wait(30)
+            return real_run(slots, x)
+
+        async def main() -> tuple[int, int, int, int]:
+            mgr = srv.server.sessions
+            a = mgr.open("tiny")
+            model.engine.run_slots = slow_run
+            step = asyncio.ensure_future(a.step(np.array([1, 2, 3], dtype=np.int64)))
+            await asyncio.get_running_loop().run_in_executor(None, engine_entered.wait, 30)
+            step.cancel()
+            mgr.close(a, "disconnect")
+            model.engine.run_slots = real_run
+            b = mgr.open("tiny")  # must not get a's slot while the engine still owns it
+            used_during = model.pool.used
+            release_engine.set()
+            await wait_until(lambda: not a.inflight)
+            used_after = model.pool.used
+            mgr.close(b, "client")
+            return a.slot, b.slot, used_during, used_after
+
+        a_slot, b_slot, used_during, used_after = srv.call(main())
+    assert a_slot != b_slot
+    assert used_during == 2 and used_after == 1
