@@ -66,8 +66,23 @@ class CellServer:
         self._hooks.append(hook)
 
     def grpc_options(self) -> list[tuple[str, Any]]:
-        size = self.settings.max_message_bytes
-        return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+        s = self.settings
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+            # Long-lived, often quiet streams: accept client keepalive pings at the configured rate.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(s.min_client_ping_interval_s * 1000)),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if s.max_connection_age_s > 0:
+            options += [
+                ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
+            ]
+        return options
 
     async def start(self) -> None:
         s = self.settings

@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     """Most concurrent Stream RPCs; beyond it new streams get RESOURCE_EXHAUSTED."""
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """Largest gRPC message accepted or sent, in bytes."""
+    keepalive_time_s: float = Field(60, gt=0)
+    """Server pings a connection that has been quiet this long, to find dead peers."""
+    keepalive_timeout_s: float = Field(20, gt=0)
+    """A ping unanswered this long closes the connection (its sessions end as disconnects)."""
+    min_client_ping_interval_s: float = Field(10, gt=0)
+    """Clients may ping this often (also without active calls); faster pings get GOAWAY too_many_pings."""
+    max_connection_age_s: float = Field(0, ge=0)
+    """Send GOAWAY after a connection lived this long, so clients re-resolve and spread over replicas; 0 = never."""
+    max_connection_age_grace_s: float = Field(300, ge=0)
+    """After that GOAWAY, how long open streams may continue on the old connection."""
     idle_timeout_s: int = Field(300, ge=1)
     """Idle timeout granted to sessions that ask for none (Open.idle_timeout_s = 0)."""
     max_idle_timeout_s: int = Field(3600, ge=1)

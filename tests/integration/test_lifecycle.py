@@ -164,3 +164,25 @@ def test_a_cancelled_step_keeps_its_slot_until_the_engine_is_done(running_server
         a_slot, b_slot, used_during, used_after = srv.call(main())
     assert a_slot != b_slot
     assert used_during == 2 and used_after == 1
+
+
+def test_quiet_stream_with_client_keepalive_pings_is_not_cut(running_server, tiny_oracle):
+    """Client pings every 1 s on an idle stream; the server's ping policy (0.5 s) accepts them, so
+    the stream is not ended by GOAWAY too_many_pings (grpc's default policy would end it after ~3 s)."""
+    options = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.max_pings_without_data", 0)]
+    with running_server(min_client_ping_interval_s=0.5) as srv:
+
+        async def main() -> str:
+            async with grpc.aio.insecure_channel(srv.address, options=options) as ch:
+                call = pb_grpc.CellServeStub(ch).Stream()
+                await call.write(open_msg())
+                await call.read()
+                # The behaviour under test is about time passing on a quiet connection: ~4 pings.
+                await asyncio.sleep(4.5)
+                await call.write(step_msg(0, np.array([1], dtype=np.int64)))
+                kind = (await call.read()).WhichOneof("kind")
+                await call.done_writing()
+                return kind
+
+        assert asyncio.run(main()) == "output"
