@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 
@@ -163,11 +164,15 @@ class AsyncSession:
     # -- internals --------------------------------------------------------------------------------
 
     async def _write(self, req: pb.StreamRequest) -> None:
+        if self._call.done():  # the server already ended the stream: report its status, don't write
+            self._failed = True
+            raise await self._status_error()
         try:
             await self._call.write(req)
-        except (grpc.RpcError, grpc.aio.UsageError):
-            # A write can fail before the RPC's status arrives ("Internal error from Core"): report
-            # the status the server ended the stream with, which is the real reason.
+        except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            # Report the status the RPC ended with. A write that races the server's end of the stream
+            # can replace that status with INTERNAL "Internal error from Core" inside grpc's aio
+            # client (grpc/grpc#36066); the blocking Client is not affected.
             self._failed = True
             raise await self._status_error() from None
 
