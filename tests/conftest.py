@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -121,3 +125,53 @@ def running_server(tiny_model_dir: Path) -> Callable[..., AbstractContextManager
         return serve_in_thread(settings, hooks)
 
     return factory
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    port: int
+    metrics_port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def start_server_process(model_dir: Path, workdir: Path, *args: str, env: dict | None = None) -> ServerProcess:
+    """``cellserve serve`` as a child process on free ports; returns once its ready file says SERVING."""
+    ready = workdir / f"ready-{time.monotonic_ns()}.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellserve.server.cli", "serve", "--model-dirs", str(model_dir), "--host", "127.0.0.1",
+         "--port", "0", "--metrics-port", "auto", "--metrics-host", "127.0.0.1", "--ready-file", str(ready), *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists():  # written atomically once every model is SERVING
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server did not become ready: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.05)
+    info = json.loads(ready.read_text())
+    return ServerProcess(proc, info["port"], info["metrics_port"])
+
+
+@pytest.fixture
+def spawn_server(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Factory for ``cellserve serve`` child processes (tiny model); all are killed at teardown."""
+    started: list[ServerProcess] = []
+
+    def factory(*args: str, model_dir: Path | None = None) -> ServerProcess:
+        server = start_server_process(model_dir or tiny_model_dir, tmp_path, *args)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        server.proc.wait(10)
+        if server.proc.stderr:
+            server.proc.stderr.close()

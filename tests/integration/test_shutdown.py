@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,39 +15,23 @@ from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
 
-def start_server(model_dir: Path, tmp_path: Path, *args: str) -> tuple[subprocess.Popen, dict]:
-    ready = tmp_path / "ready.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cellserve.server.cli", "serve", "--model-dirs", str(model_dir), "--host", "127.0.0.1",
-         "--port", "0", "--metrics-port", "0", "--ready-file", str(ready), *args],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not ready.exists():  # the server writes it atomically once SERVING
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"server did not become ready: {proc.stderr.read()}")
-        time.sleep(0.05)
-    return proc, json.loads(ready.read_text())
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_an_idle_server_with_exit_code_0(tiny_model_dir, tmp_path, sig):
-    proc, info = start_server(tiny_model_dir, tmp_path, "--grace-s", "5")
+def test_signal_stops_an_idle_server_with_exit_code_0(spawn_server, sig):
+    server = spawn_server("--grace-s", "5")
+    proc, info = server.proc, {"port": server.port}
     try:
         with grpc.insecure_channel(f"127.0.0.1:{info['port']}") as ch:
             status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status
         assert status == health_pb2.HealthCheckResponse.SERVING
-        assert info["pid"] == proc.pid
         proc.send_signal(sig)
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
 
 
-def test_sigterm_finishes_in_flight_work_and_exits_within_the_grace(tiny_model_dir, tmp_path):
-    proc, info = start_server(tiny_model_dir, tmp_path, "--grace-s", "2")
+def test_sigterm_finishes_in_flight_work_and_exits_within_the_grace(spawn_server):
+    server = spawn_server("--grace-s", "2")
+    proc, info = server.proc, {"port": server.port}
     try:
         with grpc.insecure_channel(f"127.0.0.1:{info['port']}") as ch:
             stub = pb_grpc.CellServeStub(ch)
