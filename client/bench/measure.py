@@ -150,17 +150,14 @@ def _collect(
     total = per_stream * plan.streams if plan.messages else None
     bar = tqdm(total=total, desc=f"{target:>9} s={plan.streams} T={plan.t}", unit="msg", disable=not progress_bar,
                leave=False)  # fmt: skip
-    before = after = None
-    cpu_before = cpu_after = None
+    time.sleep(max(0.0, window.start_at - time.time()))  # warm-up runs; the window opens
+    before = ServerSnapshot.take(server_pid, metrics_url, info.name)
+    after: ServerSnapshot | None = None
     got: list[WorkerResult] = []
     while len(got) < len(workers):
         now = time.time()
-        if before is None and now >= window.start_at:
-            cpu_before = process_cpu_s(server_pid)
-            before = ServerCounters.read(metrics_url, info.name) if metrics_url else False
         if after is None and window.end_at and now >= window.end_at:
-            cpu_after = process_cpu_s(server_pid)
-            after = ServerCounters.read(metrics_url, info.name) if metrics_url else False
+            after = ServerSnapshot.take(server_pid, metrics_url, info.name)
         try:
             got.append(results.get(timeout=0.1))
         except queue.Empty:
@@ -173,19 +170,30 @@ def _collect(
     if errors:
         raise RuntimeError(f"{target}: load worker failed: {errors[0]}")
     if after is None:
-        cpu_after = process_cpu_s(server_pid)
-        after = ServerCounters.read(metrics_url, info.name) if metrics_url else False
+        after = ServerSnapshot.take(server_pid, metrics_url, info.name)
     lat = np.concatenate([np.frombuffer(r.latencies, np.float64) for r in got])
     end = window.end_at or max(r.finished for r in got)
     result = Result(target, plan.streams, plan.t, len(lat), max(end - window.start_at, 1e-9), lat)
     result.client_cpu_s_per_msg = sum(r.cpu_s for r in got) / max(1, sum(r.sent for r in got))
-    if cpu_before is not None and cpu_after is not None:
-        result.server_cpu_s_per_msg = (cpu_after - cpu_before) / max(1, len(lat))
-    if before and after:
-        delta = after - before
+    if before.cpu_s is not None and after.cpu_s is not None:
+        result.server_cpu_s_per_msg = (after.cpu_s - before.cpu_s) / max(1, len(lat))
+    if before.counters is not None and after.counters is not None:
+        delta = after.counters - before.counters
         result.mean_batch = delta.batch.mean
         result.engine_s_per_call = delta.engine.mean
     return result
+
+
+@dataclass(frozen=True)
+class ServerSnapshot:
+    """The target server's CPU time and (cellserve only) metric counters at one instant."""
+
+    cpu_s: float | None
+    counters: ServerCounters | None
+
+    @classmethod
+    def take(cls, pid: int | None, metrics_url: str | None, model: str) -> ServerSnapshot:
+        return cls(process_cpu_s(pid), ServerCounters.read(metrics_url, model) if metrics_url else None)
 
 
 def _first_error(results: Any) -> str:
