@@ -264,3 +264,21 @@ def test_a_stream_ended_by_a_protocol_error_raises_once_and_leaves_cleanly(runni
 
         asyncio.run(main())
         assert wait_no_active_sessions(srv)
+
+
+def test_interleaved_sessions_with_random_chunkings_each_match_their_oracle(running_server, tiny_oracle):
+    """Two sessions stepped alternately, each with its own random chunking: no state leaks between them."""
+    rng = np.random.default_rng(5)
+    with running_server() as srv, Client(srv.address) as client:
+        for _ in range(6):
+            seqs = [rng.integers(0, 256, size=int(rng.integers(1, 24)), dtype=np.int64) for _ in range(2)]
+            cuts = [np.sort(rng.choice(np.arange(1, len(q)), size=min(3, len(q) - 1), replace=False)) for q in seqs]
+            chunks = [np.split(q, c) for q, c in zip(seqs, cuts, strict=True)]
+            with client.session("tiny") as a, client.session("tiny") as b:
+                outs: list[list[np.ndarray]] = [[], []]
+                for i in range(max(len(c) for c in chunks)):
+                    for k, s in enumerate((a, b)):
+                        if i < len(chunks[k]):
+                            outs[k].append(s.step(chunks[k][i]))
+            for k in range(2):
+                np.testing.assert_allclose(np.concatenate(outs[k]), oracle_y(tiny_oracle, seqs[k]), atol=TOL)
