@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from pydantic import ValidationError
 
 from cellserve.server.health import Health
+from cellserve.server.interceptors import MalformedMessages
 from cellserve.server.metrics import Metrics
 from cellserve.server.models import ModelRepository
 from cellserve.server.oip_servicer import register as register_oip
@@ -65,6 +66,10 @@ class CellServer:
         """Register another service on the same port (call before ``start``)."""
         self._hooks.append(hook)
 
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Applied to every service on the port, in order."""
+        return [MalformedMessages()]
+
     def grpc_options(self) -> list[tuple[str, Any]]:
         s = self.settings
         options: list[tuple[str, Any]] = [
@@ -91,7 +96,7 @@ class CellServer:
             model.engine.warmup(sorted({1, s.max_batch}))
             model.scheduler.start()
         self.sessions.start()
-        server = grpc.aio.server(options=self.grpc_options())
+        server = grpc.aio.server(options=self.grpc_options(), interceptors=self.interceptors())
         cellserve_pb2_grpc.add_CellServeServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         names = [
