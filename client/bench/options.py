@@ -30,7 +30,12 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
         "--messages", type=int, default=0, help="messages per configuration and target (overrides --duration)"
     )
     p.add_argument("--warmup", type=float, default=0.5, help="seconds of unmeasured load before each measurement")
-    p.add_argument("--procs", type=int, default=0, help="client processes (0 = min(streams, 4))")
+    p.add_argument(
+        "--procs",
+        type=int,
+        default=0,
+        help="client processes (0 = min(streams, 2): one per core on the reference 2-core box)",
+    )
     p.add_argument(
         "--sweep", action="store_true", help=f"streams in {list(SWEEP_STREAMS)} x T in {list(SWEEP_T)}; one report"
     )
