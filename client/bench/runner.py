@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import platform
@@ -87,6 +88,13 @@ def _run(
         with Client(address) as client:
             client.wait_ready(30)
             info = client.model_info(args.model) if args.model else client.list_models()[0]
+        if model_dir is not None and {"naive", "ort"} & set(baselines):
+            local = json.loads((model_dir / "manifest.json").read_text()).get("sha256")
+            if local != info.sha256:
+                raise RuntimeError(
+                    f"the server serves {info.name!r} sha256 {info.sha256[:12]}…, but --model-dir {model_dir} holds "
+                    f"sha256 {str(local)[:12]}…; the baselines must run the same model file"
+                )
         addresses = {"cellserve": address}
         if "echo" in baselines:
             echo = stack.enter_context(ServerProcess(python_module("cellserve.client.bench.echo", "--ready-file",

@@ -97,3 +97,22 @@ def test_sweep_covers_the_streams_by_t_grid_and_single_runs_one_config():
     grid = bench_configs(p.parse_args(["--sweep"]))
     assert sorted(grid) == sorted((s, t) for s in (1, 16, 64, 256) for t in (1, 32))
     assert bench_configs(p.parse_args(["--streams", "5", "-T", "3"])) == [(5, 3)]
+
+
+def test_bench_refuses_baselines_on_a_different_model_than_the_server_serves(running_server, tmp_path):
+    """Against a running server, --model-dir must hold the served model: baselines run the same file."""
+    import json
+    import shutil
+
+    from cellserve.server.cli import main as cellserve_main
+
+    with running_server() as srv:
+        other = tmp_path / "other"
+        shutil.copytree(srv.server.settings.model_dirs[0], other)
+        manifest = json.loads((other / "manifest.json").read_text())
+        manifest["sha256"] = "0" * 64
+        (other / "manifest.json").write_text(json.dumps(manifest))
+        argv = ["bench", "--server", srv.address, "--model-dir", str(other), "--baselines", "ort", "--no-progress",
+                "--out", str(tmp_path / "out")]  # fmt: skip
+        assert cellserve_main(argv) == 2
+    assert not (tmp_path / "out" / "bench.json").exists()
