@@ -12,6 +12,12 @@ from typing import Any
 
 import grpc
 
+from cellserve.server.errors import InvalidArgument
+
+
+class MalformedRequest(InvalidArgument):
+    """A streamed request's bytes did not parse; raised out of the request iterator."""
+
 
 class _Malformed:
     __slots__ = ("error",)
@@ -30,10 +36,12 @@ def _safe(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse
 
 
+def _message(method: str, bad: _Malformed) -> str:
+    return f"request bytes are not a valid message for {method}: {bad.error}"
+
+
 async def _reject(context: grpc.aio.ServicerContext, method: str, bad: _Malformed) -> None:
-    await context.abort(
-        grpc.StatusCode.INVALID_ARGUMENT, f"request bytes are not a valid message for {method}: {bad.error}"
-    )
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(method, bad))
 
 
 class MalformedMessages(grpc.aio.ServerInterceptor):
@@ -52,8 +60,8 @@ class MalformedMessages(grpc.aio.ServerInterceptor):
 
         async def guarded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async for request in requests:
-                if isinstance(request, _Malformed):
-                    await _reject(context, method, request)
+                if isinstance(request, _Malformed):  # the handler maps it, or the wrappers below abort
+                    raise MalformedRequest(_message(method, request))
                 yield request
 
         if handler.unary_unary is not None:
@@ -83,13 +91,19 @@ class MalformedMessages(grpc.aio.ServerInterceptor):
             inner_su = handler.stream_unary
 
             async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                return await inner_su(guarded(requests, context), context)
+                try:
+                    return await inner_su(guarded(requests, context), context)
+                except MalformedRequest as e:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
 
             return handler._replace(request_deserializer=safe, stream_unary=stream_unary)
         inner_ss = handler.stream_stream
 
         async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async for response in inner_ss(guarded(requests, context), context):
-                yield response
+            try:
+                async for response in inner_ss(guarded(requests, context), context):
+                    yield response
+            except MalformedRequest as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
 
         return handler._replace(request_deserializer=safe, stream_stream=stream_stream)

@@ -20,6 +20,8 @@ from cellserve.server.state_pool import StatePool
 
 log = logging.getLogger(__name__)
 
+RESPONSE_OVERHEAD = 1024  # bytes of a response besides the output tensor's raw data (generous)
+
 
 @dataclass
 class LoadedModel:
@@ -30,6 +32,7 @@ class LoadedModel:
     pool: StatePool
     engine: Engine
     scheduler: Scheduler
+    max_output_steps: int  # most steps whose [T, O] float32 output fits in one response message
 
     @property
     def name(self) -> str:
@@ -38,6 +41,7 @@ class LoadedModel:
     def check_input(self, x: np.ndarray, max_steps: int) -> np.ndarray:
         """Validate one session's step input; returns it ready for the engine or raises InvalidArgument."""
         m = self.manifest
+        max_steps = min(max_steps, self.max_output_steps)
         want = np.dtype(m.tensor("input").dtype)
         if m.input_kind == "tokens":
             expect = f"model {m.name!r} expects {want} token ids of shape [T] with 1 <= T <= {max_steps}"
@@ -93,7 +97,8 @@ class ModelRepository:
                 mode=settings.engine_mode,
                 live_sessions=lambda pool=pool: pool.used,
             )
-            models[manifest.name] = LoadedModel(manifest, Path(model_dir), pool, engine, scheduler)
+            output_steps = (settings.max_message_bytes - RESPONSE_OVERHEAD) // (4 * manifest.output_size)
+            models[manifest.name] = LoadedModel(manifest, Path(model_dir), pool, engine, scheduler, output_steps)
             metrics.state_pool_bytes.labels(model=manifest.name).set(pool.nbytes)
             metrics.state_pool_slots.labels(model=manifest.name, state="used").set(0)
             metrics.state_pool_slots.labels(model=manifest.name, state="free").set(pool.capacity)

@@ -36,6 +36,9 @@ from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 READ_AHEAD = 2  # requests read from the wire before the previous one is answered
+# After `closed`, the stream stays open this long for the client's half-close; a message sent on it
+# in that time is answered FAILED_PRECONDITION (step after close), then the stream ends.
+CLOSE_LINGER_S = 5.0
 CLOSE_REASONS = {"client": pb.CLOSE_REASON_CLIENT, "idle": pb.CLOSE_REASON_IDLE, "drain": pb.CLOSE_REASON_DRAIN}
 # Errors of a single step: answered in-stream, the session goes on.
 STEP_ERRORS = (InvalidArgument, ResourceExhausted)
@@ -85,9 +88,9 @@ class CellServeServicer(pb_grpc.CellServeServicer):
                 )
             )
             while True:
-                if session.closed:  # after `close`: wait (bounded) for the client to half-close
+                if session.closed:  # after `close`: wait (briefly) for the client to half-close
                     try:
-                        item = await asyncio.wait_for(inbox.get(), session.idle_timeout_s)
+                        item = await asyncio.wait_for(inbox.get(), CLOSE_LINGER_S)
                     except TimeoutError:
                         return
                 else:
