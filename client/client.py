@@ -58,9 +58,12 @@ class Client:
         self._stub = pb_grpc.CellServeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._infos: dict[str, ModelInfo] = {}
+        self._extra: dict[str, grpc.Channel] = {}  # channels to the other targets (resume)
 
     def close(self) -> None:
         self._channel.close()
+        for channel in self._extra.values():
+            channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -90,7 +93,17 @@ class Client:
             idle_timeout_s=idle_timeout_s,
             resume_token=resume_token,
             metadata=self._metadata,
+            connect=self._stub_for,
         )
+
+    def _stub_for(self, target: str) -> pb_grpc.CellServeStub:
+        """A stub on ``target`` (channels are kept for the client's life)."""
+        if target == self.targets[0]:
+            return self._stub
+        channel = self._extra.get(target)
+        if channel is None:
+            channel = self._extra[target] = self.config.sync_channel(target)
+        return pb_grpc.CellServeStub(channel)
 
     # -- generate ---------------------------------------------------------------------------------
 

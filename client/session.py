@@ -35,16 +35,23 @@ class Session:
         idle_timeout_s: int = 0,
         resume_token: bytes = b"",
         metadata: tuple[tuple[str, str], ...] = (),
+        connect: Callable[[str], pb_grpc.CellServeStub] | None = None,
     ) -> None:
         self.state = state
+        self._metadata = metadata
+        self._connect = connect  # stub for another target: enables transparent resume on drain
+        self._target = 0  # index in state.targets of the server holding the session
+        self._open_on(stub, model, idle_timeout_s, resume_token)
+        self.info = info_for(state.model)
+
+    def _open_on(self, stub: pb_grpc.CellServeStub, model: str, idle_timeout_s: int, token: bytes) -> None:
         self._requests: queue.Queue[object] = queue.Queue()
         self._ended = False
         self._failed = False  # the stream ended with an error status: nothing left to close
-        self._requests.put(state.open_request(model, idle_timeout_s, resume_token))
-        self._call = stub.Stream(iter(self._requests.get, _END), metadata=metadata)
+        self._requests.put(self.state.open_request(model, idle_timeout_s, token))
+        self._call = stub.Stream(iter(self._requests.get, _END), metadata=self._metadata)
         try:
-            state.on_opened(self._next())
-            self.info = info_for(state.model)
+            self.state.on_opened(self._next())
         except BaseException:
             self._abandon()
             raise
@@ -65,12 +72,26 @@ class Session:
         seq = req.step.seq
         self._requests.put(req)
         while True:
-            out = self.state.on_response(self._next())  # raises StepRejected for this step
+            try:
+                resp = self._next()
+            except UnavailableError:
+                if not self._can_resume():
+                    raise
+                self._resume_elsewhere(self.state.resume_token)  # the token predates this step:
+                self._requests.put(req)  # send it again from the token's state
+                continue
+            out = self.state.on_response(resp)  # raises StepRejected for this step
             if out is not None:
                 if out.seq != seq:
                     raise UnavailableError(f"server answered seq {out.seq} while seq {seq} was expected")
+                if self.state.draining and self._can_resume():
+                    self._move()
                 return out.y
             if self.state.closed_reason is not None:
+                if self.state.closed_reason == "drain" and self._can_resume():
+                    self._resume_elsewhere(self.state.resume_token)
+                    self._requests.put(req)
+                    continue
                 self._half_close()
                 raise self.state.closed_error()
 
@@ -115,6 +136,35 @@ class Session:
             self.close()
         except CellserveClientError:
             self._abandon()
+
+    # -- transparent resume -----------------------------------------------------------------------
+
+    def _can_resume(self) -> bool:
+        return self._connect is not None and bool(self.state.resume_token) and len(self.state.targets) > 1
+
+    def _move(self) -> None:
+        """The server is draining: take an exact token, leave it, continue on the next target."""
+        token = self.snapshot()
+        self.close()
+        self._resume_elsewhere(token)
+
+    def _resume_elsewhere(self, token: bytes) -> None:
+        """Open the session on the other targets in turn with ``token``; UnavailableError if none takes it."""
+        assert self._connect is not None
+        self._half_close()
+        errors = []
+        n = len(self.state.targets)
+        for k in range(1, n):
+            index = (self._target + k) % n
+            self.state.closed_reason, self.state.draining = None, False
+            try:
+                self._open_on(self._connect(self.state.targets[index]), self.state.model, 0, token)
+            except CellserveClientError as e:
+                errors.append(f"{self.state.targets[index]}: {e}")
+                continue
+            self._target = index
+            return
+        raise UnavailableError(f"no other server of {self.state.targets} took the session: " + "; ".join(errors))
 
     # -- internals --------------------------------------------------------------------------------
 
