@@ -10,6 +10,7 @@ and float32 keeps ~7 significant digits, so a fixed absolute bound would reject 
 
 from __future__ import annotations
 
+import copy
 import logging
 import platform
 import time
@@ -86,27 +87,37 @@ def check_parity(model: LSTMModel, onnx_path: Path, *, seed: int = 0) -> float:
     Returns the largest scaled difference ``|ort - torch| / max(1, |torch|)`` seen over y, hn and cn.
     """
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    exact = copy.deepcopy(model).double()
     rng = np.random.default_rng(seed)
     worst = 0.0
     for batch, steps in PARITY_GRID:
         feeds = example_inputs(model.cfg, batch, steps, rng)
+        args = (torch.from_numpy(feeds["h0"]), torch.from_numpy(feeds["c0"]))
         with torch.no_grad():
-            y, (hn, cn) = model(
-                torch.from_numpy(feeds["x"]), (torch.from_numpy(feeds["h0"]), torch.from_numpy(feeds["c0"]))
+            y, (hn, cn) = model(torch.from_numpy(feeds["x"]), args)
+            x64 = (
+                torch.from_numpy(feeds["x"])
+                if model.cfg.input_kind == "tokens"
+                else torch.from_numpy(feeds["x"]).double()
             )
+            y64, (hn64, cn64) = exact(x64, (args[0].double(), args[1].double()))
         got = sess.run(["y", "hn", "cn"], feeds)
-        for name, want, have in zip(("y", "hn", "cn"), (y, hn, cn), got, strict=True):
+        for name, want, have, truth in zip(("y", "hn", "cn"), (y, hn, cn), got, (y64, hn64, cn64), strict=True):
             if have.shape != tuple(want.shape):
                 raise ExportError(f"parity: {name} has shape {have.shape} in onnxruntime, {tuple(want.shape)} in torch")
             ref = want.numpy()
-            scaled = np.abs(have - ref) / np.maximum(1.0, np.abs(ref))
-            diff = float(np.max(scaled)) if have.size else 0.0
+            diff = _scaled_max(have, ref)
             worst = max(worst, diff)
-            if not diff <= PARITY_ATOL:
+            if diff <= PARITY_ATOL:
+                continue
+            # Over long sequences a trained model's float32 rounding compounds; then onnxruntime passes only
+            # if it is no further from the float64 result than torch's own float32 run is (x2).
+            floor = _scaled_max(ref, truth.numpy())
+            if _scaled_max(have, truth.numpy()) > 2 * floor + PARITY_ATOL:
                 raise ExportError(
                     f"parity check failed: output {name!r} at B={batch}, T={steps} differs from torch by {diff:.3g} "
-                    f"(|diff| / max(1, |torch|); tolerance {PARITY_ATOL}); the exported graph does not reproduce the "
-                    "model"
+                    f"(|diff| / max(1, |torch|); tolerance {PARITY_ATOL}), and from float64 by more than torch's "
+                    "own float32 error; the exported graph does not reproduce the model"
                 )
     return worst
 
@@ -123,6 +134,11 @@ def _export(model: LSTMModel, args: tuple[torch.Tensor, ...], onnx_path: Path) -
         opset_version=OPSET,
         dynamo=False,
     )
+
+
+def _scaled_max(a: np.ndarray, ref: np.ndarray) -> float:
+    """max |a - ref| / max(1, |ref|) (0 for empty arrays)."""
+    return float(np.max(np.abs(a - ref) / np.maximum(1.0, np.abs(ref)))) if a.size else 0.0
 
 
 def library_versions() -> dict[str, str]:
