@@ -154,10 +154,6 @@ class CellServer:
             self.sessions.close_all("drain", "the drain grace period ended; resume with the draining token")
         await self.stop(grace_s=min(grace, 1.0))
 
-    async def wait(self) -> None:
-        if self._grpc is not None:
-            await self._grpc.wait_for_termination()
-
 
 def load_token_keys(settings: Settings) -> TokenKeys:
     """Resume-token keys from the settings, or one random key (tokens then resume on this process only)."""

@@ -82,10 +82,6 @@ class Scheduler:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
-    @property
-    def queued(self) -> int:
-        return self._queue.qsize()
-
     async def submit(self, slot: int, x: np.ndarray) -> np.ndarray:
         """Queue one session's step (``x`` is [T] or [T, I]) and wait for its output [T, O]."""
         return await self.enqueue(slot, x)
