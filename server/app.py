@@ -33,6 +33,7 @@ from cellserve.server.metrics import Metrics
 from cellserve.server.models import ModelRepository
 from cellserve.server.oip_servicer import register as register_oip
 from cellserve.server.resume_token import TokenCodec, TokenKeys
+from cellserve.server.security import AcceptedTokens, BearerAuth, CertificateFiles
 from cellserve.server.servicer import CellServeServicer
 from cellserve.server.sessions import SessionManager
 from cellserve.server.settings import Settings
@@ -56,6 +57,19 @@ class CellServer:
         self.health = Health([m.name for m in self.models])
         self.tokens = TokenCodec(load_token_keys(settings), settings.token_ttl_s)
         self.servicer = CellServeServicer(self.sessions, settings, self.metrics, self.tokens)
+        self.tls = (
+            CertificateFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+            if settings.tls_cert_file is not None and settings.tls_key_file is not None
+            else None
+        )
+        self.auth_tokens = (
+            AcceptedTokens(
+                settings.auth_tokens.get_secret_value() if settings.auth_tokens is not None else None,
+                settings.auth_tokens_file,
+            )
+            if settings.auth_enabled
+            else None
+        )
         self.port = 0
         self.metrics_port = 0
         self._hooks: list[ServicerHook] = []
@@ -67,8 +81,12 @@ class CellServer:
         self._hooks.append(hook)
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """Applied to every service on the port, in order."""
-        return [MalformedMessages()]
+        """Applied to every service on the port, outermost first: authentication before anything else."""
+        chain: list[grpc.aio.ServerInterceptor] = []
+        if self.auth_tokens is not None:
+            denied = self.metrics.errors.labels(code=grpc.StatusCode.UNAUTHENTICATED.name)
+            chain.append(BearerAuth(self.auth_tokens, on_deny=denied.inc))
+        return [*chain, MalformedMessages()]
 
     def grpc_options(self) -> list[tuple[str, Any]]:
         s = self.settings
@@ -107,7 +125,11 @@ class CellServer:
         for hook in self._hooks:
             names += hook(server, self)
         reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        address = f"{s.host}:{s.port}"
+        if self.tls is not None:
+            self.port = server.add_secure_port(address, self.tls.credentials())
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind the gRPC port {s.host}:{s.port}")
         await server.start()
@@ -119,7 +141,13 @@ class CellServer:
         await self.health.serving()
         log.info(
             "serving",
-            extra={"port": self.port, "metrics_port": self.metrics_port, "models": [m.name for m in self.models]},
+            extra={
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "models": [m.name for m in self.models],
+                "tls": "mutual" if s.tls_client_ca_file else bool(self.tls),
+                "bearer_auth": self.auth_tokens is not None,
+            },
         )
         if s.ready_file is not None:
             tmp = Path(f"{s.ready_file}.tmp")

@@ -1,20 +1,100 @@
-"""Who may talk to the server: TLS credentials from files and a bearer-token interceptor.
+"""Who may talk to the server: TLS (optionally mutual) from files, and bearer tokens.
 
-Not yet wired into ``CellServer.start()`` (see /work/notes/issue-8b.md). Certificates are read
-once, at start: a changed cert/key takes effect on restart.
+Both are re-read when their files change, so a rotated certificate or token list takes effect
+without a restart: certificates at the next new connection's handshake, tokens within a second.
+A file that does not parse keeps the previous contents in force (and logs a warning); secrets are
+never logged.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
+import ssl
+import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import grpc
 
-MESSAGE = "missing or invalid bearer token in the 'authorization' metadata"
+log = logging.getLogger(__name__)
+
+MESSAGE = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
+# Probes and discovery stay open: health checks (kubelet, load balancers) and server reflection.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+TOKEN_RECHECK_S = 1.0
+
+
+def _stamp(paths: Iterable[Path | None]) -> tuple[tuple[int, int], ...]:
+    """(mtime_ns, size) of each file: cheap to take, changes when a file is rewritten or replaced."""
+    out = []
+    for p in paths:
+        if p is not None:
+            st = p.stat()
+            out.append((st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+
+class CertificateFiles:
+    """Server certificate, key and optional client CA (mutual TLS), re-read when the files change.
+
+    gRPC asks ``fetch`` at every new connection's handshake; it answers ``None`` (keep the current
+    configuration) unless the files changed and the new certificate and key match.
+    """
+
+    def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None = None) -> None:
+        self.cert_file, self.key_file, self.client_ca_file = cert_file, key_file, client_ca_file
+        self.reloads = 0
+        self._lock = threading.Lock()
+        self._stamp = _stamp(self._paths())
+        try:
+            self._initial = self._read()  # fail fast on a bad pair at start
+        except (OSError, ssl.SSLError, ValueError) as e:
+            raise ValueError(
+                f"TLS: cannot use certificate {cert_file} with key {key_file}"
+                + (f" and client CA {client_ca_file}" if client_ca_file else "")
+                + f": {e} (PEM files expected; the key must match the certificate)"
+            ) from e
+
+    def _paths(self) -> tuple[Path | None, ...]:
+        return (self.cert_file, self.key_file, self.client_ca_file)
+
+    def _read(self) -> grpc.ServerCertificateConfiguration:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert_file, self.key_file)
+        ca = self.client_ca_file.read_bytes() if self.client_ca_file is not None else None
+        if self.client_ca_file is not None:
+            ssl.create_default_context(cafile=self.client_ca_file)  # parses, or raises
+        pair = (self.key_file.read_bytes(), self.cert_file.read_bytes())
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=ca)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """Called by gRPC before each handshake (on a gRPC thread)."""
+        with self._lock:
+            try:
+                stamp = _stamp(self._paths())
+                if stamp == self._stamp:
+                    return None
+                self._stamp = stamp  # a bad new file is tried once, not at every handshake
+                config = self._read()
+            except (OSError, ssl.SSLError, ValueError) as e:
+                log.warning("TLS files changed but cannot be used; keeping the previous ones", extra={"error": str(e)})
+                return None
+            self.reloads += 1
+            log.info("TLS certificate reloaded", extra={"cert_file": str(self.cert_file), "reloads": self.reloads})
+            return config
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial, self.fetch, require_client_authentication=self.client_ca_file is not None
+        )
+
+
+# -- bearer tokens ---------------------------------------------------------------------------------
 
 
 def parse_tokens(raw: str) -> list[str]:
@@ -24,46 +104,73 @@ def parse_tokens(raw: str) -> list[str]:
     return [str(t).strip() for t in items if str(t).strip()]
 
 
-def load_tokens(secret: str | None, path: Path | None) -> list[str]:
-    """Tokens from the secret setting and the tokens file (one per line or comma/JSON), merged."""
-    tokens = parse_tokens(secret) if secret else []
-    if path is not None:
-        for line in path.read_text().splitlines():
+def _file_tokens(path: Path) -> list[str]:
+    """One or more tokens per line (comma-separated or a JSON list); ``#`` lines are comments."""
+    tokens: list[str] = []
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
             tokens.extend(parse_tokens(line))
     return tokens
 
 
-def server_credentials(
-    cert_file: Path, key_file: Path, client_ca_file: Path | None = None
-) -> grpc.ServerCredentials:
-    """TLS server credentials; a client CA file turns on mutual TLS (client cert required)."""
-    pair = (key_file.read_bytes(), cert_file.read_bytes())
-    ca = client_ca_file.read_bytes() if client_ca_file is not None else None
-    return grpc.ssl_server_credentials(
-        [pair], root_certificates=ca, require_client_auth=ca is not None
-    )
+class AcceptedTokens:
+    """The tokens from the secret setting plus the tokens file; the file is re-read when it changes."""
+
+    def __init__(self, secret: str | None, path: Path | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._fixed = parse_tokens(secret) if secret else []
+        self._path = path
+        self._clock = clock
+        self._stamp = _stamp([path])
+        self._checked = clock()
+        self._tokens = self._merge(_file_tokens(path) if path is not None else [])
+        if not self._tokens:
+            raise ValueError("bearer auth is configured but no token was given (auth_tokens / auth_tokens_file)")
+
+    def _merge(self, from_file: list[str]) -> tuple[bytes, ...]:
+        return tuple(t.encode() for t in [*self._fixed, *from_file])
+
+    def current(self) -> tuple[bytes, ...]:
+        if self._path is not None and self._clock() - self._checked >= TOKEN_RECHECK_S:
+            self._checked = self._clock()
+            self._reload(self._path)
+        return self._tokens
+
+    def _reload(self, path: Path) -> None:
+        try:
+            stamp = _stamp([path])
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp
+            from_file = _file_tokens(path)
+        except (OSError, ValueError) as e:
+            log.warning("tokens file changed but cannot be read; keeping the previous tokens", extra={"error": str(e)})
+            return
+        if not from_file:
+            log.warning("tokens file is now empty; keeping the previous tokens", extra={"file": str(path)})
+            return
+        self._tokens = self._merge(from_file)
+        log.info("bearer tokens reloaded", extra={"file": str(path), "count": len(self._tokens)})
+
+    def accepts(self, given: bytes) -> bool:
+        # compare against every token so the time taken does not tell which one (if any) matched
+        hits = [hmac.compare_digest(given, t) for t in self.current()]
+        return any(hits)
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
     """Rejects calls without an accepted ``authorization: Bearer <token>``; probes stay open."""
 
-    def __init__(self, tokens: Iterable[str]) -> None:
-        self._tokens = [t.encode() for t in tokens]
-        if not self._tokens:
-            raise ValueError("BearerAuth needs at least one token")
+    def __init__(self, tokens: AcceptedTokens, on_deny: Callable[[], None] = lambda: None) -> None:
+        self._tokens = tokens
+        self._on_deny = on_deny
 
     def _accepted(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> bool:
         for key, value in metadata or ():
             if key != "authorization":
                 continue
-            text = value.decode() if isinstance(value, bytes) else value
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
             scheme, _, token = text.partition(" ")
-            if scheme.lower() != "bearer":
-                return False
-            given = token.strip().encode()
-            # compare against every token so timing does not tell which one matched
-            hits = [hmac.compare_digest(given, t) for t in self._tokens]
-            return any(hits)
+            return scheme.lower() == "bearer" and self._tokens.accepts(token.strip().encode())
         return False
 
     async def intercept_service(
@@ -74,20 +181,20 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         method = details.method or ""
         if method.startswith(OPEN_PREFIXES) or self._accepted(details.invocation_metadata):
             return await continuation(details)
-        return _deny(await continuation(details))
+        handler = await continuation(details)
+        if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
+            return None
+        self._on_deny()
+        return _deny(handler)
 
 
-def _deny(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
-    if handler is None:
-        return None
+def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape that aborts UNAUTHENTICATED without parsing the request."""
 
     async def abort(_request: object, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, MESSAGE)
 
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    kw = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort, **kw)
     if handler.request_streaming:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -85,6 +85,16 @@ class Settings(BaseSettings):
     """File with the resume-token keys (same JSON); used when token_keys is unset."""
     token_ttl_s: int = Field(3600, ge=1)
     """How long a resume token (snapshot or drain) stays valid, in seconds."""
+    tls_cert_file: FilePath | None = None
+    """PEM server certificate (chain): serve TLS on the gRPC port. Re-read when the file changes."""
+    tls_key_file: FilePath | None = None
+    """PEM private key of tls_cert_file. Re-read when the file changes."""
+    tls_client_ca_file: FilePath | None = None
+    """PEM CA bundle: require mutual TLS, clients must present a certificate signed by it."""
+    auth_tokens: SecretStr | None = None
+    """Bearer tokens accepted (comma-separated or JSON list); every RPC but health/reflection must send one."""
+    auth_tokens_file: FilePath | None = None
+    """File of accepted bearer tokens (one or more per line, '#' comments); re-read when it changes."""
     ready_file: Path | None = None
     """If set, write {"port", "metrics_port", "pid"} as JSON here once every model is SERVING."""
 
@@ -96,4 +106,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"idle_timeout_s ({self.idle_timeout_s}) exceeds max_idle_timeout_s ({self.max_idle_timeout_s})"
             )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file: give both (TLS) or neither (plaintext)")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth_tokens is not None or self.auth_tokens_file is not None

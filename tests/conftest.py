@@ -142,8 +142,25 @@ def start_server_process(model_dir: Path, workdir: Path, *args: str, env: dict |
     """``cellserve serve`` as a child process on free ports; returns once its ready file says SERVING."""
     ready = workdir / f"ready-{time.monotonic_ns()}.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cellserve.server.cli", "serve", "--model-dirs", str(model_dir), "--host", "127.0.0.1",
-         "--port", "0", "--metrics-port", "auto", "--metrics-host", "127.0.0.1", "--ready-file", str(ready), *args],
+        [
+            sys.executable,
+            "-m",
+            "cellserve.server.cli",
+            "serve",
+            "--model-dirs",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "auto",
+            "--metrics-host",
+            "127.0.0.1",
+            "--ready-file",
+            str(ready),
+            *args,
+        ],
         stderr=subprocess.PIPE,
         text=True,
         env=env,
@@ -175,3 +192,111 @@ def spawn_server(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Callable[...,
         server.proc.wait(10)
         if server.proc.stderr:
             server.proc.stderr.close()
+
+
+# -- certificates (the `cryptography` package): a CA, and server/client certificates it signs ----------
+
+
+@dataclass
+class Issued:
+    cert: bytes
+    key: bytes
+
+
+@dataclass
+class CertAuthority:
+    """A throwaway certificate authority (EC P-256, one hour)."""
+
+    name: str
+    key: Any
+    cert: Any
+
+    @classmethod
+    def create(cls, name: str) -> CertAuthority:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, name)])
+        return cls(name, key, _sign(subject, key.public_key(), subject, key, ca=True, sans=()))
+
+    @property
+    def pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, common_name: str, sans: tuple[str, ...] = ("localhost", "127.0.0.1")) -> Issued:
+        """A leaf certificate (server and client use) for ``sans`` (DNS names or IP addresses)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, common_name)])
+        cert = _sign(subject, key.public_key(), self.cert.subject, self.key, ca=False, sans=sans)
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return Issued(cert.public_bytes(serialization.Encoding.PEM), key_pem)
+
+
+def _sign(subject: Any, public_key: Any, issuer: Any, issuer_key: Any, *, ca: bool, sans: tuple[str, ...]) -> Any:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    now = datetime.datetime.now(datetime.UTC)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if sans:
+        names: list[Any] = []
+        for san in sans:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(san)))
+            except ValueError:
+                names.append(x509.DNSName(san))
+        b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+@dataclass
+class Pki:
+    """One CA with a server and a client certificate, plus an unrelated CA ("other") and its client."""
+
+    ca: CertAuthority
+    server: Issued
+    client: Issued
+    other_ca: CertAuthority
+    other_client: Issued
+
+    def write(self, directory: Path) -> dict[str, Path]:
+        """PEM files: ca, server_cert, server_key, client_cert, client_key, other_ca."""
+        files = {
+            "ca": self.ca.pem,
+            "server_cert": self.server.cert,
+            "server_key": self.server.key,
+            "client_cert": self.client.cert,
+            "client_key": self.client.key,
+            "other_ca": self.other_ca.pem,
+        }
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (directory / f"{name}.pem").write_bytes(data)
+        return {name: directory / f"{name}.pem" for name in files}
+
+
+@pytest.fixture(scope="session")
+def pki() -> Pki:
+    ca, other = CertAuthority.create("cellserve-test-ca"), CertAuthority.create("some-other-ca")
+    return Pki(ca, ca.issue("localhost"), ca.issue("test-client"), other, other.issue("stranger"))

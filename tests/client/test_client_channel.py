@@ -2,75 +2,20 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cellserve.client import TLS, ChannelConfig, Client, UnauthenticatedError, UnavailableError
 from cellserve.server.cli import main as cellserve_main
 
 TOKEN = "s3cret"
-
-
-def _cert(name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple | None, ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_name, issuer_key = issuer if issuer else (subject, key)
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return b.sign(issuer_key, hashes.SHA256())
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-@dataclass
-class Pki:
-    ca: bytes
-    server_cert: bytes
-    server_key: bytes
-    client_cert: bytes
-    client_key: bytes
-
-
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("test-ca", ca_key, None, ca=True)
-    keys = {n: ec.generate_private_key(ec.SECP256R1()) for n in ("server", "client")}
-    certs = {n: _cert(n, k, (ca.subject, ca_key), ca=False) for n, k in keys.items()}
-    return Pki(
-        _pem(ca), _pem(certs["server"]), _key_pem(keys["server"]), _pem(certs["client"]), _key_pem(keys["client"])
-    )
 
 
 @dataclass
@@ -115,8 +60,8 @@ def _health_server(credentials: grpc.ServerCredentials | None) -> Iterator[Healt
 
 
 @pytest.fixture
-def mtls_server(pki: Pki) -> Iterator[HealthServer]:
-    creds = grpc.ssl_server_credentials([(pki.server_key, pki.server_cert)], pki.ca, require_client_auth=True)
+def mtls_server(pki: Any) -> Iterator[HealthServer]:
+    creds = grpc.ssl_server_credentials([(pki.server.key, pki.server.cert)], pki.ca.pem, require_client_auth=True)
     yield from _health_server(creds)
 
 
@@ -126,8 +71,8 @@ def plain_server() -> Iterator[HealthServer]:
 
 
 def test_mutual_tls_with_bearer_token_and_metadata_reaches_the_server(mtls_server, pki, tmp_path: Path):
-    (tmp_path / "ca.pem").write_bytes(pki.ca)  # paths and PEM bytes are both accepted
-    tls = TLS(root_certificates=tmp_path / "ca.pem", client_certificate=pki.client_cert, client_key=pki.client_key)
+    (tmp_path / "ca.pem").write_bytes(pki.ca.pem)  # paths and PEM bytes are both accepted
+    tls = TLS(root_certificates=tmp_path / "ca.pem", client_certificate=pki.client.cert, client_key=pki.client.key)
     config = ChannelConfig(tls=tls, bearer_token=TOKEN, metadata=(("X-Tenant", "blue"),))
     with Client(f"localhost:{mtls_server.port}", config, timeout_s=10) as client:
         assert client.health() == "SERVING"
@@ -136,7 +81,7 @@ def test_mutual_tls_with_bearer_token_and_metadata_reaches_the_server(mtls_serve
 
 
 def test_missing_token_is_unauthenticated_with_the_server_message(mtls_server, pki):
-    tls = TLS(root_certificates=pki.ca, client_certificate=pki.client_cert, client_key=pki.client_key)
+    tls = TLS(root_certificates=pki.ca.pem, client_certificate=pki.client.cert, client_key=pki.client.key)
     config = ChannelConfig(tls=tls)
     with (
         Client(f"localhost:{mtls_server.port}", config, timeout_s=10) as client,
@@ -147,14 +92,14 @@ def test_missing_token_is_unauthenticated_with_the_server_message(mtls_server, p
 
 
 def test_tls_without_the_client_certificate_is_refused(mtls_server, pki):
-    config = ChannelConfig(tls=TLS(root_certificates=pki.ca), bearer_token=TOKEN)
+    config = ChannelConfig(tls=TLS(root_certificates=pki.ca.pem), bearer_token=TOKEN)
     with Client(f"localhost:{mtls_server.port}", config, timeout_s=5) as client, pytest.raises(UnavailableError):
         client.health()
 
 
 def test_half_a_client_certificate_is_a_configuration_error(pki):
     with pytest.raises(ValueError, match="both client_certificate and client_key"):
-        ChannelConfig(tls=TLS(pki.ca, client_certificate=pki.client_cert)).sync_channel("localhost:1")
+        ChannelConfig(tls=TLS(pki.ca.pem, client_certificate=pki.client.cert)).sync_channel("localhost:1")
 
 
 def test_channel_options_carry_keepalive_and_message_size():
