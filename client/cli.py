@@ -1,4 +1,4 @@
-"""Client subcommands: ``cellserve models``, ``cellserve health``, ``cellserve bench``, and the
+"""Client subcommands: ``cellserve models``, ``cellserve health``, ``cellserve bench [soak]``, and the
 ``--server`` half of ``cellserve generate`` (``remote_generate``).
 
 Nothing heavy is imported at module level; each handler imports the SDK when it runs.
@@ -49,13 +49,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="benchmark a server against same-run baselines (echo, naive stateless, raw onnxruntime)",
         description="Drive N concurrent sessions with T steps per message from several client processes; "
-        "print a table, write JSON and a PNG. Without --server, starts `cellserve serve` on port 0 itself.",
+        "print a table, write JSON and a PNG. Without --server, starts `cellserve serve` on port 0 itself. "
+        "`cellserve bench soak --help`: the long-running churn soak instead.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    from cellserve.client.bench.options import add_bench_flags
+    from cellserve.client.bench.options import add_bench_flags, add_soak_flags
 
     add_bench_flags(p)
     p.set_defaults(func=_bench)
+    benches = p.add_subparsers(dest="bench_command", title="other benchmarks", metavar="{soak}")
+    s = benches.add_parser(
+        "soak",
+        help="churn sessions for minutes; record RSS, slots and latency over time (JSON + PNG)",
+        description="K workers loop through sessions (open, random steps, a few invalid ones, close or drop "
+        "abruptly) while the server's RSS, state slots and step latency are sampled. At the end the soak waits "
+        "for every slot to be free, prints a summary, writes soak.json and soak.png, and exits 1 on an "
+        "unexpected error, a slot still used, or RSS growth after warm-up above --max-rss-growth. "
+        "Without --server, starts `cellserve serve` on port 0 itself.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_soak_flags(s)
+    s.set_defaults(func=_soak)
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -127,3 +141,9 @@ def _bench(args: argparse.Namespace) -> int:
     from cellserve.client.bench.runner import run_bench
 
     return run_bench(args)
+
+
+def _soak(args: argparse.Namespace) -> int:
+    from cellserve.client.bench.soak import run_soak
+
+    return run_soak(args)

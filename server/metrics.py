@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from cellserve import __version__
 
@@ -61,3 +61,6 @@ class Metrics:
         self.errors = Counter(p + "errors", "Errors returned to clients, by gRPC code.", ["code"], registry=registry)
         self.build_info = Gauge(p + "build_info", "Always 1; labels carry the build.", ["version"], registry=registry)
         self.build_info.labels(version=__version__).set(1)
+        # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total ... (Linux /proc): the soak
+        # bench and operators watch them for leaks. Unprefixed, as every Prometheus client exports them.
+        ProcessCollector(registry=registry)

@@ -50,3 +50,36 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+
+
+def add_soak_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of ``cellserve bench soak``."""
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--minutes", type=float, default=None, help="soak length in minutes (default 10)")
+    length.add_argument("--seconds", type=float, default=None, help="soak length in seconds (for short runs)")
+    p.add_argument("--server", default=None, metavar="HOST:PORT", help="soak this server (default: start one)")
+    p.add_argument(
+        "--metrics-url",
+        default=None,
+        help="server /metrics URL for RSS, slots and sessions (default: the started server's; needed with --server)",
+    )
+    p.add_argument("--model-dir", type=Path, default=None, help="model served when the soak starts the server")
+    p.add_argument("--model", default="", help="model name on the server ('' = its default)")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="FLAG", help="extra flag for the started server")
+    p.add_argument("--workers", type=int, default=32, help="concurrent sessions (each worker loops open..end)")
+    p.add_argument("--min-messages", type=int, default=1, help="fewest step messages a session sends")
+    p.add_argument("--max-messages", type=int, default=64, help="most step messages a session sends")
+    p.add_argument("--max-t", type=int, default=16, help="steps per message drawn from [1, max-t]")
+    p.add_argument("--p-drop", type=float, default=0.25, help="share of sessions dropped abruptly instead of closed")
+    p.add_argument("--p-bad-step", type=float, default=0.02, help="share of messages replaced by an invalid step")
+    p.add_argument("--think-ms", type=float, default=2.0, help="mean pause between a session's messages (ms)")
+    p.add_argument("--warmup", type=float, default=0.2, help="warm-up share of the run (RSS baseline after it)")
+    p.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples")
+    p.add_argument("--settle-timeout", type=float, default=30.0, help="seconds to wait for every slot to be free")
+    p.add_argument(
+        "--max-rss-growth", type=float, default=5.0, help="fail when RSS grows more than this %% after warm-up"
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/soak"), help="directory for soak.json and soak.png")
+    p.add_argument("--seed", type=int, default=0, help="seed of the churn")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--note", default="", help="free text stored in soak.json and shown on the plot (e.g. the box)")
