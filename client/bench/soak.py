@@ -86,12 +86,16 @@ class SoakPlan:
 
 
 @dataclass(frozen=True)
-class _UncheckedInfo(ModelInfo):
+class UncheckedInfo(ModelInfo):
     """The model's description with the SDK's client-side input check turned off.
 
     Installed on a session for one injected step only, so the invalid input reaches the server
     (the SDK would refuse it before sending) and the server's own validation is what is soaked.
     """
+
+    @classmethod
+    def of(cls, info: ModelInfo) -> UncheckedInfo:
+        return cls(**{f.name: getattr(info, f.name) for f in fields(info)})
 
     def check_input(self, x: object) -> np.ndarray:
         return np.asarray(x)
@@ -161,7 +165,7 @@ class Churn:
     def __init__(self, address: str, info: ModelInfo, plan: SoakPlan, tally: Tally) -> None:
         self.address = address
         self.info = info
-        self.unchecked = _UncheckedInfo(**{f.name: getattr(info, f.name) for f in fields(info)})
+        self.unchecked = UncheckedInfo.of(info)
         self.plan = plan
         self.tally = tally
         self.stop = asyncio.Event()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
 
-from cellserve.client import Client
+from cellserve.client import Client, StepRejected
+from cellserve.client.bench.soak import UncheckedInfo, bad_step, good_step
 from cellserve.client.bench.soak_probe import ServerReading
 from cellserve.client.bench.soak_report import rss_summary
 from cellserve.server.cli import build_parser
@@ -63,6 +66,28 @@ def test_soak_fails_when_a_slot_is_still_used_at_the_end(spawn_server, tmp_path)
     assert not report["passed"]
     assert report["checks"]["slots_all_free_at_end"] == {"ok": False, "value": 1.0}
     assert report["checks"]["no_unexpected_errors"]["ok"]
+
+
+@pytest.mark.parametrize("kind", ["tokens", "features"])
+def test_every_injected_bad_step_kind_is_invalid_argument_and_the_session_goes_on(kind, running_server, tmp_path):
+    from cellserve.model.export import export_random_model
+
+    export_random_model(tmp_path, name="m", input_kind=kind, input_size=5, output_size=3, layers=1, hidden=8)
+    rng = np.random.default_rng(0)
+    with running_server(model_dirs=[tmp_path]) as srv, Client(srv.address) as client, client.session() as s:
+        info = s.info
+        seen: set[str] = set()
+        for _ in range(200):
+            name, x = bad_step(info, rng)
+            seen.add(name)
+            s.info = UncheckedInfo.of(info)
+            with pytest.raises(StepRejected) as e:
+                s.step(x)
+            s.info = info
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT, (name, e.value)
+            assert s.step(good_step(info, 2, rng)).shape == (2, 3)
+        assert len(seen) == 6
+        assert s.steps == 400
 
 
 def test_rss_growth_above_the_limit_fails_the_check():
