@@ -12,6 +12,7 @@ from cellserve.client.channel import TLS, ChannelConfig
 from cellserve.client.client import Client, Generated
 from cellserve.client.errors import (
     CellserveClientError,
+    DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
@@ -36,6 +37,7 @@ __all__ = [
     "CellserveClientError",
     "ChannelConfig",
     "Client",
+    "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "Generated",

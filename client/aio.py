@@ -14,6 +14,7 @@ from cellserve.client.channel import ChannelConfig, normalize_targets
 from cellserve.client.client import Generated, generate_request, health_name
 from cellserve.client.errors import (
     CellserveClientError,
+    DataLossError,
     FailedPreconditionError,
     UnavailableError,
     error_class,
@@ -23,6 +24,8 @@ from cellserve.client.model_info import ModelInfo
 from cellserve.client.protocol import SessionState, StepOutput
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+
+CORE_WRITE_RACE = "Internal error from Core"  # grpc aio's status for a write on a stream that just died
 
 
 class AsyncSession:
@@ -35,10 +38,19 @@ class AsyncSession:
     session on the way out, also on exceptions.
     """
 
-    def __init__(self, call: grpc.aio.StreamStreamCall, state: SessionState) -> None:
-        self._call = call
+    def __init__(
+        self,
+        state: SessionState,
+        *,
+        metadata: tuple[tuple[str, str], ...] = (),
+        connect: Callable[[str], pb_grpc.CellServeStub] | None = None,
+    ) -> None:
         self.state = state
         self.info: ModelInfo | None = None
+        self._metadata = metadata
+        self._connect = connect  # stub for another target: enables transparent resume on drain
+        self._target = 0  # index in state.targets of the server holding the session
+        self._call: grpc.aio.StreamStreamCall | None = None
         self._close_sent = False
         self._done_writing = False
         self._failed = False  # the stream ended with an error status: nothing left to close
@@ -54,16 +66,31 @@ class AsyncSession:
         idle_timeout_s: int,
         resume_token: bytes,
         metadata: tuple[tuple[str, str], ...],
+        connect: Callable[[str], pb_grpc.CellServeStub] | None = None,
     ) -> AsyncSession:
-        session = cls(stub.Stream(metadata=metadata), state)
+        session = cls(state, metadata=metadata, connect=connect)
+        await session._open_on(stub, model, idle_timeout_s, resume_token)
         try:
-            await session._write(state.open_request(model, idle_timeout_s, resume_token))
-            state.on_opened(await session._read())
             session.info = await info_for(state.model)
         except BaseException:
-            session._call.cancel()
+            session._stream.cancel()
             raise
         return session
+
+    async def _open_on(self, stub: pb_grpc.CellServeStub, model: str, idle_timeout_s: int, token: bytes) -> None:
+        self._call = stub.Stream(metadata=self._metadata)
+        self._close_sent = self._done_writing = self._failed = False
+        try:
+            await self._write(self.state.open_request(model, idle_timeout_s, token))
+            self.state.on_opened(await self._read())
+        except BaseException:
+            self._stream.cancel()
+            raise
+
+    @property
+    def _stream(self) -> grpc.aio.StreamStreamCall:
+        assert self._call is not None, "session not opened"
+        return self._call
 
     @property
     def session_id(self) -> str:
@@ -83,18 +110,50 @@ class AsyncSession:
         return req.step.seq
 
     async def step(self, x: object) -> np.ndarray:
-        """Send one chunk and wait for its output [T, O] (use with no other steps pending)."""
+        """Send one chunk and wait for its output [T, O] (use with no other steps pending).
+
+        With several targets, a session whose server drains moves to the next one on its own, as in
+        the sync ``Session.step`` (pipelined ``send``/``async for`` does not move: watch ``state.draining``).
+        """
         if self.state.pending:
             raise FailedPreconditionError("step() with pipelined steps pending; read them with `async for` first")
-        seq = await self.send(x)
+        assert self.info is not None
+        if self._close_sent:
+            raise FailedPreconditionError("end() or close() was called; this session takes no more steps")
+        req = self.state.step_request(self.info.check_input(x))
+        seq = req.step.seq
+        await self._send_or_resume(req)
         while True:
-            out = self.state.on_response(await self._read())
+            try:
+                resp = await self._read()
+            except UnavailableError:
+                if not self._can_resume():
+                    raise
+                await self._resume_elsewhere(self.state.resume_token)  # the token predates this step:
+                await self._send_or_resume(req)  # send it again from the token's state
+                continue
+            out = self.state.on_response(resp)
             if out is not None:
                 if out.seq != seq:
                     raise UnavailableError(f"server answered seq {out.seq} while seq {seq} was expected")
+                if self.state.draining and self._can_resume():
+                    await self._move()
                 return out.y
             if self.state.closed_reason is not None:
+                if self.state.closed_reason == "drain" and self._can_resume():
+                    await self._resume_elsewhere(self.state.resume_token)
+                    await self._send_or_resume(req)
+                    continue
                 raise self.state.closed_error()
+
+    async def _send_or_resume(self, req: pb.StreamRequest) -> None:
+        try:
+            await self._write(req)
+        except UnavailableError:
+            if not self._can_resume():
+                raise
+            await self._resume_elsewhere(self.state.resume_token)
+            await self._write(req)
 
     async def snapshot(self) -> bytes:
         """Ask for a resume token of the current state (servers without resume answer UNIMPLEMENTED)."""
@@ -159,26 +218,68 @@ class AsyncSession:
         try:  # never mask the original exception
             await self.close()
         except CellserveClientError:
-            self._call.cancel()
+            self._stream.cancel()
+
+    # -- transparent resume -----------------------------------------------------------------------
+
+    def _can_resume(self) -> bool:
+        return self._connect is not None and bool(self.state.resume_token) and len(self.state.targets) > 1
+
+    async def _move(self) -> None:
+        """The server is draining: take an exact token, leave it, continue on the next target."""
+        token = await self.snapshot()
+        await self.close()
+        await self._resume_elsewhere(token)
+
+    async def _resume_elsewhere(self, token: bytes) -> None:
+        """Open the session on the other targets in turn with ``token``; UnavailableError if none takes it."""
+        assert self._connect is not None
+        await self._half_close()
+        self._stream.cancel()
+        errors = []
+        answered = self.state.steps  # every step before the one being retried
+        n = len(self.state.targets)
+        for k in range(1, n):
+            index = (self._target + k) % n
+            self.state.closed_reason, self.state.draining = None, False
+            try:
+                await self._open_on(self._connect(self.state.targets[index]), self.state.model, 0, token)
+            except CellserveClientError as e:
+                errors.append(f"{self.state.targets[index]}: {e}")
+                continue
+            self._target = index
+            if self.state.steps != answered:  # a stale token (or one past an unanswered step)
+                await self.close()
+                raise DataLossError(
+                    f"the resume token holds the state after {self.state.steps} steps but this session had "
+                    f"{answered} answered; it cannot continue on {self.state.targets[index]} without losing "
+                    "or repeating steps (take a snapshot after the last step to move a session safely)"
+                )
+            return
+        raise UnavailableError(f"no other server of {self.state.targets} took the session: " + "; ".join(errors))
 
     # -- internals --------------------------------------------------------------------------------
 
     async def _write(self, req: pb.StreamRequest) -> None:
-        if self._call.done():  # the server already ended the stream: report its status, don't write
+        if self._stream.done():  # the server already ended the stream: report its status, don't write
             self._failed = True
             raise await self._status_error()
         try:
-            await self._call.write(req)
+            await self._stream.write(req)
         except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             # Report the status the RPC ended with. A write that races the server's end of the stream
             # can replace that status with INTERNAL "Internal error from Core" inside grpc's aio
-            # client (grpc/grpc#36066); the blocking Client is not affected.
+            # client (grpc/grpc#36066); the blocking Client is not affected. That status never comes
+            # from a server: it means the stream died under the write, i.e. the server is gone.
             self._failed = True
-            raise await self._status_error() from None
+            err = await self._status_error()
+            if err.code == grpc.StatusCode.INTERNAL and err.details == CORE_WRITE_RACE:
+                raise UnavailableError("the stream ended while a request was being written (server gone?)") from None
+            raise err from None
 
     async def _read(self) -> pb.StreamResponse:
         try:
-            resp = await self._call.read()
+            resp = await self._stream.read()
         except grpc.RpcError as e:
             self._failed = True
             raise from_rpc_error(e) from None
@@ -188,9 +289,9 @@ class AsyncSession:
         return resp
 
     async def _status_error(self) -> CellserveClientError:
-        code = await self._call.code()
+        code = await self._stream.code()
         if code is not None and code != grpc.StatusCode.OK:
-            details = await self._call.details()
+            details = await self._stream.details()
             return error_class(code)(details or "", code)
         return UnavailableError("the server ended the stream")
 
@@ -198,7 +299,7 @@ class AsyncSession:
         if not self._done_writing:
             self._done_writing = True
             try:
-                await self._call.done_writing()
+                await self._stream.done_writing()
             except (grpc.RpcError, grpc.aio.UsageError):
                 pass
 
@@ -217,9 +318,12 @@ class AsyncClient:
         self._stub = pb_grpc.CellServeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._infos: dict[str, ModelInfo] = {}
+        self._extra: dict[str, grpc.aio.Channel] = {}  # channels to the other targets (resume)
 
     async def close(self) -> None:
         await self._channel.close()
+        for channel in self._extra.values():
+            await channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -241,7 +345,17 @@ class AsyncClient:
             idle_timeout_s=idle_timeout_s,
             resume_token=resume_token,
             metadata=self._metadata,
+            connect=self._stub_for,
         )
+
+    def _stub_for(self, target: str) -> pb_grpc.CellServeStub:
+        """A stub on ``target`` (channels are kept for the client's life)."""
+        if target == self.targets[0]:
+            return self._stub
+        channel = self._extra.get(target)
+        if channel is None:
+            channel = self._extra[target] = self.config.aio_channel(target)
+        return pb_grpc.CellServeStub(channel)
 
     async def generate(
         self,

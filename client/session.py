@@ -9,7 +9,7 @@ from types import TracebackType
 import grpc
 import numpy as np
 
-from cellserve.client.errors import CellserveClientError, UnavailableError, from_rpc_error
+from cellserve.client.errors import CellserveClientError, DataLossError, UnavailableError, from_rpc_error
 from cellserve.client.model_info import ModelInfo
 from cellserve.client.protocol import SessionState
 from cellserve.v1 import cellserve_pb2 as pb
@@ -153,6 +153,7 @@ class Session:
         assert self._connect is not None
         self._half_close()
         errors = []
+        answered = self.state.steps  # every step before the one being retried
         n = len(self.state.targets)
         for k in range(1, n):
             index = (self._target + k) % n
@@ -163,6 +164,13 @@ class Session:
                 errors.append(f"{self.state.targets[index]}: {e}")
                 continue
             self._target = index
+            if self.state.steps != answered:  # a stale token (or one past an unanswered step)
+                self.close()
+                raise DataLossError(
+                    f"the resume token holds the state after {self.state.steps} steps but this session had "
+                    f"{answered} answered; it cannot continue on {self.state.targets[index]} without losing "
+                    "or repeating steps (take a snapshot after the last step to move a session safely)"
+                )
             return
         raise UnavailableError(f"no other server of {self.state.targets} took the session: " + "; ".join(errors))
 
