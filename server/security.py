@@ -22,8 +22,17 @@ import grpc
 log = logging.getLogger(__name__)
 
 MESSAGE = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
-# Probes and discovery stay open: health checks (kubelet, load balancers) and server reflection.
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Probes and discovery stay open: health checks (kubelet, load balancers), server reflection, and the
+# Open Inference Protocol's liveness/readiness (what KServe/Triton-style probes call).
+OPEN_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.",
+    *(
+        f"/{svc}/{m}"
+        for svc in ("inference.GRPCInferenceService", "cellserve.oip.GRPCInferenceService")
+        for m in ("ServerLive", "ServerReady")
+    ),
+)
 TOKEN_RECHECK_S = 1.0
 
 

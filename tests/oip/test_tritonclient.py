@@ -272,3 +272,21 @@ def test_idle_sequence_is_ended_by_the_server_with_an_error_message(triton):
     assert "must specify the START flag" in inbox.take_error()
     client.stop_stream()
     assert sample(srv, "cellserve_sessions_closed_total", model="tiny", reason="idle") == 1
+
+
+def test_bearer_tokens_apply_to_oip_but_liveness_and_readiness_stay_open(running_server, tiny_oracle):
+    with running_server(auth_tokens="oip-token") as srv:
+        client = tc.InferenceServerClient(url=srv.address)
+        try:
+            assert client.is_server_live() and client.is_server_ready()  # probes need no token
+            with pytest.raises(InferenceServerException) as err:
+                client.get_model_metadata("tiny")
+            assert "UNAUTHENTICATED" in str(err.value.status())
+            headers = {"authorization": "Bearer oip-token"}
+            assert client.is_model_ready("tiny", headers=headers)
+            x = np.arange(5, dtype=np.int64)[None]
+            result = client.infer("tiny", [tokens_input(x)], headers=headers)
+            h, c = tiny_oracle.init_state(1)
+            np.testing.assert_allclose(result.as_numpy("y"), tiny_oracle.run(x, h, c)[0], atol=TOL, rtol=0)
+        finally:
+            client.close()
