@@ -29,7 +29,8 @@ from cellserve.server.metrics import Metrics
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S_VERSION = "1.33.0"  # native gRPC probes (GA 1.27) and the preStop sleep action (1.30) are in
-KUSTOMIZATIONS = ("k8s/overlays/gpu", "k8s/overlays/cpu", "k8s/monitoring", "k8s/autoscaling/keda")
+KUSTOMIZATIONS = ("k8s/overlays/gpu", "k8s/overlays/cpu", "k8s/overlays/secure/gpu", "k8s/overlays/secure/cpu",
+                  "k8s/monitoring", "k8s/autoscaling/keda")
 
 
 def run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -120,8 +121,8 @@ def _kind(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dic
     return found[0]
 
 
-def deployment_problems(docs: list[dict[str, Any]], gpu: bool) -> list[str]:
-    """The serving rules a rendered overlay must keep."""
+def deployment_problems(docs: list[dict[str, Any]], gpu: bool, tls: bool = False) -> list[str]:
+    """The serving rules a rendered overlay must keep (with ``tls`` the probes are test_secure's to check)."""
     dep = _kind(docs, "Deployment", "cellserve")
     config = _kind(docs, "ConfigMap")["data"]
     pod = dep["spec"]["template"]["spec"]
@@ -143,7 +144,7 @@ def deployment_problems(docs: list[dict[str, Any]], gpu: bool) -> list[str]:
     need(sec.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem")
     need(sec.get("allowPrivilegeEscalation") is False, "allowPrivilegeEscalation false")
     need("emptyDir" in volumes.get(mounts.get("/tmp", ""), {}), "an emptyDir at /tmp")
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in () if tls else ("startupProbe", "readinessProbe", "livenessProbe"):
         need(container.get(probe, {}).get("grpc") == {"port": 50051, "service": ""}, f"{probe} grpc 50051 service ''")
     live = container.get("livenessProbe", {})
     need(live.get("periodSeconds", 10) * live.get("failureThreshold", 3) > grace_s,

@@ -1,0 +1,257 @@
+"""The secure Kubernetes variant (components/secure, components/mtls): TLS, bearer tokens, shared token keys.
+
+Rendered with the real kustomize; checked for what makes it work in a cluster: no native gRPC probe left
+(kubelet's cannot speak TLS), Secrets mounted as directories (subPath would freeze rotations), every
+``CELLSERVE_*_FILE`` pointing at a file a Secret volume projects, and probe commands the real CLI accepts.
+Then the rendered probe command runs against a real ``cellserve serve`` configured from the rendered
+ConfigMap, with the files laid out as the kubelet lays out a Secret volume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_validate import (
+    DEPLOY,
+    _edit,
+    _kind,
+    deployment_problems,
+    manifest_problems,
+    render,
+    settings_env_problems,
+)
+
+from cellserve.server.cli import build_parser
+
+SECURE = ("k8s/overlays/secure/gpu", "k8s/overlays/secure/cpu")
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+CELLSERVE_BIN = Path(sys.executable).parent / "cellserve"
+REQUIRED_FILES = ("TLS_CERT_FILE", "TLS_KEY_FILE", "AUTH_TOKENS_FILE", "TOKEN_KEYS_FILE")
+MTLS_OVERLAY = """\
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - ../../cpu
+components:
+  - ../../../components/secure
+  - ../../../components/mtls
+"""
+
+
+def _container(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    pod = _kind(docs, "Deployment", "cellserve")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return pod, container
+
+
+def secret_files(docs: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """Absolute path in the container -> (Secret name, key), for every file a mounted Secret volume projects."""
+    pod, container = _container(docs)
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    files = {}
+    for mount in container.get("volumeMounts", []):
+        secret = volumes.get(mount["name"], {}).get("secret")
+        if secret is None:
+            continue
+        for item in secret.get("items", []):
+            files[f"{mount['mountPath'].rstrip('/')}/{item['path']}"] = (secret["secretName"], item["key"])
+    return files
+
+
+def file_settings(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """Every CELLSERVE_*_FILE the pod gets, from the ConfigMap and from the container's own env."""
+    _, container = _container(docs)
+    env = dict(_kind(docs, "ConfigMap")["data"])
+    env.update({e["name"]: e.get("value", "") for e in container.get("env", [])})
+    return {k: v for k, v in env.items() if k.startswith("CELLSERVE_") and k.endswith("_FILE")}
+
+
+def _flags(command: list[str]) -> dict[str, str]:
+    return {command[i]: command[i + 1] for i in range(len(command) - 1) if command[i].startswith("--")}
+
+
+def secure_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """What the TLS variant must keep, beyond deployment_problems' serving rules."""
+    pod, container = _container(docs)
+    projected = secret_files(docs)
+    settings = file_settings(docs)
+    grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    problems = []
+    for c in pod["containers"] + pod.get("initContainers", []):
+        for mount in c.get("volumeMounts", []):
+            if "subPath" in mount or "subPathExpr" in mount:
+                problems.append(f"mount {mount['name']} uses subPath: Secret updates would never reach the pod")
+    for name in REQUIRED_FILES:
+        if f"CELLSERVE_{name}" not in settings:
+            problems.append(f"CELLSERVE_{name} is not set")
+    for key, path in sorted(settings.items()):
+        if path not in projected:
+            problems.append(f"{key}={path} is no file a mounted Secret volume projects")
+    mutual = "CELLSERVE_TLS_CLIENT_CA_FILE" in settings
+    for name in PROBES:
+        probe = container.get(name, {})
+        command = probe.get("exec", {}).get("command", [])
+        if set(probe) & {"grpc", "httpGet", "tcpSocket"} or command[:2] != ["cellserve", "health"]:
+            problems.append(f"{name}: must exec `cellserve health` (kubelet's gRPC probe cannot speak TLS)")
+            continue
+        try:
+            build_parser().parse_args(command[1:])
+        except SystemExit:
+            problems.append(f"{name}: `cellserve health` rejects {command[2:]}")
+        flags = _flags(command)
+        needed = ["--tls-root-cert"] + (["--tls-client-cert", "--tls-client-key"] if mutual else [])
+        for flag in needed:
+            if flags.get(flag) not in projected:
+                problems.append(f"{name}: {flag} {flags.get(flag)} is no file a mounted Secret volume projects")
+        if flags.get("--server") != f"localhost:{grpc_port}" or not flags.get("--tls-server-name"):
+            problems.append(f"{name}: needs --server localhost:{grpc_port} and the certificate's --tls-server-name")
+        if "--token" in flags:
+            problems.append(f"{name}: health needs no bearer token (and the pod spec is no place for one)")
+        timeout, period = probe.get("timeoutSeconds", 1), probe.get("periodSeconds", 10)
+        if not 2 <= timeout <= period or float(flags.get("--timeout", 10)) >= timeout:
+            problems.append(f"{name}: need 2 <= timeoutSeconds ({timeout}) <= periodSeconds ({period}) and "
+                            f"--timeout < timeoutSeconds (a Python start takes ~0.5 s)")
+    for port in _kind(docs, "Service", "cellserve")["spec"]["ports"]:
+        if port["name"] == "grpc" and port.get("appProtocol") == "kubernetes.io/h2c":
+            problems.append("Service cellserve: the grpc port speaks TLS, not h2c")
+    return problems
+
+
+def _mtls_copy(deploy_copy: Path) -> Path:
+    overlay = deploy_copy / "deploy/k8s/overlays/secure/cpu-mtls"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(MTLS_OVERLAY)
+    return overlay
+
+
+# -- the shipped variants pass -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", SECURE)
+def test_secure_overlays_keep_serving_rules_and_tls_rules(tool, overlay):
+    docs = render(tool("kubectl"), DEPLOY / overlay)
+    assert deployment_problems(docs, gpu=overlay.endswith("gpu"), tls=True) == []
+    assert secure_problems(docs) == []
+
+
+def test_secure_overlay_differs_from_its_base_only_where_it_should(tool):
+    """Same device settings as the plain overlay; the secret values themselves are never in the manifests."""
+    kubectl = tool("kubectl")
+    plain, secure = render(kubectl, DEPLOY / "k8s/overlays/gpu"), render(kubectl, DEPLOY / "k8s/overlays/secure/gpu")
+    plain_cfg, secure_cfg = _kind(plain, "ConfigMap")["data"], _kind(secure, "ConfigMap")["data"]
+    assert {k: v for k, v in secure_cfg.items() if k not in file_settings(secure)} == plain_cfg
+    assert {d["kind"] for d in secure} == {d["kind"] for d in plain}  # no Secret objects shipped
+    assert {s for s, _ in secret_files(secure).values()} == {"cellserve-tls", "cellserve-auth"}
+
+
+def test_mtls_component_validates_and_probes_present_a_client_certificate(tool, deploy_copy):
+    docs = render(tool("kubectl"), _mtls_copy(deploy_copy))
+    assert manifest_problems(docs) == []
+    assert deployment_problems(docs, gpu=False, tls=True) == []
+    assert secure_problems(docs) == []
+    assert file_settings(docs)["CELLSERVE_TLS_CLIENT_CA_FILE"] == "/etc/cellserve/tls/ca.crt"
+
+
+@pytest.mark.parametrize("overlay", SECURE)
+def test_secure_configmap_settings_are_real_and_parse(tool, overlay, monkeypatch, tmp_path):
+    docs = render(tool("kubectl"), DEPLOY / overlay)
+    config = _kind(docs, "ConfigMap")["data"]
+    files = file_settings(docs)
+    for key, path in files.items():  # FilePath settings must exist: stand-ins at the same names
+        local = tmp_path / path.lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text("stand-in\n")
+        config[key] = str(local)
+    assert settings_env_problems(config, monkeypatch) == []
+
+
+# -- each rule rejects a deliberately broken copy -------------------------------------------------------
+
+
+def test_secure_rules_reject_subpath_leftover_grpc_probe_and_unmounted_file(tool, deploy_copy):
+    component = deploy_copy / "deploy/k8s/components/secure"
+    _edit(component / "deployment-secure.yaml", "              mountPath: /etc/cellserve/auth\n",
+          "              mountPath: /etc/cellserve/auth\n              subPath: auth\n")
+    _edit(component / "deployment-secure.yaml", "          livenessProbe:\n            $patch: replace\n"
+          "            exec:\n              command: *health\n", "          livenessProbe:\n")
+    _edit(component / "kustomization.yaml", "/etc/cellserve/tls/tls.key", "/etc/cellserve/tls/tls.pem")
+    problems = secure_problems(render(tool("kubectl"), deploy_copy / "deploy/k8s/overlays/secure/cpu"))
+    assert "mount auth uses subPath: Secret updates would never reach the pod" in problems
+    assert "livenessProbe: must exec `cellserve health` (kubelet's gRPC probe cannot speak TLS)" in problems
+    assert "CELLSERVE_TLS_KEY_FILE=/etc/cellserve/tls/tls.pem is no file a mounted Secret volume projects" in problems
+
+
+def test_secure_rules_reject_misspelt_flag_and_missing_client_certificate(tool, deploy_copy):
+    _edit(deploy_copy / "deploy/k8s/components/secure/deployment-secure.yaml", "- --tls-server-name",
+          "- --tls-servername")
+    problems = secure_problems(render(tool("kubectl"), deploy_copy / "deploy/k8s/overlays/secure/cpu"))
+    assert any(p.startswith("readinessProbe: `cellserve health` rejects") for p in problems)
+    _edit(deploy_copy / "deploy/k8s/components/mtls/deployment-mtls.yaml", "- --tls-client-cert",
+          "- --tls-root-cert")
+    problems = secure_problems(render(tool("kubectl"), _mtls_copy(deploy_copy)))
+    assert "livenessProbe: --tls-client-cert None is no file a mounted Secret volume projects" in problems
+
+
+# -- the rendered probe command against a real TLS server ----------------------------------------------
+
+
+def _secret_volume(directory: Path, files: dict[str, bytes]) -> None:
+    """The kubelet's Secret volume layout: name -> ..data/name, ..data -> a timestamped directory."""
+    stamp = directory / "..2026_01_01_00_00_00.000000001"
+    stamp.mkdir(parents=True)
+    for name, data in files.items():
+        (stamp / name).write_bytes(data)
+        (directory / name).symlink_to(Path("..data") / name)
+    (directory / "..data").symlink_to(stamp.name)
+
+
+def _run_probe(command: list[str], port: int, remap: Callable[[str], str]) -> subprocess.CompletedProcess[str]:
+    argv = [str(CELLSERVE_BIN), *command[1:]]
+    argv = [f"localhost:{port}" if a.startswith("localhost:") else remap(a) for a in argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
+def test_rendered_probe_passes_against_a_real_tls_server_and_plaintext_fails(
+    tool, deploy_copy, tmp_path, pki, spawn_server, monkeypatch, mutual
+):
+    overlay = _mtls_copy(deploy_copy) if mutual else DEPLOY / "k8s/overlays/secure/cpu"
+    docs = render(tool("kubectl"), overlay)
+    _, container = _container(docs)
+    command = container["readinessProbe"]["exec"]["command"]
+    assert all(container[p]["exec"]["command"] == command for p in PROBES)
+    ca = pki.ca
+    leaf = ca.issue("cellserve", sans=(_flags(command)["--tls-server-name"],))  # no localhost: the name is checked
+    contents = {
+        "tls.crt": leaf.cert, "tls.key": leaf.key, "ca.crt": ca.pem,
+        "auth-tokens": f"# test\n{secrets.token_urlsafe(32)}\n".encode(),
+        "token-keys.json": json.dumps({"active": "k1", "keys": {"k1": secrets.token_hex(32)}}).encode(),
+    }
+    projected = secret_files(docs)
+    mounts = {path.rsplit("/", 1)[0] for path in projected}
+    root = tmp_path / "pod"
+    for mount in mounts:
+        _secret_volume(root / mount.lstrip("/"), {p.rsplit("/", 1)[1]: contents[k] for p, (_, k) in projected.items()
+                                                  if p.rsplit("/", 1)[0] == mount})
+
+    def remap(arg: str) -> str:
+        return str(root / arg.lstrip("/")) if arg in projected else arg
+
+    for key in [k for k in os.environ if k.startswith("CELLSERVE_")]:
+        monkeypatch.delenv(key)
+    for key, path in file_settings(docs).items():  # configured as the pod is: CELLSERVE_* from the ConfigMap
+        monkeypatch.setenv(key, remap(path))
+    server = spawn_server()
+    ok = _run_probe(command, server.port, remap)
+    assert (ok.returncode, ok.stdout.strip()) == (0, "SERVING"), ok.stderr
+    plaintext = _run_probe(["cellserve", "health", "--server", "localhost:50051", "--timeout", "2"],
+                           server.port, remap)  # what kubelet's native gRPC probe would do
+    assert plaintext.returncode == 1 and "UNREACHABLE" in plaintext.stdout
