@@ -203,14 +203,32 @@ def test_secure_rules_reject_misspelt_flag_and_missing_client_certificate(tool, 
 # -- the rendered probe command against a real TLS server ----------------------------------------------
 
 
-def _secret_volume(directory: Path, files: dict[str, bytes]) -> None:
-    """The kubelet's Secret volume layout: name -> ..data/name, ..data -> a timestamped directory."""
-    stamp = directory / "..2026_01_01_00_00_00.000000001"
+def _secret_volume(directory: Path, files: dict[str, bytes], generation: int) -> None:
+    """Write or update a Secret volume as the kubelet does: name -> ..data/name, ..data -> a timestamped
+    directory, an update writes a new directory and swaps the ..data symlink in one rename."""
+    stamp = directory / f"..2026_01_01_00_00_00.{generation:09d}"
     stamp.mkdir(parents=True)
     for name, data in files.items():
         (stamp / name).write_bytes(data)
-        (directory / name).symlink_to(Path("..data") / name)
-    (directory / "..data").symlink_to(stamp.name)
+        if not (directory / name).is_symlink():
+            (directory / name).symlink_to(Path("..data") / name)
+    (directory / "..data_tmp").symlink_to(stamp.name)
+    os.replace(directory / "..data_tmp", directory / "..data")
+
+
+def _write_secrets(root: Path, docs: list[dict[str, Any]], contents: dict[str, bytes], generation: int) -> None:
+    """Every Secret volume of the rendered pod under ``root``, each key's bytes from ``contents``."""
+    by_mount: dict[str, dict[str, bytes]] = {}
+    for path, (_, key) in secret_files(docs).items():
+        mount, name = path.rsplit("/", 1)
+        by_mount.setdefault(mount, {})[name] = contents[key]
+    for mount, files in by_mount.items():
+        _secret_volume(root / mount.lstrip("/"), files, generation)
+
+
+def _tls_contents(ca: Any, server_name: str) -> dict[str, bytes]:
+    leaf = ca.issue("cellserve", sans=(server_name,))  # no localhost: the probe's server name is what is checked
+    return {"tls.crt": leaf.cert, "tls.key": leaf.key, "ca.crt": ca.pem}
 
 
 def _run_probe(command: list[str], port: int, remap: Callable[[str], str]) -> subprocess.CompletedProcess[str]:
@@ -220,7 +238,7 @@ def _run_probe(command: list[str], port: int, remap: Callable[[str], str]) -> su
 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
-def test_rendered_probe_passes_against_a_real_tls_server_and_plaintext_fails(
+def test_rendered_probe_passes_against_a_real_tls_server_across_a_secret_update(
     tool, deploy_copy, tmp_path, pki, spawn_server, monkeypatch, mutual
 ):
     overlay = _mtls_copy(deploy_copy) if mutual else DEPLOY / "k8s/overlays/secure/cpu"
@@ -228,19 +246,15 @@ def test_rendered_probe_passes_against_a_real_tls_server_and_plaintext_fails(
     _, container = _container(docs)
     command = container["readinessProbe"]["exec"]["command"]
     assert all(container[p]["exec"]["command"] == command for p in PROBES)
-    ca = pki.ca
-    leaf = ca.issue("cellserve", sans=(_flags(command)["--tls-server-name"],))  # no localhost: the name is checked
+    server_name = _flags(command)["--tls-server-name"]
     contents = {
-        "tls.crt": leaf.cert, "tls.key": leaf.key, "ca.crt": ca.pem,
+        **_tls_contents(pki.ca, server_name),
         "auth-tokens": f"# test\n{secrets.token_urlsafe(32)}\n".encode(),
         "token-keys.json": json.dumps({"active": "k1", "keys": {"k1": secrets.token_hex(32)}}).encode(),
     }
-    projected = secret_files(docs)
-    mounts = {path.rsplit("/", 1)[0] for path in projected}
     root = tmp_path / "pod"
-    for mount in mounts:
-        _secret_volume(root / mount.lstrip("/"), {p.rsplit("/", 1)[1]: contents[k] for p, (_, k) in projected.items()
-                                                  if p.rsplit("/", 1)[0] == mount})
+    _write_secrets(root, docs, contents, generation=1)
+    projected = secret_files(docs)
 
     def remap(arg: str) -> str:
         return str(root / arg.lstrip("/")) if arg in projected else arg
@@ -255,3 +269,13 @@ def test_rendered_probe_passes_against_a_real_tls_server_and_plaintext_fails(
     plaintext = _run_probe(["cellserve", "health", "--server", "localhost:50051", "--timeout", "2"],
                            server.port, remap)  # what kubelet's native gRPC probe would do
     assert plaintext.returncode == 1 and "UNREACHABLE" in plaintext.stdout
+
+    # cert-manager renews with another CA; the kubelet swaps the volume: the same probe stays green, no restart
+    old_ca = tmp_path / "old-ca.crt"
+    old_ca.write_bytes(pki.ca.pem)
+    _write_secrets(root, docs, {**contents, **_tls_contents(pki.other_ca, server_name)}, generation=2)
+    renewed = _run_probe(command, server.port, remap)
+    assert (renewed.returncode, renewed.stdout.strip()) == (0, "SERVING"), renewed.stderr
+    stale = _run_probe(command, server.port, lambda a: str(old_ca) if a.endswith("/ca.crt") else remap(a))
+    assert stale.returncode == 1, "the server still presents the old certificate"
+    assert server.proc.poll() is None
