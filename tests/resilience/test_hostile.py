@@ -1,0 +1,416 @@
+"""Hostile checks of issue 8's promises on real servers (loopback, port 0): bearer auth on every service,
+TLS / mutual TLS edge cases and file rotation under open streams, resume tokens bit-flipped / replayed /
+expired, SDK resume when every other server is gone, and SIGTERM while 50 sessions are stepping.
+
+Every test here passed when written; they pin behaviour a hostile tester confirmed to be right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cellserve.client import TLS, AsyncClient, ChannelConfig, Client, UnavailableError
+from cellserve.v1 import cellserve_pb2 as pb
+from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+
+KEYS = '{"active": "k1", "keys": {"k1": "' + "3c" * 32 + '"}}'
+OTHER_KEYS = '{"active": "k1", "keys": {"k1": "' + "c3" * 32 + '"}}'
+GOOD = "good-token"
+TOKEN_ERRORS = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def _oracle(oracle: Any, tokens: np.ndarray) -> np.ndarray:
+    h, c = oracle.init_state(1)
+    return oracle.run(np.asarray(tokens, dtype=np.int64)[None], h, c)[0][0]
+
+
+def _wait_until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Poll a condition outside this process's control (a clock, a file), bounded."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def _open(channel: grpc.Channel, token: bytes = b"", metadata: tuple = ()) -> tuple[grpc.StatusCode, list]:
+    """Open a session (optionally resuming), then half-close; returns (status, responses)."""
+    call = pb_grpc.CellServeStub(channel).Stream(
+        iter([pb.StreamRequest(open=pb.Open(model="tiny", resume_token=token))]), metadata=metadata, timeout=10
+    )
+    try:
+        return grpc.StatusCode.OK, list(call)
+    except grpc.RpcError as e:
+        return e.code(), []
+
+
+def _snapshot_after(channel: grpc.Channel, tokens: np.ndarray) -> bytes:
+    """A token of a session that ran ``tokens``."""
+    x = pb.Tensor(dtype=pb.DTYPE_INT64, shape=[len(tokens)], raw=np.asarray(tokens, "<i8").tobytes())
+    reqs = [
+        pb.StreamRequest(open=pb.Open(model="tiny")),
+        pb.StreamRequest(step=pb.Step(seq=0, input=x)),
+        pb.StreamRequest(snapshot=pb.Snapshot()),
+    ]
+    responses = list(pb_grpc.CellServeStub(channel).Stream(iter(reqs), timeout=10))
+    (snap,) = [r.snapshot for r in responses if r.WhichOneof("kind") == "snapshot"]
+    assert snap.steps == len(tokens)
+    return snap.token
+
+
+# -- bearer tokens ---------------------------------------------------------------------------------
+
+
+BEARER_CASES = [  # (metadata, accepted)
+    ((("authorization", f"Bearer {GOOD}"),), True),
+    ((("authorization", f"bearer {GOOD}"),), True),  # the scheme is case-insensitive (RFC 7235)
+    ((("authorization", f"Bearer   {GOOD}  "),), True),  # surrounding spaces are not part of the token
+    ((("authorization", f"Bearer {GOOD}"), ("authorization", "Bearer bad")), True),  # the first one counts
+    ((("authorization", "Bearer bad"), ("authorization", f"Bearer {GOOD}")), False),
+    ((("authorization", f" Bearer {GOOD}"),), False),
+    ((("authorization", "Bearer good"),), False),  # a prefix of a real token
+    ((("authorization", f"Bearer {GOOD}x"),), False),
+    ((("authorization", f"Bearer {GOOD},tok2"),), False),  # the server's CSV syntax is not a client's
+    ((("authorization", "Bearer"),), False),
+    ((("authorization", "Bearer "),), False),
+    ((("authorization", GOOD),), False),  # no scheme
+    ((("authorization-bin", f"Bearer {GOOD}".encode()),), False),
+    ((("x-authorization", f"Bearer {GOOD}"),), False),
+    ((("authorization", "Bearer " + "x" * 6000),), False),
+]
+
+
+def test_bearer_header_variants(running_server) -> None:
+    with running_server(auth_tokens=f"{GOOD},tok2") as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.CellServeStub(ch)
+        for metadata, accepted in BEARER_CASES:
+            try:
+                stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=10)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                code = e.code()
+            assert code == (grpc.StatusCode.OK if accepted else grpc.StatusCode.UNAUTHENTICATED), metadata
+            assert _open(ch, metadata=metadata)[0] == code, metadata  # the stream is gated the same way
+
+
+def test_every_service_but_the_probes_needs_the_token(running_server) -> None:
+    gated_unary = [
+        "/cellserve.v1.CellServe/ListModels",
+        "/cellserve.v1.CellServe/ModelInfo",
+        *(
+            f"/inference.GRPCInferenceService/{m}"
+            for m in ("ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer", "ModelConfig", "RepositoryIndex")
+        ),
+    ]
+    with running_server(auth_tokens=GOOD) as srv, grpc.insecure_channel(srv.address) as ch:
+        for method in gated_unary:
+            with pytest.raises(grpc.RpcError) as err:
+                ch.unary_unary(method)(b"", timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+        with pytest.raises(grpc.RpcError) as err:
+            list(ch.unary_stream("/cellserve.v1.CellServe/Generate")(b"", timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        for method in ("/cellserve.v1.CellServe/Stream", "/inference.GRPCInferenceService/ModelStreamInfer"):
+            with pytest.raises(grpc.RpcError) as err:
+                list(ch.stream_stream(method)(iter([b""]), timeout=10))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+        # open for probes: OIP live/ready and health (Check and Watch), without any token
+        for method in ("ServerLive", "ServerReady"):
+            assert ch.unary_unary(f"/inference.GRPCInferenceService/{method}")(b"", timeout=10) == b"\x08\x01"
+        health = health_pb2_grpc.HealthStub(ch)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == serving
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="tiny"), timeout=10)
+        assert next(watch).status == serving
+        watch.cancel()
+
+
+# -- TLS and mutual TLS ----------------------------------------------------------------------------
+
+
+def _leaf(
+    ca: Any, cn: str, *, valid_from_days: float, valid_to_days: float, is_ca: bool = False
+) -> tuple[bytes, bytes]:
+    """A client certificate signed by ``ca`` with a chosen validity window and CA flag; (cert, key) PEM."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    subject = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, cn)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + datetime.timedelta(days=valid_from_days))
+        .not_valid_after(now + datetime.timedelta(days=valid_to_days))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+        .sign(ca.key, hashes.SHA256())
+    )
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), pem_key
+
+
+def _health(target: str, tls: TLS | None) -> str:
+    with Client(target, ChannelConfig(tls=tls), timeout_s=5) as client:
+        return client.health()
+
+
+def test_mutual_tls_refuses_plaintext_wrong_name_and_out_of_date_client_certificates(running_server, pki, tmp_path):
+    f = pki.write(tmp_path)
+    settings = {"tls_cert_file": f["server_cert"], "tls_key_file": f["server_key"], "tls_client_ca_file": f["ca"]}
+    with running_server(**settings) as srv:
+        target = f"localhost:{srv.server.port}"
+        good = TLS(f["ca"], pki.client.cert, pki.client.key)
+        assert _health(target, good) == "SERVING"
+        assert _health(f"127.0.0.1:{srv.server.port}", good) == "SERVING"  # the IP SAN matches too
+        expired = _leaf(pki.ca, "expired", valid_from_days=-10, valid_to_days=-1)
+        not_yet = _leaf(pki.ca, "not-yet", valid_from_days=1, valid_to_days=3)
+        wrong_name = TLS(f["ca"], pki.client.cert, pki.client.key, server_name="not-the-server.example")
+        for bad in (None, wrong_name, TLS(f["ca"], *expired), TLS(f["ca"], *not_yet)):
+            with pytest.raises(UnavailableError):
+                _health(target, bad)
+
+
+def test_broken_or_missing_tls_files_keep_the_old_pair_and_open_streams_go_on(running_server, pki, tmp_path, caplog):
+    f = pki.write(tmp_path)
+    settings = {"tls_cert_file": f["server_cert"], "tls_key_file": f["server_key"], "tls_client_ca_file": f["ca"]}
+    good = TLS(pki.ca.pem, pki.client.cert, pki.client.key)  # bytes: the CA file is broken below
+    with running_server(**settings) as srv, Client(f"localhost:{srv.server.port}", ChannelConfig(tls=good)) as client:
+        target = f"localhost:{srv.server.port}"
+        tokens = np.arange(20, dtype=np.int64) * 7 % 256
+        ys = []
+        with client.session("tiny") as s:
+            ys.append(s.step(tokens[:2]))
+            breakages = [
+                lambda: f["server_cert"].unlink(),
+                lambda: f["server_cert"].write_bytes(b"garbage"),
+                lambda: f["server_cert"].write_bytes(b""),
+                lambda: (f["server_cert"].write_bytes(pki.server.cert), f["ca"].write_bytes(b"")),
+                lambda: f["ca"].write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+                lambda: f["ca"].unlink(),
+                lambda: (f["ca"].write_bytes(pki.ca.pem), f["server_key"].unlink(), f["server_key"].mkdir()),
+            ]
+            for i, breakage in enumerate(breakages):
+                caplog.clear()
+                breakage()
+                assert _health(target, good) == "SERVING"  # new connections: the old pair still
+                assert "cannot be used" in caplog.text
+                ys.append(s.step(tokens[2 + 2 * i : 4 + 2 * i]))  # the open stream goes on
+            assert srv.server.tls.reloads == 0
+            f["server_key"].rmdir()
+            f["server_key"].write_bytes(pki.server.key)  # a good file later is picked up
+            assert _health(target, good) == "SERVING"
+            assert srv.server.tls.reloads == 1
+            ys.append(s.step(tokens[16:]))
+        np.testing.assert_array_equal(np.concatenate(ys).shape, (20, 256))
+
+
+def test_rotating_to_another_ca_moves_new_connections_and_keeps_open_streams(
+    running_server, pki, tmp_path, tiny_oracle
+):
+    f = pki.write(tmp_path)
+    settings = {"tls_cert_file": f["server_cert"], "tls_key_file": f["server_key"], "tls_client_ca_file": f["ca"]}
+    old = TLS(f["ca"], pki.client.cert, pki.client.key)
+    tokens = np.arange(12, dtype=np.int64)
+    with running_server(**settings) as srv, Client(f"localhost:{srv.server.port}", ChannelConfig(tls=old)) as client:
+        target = f"localhost:{srv.server.port}"
+        with client.session("tiny") as s:
+            ys = [s.step(tokens[:6])]
+            server = pki.other_ca.issue("localhost")
+            f["server_key"].write_bytes(server.key)
+            f["server_cert"].write_bytes(server.cert)
+            f["ca"].write_bytes(pki.other_ca.pem)
+            new = TLS(pki.other_ca.pem, pki.other_client.cert, pki.other_client.key)
+            assert _health(target, new) == "SERVING"
+            with pytest.raises(UnavailableError):
+                _health(target, old)
+            ys.append(s.step(tokens[6:]))  # the stream opened under the old pair is untouched
+        np.testing.assert_allclose(np.concatenate(ys), _oracle(tiny_oracle, tokens), atol=1e-5, rtol=0)
+
+
+# -- resume tokens ---------------------------------------------------------------------------------
+
+
+def test_flipping_any_byte_of_a_resume_token_is_always_a_client_error(running_server) -> None:
+    with running_server(token_keys=KEYS) as srv, grpc.insecure_channel(srv.address) as ch:
+        token = _snapshot_after(ch, np.arange(5))
+        assert _open(ch, token)[0] == grpc.StatusCode.OK
+        seen: dict[grpc.StatusCode, int] = {}
+        for i in range(len(token)):
+            for bit in (0x01, 0x80):
+                bad = bytearray(token)
+                bad[i] ^= bit
+                code, _ = _open(ch, bytes(bad))
+                assert code in TOKEN_ERRORS, (i, bit, code)
+                seen[code] = seen.get(code, 0) + 1
+        for cut in (1, 31, 32, 33, len(token) - 1):
+            assert _open(ch, token[:-cut])[0] in TOKEN_ERRORS
+            assert _open(ch, token + b"\x00" * cut)[0] in TOKEN_ERRORS
+        assert seen.get(grpc.StatusCode.UNAUTHENTICATED) and seen.get(grpc.StatusCode.INVALID_ARGUMENT)
+        _wait_until(lambda: not srv.server.sessions.sessions)
+        assert srv.server.models.get("tiny").pool.used == 0
+
+
+def test_one_token_resumes_twice_concurrently_into_two_independent_sessions(running_server, tiny_oracle) -> None:
+    """Tokens are bearer capabilities, not single-use: a token forks the session (documented behaviour)."""
+    tokens = np.random.default_rng(8).integers(0, 256, size=12, dtype=np.int64)
+    with running_server(token_keys=KEYS) as a, running_server(token_keys=KEYS) as b:
+        with grpc.insecure_channel(a.address) as ch:
+            token = _snapshot_after(ch, tokens[:6])
+        with (
+            Client(a.address) as ca,
+            Client(b.address) as cb,
+            ca.session("tiny", resume_token=token) as s1,
+            cb.session("tiny", resume_token=token) as s2,
+        ):
+            assert s1.steps == s2.steps == 6
+            y1 = s1.step(tokens[6:9])
+            y2 = s2.step(tokens[6:])
+        want = _oracle(tiny_oracle, tokens)[6:]
+        np.testing.assert_allclose(y1, want[:3], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(y2, want, atol=1e-5, rtol=0)
+
+
+def test_a_token_from_other_keys_is_unauthenticated_and_an_expired_one_failed_precondition(running_server) -> None:
+    with (
+        running_server(token_keys=KEYS, token_ttl_s=1) as a,
+        running_server(token_keys=OTHER_KEYS) as other,
+        grpc.insecure_channel(a.address) as ch_a,
+        grpc.insecure_channel(other.address) as ch_other,
+    ):
+        token = _snapshot_after(ch_a, np.arange(3))
+        assert _open(ch_other, token)[0] == grpc.StatusCode.UNAUTHENTICATED  # same key id, other secret
+        _wait_until(lambda: _open(ch_a, token)[0] != grpc.StatusCode.OK, timeout_s=10)
+        assert _open(ch_a, token)[0] == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# -- SDK transparent resume ------------------------------------------------------------------------
+
+
+def test_sync_session_whose_every_server_is_gone_raises_unavailable(running_server) -> None:
+    with (
+        running_server(token_keys=KEYS) as a,
+        running_server(token_keys=KEYS) as b,
+        Client([a.address, b.address]) as client,
+        client.session("tiny") as s,
+    ):
+        s.step([1, 2])
+        s.snapshot()
+        b.call(b.server.stop(0))
+        a.call(a.server.stop(0))
+        start = time.monotonic()
+        with pytest.raises(UnavailableError, match="no other server"):
+            s.step([3])
+        assert time.monotonic() - start < 20
+
+
+def test_async_session_whose_every_server_is_gone_raises_unavailable(running_server) -> None:
+    with running_server(token_keys=KEYS) as a, running_server(token_keys=KEYS) as b:
+
+        async def main() -> None:
+            async with AsyncClient([a.address, b.address]) as client, await client.session("tiny") as s:
+                await s.step([1, 2])
+                await s.snapshot()
+                b.call(b.server.stop(0))
+                a.call(a.server.stop(0))
+                with pytest.raises(UnavailableError, match="no other server"):
+                    await asyncio.wait_for(s.step([3]), 20)
+
+        asyncio.run(main())
+
+
+def test_resume_refuses_an_expired_snapshot_instead_of_continuing_wrongly(running_server) -> None:
+    with (
+        running_server(token_keys=KEYS, token_ttl_s=1) as a,
+        running_server(token_keys=KEYS) as b,
+        Client([a.address, b.address]) as client,
+        client.session("tiny") as s,
+    ):
+        s.step([1, 2])
+        token = s.snapshot()
+        with grpc.insecure_channel(b.address) as ch:
+            _wait_until(lambda: _open(ch, token)[0] != grpc.StatusCode.OK, timeout_s=10)
+        a.call(a.server.stop(0))
+        with pytest.raises(UnavailableError, match="expired"):
+            s.step([3])
+        assert not b.server.sessions.sessions
+
+
+# -- drain of a real process -----------------------------------------------------------------------
+
+
+def test_sigterm_while_50_sessions_step_from_several_threads(spawn_server, running_server, tiny_oracle) -> None:
+    """Every session either finishes or is told `draining` with a current token; the process exits 0."""
+    threads, per_thread, length = 5, 10, 40
+    grace = 15
+    a = spawn_server("--token-keys", KEYS, "--grace-s", str(grace), "--capacity", "64")
+    rng = np.random.default_rng(9)
+    seqs = [rng.integers(0, 256, size=length, dtype=np.int64) for _ in range(threads * per_thread)]
+    results: dict[int, tuple[np.ndarray, int, bytes, bool]] = {}  # i -> (outputs, steps, token, finished)
+    started = threading.Barrier(threads + 1, timeout=60)
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            with Client(a.address) as client:
+                ids = list(range(w * per_thread, (w + 1) * per_thread))
+                sessions = {i: client.session("tiny") for i in ids}
+                outs: dict[int, list[np.ndarray]] = {i: [] for i in ids}
+                for i in ids:
+                    outs[i].append(sessions[i].step(seqs[i][:1]))
+                started.wait()
+                live = set(ids)
+                while live:
+                    for i in sorted(live):
+                        s = sessions[i]
+                        n = s.steps
+                        if s.state.draining or n == length:
+                            results[i] = (np.concatenate(outs[i]), n, s.state.resume_token, n == length)
+                            s.close()
+                            live.discard(i)
+                            continue
+                        outs[i].append(s.step(seqs[i][n : n + 1]))
+        except BaseException as e:
+            errors.append(e)
+
+    pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
+    for t in pool:
+        t.start()
+    started.wait()
+    a.proc.send_signal(signal.SIGTERM)
+    for t in pool:
+        t.join(60)
+    assert not errors, errors
+    sent = time.monotonic()
+    assert a.proc.wait(timeout=grace + 10) == 0
+    assert time.monotonic() - sent < grace + 10
+    assert len(results) == threads * per_thread
+    drained = [i for i, r in results.items() if not r[3]]
+    assert drained  # SIGTERM came while they were stepping
+    with running_server(token_keys=KEYS) as b, Client(b.address) as client:
+        for i, (got, steps, token, finished) in results.items():
+            want = _oracle(tiny_oracle, seqs[i])
+            np.testing.assert_allclose(got, want[:steps], atol=1e-5, rtol=0)
+            if finished:
+                continue
+            assert token
+            with client.session("tiny", resume_token=token) as s:
+                # current as of every request the server read before it: at most the one step sent after
+                k = s.steps
+                assert steps - 1 <= k <= steps, (steps, k)
+                np.testing.assert_allclose(s.step(seqs[i][k:]), want[k:], atol=1e-5, rtol=0)
