@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from test_validate import (
     DEPLOY,
     _edit,
@@ -279,3 +280,40 @@ def test_rendered_probe_passes_against_a_real_tls_server_across_a_secret_update(
     stale = _run_probe(command, server.port, lambda a: str(old_ca) if a.endswith("/ca.crt") else remap(a))
     assert stale.returncode == 1, "the server still presents the old certificate"
     assert server.proc.poll() is None
+
+
+# -- the compose recipe in deploy/README.md -------------------------------------------------------------
+
+
+def readme_compose_override() -> str:
+    """The YAML block under "### docker compose" in deploy/README.md's TLS section."""
+    text = (DEPLOY / "README.md").read_text().split("## TLS, tokens and key rotation", 1)[1]
+    section = text.split("### docker compose", 1)[1]
+    return section.split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_compose_override_merges_and_configures_tls(tool, deploy_copy, monkeypatch, tmp_path):
+    compose_dir = deploy_copy / "deploy/compose"
+    (compose_dir / "docker-compose.override.yml").write_text(readme_compose_override())
+    proc = subprocess.run([tool("docker-compose"), "--profile", "cpu", "config"], cwd=compose_dir,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    service = yaml.safe_load(proc.stdout)["services"]["cellserve-cpu"]
+    mounts = {}
+    for vol in service["volumes"]:
+        source, target = (vol["source"], vol["target"]) if isinstance(vol, dict) else vol.split(":")[:2]
+        mounts[target] = source
+    env = {k: str(v) for k, v in service["environment"].items()}
+    files = {k: v for k, v in env.items() if k.endswith("_FILE")}
+    assert set(files) == {f"CELLSERVE_{name}" for name in REQUIRED_FILES}
+    for key, path in files.items():  # each under a mounted directory; stand-ins so FilePath settings parse
+        assert path.rsplit("/", 1)[0] in mounts, f"{key}={path} is not under a mounted directory"
+        local = tmp_path / path.lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text("stand-in\n")
+        env[key] = str(local)
+    assert settings_env_problems(env, monkeypatch) == []
+    test = service["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "cellserve", "health"]
+    build_parser().parse_args(test[2:])
+    assert _flags(test)["--tls-root-cert"].rsplit("/", 1)[0] in mounts
