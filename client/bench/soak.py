@@ -333,7 +333,8 @@ async def _progress(plan: SoakPlan, churn: Churn, rec: Recorder, quiet: bool) ->
     from tqdm import tqdm
 
     total = round(plan.duration_s)
-    with tqdm(total=total, unit="s", disable=quiet or not sys.stderr.isatty(), file=sys.stderr) as bar:
+    form = "{l_bar}{bar}| {n}/{total} s [{elapsed}<{remaining}{postfix}]"
+    with tqdm(total=total, bar_format=form, disable=quiet or not sys.stderr.isatty(), file=sys.stderr) as bar:
         while not churn.stop.is_set():
             try:
                 await asyncio.wait_for(churn.stop.wait(), 1.0)
