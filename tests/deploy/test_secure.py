@@ -148,9 +148,18 @@ def test_secure_overlay_differs_from_its_base_only_where_it_should(tool):
     kubectl = tool("kubectl")
     plain, secure = render(kubectl, DEPLOY / "k8s/overlays/gpu"), render(kubectl, DEPLOY / "k8s/overlays/secure/gpu")
     plain_cfg, secure_cfg = _kind(plain, "ConfigMap")["data"], _kind(secure, "ConfigMap")["data"]
-    assert {k: v for k, v in secure_cfg.items() if k not in file_settings(secure)} == plain_cfg
+    added = set(file_settings(secure)) - set(file_settings(plain))
+    assert {k: v for k, v in secure_cfg.items() if k not in added} == plain_cfg
     assert {d["kind"] for d in secure} == {d["kind"] for d in plain}  # no Secret objects shipped
-    assert {s for s, _ in secret_files(secure).values()} == {"cellserve-tls", "cellserve-auth"}
+    assert {s for s, _ in secret_files(secure).values()} == {"cellserve-tls", "cellserve-auth", "cellserve-token-keys"}
+
+
+@pytest.mark.parametrize("overlay", ["k8s/overlays/gpu", "k8s/overlays/cpu", *SECURE])
+def test_every_variant_shares_resume_token_keys_from_a_secret(tool, overlay):
+    """Without shared keys a drained session cannot resume on another pod: every variant mounts them."""
+    docs = render(tool("kubectl"), DEPLOY / overlay)
+    path = file_settings(docs)["CELLSERVE_TOKEN_KEYS_FILE"]
+    assert secret_files(docs)[path] == ("cellserve-token-keys", "token-keys.json")
 
 
 def test_mtls_component_validates_and_probes_present_a_client_certificate(tool, deploy_copy):
