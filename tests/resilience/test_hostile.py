@@ -356,7 +356,7 @@ def test_resume_refuses_an_expired_snapshot_instead_of_continuing_wrongly(runnin
 
 def test_sigterm_while_50_sessions_step_from_several_threads(spawn_server, running_server, tiny_oracle) -> None:
     """Every session either finishes or is told `draining` with a current token; the process exits 0."""
-    threads, per_thread, length = 5, 10, 40
+    threads, per_thread, length = 5, 10, 200  # long enough that SIGTERM always lands mid-run
     grace = 15
     a = spawn_server("--token-keys", KEYS, "--grace-s", str(grace), "--capacity", "64")
     rng = np.random.default_rng(9)
