@@ -186,6 +186,7 @@ class SessionManager:
         self.sessions.pop(session.id, None)
         if not self.sessions:
             self._empty.set()
+        self._compact_deadlines()
         if not session.inflight:  # else Session.step releases when the engine is done with the slot
             self.release(session)
         model = session.model.name
@@ -238,6 +239,16 @@ class SessionManager:
             except asyncio.CancelledError:
                 pass
             self._reaper = None
+
+    def _compact_deadlines(self) -> None:
+        """Drop closed sessions' heap entries once they outnumber the live ones (amortised O(1) per close).
+
+        Without this, every closed session's entry would wait for its idle deadline: memory would grow
+        with open rate × idle timeout (1k opens/s at the 1 h maximum: millions of entries).
+        """
+        if len(self._deadlines) > 2 * len(self.sessions) + 1024:
+            self._deadlines = [(s.deadline, sid) for sid, s in self.sessions.items()]
+            heapq.heapify(self._deadlines)
 
     def expire_idle(self, now: float) -> int:
         """Close sessions whose idle deadline passed; returns how many. Touched sessions are re-queued."""

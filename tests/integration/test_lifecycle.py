@@ -186,3 +186,22 @@ def test_quiet_stream_with_client_keepalive_pings_is_not_cut(running_server, tin
                 return kind
 
         assert asyncio.run(main()) == "output"
+
+
+def test_closed_sessions_do_not_pile_up_in_the_idle_heap(running_server):
+    """Churn at a long idle timeout: the expiry heap stays proportional to the live sessions."""
+    with running_server(idle_timeout_s=3600, capacity=64) as srv:
+
+        async def main() -> tuple[int, int]:
+            mgr = srv.server.sessions
+            keep = [mgr.open("tiny") for _ in range(10)]
+            peak = 0
+            for _ in range(5000):
+                mgr.close(mgr.open("tiny"), "client")
+                peak = max(peak, len(mgr._deadlines))
+            assert all(not s.closed for s in keep)
+            assert mgr.expire_idle(time.monotonic() + 7200) == 10  # the live ones still expire
+            return peak, len(mgr.sessions)
+
+        peak, left = srv.call(main())
+        assert peak <= 2 * 11 + 1024 + 1 and left == 0
