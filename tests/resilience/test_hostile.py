@@ -414,3 +414,29 @@ def test_sigterm_while_50_sessions_step_from_several_threads(spawn_server, runni
                 k = s.steps
                 assert steps - 1 <= k <= steps, (steps, k)
                 np.testing.assert_allclose(s.step(seqs[i][k:]), want[k:], atol=1e-5, rtol=0)
+
+
+def test_a_session_moves_on_drain_between_mutual_tls_servers_with_bearer_auth(
+    running_server, pki, tmp_path, tiny_oracle
+) -> None:
+    """The SDK's transparent resume reuses the whole channel config (TLS, client cert, token) for B."""
+    f = pki.write(tmp_path)
+    secure = {
+        "tls_cert_file": f["server_cert"],
+        "tls_key_file": f["server_key"],
+        "tls_client_ca_file": f["ca"],
+        "auth_tokens": GOOD,
+        "token_keys": KEYS,
+    }
+    config = ChannelConfig(tls=TLS(pki.ca.pem, pki.client.cert, pki.client.key), bearer_token=GOOD)
+    tokens = np.random.default_rng(10).integers(0, 256, size=24, dtype=np.int64)
+    with running_server(**secure) as a, running_server(**secure) as b:
+        targets = [f"localhost:{a.server.port}", f"localhost:{b.server.port}"]
+        with Client(targets, config) as client, client.session("tiny") as s:
+            ys = [s.step(tokens[:8])]
+            drained = asyncio.run_coroutine_threadsafe(a.server.drain(30), a.loop)
+            ys.append(s.step(tokens[8:16]))  # answered by A, then moved
+            ys.append(s.step(tokens[16:]))  # answered by B
+            assert b.server.sessions.sessions and s.steps == 24
+            drained.result(30)
+    np.testing.assert_allclose(np.concatenate(ys), _oracle(tiny_oracle, tokens), atol=1e-5, rtol=0)
