@@ -440,3 +440,25 @@ def test_a_session_moves_on_drain_between_mutual_tls_servers_with_bearer_auth(
             assert b.server.sessions.sessions and s.steps == 24
             drained.result(30)
     np.testing.assert_allclose(np.concatenate(ys), _oracle(tiny_oracle, tokens), atol=1e-5, rtol=0)
+
+
+def test_a_token_is_refused_by_a_replica_serving_another_version_of_the_same_model(running_server, tmp_path) -> None:
+    """Rolling update to new weights under the same name: the state would not mean the same there."""
+    from cellserve.model.export import export_random_model
+
+    export_random_model(tmp_path / "v2", name="tiny", layers=2, hidden=32, seed=1)
+    with (
+        running_server(token_keys=KEYS) as a,
+        running_server(model_dirs=[tmp_path / "v2"], token_keys=KEYS) as b,
+        grpc.insecure_channel(a.address) as ch_a,
+        grpc.insecure_channel(b.address) as ch_b,
+    ):
+        token = _snapshot_after(ch_a, np.arange(4))
+        call = pb_grpc.CellServeStub(ch_b).Stream(
+            iter([pb.StreamRequest(open=pb.Open(model="tiny", resume_token=token))]), timeout=10
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "same model version" in err.value.details()
+        assert not b.server.sessions.sessions
