@@ -462,3 +462,20 @@ def test_a_token_is_refused_by_a_replica_serving_another_version_of_the_same_mod
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "same model version" in err.value.details()
         assert not b.server.sessions.sessions
+
+
+@pytest.mark.parametrize("tokens", ["", " ", " , ", "[]", '[""]'])
+def test_bearer_auth_configured_without_any_token_refuses_to_start(tokens, tiny_model_dir, tmp_path) -> None:
+    """Fail closed: an empty token list never means "auth off" (secret or file alike)."""
+    from prometheus_client import CollectorRegistry
+
+    from cellserve.server.app import build_server
+    from cellserve.server.settings import Settings
+
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text(f"# no tokens yet\n{tokens}\n")  # '#' starts a comment in the file only
+    for given in ({"auth_tokens": tokens}, {"auth_tokens_file": tokens_file}):
+        settings = Settings(model_dirs=[tiny_model_dir], metrics_port=0, **given)
+        assert settings.auth_enabled
+        with pytest.raises(ValueError, match="no token"):
+            build_server(settings, CollectorRegistry())
