@@ -1,6 +1,7 @@
-"""Hostile checks of issue 8's promises on real servers (loopback, port 0): bearer auth on every service,
-TLS / mutual TLS edge cases and file rotation under open streams, resume tokens bit-flipped / replayed /
-expired, SDK resume when every other server is gone, and SIGTERM while 50 sessions are stepping.
+"""Hostile checks of issue 8's promises on real servers (loopback, port 0): bearer auth on every service
+(header variants, empty token lists), TLS / mutual TLS edge cases and file rotation under open streams,
+resume tokens bit-flipped / replayed / expired / from another model version, SDK resume when every other
+server is gone and across mTLS + bearer servers, and SIGTERM while 50 sessions are stepping.
 
 Every test here passed when written; they pin behaviour a hostile tester confirmed to be right.
 """
