@@ -16,6 +16,7 @@ from cellserve.client.errors import (
     CellserveClientError,
     DataLossError,
     FailedPreconditionError,
+    SessionClosedError,
     UnavailableError,
     error_class,
     from_rpc_error,
@@ -26,6 +27,49 @@ from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
 CORE_WRITE_RACE = "Internal error from Core"  # grpc aio's status for a write on a stream that just died
+LEAVE_TIMEOUT_S = 10.0  # after a move: how long the old server may take to confirm the close
+
+
+class _Inbox:
+    """Reads a stream's responses as they arrive, so a `draining` pushed to an idle session is already
+    in hand when the next write finds the stream ended (a failed write discards grpc's own buffer)."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self._queue: asyncio.Queue[pb.StreamResponse | grpc.RpcError | None] = asyncio.Queue()
+        self._end: grpc.RpcError | None = None
+        self._ended = False
+        self._task = asyncio.get_running_loop().create_task(self._pump(call), name="cellserve-session-reader")
+
+    async def _pump(self, call: grpc.aio.StreamStreamCall) -> None:
+        end: grpc.RpcError | None = None
+        try:
+            while (resp := await call.read()) is not grpc.aio.EOF:
+                self._queue.put_nowait(resp)
+        except grpc.RpcError as e:
+            end = e
+        except (grpc.aio.UsageError, asyncio.InvalidStateError, asyncio.CancelledError):
+            pass  # the call was cancelled (by us, or the loop is closing): the status says the rest
+        self._queue.put_nowait(end)
+
+    async def get(self) -> pb.StreamResponse | grpc.RpcError | None:
+        """The next response; then, for ever, how the stream ended (None: without an error status)."""
+        if self._ended:
+            return self._end
+        item = await self._queue.get()
+        if not isinstance(item, pb.StreamResponse):
+            self._ended, self._end = True, item
+        return item
+
+    def received(self) -> list[pb.StreamResponse]:
+        """Responses already received and not yet taken (never waits)."""
+        out = []
+        while not self._ended and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not isinstance(item, pb.StreamResponse):
+                self._ended, self._end = True, item
+                break
+            out.append(item)
+        return out
 
 
 class AsyncSession:
@@ -51,6 +95,7 @@ class AsyncSession:
         self._connect = connect  # stub for another target: enables transparent resume on drain
         self._target = 0  # index in state.targets of the server holding the session
         self._call: grpc.aio.StreamStreamCall | None = None
+        self._inbox: _Inbox | None = None
         self._close_sent = False
         self._done_writing = False
         self._failed = False  # the stream ended with an error status: nothing left to close
@@ -70,6 +115,7 @@ class AsyncSession:
     ) -> AsyncSession:
         session = cls(state, metadata=metadata, connect=connect)
         await session._open_on(stub, model, idle_timeout_s, resume_token)
+        state.resume_token = resume_token  # current until the first step: lets a fresh resume move again
         try:
             session.info = await info_for(state.model)
         except BaseException:
@@ -79,6 +125,7 @@ class AsyncSession:
 
     async def _open_on(self, stub: pb_grpc.CellServeStub, model: str, idle_timeout_s: int, token: bytes) -> None:
         self._call = stub.Stream(metadata=self._metadata)
+        self._inbox = _Inbox(self._call)
         self._close_sent = self._done_writing = self._failed = False
         try:
             await self._write(self.state.open_request(model, idle_timeout_s, token))
@@ -150,6 +197,7 @@ class AsyncSession:
         try:
             await self._write(req)
         except UnavailableError:
+            await self._absorb_rest()  # a `draining` token may be waiting behind the end of the stream
             if not self._can_resume():
                 raise
             await self._resume_elsewhere(self.state.resume_token)
@@ -226,16 +274,42 @@ class AsyncSession:
         return self._connect is not None and bool(self.state.resume_token) and len(self.state.targets) > 1
 
     async def _move(self) -> None:
-        """The server is draining: take an exact token, leave it, continue on the next target."""
-        token = await self.snapshot()
-        await self.close()
-        await self._resume_elsewhere(token)
+        """The server is draining: take an exact token, open on another target, then leave this one.
 
-    async def _resume_elsewhere(self, token: bytes) -> None:
+        If no other target takes the session it stays here (served until the grace period ends) and
+        the next step tries again.
+        """
+        try:
+            token = await self.snapshot()
+        except SessionClosedError:  # the grace ended first: the draining token is what is left
+            if self.state.closed_reason != "drain":
+                raise
+            await self._resume_elsewhere(self.state.resume_token)
+            return
+        here = (self._call, self._inbox, self.state.session_id, self._target)
+        try:
+            await self._resume_elsewhere(token, leave_current=False)
+        except UnavailableError:
+            self._call, self._inbox, self.state.session_id, self._target = here
+            self._close_sent = self._done_writing = self._failed = False
+            self.state.closed_reason, self.state.draining = None, True
+            return
+        old, old_inbox = here[0], here[1]
+        assert old is not None and old_inbox is not None
+        try:  # leave the old server: `close`, half-close, read to the end (its slot is then free)
+            await old.write(self.state.close_request())
+            await old.done_writing()
+            while isinstance(await asyncio.wait_for(old_inbox.get(), LEAVE_TIMEOUT_S), pb.StreamResponse):
+                pass
+        except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError, TimeoutError):
+            old.cancel()
+
+    async def _resume_elsewhere(self, token: bytes, *, leave_current: bool = True) -> None:
         """Open the session on the other targets in turn with ``token``; UnavailableError if none takes it."""
         assert self._connect is not None
-        await self._half_close()
-        self._stream.cancel()
+        if leave_current:
+            await self._half_close()
+            self._stream.cancel()
         errors = []
         answered = self.state.steps  # every step before the one being retried
         n = len(self.state.targets)
@@ -243,7 +317,9 @@ class AsyncSession:
             index = (self._target + k) % n
             self.state.closed_reason, self.state.draining = None, False
             try:
-                await self._open_on(self._connect(self.state.targets[index]), self.state.model, 0, token)
+                await self._open_on(
+                    self._connect(self.state.targets[index]), self.state.model, self.state.idle_timeout_s, token
+                )
             except CellserveClientError as e:
                 errors.append(f"{self.state.targets[index]}: {e}")
                 continue
@@ -259,6 +335,13 @@ class AsyncSession:
         raise UnavailableError(f"no other server of {self.state.targets} took the session: " + "; ".join(errors))
 
     # -- internals --------------------------------------------------------------------------------
+
+    async def _absorb_rest(self) -> None:
+        """The stream ended under a write: apply what the server sent before its end (``draining``, ``closed``)."""
+        assert self._inbox is not None
+        for resp in self._inbox.received():
+            if resp.WhichOneof("kind") in ("draining", "snapshot", "closed"):
+                self.state.on_response(resp)
 
     async def _write(self, req: pb.StreamRequest) -> None:
         if self._stream.done():  # the server already ended the stream: report its status, don't write
@@ -278,15 +361,14 @@ class AsyncSession:
             raise err from None
 
     async def _read(self) -> pb.StreamResponse:
-        try:
-            resp = await self._stream.read()
-        except grpc.RpcError as e:
-            self._failed = True
-            raise from_rpc_error(e) from None
-        if resp is grpc.aio.EOF:
-            self._failed = True
-            raise await self._status_error()
-        return resp
+        assert self._inbox is not None
+        item = await self._inbox.get()
+        if isinstance(item, pb.StreamResponse):
+            return item
+        self._failed = True
+        if isinstance(item, grpc.RpcError):
+            raise from_rpc_error(item)
+        raise await self._status_error()
 
     async def _status_error(self) -> CellserveClientError:
         code = await self._stream.code()

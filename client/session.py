@@ -9,7 +9,13 @@ from types import TracebackType
 import grpc
 import numpy as np
 
-from cellserve.client.errors import CellserveClientError, DataLossError, UnavailableError, from_rpc_error
+from cellserve.client.errors import (
+    CellserveClientError,
+    DataLossError,
+    SessionClosedError,
+    UnavailableError,
+    from_rpc_error,
+)
 from cellserve.client.model_info import ModelInfo
 from cellserve.client.protocol import SessionState
 from cellserve.v1 import cellserve_pb2 as pb
@@ -42,6 +48,7 @@ class Session:
         self._connect = connect  # stub for another target: enables transparent resume on drain
         self._target = 0  # index in state.targets of the server holding the session
         self._open_on(stub, model, idle_timeout_s, resume_token)
+        state.resume_token = resume_token  # current until the first step: lets a fresh resume move again
         self.info = info_for(state.model)
 
     def _open_on(self, stub: pb_grpc.CellServeStub, model: str, idle_timeout_s: int, token: bytes) -> None:
@@ -143,15 +150,40 @@ class Session:
         return self._connect is not None and bool(self.state.resume_token) and len(self.state.targets) > 1
 
     def _move(self) -> None:
-        """The server is draining: take an exact token, leave it, continue on the next target."""
-        token = self.snapshot()
-        self.close()
-        self._resume_elsewhere(token)
+        """The server is draining: take an exact token, open on another target, then leave this one.
 
-    def _resume_elsewhere(self, token: bytes) -> None:
+        If no other target takes the session it stays here (served until the grace period ends) and
+        the next step tries again.
+        """
+        try:
+            token = self.snapshot()
+        except SessionClosedError:  # the grace ended first: the draining token is what is left
+            if self.state.closed_reason != "drain":
+                raise
+            self._resume_elsewhere(self.state.resume_token)
+            return
+        here = (self._requests, self._call, self.state.session_id, self._target)
+        try:
+            self._resume_elsewhere(token, leave_current=False)
+        except UnavailableError:
+            self._requests, self._call, self.state.session_id, self._target = here
+            self._ended = self._failed = False
+            self.state.closed_reason, self.state.draining = None, True
+            return
+        old_requests, old_call = here[0], here[1]
+        old_requests.put(self.state.close_request())
+        old_requests.put(_END)
+        try:
+            for _ in old_call:  # `closed`, then the stream ends: the old slot is free
+                pass
+        except grpc.RpcError:
+            pass
+
+    def _resume_elsewhere(self, token: bytes, *, leave_current: bool = True) -> None:
         """Open the session on the other targets in turn with ``token``; UnavailableError if none takes it."""
         assert self._connect is not None
-        self._half_close()
+        if leave_current:
+            self._half_close()
         errors = []
         answered = self.state.steps  # every step before the one being retried
         n = len(self.state.targets)
@@ -159,7 +191,9 @@ class Session:
             index = (self._target + k) % n
             self.state.closed_reason, self.state.draining = None, False
             try:
-                self._open_on(self._connect(self.state.targets[index]), self.state.model, 0, token)
+                self._open_on(
+                    self._connect(self.state.targets[index]), self.state.model, self.state.idle_timeout_s, token
+                )
             except CellserveClientError as e:
                 errors.append(f"{self.state.targets[index]}: {e}")
                 continue

@@ -33,7 +33,7 @@ from cellserve.server.metrics import Metrics
 from cellserve.server.models import ModelRepository
 from cellserve.server.oip_servicer import register as register_oip
 from cellserve.server.resume_token import TokenCodec, TokenKeys
-from cellserve.server.security import AcceptedTokens, BearerAuth, CertificateFiles
+from cellserve.server.security import AcceptedTokens, BearerAuth, CertificateFiles, FileWatcher
 from cellserve.server.servicer import CellServeServicer
 from cellserve.server.sessions import SessionManager
 from cellserve.server.settings import Settings
@@ -72,6 +72,8 @@ class CellServer:
         )
         self.port = 0
         self.metrics_port = 0
+        polls = [w.poll for w in (self.tls, self.auth_tokens) if w is not None]
+        self._watcher = FileWatcher(polls) if polls else None
         self._hooks: list[ServicerHook] = []
         self._grpc: grpc.aio.Server | None = None
         self._http: Any = None
@@ -134,6 +136,8 @@ class CellServer:
             raise OSError(f"cannot bind the gRPC port {s.host}:{s.port}")
         await server.start()
         self._grpc = server
+        if self._watcher is not None:
+            self._watcher.start()
         if s.metrics_port:
             port = 0 if s.metrics_port == "auto" else s.metrics_port
             self._http, _ = start_http_server(port, s.metrics_host, registry=self.registry)
@@ -162,6 +166,9 @@ class CellServer:
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
         for model in self.models:
             await model.scheduler.stop()
         await self.sessions.stop()

@@ -22,7 +22,7 @@ import numpy as np
 from cellserve.server.errors import FailedPrecondition, InvalidArgument
 from cellserve.server.models import LoadedModel
 from cellserve.server.oip_tensors import ParamValue
-from cellserve.server.sessions import Session, SessionEvent, SessionManager
+from cellserve.server.sessions import Session, SessionClosed, SessionEvent, SessionManager
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,10 @@ class StreamSequences:
         self._sessions.close(session, reason)
 
     def _server_ended(self, flags: SequenceFlags, event: SessionEvent) -> None:
+        if not isinstance(event, SessionClosed):
+            # A drain notice: the Triton protocol cannot hand state over, so an OIP sequence keeps
+            # running until it ends or the grace period closes it (then it hears SessionClosed).
+            return
         session = self._live.get(flags.key)
         if session is not None and session.closed:
             del self._live[flags.key]

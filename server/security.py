@@ -1,9 +1,10 @@
 """Who may talk to the server: TLS (optionally mutual) from files, and bearer tokens.
 
 Both are re-read when their files change, so a rotated certificate or token list takes effect
-without a restart: certificates at the next new connection's handshake, tokens within a second.
-A file that does not parse keeps the previous contents in force (and logs a warning); secrets are
-never logged.
+without a restart. A ``FileWatcher`` thread does every read (about once a second); the handshake
+callback and the auth interceptor only take what it prepared, so a slow or stuck mount never
+stalls connections or the event loop. A certificate file that does not parse keeps the previous
+pair in force (with a warning); secrets are never logged.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import ssl
+import stat
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
@@ -33,37 +33,85 @@ OPEN_PREFIXES = (
         for m in ("ServerLive", "ServerReady")
     ),
 )
-TOKEN_RECHECK_S = 1.0
+RELOAD_CHECK_S = 1.0  # how often the watcher looks at the files
 
 
-def _stamp(paths: Iterable[Path | None]) -> tuple[tuple[int, int], ...]:
-    """(mtime_ns, size) of each file: cheap to take, changes when a file is rewritten or replaced."""
+def _stamp(paths: Iterable[Path | None]) -> tuple[tuple[int, int, int], ...]:
+    """(inode, mtime_ns, size) of each file: changes when a file is rewritten or replaced.
+
+    Raises ValueError for anything but a regular file (a FIFO or device could block a read for ever).
+    """
     out = []
     for p in paths:
         if p is not None:
             st = p.stat()
-            out.append((st.st_mtime_ns, st.st_size))
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{p} is not a regular file")
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(out)
+
+
+class FileWatcher:
+    """A daemon thread calling each ``poll`` every ``interval_s`` seconds until ``stop``."""
+
+    def __init__(self, polls: list[Callable[[], None]], interval_s: float = RELOAD_CHECK_S) -> None:
+        self._polls = polls
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cellserve-secret-files", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            for poll in self._polls:
+                try:
+                    poll()
+                except Exception:  # never let the watcher die: the next change must still be seen
+                    log.exception("secret file check failed")
 
 
 # -- TLS -------------------------------------------------------------------------------------------
 
 
+def _check_tls(cert: bytes, key: bytes, ca: bytes | None) -> None:
+    """ValueError unless ``cert`` is a PEM chain whose first certificate matches ``key`` and ``ca`` parses."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        chain = x509.load_pem_x509_certificates(cert)
+        private = serialization.load_pem_private_key(key, password=None)
+        if ca is not None:
+            x509.load_pem_x509_certificates(ca)
+    except (ValueError, TypeError) as e:  # TypeError: an encrypted key
+        raise ValueError(f"not usable PEM: {e}") from e
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if chain[0].public_key().public_bytes(*spki) != private.public_key().public_bytes(*spki):
+        raise ValueError("the key does not match the certificate")
+
+
 class CertificateFiles:
     """Server certificate, key and optional client CA (mutual TLS), re-read when the files change.
 
-    gRPC asks ``fetch`` at every new connection's handshake; it answers ``None`` (keep the current
-    configuration) unless the files changed and the new certificate and key match.
+    ``poll`` (on the watcher thread) reads and checks changed files; gRPC calls ``fetch`` before each
+    handshake, which hands over a new configuration once and otherwise answers ``None`` (keep).
     """
 
     def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None = None) -> None:
         self.cert_file, self.key_file, self.client_ca_file = cert_file, key_file, client_ca_file
         self.reloads = 0
         self._lock = threading.Lock()
-        self._stamp = _stamp(self._paths())
+        self._pending: grpc.ServerCertificateConfiguration | None = None
         try:
+            self._stamp: object = _stamp(self._paths())
             self._initial = self._read()  # fail fast on a bad pair at start
-        except (OSError, ssl.SSLError, ValueError) as e:
+        except (OSError, ValueError) as e:
             raise ValueError(
                 f"TLS: cannot use certificate {cert_file} with key {key_file}"
                 + (f" and client CA {client_ca_file}" if client_ca_file else "")
@@ -74,28 +122,39 @@ class CertificateFiles:
         return (self.cert_file, self.key_file, self.client_ca_file)
 
     def _read(self) -> grpc.ServerCertificateConfiguration:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert_file, self.key_file)
+        cert, key = self.cert_file.read_bytes(), self.key_file.read_bytes()
         ca = self.client_ca_file.read_bytes() if self.client_ca_file is not None else None
-        if self.client_ca_file is not None:
-            ssl.create_default_context(cafile=self.client_ca_file)  # parses, or raises
-        pair = (self.key_file.read_bytes(), self.cert_file.read_bytes())
-        return grpc.ssl_server_certificate_configuration([pair], root_certificates=ca)
+        _check_tls(cert, key, ca)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def poll(self) -> None:
+        """Read the files if they changed; a good new set is handed to the next handshake."""
+        try:
+            stamp: object = _stamp(self._paths())
+        except (OSError, ValueError) as e:
+            failure = ("error", str(e))  # warn once per distinct failure, not at every check
+            if failure != self._stamp:
+                log.warning("TLS files cannot be read; keeping the previous ones", extra={"error": str(e)})
+            self._stamp = failure
+            return
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp  # a bad new file is tried once, not at every check
+        try:
+            config = self._read()
+        except (OSError, ValueError) as e:
+            log.warning("TLS files changed but cannot be used; keeping the previous ones", extra={"error": str(e)})
+            return
+        with self._lock:
+            self._pending = config
+            self.reloads += 1
+        log.info("TLS certificate reloaded", extra={"cert_file": str(self.cert_file), "reloads": self.reloads})
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """Called by gRPC before each handshake (on a gRPC thread)."""
+        """Called by gRPC before each handshake (on a gRPC thread): no I/O here."""
         with self._lock:
-            try:
-                stamp = _stamp(self._paths())
-                if stamp == self._stamp:
-                    return None
-                self._stamp = stamp  # a bad new file is tried once, not at every handshake
-                config = self._read()
-            except (OSError, ssl.SSLError, ValueError) as e:
-                log.warning("TLS files changed but cannot be used; keeping the previous ones", extra={"error": str(e)})
-                return None
-            self.reloads += 1
-            log.info("TLS certificate reloaded", extra={"cert_file": str(self.cert_file), "reloads": self.reloads})
-            return config
+            config, self._pending = self._pending, None
+        return config
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
@@ -107,10 +166,15 @@ class CertificateFiles:
 
 
 def parse_tokens(raw: str) -> list[str]:
-    """Accepted tokens from a comma-separated string or a JSON list; blanks dropped."""
+    """Accepted tokens from a comma-separated string or a JSON list of strings; blanks dropped."""
     text = raw.strip()
-    items = json.loads(text) if text.startswith("[") else text.split(",")
-    return [str(t).strip() for t in items if str(t).strip()]
+    if text.startswith("["):
+        items = json.loads(text)
+        if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+            raise ValueError("a JSON token list must hold strings only")
+    else:
+        items = text.split(",")
+    return [t.strip() for t in items if t.strip()]
 
 
 def _file_tokens(path: Path) -> list[str]:
@@ -123,14 +187,16 @@ def _file_tokens(path: Path) -> list[str]:
 
 
 class AcceptedTokens:
-    """The tokens from the secret setting plus the tokens file; the file is re-read when it changes."""
+    """The tokens from the secret setting plus those in the tokens file, which ``poll`` re-reads.
 
-    def __init__(self, secret: str | None, path: Path | None, clock: Callable[[], float] = time.monotonic) -> None:
+    The file's current contents are what it contributes: removing a token from it (even the last
+    one) revokes it. A file that goes missing or does not parse keeps its previous tokens (warning).
+    """
+
+    def __init__(self, secret: str | None, path: Path | None) -> None:
         self._fixed = parse_tokens(secret) if secret else []
         self._path = path
-        self._clock = clock
-        self._stamp = _stamp([path])
-        self._checked = clock()
+        self._stamp: object = _stamp([path])
         self._tokens = self._merge(_file_tokens(path) if path is not None else [])
         if not self._tokens:
             raise ValueError("bearer auth is configured but no token was given (auth_tokens / auth_tokens_file)")
@@ -139,30 +205,32 @@ class AcceptedTokens:
         return tuple(t.encode() for t in [*self._fixed, *from_file])
 
     def current(self) -> tuple[bytes, ...]:
-        if self._path is not None and self._clock() - self._checked >= TOKEN_RECHECK_S:
-            self._checked = self._clock()
-            self._reload(self._path)
         return self._tokens
 
-    def _reload(self, path: Path) -> None:
+    def poll(self) -> None:
+        """Re-read the tokens file if it changed (on the watcher thread)."""
+        if self._path is None:
+            return
         try:
-            stamp = _stamp([path])
+            stamp: object = _stamp([self._path])
             if stamp == self._stamp:
                 return
             self._stamp = stamp
-            from_file = _file_tokens(path)
+            from_file = _file_tokens(self._path)
         except (OSError, ValueError) as e:
-            log.warning("tokens file changed but cannot be read; keeping the previous tokens", extra={"error": str(e)})
-            return
-        if not from_file:
-            log.warning("tokens file is now empty; keeping the previous tokens", extra={"file": str(path)})
+            failure = ("error", str(e))
+            if failure != self._stamp:
+                log.warning("tokens file cannot be read; keeping its previous tokens", extra={"error": str(e)})
+            self._stamp = failure
             return
         self._tokens = self._merge(from_file)
-        log.info("bearer tokens reloaded", extra={"file": str(path), "count": len(self._tokens)})
+        log.info("bearer tokens reloaded", extra={"file": str(self._path), "count": len(self._tokens)})
+        if not self._tokens:
+            log.warning("no bearer token is accepted now: every call but the probes is refused")
 
     def accepts(self, given: bytes) -> bool:
         # compare against every token so the time taken does not tell which one (if any) matched
-        hits = [hmac.compare_digest(given, t) for t in self.current()]
+        hits = [hmac.compare_digest(given, t) for t in self._tokens]
         return any(hits)
 
 

@@ -201,7 +201,11 @@ class SessionManager:
         told = 0
         for session in list(self.sessions.values()):
             if session._notify is not None:
-                session._notify(DrainNotice(deadline_ms))
+                try:
+                    session._notify(DrainNotice(deadline_ms))
+                except Exception:  # one broken listener must not stop the others from hearing the drain
+                    log.exception("drain notice failed", extra={"session": session.id})
+                    continue
                 told += 1
         return told
 

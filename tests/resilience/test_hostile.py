@@ -3,17 +3,19 @@
 resume tokens bit-flipped / replayed / expired / from another model version, SDK resume when every other
 server is gone and across mTLS + bearer servers, and SIGTERM while 50 sessions are stepping.
 
-Every test here passed when written; they pin behaviour a hostile tester confirmed to be right.
+The first tests pin behaviour a hostile tester confirmed to be right; the last ones reproduce bugs it found (fixed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cellserve.client import TLS, AsyncClient, ChannelConfig, Client, UnavailableError
+from cellserve.oip import grpc_service_pb2 as oip
+from cellserve.oip import grpc_service_pb2_grpc as oip_grpc
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
@@ -209,12 +213,14 @@ def test_broken_or_missing_tls_files_keep_the_old_pair_and_open_streams_go_on(ru
             for i, breakage in enumerate(breakages):
                 caplog.clear()
                 breakage()
+                srv.server.tls.poll()  # the watcher thread's check, without waiting for it
                 assert _health(target, good) == "SERVING"  # new connections: the old pair still
-                assert "cannot be used" in caplog.text
+                assert "keeping the previous ones" in caplog.text
                 ys.append(s.step(tokens[2 + 2 * i : 4 + 2 * i]))  # the open stream goes on
             assert srv.server.tls.reloads == 0
             f["server_key"].rmdir()
             f["server_key"].write_bytes(pki.server.key)  # a good file later is picked up
+            srv.server.tls.poll()
             assert _health(target, good) == "SERVING"
             assert srv.server.tls.reloads == 1
             ys.append(s.step(tokens[16:]))
@@ -236,6 +242,7 @@ def test_rotating_to_another_ca_moves_new_connections_and_keeps_open_streams(
             f["server_key"].write_bytes(server.key)
             f["server_cert"].write_bytes(server.cert)
             f["ca"].write_bytes(pki.other_ca.pem)
+            srv.server.tls.poll()
             new = TLS(pki.other_ca.pem, pki.other_client.cert, pki.other_client.key)
             assert _health(target, new) == "SERVING"
             with pytest.raises(UnavailableError):
@@ -480,3 +487,163 @@ def test_bearer_auth_configured_without_any_token_refuses_to_start(tokens, tiny_
         assert settings.auth_enabled
         with pytest.raises(ValueError, match="no token"):
             build_server(settings, CollectorRegistry())
+
+
+# -- found by hostile testing, fixed since ------------------------------------------------------
+
+
+def test_drain_with_a_live_oip_sequence_still_tells_every_native_session_and_exits_0(spawn_server):
+    a = spawn_server("--token-keys", KEYS, "--grace-s", "10")
+
+    async def main() -> list[str]:
+        async with grpc.aio.insecure_channel(a.address) as ch:
+            before = pb_grpc.CellServeStub(ch).Stream()
+            await before.write(pb.StreamRequest(open=pb.Open(model="tiny")))
+            await before.read()
+            seq = oip_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer()
+            req = oip.ModelInferRequest(model_name="tiny")
+            req.inputs.add(name="x", datatype="INT64", shape=[1, 3]).contents.int64_contents.extend([1, 2, 3])
+            req.parameters["sequence_id"].int64_param = 42
+            req.parameters["sequence_start"].bool_param = True
+            await seq.write(req)
+            assert not (await seq.read()).error_message
+            after = pb_grpc.CellServeStub(ch).Stream()
+            await after.write(pb.StreamRequest(open=pb.Open(model="tiny")))
+            await after.read()
+            a.proc.send_signal(signal.SIGTERM)
+            kinds = []
+            for call in (before, after):
+                try:
+                    kinds.append((await asyncio.wait_for(call.read(), 20)).WhichOneof("kind"))
+                except grpc.aio.AioRpcError as e:
+                    kinds.append(e.code().name)
+            for call in (before, after, seq):
+                call.cancel()
+            return kinds
+
+    kinds = asyncio.run(main())
+    assert kinds == ["draining", "draining"]
+    assert a.proc.wait(timeout=30) == 0
+
+
+def test_async_session_idle_through_a_whole_drain_resumes_on_the_next_target(running_server, tiny_oracle):
+    tokens = np.arange(8, dtype=np.int64) * 11 % 256
+    with running_server(token_keys=KEYS) as a, running_server(token_keys=KEYS) as b:
+
+        async def main() -> np.ndarray:
+            async with AsyncClient([a.address, b.address]) as client, await client.session("tiny") as s:
+                y0 = await s.step(tokens[:5])
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(a.server.drain(0.5), a.loop))
+                y1 = await s.step(tokens[5:])
+                assert s.steps == 8 and b.server.sessions.sessions
+                return np.concatenate([y0, y1])
+
+        ys = asyncio.run(main())
+    np.testing.assert_allclose(ys, _oracle(tiny_oracle, tokens), atol=1e-5, rtol=0)
+
+
+def test_tokens_removed_from_the_file_are_refused_by_a_running_server(running_server, tmp_path: Path):
+    path = tmp_path / "tokens"
+    path.write_text("leaked-token\n")
+    with (
+        running_server(auth_tokens="ops-secret", auth_tokens_file=path) as srv,
+        grpc.insecure_channel(srv.address) as ch,
+    ):
+        stub = pb_grpc.CellServeStub(ch)
+
+        def accepted(token: str) -> bool:
+            try:
+                stub.ListModels(pb.ListModelsRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+                return False
+            return True
+
+        assert accepted("leaked-token")
+        path.write_text("")
+        _wait_until(lambda: not accepted("leaked-token"))  # the watcher re-reads the file within a second
+        assert accepted("ops-secret")
+
+
+def test_sync_session_moved_by_a_drain_keeps_its_idle_timeout(running_server):
+    with (
+        running_server(token_keys=KEYS) as a,
+        running_server(token_keys=KEYS) as b,
+        Client([a.address, b.address]) as client,
+        client.session("tiny", idle_timeout_s=1000) as s,
+    ):
+        s.step([1, 2, 3])
+        assert s.state.idle_timeout_s == 1000
+        asyncio.run_coroutine_threadsafe(a.server.drain(30), a.loop)
+        s.step([4])
+        s.step([5])  # on B now
+        assert b.server.sessions.sessions
+        assert s.state.idle_timeout_s == 1000
+        assert next(iter(b.server.sessions.sessions.values())).idle_timeout_s == 1000
+
+
+def test_async_session_moved_by_a_drain_keeps_its_idle_timeout(running_server):
+    with running_server(token_keys=KEYS) as a, running_server(token_keys=KEYS) as b:
+
+        async def main() -> None:
+            async with (
+                AsyncClient([a.address, b.address]) as client,
+                await client.session("tiny", idle_timeout_s=1000) as s,
+            ):
+                await s.step([1, 2, 3])
+                drained = asyncio.run_coroutine_threadsafe(a.server.drain(30), a.loop)
+                await s.step([4])
+                await s.step([5])
+                await asyncio.wrap_future(drained)
+                assert s.state.idle_timeout_s == 1000
+
+        asyncio.run(main())
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_move_that_finds_no_taker_keeps_the_session_on_the_draining_server(running_server, tiny_oracle, api):
+    tokens = np.arange(6, dtype=np.int64) * 5 % 256
+    with running_server(token_keys=KEYS) as a, running_server(token_keys=KEYS) as b:
+        b.call(b.server.stop(0))  # the only other replica is already gone
+
+        def drain_a() -> object:
+            return asyncio.run_coroutine_threadsafe(a.server.drain(30), a.loop)
+
+        if api == "sync":
+            with Client([a.address, b.address]) as client, client.session("tiny") as s:
+                ys = [s.step(tokens[:3])]
+                drained = drain_a()
+                ys.append(s.step(tokens[3:4]))
+                ys.append(s.step(tokens[4:]))  # A still serves it during its grace
+        else:
+
+            async def main() -> list[np.ndarray]:
+                async with AsyncClient([a.address, b.address]) as client, await client.session("tiny") as s:
+                    ys = [await s.step(tokens[:3])]
+                    nonlocal drained
+                    drained = drain_a()
+                    ys.append(await s.step(tokens[3:4]))
+                    ys.append(await s.step(tokens[4:]))
+                    return ys
+
+            drained = None
+            ys = asyncio.run(main())
+        drained.result(30)
+    np.testing.assert_allclose(np.concatenate(ys), _oracle(tiny_oracle, tokens), atol=1e-5, rtol=0)
+
+
+def test_secret_files_that_would_block_are_never_read(running_server, pki, tmp_path):
+    """A FIFO (like a hung secrets mount) in place of the key or tokens file: the check skips it, serving goes on."""
+    f = pki.write(tmp_path)
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text("tok\n")
+    settings = {"tls_cert_file": f["server_cert"], "tls_key_file": f["server_key"], "auth_tokens_file": tokens_file}
+    with running_server(**settings) as srv:
+        for path in (f["server_key"], tokens_file):
+            path.unlink()
+            os.mkfifo(path)
+        srv.server.tls.poll()
+        srv.server.auth_tokens.poll()
+        config = ChannelConfig(tls=TLS(pki.ca.pem), bearer_token="tok")
+        with Client(f"localhost:{srv.server.port}", config, timeout_s=10) as client:
+            assert [m.name for m in client.list_models()] == ["tiny"]

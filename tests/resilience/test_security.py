@@ -6,6 +6,7 @@ Certificates are generated per test session by the ``pki`` fixture (tests/confte
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -21,7 +22,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from cellserve.client import TLS, ChannelConfig, Client, UnauthenticatedError, UnavailableError
-from cellserve.server import security
 from cellserve.server.app import build_server
 from cellserve.server.security import MESSAGE, AcceptedTokens
 from cellserve.server.settings import Settings
@@ -88,13 +88,16 @@ def test_a_rotated_certificate_is_served_to_new_connections_without_a_restart(
             with Client(target, ChannelConfig(tls=TLS(root_certificates=ca)), timeout_s=5) as client:
                 return client.health()
 
+        tls = srv.server.tls
         assert health(f["ca"]) == "SERVING"
         f["server_cert"].write_text("not a certificate")  # a half-done rotation: keep serving the old one
+        tls.poll()  # what the watcher thread does every RELOAD_CHECK_S; called here to not wait for it
         assert health(f["ca"]) == "SERVING"
         rotated = pki.other_ca.issue("localhost")
         f["server_key"].write_bytes(rotated.key)
         f["server_cert"].write_bytes(rotated.cert)
-        assert health(f["other_ca"]) == "SERVING"  # the first handshake after the change uses the new pair
+        tls.poll()
+        assert health(f["other_ca"]) == "SERVING"  # the first handshake after the check uses the new pair
         with pytest.raises(UnavailableError):
             health(f["ca"])
         assert srv.server.tls.reloads == 1
@@ -184,24 +187,41 @@ def test_the_tokens_file_is_reread_when_it_changes(running_server, tmp_path: Pat
         assert accepted("third") and not accepted("first")
 
 
-def test_accepted_tokens_keep_the_last_good_list_when_the_file_breaks(tmp_path: Path) -> None:
-    now = [0.0]
+def test_the_tokens_file_contributes_exactly_its_current_tokens(tmp_path: Path) -> None:
     path = tmp_path / "tokens"
     path.write_text("a\n")
-    tokens = AcceptedTokens("s", path, clock=lambda: now[0])
+    tokens = AcceptedTokens("s", path)
     assert tokens.accepts(b"a") and tokens.accepts(b"s") and not tokens.accepts(b"b")
     path.write_text("b,c\n")
-    assert tokens.accepts(b"a")  # re-read at most once per TOKEN_RECHECK_S
-    now[0] += security.TOKEN_RECHECK_S
+    assert tokens.accepts(b"a")  # until the watcher's next poll
+    tokens.poll()
     assert tokens.accepts(b"b") and tokens.accepts(b"c") and tokens.accepts(b"s") and not tokens.accepts(b"a")
-    path.write_text("\n")  # emptied (or half-written): keep the previous list
-    now[0] += security.TOKEN_RECHECK_S
-    assert tokens.accepts(b"b")
-    path.unlink()
-    now[0] += security.TOKEN_RECHECK_S
-    assert tokens.accepts(b"b")
+    path.write_text("# all file tokens revoked\n")
+    tokens.poll()
+    assert tokens.accepts(b"s") and not tokens.accepts(b"b")  # removing the last one revokes it too
+    path.write_text("[1, null]\n")  # does not parse (strings only): the previous list stays
+    tokens.poll()
+    assert tokens.accepts(b"s") and not tokens.accepts(b"None") and not tokens.accepts(b"1")
+    path.unlink()  # gone (say, mid-rename): the previous list stays
+    tokens.poll()
+    assert tokens.accepts(b"s")
+    path.write_text("d\n")
+    tokens.poll()
+    assert tokens.accepts(b"d")
     with pytest.raises(ValueError, match="no token"):
         AcceptedTokens(" , ", None)
+    with pytest.raises(ValueError, match="strings only"):
+        AcceptedTokens('["a", null]', None)
+
+
+def test_a_tokens_file_that_would_block_is_never_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "tokens"
+    fifo.write_text("a\n")
+    tokens = AcceptedTokens(None, fifo)
+    fifo.unlink()
+    os.mkfifo(fifo)  # reading it would block for ever (like a hung secrets mount)
+    tokens.poll()
+    assert tokens.accepts(b"a")
 
 
 def test_secrets_never_reach_the_log_or_the_help(running_server, caplog, pki, tmp_path: Path) -> None:
