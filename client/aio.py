@@ -112,8 +112,10 @@ class AsyncSession:
         resume_token: bytes,
         metadata: tuple[tuple[str, str], ...],
         connect: Callable[[str], pb_grpc.CellServeStub] | None = None,
+        target: int = 0,
     ) -> AsyncSession:
         session = cls(state, metadata=metadata, connect=connect)
+        session._target = target
         await session._open_on(stub, model, idle_timeout_s, resume_token)
         state.resume_token = resume_token  # current until the first step: lets a fresh resume move again
         try:
@@ -397,8 +399,7 @@ class AsyncClient:
         self.timeout_s = timeout_s
         self._metadata = self.config.call_metadata()
         self._channel = self.config.aio_channel(self.targets[0])
-        self._stub = pb_grpc.CellServeStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._preferred = 0  # index of the target new sessions and unary calls go to first
         self._infos: dict[str, ModelInfo] = {}
         self._extra: dict[str, grpc.aio.Channel] = {}  # channels to the other targets (resume)
 
@@ -418,26 +419,44 @@ class AsyncClient:
     async def session(
         self, model: str | None = None, *, idle_timeout_s: int = 0, resume_token: bytes = b""
     ) -> AsyncSession:
-        """Open a session: ``async with await client.session("m") as s``."""
-        return await AsyncSession.open(
-            self._stub,
-            self.model_info,
-            SessionState(targets=self.targets),
-            model=model or "",
-            idle_timeout_s=idle_timeout_s,
-            resume_token=resume_token,
-            metadata=self._metadata,
-            connect=self._stub_for,
-        )
+        """Open a session: ``async with await client.session("m") as s``. Skips UNAVAILABLE targets, as
+        ``Client.session`` does."""
+        start, errors = self._preferred, []
+        for k in range(len(self.targets)):
+            self._preferred = (start + k) % len(self.targets)
+            try:
+                return await AsyncSession.open(
+                    self._stub_for(self.targets[self._preferred]),
+                    self.model_info,
+                    SessionState(targets=self.targets),
+                    model=model or "",
+                    idle_timeout_s=idle_timeout_s,
+                    resume_token=resume_token,
+                    metadata=self._metadata,
+                    connect=self._stub_for,
+                    target=self._preferred,
+                )
+            except UnavailableError as e:
+                errors.append(f"{self.targets[self._preferred]}: {e.details}")
+        self._preferred = start
+        raise UnavailableError("no server took the session: " + "; ".join(errors))
 
-    def _stub_for(self, target: str) -> pb_grpc.CellServeStub:
-        """A stub on ``target`` (channels are kept for the client's life)."""
+    def _channel_for(self, target: str) -> grpc.aio.Channel:
+        """The channel to ``target`` (kept for the client's life)."""
         if target == self.targets[0]:
-            return self._stub
+            return self._channel
         channel = self._extra.get(target)
         if channel is None:
             channel = self._extra[target] = self.config.aio_channel(target)
-        return pb_grpc.CellServeStub(channel)
+        return channel
+
+    def _stub_for(self, target: str) -> pb_grpc.CellServeStub:
+        return pb_grpc.CellServeStub(self._channel_for(target))
+
+    @property
+    def _stub(self) -> pb_grpc.CellServeStub:
+        """Stub on the preferred target (the first, until a session open found it unavailable)."""
+        return self._stub_for(self.targets[self._preferred])
 
     async def generate(
         self,
@@ -483,7 +502,7 @@ class AsyncClient:
 
     async def health(self, service: str = "") -> str:
         try:
-            resp = await self._health.Check(
+            resp = await health_pb2_grpc.HealthStub(self._channel_for(self.targets[self._preferred])).Check(
                 health_pb2.HealthCheckRequest(service=service), metadata=self._metadata, timeout=self.timeout_s
             )
         except grpc.RpcError as e:

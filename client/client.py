@@ -42,8 +42,9 @@ def health_name(status: int) -> str:
 class Client:
     """Blocking client for a cellserve server.
 
-    ``target`` is ``HOST:PORT`` or a list of them (the first is used; the list is kept for resuming
-    sessions elsewhere). ``config`` sets keepalive, message size, TLS and metadata (e.g. a bearer token).
+    ``target`` is ``HOST:PORT`` or a list of them: calls go to the first until a session open finds it
+    UNAVAILABLE (down or draining), then to the next; sessions move along the list when their server drains.
+    ``config`` sets keepalive, message size, TLS and metadata (e.g. a bearer token).
     ``timeout_s`` bounds unary calls (models, health); streams are bounded by the session's idle timeout.
     """
 
@@ -55,8 +56,7 @@ class Client:
         self.timeout_s = timeout_s
         self._metadata = self.config.call_metadata()
         self._channel = self.config.sync_channel(self.targets[0])
-        self._stub = pb_grpc.CellServeStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._preferred = 0  # index of the target new sessions and unary calls go to first
         self._infos: dict[str, ModelInfo] = {}
         self._extra: dict[str, grpc.Channel] = {}  # channels to the other targets (resume)
 
@@ -83,27 +83,47 @@ class Client:
     # -- sessions ---------------------------------------------------------------------------------
 
     def session(self, model: str | None = None, *, idle_timeout_s: int = 0, resume_token: bytes = b"") -> Session:
-        """Open a session (``None`` = the server's default model). Use it in a ``with`` block."""
-        state = SessionState(targets=self.targets)
-        return Session(
-            self._stub,
-            state,
-            self.model_info,
-            model=model or "",
-            idle_timeout_s=idle_timeout_s,
-            resume_token=resume_token,
-            metadata=self._metadata,
-            connect=self._stub_for,
-        )
+        """Open a session (``None`` = the server's default model). Use it in a ``with`` block.
 
-    def _stub_for(self, target: str) -> pb_grpc.CellServeStub:
-        """A stub on ``target`` (channels are kept for the client's life)."""
+        A target that answers UNAVAILABLE (down, or draining) is skipped for the next one in the list,
+        which new sessions then prefer.
+        """
+        start, errors = self._preferred, []
+        for k in range(len(self.targets)):
+            self._preferred = (start + k) % len(self.targets)
+            try:
+                return Session(
+                    self._stub_for(self.targets[self._preferred]),
+                    SessionState(targets=self.targets),
+                    self.model_info,
+                    model=model or "",
+                    idle_timeout_s=idle_timeout_s,
+                    resume_token=resume_token,
+                    metadata=self._metadata,
+                    connect=self._stub_for,
+                    target=self._preferred,
+                )
+            except UnavailableError as e:
+                errors.append(f"{self.targets[self._preferred]}: {e.details}")
+        self._preferred = start
+        raise UnavailableError("no server took the session: " + "; ".join(errors))
+
+    def _channel_for(self, target: str) -> grpc.Channel:
+        """The channel to ``target`` (kept for the client's life)."""
         if target == self.targets[0]:
-            return self._stub
+            return self._channel
         channel = self._extra.get(target)
         if channel is None:
             channel = self._extra[target] = self.config.sync_channel(target)
-        return pb_grpc.CellServeStub(channel)
+        return channel
+
+    def _stub_for(self, target: str) -> pb_grpc.CellServeStub:
+        return pb_grpc.CellServeStub(self._channel_for(target))
+
+    @property
+    def _stub(self) -> pb_grpc.CellServeStub:
+        """Stub on the preferred target (the first, until a session open found it unavailable)."""
+        return self._stub_for(self.targets[self._preferred])
 
     # -- generate ---------------------------------------------------------------------------------
 
@@ -154,7 +174,7 @@ class Client:
     def health(self, service: str = "") -> str:
         """grpc.health.v1 status name ("SERVING", "NOT_SERVING", ...) of the server or one model."""
         try:
-            resp = self._health.Check(
+            resp = health_pb2_grpc.HealthStub(self._channel_for(self.targets[self._preferred])).Check(
                 health_pb2.HealthCheckRequest(service=service), metadata=self._metadata, timeout=self.timeout_s
             )
         except grpc.RpcError as e:

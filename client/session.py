@@ -42,14 +42,19 @@ class Session:
         resume_token: bytes = b"",
         metadata: tuple[tuple[str, str], ...] = (),
         connect: Callable[[str], pb_grpc.CellServeStub] | None = None,
+        target: int = 0,
     ) -> None:
         self.state = state
         self._metadata = metadata
         self._connect = connect  # stub for another target: enables transparent resume on drain
-        self._target = 0  # index in state.targets of the server holding the session
+        self._target = target  # index in state.targets of the server holding the session
         self._open_on(stub, model, idle_timeout_s, resume_token)
         state.resume_token = resume_token  # current until the first step: lets a fresh resume move again
-        self.info = info_for(state.model)
+        try:
+            self.info = info_for(state.model)
+        except BaseException:
+            self._abandon()
+            raise
 
     def _open_on(self, stub: pb_grpc.CellServeStub, model: str, idle_timeout_s: int, token: bytes) -> None:
         self._requests: queue.Queue[object] = queue.Queue()

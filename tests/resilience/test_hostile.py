@@ -647,3 +647,20 @@ def test_secret_files_that_would_block_are_never_read(running_server, pki, tmp_p
         config = ChannelConfig(tls=TLS(pki.ca.pem), bearer_token="tok")
         with Client(f"localhost:{srv.server.port}", config, timeout_s=10) as client:
             assert [m.name for m in client.list_models()] == ["tiny"]
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_new_sessions_open_on_the_next_target_when_the_first_is_draining_or_gone(running_server, api):
+    with running_server(token_keys=KEYS) as a, running_server(token_keys=KEYS) as b:
+        asyncio.run_coroutine_threadsafe(a.server.drain(5), a.loop).result(30)  # A drained and stopped
+        if api == "sync":
+            with Client([a.address, b.address]) as client, client.session("tiny") as s:
+                assert s.step([1]).shape == (1, 256)
+        else:
+
+            async def main() -> None:
+                async with AsyncClient([a.address, b.address]) as client, await client.session("tiny") as s:
+                    assert (await s.step([1])).shape == (1, 256)
+
+            asyncio.run(main())
+        assert not b.server.sessions.sessions
