@@ -22,11 +22,11 @@ import grpc
 log = logging.getLogger(__name__)
 
 MESSAGE = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
-# Probes and discovery stay open: health checks (kubelet, load balancers), server reflection, and the
-# Open Inference Protocol's liveness/readiness (what KServe/Triton-style probes call).
+# Only probes stay open: grpc.health.v1 Check (kubelet, load balancers, `cellserve health`) and the
+# Open Inference Protocol's liveness/readiness (what KServe/Triton-style probes call). Health Watch and
+# server reflection are long-lived streams that also list what is served: they need a token.
 OPEN_PREFIXES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.",
+    "/grpc.health.v1.Health/Check",
     *(
         f"/{svc}/{m}"
         for svc in ("inference.GRPCInferenceService", "cellserve.oip.GRPCInferenceService")

@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     tls_client_ca_file: FilePath | None = None
     """PEM CA bundle: require mutual TLS, clients must present a certificate signed by it."""
     auth_tokens: SecretStr | None = None
-    """Bearer tokens (CSV or JSON list); every RPC except probes (health, reflection, OIP live/ready) needs one."""
+    """Bearer tokens (CSV or JSON list); every RPC except probes (health Check, OIP live/ready) needs one."""
     auth_tokens_file: FilePath | None = None
     """File of accepted bearer tokens (one or more per line, '#' comments); re-read when it changes."""
     ready_file: Path | None = None

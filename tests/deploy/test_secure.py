@@ -14,6 +14,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -284,7 +285,9 @@ def test_rendered_probe_passes_against_a_real_tls_server_across_a_secret_update(
     old_ca = tmp_path / "old-ca.crt"
     old_ca.write_bytes(pki.ca.pem)
     _write_secrets(root, docs, {**contents, **_tls_contents(pki.other_ca, server_name)}, generation=2)
-    renewed = _run_probe(command, server.port, remap)
+    deadline = time.monotonic() + 20  # the server's watcher re-reads the files about once a second
+    while (renewed := _run_probe(command, server.port, remap)).returncode != 0 and time.monotonic() < deadline:
+        pass
     assert (renewed.returncode, renewed.stdout.strip()) == (0, "SERVING"), renewed.stderr
     stale = _run_probe(command, server.port, lambda a: str(old_ca) if a.endswith("/ca.crt") else remap(a))
     assert stale.returncode == 1, "the server still presents the old certificate"

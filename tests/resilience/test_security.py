@@ -135,7 +135,7 @@ def _raw_stream(target: str, metadata: tuple | None, payload: bytes) -> grpc.Rpc
     return err.value
 
 
-def test_bearer_tokens_gate_every_call_but_health_and_reflection(running_server, tiny_oracle) -> None:
+def test_bearer_tokens_gate_every_call_but_the_health_check(running_server, tiny_oracle) -> None:
     with running_server(auth_tokens=TOKENS) as srv:
         for token in ("old-token", "new-token"):  # several accepted: rotation without downtime
             with Client(srv.address, ChannelConfig(bearer_token=token), timeout_s=10) as client:
@@ -152,14 +152,20 @@ def test_bearer_tokens_gate_every_call_but_health_and_reflection(running_server,
         wrong_scheme = (("authorization", "Basic old-token"),)
         assert _raw_stream(srv.address, wrong_scheme, b"").code() == grpc.StatusCode.UNAUTHENTICATED
         assert _raw_stream(srv.address, None, b"\xff\xfe garbage").code() == grpc.StatusCode.UNAUTHENTICATED
-        with grpc.insecure_channel(srv.address) as ch:  # probes and discovery need no token
+        with grpc.insecure_channel(srv.address) as ch:  # probes need no token; discovery does
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            listing = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
-            )
-            names = [s.name for s in next(iter(listing)).list_services_response.service]
-            assert "cellserve.v1.CellServe" in names
+
+            def services(md: tuple | None) -> list[str]:
+                listing = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=md, timeout=10
+                )
+                return [s.name for s in next(iter(listing)).list_services_response.service]
+
+            assert "cellserve.v1.CellServe" in services((("authorization", "Bearer new-token"),))
+            with pytest.raises(grpc.RpcError) as err:
+                services(None)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             with pytest.raises(grpc.RpcError) as err:  # a method nobody serves stays UNIMPLEMENTED
                 ch.unary_unary("/nope.Nope/Nope")(b"", timeout=10)
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
