@@ -170,7 +170,7 @@ class Session:
         here = (self._requests, self._call, self.state.session_id, self._target)
         try:
             self._resume_elsewhere(token, leave_current=False)
-        except UnavailableError:
+        except (UnavailableError, DataLossError):  # nobody took it: stay here
             self._requests, self._call, self.state.session_id, self._target = here
             self._ended = self._failed = False
             self.state.closed_reason, self.state.draining = None, True
@@ -192,6 +192,7 @@ class Session:
         errors = []
         answered = self.state.steps  # every step before the one being retried
         n = len(self.state.targets)
+        unavailable = n == 1  # no other target at all counts as unavailable
         for k in range(1, n):
             index = (self._target + k) % n
             self.state.closed_reason, self.state.draining = None, False
@@ -201,6 +202,7 @@ class Session:
                 )
             except CellserveClientError as e:
                 errors.append(f"{self.state.targets[index]}: {e}")
+                unavailable = unavailable or isinstance(e, UnavailableError)
                 continue
             self._target = index
             if self.state.steps != answered:  # a stale token (or one past an unanswered step)
@@ -211,7 +213,10 @@ class Session:
                     "or repeating steps (take a snapshot after the last step to move a session safely)"
                 )
             return
-        raise UnavailableError(f"no other server of {self.state.targets} took the session: " + "; ".join(errors))
+        message = f"no other server of {self.state.targets} took the session: " + "; ".join(errors)
+        if not unavailable:  # every other server refused the token itself: retrying cannot help
+            raise DataLossError(message)
+        raise UnavailableError(message)
 
     # -- internals --------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cellserve.client import TLS, AsyncClient, ChannelConfig, Client, UnavailableError
+from cellserve.client import TLS, AsyncClient, ChannelConfig, Client, DataLossError, UnavailableError
 from cellserve.oip import grpc_service_pb2 as oip
 from cellserve.oip import grpc_service_pb2_grpc as oip_grpc
 from cellserve.v1 import cellserve_pb2 as pb
@@ -354,7 +354,7 @@ def test_resume_refuses_an_expired_snapshot_instead_of_continuing_wrongly(runnin
         with grpc.insecure_channel(b.address) as ch:
             _wait_until(lambda: _open(ch, token)[0] != grpc.StatusCode.OK, timeout_s=10)
         a.call(a.server.stop(0))
-        with pytest.raises(UnavailableError, match="expired"):
+        with pytest.raises(DataLossError, match="expired"):  # every other server refused the token: final
             s.step([3])
         assert not b.server.sessions.sessions
 
@@ -664,3 +664,27 @@ def test_new_sessions_open_on_the_next_target_when_the_first_is_draining_or_gone
 
             asyncio.run(main())
         assert not b.server.sessions.sessions
+
+
+def test_a_session_stays_on_its_draining_server_when_the_other_serves_new_weights(
+    running_server, tmp_path, tiny_oracle
+) -> None:
+    """Rolling update to new weights: B refuses the token (FAILED_PRECONDITION), so the SDK keeps the session
+    on A for A's grace period instead of losing it; outputs stay exact."""
+    from cellserve.model.export import export_random_model
+
+    export_random_model(tmp_path / "v2", name="tiny", layers=2, hidden=32, seed=1)
+    tokens = np.arange(9, dtype=np.int64) * 13 % 256
+    with (
+        running_server(token_keys=KEYS) as a,
+        running_server(model_dirs=[tmp_path / "v2"], token_keys=KEYS) as b,
+        Client([a.address, b.address]) as client,
+        client.session("tiny") as s,
+    ):
+        ys = [s.step(tokens[:3])]
+        drained = asyncio.run_coroutine_threadsafe(a.server.drain(30), a.loop)
+        ys += [s.step(tokens[3:6]), s.step(tokens[6:])]  # each step after `draining` tries B, which refuses
+        assert s.state.draining and a.server.sessions.sessions and not b.server.sessions.sessions
+        s.close()
+        drained.result(30)
+    np.testing.assert_allclose(np.concatenate(ys), _oracle(tiny_oracle, tokens), atol=1e-5, rtol=0)
