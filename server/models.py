@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,27 +39,31 @@ class LoadedModel:
     def name(self) -> str:
         return self.manifest.name
 
+    @functools.cached_property
+    def input_dtype(self) -> np.dtype:
+        return np.dtype(self.manifest.tensor("input").dtype)
+
     def check_input(self, x: np.ndarray, max_steps: int) -> np.ndarray:
         """Validate one session's step input; returns it ready for the engine or raises InvalidArgument."""
         m = self.manifest
         max_steps = min(max_steps, self.max_output_steps)
-        want = np.dtype(m.tensor("input").dtype)
-        if m.input_kind == "tokens":
-            expect = f"model {m.name!r} expects {want} token ids of shape [T] with 1 <= T <= {max_steps}"
-            if x.ndim != 1:
-                raise InvalidArgument(f"input has shape {list(x.shape)}; {expect}")
-        else:
-            expect = (
-                f"model {m.name!r} expects {want} features of shape [T, {m.input_size}] with 1 <= T <= {max_steps}"
-            )
-            if x.ndim != 2 or x.shape[1] != m.input_size:
-                raise InvalidArgument(f"input has shape {list(x.shape)}; {expect}")
+        want = self.input_dtype
+        tokens = m.input_kind == "tokens"
+
+        def expect() -> str:  # built only for an error: this check runs for every step
+            if tokens:
+                return f"model {m.name!r} expects {want} token ids of shape [T] with 1 <= T <= {max_steps}"
+            return f"model {m.name!r} expects {want} features of shape [T, {m.input_size}] with 1 <= T <= {max_steps}"
+
+        if (x.ndim != 1) if tokens else (x.ndim != 2 or x.shape[1] != m.input_size):
+            raise InvalidArgument(f"input has shape {list(x.shape)}; {expect()}")
         if x.dtype != want:
-            raise InvalidArgument(f"input has dtype {x.dtype}; {expect}")
+            raise InvalidArgument(f"input has dtype {x.dtype}; {expect()}")
         if not 1 <= x.shape[0] <= max_steps:
-            raise InvalidArgument(f"input has T={x.shape[0]} steps; {expect}")
-        if m.input_kind == "tokens":
-            lo, hi = int(x.min()), int(x.max())
+            raise InvalidArgument(f"input has T={x.shape[0]} steps; {expect()}")
+        if tokens:
+            # small chunks (the common T=1 case) are cheaper in Python than in two numpy reductions
+            lo, hi = (min(v := x.tolist()), max(v)) if x.shape[0] <= 64 else (int(x.min()), int(x.max()))
             if lo < 0 or hi >= m.input_size:
                 bad = lo if lo < 0 else hi
                 raise InvalidArgument(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from cellserve.server.errors import InvalidArgument
@@ -15,6 +17,8 @@ DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
 }
 PB_DTYPES: dict[str, int] = {dt.name: code for code, dt in DTYPES.items()}
+NATIVE: dict[int, np.dtype] = {code: dt.newbyteorder("=") for code, dt in DTYPES.items()}  # decoded arrays
+LITTLE: dict[str, np.dtype] = {dt.name: dt for dt in DTYPES.values()}  # what the wire carries
 
 
 def to_numpy(t: pb.Tensor) -> np.ndarray:
@@ -27,14 +31,14 @@ def to_numpy(t: pb.Tensor) -> np.ndarray:
         raise InvalidArgument("tensor has no shape; give its dimensions, e.g. [T] for T token ids")
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"tensor shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if count == 0:
         raise InvalidArgument(f"tensor shape {list(shape)} is empty; a step needs at least one element")
     if len(t.raw) != count * dtype.itemsize:
         raise InvalidArgument(
             f"tensor raw has {len(t.raw)} bytes; shape {list(shape)} of {dtype.name} needs {count * dtype.itemsize}"
         )
-    return np.frombuffer(t.raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+    return np.frombuffer(t.raw, dtype=dtype).reshape(shape).astype(NATIVE[t.dtype], copy=False)
 
 
 def to_proto(a: np.ndarray) -> pb.Tensor:
@@ -43,4 +47,4 @@ def to_proto(a: np.ndarray) -> pb.Tensor:
     code = PB_DTYPES.get(a.dtype.name)
     if code is None:
         raise TypeError(f"dtype {a.dtype} has no Tensor encoding")
-    return pb.Tensor(dtype=code, shape=list(a.shape), raw=a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+    return pb.Tensor(dtype=code, shape=a.shape, raw=a.astype(LITTLE[a.dtype.name], copy=False).tobytes())
