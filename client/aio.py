@@ -16,7 +16,6 @@ from cellserve.client.errors import (
     CellserveClientError,
     DataLossError,
     FailedPreconditionError,
-    SessionClosedError,
     UnavailableError,
     error_class,
     from_rpc_error,
@@ -94,6 +93,7 @@ class AsyncSession:
         self._metadata = metadata
         self._connect = connect  # stub for another target: enables transparent resume on drain
         self._target = 0  # index in state.targets of the server holding the session
+        self._lost: CellserveClientError | None = None  # why a failed move ended the session
         self._call: grpc.aio.StreamStreamCall | None = None
         self._inbox: _Inbox | None = None
         self._close_sent = False
@@ -164,6 +164,8 @@ class AsyncSession:
         With several targets, a session whose server drains moves to the next one on its own, as in
         the sync ``Session.step`` (pipelined ``send``/``async for`` does not move: watch ``state.draining``).
         """
+        if self._lost is not None:
+            raise self._lost
         if self.state.pending:
             raise FailedPreconditionError("step() with pipelined steps pending; read them with `async for` first")
         assert self.info is not None
@@ -283,19 +285,25 @@ class AsyncSession:
         """
         try:
             token = await self.snapshot()
-        except SessionClosedError:  # the grace ended first: the draining token is what is left
-            if self.state.closed_reason != "drain":
-                raise
-            await self._resume_elsewhere(self.state.resume_token)
+        except CellserveClientError:  # the grace ended first (closed, or the server stopped)
+            self._failed = True
+            try:  # the draining token is what is left; it is current unless a step was answered after it
+                await self._resume_elsewhere(self.state.resume_token)
+            except (UnavailableError, DataLossError) as e:
+                self._lost = e  # this step's output is still good: the next step reports the loss
             return
         here = (self._call, self._inbox, self.state.session_id, self._target)
         try:
             await self._resume_elsewhere(token, leave_current=False)
-        except (UnavailableError, DataLossError):  # nobody took it: stay here
+        except BaseException as e:  # nobody took it, or cancelled mid-move: stay here
+            if self._call is not here[0]:
+                self._stream.cancel()  # a half-opened stream on the other server
             self._call, self._inbox, self.state.session_id, self._target = here
             self._close_sent = self._done_writing = self._failed = False
             self.state.closed_reason, self.state.draining = None, True
-            return
+            if isinstance(e, (UnavailableError, DataLossError)):
+                return
+            raise
         old, old_inbox = here[0], here[1]
         assert old is not None and old_inbox is not None
         try:  # leave the old server: `close`, half-close, read to the end (its slot is then free)
@@ -305,6 +313,9 @@ class AsyncSession:
                 pass
         except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError, TimeoutError):
             old.cancel()
+        except BaseException:  # cancelled while leaving: the session already lives on the new server
+            old.cancel()
+            raise
 
     async def _resume_elsewhere(self, token: bytes, *, leave_current: bool = True) -> None:
         """Open the session on the other targets in turn with ``token``; UnavailableError if none takes it."""
@@ -428,22 +439,30 @@ class AsyncClient:
         ``Client.session`` does."""
         start, errors = self._preferred, []
         for k in range(len(self.targets)):
-            self._preferred = (start + k) % len(self.targets)
+            index = (start + k) % len(self.targets)  # local: other tasks may open sessions meanwhile
+            target = self.targets[index]
             try:
-                return await AsyncSession.open(
-                    self._stub_for(self.targets[self._preferred]),
-                    self.model_info,
+                await asyncio.wait_for(self._channel_for(target).channel_ready(), self.timeout_s)
+            except TimeoutError:
+                errors.append(f"{target}: not connected within {self.timeout_s} s")
+                continue
+            try:
+                session = await AsyncSession.open(
+                    self._stub_for(target),
+                    lambda name, target=target: self._model_info(name, target),
                     SessionState(targets=self.targets),
                     model=model or "",
                     idle_timeout_s=idle_timeout_s,
                     resume_token=resume_token,
                     metadata=self._metadata,
                     connect=self._stub_for,
-                    target=self._preferred,
+                    target=index,
                 )
             except UnavailableError as e:
-                errors.append(f"{self.targets[self._preferred]}: {e.details}")
-        self._preferred = start
+                errors.append(f"{target}: {e.details}")
+                continue
+            self._preferred = index
+            return session
         raise UnavailableError("no server took the session: " + "; ".join(errors))
 
     def _channel_for(self, target: str) -> grpc.aio.Channel:
@@ -495,9 +514,12 @@ class AsyncClient:
         return infos
 
     async def model_info(self, name: str) -> ModelInfo:
+        return await self._model_info(name, self.targets[self._preferred])
+
+    async def _model_info(self, name: str, target: str) -> ModelInfo:
         if name not in self._infos:
             try:
-                resp = await self._stub.ModelInfo(
+                resp = await self._stub_for(target).ModelInfo(
                     pb.ModelInfoRequest(model=name), metadata=self._metadata, timeout=self.timeout_s
                 )
             except grpc.RpcError as e:

@@ -46,6 +46,8 @@ class Client:
     UNAVAILABLE (down or draining), then to the next; sessions move along the list when their server drains.
     ``config`` sets keepalive, message size, TLS and metadata (e.g. a bearer token).
     ``timeout_s`` bounds unary calls (models, health); streams are bounded by the session's idle timeout.
+    (A target that accepts TCP but never answers holds ``session()`` for gRPC's connect timeout, ~20 s,
+    before the next target is tried; ``AsyncClient`` bounds that wait by ``timeout_s``.)
     """
 
     def __init__(
@@ -90,22 +92,25 @@ class Client:
         """
         start, errors = self._preferred, []
         for k in range(len(self.targets)):
-            self._preferred = (start + k) % len(self.targets)
+            index = (start + k) % len(self.targets)  # local: other threads may open sessions meanwhile
+            target = self.targets[index]
             try:
-                return Session(
-                    self._stub_for(self.targets[self._preferred]),
+                session = Session(
+                    self._stub_for(target),
                     SessionState(targets=self.targets),
-                    self.model_info,
+                    lambda name, target=target: self._model_info(name, target),
                     model=model or "",
                     idle_timeout_s=idle_timeout_s,
                     resume_token=resume_token,
                     metadata=self._metadata,
                     connect=self._stub_for,
-                    target=self._preferred,
+                    target=index,
                 )
             except UnavailableError as e:
-                errors.append(f"{self.targets[self._preferred]}: {e.details}")
-        self._preferred = start
+                errors.append(f"{target}: {e.details}")
+                continue
+            self._preferred = index
+            return session
         raise UnavailableError("no server took the session: " + "; ".join(errors))
 
     def _channel_for(self, target: str) -> grpc.Channel:
@@ -161,9 +166,12 @@ class Client:
 
     def model_info(self, name: str) -> ModelInfo:
         """A model's description (cached per client)."""
+        return self._model_info(name, self.targets[self._preferred])
+
+    def _model_info(self, name: str, target: str) -> ModelInfo:
         if name not in self._infos:
             try:
-                resp = self._stub.ModelInfo(
+                resp = self._stub_for(target).ModelInfo(
                     pb.ModelInfoRequest(model=name), metadata=self._metadata, timeout=self.timeout_s
                 )
             except grpc.RpcError as e:

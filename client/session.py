@@ -12,7 +12,6 @@ import numpy as np
 from cellserve.client.errors import (
     CellserveClientError,
     DataLossError,
-    SessionClosedError,
     UnavailableError,
     from_rpc_error,
 )
@@ -48,6 +47,7 @@ class Session:
         self._metadata = metadata
         self._connect = connect  # stub for another target: enables transparent resume on drain
         self._target = target  # index in state.targets of the server holding the session
+        self._lost: CellserveClientError | None = None  # why a failed move ended the session
         self._open_on(stub, model, idle_timeout_s, resume_token)
         state.resume_token = resume_token  # current until the first step: lets a fresh resume move again
         try:
@@ -79,6 +79,8 @@ class Session:
 
     def step(self, x: object) -> np.ndarray:
         """Run one chunk of T >= 1 steps; returns [T, O] float32. StepRejected leaves the session usable."""
+        if self._lost is not None:
+            raise self._lost
         a = self.info.check_input(x)
         req = self.state.step_request(a)
         seq = req.step.seq
@@ -162,10 +164,12 @@ class Session:
         """
         try:
             token = self.snapshot()
-        except SessionClosedError:  # the grace ended first: the draining token is what is left
-            if self.state.closed_reason != "drain":
-                raise
-            self._resume_elsewhere(self.state.resume_token)
+        except CellserveClientError:  # the grace ended first (closed, or the server stopped)
+            self._failed = True
+            try:  # the draining token is what is left; it is current unless a step was answered after it
+                self._resume_elsewhere(self.state.resume_token)
+            except (UnavailableError, DataLossError) as e:
+                self._lost = e  # this step's output is still good: the next step reports the loss
             return
         here = (self._requests, self._call, self.state.session_id, self._target)
         try:

@@ -36,8 +36,9 @@ OPEN_PREFIXES = (
 RELOAD_CHECK_S = 1.0  # how often the watcher looks at the files
 
 
-def _stamp(paths: Iterable[Path | None]) -> tuple[tuple[int, int, int], ...]:
-    """(inode, mtime_ns, size) of each file: changes when a file is rewritten or replaced.
+def _stamp(paths: Iterable[Path | None]) -> tuple[tuple[int, int, int, int], ...]:
+    """(inode, mtime_ns, ctime_ns, size) of each file: changes when a file is rewritten or replaced
+    (ctime also catches an in-place rewrite whose mtime was preserved).
 
     Raises ValueError for anything but a regular file (a FIFO or device could block a read for ever).
     """
@@ -47,7 +48,7 @@ def _stamp(paths: Iterable[Path | None]) -> tuple[tuple[int, int, int], ...]:
             st = p.stat()
             if not stat.S_ISREG(st.st_mode):
                 raise ValueError(f"{p} is not a regular file")
-            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            out.append((st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
     return tuple(out)
 
 

@@ -42,6 +42,7 @@ CLOSE_LINGER_S = 5.0
 CLOSE_REASONS = {"client": pb.CLOSE_REASON_CLIENT, "idle": pb.CLOSE_REASON_IDLE, "drain": pb.CLOSE_REASON_DRAIN}
 # Errors of a single step: answered in-stream, the session goes on.
 STEP_ERRORS = (InvalidArgument, ResourceExhausted)
+SERVER_CLOSES = ("drain", "idle")  # close reasons the server decides (the client may not know yet)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,8 @@ class CellServeServicer(pb_grpc.CellServeServicer):
                     continue
                 if isinstance(item, SessionClosed):
                     reason = item.reason
-                    yield _closed(session, item.reason, item.message)
+                    for resp in self._server_closed(session, item.reason, item.message):
+                        yield resp
                     return
                 if isinstance(item, _EndOfRequests):
                     if item.error is not None:
@@ -116,6 +118,12 @@ class CellServeServicer(pb_grpc.CellServeServicer):
                     return
                 credit.release()
                 kind = item.WhichOneof("kind")
+                if session.closed and session.close_reason in SERVER_CLOSES and kind != "close":
+                    # closed by the server while this request waited; its SessionClosed is further back
+                    reason = session.close_reason
+                    for resp in self._server_closed(session, reason, f"session closed by the server ({reason})"):
+                        yield resp
+                    return
                 if kind == "step":
                     yield await self._step(session, item.step)
                 elif kind == "close":
@@ -175,6 +183,15 @@ class CellServeServicer(pb_grpc.CellServeServicer):
             return pb.StreamResponse(error=pb.StepError(seq=step.seq, code=code.value[0], message=message))
         return pb.StreamResponse(output=pb.Output(seq=step.seq, output=to_proto(y)))
 
+    def _server_closed(self, session: Session, reason: str, message: str) -> list[pb.StreamResponse]:
+        """``closed`` for a session the server ended; after a drain, preceded by a current token."""
+        out = []
+        if reason == "drain" and session.final_state is not None:
+            token, _ = self.tokens.encode(session.final_state)
+            out.append(pb.StreamResponse(draining=pb.Draining(resume_token=token, deadline_unix_ms=0)))
+        out.append(_closed(session, reason, message))
+        return out
+
     def _count_error(self, e: BaseException) -> None:
         self.metrics.errors.labels(code=to_status(e)[0].name).inc()
 
@@ -214,9 +231,7 @@ class CellServeServicer(pb_grpc.CellServeServicer):
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[model_summary(m) for m in self.models])
 
-    async def ModelInfo(
-        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInfoResponse:
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         try:
             model = self.models.get(request.model)
         except CellserveError as e:

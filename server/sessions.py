@@ -70,6 +70,7 @@ class Session:
         self._notify = notify
         self._inflight = False
         self.deadline = time.monotonic() + idle_timeout_s
+        self.final_state: ResumeState | None = None  # kept when a drain closes it: the last resume token
 
     def touch(self) -> None:
         self.deadline = time.monotonic() + self.idle_timeout_s
@@ -93,12 +94,12 @@ class Session:
             # shield: if this caller is cancelled (client gone), the engine may still be writing the
             # slot; the slot stays in flight until the engine call finishes, then is released.
             y = await asyncio.shield(done)
+            self.steps += x.shape[0]  # before the slot can be released: a drain's final state includes it
         finally:
             if done.done():
                 self._engine_done()
             else:
                 done.add_done_callback(lambda _: self._engine_done())
-        self.steps += x.shape[0]
         self._manager.observe_latency(self.model.name, time.perf_counter() - start)
         return y
 
@@ -112,6 +113,9 @@ class Session:
         """Host copy of the current state (for snapshots and drain)."""
         if self.closed:
             raise FailedPrecondition(f"session {self.id} is closed; there is no state to snapshot")
+        return self._read_state()
+
+    def _read_state(self) -> ResumeState:
         h, c = self.model.pool.read(self.slot)
         return ResumeState(self.model.name, self.model.manifest.sha256, self.steps, h, c)
 
@@ -222,6 +226,8 @@ class SessionManager:
             self.close(session, reason, notify=message)
 
     def release(self, session: Session) -> None:
+        if session.close_reason == "drain":  # the grace ended: its stream still gets a current token
+            session.final_state = session._read_state()
         session.model.pool.release(session.slot, session)
         self._update_slots(session.model)
 

