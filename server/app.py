@@ -41,6 +41,8 @@ from cellserve.v1 import cellserve_pb2, cellserve_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+FLUSH_S = 1.0  # after a drain closed every session: time for final tokens to reach clients, even with grace 0
+
 # (grpc server, CellServer) -> None; returns the full service names it registered (for reflection).
 ServicerHook = Callable[[grpc.aio.Server, "CellServer"], list[str]]
 
@@ -187,7 +189,7 @@ class CellServer:
         log.info("draining", extra={"sessions": told, "grace_s": grace})
         if not await self.sessions.wait_empty(grace):
             self.sessions.close_all("drain", "the drain grace period ended; resume with the draining token")
-        await self.stop(grace_s=min(grace, 1.0))
+        await self.stop(grace_s=FLUSH_S)  # closed streams end by themselves; this lets their last messages out
 
 
 def load_token_keys(settings: Settings) -> TokenKeys:
