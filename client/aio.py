@@ -16,6 +16,7 @@ from cellserve.client.errors import (
     CellserveClientError,
     DataLossError,
     FailedPreconditionError,
+    StepRejected,
     UnavailableError,
     error_class,
     from_rpc_error,
@@ -94,6 +95,7 @@ class AsyncSession:
         self._connect = connect  # stub for another target: enables transparent resume on drain
         self._target = 0  # index in state.targets of the server holding the session
         self._lost: CellserveClientError | None = None  # why a failed move ended the session
+        self._abandoned: set[int] = set()  # seqs of steps whose caller was cancelled
         self._call: grpc.aio.StreamStreamCall | None = None
         self._inbox: _Inbox | None = None
         self._close_sent = False
@@ -166,12 +168,24 @@ class AsyncSession:
         """
         if self._lost is not None:
             raise self._lost
+        if self._abandoned:
+            await self._discard_abandoned()
         if self.state.pending:
             raise FailedPreconditionError("step() with pipelined steps pending; read them with `async for` first")
         assert self.info is not None
         if self._close_sent:
             raise FailedPreconditionError("end() or close() was called; this session takes no more steps")
         req = self.state.step_request(self.info.check_input(x))
+        try:
+            return await self._step(req)
+        except asyncio.CancelledError:
+            # The request may have reached the server, which then runs the step: its output is
+            # discarded when it arrives, and the session goes on from the state after it.
+            if req.step.seq in self.state.pending:
+                self._abandoned.add(req.step.seq)
+            raise
+
+    async def _step(self, req: pb.StreamRequest) -> np.ndarray:
         seq = req.step.seq
         await self._send_or_resume(req)
         while True:
@@ -196,6 +210,20 @@ class AsyncSession:
                     await self._send_or_resume(req)
                     continue
                 raise self.state.closed_error()
+
+    async def _discard_abandoned(self) -> None:
+        """Read and drop the outputs of steps whose caller was cancelled."""
+        while self._abandoned & self.state.pending.keys():
+            try:
+                out = self.state.on_response(await self._read())
+            except StepRejected as e:
+                self._abandoned.discard(e.seq)
+                continue
+            if out is not None:
+                self._abandoned.discard(out.seq)
+            elif self.state.closed_reason is not None:
+                raise self.state.closed_error()
+        self._abandoned.clear()
 
     async def _send_or_resume(self, req: pb.StreamRequest) -> None:
         try:
@@ -366,7 +394,7 @@ class AsyncSession:
             self._failed = True
             raise await self._status_error()
         try:
-            await self._stream.write(req)
+            await asyncio.shield(self._stream.write(req))  # a cancelled caller must not cancel the call
         except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             # Report the status the RPC ended with. A write that races the server's end of the stream
             # can replace that status with INTERNAL "Internal error from Core" inside grpc's aio

@@ -373,3 +373,48 @@ def test_a_token_rewritten_in_place_to_one_of_the_same_size_is_revoked(tmp_path)
     tokens.poll()
     assert not tokens.accepts(b"tok-aaaa"), "a revoked token is still accepted after the watcher's poll"
     assert tokens.accepts(b"tok-bbbb")
+
+
+def test_a_step_cancelled_while_its_request_is_being_written_leaves_the_session_usable(running_server, tiny_oracle):
+    """The write is shielded: the call survives; the step may still run and its output is discarded."""
+    tokens = np.arange(6, dtype=np.int64) * 3 % 256
+    with running_server() as srv:
+
+        async def main() -> list[np.ndarray]:
+            async with AsyncClient(srv.address) as client, await client.session("tiny") as s:
+                ys = [await s.step(tokens[:3])]
+                task = asyncio.ensure_future(s.step(tokens[3:4]))
+                await asyncio.sleep(0)  # the step is now inside its write
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                if s.state.pending:  # the documented way to collect a cancelled step's output
+                    ys.append((await asyncio.wait_for(s.__anext__(), 10)).y)
+                else:
+                    ys.append(await s.step(tokens[3:4]))
+                ys += [await s.step(tokens[i : i + 1]) for i in range(4, 6)]
+                return ys
+
+        ys = asyncio.run(main())
+    np.testing.assert_allclose(np.concatenate(ys), _oracle(tiny_oracle, tokens), atol=1e-5, rtol=0)
+
+
+def test_a_cancelled_steps_output_is_discarded_and_the_session_continues_after_it(running_server, tiny_oracle):
+    tokens = np.arange(6, dtype=np.int64) * 5 % 256
+    with running_server() as srv:
+
+        async def main() -> tuple[list[np.ndarray], int]:
+            async with AsyncClient(srv.address) as client, await client.session("tiny") as s:
+                ys = [await s.step(tokens[:3])]
+                task = asyncio.ensure_future(s.step(tokens[3:4]))
+                await asyncio.sleep(0)  # the step is now inside its write (an event-loop turn, not a timing wait)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                ys += [await s.step(tokens[i : i + 1]) for i in range(4, 6)]  # the cancelled one ran first
+                return ys, s.steps
+
+        ys, steps = asyncio.run(main())
+    want = _oracle(tiny_oracle, tokens)
+    assert steps == 6
+    np.testing.assert_allclose(np.concatenate(ys), np.concatenate([want[:3], want[4:]]), atol=1e-5, rtol=0)
