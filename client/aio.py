@@ -8,9 +8,9 @@ from types import TracebackType
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from cellserve.client.channel import ChannelConfig, normalize_targets
+from cellserve.client.channel import ChannelConfig, Channels, normalize_targets
 from cellserve.client.client import Generated, generate_request, health_name
 from cellserve.client.errors import (
     CellserveClientError,
@@ -442,14 +442,11 @@ class AsyncClient:
         self.config = config or ChannelConfig()
         self.timeout_s = timeout_s
         self._metadata = self.config.call_metadata()
-        self._channel = self.config.aio_channel(self.targets[0])
-        self._preferred = 0  # index of the target new sessions and unary calls go to first
+        self._channels: Channels[grpc.aio.Channel] = Channels(self.targets, self.config.aio_channel)
         self._infos: dict[str, ModelInfo] = {}
-        self._extra: dict[str, grpc.aio.Channel] = {}  # channels to the other targets (resume)
 
     async def close(self) -> None:
-        await self._channel.close()
-        for channel in self._extra.values():
+        for channel in self._channels.all():
             await channel.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -465,50 +462,33 @@ class AsyncClient:
     ) -> AsyncSession:
         """Open a session: ``async with await client.session("m") as s``. Skips UNAVAILABLE targets, as
         ``Client.session`` does."""
-        start, errors = self._preferred, []
+        start, errors = self._channels.preferred, []
         for k in range(len(self.targets)):
             index = (start + k) % len(self.targets)  # local: other tasks may open sessions meanwhile
             target = self.targets[index]
             try:
-                await asyncio.wait_for(self._channel_for(target).channel_ready(), self.timeout_s)
+                await asyncio.wait_for(self._channels.channel(target).channel_ready(), self.timeout_s)
             except TimeoutError:
                 errors.append(f"{target}: not connected within {self.timeout_s} s")
                 continue
             try:
                 session = await AsyncSession.open(
-                    self._stub_for(target),
+                    self._channels.stub(target),
                     lambda name, target=target: self._model_info(name, target),
                     SessionState(targets=self.targets),
                     model=model or "",
                     idle_timeout_s=idle_timeout_s,
                     resume_token=resume_token,
                     metadata=self._metadata,
-                    connect=self._stub_for,
+                    connect=self._channels.stub,
                     target=index,
                 )
             except UnavailableError as e:
                 errors.append(f"{target}: {e.details}")
                 continue
-            self._preferred = index
+            self._channels.preferred = index
             return session
         raise UnavailableError("no server took the session: " + "; ".join(errors))
-
-    def _channel_for(self, target: str) -> grpc.aio.Channel:
-        """The channel to ``target`` (kept for the client's life)."""
-        if target == self.targets[0]:
-            return self._channel
-        channel = self._extra.get(target)
-        if channel is None:
-            channel = self._extra[target] = self.config.aio_channel(target)
-        return channel
-
-    def _stub_for(self, target: str) -> pb_grpc.CellServeStub:
-        return pb_grpc.CellServeStub(self._channel_for(target))
-
-    @property
-    def _stub(self) -> pb_grpc.CellServeStub:
-        """Stub on the preferred target (the first, until a session open found it unavailable)."""
-        return self._stub_for(self.targets[self._preferred])
 
     async def generate(
         self,
@@ -521,7 +501,7 @@ class AsyncClient:
         model: str | None = None,
     ) -> AsyncIterator[Generated]:
         """Stream generated tokens as the server produces them."""
-        call = self._stub.Generate(
+        call = self._channels.current_stub().Generate(
             generate_request(prompt, max_tokens, temperature, top_k, seed, model or ""), metadata=self._metadata
         )
         try:
@@ -534,7 +514,9 @@ class AsyncClient:
 
     async def list_models(self) -> list[ModelInfo]:
         try:
-            resp = await self._stub.ListModels(pb.ListModelsRequest(), metadata=self._metadata, timeout=self.timeout_s)
+            resp = await self._channels.current_stub().ListModels(
+                pb.ListModelsRequest(), metadata=self._metadata, timeout=self.timeout_s
+            )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         infos = [ModelInfo.from_proto(m) for m in resp.models]
@@ -542,12 +524,12 @@ class AsyncClient:
         return infos
 
     async def model_info(self, name: str) -> ModelInfo:
-        return await self._model_info(name, self.targets[self._preferred])
+        return await self._model_info(name, self._channels.current)
 
     async def _model_info(self, name: str, target: str) -> ModelInfo:
         if name not in self._infos:
             try:
-                resp = await self._stub_for(target).ModelInfo(
+                resp = await self._channels.stub(target).ModelInfo(
                     pb.ModelInfoRequest(model=name), metadata=self._metadata, timeout=self.timeout_s
                 )
             except grpc.RpcError as e:
@@ -557,7 +539,7 @@ class AsyncClient:
 
     async def health(self, service: str = "") -> str:
         try:
-            resp = await health_pb2_grpc.HealthStub(self._channel_for(self.targets[self._preferred])).Check(
+            resp = await self._channels.health().Check(
                 health_pb2.HealthCheckRequest(service=service), metadata=self._metadata, timeout=self.timeout_s
             )
         except grpc.RpcError as e:

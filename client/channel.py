@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+
+C = TypeVar("C")  # grpc.Channel or grpc.aio.Channel
 
 
 def _read(source: bytes | str | Path | None) -> bytes | None:
@@ -88,3 +93,40 @@ def normalize_targets(target: str | Sequence[str]) -> tuple[str, ...]:
     if not targets or not all(targets):
         raise ValueError("give at least one non-empty target address HOST:PORT")
     return targets
+
+
+class Channels(Generic[C]):
+    """One channel (and its stubs) per target, made on first use and kept for the client's life, plus
+    the preferred target: where new sessions and unary calls go first."""
+
+    def __init__(self, targets: tuple[str, ...], make: Callable[[str], C]) -> None:
+        self.targets = targets
+        self.preferred = 0
+        self._make = make
+        self._channels: dict[str, C] = {targets[0]: make(targets[0])}
+        self._stubs: dict[str, pb_grpc.CellServeStub] = {}
+
+    def channel(self, target: str) -> C:
+        channel = self._channels.get(target)
+        if channel is None:
+            channel = self._channels[target] = self._make(target)
+        return channel
+
+    def stub(self, target: str) -> pb_grpc.CellServeStub:
+        stub = self._stubs.get(target)
+        if stub is None:
+            stub = self._stubs[target] = pb_grpc.CellServeStub(self.channel(target))
+        return stub
+
+    @property
+    def current(self) -> str:
+        return self.targets[self.preferred]
+
+    def current_stub(self) -> pb_grpc.CellServeStub:
+        return self.stub(self.current)
+
+    def health(self) -> health_pb2_grpc.HealthStub:
+        return health_pb2_grpc.HealthStub(self.channel(self.current))
+
+    def all(self) -> list[C]:
+        return list(self._channels.values())

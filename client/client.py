@@ -7,15 +7,14 @@ from dataclasses import dataclass
 from types import TracebackType
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from cellserve.client.channel import ChannelConfig, normalize_targets
+from cellserve.client.channel import ChannelConfig, Channels, normalize_targets
 from cellserve.client.errors import UnavailableError, from_rpc_error
 from cellserve.client.model_info import ModelInfo
 from cellserve.client.protocol import SessionState
 from cellserve.client.session import Session
 from cellserve.v1 import cellserve_pb2 as pb
-from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
 
 @dataclass(frozen=True)
@@ -57,14 +56,11 @@ class Client:
         self.config = config or ChannelConfig()
         self.timeout_s = timeout_s
         self._metadata = self.config.call_metadata()
-        self._channel = self.config.sync_channel(self.targets[0])
-        self._preferred = 0  # index of the target new sessions and unary calls go to first
+        self._channels: Channels[grpc.Channel] = Channels(self.targets, self.config.sync_channel)
         self._infos: dict[str, ModelInfo] = {}
-        self._extra: dict[str, grpc.Channel] = {}  # channels to the other targets (resume)
 
     def close(self) -> None:
-        self._channel.close()
-        for channel in self._extra.values():
+        for channel in self._channels.all():
             channel.close()
 
     def __enter__(self) -> Client:
@@ -78,7 +74,7 @@ class Client:
     def wait_ready(self, timeout_s: float = 10.0) -> None:
         """Block until the channel is connected (UnavailableError after ``timeout_s``)."""
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+            grpc.channel_ready_future(self._channels.channel(self.targets[0])).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
             raise UnavailableError(f"could not connect to {self.targets[0]} within {timeout_s} s") from None
 
@@ -90,45 +86,28 @@ class Client:
         A target that answers UNAVAILABLE (down, or draining) is skipped for the next one in the list,
         which new sessions then prefer.
         """
-        start, errors = self._preferred, []
+        start, errors = self._channels.preferred, []
         for k in range(len(self.targets)):
             index = (start + k) % len(self.targets)  # local: other threads may open sessions meanwhile
             target = self.targets[index]
             try:
                 session = Session(
-                    self._stub_for(target),
+                    self._channels.stub(target),
                     SessionState(targets=self.targets),
                     lambda name, target=target: self._model_info(name, target),
                     model=model or "",
                     idle_timeout_s=idle_timeout_s,
                     resume_token=resume_token,
                     metadata=self._metadata,
-                    connect=self._stub_for,
+                    connect=self._channels.stub,
                     target=index,
                 )
             except UnavailableError as e:
                 errors.append(f"{target}: {e.details}")
                 continue
-            self._preferred = index
+            self._channels.preferred = index
             return session
         raise UnavailableError("no server took the session: " + "; ".join(errors))
-
-    def _channel_for(self, target: str) -> grpc.Channel:
-        """The channel to ``target`` (kept for the client's life)."""
-        if target == self.targets[0]:
-            return self._channel
-        channel = self._extra.get(target)
-        if channel is None:
-            channel = self._extra[target] = self.config.sync_channel(target)
-        return channel
-
-    def _stub_for(self, target: str) -> pb_grpc.CellServeStub:
-        return pb_grpc.CellServeStub(self._channel_for(target))
-
-    @property
-    def _stub(self) -> pb_grpc.CellServeStub:
-        """Stub on the preferred target (the first, until a session open found it unavailable)."""
-        return self._stub_for(self.targets[self._preferred])
 
     # -- generate ---------------------------------------------------------------------------------
 
@@ -144,7 +123,7 @@ class Client:
     ) -> Iterator[Generated]:
         """Stream generated tokens as the server produces them."""
         req = generate_request(prompt, max_tokens, temperature, top_k, seed, model or "")
-        call = self._stub.Generate(req, metadata=self._metadata)
+        call = self._channels.current_stub().Generate(req, metadata=self._metadata)
         try:
             for resp in call:
                 yield Generated(tuple(resp.token_ids), resp.text)
@@ -157,7 +136,9 @@ class Client:
 
     def list_models(self) -> list[ModelInfo]:
         try:
-            resp = self._stub.ListModels(pb.ListModelsRequest(), metadata=self._metadata, timeout=self.timeout_s)
+            resp = self._channels.current_stub().ListModels(
+                pb.ListModelsRequest(), metadata=self._metadata, timeout=self.timeout_s
+            )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         infos = [ModelInfo.from_proto(m) for m in resp.models]
@@ -166,12 +147,12 @@ class Client:
 
     def model_info(self, name: str) -> ModelInfo:
         """A model's description (cached per client)."""
-        return self._model_info(name, self.targets[self._preferred])
+        return self._model_info(name, self._channels.current)
 
     def _model_info(self, name: str, target: str) -> ModelInfo:
         if name not in self._infos:
             try:
-                resp = self._stub_for(target).ModelInfo(
+                resp = self._channels.stub(target).ModelInfo(
                     pb.ModelInfoRequest(model=name), metadata=self._metadata, timeout=self.timeout_s
                 )
             except grpc.RpcError as e:
@@ -182,7 +163,7 @@ class Client:
     def health(self, service: str = "") -> str:
         """grpc.health.v1 status name ("SERVING", "NOT_SERVING", ...) of the server or one model."""
         try:
-            resp = health_pb2_grpc.HealthStub(self._channel_for(self.targets[self._preferred])).Check(
+            resp = self._channels.health().Check(
                 health_pb2.HealthCheckRequest(service=service), metadata=self._metadata, timeout=self.timeout_s
             )
         except grpc.RpcError as e:
