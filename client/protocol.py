@@ -7,12 +7,21 @@ the client may use, so transparent resume on another replica is a small addition
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
-from cellserve.client.errors import SessionClosedError, StepRejected, UnknownError, status_code
+from cellserve.client.errors import (
+    CellserveClientError,
+    DataLossError,
+    SessionClosedError,
+    StepRejected,
+    UnavailableError,
+    UnknownError,
+    status_code,
+)
 from cellserve.client.tensors import to_numpy, to_proto
 from cellserve.v1 import cellserve_pb2 as pb
 
@@ -123,3 +132,43 @@ class SessionState:
             f": {self.closed_message}" if self.closed_message else ""
         )
         return SessionClosedError(reason, msg, CLOSED_CODES.get(reason))
+
+
+class ResumeAttempt:
+    """One resume of a session on the other targets, without I/O (the sync and async sessions open).
+
+    ``for index in attempt.candidates():`` try opening there; ``failed`` on an error; after an open,
+    ``stale()`` says whether the token lost or repeated steps; ``give_up()`` is the error when none took it.
+    """
+
+    def __init__(self, state: SessionState, current: int) -> None:
+        self.state = state
+        self.current = current
+        self.answered = state.steps  # every step before the one being retried
+        self.errors: list[str] = []
+        self.unavailable = len(state.targets) == 1  # no other target at all counts as unavailable
+
+    def candidates(self) -> Iterator[int]:
+        n = len(self.state.targets)
+        for k in range(1, n):
+            self.state.closed_reason, self.state.draining = None, False
+            yield (self.current + k) % n
+
+    def failed(self, index: int, error: CellserveClientError) -> None:
+        self.errors.append(f"{self.state.targets[index]}: {error}")
+        self.unavailable = self.unavailable or isinstance(error, UnavailableError)
+
+    def stale(self, index: int) -> DataLossError | None:
+        if self.state.steps == self.answered:
+            return None
+        return DataLossError(
+            f"the resume token holds the state after {self.state.steps} steps but this session had "
+            f"{self.answered} answered; it cannot continue on {self.state.targets[index]} without losing "
+            "or repeating steps (take a snapshot after the last step to move a session safely)"
+        )
+
+    def give_up(self) -> CellserveClientError:
+        message = f"no other server of {self.state.targets} took the session: " + "; ".join(self.errors)
+        if not self.unavailable:  # every other server refused the token itself: retrying cannot help
+            return DataLossError(message)
+        return UnavailableError(message)

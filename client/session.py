@@ -16,7 +16,7 @@ from cellserve.client.errors import (
     from_rpc_error,
 )
 from cellserve.client.model_info import ModelInfo
-from cellserve.client.protocol import SessionState
+from cellserve.client.protocol import ResumeAttempt, SessionState
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
@@ -193,34 +193,21 @@ class Session:
         assert self._connect is not None
         if leave_current:
             self._half_close()
-        errors = []
-        answered = self.state.steps  # every step before the one being retried
-        n = len(self.state.targets)
-        unavailable = n == 1  # no other target at all counts as unavailable
-        for k in range(1, n):
-            index = (self._target + k) % n
-            self.state.closed_reason, self.state.draining = None, False
+        attempt = ResumeAttempt(self.state, self._target)
+        for index in attempt.candidates():
             try:
                 self._open_on(
                     self._connect(self.state.targets[index]), self.state.model, self.state.idle_timeout_s, token
                 )
             except CellserveClientError as e:
-                errors.append(f"{self.state.targets[index]}: {e}")
-                unavailable = unavailable or isinstance(e, UnavailableError)
+                attempt.failed(index, e)
                 continue
             self._target = index
-            if self.state.steps != answered:  # a stale token (or one past an unanswered step)
+            if (stale := attempt.stale(index)) is not None:
                 self.close()
-                raise DataLossError(
-                    f"the resume token holds the state after {self.state.steps} steps but this session had "
-                    f"{answered} answered; it cannot continue on {self.state.targets[index]} without losing "
-                    "or repeating steps (take a snapshot after the last step to move a session safely)"
-                )
+                raise stale
             return
-        message = f"no other server of {self.state.targets} took the session: " + "; ".join(errors)
-        if not unavailable:  # every other server refused the token itself: retrying cannot help
-            raise DataLossError(message)
-        raise UnavailableError(message)
+        raise attempt.give_up()
 
     # -- internals --------------------------------------------------------------------------------
 
