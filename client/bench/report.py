@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from cellserve.client.bench.measure import OrtResult, Result
+from cellserve.client.model_info import ModelInfo
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -63,6 +68,27 @@ def table(configs: list[dict[str, Any]]) -> str:
         )
         lines.append("")
     return "\n".join(lines)
+
+
+def run_meta(info: ModelInfo, server: str, default_command: str) -> dict[str, Any]:
+    """What every bench report records about its run: command, time, model, server and machine."""
+    return {
+        "command": " ".join(["cellserve", *sys.argv[1:]]) if sys.argv else default_command,
+        "unix_time": time.time(),
+        "model": {
+            "name": info.name,
+            "sha256": info.sha256,
+            "layers": info.layers,
+            "hidden": info.hidden,
+            "input_kind": info.input_kind,
+            "input_size": info.input_size,
+            "output_size": info.output_size,
+        },
+        "server": server,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:

@@ -11,17 +11,14 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
-import platform
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
 from cellserve.client.bench.measure import LoadPlan, Result, ort_ceiling, run_load
 from cellserve.client.bench.onnx_model import OnnxModel
 from cellserve.client.bench.options import SWEEP_STREAMS, SWEEP_T
-from cellserve.client.bench.report import config_entry, table, write_json, write_png
+from cellserve.client.bench.report import config_entry, run_meta, table, write_json, write_png
 from cellserve.client.bench.serving import ServerProcess, python_module
 
 log = logging.getLogger(__name__)
@@ -124,21 +121,7 @@ def _run(
             log.info("bench configuration done", extra={"streams": streams, "t": t})
     return {
         "meta": {
-            "command": " ".join(["cellserve", *sys.argv[1:]]) if sys.argv else "cellserve bench",
-            "unix_time": time.time(),
-            "model": {
-                "name": info.name,
-                "sha256": info.sha256,
-                "layers": info.layers,
-                "hidden": info.hidden,
-                "input_kind": info.input_kind,
-                "input_size": info.input_size,
-                "output_size": info.output_size,
-            },
-            "server": "started by the bench" if args.server is None else args.server,
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
+            **run_meta(info, "started by the bench" if args.server is None else args.server, "cellserve bench"),
             "duration_s": args.duration,
             "messages": args.messages,
             "warmup_s": args.warmup,

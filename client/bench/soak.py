@@ -28,11 +28,12 @@ import grpc
 import numpy as np
 
 from cellserve.client.aio import AsyncClient, AsyncSession
+from cellserve.client.bench.report import write_json
 from cellserve.client.bench.runner import _shipped_model_dir
 from cellserve.client.bench.serving import ServerProcess, python_module
 from cellserve.client.bench.soak_inputs import UncheckedInfo, bad_step, good_step
 from cellserve.client.bench.soak_probe import ServerReading
-from cellserve.client.bench.soak_report import build_report, print_summary, write_json, write_png
+from cellserve.client.bench.soak_report import build_report, print_summary, write_png
 from cellserve.client.errors import CellserveClientError, StepRejected
 from cellserve.client.model_info import ModelInfo
 

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import sys
-import time
 from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cellserve.client.bench.report import run_meta
 from cellserve.client.model_info import ModelInfo
 
 if TYPE_CHECKING:
@@ -131,20 +127,7 @@ def build_report(
     }
     return {
         "meta": {
-            "command": " ".join(["cellserve", *sys.argv[1:]]) if sys.argv else "cellserve bench soak",
-            "unix_time": time.time(),
-            "model": {
-                "name": info.name,
-                "sha256": info.sha256,
-                "layers": info.layers,
-                "hidden": info.hidden,
-                "input_kind": info.input_kind,
-                "input_size": info.input_size,
-            },
-            "server": server,
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
+            **run_meta(info, server, "cellserve bench soak"),
             "note": note,
         },
         "settings": {**plan, "warmup_s": warmup_s},
@@ -202,11 +185,6 @@ def summary_table(report: dict[str, Any]) -> str:
 
 def print_summary(report: dict[str, Any]) -> None:
     print(summary_table(report))
-
-
-def write_json(report: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, allow_nan=False))
 
 
 def write_png(report: dict[str, Any], path: Path) -> bool:
