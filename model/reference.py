@@ -165,6 +165,11 @@ class ReferenceLSTM:
             raise ValueError(f"feature model expects x [B, T, {self.input_size}], got {list(x.shape)}")
         return x.astype(np.float64) @ self.proj_w.T + self.proj_b  # [B, T, E]
 
+    def sequence(self, x: np.ndarray | list[int]) -> np.ndarray:
+        """y [T, O] of one sequence x ([T] tokens or [T, I] features) from the zero state."""
+        a = np.asarray(x)
+        return self.run((a.astype(np.int64) if self.input_kind == "tokens" else a)[None])[0][0]
+
     def run(
         self, x: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -48,6 +48,19 @@ def tiny_oracle(tiny_model: TinyModel) -> Any:
     return ReferenceLSTM.from_checkpoint(tiny_model.dir / "checkpoint.pt")
 
 
+def _wait_until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Poll a condition that changes outside the test's control (a watcher thread, a clock, a file), bounded."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def wait_until() -> Callable[..., None]:
+    return _wait_until
+
+
 @dataclass
 class ServerHandle:
     server: Any  # cellserve.server.app.CellServer

@@ -44,11 +44,6 @@ def test_without_other_targets_a_draining_session_keeps_working_until_closed(run
         drained.result(30)
 
 
-def _oracle_outputs(oracle, tokens: np.ndarray) -> np.ndarray:
-    h, c = oracle.init_state(1)
-    return oracle.run(tokens[None], h, c)[0][0]
-
-
 def test_async_session_moves_to_the_next_target_when_its_server_drains(running_server, tiny_oracle):
     tokens = np.random.default_rng(5).integers(0, 256, size=30, dtype=np.int64)
     with running_server(token_keys=KEYS) as a, running_server(token_keys=KEYS) as b:
@@ -66,7 +61,7 @@ def test_async_session_moves_to_the_next_target_when_its_server_drains(running_s
             return ys
 
         ys = asyncio.run(main())
-    np.testing.assert_allclose(np.concatenate(ys), _oracle_outputs(tiny_oracle, tokens), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(tokens), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("api", ["sync", "async"])
@@ -109,4 +104,4 @@ def test_a_vanished_server_resumes_from_the_last_snapshot_only_when_no_step_is_l
                 vanish(b)
                 with pytest.raises(DataLossError, match="after 14 steps but this session had 17 answered"):
                     s.step(tokens[17:])
-    np.testing.assert_allclose(np.concatenate(ys), _oracle_outputs(tiny_oracle, tokens[:17]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(tokens[:17]), atol=1e-5, rtol=0)

@@ -277,8 +277,8 @@ def test_rendered_probe_passes_against_a_real_tls_server_across_a_secret_update(
     server = spawn_server()
     ok = _run_probe(command, server.port, remap)
     assert (ok.returncode, ok.stdout.strip()) == (0, "SERVING"), ok.stderr
-    plaintext = _run_probe(["cellserve", "health", "--server", "localhost:50051", "--timeout", "2"],
-                           server.port, remap)  # what kubelet's native gRPC probe would do
+    plaintext = _run_probe(["cellserve", "health", "--server", server.address, "--timeout", "2"],
+                           server.port, remap)  # what kubelet's native gRPC probe would do (no TLS)
     assert plaintext.returncode == 1 and "UNREACHABLE" in plaintext.stdout
 
     # cert-manager renews with another CA; the kubelet swaps the volume: the same probe stays green, no restart

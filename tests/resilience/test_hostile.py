@@ -14,7 +14,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +35,6 @@ KEYS = '{"active": "k1", "keys": {"k1": "' + "3c" * 32 + '"}}'
 OTHER_KEYS = '{"active": "k1", "keys": {"k1": "' + "c3" * 32 + '"}}'
 GOOD = "good-token"
 TOKEN_ERRORS = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
-
-
-def _oracle(oracle: Any, tokens: np.ndarray) -> np.ndarray:
-    h, c = oracle.init_state(1)
-    return oracle.run(np.asarray(tokens, dtype=np.int64)[None], h, c)[0][0]
-
-
-def _wait_until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    """Poll a condition outside this process's control (a clock, a file), bounded."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def _open(channel: grpc.Channel, token: bytes = b"", metadata: tuple = ()) -> tuple[grpc.StatusCode, list]:
@@ -248,13 +234,13 @@ def test_rotating_to_another_ca_moves_new_connections_and_keeps_open_streams(
             with pytest.raises(UnavailableError):
                 _health(target, old)
             ys.append(s.step(tokens[6:]))  # the stream opened under the old pair is untouched
-        np.testing.assert_allclose(np.concatenate(ys), _oracle(tiny_oracle, tokens), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(tokens), atol=1e-5, rtol=0)
 
 
 # -- resume tokens ---------------------------------------------------------------------------------
 
 
-def test_flipping_any_byte_of_a_resume_token_is_always_a_client_error(running_server) -> None:
+def test_flipping_any_byte_of_a_resume_token_is_always_a_client_error(wait_until, running_server) -> None:
     with running_server(token_keys=KEYS) as srv, grpc.insecure_channel(srv.address) as ch:
         token = _snapshot_after(ch, np.arange(5))
         assert _open(ch, token)[0] == grpc.StatusCode.OK
@@ -270,7 +256,7 @@ def test_flipping_any_byte_of_a_resume_token_is_always_a_client_error(running_se
             assert _open(ch, token[:-cut])[0] in TOKEN_ERRORS
             assert _open(ch, token + b"\x00" * cut)[0] in TOKEN_ERRORS
         assert seen.get(grpc.StatusCode.UNAUTHENTICATED) and seen.get(grpc.StatusCode.INVALID_ARGUMENT)
-        _wait_until(lambda: not srv.server.sessions.sessions)
+        wait_until(lambda: not srv.server.sessions.sessions)
         assert srv.server.models.get("tiny").pool.used == 0
 
 
@@ -289,12 +275,14 @@ def test_one_token_resumes_twice_concurrently_into_two_independent_sessions(runn
             assert s1.steps == s2.steps == 6
             y1 = s1.step(tokens[6:9])
             y2 = s2.step(tokens[6:])
-        want = _oracle(tiny_oracle, tokens)[6:]
+        want = tiny_oracle.sequence(tokens)[6:]
         np.testing.assert_allclose(y1, want[:3], atol=1e-5, rtol=0)
         np.testing.assert_allclose(y2, want, atol=1e-5, rtol=0)
 
 
-def test_a_token_from_other_keys_is_unauthenticated_and_an_expired_one_failed_precondition(running_server) -> None:
+def test_a_token_from_other_keys_is_unauthenticated_and_an_expired_one_failed_precondition(
+    wait_until, running_server
+) -> None:
     with (
         running_server(token_keys=KEYS, token_ttl_s=1) as a,
         running_server(token_keys=OTHER_KEYS) as other,
@@ -303,7 +291,7 @@ def test_a_token_from_other_keys_is_unauthenticated_and_an_expired_one_failed_pr
     ):
         token = _snapshot_after(ch_a, np.arange(3))
         assert _open(ch_other, token)[0] == grpc.StatusCode.UNAUTHENTICATED  # same key id, other secret
-        _wait_until(lambda: _open(ch_a, token)[0] != grpc.StatusCode.OK, timeout_s=10)
+        wait_until(lambda: _open(ch_a, token)[0] != grpc.StatusCode.OK, timeout_s=10)
         assert _open(ch_a, token)[0] == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -342,7 +330,7 @@ def test_async_session_whose_every_server_is_gone_raises_unavailable(running_ser
         asyncio.run(main())
 
 
-def test_resume_refuses_an_expired_snapshot_instead_of_continuing_wrongly(running_server) -> None:
+def test_resume_refuses_an_expired_snapshot_instead_of_continuing_wrongly(wait_until, running_server) -> None:
     with (
         running_server(token_keys=KEYS, token_ttl_s=1) as a,
         running_server(token_keys=KEYS) as b,
@@ -352,7 +340,7 @@ def test_resume_refuses_an_expired_snapshot_instead_of_continuing_wrongly(runnin
         s.step([1, 2])
         token = s.snapshot()
         with grpc.insecure_channel(b.address) as ch:
-            _wait_until(lambda: _open(ch, token)[0] != grpc.StatusCode.OK, timeout_s=10)
+            wait_until(lambda: _open(ch, token)[0] != grpc.StatusCode.OK, timeout_s=10)
         a.call(a.server.stop(0))
         with pytest.raises(DataLossError, match="expired"):  # every other server refused the token: final
             s.step([3])
@@ -412,7 +400,7 @@ def test_sigterm_while_50_sessions_step_from_several_threads(spawn_server, runni
     assert drained  # SIGTERM came while they were stepping
     with running_server(token_keys=KEYS) as b, Client(b.address) as client:
         for i, (got, steps, token, finished) in results.items():
-            want = _oracle(tiny_oracle, seqs[i])
+            want = tiny_oracle.sequence(seqs[i])
             np.testing.assert_allclose(got, want[:steps], atol=1e-5, rtol=0)
             if finished:
                 continue
@@ -447,7 +435,7 @@ def test_a_session_moves_on_drain_between_mutual_tls_servers_with_bearer_auth(
             ys.append(s.step(tokens[16:]))  # answered by B
             assert b.server.sessions.sessions and s.steps == 24
             drained.result(30)
-    np.testing.assert_allclose(np.concatenate(ys), _oracle(tiny_oracle, tokens), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(tokens), atol=1e-5, rtol=0)
 
 
 def test_a_token_is_refused_by_a_replica_serving_another_version_of_the_same_model(running_server, tmp_path) -> None:
@@ -539,10 +527,10 @@ def test_async_session_idle_through_a_whole_drain_resumes_on_the_next_target(run
                 return np.concatenate([y0, y1])
 
         ys = asyncio.run(main())
-    np.testing.assert_allclose(ys, _oracle(tiny_oracle, tokens), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ys, tiny_oracle.sequence(tokens), atol=1e-5, rtol=0)
 
 
-def test_tokens_removed_from_the_file_are_refused_by_a_running_server(running_server, tmp_path: Path):
+def test_tokens_removed_from_the_file_are_refused_by_a_running_server(wait_until, running_server, tmp_path: Path):
     path = tmp_path / "tokens"
     path.write_text("leaked-token\n")
     with (
@@ -561,7 +549,7 @@ def test_tokens_removed_from_the_file_are_refused_by_a_running_server(running_se
 
         assert accepted("leaked-token")
         path.write_text("")
-        _wait_until(lambda: not accepted("leaked-token"))  # the watcher re-reads the file within a second
+        wait_until(lambda: not accepted("leaked-token"))  # the watcher re-reads the file within a second
         assert accepted("ops-secret")
 
 
@@ -629,7 +617,7 @@ def test_a_move_that_finds_no_taker_keeps_the_session_on_the_draining_server(run
             drained = None
             ys = asyncio.run(main())
         drained.result(30)
-    np.testing.assert_allclose(np.concatenate(ys), _oracle(tiny_oracle, tokens), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(tokens), atol=1e-5, rtol=0)
 
 
 def test_secret_files_that_would_block_are_never_read(running_server, pki, tmp_path):
@@ -687,4 +675,4 @@ def test_a_session_stays_on_its_draining_server_when_the_other_serves_new_weight
         assert s.state.draining and a.server.sessions.sessions and not b.server.sessions.sessions
         s.close()
         drained.result(30)
-    np.testing.assert_allclose(np.concatenate(ys), _oracle(tiny_oracle, tokens), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(tokens), atol=1e-5, rtol=0)

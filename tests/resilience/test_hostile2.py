@@ -11,7 +11,6 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +25,6 @@ from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
 KEYS = '{"active": "k1", "keys": {"k1": "' + "3c" * 32 + '"}}'
-
-
-def _oracle(oracle: Any, tokens: np.ndarray) -> np.ndarray:
-    h, c = oracle.init_state(1)
-    return oracle.run(np.asarray(tokens, dtype=np.int64)[None], h, c)[0][0]
-
-
-def _wait_until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    """Poll a condition outside this process's control (the watcher thread), bounded."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def _drain(srv: Any, grace_s: float = 30) -> Any:
@@ -75,7 +61,9 @@ def test_500_async_sessions_opened_and_closed_leave_no_reader_task_and_no_server
         assert not srv.server.sessions.sessions
 
 
-def test_an_async_session_used_after_its_client_closed_raises_a_client_error_at_once(running_server) -> None:
+def test_an_async_session_used_after_its_client_closed_raises_a_client_error_at_once(
+    wait_until, running_server
+) -> None:
     with running_server() as srv:
 
         async def main() -> None:
@@ -88,7 +76,7 @@ def test_an_async_session_used_after_its_client_closed_raises_a_client_error_at_
             await asyncio.wait_for(s.close(), 10)  # still idempotent and quick
 
         asyncio.run(main())
-        _wait_until(lambda: not srv.server.sessions.sessions)  # the cancelled stream freed its slot
+        wait_until(lambda: not srv.server.sessions.sessions)  # the cancelled stream freed its slot
 
 
 # -- moves ---------------------------------------------------------------------------------------
@@ -124,12 +112,12 @@ def test_with_two_of_three_targets_draining_the_session_ends_up_on_the_third(run
             ys = asyncio.run(main())
         for drained in drains:
             drained.result(30)
-    np.testing.assert_allclose(np.concatenate(ys), _oracle(tiny_oracle, tokens), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(tokens), atol=1e-5, rtol=0)
 
 
 def test_20_threads_each_with_a_session_move_during_a_drain_and_stay_exact(running_server, tiny_oracle) -> None:
     tokens = np.arange(24, dtype=np.int64) * 7 % 256
-    ref = _oracle(tiny_oracle, tokens)
+    ref = tiny_oracle.sequence(tokens)
     with (
         running_server(token_keys=KEYS) as a,
         running_server(token_keys=KEYS) as b,
@@ -274,7 +262,7 @@ def test_tls_rotated_50_times_while_sessions_open_and_close(running_server, pki,
 
 
 def test_the_file_watcher_stops_with_its_server_and_a_new_server_in_the_same_process_watches(
-    running_server, tmp_path: Path
+    wait_until, running_server, tmp_path: Path
 ) -> None:
     def watchers() -> int:
         return sum(t.name == "cellserve-secret-files" and t.is_alive() for t in threading.enumerate())
@@ -290,7 +278,7 @@ def test_the_file_watcher_stops_with_its_server_and_a_new_server_in_the_same_pro
         stub = pb_grpc.CellServeStub(ch)
         assert _accepted(stub, "second") and not _accepted(stub, "first")
         path.write_text("third\n")
-        _wait_until(lambda: not _accepted(stub, "second"))  # this server's own watcher saw the change
+        wait_until(lambda: not _accepted(stub, "second"))  # this server's own watcher saw the change
         assert _accepted(stub, "third")
 
 
@@ -359,7 +347,7 @@ def test_cancelling_a_step_during_its_move_leaves_the_session_usable(running_ser
                 return [await s.step(tokens[i : i + 1]) for i in range(4, 10)]
 
         ys = asyncio.run(main())
-    np.testing.assert_allclose(np.concatenate(ys), _oracle(tiny_oracle, tokens)[4:], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(tokens)[4:], atol=1e-5, rtol=0)
 
 
 def test_a_token_rewritten_in_place_to_one_of_the_same_size_is_revoked(tmp_path):
@@ -396,7 +384,7 @@ def test_a_step_cancelled_while_its_request_is_being_written_leaves_the_session_
                 return ys
 
         ys = asyncio.run(main())
-    np.testing.assert_allclose(np.concatenate(ys), _oracle(tiny_oracle, tokens), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(tokens), atol=1e-5, rtol=0)
 
 
 def test_a_cancelled_steps_output_is_discarded_and_the_session_continues_after_it(running_server, tiny_oracle):
@@ -415,6 +403,6 @@ def test_a_cancelled_steps_output_is_discarded_and_the_session_continues_after_i
                 return ys, s.steps
 
         ys, steps = asyncio.run(main())
-    want = _oracle(tiny_oracle, tokens)
+    want = tiny_oracle.sequence(tokens)
     assert steps == 6
     np.testing.assert_allclose(np.concatenate(ys), np.concatenate([want[:3], want[4:]]), atol=1e-5, rtol=0)

@@ -9,8 +9,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +34,6 @@ def _steps_match_oracle(client: Client, oracle: Any) -> None:
         y = s.step(tokens)
     h, c = oracle.init_state(1)
     np.testing.assert_allclose(y, oracle.run(tokens[None], h, c)[0][0], atol=1e-5, rtol=0)
-
-
-def _wait_until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    """Poll a condition that changes outside this process's control (a file re-read), bounded."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 # -- TLS and mutual TLS ----------------------------------------------------------------------------
@@ -173,7 +163,7 @@ def test_bearer_tokens_gate_every_call_but_the_health_check(running_server, tiny
         assert denied is not None and denied >= 10
 
 
-def test_the_tokens_file_is_reread_when_it_changes(running_server, tmp_path: Path) -> None:
+def test_the_tokens_file_is_reread_when_it_changes(wait_until, running_server, tmp_path: Path) -> None:
     tokens_file = tmp_path / "tokens"
     tokens_file.write_text("# accepted bearer tokens\nfirst\n")
     with running_server(auth_tokens_file=tokens_file) as srv:
@@ -189,7 +179,7 @@ def test_the_tokens_file_is_reread_when_it_changes(running_server, tmp_path: Pat
 
         assert accepted("first") and not accepted("second")
         tokens_file.write_text("second, third\n")
-        _wait_until(lambda: accepted("second"))
+        wait_until(lambda: accepted("second"))
         assert accepted("third") and not accepted("first")
 
 
