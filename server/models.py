@@ -43,24 +43,24 @@ class LoadedModel:
     def input_dtype(self) -> np.dtype:
         return np.dtype(self.manifest.tensor("input").dtype)
 
+    def _expected(self, max_steps: int) -> str:
+        """What a step input must look like (built only for an error message)."""
+        m, want = self.manifest, self.input_dtype
+        if m.input_kind == "tokens":
+            return f"model {m.name!r} expects {want} token ids of shape [T] with 1 <= T <= {max_steps}"
+        return f"model {m.name!r} expects {want} features of shape [T, {m.input_size}] with 1 <= T <= {max_steps}"
+
     def check_input(self, x: np.ndarray, max_steps: int) -> np.ndarray:
         """Validate one session's step input; returns it ready for the engine or raises InvalidArgument."""
         m = self.manifest
         max_steps = min(max_steps, self.max_output_steps)
-        want = self.input_dtype
         tokens = m.input_kind == "tokens"
-
-        def expect() -> str:  # built only for an error: this check runs for every step
-            if tokens:
-                return f"model {m.name!r} expects {want} token ids of shape [T] with 1 <= T <= {max_steps}"
-            return f"model {m.name!r} expects {want} features of shape [T, {m.input_size}] with 1 <= T <= {max_steps}"
-
-        if (x.ndim != 1) if tokens else (x.ndim != 2 or x.shape[1] != m.input_size):
-            raise InvalidArgument(f"input has shape {list(x.shape)}; {expect()}")
-        if x.dtype != want:
-            raise InvalidArgument(f"input has dtype {x.dtype}; {expect()}")
+        if x.ndim != (1 if tokens else 2) or (not tokens and x.shape[1] != m.input_size):
+            raise InvalidArgument(f"input has shape {list(x.shape)}; {self._expected(max_steps)}")
+        if x.dtype != self.input_dtype:
+            raise InvalidArgument(f"input has dtype {x.dtype}; {self._expected(max_steps)}")
         if not 1 <= x.shape[0] <= max_steps:
-            raise InvalidArgument(f"input has T={x.shape[0]} steps; {expect()}")
+            raise InvalidArgument(f"input has T={x.shape[0]} steps; {self._expected(max_steps)}")
         if tokens:
             # small chunks (the common T=1 case) are cheaper in Python than in two numpy reductions
             lo, hi = (min(v := x.tolist()), max(v)) if x.shape[0] <= 64 else (int(x.min()), int(x.max()))
