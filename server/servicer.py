@@ -103,9 +103,14 @@ class CellServeServicer(pb_grpc.CellServeServicer):
                             draining=pb.Draining(resume_token=token, deadline_unix_ms=item.deadline_ms)
                         )
                     continue
-                if isinstance(item, SessionClosed):
-                    reason = item.reason
-                    for resp in self._server_closed(session, item.reason, item.message):
+                if isinstance(item, SessionClosed) or (
+                    # a request that waited behind the server's close: answer as its SessionClosed would
+                    isinstance(item, pb.StreamRequest)
+                    and session.close_reason in SERVER_CLOSES
+                    and item.WhichOneof("kind") != "close"
+                ):
+                    reason = session.close_reason
+                    for resp in self._server_closed(session):
                         yield resp
                     return
                 if isinstance(item, _EndOfRequests):
@@ -118,12 +123,6 @@ class CellServeServicer(pb_grpc.CellServeServicer):
                     return
                 credit.release()
                 kind = item.WhichOneof("kind")
-                if session.closed and session.close_reason in SERVER_CLOSES and kind != "close":
-                    # closed by the server while this request waited; its SessionClosed is further back
-                    reason = session.close_reason
-                    for resp in self._server_closed(session, reason, f"session closed by the server ({reason})"):
-                        yield resp
-                    return
                 if kind == "step":
                     yield await self._step(session, item.step)
                 elif kind == "close":
@@ -183,13 +182,13 @@ class CellServeServicer(pb_grpc.CellServeServicer):
             return pb.StreamResponse(error=pb.StepError(seq=step.seq, code=code.value[0], message=message))
         return pb.StreamResponse(output=pb.Output(seq=step.seq, output=to_proto(y)))
 
-    def _server_closed(self, session: Session, reason: str, message: str) -> list[pb.StreamResponse]:
+    def _server_closed(self, session: Session) -> list[pb.StreamResponse]:
         """``closed`` for a session the server ended; after a drain, preceded by a current token."""
         out = []
-        if reason == "drain" and session.final_state is not None:
+        if session.final_state is not None:  # kept only when a drain closed it
             token, _ = self.tokens.encode(session.final_state)
             out.append(pb.StreamResponse(draining=pb.Draining(resume_token=token, deadline_unix_ms=0)))
-        out.append(_closed(session, reason, message))
+        out.append(_closed(session, session.close_reason, session.close_message))
         return out
 
     def _count_error(self, e: BaseException) -> None:

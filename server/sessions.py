@@ -65,6 +65,7 @@ class Session:
         self.steps = 0
         self.closed = False
         self.close_reason = ""
+        self.close_message = ""  # what the server told the stream, when it closed the session
         self.slot = model.pool.allocate(self)
         self._manager = manager
         self._notify = notify
@@ -187,6 +188,7 @@ class SessionManager:
             return
         session.closed = True
         session.close_reason = reason
+        session.close_message = notify or ""
         self.sessions.pop(session.id, None)
         if not self.sessions:
             self._empty.set()
