@@ -16,6 +16,7 @@ import stat
 import threading
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -34,9 +35,10 @@ OPEN_PREFIXES = (
     ),
 )
 RELOAD_CHECK_S = 1.0  # how often the watcher looks at the files
+T = TypeVar("T")
 
 
-def _stamp(paths: Iterable[Path | None]) -> tuple[tuple[int, int, int, int], ...]:
+def _stamp(paths: Iterable[Path]) -> tuple[tuple[int, int, int, int], ...]:
     """(inode, mtime_ns, ctime_ns, size) of each file: changes when a file is rewritten or replaced
     (ctime also catches an in-place rewrite whose mtime was preserved).
 
@@ -44,12 +46,39 @@ def _stamp(paths: Iterable[Path | None]) -> tuple[tuple[int, int, int, int], ...
     """
     out = []
     for p in paths:
-        if p is not None:
-            st = p.stat()
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError(f"{p} is not a regular file")
-            out.append((st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{p} is not a regular file")
+        out.append((st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
     return tuple(out)
+
+
+class WatchedFiles:
+    """Files re-read only when their stamps change; a failure is logged once, and the caller keeps the
+    previous contents (a half-written or missing file must not take TLS or auth down)."""
+
+    def __init__(self, paths: Iterable[Path | None], what: str) -> None:
+        self.paths = [p for p in paths if p is not None]
+        self.what = what
+        self._stamp: object = _stamp(self.paths)
+
+    def read_if_changed(self, read: Callable[[], T]) -> T | None:
+        """``read()`` if the files changed since the last check and it succeeds; else None."""
+        try:
+            stamp = _stamp(self.paths)
+        except (OSError, ValueError) as e:
+            if self._stamp != (failure := ("error", str(e))):  # once per distinct failure, not every check
+                log.warning("%s cannot be read; keeping the previous ones", self.what, extra={"error": str(e)})
+            self._stamp = failure
+            return None
+        if stamp == self._stamp:
+            return None
+        self._stamp = stamp  # a bad new version is tried once, not at every check
+        try:
+            return read()
+        except (OSError, ValueError) as e:
+            log.warning("%s changed but cannot be used; keeping the previous ones", self.what, extra={"error": str(e)})
+            return None
 
 
 class FileWatcher:
@@ -110,7 +139,7 @@ class CertificateFiles:
         self._lock = threading.Lock()
         self._pending: grpc.ServerCertificateConfiguration | None = None
         try:
-            self._stamp: object = _stamp(self._paths())
+            self._files = WatchedFiles((cert_file, key_file, client_ca_file), "TLS files")
             self._initial = self._read()  # fail fast on a bad pair at start
         except (OSError, ValueError) as e:
             raise ValueError(
@@ -118,9 +147,6 @@ class CertificateFiles:
                 + (f" and client CA {client_ca_file}" if client_ca_file else "")
                 + f": {e} (PEM files expected; the key must match the certificate)"
             ) from e
-
-    def _paths(self) -> tuple[Path | None, ...]:
-        return (self.cert_file, self.key_file, self.client_ca_file)
 
     def _read(self) -> grpc.ServerCertificateConfiguration:
         cert, key = self.cert_file.read_bytes(), self.key_file.read_bytes()
@@ -130,21 +156,8 @@ class CertificateFiles:
 
     def poll(self) -> None:
         """Read the files if they changed; a good new set is handed to the next handshake."""
-        try:
-            stamp: object = _stamp(self._paths())
-        except (OSError, ValueError) as e:
-            failure = ("error", str(e))  # warn once per distinct failure, not at every check
-            if failure != self._stamp:
-                log.warning("TLS files cannot be read; keeping the previous ones", extra={"error": str(e)})
-            self._stamp = failure
-            return
-        if stamp == self._stamp:
-            return
-        self._stamp = stamp  # a bad new file is tried once, not at every check
-        try:
-            config = self._read()
-        except (OSError, ValueError) as e:
-            log.warning("TLS files changed but cannot be used; keeping the previous ones", extra={"error": str(e)})
+        config = self._files.read_if_changed(self._read)
+        if config is None:
             return
         with self._lock:
             self._pending = config
@@ -197,7 +210,7 @@ class AcceptedTokens:
     def __init__(self, secret: str | None, path: Path | None) -> None:
         self._fixed = parse_tokens(secret) if secret else []
         self._path = path
-        self._stamp: object = _stamp([path])
+        self._files = WatchedFiles([path], "tokens file")
         self._tokens = self._merge(_file_tokens(path) if path is not None else [])
         if not self._tokens:
             raise ValueError("bearer auth is configured but no token was given (auth_tokens / auth_tokens_file)")
@@ -210,19 +223,8 @@ class AcceptedTokens:
 
     def poll(self) -> None:
         """Re-read the tokens file if it changed (on the watcher thread)."""
-        if self._path is None:
-            return
-        try:
-            stamp: object = _stamp([self._path])
-            if stamp == self._stamp:
-                return
-            self._stamp = stamp
-            from_file = _file_tokens(self._path)
-        except (OSError, ValueError) as e:
-            failure = ("error", str(e))
-            if failure != self._stamp:
-                log.warning("tokens file cannot be read; keeping its previous tokens", extra={"error": str(e)})
-            self._stamp = failure
+        path = self._path
+        if path is None or (from_file := self._files.read_if_changed(lambda: _file_tokens(path))) is None:
             return
         self._tokens = self._merge(from_file)
         log.info("bearer tokens reloaded", extra={"file": str(self._path), "count": len(self._tokens)})
