@@ -119,7 +119,6 @@ class AsyncSession:
         session = cls(state, metadata=metadata, connect=connect)
         session._target = target
         await session._open_on(stub, model, idle_timeout_s, resume_token)
-        state.resume_token = resume_token  # current until the first step: lets a fresh resume move again
         try:
             session.info = await info_for(state.model)
         except BaseException:

@@ -67,6 +67,8 @@ class SessionState:
     # -- requests ---------------------------------------------------------------------------------
 
     def open_request(self, model: str, idle_timeout_s: int = 0, resume_token: bytes = b"") -> pb.StreamRequest:
+        if resume_token:  # current until the next step: a resumed session can move again at once
+            self.resume_token = resume_token
         return pb.StreamRequest(open=pb.Open(model=model, idle_timeout_s=idle_timeout_s, resume_token=resume_token))
 
     def step_request(self, x: np.ndarray) -> pb.StreamRequest:

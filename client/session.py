@@ -49,7 +49,6 @@ class Session:
         self._target = target  # index in state.targets of the server holding the session
         self._lost: CellserveClientError | None = None  # why a failed move ended the session
         self._open_on(stub, model, idle_timeout_s, resume_token)
-        state.resume_token = resume_token  # current until the first step: lets a fresh resume move again
         try:
             self.info = info_for(state.model)
         except BaseException:
