@@ -180,6 +180,9 @@ class CellServeServicer(pb_grpc.CellServeServicer):
             self._count_error(e)
             code, message = to_status(e)
             return pb.StreamResponse(error=pb.StepError(seq=step.seq, code=code.value[0], message=message))
+        if step.checkpoint:  # the state after this step, signed: the client's crash checkpoint
+            token, _ = self.tokens.encode(session.state())
+            return pb.StreamResponse(output=pb.Output(seq=step.seq, output=to_proto(y), resume_token=token))
         return pb.StreamResponse(output=pb.Output(seq=step.seq, output=to_proto(y)))
 
     def _server_closed(self, session: Session) -> list[pb.StreamResponse]:

@@ -122,3 +122,36 @@ def test_both_engine_modes_match_the_oracle(running_server, tiny_oracle, engine_
     with running_server(engine_mode=engine_mode) as srv:
         got = asyncio.run(run_session(srv.address, tokens, random_chunks(60, rng), rng))
     np.testing.assert_allclose(got, oracle_outputs(tiny_oracle, tokens), atol=TOL, rtol=0)
+
+
+def test_a_checkpoint_step_carries_a_token_that_resumes_exactly_after_it(running_server, tiny_oracle):
+    tokens = np.random.default_rng(5).integers(0, 256, size=30, dtype=np.int64)
+
+    async def main(address: str) -> tuple[np.ndarray, np.ndarray]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.CellServeStub(channel)
+            first = stub.Stream()
+            await first.write(open_msg())
+            await first.read()
+            await first.write(step_msg(0, tokens[:10]))
+            plain = await first.read()
+            assert plain.output.resume_token == b""  # no token unless asked for
+            await first.write(pb.StreamRequest(step=pb.Step(seq=1, input=to_proto(tokens[10:20]), checkpoint=True)))
+            marked = await first.read()
+            token = marked.output.resume_token
+            assert token, "a checkpoint step must carry a resume token"
+            first.cancel()  # the server "vanishes" for this client; the token is all it kept
+            second = stub.Stream()
+            await second.write(open_msg(resume_token=token))
+            opened = await second.read()
+            assert opened.opened.steps == 20
+            await second.write(step_msg(0, tokens[20:]))
+            rest = await second.read()
+            await second.done_writing()
+            return to_numpy(marked.output.output), to_numpy(rest.output.output)
+
+    with running_server() as srv:
+        middle, rest = asyncio.run(main(srv.address))
+    want = oracle_outputs(tiny_oracle, tokens)
+    np.testing.assert_allclose(middle, want[10:20], atol=TOL, rtol=0)
+    np.testing.assert_allclose(rest, want[20:], atol=TOL, rtol=0)

@@ -66,12 +66,14 @@ class Open(_message.Message):
     def __init__(self, model: _Optional[str] = ..., resume_token: _Optional[bytes] = ..., idle_timeout_s: _Optional[int] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("seq", "input")
+    __slots__ = ("seq", "input", "checkpoint")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     seq: int
     input: Tensor
-    def __init__(self, seq: _Optional[int] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    checkpoint: bool
+    def __init__(self, seq: _Optional[int] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., checkpoint: _Optional[bool] = ...) -> None: ...
 
 class Snapshot(_message.Message):
     __slots__ = ()
@@ -112,12 +114,14 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., idle_timeout_s: _Optional[int] = ..., steps: _Optional[int] = ..., model_sha256: _Optional[str] = ...) -> None: ...
 
 class Output(_message.Message):
-    __slots__ = ("seq", "output")
+    __slots__ = ("seq", "output", "resume_token")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     seq: int
     output: Tensor
-    def __init__(self, seq: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    resume_token: bytes
+    def __init__(self, seq: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., resume_token: _Optional[bytes] = ...) -> None: ...
 
 class SnapshotTaken(_message.Message):
     __slots__ = ("token", "steps", "expires_at_unix_ms")
