@@ -27,8 +27,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 from pydantic import ValidationError
 
+from cellserve.server.errors import ErrorBoundary
 from cellserve.server.health import Health
-from cellserve.server.interceptors import MalformedMessages
+from cellserve.server.interceptors import RequestGuard, grpc_receive_limit
+from cellserve.server.limits import StreamLimit
 from cellserve.server.metrics import Metrics
 from cellserve.server.models import ModelRepository
 from cellserve.server.oip_servicer import register as register_oip
@@ -58,7 +60,9 @@ class CellServer:
         self.sessions = SessionManager(self.models, settings, self.metrics)
         self.health = Health([m.name for m in self.models])
         self.tokens = TokenCodec(load_token_keys(settings), settings.token_ttl_s)
-        self.servicer = CellServeServicer(self.sessions, settings, self.metrics, self.tokens)
+        self.errors = ErrorBoundary(self.metrics.errors)
+        self.streams = StreamLimit(settings.max_streams)  # Stream, Generate and OIP streams together
+        self.servicer = CellServeServicer(self.sessions, settings, self.errors, self.tokens, self.streams)
         self.tls = (
             CertificateFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
             if settings.tls_cert_file is not None and settings.tls_key_file is not None
@@ -90,12 +94,14 @@ class CellServer:
         if self.auth_tokens is not None:
             denied = self.metrics.errors.labels(code=grpc.StatusCode.UNAUTHENTICATED.name)
             chain.append(BearerAuth(self.auth_tokens, on_deny=denied.inc))
-        return [*chain, MalformedMessages()]
+        rejected = self.metrics.errors
+        return [*chain, RequestGuard(self.settings.max_message_bytes, lambda code: rejected.labels(code=code).inc())]
 
     def grpc_options(self) -> list[tuple[str, Any]]:
         s = self.settings
         options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", s.max_message_bytes),
+            # Above our own limit, so the request guard sees oversized requests and names the setting.
+            ("grpc.max_receive_message_length", grpc_receive_limit(s.max_message_bytes)),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),

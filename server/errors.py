@@ -2,12 +2,18 @@
 
 Two kinds (DESIGN §4): a bad *step* is answered in the stream by a ``StepError`` message and the
 session goes on; a broken *session or protocol* ends the stream with the error's status.
+
+Every servicer method is wrapped by :func:`rpc` and every servicer holds an :class:`ErrorBoundary`:
+whatever a handler raises is mapped to a status, counted in ``cellserve_errors_total{code}`` and
+ends the RPC there — native Stream and Generate, OIP, unary and streaming alike.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import ClassVar, NoReturn
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, NoReturn, Protocol, TypeVar
 
 import grpc
 
@@ -48,10 +54,6 @@ class Unavailable(CellserveError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class DeadlineExceeded(CellserveError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
 class Unimplemented(CellserveError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
@@ -67,8 +69,73 @@ def to_status(err: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
-async def abort(context: grpc.aio.ServicerContext, err: BaseException) -> NoReturn:
-    """End the RPC with the status that ``err`` maps to."""
-    code, message = to_status(err)
-    await context.abort(code, message)
-    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+class BadRequest:
+    """What a request deserializer returns for bytes it will not parse (see ``interceptors``).
+
+    Handlers wrapped by :func:`rpc` raise ``error`` for a unary request; streaming handlers check
+    each request they read (``type(request) is BadRequest``), so no wrapper sits on the stream.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: CellserveError) -> None:
+        self.error = error
+
+
+class _Counter(Protocol):
+    def labels(self, *, code: str) -> Any: ...
+
+
+class ErrorBoundary:
+    """Maps an exception to its status, counts it by code, and ends the RPC with it."""
+
+    def __init__(self, errors: _Counter) -> None:
+        self._errors = errors
+        self._by_code: dict[grpc.StatusCode, Any] = {}  # a code's series appears when first counted
+
+    def count(self, code: grpc.StatusCode) -> None:
+        counter = self._by_code.get(code)
+        if counter is None:
+            counter = self._by_code[code] = self._errors.labels(code=code.name)
+        counter.inc()
+
+    def status(self, err: BaseException) -> tuple[grpc.StatusCode, str]:
+        """(code, message) for ``err``, counted: for errors answered inside a stream."""
+        code, message = to_status(err)
+        self.count(code)
+        return code, message
+
+    async def abort(self, context: grpc.aio.ServicerContext, err: BaseException) -> NoReturn:
+        code, message = self.status(err)
+        await context.abort(code, message)
+        raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+class Servicer(Protocol):
+    errors: ErrorBoundary
+
+
+S = TypeVar("S", bound=Servicer)
+Handler = Callable[[S, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def rpc(method: Handler[S]) -> Handler[S]:
+    """Wrap a servicer coroutine (unary, or streaming with ``context.read/write``) in the error boundary.
+
+    grpc's own control-flow errors (an abort already sent, a call that ended) pass through untouched;
+    so does cancellation. Request-guard interceptors see ``checks_requests`` and leave such handlers unwrapped.
+    """
+
+    @functools.wraps(method)
+    async def guarded(self: S, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            if type(request) is BadRequest:
+                raise request.error
+            return await method(self, request, context)
+        except grpc.aio.BaseError:
+            raise
+        except Exception as e:
+            await self.errors.abort(context, e)
+
+    guarded.checks_requests = True  # type: ignore[attr-defined]
+    return guarded

@@ -21,6 +21,10 @@ class Health:
         for name in self.names:
             await self.servicer.set(name, status)
 
+    def is_serving(self, name: str) -> bool:
+        """Whether ``name`` ("" = the server, or a model) reports SERVING."""
+        return self.status == SERVING and name in self.names
+
     async def serving(self) -> None:
         await self.set_all(SERVING)
 

@@ -1,8 +1,13 @@
-"""Server interceptors that apply to every service on the port.
+"""The request guard: request bytes that do not parse, or are over the size limit, get a precise status.
 
-``MalformedMessages``: a request whose bytes do not parse as the method's message is answered
-INVALID_ARGUMENT (grpc's own answer would be UNKNOWN). Deserializers are wrapped so a parse
-failure becomes a marker value, and the handler is wrapped so the marker aborts the call.
+grpc's own answers would be UNKNOWN for bytes that do not parse and a RESOURCE_EXHAUSTED that names
+no setting for an oversized message. The guard swaps every method's request deserializer for one
+that returns a :class:`~cellserve.server.errors.BadRequest` marker instead of raising. Handlers
+wrapped by :func:`~cellserve.server.errors.rpc` (ours) check the marker themselves, so nothing sits
+on their per-message path; other services (health, reflection) get a thin wrapper that aborts.
+
+gRPC's own receive limit is set above ``max_message_bytes`` (``grpc_receive_limit``) so that
+requests just over the limit reach the guard and get a message naming the setting.
 """
 
 from __future__ import annotations
@@ -12,40 +17,55 @@ from typing import Any
 
 import grpc
 
-from cellserve.server.errors import InvalidArgument
+from cellserve.server.errors import BadRequest, CellserveError, InvalidArgument, ResourceExhausted
 
 
 class MalformedRequest(InvalidArgument):
-    """A streamed request's bytes did not parse; raised out of the request iterator."""
+    """A request's bytes did not parse as the method's message."""
 
 
-class _Malformed:
-    __slots__ = ("error",)
-
-    def __init__(self, error: str) -> None:
-        self.error = error
+class RequestTooLarge(ResourceExhausted):
+    """A request is larger than the server's ``max_message_bytes``."""
 
 
-def _safe(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
+def grpc_receive_limit(max_message_bytes: int) -> int:
+    """The limit given to gRPC itself: room above ours, so the guard sees (and names) most oversized requests."""
+    return max(2 * max_message_bytes, max_message_bytes + (4 << 20))
+
+
+def guard_deserializer(parse: Callable[[bytes], Any], method: str, max_bytes: int) -> Callable[[bytes], Any]:
+    """``parse``, returning a BadRequest instead of raising or accepting more than ``max_bytes``."""
+
+    def parse_or_mark(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            return BadRequest(
+                RequestTooLarge(
+                    f"request to {method} is {len(data)} bytes, over this server's limit of {max_bytes} "
+                    "(setting max_message_bytes: --max-message-bytes / CELLSERVE_MAX_MESSAGE_BYTES); "
+                    "send smaller chunks"
+                )
+            )
         try:
-            return deserializer(data)
+            return parse(data)
         except Exception as e:  # protobuf's DecodeError and anything a custom deserializer raises
-            return _Malformed(str(e))
+            return BadRequest(MalformedRequest(f"request bytes are not a valid message for {method}: {e}"))
 
-    return parse
-
-
-def _message(method: str, bad: _Malformed) -> str:
-    return f"request bytes are not a valid message for {method}: {bad.error}"
+    return parse_or_mark
 
 
-async def _reject(context: grpc.aio.ServicerContext, method: str, bad: _Malformed) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(method, bad))
+async def _reject(context: grpc.aio.ServicerContext, error: CellserveError, on_reject: Callable[[str], None]) -> None:
+    on_reject(error.code.name)
+    await context.abort(error.code, error.message)
 
 
-class MalformedMessages(grpc.aio.ServerInterceptor):
-    """Unparseable request bytes → INVALID_ARGUMENT, for unary and streaming methods alike."""
+class RequestGuard(grpc.aio.ServerInterceptor):
+    """Bad request bytes → INVALID_ARGUMENT, oversized ones → RESOURCE_EXHAUSTED naming the setting."""
+
+    def __init__(self, max_bytes: int, on_reject: Callable[[str], None]) -> None:
+        """``on_reject(code_name)`` counts a request refused here, for services that are not ours."""
+        self.max_bytes = max_bytes
+        self.on_reject = on_reject
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -56,20 +76,32 @@ class MalformedMessages(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_deserializer is None:
             return handler
         method = handler_call_details.method
-        safe = _safe(handler.request_deserializer)
+        cached = self._cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = self._guard(handler, method)
+        self._cache[method] = (handler, guarded)
+        return guarded
 
-        async def guarded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    def _guard(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        safe = guard_deserializer(handler.request_deserializer, method, self.max_bytes)
+        behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        if getattr(behaviour, "checks_requests", False):  # ours: the handler checks for BadRequest itself
+            return handler._replace(request_deserializer=safe)
+        on_reject = self.on_reject
+
+        async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
             async for request in requests:
-                if isinstance(request, _Malformed):  # the handler maps it, or the wrappers below abort
-                    raise MalformedRequest(_message(method, request))
+                if type(request) is BadRequest:
+                    raise request.error
                 yield request
 
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, _Malformed):
-                    await _reject(context, method, request)
+                if type(request) is BadRequest:
+                    await _reject(context, request.error, on_reject)
                 return await inner_uu(request, context)
 
             return handler._replace(request_deserializer=safe, unary_unary=unary_unary)
@@ -77,8 +109,8 @@ class MalformedMessages(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                if isinstance(request, _Malformed):
-                    await _reject(context, method, request)
+                if type(request) is BadRequest:
+                    await _reject(context, request.error, on_reject)
                 result = inner_us(request, context)
                 if hasattr(result, "__aiter__"):
                     async for response in result:
@@ -92,18 +124,18 @@ class MalformedMessages(grpc.aio.ServerInterceptor):
 
             async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
                 try:
-                    return await inner_su(guarded(requests, context), context)
-                except MalformedRequest as e:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
+                    return await inner_su(checked(requests), context)
+                except CellserveError as e:
+                    await _reject(context, e, on_reject)
 
             return handler._replace(request_deserializer=safe, stream_unary=stream_unary)
         inner_ss = handler.stream_stream
 
         async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                async for response in inner_ss(guarded(requests, context), context):
+                async for response in inner_ss(checked(requests), context):
                     yield response
-            except MalformedRequest as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
+            except CellserveError as e:
+                await _reject(context, e, on_reject)
 
         return handler._replace(request_deserializer=safe, stream_stream=stream_stream)

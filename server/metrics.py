@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import HistogramMetricFamily, Metric
 
 from cellserve import __version__
 
@@ -28,19 +34,16 @@ class Metrics:
             registry=registry,
         )
         self.steps = Counter(p + "steps", "Time steps computed (a chunk of T counts T).", ["model"], registry=registry)
-        self.step_latency = Histogram(
-            p + "step_latency_seconds",
-            "Per message, from submit to result.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+        # Observed once per batch for all of its messages (observe_many): per-message values, per-batch cost.
+        self.step_latency = BatchHistogram(
+            p + "step_latency_seconds", "Per message, from submit to result.", "model", LATENCY_BUCKETS, registry
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = BatchHistogram(
             p + "queue_wait_seconds",
             "Time a step waited in the scheduler queue before its batch ran.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            "model",
+            LATENCY_BUCKETS,
+            registry,
         )
         self.batch_size = Histogram(
             p + "batch_size", "Sessions per engine call.", ["model"], buckets=BATCH_BUCKETS, registry=registry
@@ -64,3 +67,62 @@ class Metrics:
         # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total ... (Linux /proc): the soak
         # bench and operators watch them for leaks. Unprefixed, as every Prometheus client exports them.
         ProcessCollector(registry=registry)
+
+
+class BatchHistogram:
+    """A labelled histogram whose values arrive a batch at a time: ``labels(v).observe_many(values)``.
+
+    Exported exactly like prometheus-client's ``Histogram`` (``_bucket{le}``, ``_sum``, ``_count``),
+    but a batch of 64 latencies costs one numpy call instead of 64 locked Python updates.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, label: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self.name, self.documentation, self.label = name, documentation, label
+        self.bounds = np.array([*buckets, math.inf])  # upper bounds ("le"), +Inf last
+        self._lock = threading.Lock()  # the /metrics thread reads while the event loop writes
+        self._children: dict[str, HistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, value: str) -> HistogramChild:
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = HistogramChild(self.bounds, self._lock)
+        return child
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=[self.label])]
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        with self._lock:
+            rows = [(value, np.cumsum(child.counts), child.sum) for value, child in self._children.items()]
+        for value, cumulative, total in rows:
+            buckets = [(_le(b), float(n)) for b, n in zip(self.bounds, cumulative, strict=True)]
+            family.add_metric([value], buckets, total)
+        yield family
+
+
+class HistogramChild:
+    """One label value's bucket counts (not cumulative) and sum."""
+
+    def __init__(self, bounds: np.ndarray, lock: threading.Lock) -> None:
+        self._bounds = bounds
+        self._lock = lock
+        self.counts = np.zeros(len(bounds), dtype=np.int64)
+        self.sum = 0.0
+
+    def observe_many(self, values: np.ndarray) -> None:
+        """Add every value of ``values`` (1-D, seconds): each lands in the first bucket whose bound is >= it."""
+        per_bucket = np.bincount(np.searchsorted(self._bounds, values), minlength=len(self._bounds))
+        with self._lock:
+            self.counts += per_bucket
+            self.sum += float(values.sum())
+
+    def observe(self, value: float) -> None:
+        self.observe_many(np.array([value]))
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == math.inf else repr(float(bound))

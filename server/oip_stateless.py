@@ -26,6 +26,10 @@ async def run_stateless(
     return await asyncio.shield(task)  # a cancelled caller leaves the task to finish and free its slots
 
 
+def _no_op(steps: int) -> None:
+    """Stateless rows keep no step count; their slots are freed once every row's future is done."""
+
+
 def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -44,15 +48,22 @@ async def _run_rows(
             if h0 is not None or c0 is not None:
                 h, c = pool.read(slot)
                 pool.write(slot, h if h0 is None else h0[b], c if c0 is None else c0[b])
-        results = await asyncio.gather(
-            *(model.scheduler.submit(slot, row) for slot, row in zip(slots, rows, strict=True)),
-            return_exceptions=True,
-        )
+        futures: list[asyncio.Future[np.ndarray]] = []
+        refused: BaseException | None = None
+        for slot, row in zip(slots, rows, strict=True):
+            try:
+                futures.append(model.scheduler.enqueue(slot, row, _no_op))
+            except Exception as e:  # queue full: the rows already queued still run before slots are freed
+                refused = e
+                break
+        results = await asyncio.gather(*futures, return_exceptions=True)
         ys: list[np.ndarray] = []
         for r in results:
             if isinstance(r, BaseException):
                 raise r
             ys.append(r)
+        if refused is not None:
+            raise refused
         states = [pool.read(slot) for slot in slots]
     finally:
         for slot in slots:

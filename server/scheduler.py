@@ -1,9 +1,13 @@
 """Cross-session batching: one asyncio task per model turns queued steps into engine calls.
 
-A batch closes when it holds ``max_batch`` sessions, when every live session of the model is in
-it (nobody else can arrive), or ``max_wait_us`` after its first step. Steps of equal length T run
-in one engine call; a batch with several lengths makes one call per length. Each session has at
-most one step in flight (the session layer guarantees it), so its steps stay in order.
+A batch closes when it holds ``max_batch`` steps, when every live session of the model is in it
+(nobody else can arrive), or ``max_wait_us`` after its first step. Steps of equal length T run in
+one engine call; a batch with several lengths makes one call per length. Each session has at most
+one step in flight (the session layer guarantees it), so its steps stay in order.
+
+Per message the cost is an append and a comparison: ``enqueue`` itself decides when a batch is
+ready and wakes the batching task once per batch (or a timer does, after ``max_wait_us``).
+Everything else — metrics included — is done once per batch.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,13 +27,18 @@ from cellserve.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+Finished = Callable[[int], None]  # called once per step: the steps it ran (0 if it never ran)
 
-@dataclass
+
 class _Request:
-    slot: int
-    x: np.ndarray  # [T] or [T, I]
-    future: asyncio.Future[np.ndarray]
-    queued_at: float = field(default_factory=time.perf_counter)
+    __slots__ = ("finished", "future", "queued_at", "slot", "x")
+
+    def __init__(self, slot: int, x: np.ndarray, future: asyncio.Future[np.ndarray], finished: Finished) -> None:
+        self.slot = slot
+        self.x = x  # [T] or [T, I]
+        self.future = future
+        self.finished = finished
+        self.queued_at = time.perf_counter()
 
 
 class Scheduler:
@@ -53,18 +62,22 @@ class Scheduler:
         self.max_queued = max_queued
         self.mode = mode
         self._live_sessions = live_sessions or (lambda: max_batch)
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
-        self._arrived = asyncio.Event()
+        self._queue: deque[_Request] = deque()
+        self._wake: asyncio.Future[None] | None = None  # the batching task waits on it
+        self._timer: asyncio.TimerHandle | None = None  # fires max_wait_us after the oldest queued step
+        self._waited = False  # the oldest queued step has waited max_wait_us
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{self.model}") if mode == "thread" else None
-        m = metrics
-        self._m_batch = m.batch_size.labels(model=self.model)
-        self._m_wait = m.queue_wait.labels(model=self.model)
-        self._m_engine = m.engine_run.labels(model=self.model)
-        self._m_steps = m.steps.labels(model=self.model)
+        self._m_batch = metrics.batch_size.labels(model=self.model)
+        self._m_wait = metrics.queue_wait.labels(self.model)
+        self._m_latency = metrics.step_latency.labels(self.model)
+        self._m_engine = metrics.engine_run.labels(model=self.model)
+        self._m_steps = metrics.steps.labels(model=self.model)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"scheduler-{self.model}")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run_forever(), name=f"scheduler-{self.model}")
 
     async def stop(self) -> None:
         """Stop batching; steps still queued fail with UNAVAILABLE."""
@@ -75,77 +88,123 @@ class Scheduler:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        while not self._queue.empty():
-            req = self._queue.get_nowait()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._queue:
+            req = self._queue.popleft()
             if not req.future.done():
                 req.future.set_exception(Unavailable("server is shutting down; resume on another replica"))
+            req.finished(0)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
-    async def submit(self, slot: int, x: np.ndarray) -> np.ndarray:
-        """Queue one session's step (``x`` is [T] or [T, I]) and wait for its output [T, O]."""
-        return await self.enqueue(slot, x)
-
-    def enqueue(self, slot: int, x: np.ndarray) -> asyncio.Future[np.ndarray]:
-        """Queue one step; the future resolves to its output [T, O] once the engine is done with ``slot``."""
-        if self._task is None:
+    def enqueue(self, slot: int, x: np.ndarray, finished: Finished) -> asyncio.Future[np.ndarray]:
+        """Queue one step; the future resolves to its output [T, O]. ``finished(steps)`` is called exactly
+        once, when the engine is done with ``slot`` (or the step was dropped: cancelled while queued)."""
+        if self._task is None or self._loop is None:
             raise Unavailable(f"model {self.model!r} is not running; the server is starting or stopping")
-        if self._queue.qsize() >= self.max_queued:
+        queue = self._queue
+        if len(queue) >= self.max_queued:
             raise ResourceExhausted(
                 f"model {self.model!r} has {self.max_queued} steps queued (setting max_queued_steps); retry later"
             )
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Request(slot, x, future))
-        self._arrived.set()
+        future: asyncio.Future[np.ndarray] = self._loop.create_future()
+        queue.append(_Request(slot, x, future, finished))
+        wake = self._wake
+        if wake is not None and not wake.done():  # the batching task waits: is a batch ready now?
+            if len(queue) >= min(self.max_batch, self._live_sessions()):
+                wake.set_result(None)
+            elif self._timer is None:
+                self._arm_timer()
         return future
 
-    async def _loop(self) -> None:
+    # -- the batching task ------------------------------------------------------------------------
+
+    async def _run_forever(self) -> None:
         while True:
-            batch = await self._collect()
+            batch = await self._next_batch()
             try:
                 await self._run(batch)
-            except Exception as e:  # an engine failure fails this batch, never the loop
-                log.exception("engine call failed", extra={"model": self.model, "batch": len(batch)})
-                for req in batch:
-                    if not req.future.done():
-                        req.future.set_exception(e)
+            except Exception:  # pragma: no cover - defensive: the batching task must never die
+                log.exception("batch failed", extra={"model": self.model, "batch": len(batch)})
 
-    async def _collect(self) -> list[_Request]:
-        batch = [await self._queue.get()]
-        deadline = time.perf_counter() + self.max_wait
-        while True:
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            if len(batch) >= min(self.max_batch, self._live_sessions()):
-                return batch
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return batch
-            self._arrived.clear()
+    async def _next_batch(self) -> list[_Request]:
+        """Wait until a full batch is queued or the oldest queued step has waited ``max_wait_us``."""
+        assert self._loop is not None
+        while not self._batch_due():
+            self._wake = self._loop.create_future()
+            if self._queue and self._timer is None:
+                self._arm_timer()
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                pass
+                await self._wake
+            finally:
+                self._wake = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._waited = False
+        queue, n = self._queue, min(self.max_batch, len(self._queue))
+        return [queue.popleft() for _ in range(n)]
+
+    def _batch_due(self) -> bool:
+        queue = self._queue
+        return bool(queue) and (self._waited or len(queue) >= min(self.max_batch, self._live_sessions()))
+
+    def _arm_timer(self) -> None:
+        assert self._loop is not None
+        waited = time.perf_counter() - self._queue[0].queued_at
+        self._timer = self._loop.call_later(max(0.0, self.max_wait - waited), self._max_wait_passed)
+
+    def _max_wait_passed(self) -> None:
+        self._timer = None
+        self._waited = True
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     async def _run(self, batch: list[_Request]) -> None:
+        """Run a batch: one engine call per chunk length T; then its metrics, once for the whole batch."""
         start = time.perf_counter()
-        batch = [r for r in batch if not r.future.done()]  # cancelled while queued
+        live: list[_Request] = []
         for req in batch:
-            self._m_wait.observe(start - req.queued_at)
-        by_steps: dict[int, list[_Request]] = {}
-        for req in batch:
-            by_steps.setdefault(req.x.shape[0], []).append(req)
-        for group in by_steps.values():
-            slots = np.fromiter((r.slot for r in group), dtype=np.int64, count=len(group))
-            x = np.stack([r.x for r in group])  # [B, T] or [B, T, I]
-            t0 = time.perf_counter()
-            if self._executor is None:
-                y = self.engine.run_slots(slots, x)
+            if req.future.cancelled():  # the caller went away while it was queued: never run
+                req.finished(0)
             else:
-                y = await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.run_slots, slots, x)
-            self._m_engine.observe(time.perf_counter() - t0)
-            self._m_batch.observe(len(group))
-            self._m_steps.inc(len(group) * x.shape[1])
-            for i, req in enumerate(group):
-                if not req.future.done():
-                    req.future.set_result(y[i])
+                live.append(req)
+        groups: dict[int, list[_Request]] = {}
+        for req in live:
+            groups.setdefault(req.x.shape[0], []).append(req)
+        todo = list(groups.items())
+        try:
+            while todo:
+                t, group = todo[0]
+                await self._run_group(t, group)
+                todo.pop(0)
+        except Exception as e:  # an engine failure fails the steps not yet run, never the loop
+            log.exception("engine call failed", extra={"model": self.model, "batch": len(batch)})
+            for _, group in todo:
+                for req in group:
+                    req.finished(0)
+                    if not req.future.done():
+                        req.future.set_exception(e)
+            return
+        queued = np.fromiter((r.queued_at for r in live), dtype=np.float64, count=len(live))
+        self._m_wait.observe_many(start - queued)
+        self._m_latency.observe_many(time.perf_counter() - queued)
+
+    async def _run_group(self, t: int, group: list[_Request]) -> None:
+        slots = np.fromiter((r.slot for r in group), dtype=np.int64, count=len(group))
+        x = np.stack([r.x for r in group])  # [B, T] or [B, T, I]
+        t0 = time.perf_counter()
+        if self._executor is None:
+            y = self.engine.run_slots(slots, x)
+        else:
+            assert self._loop is not None
+            y = await self._loop.run_in_executor(self._executor, self.engine.run_slots, slots, x)
+        self._m_engine.observe(time.perf_counter() - t0)
+        self._m_batch.observe(len(group))
+        self._m_steps.inc(len(group) * t)
+        for i, req in enumerate(group):
+            req.finished(t)
+            if not req.future.done():
+                req.future.set_result(y[i])

@@ -58,7 +58,14 @@ Notify = Callable[[SessionEvent], None]
 class Session:
     """One client's recurrent state on one model. At most one step in flight."""
 
-    def __init__(self, manager: SessionManager, model: LoadedModel, idle_timeout_s: int, notify: Notify | None) -> None:
+    def __init__(
+        self,
+        manager: SessionManager,
+        model: LoadedModel,
+        idle_timeout_s: int,
+        notify: Notify | None,
+        max_chunk_steps: int,
+    ) -> None:
         self.id = secrets.token_hex(12)
         self.model = model
         self.idle_timeout_s = idle_timeout_s
@@ -69,6 +76,7 @@ class Session:
         self.slot = model.pool.allocate(self)
         self._manager = manager
         self._notify = notify
+        self._max_chunk_steps = max_chunk_steps
         self._inflight = False
         self.deadline = time.monotonic() + idle_timeout_s
         self.final_state: ResumeState | None = None  # kept when a drain closes it: the last resume token
@@ -77,35 +85,28 @@ class Session:
         self.deadline = time.monotonic() + self.idle_timeout_s
 
     async def step(self, x: np.ndarray) -> np.ndarray:
-        """Run ``x`` ([T] or [T, I]) through the model from this session's state; returns y [T, O]."""
+        """Run ``x`` ([T] or [T, I]) through the model from this session's state; returns y [T, O].
+
+        If the caller is cancelled, a step the scheduler has not started is dropped; one it has
+        started still finishes, and the slot stays in flight (never freed) until it has.
+        """
+        return await self.submit(x)
+
+    def submit(self, x: np.ndarray) -> asyncio.Future[np.ndarray]:
+        """Check ``x`` and queue it; the future resolves to y [T, O] (for callers that wait by callback)."""
         if self.closed:
             raise FailedPrecondition(f"session {self.id} is closed ({self.close_reason}); open a new one")
         if self._inflight:
             raise FailedPrecondition(f"session {self.id} already has a step in flight; wait for its output")
-        x = self.model.check_input(x, self._manager.settings.max_chunk_steps)
+        x = self.model.check_input(x, self._max_chunk_steps)
+        done = self.model.scheduler.enqueue(self.slot, x, self._finished)  # may raise: nothing is in flight then
         self._inflight = True
-        self.touch()
-        start = time.perf_counter()
-        try:
-            done = self.model.scheduler.enqueue(self.slot, x)
-        except BaseException:
-            self._inflight = False
-            raise
-        try:
-            # shield: if this caller is cancelled (client gone), the engine may still be writing the
-            # slot; the slot stays in flight until the engine call finishes, then is released.
-            y = await asyncio.shield(done)
-            self.steps += x.shape[0]  # before the slot can be released: a drain's final state includes it
-        finally:
-            if done.done():
-                self._engine_done()
-            else:
-                done.add_done_callback(lambda _: self._engine_done())
-        self._manager.observe_latency(self.model.name, time.perf_counter() - start)
-        return y
+        return done
 
-    def _engine_done(self) -> None:
+    def _finished(self, steps: int) -> None:
+        """The scheduler is done with this session's step (``steps`` taken; 0 if it never ran)."""
         self._inflight = False
+        self.steps += steps  # before the slot can be released: a drain's final state includes it
         self.touch()
         if self.closed:  # closed while the step ran: the slot was kept for the engine until now
             self._manager.release(self)
@@ -139,10 +140,6 @@ class SessionManager:
         self._wake = asyncio.Event()
         self._empty = asyncio.Event()
         self._empty.set()
-        self._latency = {m.name: metrics.step_latency.labels(model=m.name) for m in models}
-
-    def observe_latency(self, model: str, seconds: float) -> None:
-        self._latency[model].observe(seconds)
 
     def grant_idle_timeout(self, requested_s: int) -> int:
         if requested_s < 0:
@@ -164,7 +161,8 @@ class SessionManager:
             raise Unavailable("server is draining and accepts no new sessions; open on another replica")
         model = self.models.get(model_name)
         granted = self.grant_idle_timeout(idle_timeout_s)
-        session = Session(self, model, granted, notify)  # may raise ResourceExhausted (pool full)
+        # may raise ResourceExhausted (pool full)
+        session = Session(self, model, granted, notify, self.settings.max_chunk_steps)
         if resume is not None:
             try:
                 model.pool.write(session.slot, resume.h, resume.c)

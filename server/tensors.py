@@ -41,6 +41,14 @@ def to_numpy(t: pb.Tensor) -> np.ndarray:
     return np.frombuffer(t.raw, dtype=dtype).reshape(shape).astype(NATIVE[t.dtype], copy=False)
 
 
+_F32 = np.dtype("<f4")
+
+
+def output_tensor(y: np.ndarray) -> pb.Tensor:
+    """A step's float32 output ``[T, O]`` as a Tensor: ``to_proto`` without its dtype lookups (per message)."""
+    return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=y.shape, raw=y.astype(_F32, copy=False).tobytes())
+
+
 def to_proto(a: np.ndarray) -> pb.Tensor:
     """Encode a numpy array as raw little-endian bytes."""
     a = np.ascontiguousarray(a)

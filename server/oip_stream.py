@@ -1,0 +1,255 @@
+"""One OIP ``ModelStreamInfer`` RPC: Triton-style sequences over cellserve sessions, scoped to the stream.
+
+A sequence id names a cellserve session while its stream lives: ``sequence_start`` opens the
+session (zero state), each request steps it, ``sequence_end`` closes it and frees its slot. A step
+for an id this stream has not started is an error (ids never reach across streams), and so is a
+start for an id already running. The session's idle timeout ends a forgotten sequence.
+
+The handler reads; each request is checked and submitted to the scheduler at once, or queued in
+its sequence's lane behind the request of that id still in flight (in order within a sequence,
+concurrent across sequences, so the scheduler batches them together). A step's response is built
+in its completion callback and handed to the stream's one writer task. At most ``STREAM_WINDOW``
+requests are unanswered at a time: past that the handler stops reading (gRPC flow control pushes
+back on the client). A failed request is answered with ``error_message`` and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from cellserve.oip import grpc_service_pb2 as oip
+from cellserve.server.errors import BadRequest, ErrorBoundary, FailedPrecondition, InvalidArgument
+from cellserve.server.models import LoadedModel
+from cellserve.server.oip_sequences import SequenceFlags, SequenceKey, sequence_flags
+from cellserve.server.oip_tensors import parameters
+from cellserve.server.sessions import Session, SessionClosed, SessionEvent, SessionManager
+
+log = logging.getLogger(__name__)
+
+# Requests of one stream being worked on or waiting to be sent back; past it the server stops reading.
+STREAM_WINDOW = 256
+
+Response = oip.ModelStreamInferResponse
+# (request) -> (model, the outputs to return, x [1, T] or [1, T, I]): the servicer's checks of a request
+Prepare = Callable[[oip.ModelInferRequest], tuple[LoadedModel, list[str], np.ndarray]]
+# (request, model, outputs, tensors by name) -> response
+Respond = Callable[[oip.ModelInferRequest, LoadedModel, list[str], dict[str, np.ndarray]], oip.ModelInferResponse]
+
+
+class OipStream:
+    """Serves one ModelStreamInfer stream."""
+
+    def __init__(
+        self,
+        sessions: SessionManager,
+        errors: ErrorBoundary,
+        context: grpc.aio.ServicerContext,
+        *,
+        prepare: Prepare,
+        respond: Respond,
+        stateless: Callable[[oip.ModelInferRequest], Awaitable[oip.ModelInferResponse]],
+        state_names: Callable[[LoadedModel], tuple[str, str, str]],
+    ) -> None:
+        self.sessions = sessions
+        self.errors = errors
+        self.context = context
+        self._prepare, self._respond, self._stateless, self._state_names = prepare, respond, stateless, state_names
+        self._live: dict[SequenceKey, Session] = {}  # the sequences this stream has started
+        self._lanes: dict[SequenceKey, deque[tuple[oip.ModelInferRequest, SequenceFlags]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # stateless requests in the stream
+        self._out: asyncio.Queue[tuple[Response, bool] | None] = asyncio.Queue()
+        self._unanswered = 0
+        self._progress: asyncio.Future[None] | None = None  # the reader waits for answers on it
+        self._writer: asyncio.Task[None] | None = None
+        self._ended = False
+
+    async def run(self) -> None:
+        writer = self._writer = asyncio.get_running_loop().create_task(self._write_responses())
+        try:
+            while True:
+                if self._unanswered >= STREAM_WINDOW:
+                    await self._answers(lambda: self._unanswered < STREAM_WINDOW)
+                request = await self.context.read()
+                if request is grpc.aio.EOF:
+                    break
+                self._unanswered += 1
+                self._on_request(request)
+            await self._answers(lambda: self._unanswered == 0)  # half-closed: answer what was sent, then end
+            self._out.put_nowait(None)
+            await writer
+        finally:
+            self._ended = True
+            writer.cancel()
+            for task in self._tasks:
+                task.cancel()
+            for key, session in list(self._live.items()):
+                self._end(key, session, "disconnect")
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def _on_request(self, request: Any) -> None:
+        if type(request) is BadRequest:
+            self._fail(None, request.error)
+            return
+        try:
+            flags = sequence_flags(parameters(request.parameters))
+        except Exception as e:
+            self._fail(request, e)
+            return
+        if flags is None:  # stateless, as ModelInfer
+            task = asyncio.get_running_loop().create_task(self._stateless_one(request))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        lane = self._lanes.get(flags.key)
+        if lane is not None:  # a request of this sequence is in flight: this one runs after it
+            lane.append((request, flags))
+            return
+        self._lanes[flags.key] = deque([(request, flags)])
+        self._advance(flags.key)
+
+    async def _stateless_one(self, request: oip.ModelInferRequest) -> None:
+        try:
+            response = Response(infer_response=await self._stateless(request))
+        except Exception as e:
+            self._fail(request, e)
+            return
+        self._send(response, answers=True)
+
+    def _advance(self, key: SequenceKey) -> None:
+        """Start the next waiting request of sequence ``key``; its lane ends when none waits."""
+        lane = self._lanes[key]
+        while lane and not self._ended:
+            request, flags = lane.popleft()
+            if self._start_step(request, flags):
+                return  # in flight: its completion advances the lane again
+        del self._lanes[key]
+
+    def _start_step(self, request: oip.ModelInferRequest, flags: SequenceFlags) -> bool:
+        """Check one sequence request and submit its step; False if it was answered at once (an error)."""
+        opened: Session | None = None
+        try:
+            model, outputs, x = self._prepare(request)
+            session = self._live.get(flags.key)
+            if session is not None and session.closed:  # ended by the server (idle, drain) since
+                del self._live[flags.key]
+                session = None
+            if flags.start:
+                if session is not None:
+                    raise FailedPrecondition(
+                        f"sequence {flags.label} is already active on this stream; end it (sequence_end) before "
+                        "starting it again"
+                    )
+                # Check the input before opening, so a bad first request leaves no sequence behind.
+                model.check_input(x[0], self.sessions.settings.max_chunk_steps)
+                notify = functools.partial(self._server_event, flags)
+                session = opened = self._live[flags.key] = self.sessions.open(model.name, notify=notify)
+            elif session is None:
+                raise FailedPrecondition(
+                    f"inference request for sequence {flags.label} to model '{model.name}' must specify the START "
+                    f"flag on the first request of the sequence (no sequence {flags.label} is active on this "
+                    "stream; sequence ids are scoped to the stream that started them)"
+                )
+            elif session.model is not model:
+                raise InvalidArgument(
+                    f"sequence {flags.label} runs on model '{session.model.name}', not '{model.name}'"
+                )
+            future = session.submit(x[0])
+        except Exception as e:
+            if opened is not None:  # a failed start leaves no sequence
+                self._end(flags.key, opened, "error")
+            self._fail(request, e)
+            return False
+        future.add_done_callback(functools.partial(self._step_done, request, flags, session, model, outputs))
+        return True
+
+    def _step_done(
+        self,
+        request: oip.ModelInferRequest,
+        flags: SequenceFlags,
+        session: Session,
+        model: LoadedModel,
+        outputs: list[str],
+        future: asyncio.Future[np.ndarray],
+    ) -> None:
+        try:
+            y = future.result()  # [T, O]
+            y_name, hn_name, cn_name = self._state_names(model)
+            tensors = {y_name: y[None]}  # [1, T, O]
+            if hn_name in outputs or cn_name in outputs:
+                state = session.state()
+                tensors[hn_name], tensors[cn_name] = state.h[None], state.c[None]  # [1, L, H]
+            response = Response(infer_response=self._respond(request, model, outputs, tensors))
+        except Exception as e:
+            if flags.start:  # a failed start leaves no sequence
+                self._end(flags.key, session, "error")
+            self._fail(request, e)
+        else:
+            if flags.end:
+                self._end(flags.key, session, "client")
+            self._send(response, answers=True)
+        if not self._ended:
+            self._advance(flags.key)
+
+    def _end(self, key: SequenceKey, session: Session, reason: str) -> None:
+        if self._live.get(key) is session:
+            del self._live[key]
+        self.sessions.close(session, reason)
+
+    def _server_event(self, flags: SequenceFlags, event: SessionEvent) -> None:
+        if not isinstance(event, SessionClosed):
+            # A drain notice: the Triton protocol cannot hand state over, so an OIP sequence keeps
+            # running until it ends or the grace period closes it (then it hears SessionClosed).
+            return
+        session = self._live.get(flags.key)
+        if session is not None and session.closed:
+            del self._live[flags.key]
+        text = f"sequence {flags.label} was ended by the server: {event.message}"
+        self._send(Response(error_message=text), answers=False)
+
+    # -- responses --------------------------------------------------------------------------------
+
+    def _fail(self, request: oip.ModelInferRequest | None, error: BaseException) -> None:
+        """Answer one request with its error (counted); the stream and its other sequences go on."""
+        _, message = self.errors.status(error)
+        failed = oip.ModelInferResponse(model_name=request.model_name, id=request.id) if request else None
+        self._send(Response(error_message=message, infer_response=failed), answers=True)
+
+    def _send(self, response: Response, *, answers: bool) -> None:
+        if not self._ended:
+            self._out.put_nowait((response, answers))
+
+    async def _write_responses(self) -> None:
+        try:
+            while (item := await self._out.get()) is not None:
+                response, answers = item
+                await self.context.write(response)
+                if answers:
+                    self._unanswered -= 1
+                    self._wake_reader()
+        finally:
+            self._wake_reader()  # also when a write failed: the reader must not wait for answers that never come
+
+    def _wake_reader(self) -> None:
+        if self._progress is not None and not self._progress.done():
+            self._progress.set_result(None)
+
+    async def _answers(self, enough: Callable[[], bool]) -> None:
+        """Wait until ``enough()`` (checked each time the writer sends an answer); re-raises a writer failure."""
+        loop = asyncio.get_running_loop()
+        writer = self._writer
+        assert writer is not None
+        while not enough():
+            if writer.done():
+                await writer  # raises what broke it
+                return
+            self._progress = loop.create_future()
+            await self._progress
