@@ -236,6 +236,8 @@ def resolve_input_roles(
 
 def _guess_x(candidates: list[GraphTensor]) -> tuple[str, str]:
     """The input that is x: the int64 one, then by name, then the one whose shape the other two don't share."""
+    if len(candidates) == 1:
+        return candidates[0].name, "rest"
     ints = [t for t in candidates if t.dtype == "int64"]
     if len(ints) == 1:
         return ints[0].name, "dtype"

@@ -267,8 +267,15 @@ def _lstm_sizes(module: nn.Module, layers: int | None, hidden: int | None) -> tu
 def _example_output(graph: nn.Module, args: tuple[torch.Tensor, ...], name: str) -> None:
     """One torch forward on the example: it must return (y [B, T, O], hn, cn) shaped like the contract."""
     x, h0, _ = args
-    with torch.no_grad():
-        out = graph(*args)
+    try:
+        with torch.no_grad():
+            out = graph(*args)
+    except Exception as e:  # whatever the user's forward raises
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(
+            f"{name}.forward(x, h0, c0) failed on example inputs x {list(x.shape)}, h0 and c0 {list(h0.shape)} "
+            f"([layers, B, hidden]): {first}"
+        ) from e
     ok = isinstance(out, tuple | list) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)
     if not ok:
         got = type(out).__name__ + (f" of {len(out)}" if isinstance(out, tuple | list) else "")

@@ -57,7 +57,7 @@ class CheckedGraph:
     """A graph that keeps the contract: its roles, sizes, and what the checks saw."""
 
     roles: Roles
-    detected: dict[str, str]  # role -> how it was chosen: flag, name, dtype, shape, order
+    detected: dict[str, str]  # role -> how it was chosen: flag, name, dtype, shape, order, rest (the one left)
     input_kind: InputKind
     input_size: int  # vocabulary (tokens) or feature width I (features)
     output_size: int
@@ -318,7 +318,8 @@ def _check_state_used(runner: _Runner, rng: np.random.Generator, roles: Roles) -
         if np.array_equal(runner.run(x, h, c)[0], base):
             raise ContractError(
                 f"the graph ignores its state input '{name}': y is the same whatever it holds",
-                "pass h0 and c0 on to the LSTM in forward (self.lstm(x, (h0, c0))) so a step continues the session",
+                "pass h0 and c0 on to the LSTM in forward (self.lstm(x, (h0, c0))) and re-export, so that a step "
+                "continues the session's state",
             )
 
 
@@ -344,8 +345,9 @@ def _check_chunked(runner: _Runner, rng: np.random.Generator, roles: Roles) -> t
             f"chunked != whole: one sequence run in chunks {chunks} with the state carried from "
             f"{roles.next_state_h}/{roles.next_state_c} into {roles.state_h}/{roles.state_c} differs from the same "
             f"sequence run whole by {diff:.3g} in '{name}' (tolerance {PARITY_ATOL})",
-            "the state outputs must be the state after the last step, paired with their inputs (a bidirectional "
-            "LSTM cannot be carried; name the pairs with --state H_IN:H_OUT --state C_IN:C_OUT)",
+            "re-export so that hn and cn are the whole state after the last step of x (every recurrent part of "
+            "forward takes its state from h0/c0 and returns it; a bidirectional LSTM's cannot be carried); if the "
+            "graph pairs its state otherwise, name the pairs: import-onnx --state H_IN:H_OUT --state C_IN:C_OUT",
         )
     return chunks, max(diffs.values())
 

@@ -14,14 +14,15 @@ from torch import nn
 
 FEATURES, HIDDEN, LAYERS, OUT = 5, 16, 2, 3
 INPUTS, OUTPUTS = ["inp", "h_in", "c_in"], ["out", "h_out", "c_out"]
-DYNAMIC = {
-    "inp": {0: "batch", 1: "time"},
-    "h_in": {1: "batch"},
-    "c_in": {1: "batch"},
-    "out": {0: "batch", 1: "time"},
-    "h_out": {1: "batch"},
-    "c_out": {1: "batch"},
-}
+
+
+def axes(*, inputs: list[str] = INPUTS, outputs: list[str] = OUTPUTS, state_axis: int = 1, time: bool = True) -> dict:
+    """``dynamic_axes`` for torch.onnx.export: x and y batch (and time) first, the state's batch at ``state_axis``."""
+    x = {0: "batch", 1: "time"} if time else {0: "batch"}
+    return {inputs[0]: x, outputs[0]: x, **{n: {state_axis: "batch"} for n in (*inputs[1:], *outputs[1:])}}
+
+
+DYNAMIC = axes()
 
 
 class SensorLSTM(nn.Module):
@@ -50,6 +51,22 @@ class TokenLSTM(nn.Module):
     def forward(self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor) -> tuple[torch.Tensor, ...]:
         seq, (hn, cn) = self.lstm(self.embed(x), (h0, c0))
         return self.head(seq), hn, cn
+
+
+class SwappedOutputs(SensorLSTM):
+    """Returns (y, c, h): the next states in the other order than the state inputs."""
+
+    def forward(self, inp: torch.Tensor, h_in: torch.Tensor, c_in: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y, h, c = super().forward(inp, h_in, c_in)
+        return y, c, h
+
+
+class IgnoresState(SensorLSTM):
+    """Takes h0/c0 but starts every call from zeros (the state inputs only feed a term multiplied by 0)."""
+
+    def forward(self, inp: torch.Tensor, h_in: torch.Tensor, c_in: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        seq, (h, c) = self.lstm(self.norm(inp))
+        return self.head(seq), h + 0 * h_in, c + 0 * c_in
 
 
 class BatchFirstState(SensorLSTM):
