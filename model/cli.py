@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cellserve.model.importer import CheckedGraph
+    from cellserve.model.conformance import CheckedGraph
     from cellserve.model.manifest import Manifest
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ Contract: ``(x, h0, c0) -> (y, hn, cn)``, with
 Tensor names are free: :class:`Roles` maps each role to the graph's name, from the user's flags
 (:class:`RoleHints`) or detected from conventional names and shapes. Graph signatures come from
 onnxruntime's session metadata (:class:`GraphTensor`), so nothing here needs the ``onnx`` package or torch.
-The checks themselves are :func:`cellserve.model.importer.check_graph`.
+The checks themselves are :func:`cellserve.model.conformance.check_graph`.
 """
 
 from __future__ import annotations

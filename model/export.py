@@ -26,16 +26,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from cellserve.model.conformance import PARITY_ATOL, check_graph, random_feeds, scaled_max
 from cellserve.model.contract import DEFAULT_ROLES, ContractError, RoleHints, manifest_tensors
-from cellserve.model.importer import (
-    PARITY_ATOL,
-    check_graph,
-    check_name,
-    random_feeds,
-    runtime_versions,
-    scaled_max,
-    write_model_dir,
-)
+from cellserve.model.importer import check_name, runtime_versions, write_model_dir
 from cellserve.model.manifest import InputKind, Manifest, save_manifest, sha256_file
 from cellserve.model.model import LSTMConfig, LSTMModel, save_checkpoint
 
@@ -313,7 +306,7 @@ def export_module(
     ``c0``, ``hn``, ``cn`` are ``[layers, B, hidden]``; ``y`` is ``[B, T, O]``. ``layers`` and ``hidden``
     default to those of the module's one ``nn.LSTM``. The module itself is not changed (a float32 CPU copy is
     exported). Checks: torch vs onnxruntime on B ∈ {1, 3} × T ∈ {1, 7, 32}, then every ``cellserve import-onnx``
-    check (:func:`cellserve.model.importer.check_graph`). :class:`ExportError` on failure, and then nothing is
+    check (:func:`cellserve.model.conformance.check_graph`). :class:`ExportError` on failure, and then nothing is
     written to ``out_dir``.
     """
     check_name(name)

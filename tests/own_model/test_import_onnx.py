@@ -12,14 +12,16 @@ import onnx
 import pytest
 import user_models as um
 
+from cellserve.model.conformance import check_graph
 from cellserve.model.contract import ContractError, RoleHints
-from cellserve.model.importer import check_graph, import_onnx
+from cellserve.model.importer import import_onnx
 from cellserve.model.manifest import load_manifest, sha256_file
 from cellserve.server.cli import main
 
-# Runs the `cellserve` entry point with torch made unimportable: import-onnx must not need it.
+# The `cellserve` entry point with torch and onnx made unimportable: import-onnx needs neither (serve extra only).
 NO_TORCH = (
-    "import sys; sys.modules['torch'] = None; from cellserve.server.cli import main; sys.exit(main(sys.argv[1:]))"
+    "import sys; sys.modules.update(torch=None, onnx=None); from cellserve.server.cli import main; "
+    "sys.exit(main(sys.argv[1:]))"
 )
 
 
@@ -176,7 +178,7 @@ def test_a_file_that_is_not_onnx_is_refused(tmp_path, capsys):
 
 
 def test_import_onnx_runs_without_torch_and_refuses_without_a_traceback(sensor_onnx, tmp_path):
-    """The real command in a fresh interpreter where `import torch` fails: exit statuses and output."""
+    """The real command in a fresh interpreter where `import torch` and `import onnx` fail: exit status, output."""
     args = ["import-onnx", str(sensor_onnx), "--out", str(tmp_path / "ok"), "--name", "sensor"]
     ok = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
