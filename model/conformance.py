@@ -25,14 +25,13 @@ from cellserve.model.contract import (
     RoleHints,
     Roles,
     dynamic,
-    manifest_tensors,
     one_line,
     reexport_hint,
     resolve_input_roles,
     resolve_output_roles,
     signature,
 )
-from cellserve.model.manifest import InputKind, TensorInfo
+from cellserve.model.manifest import InputKind
 
 PARITY_ATOL = 1e-5  # |a - b| <= 1e-5 · max(1, |b|) elementwise: absolute up to 1, relative above
 RUN_GRID: tuple[tuple[int, int], ...] = tuple((b, t) for b in (1, 3) for t in (1, 2, 7))
@@ -61,12 +60,6 @@ class CheckedGraph:
         extra = {"vocab": self.vocab_source} if self.vocab_source else {}
         return {"producer": self.producer, "graph_name": self.graph_name, "roles": self.detected, **extra,
                 "checks": self.report}  # fmt: skip
-
-    def tensors(self) -> tuple[list[TensorInfo], list[TensorInfo]]:
-        """The manifest's inputs and outputs, in role order."""
-        return manifest_tensors(
-            self.roles, self.input_kind, self.input_size, self.output_size, self.layers, self.hidden
-        )
 
 
 def random_feeds(kind: InputKind, input_size: int, layers: int, hidden: int, batch: int, steps: int,

@@ -16,7 +16,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +26,14 @@ import torch
 from torch import nn
 
 from cellserve.model.conformance import PARITY_ATOL, check_graph, random_feeds, scaled_max
-from cellserve.model.contract import DEFAULT_ROLES, ContractError, RoleHints, manifest_tensors
-from cellserve.model.importer import check_name, runtime_versions, write_model_dir
-from cellserve.model.manifest import InputKind, Manifest, save_manifest, sha256_file
+from cellserve.model.contract import DEFAULT_ROLES, ContractError, RoleHints
+from cellserve.model.importer import ONNX_FILE, check_name, new_manifest, runtime_versions, write_model_dir
+from cellserve.model.manifest import InputKind, Manifest, save_manifest
 from cellserve.model.model import LSTMConfig, LSTMModel, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
-ONNX_FILE = "model.onnx"
 CHECKPOINT_FILE = "checkpoint.pt"
 PARITY_GRID: tuple[tuple[int, int], ...] = tuple((b, t) for b in (1, 3, 64) for t in (1, 7, 128))
 MODULE_PARITY_GRID: tuple[tuple[int, int], ...] = tuple((b, t) for b in (1, 3) for t in (1, 7, 32))
@@ -170,23 +168,18 @@ def export_onnx(
     worst = check_parity(model, onnx_path)
     log.info("exported %s in %.2f s; parity max |diff| %.3g over %d shapes", onnx_path, time.perf_counter() - t0,
              worst, len(PARITY_GRID))  # fmt: skip
-    inputs, outputs = manifest_tensors(DEFAULT_ROLES, cfg.input_kind, cfg.input_size, cfg.output_size, cfg.layers,
-                                       cfg.hidden)  # fmt: skip
-    manifest = Manifest(
+    manifest = new_manifest(
+        onnx_path,
         name=name,
-        version=str(version),
-        onnx_file=ONNX_FILE,
-        sha256=sha256_file(onnx_path),
+        version=version,
+        roles=DEFAULT_ROLES,
         input_kind=cfg.input_kind,
         input_size=cfg.input_size,
         output_size=cfg.output_size,
         layers=cfg.layers,
         hidden=cfg.hidden,
-        inputs=inputs,
-        outputs=outputs,
         training={**(training or {}), "parity_max_scaled_diff": worst, "opset": OPSET},
         versions=library_versions(),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         provenance={"kind": "trained", "module": _qualname(model)},
     )
     save_manifest(manifest, out_dir)

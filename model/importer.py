@@ -23,8 +23,8 @@ import onnxruntime as ort
 
 import cellserve
 from cellserve.model.conformance import CheckedGraph, check_graph, open_session
-from cellserve.model.contract import ContractError, RoleHints
-from cellserve.model.manifest import Manifest, save_manifest, sha256_file
+from cellserve.model.contract import ContractError, RoleHints, Roles, manifest_tensors
+from cellserve.model.manifest import InputKind, Manifest, save_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +53,21 @@ def check_name(name: str) -> str:
     return name
 
 
-def write_model_dir(onnx_file: Path, out_dir: Path | str, checked: CheckedGraph, *, name: str, version: str,
-                    provenance: dict[str, Any], versions: dict[str, str],
-                    training: dict[str, Any] | None = None) -> Manifest:  # fmt: skip
-    """Copy a checked ONNX file to ``out_dir/model.onnx`` and write its manifest beside it."""
-    out_dir = Path(out_dir)
-    inputs, outputs = checked.tensors()
-    manifest = Manifest(
+def new_manifest(onnx_file: Path, *, name: str, version: str, roles: Roles, input_kind: InputKind, input_size: int,
+                 output_size: int, layers: int, hidden: int, provenance: dict[str, Any], versions: dict[str, str],
+                 training: dict[str, Any] | None = None) -> Manifest:  # fmt: skip
+    """The manifest of a graph keeping the contract, stamped with ``onnx_file``'s sha256 and the time."""
+    inputs, outputs = manifest_tensors(roles, input_kind, input_size, output_size, layers, hidden)
+    return Manifest(
         name=check_name(name),
         version=str(version),
         onnx_file=ONNX_FILE,
         sha256=sha256_file(onnx_file),
-        input_kind=checked.input_kind,
-        input_size=checked.input_size,
-        output_size=checked.output_size,
-        layers=checked.layers,
-        hidden=checked.hidden,
+        input_kind=input_kind,
+        input_size=input_size,
+        output_size=output_size,
+        layers=layers,
+        hidden=hidden,
         inputs=inputs,
         outputs=outputs,
         training=training or {},
@@ -76,6 +75,16 @@ def write_model_dir(onnx_file: Path, out_dir: Path | str, checked: CheckedGraph,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         provenance=provenance,
     )
+
+
+def write_model_dir(onnx_file: Path, out_dir: Path | str, checked: CheckedGraph, *, name: str, version: str,
+                    provenance: dict[str, Any], versions: dict[str, str]) -> Manifest:  # fmt: skip
+    """Copy a checked ONNX file to ``out_dir/model.onnx`` and write its manifest beside it."""
+    out_dir = Path(out_dir)
+    c = checked
+    manifest = new_manifest(onnx_file, name=name, version=version, roles=c.roles, input_kind=c.input_kind,
+                            input_size=c.input_size, output_size=c.output_size, layers=c.layers, hidden=c.hidden,
+                            provenance=provenance, versions=versions)  # fmt: skip
     manifest.validate()
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / ONNX_FILE
