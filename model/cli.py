@@ -94,12 +94,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "graph at B in {1, 3} and several T and checks that a sequence run in random chunks, state carried, equals "
         "the sequence run whole. Only then it writes DIR/model.onnx and DIR/manifest.json for `cellserve serve "
         "--model-dirs DIR`. Roles not given by flags are detected from conventional names and shapes, and printed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Exit status: 0 when the model directory is written; 2 when the graph is refused, with one line on "
+        "stderr naming the problem and how to re-export (nothing is written then). Needs onnxruntime and numpy "
+        "only (no torch, no onnx package).",
     )
     p.add_argument("model", type=Path, metavar="MODEL.onnx", help="the ONNX file to import")
-    p.add_argument("--out", type=Path, required=True, help="model directory to write (created if missing)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="model directory to write (made if missing)")
     p.add_argument("--name", required=True, help="model name (what clients ask for)")
-    p.add_argument("--version", dest="model_version", default="1", help="model version")
+    p.add_argument("--version", dest="model_version", default="1", help="model version (default: %(default)s)")
     p.add_argument("--input", default=None, metavar="NAME", help="graph input that is x (default: detected)")
     p.add_argument(
         "--state",
