@@ -1,4 +1,4 @@
-"""``cellserve train``, ``cellserve export`` and ``cellserve generate``.
+"""``cellserve train``, ``cellserve export``, ``cellserve import-onnx`` and ``cellserve generate``.
 
 Nothing heavy is imported here at module level (no torch, no onnxruntime): ``cellserve --help`` must work
 in a torch-free install. Each handler imports what it needs when it runs.
@@ -13,6 +13,11 @@ import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cellserve.model.conformance import CheckedGraph
+    from cellserve.model.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,7 @@ def _default_model_dir() -> Path:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``train``, ``export`` and ``generate`` to the ``cellserve`` command."""
+    """Add ``train``, ``export``, ``import-onnx`` and ``generate`` to the ``cellserve`` command."""
     from cellserve.model.train_config import TrainConfig
 
     p = subparsers.add_parser(
@@ -80,6 +85,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="pychar", help="model name (what clients ask for)")
     p.add_argument("--version", dest="model_version", default="1", help="model version")
     p.set_defaults(func=_export)
+
+    p = subparsers.add_parser(
+        "import-onnx",
+        help="check any ONNX LSTM against the serving contract and write a model directory (no torch needed)",
+        description="Check MODEL.onnx against the contract (x, h0, c0) -> (y, hn, cn): x int64 [B, T] tokens or "
+        "float32 [B, T, I] features, state float32 [L, B, H], y float32 [B, T, O], B and T dynamic. It runs the "
+        "graph at B in {1, 3} and several T and checks that a sequence run in random chunks, state carried, equals "
+        "the sequence run whole. Only then it writes DIR/model.onnx and DIR/manifest.json for `cellserve serve "
+        "--model-dirs DIR`. Roles not given by flags are detected from conventional names and shapes, and printed.",
+        epilog="Exit status: 0 when the model directory is written; 2 when the graph is refused, with one line on "
+        "stderr naming the problem and how to re-export (nothing is written then). Needs onnxruntime and numpy "
+        "only (no torch, no onnx package).",
+    )
+    p.add_argument("model", type=Path, metavar="MODEL.onnx", help="the ONNX file to import")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="model directory to write (made if missing)")
+    p.add_argument("--name", required=True, help="model name (what clients ask for)")
+    p.add_argument("--version", dest="model_version", default="1", help="model version (default: %(default)s)")
+    p.add_argument("--input", default=None, metavar="NAME", help="graph input that is x (default: detected)")
+    p.add_argument(
+        "--state",
+        action="append",
+        default=None,
+        metavar="IN:OUT",
+        help="a state input and the output that is its next value; give it twice, h first (--state h0:hn "
+        "--state c0:cn); default: detected",
+    )
+    p.add_argument("--output", default=None, metavar="NAME", help="graph output that is y (default: detected)")
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=None,
+        metavar="N",
+        help="token models: vocabulary size (ids 0..N-1); default: probed from where the graph rejects an id",
+    )
+    p.set_defaults(func=_import_onnx)
 
     p = subparsers.add_parser(
         "generate",
@@ -135,6 +175,53 @@ def _export(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(args.out), "name": manifest.name, "sha256": manifest.sha256,
                       "parity_max_scaled_diff": manifest.training["parity_max_scaled_diff"]}))  # fmt: skip
     return 0
+
+
+def _import_onnx(args: argparse.Namespace) -> int:
+    """Check and import; a refusal is one line on stderr and exit status 2, never a traceback."""
+    try:
+        from cellserve.model.contract import ContractError, RoleHints
+        from cellserve.model.importer import import_onnx
+    except ImportError as e:
+        return _fail(f"import-onnx needs onnxruntime and numpy ({e}); install cellserve[serve]")
+    hints = RoleHints(args.input, tuple(args.state or ()), args.output)
+    try:
+        manifest, checked = import_onnx(
+            args.model, args.out, name=args.name, hints=hints, vocab=args.vocab, version=args.model_version
+        )
+    except ContractError as e:
+        return _fail(f"import-onnx: cannot serve {args.model}: {e}")
+    except OSError as e:
+        return _fail(f"import-onnx: {e.strerror or e}: {e.filename or args.out}")
+    for line in describe_import(manifest, checked, args.out):
+        print(line)
+    return 0
+
+
+def describe_import(manifest: Manifest, checked: CheckedGraph, out_dir: Path) -> list[str]:
+    """What ``import-onnx`` chose and checked, for people: roles (and how each was chosen), checks, result."""
+    r, how = checked.roles, checked.detected
+    flagged = all(v == "flag" for v in how.values())
+    state = f"float32 [{checked.layers}, B, {checked.hidden}]"
+    if checked.input_kind == "tokens":
+        x = f"int64 [B, T] tokens, vocabulary {checked.input_size} ({checked.vocab_source})"
+    else:
+        x = f"float32 [B, T, {checked.input_size}] features"
+    report = checked.report
+    lines = [
+        "roles " + ("(from flags):" if flagged else "(detected; set them with --input/--state/--output):"),
+        f"  input    {r.input}: {x}  [{how['input']}]",
+        f"  state h  {r.state_h} -> {r.next_state_h}: {state}  [{how['state_h']}/{how['next_state_h']}]",
+        f"  state c  {r.state_c} -> {r.next_state_c}: {state}  [{how['state_c']}/{how['next_state_c']}]",
+        f"  output   {r.output}: float32 [B, T, {checked.output_size}]  [{how['output']}]",
+        "checks passed: signature; runs at (B, T) in "
+        + " ".join(f"({b},{t})" for b, t in report["runs"])
+        + f"; batch rows independent; state used; chunked == whole (chunks {report['chunks']}, max scaled diff "
+        f"{report['chunked_max_scaled_diff']:.2g} <= {report['tolerance']:g})",
+        f"wrote model {manifest.name!r} to {out_dir}/ ({manifest.onnx_file} sha256 {manifest.sha256[:16]}…, "
+        f"manifest.json); serve it with: cellserve serve --model-dirs {out_dir}",
+    ]
+    return lines
 
 
 def _generate(args: argparse.Namespace) -> int:

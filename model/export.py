@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
+import tempfile
 import time
 import warnings
-from datetime import UTC, datetime
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +25,18 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-import cellserve
-from cellserve.model.manifest import Manifest, TensorInfo, save_manifest, sha256_file
+from cellserve.model.conformance import PARITY_ATOL, check_graph, random_feeds, scaled_max
+from cellserve.model.contract import DEFAULT_ROLES, ContractError, RoleHints
+from cellserve.model.importer import ONNX_FILE, check_name, new_manifest, runtime_versions, write_model_dir
+from cellserve.model.manifest import InputKind, Manifest, save_manifest
 from cellserve.model.model import LSTMConfig, LSTMModel, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
-ONNX_FILE = "model.onnx"
 CHECKPOINT_FILE = "checkpoint.pt"
 PARITY_GRID: tuple[tuple[int, int], ...] = tuple((b, t) for b in (1, 3, 64) for t in (1, 7, 128))
-PARITY_ATOL = 1e-5
+MODULE_PARITY_GRID: tuple[tuple[int, int], ...] = tuple((b, t) for b in (1, 3) for t in (1, 7, 32))
 
 
 class ExportError(RuntimeError):
@@ -56,29 +57,8 @@ class _Graph(nn.Module):
 
 def example_inputs(cfg: LSTMConfig, batch: int, steps: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Random graph inputs for one (B, T): tokens or features, and non-zero h0/c0 (exercises state paths)."""
-    if cfg.input_kind == "tokens":
-        x = rng.integers(0, cfg.input_size, size=(batch, steps), dtype=np.int64)  # [B, T]
-    else:
-        x = rng.standard_normal((batch, steps, cfg.input_size)).astype(np.float32)  # [B, T, I]
-    state = (cfg.layers, batch, cfg.hidden)  # [L, B, H]
-    h0 = (0.5 * rng.standard_normal(state)).astype(np.float32)
-    c0 = (0.5 * rng.standard_normal(state)).astype(np.float32)
+    x, h0, c0 = random_feeds(cfg.input_kind, cfg.input_size, cfg.layers, cfg.hidden, batch, steps, rng)
     return {"x": x, "h0": h0, "c0": c0}
-
-
-def _tensors(cfg: LSTMConfig) -> tuple[list[TensorInfo], list[TensorInfo]]:
-    state: list[int | str] = [cfg.layers, "B", cfg.hidden]
-    if cfg.input_kind == "tokens":
-        x = TensorInfo("x", "input", "int64", ["B", "T"])
-    else:
-        x = TensorInfo("x", "input", "float32", ["B", "T", cfg.input_size])
-    inputs = [x, TensorInfo("h0", "state_h", "float32", state), TensorInfo("c0", "state_c", "float32", state)]
-    outputs = [
-        TensorInfo("y", "output", "float32", ["B", "T", cfg.output_size]),
-        TensorInfo("hn", "next_state_h", "float32", state),
-        TensorInfo("cn", "next_state_c", "float32", state),
-    ]
-    return inputs, outputs
 
 
 def check_parity(model: LSTMModel, onnx_path: Path, *, seed: int = 0) -> float:
@@ -86,34 +66,38 @@ def check_parity(model: LSTMModel, onnx_path: Path, *, seed: int = 0) -> float:
 
     Returns the largest scaled difference ``|ort - torch| / max(1, |torch|)`` seen over y, hn and cn.
     """
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    exact = copy.deepcopy(model).double()
     rng = np.random.default_rng(seed)
+    cases = ((b, t, example_inputs(model.cfg, b, t, rng)) for b, t in PARITY_GRID)
+    return _torch_parity(_Graph(model), onnx_path, cases, model.cfg.input_kind)
+
+
+def _torch_parity(
+    graph: nn.Module, onnx_path: Path, cases: Iterable[tuple[int, int, dict[str, np.ndarray]]], kind: InputKind
+) -> float:
+    """onnxruntime against torch for ``graph(x, h0, c0) -> (y, hn, cn)`` on each (B, T, feeds) case."""
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    try:
+        exact: nn.Module | None = copy.deepcopy(graph).double()
+    except Exception:  # a module that cannot be copied or cast: no float64 reference, the plain bound only
+        exact = None
     worst = 0.0
-    for batch, steps in PARITY_GRID:
-        feeds = example_inputs(model.cfg, batch, steps, rng)
-        args = (torch.from_numpy(feeds["h0"]), torch.from_numpy(feeds["c0"]))
+    for batch, steps, feeds in cases:
+        x, h0, c0 = (torch.from_numpy(feeds[k]) for k in ("x", "h0", "c0"))
         with torch.no_grad():
-            y, (hn, cn) = model(torch.from_numpy(feeds["x"]), args)
-            x64 = (
-                torch.from_numpy(feeds["x"])
-                if model.cfg.input_kind == "tokens"
-                else torch.from_numpy(feeds["x"]).double()
-            )
-            y64, (hn64, cn64) = exact(x64, (args[0].double(), args[1].double()))
+            want = graph(x, h0, c0)
+            truth = _run64(exact, x if kind == "tokens" else x.double(), h0.double(), c0.double())
         got = sess.run(["y", "hn", "cn"], feeds)
-        for name, want, have, truth in zip(("y", "hn", "cn"), (y, hn, cn), got, (y64, hn64, cn64), strict=True):
-            if have.shape != tuple(want.shape):
-                raise ExportError(f"parity: {name} has shape {have.shape} in onnxruntime, {tuple(want.shape)} in torch")
-            ref = want.numpy()
-            diff = _scaled_max(have, ref)
+        for i, (name, have) in enumerate(zip(("y", "hn", "cn"), got, strict=True)):
+            ref = want[i].numpy()
+            if have.shape != ref.shape:
+                raise ExportError(f"parity: {name} has shape {have.shape} in onnxruntime, {ref.shape} in torch")
+            diff = scaled_max(have, ref)
             worst = max(worst, diff)
             if diff <= PARITY_ATOL:
                 continue
             # Over long sequences a trained model's float32 rounding compounds; then onnxruntime passes only
             # if it is no further from the float64 result than torch's own float32 run is (x2).
-            floor = _scaled_max(ref, truth.numpy())
-            if _scaled_max(have, truth.numpy()) > 2 * floor + PARITY_ATOL:
+            if truth is None or scaled_max(have, truth[i]) > 2 * scaled_max(ref, truth[i]) + PARITY_ATOL:
                 raise ExportError(
                     f"parity check failed: output {name!r} at B={batch}, T={steps} differs from torch by {diff:.3g} "
                     f"(|diff| / max(1, |torch|); tolerance {PARITY_ATOL}), and from float64 by more than torch's "
@@ -122,34 +106,44 @@ def check_parity(model: LSTMModel, onnx_path: Path, *, seed: int = 0) -> float:
     return worst
 
 
-def _export(model: LSTMModel, args: tuple[torch.Tensor, ...], onnx_path: Path) -> None:
-    x_axes = {0: "B", 1: "T"}
-    torch.onnx.export(
-        _Graph(model),
-        args,
-        str(onnx_path),
-        input_names=["x", "h0", "c0"],
-        output_names=["y", "hn", "cn"],
-        dynamic_axes={"x": x_axes, "h0": {1: "B"}, "c0": {1: "B"}, "y": x_axes, "hn": {1: "B"}, "cn": {1: "B"}},
-        opset_version=OPSET,
-        dynamo=False,
-    )
+def _run64(exact: nn.Module | None, *args: torch.Tensor) -> list[np.ndarray] | None:
+    """The float64 copy's (y, hn, cn), or None where there is none or it cannot run in float64."""
+    if exact is None:
+        return None
+    try:
+        return [t.numpy() for t in exact(*args)]
+    except Exception:  # e.g. a float32 constant made inside forward
+        return None
 
 
-def _scaled_max(a: np.ndarray, ref: np.ndarray) -> float:
-    """max |a - ref| / max(1, |ref|) (0 for empty arrays)."""
-    return float(np.max(np.abs(a - ref) / np.maximum(1.0, np.abs(ref)))) if a.size else 0.0
+def _export(graph: nn.Module, args: tuple[torch.Tensor, ...], onnx_path: Path, opset: int = OPSET) -> None:
+    """``torch.onnx.export`` of ``graph(x, h0, c0) -> (y, hn, cn)`` with the contract's names and dynamic axes."""
+    r = DEFAULT_ROLES
+    x_axes, state_axes = {0: "B", 1: "T"}, {1: "B"}
+    # The TorchScript exporter (dynamo=False): 0.4 s for the tiny model here vs 6.5 s with dynamo=True, and
+    # one ONNX LSTM node per layer. Its warning about batch sizes does not apply: h0/c0 are graph inputs.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
+        # Chosen knowingly (see above); the tracer's shape warnings are covered by the parity checks.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            graph,
+            args,
+            str(onnx_path),
+            input_names=[r.input, r.state_h, r.state_c],
+            output_names=[r.output, r.next_state_h, r.next_state_c],
+            dynamic_axes={
+                **{r.input: x_axes, r.output: x_axes},
+                **dict.fromkeys((r.state_h, r.state_c, r.next_state_h, r.next_state_c), state_axes),
+            },
+            opset_version=opset,
+            dynamo=False,
+        )
 
 
 def library_versions() -> dict[str, str]:
-    return {
-        "cellserve": cellserve.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": ort.__version__,
-        "numpy": np.__version__,
-    }
+    return {**runtime_versions(), "torch": torch.__version__, "onnx": onnx.__version__}
 
 
 def export_onnx(
@@ -169,40 +163,38 @@ def export_onnx(
     example = example_inputs(cfg, 2, 3, np.random.default_rng(0))
     args = tuple(torch.from_numpy(example[k]) for k in ("x", "h0", "c0"))
     t0 = time.perf_counter()
-    # The TorchScript exporter (dynamo=False): 0.4 s for the tiny model here vs 6.5 s with dynamo=True, and
-    # one ONNX LSTM node per layer. Its warning about batch sizes does not apply: h0/c0 are graph inputs.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
-        # Chosen knowingly (see above); the tracer's shape warnings are covered by the parity grid below.
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        _export(model, args, onnx_path)
-    try:
-        onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"onnx.checker rejected {onnx_path}: {e}") from e
+    _export(_Graph(model), args, onnx_path)
+    _onnx_check(onnx_path)
     worst = check_parity(model, onnx_path)
     log.info("exported %s in %.2f s; parity max |diff| %.3g over %d shapes", onnx_path, time.perf_counter() - t0,
              worst, len(PARITY_GRID))  # fmt: skip
-    inputs, outputs = _tensors(cfg)
-    manifest = Manifest(
+    manifest = new_manifest(
+        onnx_path,
         name=name,
-        version=str(version),
-        onnx_file=ONNX_FILE,
-        sha256=sha256_file(onnx_path),
+        version=version,
+        roles=DEFAULT_ROLES,
         input_kind=cfg.input_kind,
         input_size=cfg.input_size,
         output_size=cfg.output_size,
         layers=cfg.layers,
         hidden=cfg.hidden,
-        inputs=inputs,
-        outputs=outputs,
         training={**(training or {}), "parity_max_scaled_diff": worst, "opset": OPSET},
         versions=library_versions(),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        provenance={"kind": "trained", "module": _qualname(model)},
     )
     save_manifest(manifest, out_dir)
     return manifest
+
+
+def _onnx_check(onnx_path: Path) -> None:
+    try:
+        onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"onnx.checker rejected {onnx_path}: {e}") from e
+
+
+def _qualname(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
 def export_random_model(
@@ -232,3 +224,115 @@ def export_random_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, out_dir / CHECKPOINT_FILE)
     return export_onnx(model, out_dir, name=name, training={"random_weights": True, "seed": seed})
+
+
+def _lstm_sizes(module: nn.Module, layers: int | None, hidden: int | None) -> tuple[int, int]:
+    """(L, H): as given, else from the module's one ``nn.LSTM``."""
+    if layers is not None and hidden is not None:
+        return layers, hidden
+    lstms = [m for m in module.modules() if isinstance(m, nn.LSTM)]
+    if len(lstms) != 1:
+        raise ExportError(
+            f"{type(module).__name__} holds {len(lstms)} nn.LSTM modules, so the state shape [L, B, H] is not "
+            "known; pass layers= and hidden="
+        )
+    lstm = lstms[0]
+    if lstm.bidirectional:
+        raise ExportError(
+            f"{type(module).__name__}'s nn.LSTM is bidirectional: its backward direction needs the whole sequence, "
+            "so its state cannot be carried from one chunk to the next; serve a unidirectional LSTM"
+        )
+    if lstm.proj_size:
+        raise ExportError(
+            f"{type(module).__name__}'s nn.LSTM has proj_size={lstm.proj_size}: h and c differ in size, and cellserve "
+            "keeps one h/c pair of the same shape [L, B, H]; export an LSTM without proj_size"
+        )
+    return (layers or lstm.num_layers), (hidden or lstm.hidden_size)
+
+
+def _example_output(graph: nn.Module, args: tuple[torch.Tensor, ...], name: str) -> None:
+    """One torch forward on the example: it must return (y [B, T, O], hn, cn) shaped like the contract."""
+    x, h0, _ = args
+    try:
+        with torch.no_grad():
+            out = graph(*args)
+    except Exception as e:  # whatever the user's forward raises
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(
+            f"{name}.forward(x, h0, c0) failed on example inputs x {list(x.shape)}, h0 and c0 {list(h0.shape)} "
+            f"([layers, B, hidden]): {first}"
+        ) from e
+    ok = isinstance(out, tuple | list) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)
+    if not ok:
+        got = type(out).__name__ + (f" of {len(out)}" if isinstance(out, tuple | list) else "")
+        raise ExportError(f"{name}.forward(x, h0, c0) must return a tuple (y, hn, cn) of tensors; it returned {got}")
+    y, hn, cn = out
+    if y.dim() != 3 or tuple(y.shape[:2]) != tuple(x.shape[:2]):
+        raise ExportError(
+            f"{name}.forward returned y of shape {list(y.shape)} for x of shape {list(x.shape)}; y must be "
+            "[B, T, O], batch first, then time"
+        )
+    for label, t in (("hn", hn), ("cn", cn)):
+        if tuple(t.shape) != tuple(h0.shape):
+            raise ExportError(
+                f"{name}.forward returned {label} of shape {list(t.shape)}; the next state must have h0's shape "
+                f"[L, B, H] = {list(h0.shape)}"
+            )
+
+
+def export_module(
+    module: nn.Module,
+    out_dir: Path | str,
+    *,
+    name: str,
+    input_size: int,
+    input_kind: InputKind = "features",
+    layers: int | None = None,
+    hidden: int | None = None,
+    version: str = "1",
+    opset: int = OPSET,
+) -> Manifest:
+    """Export your own LSTM module to a model directory ``cellserve serve`` serves (``model.onnx`` + manifest).
+
+    ``module.forward(x, h0, c0)`` must return ``(y, hn, cn)``: ``x`` is ``[B, T, input_size]`` float32 features
+    (``input_kind="features"``) or ``[B, T]`` int64 token ids in ``[0, input_size)`` (``"tokens"``); ``h0``,
+    ``c0``, ``hn``, ``cn`` are ``[layers, B, hidden]``; ``y`` is ``[B, T, O]``. ``layers`` and ``hidden``
+    default to those of the module's one ``nn.LSTM``. The module itself is not changed (a float32 CPU copy is
+    exported). Checks: torch vs onnxruntime on B ∈ {1, 3} × T ∈ {1, 7, 32}, then every ``cellserve import-onnx``
+    check (:func:`cellserve.model.conformance.check_graph`). :class:`ExportError` on failure, and then nothing is
+    written to ``out_dir``.
+    """
+    check_name(name)
+    if input_kind not in ("tokens", "features"):
+        raise ExportError(f"input_kind must be 'tokens' or 'features', got {input_kind!r}")
+    if input_size < 1:
+        raise ExportError(f"input_size must be >= 1 (vocabulary or feature width), got {input_size}")
+    label = type(module).__name__
+    layers, hidden = _lstm_sizes(module, layers, hidden)
+    graph = copy.deepcopy(module).float().cpu().eval()
+    rng = np.random.default_rng(0)
+    args = tuple(torch.from_numpy(a) for a in random_feeds(input_kind, input_size, layers, hidden, 2, 3, rng))
+    _example_output(graph, args, label)
+    with tempfile.TemporaryDirectory(prefix="cellserve-export-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        _export(graph, args, onnx_path, opset)
+        _onnx_check(onnx_path)
+        cases = ((b, t, dict(zip(("x", "h0", "c0"), random_feeds(input_kind, input_size, layers, hidden, b, t, rng),
+                                 strict=True))) for b, t in MODULE_PARITY_GRID)  # fmt: skip
+        worst = _torch_parity(graph, onnx_path, cases, input_kind)
+        try:
+            vocab = input_size if input_kind == "tokens" else None
+            checked = check_graph(onnx_path, RoleHints.of(DEFAULT_ROLES), vocab=vocab)
+        except ContractError as e:
+            raise ExportError(f"the exported graph of {label} breaks the serving contract: {e}") from None
+        if checked.input_size != input_size:
+            raise ExportError(
+                f"the exported graph of {label} takes features of width {checked.input_size}, not input_size="
+                f"{input_size}"
+            )
+        provenance = {"kind": "exported_module", "module": _qualname(module), "opset": opset,
+                      "parity_max_scaled_diff": worst, **checked.provenance()}  # fmt: skip
+        manifest = write_model_dir(onnx_path, out_dir, checked, name=name, version=version, provenance=provenance,
+                                   versions=library_versions())  # fmt: skip
+    log.info("exported %s as %s; parity max |diff| %.3g", label, manifest.name, worst)
+    return manifest

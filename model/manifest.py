@@ -54,6 +54,9 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)  # library versions at export
     created_at: str = ""
     format: str = FORMAT
+    # Where the model came from: {"kind": "trained" | "exported_module" | "imported", ...}; for "imported" the
+    # source file's name and sha256 (instead of training data hashes). Absent ({}) in older manifests.
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def tensor(self, role: Role) -> TensorInfo:
         """The graph input or output playing ``role`` (pairs h and c by role, never by name)."""
@@ -90,6 +93,8 @@ class Manifest:
         for key in ("input_size", "output_size", "layers", "hidden"):
             if int(getattr(self, key)) < 1:
                 raise ManifestError(f"manifest field {key} must be >= 1")
+        if not isinstance(self.provenance, dict) or not isinstance(self.provenance.get("kind", ""), str):
+            raise ManifestError("manifest field provenance must be an object with a string 'kind'")
 
 
 def sha256_file(path: Path) -> str:

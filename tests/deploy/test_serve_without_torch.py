@@ -4,7 +4,8 @@ Builds the wheel from the same sources the Dockerfile's builder stage copies (in
 shared tree is untouched), installs it with its `serve` extra into a fresh venv through pip's configured
 indexes, checks `import torch` fails there, then starts `cellserve serve` from that venv and gets
 SERVING from grpc.health.v1, both with the venv's own `cellserve health` (the image's HEALTHCHECK) and
-with a health stub from the test.
+with a health stub from the test. In between, that venv's `cellserve import-onnx` imports the tiny model's
+ONNX file as a second model, and the server serves both.
 """
 
 from __future__ import annotations
@@ -75,10 +76,19 @@ def test_serve_extra_serves_without_torch(tiny_model_dir, tmp_path):
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
     check([str(py), "-c", "import onnxruntime, grpc, prometheus_client, pydantic_settings"], timeout=60)
 
+    # The serving image can import a user's ONNX LSTM (import-onnx needs no torch and no onnx) and serve it.
+    no_onnx = subprocess.run([str(py), "-c", "import onnx"], capture_output=True, text=True, env=clean_env(),
+                             timeout=60, check=False)  # fmt: skip
+    assert no_onnx.returncode != 0, "the serve extra should not install onnx"
+    imported = tmp_path / "imported"
+    check([str(bin_dir / "cellserve"), "import-onnx", str(tiny_model_dir / "model.onnx"), "--out", str(imported),
+           "--name", "imported"], timeout=120)  # fmt: skip
+
     ready = tmp_path / "ready.json"
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
-        [str(bin_dir / "cellserve"), "serve", "--model-dirs", str(tiny_model_dir), "--host", "127.0.0.1",
+        [str(bin_dir / "cellserve"), "serve", "--model-dirs", str(tiny_model_dir), "--model-dirs", str(imported),
+         "--host", "127.0.0.1",
          "--port", "0", "--metrics-port", "0", "--grace-s", "1", "--ready-file", str(ready)],
         stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
     )
