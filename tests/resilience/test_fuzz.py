@@ -40,7 +40,7 @@ frames = st.one_of(requests.map(lambda r: r.SerializeToString()), good_steps.map
 open_first = pb.StreamRequest(open=pb.Open(model="tiny")).SerializeToString()
 
 
-def test_fuzzed_streams_never_crash_or_answer_unknown_or_internal(running_server):
+def test_fuzzed_streams_never_crash_or_answer_unknown_or_internal(running_server, wait_until):
     with running_server(capacity=64, max_chunk_steps=16) as srv:
         codes: list[grpc.StatusCode] = []
 
@@ -70,7 +70,9 @@ def test_fuzzed_streams_never_crash_or_answer_unknown_or_internal(running_server
             codes.append(code)
 
         check()
-        # still healthy afterwards: a clean session works and no slot leaked
-        assert srv.server.models.get("tiny").pool.used == 0
+        # still healthy afterwards: no slot leaked (a stream frees its slot in the server's `finally`, which
+        # may run just after the client has its status; a leak never gets there)
+        pool = srv.server.models.get("tiny").pool
+        wait_until(lambda: pool.used == 0, timeout_s=10)
         assert not srv.registry.get_sample_value("cellserve_errors_total", {"code": "INTERNAL"})
     assert not set(codes) & BAD
