@@ -1,22 +1,19 @@
-"""Wiring: ``build_server(settings, registry)`` builds the whole server; ``cellserve serve`` runs it.
+"""Wiring: ``build_server(settings, registry)`` builds one serving process; ``run_until_signal`` runs it.
 
-Start-up order: load and warm every model, start the gRPC server, then flip health to SERVING and
-write the ready file. Shutdown (SIGTERM/SIGINT): health NOT_SERVING, stop accepting, let in-flight
-work finish within ``grace_s``, stop the schedulers, exit 0.
+Start-up order: bind the gRPC port (a taken port fails here, before any model loads), load and warm
+every model, start serving, then flip health to SERVING and write the ready file. Shutdown
+(SIGTERM/SIGINT): health NOT_SERVING, refuse new sessions, push resume tokens, let in-flight work
+finish within ``grace_s``, stop the schedulers. ``cellserve serve`` itself is in ``serve.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import os
 import signal
-import sys
 import time
-import types
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
-from pydantic import ValidationError
 
 from cellserve.server.errors import ErrorBoundary
 from cellserve.server.health import Health
@@ -34,6 +30,7 @@ from cellserve.server.limits import StreamLimit
 from cellserve.server.metrics import Metrics
 from cellserve.server.models import ModelRepository
 from cellserve.server.oip_servicer import register as register_oip
+from cellserve.server.ports import PortTaken, check_free
 from cellserve.server.resume_token import TokenCodec, TokenKeys
 from cellserve.server.security import AcceptedTokens, BearerAuth, CertificateFiles, FileWatcher
 from cellserve.server.servicer import CellServeServicer
@@ -52,9 +49,11 @@ ServicerHook = Callable[[grpc.aio.Server, "CellServer"], list[str]]
 class CellServer:
     """One serving process: models, sessions, gRPC server, health, metrics endpoint."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
+    def __init__(self, settings: Settings, registry: CollectorRegistry, *, reuse_port: bool = False) -> None:
+        """``reuse_port``: join a port shared on purpose (a ``--workers`` supervisor's); else a taken port fails."""
         self.settings = settings
         self.registry = registry
+        self.reuse_port = reuse_port
         self.metrics = Metrics(registry)
         self.models = ModelRepository.load(settings, self.metrics)
         self.sessions = SessionManager(self.models, settings, self.metrics)
@@ -109,6 +108,8 @@ class CellServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", int(s.min_client_ping_interval_s * 1000)),
             ("grpc.http2.max_pings_without_data", 0),
+            # gRPC's default is 1: a second server on a taken port would silently take half its connections.
+            ("grpc.so_reuseport", int(self.reuse_port)),
         ]
         if s.max_connection_age_s > 0:
             options += [
@@ -119,12 +120,13 @@ class CellServer:
 
     async def start(self) -> None:
         s = self.settings
+        server = grpc.aio.server(options=self.grpc_options(), interceptors=self.interceptors())
+        self.port = self._bind(server)  # before the models warm up: a taken port fails at once
         await self.health.not_serving()  # the servicer's default for "" would be SERVING
         for model in self.models:
             model.engine.warmup(sorted({1, s.max_batch}))
             model.scheduler.start()
         self.sessions.start()
-        server = grpc.aio.server(options=self.grpc_options(), interceptors=self.interceptors())
         cellserve_pb2_grpc.add_CellServeServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         names = [
@@ -135,20 +137,16 @@ class CellServer:
         for hook in self._hooks:
             names += hook(server, self)
         reflection.enable_server_reflection(names, server)
-        address = f"{s.host}:{s.port}"
-        if self.tls is not None:
-            self.port = server.add_secure_port(address, self.tls.credentials())
-        else:
-            self.port = server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot bind the gRPC port {s.host}:{s.port}")
         await server.start()
         self._grpc = server
         if self._watcher is not None:
             self._watcher.start()
         if s.metrics_port:
             port = 0 if s.metrics_port == "auto" else s.metrics_port
-            self._http, _ = start_http_server(port, s.metrics_host, registry=self.registry)
+            try:
+                self._http, _ = start_http_server(port, s.metrics_host, registry=self.registry)
+            except OSError as e:
+                raise PortTaken(s.metrics_host, port, "metrics_port") from e
             self.metrics_port = self._http.server_port
         await self.health.serving()
         log.info(
@@ -165,6 +163,22 @@ class CellServer:
             tmp = Path(f"{s.ready_file}.tmp")
             tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}))
             tmp.replace(s.ready_file)
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        s = self.settings
+        address = f"{s.host}:{s.port}"
+        try:
+            if self.tls is not None:
+                port = server.add_secure_port(address, self.tls.credentials())
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as e:  # grpc: "Failed to bind to address ..."
+            if not self.reuse_port:
+                check_free(s.host, s.port, "port")  # names a taken port precisely
+            raise OSError(f"cannot bind the gRPC port {address} (set by --host/--port): {e}") from None
+        if port == 0:
+            raise OSError(f"cannot bind the gRPC port {address} (set by --host/--port)")
+        return port
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Health NOT_SERVING, refuse new sessions, give in-flight RPCs ``grace_s``, then stop."""
@@ -208,17 +222,26 @@ def load_token_keys(settings: Settings) -> TokenKeys:
     return TokenKeys.generate()
 
 
-def build_server(settings: Settings, registry: CollectorRegistry) -> CellServer:
+def build_server(settings: Settings, registry: CollectorRegistry, *, reuse_port: bool = False) -> CellServer:
     """Build (not start) a server. Call ``await server.start()`` inside a running event loop."""
-    server = CellServer(settings, registry)
+    server = CellServer(settings, registry, reuse_port=reuse_port)
     if settings.oip:
         server.add_servicer(register_oip)
     return server
 
 
-async def run_until_signal(settings: Settings) -> None:
-    server = build_server(settings, CollectorRegistry())
+async def run_until_signal(
+    settings: Settings, *, reuse_port: bool = False, on_ready: Callable[[int, int], None] | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain. ``on_ready(port, metrics_port)`` once SERVING (workers)."""
+    if not reuse_port:  # one process: a taken port is an error before any model loads
+        check_free(settings.host, settings.port, "port")
+        if settings.metrics_port not in (0, "auto"):
+            check_free(settings.metrics_host, int(settings.metrics_port), "metrics_port")
+    server = build_server(settings, CollectorRegistry(), reuse_port=reuse_port)
     await server.start()
+    if on_ready is not None:
+        on_ready(server.port, server.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -226,60 +249,3 @@ async def run_until_signal(settings: Settings) -> None:
     await stop.wait()
     log.info("signal received; draining", extra={"grace_s": settings.grace_s})
     await server.drain()
-
-
-# -- `cellserve serve` ----------------------------------------------------------------------------
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field, its help the field's docstring (flags override CELLSERVE_* env)."""
-    for name, field in Settings.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        shown = [str(p) for p in default] if isinstance(default, list) else default
-        help_text = f"{field.description} [env CELLSERVE_{name.upper()}; default: {shown}]"
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        annotation = field.annotation
-        if typing.get_origin(annotation) is typing.Literal:
-            kwargs["choices"] = typing.get_args(annotation)
-        if typing.get_origin(annotation) is list:
-            kwargs.update(action="append", metavar="DIR")
-        elif annotation is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-            kwargs["metavar"] = name.upper()
-        parser.add_argument(_flag(name), **kwargs)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    given = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
-    return Settings(**given)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(args)
-    except ValidationError as e:
-        for err in e.errors():
-            where = _flag(str(err["loc"][0])) if err["loc"] else "settings"
-            print(f"cellserve serve: error: {where}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(run_until_signal(settings))
-    except (OSError, ValueError) as e:
-        print(f"cellserve serve: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "serve",
-        help="serve models over gRPC (native API, health, reflection) with Prometheus metrics",
-        description="Serve exported models. Every flag can also be set by its CELLSERVE_* environment variable.",
-    )
-    _add_setting_flags(parser)
-    parser.set_defaults(func=_serve)

@@ -16,7 +16,7 @@ from cellserve import __version__
 
 # Each module has `register(subparsers)`, adding its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = (
-    "cellserve.server.app",
+    "cellserve.server.serve",
     "cellserve.server.engine_bench",
     "cellserve.model.cli",
     "cellserve.client.cli",

@@ -83,6 +83,10 @@ class TokenKeys:
                 f'token keys must be JSON {{"active": ID, "keys": {{ID: HEX, …}}}} with hex secrets: {e}'
             ) from e
 
+    def to_json(self) -> str:
+        """The ``from_json`` form (secret: it is how a supervisor hands its workers one shared key set)."""
+        return json.dumps({"active": self.active, "keys": {kid: key.hex() for kid, key in self.keys.items()}})
+
     @classmethod
     def from_file(cls, path: Path) -> TokenKeys:
         return cls.from_json(Path(path).read_text())

@@ -96,7 +96,12 @@ class Settings(BaseSettings):
     auth_tokens_file: FilePath | None = None
     """File of accepted bearer tokens (one or more per line, '#' comments); re-read when it changes."""
     ready_file: Path | None = None
-    """If set, write {"port", "metrics_port", "pid"} as JSON here once every model is SERVING."""
+    """If set, write {"port", "metrics_port", "pid"} as JSON here once every model is SERVING (with --workers
+    also "workers": [{"index", "pid", "metrics_port"}], rewritten after a worker restarts)."""
+    workers: int = Field(1, ge=1, le=256)
+    """Serving processes on the one gRPC port (SO_REUSEPORT). Each has its own state pool (capacity slots per
+    model), onnxruntime session and batches; a supervisor sums their /metrics, restarts one that dies and
+    drains them all on SIGTERM. 1 = serve in this process."""
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -145,6 +145,11 @@ class ServerProcess:
     proc: subprocess.Popen
     port: int
     metrics_port: int
+    ready_file: Path | None = None  # rewritten by a --workers supervisor when a worker restarts
+
+    def ready_info(self) -> dict:
+        assert self.ready_file is not None
+        return json.loads(self.ready_file.read_text())
 
     @property
     def address(self) -> str:
@@ -185,7 +190,7 @@ def start_server_process(model_dir: Path, workdir: Path, *args: str, env: dict |
             raise RuntimeError(f"server did not become ready: {proc.stderr.read() if proc.stderr else ''}")
         time.sleep(0.05)
     info = json.loads(ready.read_text())
-    return ServerProcess(proc, info["port"], info["metrics_port"])
+    return ServerProcess(proc, info["port"], info["metrics_port"], ready)
 
 
 @pytest.fixture

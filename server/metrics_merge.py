@@ -1,0 +1,108 @@
+"""One ``/metrics`` for ``--workers N``: every worker's metrics, read over loopback and summed.
+
+Each worker keeps its own registry (cheap, lock-free per-batch updates; see ``metrics.py``) and
+serves it on a private loopback port. On every scrape of the public endpoint the supervisor reads
+them all and merges series with the same name and labels:
+
+- counters and histograms (buckets, ``_sum``, ``_count``) are summed; a worker that died and was
+  replaced keeps counting through its last values ("retired"), so sums never go backwards;
+- gauges are summed (sessions, slots, bytes, memory), except the ones for which a sum means
+  nothing: ``*_start_time_seconds`` and ``_created`` take the earliest, ``build_info`` and
+  ``process_max_fds`` the largest.
+A worker that does not answer one scrape contributes its last values.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+log = logging.getLogger(__name__)
+
+SCRAPE_TIMEOUT_S = 2.0
+MONOTONIC = ("counter", "histogram", "summary")
+
+Key = tuple[str, tuple[tuple[str, str], ...]]  # sample name, sorted labels
+
+
+@dataclass
+class _Family:
+    name: str
+    documentation: str
+    type: str
+    samples: dict[Key, float] = field(default_factory=dict)
+
+
+def _merge_rule(family_type: str, sample_name: str) -> Callable[[float, float], float]:
+    if sample_name.endswith("_created") or sample_name.endswith("_start_time_seconds"):
+        return min
+    if family_type == "gauge" and (sample_name.endswith("build_info") or sample_name == "process_max_fds"):
+        return max
+    if family_type in MONOTONIC or family_type == "gauge":
+        return lambda a, b: a + b
+    return max
+
+
+def parse(text: str) -> dict[str, _Family]:
+    """Prometheus text exposition → families by name (each sample keyed by name and labels)."""
+    out: dict[str, _Family] = {}
+    for metric in text_string_to_metric_families(text):
+        fam = out.setdefault(metric.name, _Family(metric.name, metric.documentation, metric.type))
+        for s in metric.samples:
+            fam.samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+class MergedMetrics(Collector):
+    """A collector whose ``collect()`` is the merge of the live workers' metrics.
+
+    ``workers()`` returns (pid, metrics URL) of the workers running now.
+    """
+
+    def __init__(self, workers: Callable[[], list[tuple[int, str]]]) -> None:
+        self._workers = workers
+        self._last: dict[int, dict[str, _Family]] = {}  # per pid: its last successful scrape
+        self._retired: dict[str, _Family] = {}  # monotonic series of workers that are gone
+
+    def collect(self) -> Iterator[Metric]:
+        live = self._workers()
+        for pid in set(self._last) - {pid for pid, _ in live}:  # replaced since the last scrape
+            self._retire(self._last.pop(pid))
+        for pid, url in live:
+            try:
+                with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as reply:  # a loopback URL of our own worker
+                    self._last[pid] = parse(reply.read().decode())
+            except OSError as e:  # restarting or busy: its last values stand in
+                log.debug("worker metrics not read", extra={"pid": pid, "error": str(e)})
+        yield from merge([*self._last.values(), self._retired])
+
+    def _retire(self, families: dict[str, _Family]) -> None:
+        for name, fam in families.items():
+            if fam.type not in MONOTONIC:
+                continue
+            kept = self._retired.setdefault(name, _Family(name, fam.documentation, fam.type))
+            for key, value in fam.samples.items():
+                if not key[0].endswith("_created"):
+                    kept.samples[key] = kept.samples.get(key, 0.0) + value
+
+
+def merge(sources: list[dict[str, _Family]]) -> Iterator[Metric]:
+    """Families of several processes → one set of families, series by series (rules in the module doc)."""
+    merged: dict[str, _Family] = {}
+    for families in sources:
+        for name, fam in families.items():
+            into = merged.setdefault(name, _Family(name, fam.documentation, fam.type))
+            for key, value in fam.samples.items():
+                have = into.samples.get(key)
+                into.samples[key] = value if have is None else _merge_rule(fam.type, key[0])(have, value)
+    for fam in merged.values():
+        metric = Metric(fam.name, fam.documentation, fam.type)
+        metric.samples = [Sample(name, dict(labels), value) for (name, labels), value in fam.samples.items()]
+        yield metric

@@ -1,0 +1,330 @@
+"""``cellserve serve --workers N``: N serving processes on one gRPC port, run by a small supervisor.
+
+Sessions belong to streams and streams to connections, so each worker owns its sessions outright:
+its own state pool, onnxruntime session and scheduler, no locks across processes. The kernel spreads
+new connections over the workers (SO_REUSEPORT, on purpose here: the supervisor holds a
+:class:`~cellserve.server.ports.PortGuard`, so no other server can join the port). The supervisor
+itself loads no model. It:
+
+- hands every worker the same resume-token keys (generated if none are configured), so a session
+  continues on any worker — after a drain, or when its worker died;
+- serves the one public ``/metrics``, summing the workers' own (``metrics_merge``);
+- writes the ready file once every worker is SERVING (and again after a restart);
+- restarts a worker that dies (logged; a crash loop backs off), while its clients resume elsewhere;
+- on SIGTERM/SIGINT tells every worker to drain (each pushes resume tokens to its own sessions and
+  goes NOT_SERVING at once), waits for them, and exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from pydantic import SecretStr
+
+from cellserve.server.metrics_merge import MergedMetrics
+from cellserve.server.ports import PortGuard, PortTaken, check_free
+from cellserve.server.resume_token import TokenKeys
+from cellserve.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 600.0  # loading and warming a model
+SHORT_LIFE_S = 10.0  # a worker that dies sooner than this after its start is crash-looping: back off
+MAX_BACKOFF_S = 30.0
+STOP_MARGIN_S = 30.0  # after grace_s + this, a worker that has not drained is killed
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: Any = None  # multiprocessing.Process
+    conn: Connection | None = None
+    pid: int = 0
+    metrics_port: int = 0
+    started_at: float = 0.0
+    ready: bool = False
+    backoff_s: float = 0.0
+    restart_at: float = 0.0  # when a dead worker is due to be started again
+    restarts: int = field(default=0)
+
+
+class Supervisor:
+    """Runs and watches the worker processes of one ``cellserve serve --workers N``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.guard = PortGuard(settings.host, settings.port)  # PortTaken if anyone else holds it
+        if settings.metrics_port not in (0, "auto"):
+            check_free(settings.metrics_host, int(settings.metrics_port), "metrics_port")
+        self.worker_settings = settings.model_copy(
+            update={
+                "port": self.guard.port,
+                "metrics_port": "auto",  # each worker's own, on loopback: read by the supervisor only
+                "metrics_host": "127.0.0.1",
+                "ready_file": None,
+                "workers": 1,
+                "token_keys": SecretStr(_shared_keys(settings).to_json()),
+                "token_keys_file": None,
+            }
+        )
+        self.workers = [_Worker(i) for i in range(settings.workers)]
+        self.registry = CollectorRegistry()
+        self.registry.register(MergedMetrics(self._live_metrics))
+        self._m_workers = Gauge("cellserve_workers", "Worker processes serving now.", registry=self.registry)
+        self._m_restarts = Counter(
+            "cellserve_worker_restarts", "Worker processes restarted after they died.", registry=self.registry
+        )
+        self._ctx = mp.get_context("spawn")  # never fork a process that may hold gRPC or onnxruntime state
+        self._http: Any = None
+        self.metrics_port = 0
+        self._stopping = False
+        self._signal_r, self._signal_w = os.pipe()
+
+    # -- the supervisor's loop --------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start every worker, watch them until a signal, drain them, return the exit status."""
+        os.set_blocking(self._signal_w, False)
+        signal.set_wakeup_fd(self._signal_w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            if self.settings.metrics_port:
+                port = 0 if self.settings.metrics_port == "auto" else int(self.settings.metrics_port)
+                try:
+                    self._http, _ = start_http_server(port, self.settings.metrics_host, registry=self.registry)
+                except OSError as e:
+                    raise PortTaken(self.settings.metrics_host, port, "metrics_port") from e
+                self.metrics_port = self._http.server_port
+            for worker in self.workers:
+                self._spawn(worker)
+            if not self._wait_all_ready():
+                return 1
+            self._write_ready_file()
+            log.info(
+                "serving with workers",
+                extra={
+                    "port": self.guard.port,
+                    "metrics_port": self.metrics_port,
+                    "workers": len(self.workers),
+                    "pids": [w.pid for w in self.workers],
+                },
+            )
+            self._watch()
+            return self._drain()
+        finally:
+            signal.set_wakeup_fd(-1)
+            for worker in self.workers:
+                if worker.process is not None and worker.process.is_alive():
+                    worker.process.kill()
+            if self._http is not None:
+                self._http.shutdown()
+                self._http.server_close()
+            self.guard.close()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if not self._stopping:
+            log.info("signal received; draining every worker", extra={"signal": signal.Signals(signum).name})
+        self._stopping = True
+
+    def _spawn(self, worker: _Worker) -> None:
+        parent, child = self._ctx.Pipe(duplex=False)
+        worker.process = self._ctx.Process(
+            target=worker_main,
+            args=(self.worker_settings, worker.index, child, logging.getLogger().getEffectiveLevel()),
+            name=f"cellserve-worker-{worker.index}",
+        )
+        worker.process.start()
+        child.close()
+        worker.conn, worker.pid, worker.ready = parent, worker.process.pid, False
+        worker.started_at = time.monotonic()
+
+    def _wait_all_ready(self) -> bool:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not all(w.ready for w in self.workers):
+            if self._stopping:
+                return False
+            pending = [w for w in self.workers if not w.ready]
+            waitables: list[Any] = [self._signal_r]
+            for w in pending:
+                waitables += [w.conn, w.process.sentinel]
+            wait(waitables, timeout=max(0.0, deadline - time.monotonic()))
+            self._clear_signal_pipe()
+            for w in pending:
+                if self._take_ready(w):
+                    continue
+                if not w.process.is_alive():
+                    print(
+                        f"cellserve serve: error: worker {w.index} exited with status {w.process.exitcode} before "
+                        "it was ready (its error is above)",
+                        file=sys.stderr,
+                    )
+                    return False
+            if time.monotonic() > deadline:
+                print(f"cellserve serve: error: workers not ready within {READY_TIMEOUT_S:.0f} s", file=sys.stderr)
+                return False
+        return True
+
+    def _take_ready(self, worker: _Worker) -> bool:
+        if worker.conn is None or not worker.conn.poll():
+            return False
+        try:
+            message = worker.conn.recv()
+        except EOFError:
+            return False
+        worker.pid, worker.metrics_port, worker.ready = int(message["pid"]), int(message["metrics_port"]), True
+        self._m_workers.set(sum(w.ready for w in self.workers))
+        return True
+
+    def _watch(self) -> None:
+        """Until a signal: restart workers that die, and note the ones that come back ready."""
+        while not self._stopping:
+            now = time.monotonic()
+            waitables: list[Any] = [self._signal_r]
+            timeout = None
+            for w in self.workers:
+                if w.process is None:
+                    timeout = max(0.0, min(timeout or MAX_BACKOFF_S, w.restart_at - now))
+                    continue
+                waitables.append(w.process.sentinel)
+                if not w.ready and w.conn is not None:
+                    waitables.append(w.conn)
+            wait(waitables, timeout=timeout)
+            self._clear_signal_pipe()
+            if self._stopping:
+                return
+            for w in self.workers:
+                if w.process is None:
+                    if time.monotonic() >= w.restart_at:
+                        self._spawn(w)
+                    continue
+                if not w.ready and self._take_ready(w):
+                    log.info("worker back", extra={"worker": w.index, "pid": w.pid})
+                    self._write_ready_file()
+                if not w.process.is_alive():
+                    self._on_death(w)
+
+    def _on_death(self, worker: _Worker) -> None:
+        code = worker.process.exitcode
+        lived = time.monotonic() - worker.started_at
+        worker.backoff_s = min(MAX_BACKOFF_S, max(1.0, 2 * worker.backoff_s)) if lived < SHORT_LIFE_S else 0.0
+        cause = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"status {code}"
+        log.warning(
+            "worker died; restarting it (its sessions resume on the others with their tokens)",
+            extra={
+                "worker": worker.index,
+                "pid": worker.pid,
+                "exit": cause,
+                "lived_s": round(lived, 1),
+                "restart_in_s": worker.backoff_s,
+            },
+        )
+        if worker.conn is not None:
+            worker.conn.close()
+        worker.process, worker.conn, worker.ready = None, None, False
+        worker.restart_at = time.monotonic() + worker.backoff_s
+        worker.restarts += 1
+        self._m_restarts.inc()
+        self._m_workers.set(sum(w.ready for w in self.workers))
+
+    def _drain(self) -> int:
+        """SIGTERM every worker (each drains its own sessions), wait for all, then exit 0."""
+        running = [w for w in self.workers if w.process is not None and w.process.is_alive()]
+        for w in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.grace_s + STOP_MARGIN_S
+        for w in running:
+            w.process.join(max(0.0, deadline - time.monotonic()))
+            if w.process.is_alive():
+                log.warning("worker did not drain in time; killing it", extra={"worker": w.index, "pid": w.pid})
+                w.process.kill()
+                w.process.join(5)
+        self._m_workers.set(0)
+        log.info("all workers drained", extra={"workers": len(running)})
+        return 0
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _clear_signal_pipe(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.set_blocking(self._signal_r, False)
+            while os.read(self._signal_r, 512):
+                pass
+
+    def _live_metrics(self) -> list[tuple[int, str]]:
+        return [(w.pid, f"http://127.0.0.1:{w.metrics_port}/metrics") for w in self.workers if w.ready]
+
+    def _write_ready_file(self) -> None:
+        path = self.settings.ready_file
+        if path is None:
+            return
+        info = {
+            "port": self.guard.port,
+            "metrics_port": self.metrics_port,
+            "pid": os.getpid(),
+            "workers": [{"index": w.index, "pid": w.pid, "metrics_port": w.metrics_port} for w in self.workers],
+        }
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(path)
+
+
+def _shared_keys(settings: Settings) -> TokenKeys:
+    if settings.token_keys is not None:
+        return TokenKeys.from_json(settings.token_keys.get_secret_value())
+    if settings.token_keys_file is not None:
+        return TokenKeys.from_file(settings.token_keys_file)
+    log.warning("no token keys configured: one random key is shared by this server's workers only")
+    return TokenKeys.generate()
+
+
+def _die_with_parent() -> None:
+    """Linux: if the supervisor dies (SIGKILL, OOM), this worker gets SIGTERM and drains, instead of lingering."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class _WorkerField(logging.Filter):
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def worker_main(settings: Settings, index: int, ready: Connection, log_level: int) -> None:
+    """A worker process: serve on the shared port until SIGTERM/SIGINT; say when ready."""
+    import asyncio
+
+    from cellserve.server.app import run_until_signal
+
+    _die_with_parent()
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerField(index))
+
+    def on_ready(port: int, metrics_port: int) -> None:
+        ready.send({"pid": os.getpid(), "port": port, "metrics_port": metrics_port})
+
+    try:
+        asyncio.run(run_until_signal(settings, reuse_port=True, on_ready=on_ready))
+    except (OSError, ValueError) as e:
+        print(f"cellserve serve: error: worker {index}: {e}", file=sys.stderr)
+        sys.exit(1)

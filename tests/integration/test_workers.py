@@ -1,0 +1,217 @@
+"""``cellserve serve --workers N``: one port, N processes, one /metrics; restarts and drains; taken ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cellserve.server.tensors import to_numpy, to_proto
+from cellserve.v1 import cellserve_pb2 as pb
+from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+
+KEYS = '{"active": "k1", "keys": {"k1": "' + "7c" * 32 + '"}}'
+CONNECTIONS = 16  # each its own channel (one TCP connection): the kernel spreads them over the workers
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def active(metrics_port: int) -> float:
+    """Sessions open on one worker (its own metrics endpoint, as the ready file lists it)."""
+    return value(scrape(metrics_port), "cellserve_sessions_active", model="tiny")
+
+
+def oracle_run(oracle: Any, tokens: np.ndarray) -> np.ndarray:
+    h, c = oracle.init_state(1)
+    return oracle.run(tokens[None], h, c)[0][0]
+
+
+class Sessions:
+    """CONNECTIONS open sessions, each on its own channel, stepped one token at a time."""
+
+    def __init__(self, address: str, tokens: list[np.ndarray]) -> None:
+        self.address, self.tokens = address, tokens
+        self.channels: list[grpc.aio.Channel] = []
+        self.calls: list[Any] = []
+        self.outputs: list[list[np.ndarray]] = [[] for _ in tokens]
+
+    async def open(self) -> None:
+        for _ in self.tokens:
+            # its own subchannel pool: channels to one target otherwise share one TCP connection (one worker)
+            ch = grpc.aio.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1)])
+            call = pb_grpc.CellServeStub(ch).Stream()
+            await call.write(pb.StreamRequest(open=pb.Open(model="tiny")))
+            assert (await call.read()).WhichOneof("kind") == "opened"
+            self.channels.append(ch)
+            self.calls.append(call)
+
+    async def step(self, t: int) -> None:
+        async def one(i: int, call: Any) -> None:
+            await call.write(pb.StreamRequest(step=pb.Step(seq=t, input=to_proto(self.tokens[i][t : t + 1]))))
+            resp = await call.read()
+            assert resp.WhichOneof("kind") == "output", resp
+            self.outputs[i].append(to_numpy(resp.output.output))
+
+        await asyncio.gather(*(one(i, c) for i, c in enumerate(self.calls)))
+
+    async def close(self) -> None:
+        for ch in self.channels:
+            await ch.close()
+
+
+def test_connections_land_on_every_worker_and_metrics_are_their_sums(spawn_server, tiny_oracle):
+    server = spawn_server("--workers", "2", "--token-keys", KEYS)
+    info = server.ready_info()
+    assert len(info["workers"]) == 2 and len({w["pid"] for w in info["workers"]}) == 2
+    rng = np.random.default_rng(4)
+    tokens = [rng.integers(0, 256, size=6, dtype=np.int64) for _ in range(CONNECTIONS)]
+    sessions = Sessions(server.address, tokens)
+
+    async def main() -> tuple[list[float], dict]:
+        await sessions.open()
+        for t in range(6):
+            await sessions.step(t)
+        per_worker = [active(w["metrics_port"]) for w in info["workers"]]
+        total = scrape(server.metrics_port)
+        await sessions.close()
+        return per_worker, total
+
+    per_worker, total = asyncio.run(main())
+    assert all(n > 0 for n in per_worker), f"every worker should hold some of the {CONNECTIONS} sessions: {per_worker}"
+    assert sum(per_worker) == CONNECTIONS
+    assert value(total, "cellserve_sessions_active", model="tiny") == CONNECTIONS
+    assert value(total, "cellserve_steps_total", model="tiny") == 6 * CONNECTIONS
+    assert value(total, "cellserve_sessions_opened_total", model="tiny") == CONNECTIONS
+    assert value(total, "cellserve_step_latency_seconds_count", model="tiny") == 6 * CONNECTIONS
+    assert value(total, "cellserve_state_pool_slots", model="tiny", state="used") == CONNECTIONS
+    assert value(total, "cellserve_workers") == 2
+    assert value(total, "cellserve_build_info", version=__import__("cellserve").__version__) == 1  # not summed
+    for i, got in enumerate(sessions.outputs):
+        np.testing.assert_allclose(np.concatenate(got), oracle_run(tiny_oracle, tokens[i]), atol=1e-5, rtol=0)
+
+
+def test_a_killed_worker_is_restarted_and_counters_keep_counting(spawn_server, wait_until):
+    server = spawn_server("--workers", "2", "--token-keys", KEYS)
+    victim = server.ready_info()["workers"][0]
+    sessions = Sessions(server.address, [np.arange(4, dtype=np.int64)] * CONNECTIONS)
+
+    async def step_all() -> None:
+        await sessions.open()
+        for t in range(4):
+            await sessions.step(t)
+        await sessions.close()
+
+    asyncio.run(step_all())
+    before = value(scrape(server.metrics_port), "cellserve_steps_total", model="tiny")
+    assert before == 4 * CONNECTIONS
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_until(lambda: server.ready_info()["workers"][0]["pid"] != victim["pid"], timeout_s=60)
+    after = scrape(server.metrics_port)
+    assert value(after, "cellserve_worker_restarts_total") == 1
+    assert value(after, "cellserve_workers") == 2
+    assert value(after, "cellserve_steps_total", model="tiny") == before  # the dead worker's steps still count
+    sessions = Sessions(server.address, [np.arange(4, dtype=np.int64)] * CONNECTIONS)
+    asyncio.run(step_all())  # and the port serves on both workers again
+    assert value(scrape(server.metrics_port), "cellserve_steps_total", model="tiny") == before + 4 * CONNECTIONS
+    assert server.proc.poll() is None
+    assert "worker died" in _stop(server)
+
+
+def test_sigterm_drains_every_worker_with_tokens_that_resume_elsewhere(spawn_server, tiny_oracle):
+    a = spawn_server("--workers", "2", "--token-keys", KEYS, "--grace-s", "20")
+    b = spawn_server("--token-keys", KEYS)
+    rng = np.random.default_rng(8)
+    tokens = [rng.integers(0, 256, size=10, dtype=np.int64) for _ in range(CONNECTIONS)]
+    sessions = Sessions(a.address, tokens)
+
+    async def main() -> list[np.ndarray]:
+        await sessions.open()
+        for t in range(5):
+            await sessions.step(t)
+        per_worker = [active(w["metrics_port"]) for w in a.ready_info()["workers"]]
+        assert all(n > 0 for n in per_worker), per_worker
+        a.proc.send_signal(signal.SIGTERM)
+        results = []
+        async with grpc.aio.insecure_channel(b.address) as ch_b:
+            for i, call in enumerate(sessions.calls):
+                draining = await call.read()  # idle: the next message is its worker's drain notice
+                assert draining.WhichOneof("kind") == "draining", draining
+                await call.write(pb.StreamRequest(close=pb.Close()))
+                assert (await call.read()).closed.steps == 5
+                await call.done_writing()
+                resumed = pb_grpc.CellServeStub(ch_b).Stream()
+                token = draining.draining.resume_token
+                await resumed.write(pb.StreamRequest(open=pb.Open(model="tiny", resume_token=token)))
+                assert (await resumed.read()).opened.steps == 5
+                await resumed.write(pb.StreamRequest(step=pb.Step(seq=5, input=to_proto(tokens[i][5:]))))
+                rest = to_numpy((await resumed.read()).output.output)
+                await resumed.done_writing()
+                results.append(np.concatenate([*sessions.outputs[i], rest]))
+        await sessions.close()
+        return results
+
+    results = asyncio.run(main())
+    assert a.proc.wait(60) == 0
+    for i, got in enumerate(results):
+        np.testing.assert_allclose(got, oracle_run(tiny_oracle, tokens[i]), atol=1e-5, rtol=0)
+
+
+def _stop(server: Any) -> str:
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) == 0
+    return server.proc.stderr.read() if server.proc.stderr else ""
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cellserve.server.cli", "serve", "--host", "127.0.0.1", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_second_server_on_a_taken_port_exits_with_one_line_naming_it(spawn_server, tiny_model_dir, workers):
+    first = spawn_server("--workers", "2")  # the port is shared on purpose by its own workers only
+    taken = _serve("--model-dirs", str(tiny_model_dir), "--port", str(first.port), "--metrics-port", "0",
+                   "--workers", workers)  # fmt: skip
+    assert taken.returncode == 1
+    lines = taken.stderr.strip().splitlines()
+    assert len(lines) == 1, taken.stderr
+    assert f"127.0.0.1:{first.port} is already in use" in lines[0] and "--port" in lines[0]
+    metrics = _serve("--model-dirs", str(tiny_model_dir), "--port", "0", "--metrics-port", str(first.metrics_port),
+                     "--metrics-host", "127.0.0.1", "--workers", workers)  # fmt: skip
+    assert metrics.returncode == 1
+    lines = metrics.stderr.strip().splitlines()
+    assert len(lines) == 1, metrics.stderr
+    assert f"127.0.0.1:{first.metrics_port} is already in use" in lines[0] and "--metrics-port" in lines[0]
+
+
+def test_a_plain_second_server_on_a_plain_servers_port_is_refused(spawn_server, tiny_model_dir):
+    first = spawn_server()
+    taken = _serve("--model-dirs", str(tiny_model_dir), "--port", str(first.port), "--metrics-port", "0")
+    assert taken.returncode == 1 and len(taken.stderr.strip().splitlines()) == 1, taken.stderr
+    assert str(first.port) in taken.stderr and "Traceback" not in taken.stderr
