@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cellserve.server.errors import EngineUnavailable
+
 
 class ArrayOps(Protocol):
     """What the pool and engine need from an array library."""
@@ -97,8 +99,14 @@ class CupyOps:
     device_type = "cuda"
 
     def __init__(self, device_id: int) -> None:
-        import cupy  # deferred: only GPU deployments have it
-        import cupyx
+        try:
+            import cupy  # deferred: only GPU deployments have it
+            import cupyx
+        except ImportError as e:
+            raise EngineUnavailable(
+                f"device=cuda needs CuPy for the device-resident state pool ({e}); install the `gpu` extra "
+                "(pip install 'cellserve[gpu]'), or serve with --device cpu"
+            ) from None
 
         self._cp = cupy
         self._cpx = cupyx
@@ -171,11 +179,13 @@ class CupyOps:
             self._keep_until_copied(pinned)
 
     def download(self, arr: Any) -> np.ndarray:
-        """Copy ``arr`` into pinned host memory on the stream and wait for it (the one host sync per batch)."""
+        """Copy ``arr`` into pinned host memory on the stream and wait for it (the one host sync per batch).
+
+        ``get(blocking=True)`` already waits for the stream: no second synchronize.
+        """
         with self._on():
             out = self._cpx.empty_pinned(arr.shape, dtype=arr.dtype)
-            arr.get(stream=self._stream, out=out)
-            self._stream.synchronize()
+            arr.get(stream=self._stream, out=out, blocking=True)
             return out
 
     def to_host(self, arr: Any) -> np.ndarray:

@@ -21,9 +21,27 @@ import numpy as np
 import onnxruntime as ort
 
 from cellserve.model.manifest import Manifest
+from cellserve.server.errors import EngineUnavailable
 from cellserve.server.state_pool import DTYPE, StatePool
 
 log = logging.getLogger(__name__)
+
+
+# Libraries onnxruntime-gpu's CUDA provider loads (cuDNN only lazily, at the first run since onnxruntime 1.28:
+# a missing cuDNN passes the provider check, so it is looked for here, before warm-up).
+CUDA_LIBRARIES = (("cuDNN 9", ("libcudnn.so.9",)), ("cuBLAS", ("libcublas.so.13", "libcublas.so.12")))
+CUDA_HINT = (
+    "install onnxruntime-gpu's CUDA libraries (the `gpu` extra and nvidia/cuda:13.x-cudnn-runtime, or the "
+    "nvidia-cudnn-cu13 wheels) and put them on LD_LIBRARY_PATH"
+)
+
+
+def cuda_run_options() -> ort.RunOptions:
+    """RunOptions of a CUDA run: no sync at the end (the stream orders y's download), no graph capture."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+    options.add_run_config_entry("gpu_graph_id", "-1")  # set, never looked up in vain (see Engine)
+    return options
 
 
 def _preload_cuda_libraries() -> None:
@@ -33,8 +51,25 @@ def _preload_cuda_libraries() -> None:
         return
     try:
         preload()
-    except Exception as e:  # the system's libraries may still be found; the provider check below decides
-        log.warning("onnxruntime could not preload CUDA libraries: %s", e)
+    except Exception as e:  # the system's libraries may still be found; the checks below decide
+        log.warning("onnxruntime could not preload CUDA libraries", extra={"error": str(e)})
+
+
+def check_cuda_libraries(load: Any = None) -> None:
+    """EngineUnavailable naming the first CUDA library that cannot be loaded (``load``: ``ctypes.CDLL``)."""
+    import ctypes
+
+    load = load or ctypes.CDLL
+    for what, names in CUDA_LIBRARIES:
+        errors = []
+        for name in names:
+            try:
+                load(name)
+                break
+            except OSError as e:
+                errors.append(str(e))
+        else:
+            raise EngineUnavailable(f"device=cuda needs {what} ({' or '.join(names)}): {errors[0]}; {CUDA_HINT}")
 
 
 MAX_BUCKETS = 256  # IO bindings kept (one per batch size × chunk length seen), least recently used dropped
@@ -97,10 +132,12 @@ class Engine:
         if profile_prefix is not None:
             opts.enable_profiling = True
             opts.profile_file_prefix = profile_prefix
-        # None unless needed: passing any RunOptions costs ~50 µs per CPU run (measured, onnxruntime 1.31).
+        # None unless needed. onnxruntime 1.31's run_with_iobinding looks up "gpu_graph_id" in any RunOptions it
+        # is given; a missing key costs a C++ exception, ~70-80 µs per call (measured), so it is always set.
         self.run_options: ort.RunOptions | None = None
         if self.ops.device_type == "cuda":
             _preload_cuda_libraries()
+            check_cuda_libraries()
             cuda = (
                 "CUDAExecutionProvider",
                 # onnxruntime runs its kernels on the pool's stream: ordered with gather/scatter, no syncs between.
@@ -108,13 +145,12 @@ class Engine:
             )
             providers: list[Any] = [cuda, "CPUExecutionProvider"]
             if not ort_sync:
-                self.run_options = ort.RunOptions()
-                self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+                self.run_options = cuda_run_options()
         else:
             providers = ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(Path(model_dir) / manifest.onnx_file), opts, providers=providers)
         if self.ops.device_type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise RuntimeError(
+            raise EngineUnavailable(
                 "device=cuda but onnxruntime could not load its CUDA execution provider "
                 f"(available: {ort.get_available_providers()}); install onnxruntime-gpu and the CUDA libraries"
             )
@@ -206,7 +242,13 @@ class Engine:
         for b in sorted(batch_sizes, reverse=True):  # the largest first: buffers are sized once
             x = self.example_input(b, 1)
             zeros = np.zeros((layers, b, hidden), DTYPE)
-            self.run_stateless(x, zeros, zeros)
+            try:
+                self.run_stateless(x, zeros, zeros)
+            except Exception as e:  # e.g. a library the provider loads only at its first run
+                raise EngineUnavailable(
+                    f"model {self.manifest.name!r} failed its first run on {self.ops.device_type}: {e}"
+                    + (f"; {CUDA_HINT}" if self.ops.device_type == "cuda" else "")
+                ) from e
             bucket = self._bucket(b, 1)
             rows = self.ops.index(np.zeros(b, dtype=np.int64))
             self.pool.gather(rows, bucket.h_in, bucket.c_in)

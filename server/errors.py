@@ -58,6 +58,10 @@ class Unimplemented(CellserveError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class EngineUnavailable(RuntimeError):
+    """Not a client's error: the engine cannot run here (a missing provider or library). Start-up fails in one line."""
+
+
 INTERNAL_MESSAGE = "internal server error; the server log has the details"
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cellserve.server.app import run_until_signal
+from cellserve.server.errors import EngineUnavailable
 from cellserve.server.settings import Settings
 from cellserve.server.workers import Supervisor
 
@@ -61,7 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
         if settings.workers > 1:
             return Supervisor(settings).run()
         asyncio.run(run_until_signal(settings))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EngineUnavailable) as e:
         print(f"cellserve serve: error: {e}", file=sys.stderr)
         return 1
     return 0

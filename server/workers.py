@@ -314,6 +314,7 @@ def worker_main(settings: Settings, index: int, ready: Connection, log_level: in
     import asyncio
 
     from cellserve.server.app import run_until_signal
+    from cellserve.server.errors import EngineUnavailable
 
     _die_with_parent()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
@@ -325,6 +326,6 @@ def worker_main(settings: Settings, index: int, ready: Connection, log_level: in
 
     try:
         asyncio.run(run_until_signal(settings, reuse_port=True, on_ready=on_ready))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EngineUnavailable) as e:
         print(f"cellserve serve: error: worker {index}: {e}", file=sys.stderr)
         sys.exit(1)

@@ -51,10 +51,12 @@ def cuda_engine(model_dir: Path, capacity: int, device_id: int = 0, **kwargs: An
     return Engine(manifest, model_dir, pool, intra_op_threads=1, **kwargs)
 
 
-def host(arr: Any) -> np.ndarray:
-    import cupy
+def host(pool: StatePool, arr: Any) -> np.ndarray:
+    """A host copy of pool memory, read on the pool's own (non-blocking) stream after its queued writes.
 
-    return cupy.asnumpy(arr)
+    ``cupy.asnumpy`` would copy on the null stream, which does not wait for that stream: a race.
+    """
+    return pool.ops.to_host(arr)
 
 
 def tokens(rng: np.random.Generator, batch: int, steps: int) -> np.ndarray:
@@ -99,13 +101,13 @@ def test_rows_outside_the_batch_are_untouched_on_the_device(tiny_model_dir):
     engine = cuda_engine(tiny_model_dir, capacity=16)
     rng = np.random.default_rng(1)
     fill_random(engine.pool, rng)
-    before_h, before_c = host(engine.pool.h), host(engine.pool.c)
+    before_h, before_c = host(engine.pool, engine.pool.h), host(engine.pool, engine.pool.c)
     rows = np.array([0, 15, 8, 3], np.int64)
     engine.run_slots(rows, tokens(rng, 4, 3))
     others = np.setdiff1d(np.arange(16), rows)
-    np.testing.assert_array_equal(host(engine.pool.h)[:, others, :], before_h[:, others, :])
-    np.testing.assert_array_equal(host(engine.pool.c)[:, others, :], before_c[:, others, :])
-    assert not np.array_equal(host(engine.pool.h)[:, rows, :], before_h[:, rows, :])
+    np.testing.assert_array_equal(host(engine.pool, engine.pool.h)[:, others, :], before_h[:, others, :])
+    np.testing.assert_array_equal(host(engine.pool, engine.pool.c)[:, others, :], before_c[:, others, :])
+    assert not np.array_equal(host(engine.pool, engine.pool.h)[:, rows, :], before_h[:, rows, :])
 
 
 def test_onnxruntime_runs_on_the_pools_stream_and_device(tiny_model_dir):
@@ -158,7 +160,7 @@ def test_engine_thread_and_event_loop_thread_share_device_and_stream(tiny_model_
     assert not thread.is_alive() and not failure, failure
     y_ref, hn_ref, _ = tiny_oracle.run(seqs)
     np.testing.assert_allclose(np.concatenate(ys, axis=1), y_ref, atol=GPU_TOL, rtol=0)
-    np.testing.assert_allclose(host(pool.h)[:, stepped, :], hn_ref, atol=GPU_TOL, rtol=0)
+    np.testing.assert_allclose(host(pool, pool.h)[:, stepped, :], hn_ref, atol=GPU_TOL, rtol=0)
     for slot, h in kept.items():
         np.testing.assert_array_equal(pool.read(slot)[0], h)
 
