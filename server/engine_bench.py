@@ -4,8 +4,10 @@ For every pool capacity (e.g. 1k and 1M slots) it fills the pool (every slot all
 memory is really committed), then times ``Engine.run_slots`` per batch size on random slots spread
 over the whole pool. In the same run, on the same pool, it times the *host round trip* that a
 server keeping state in host memory pays (Triton's ORT path without CUDA shared memory): gather →
-copy h/c to the host → ``session.run`` with host state → copy hn/cn back → scatter. It prints a
-table with ratios and writes ``engine_bench.json`` (+ ``engine_bench.png`` when matplotlib is there).
+copy h/c to the host → ``session.run`` with host state → copy hn/cn back → scatter. Also in the same
+run: *raw onnxruntime* — ``session.run`` of the same session on host arrays with the state fed back,
+the ceiling an engine call is held to (``res/raw``). It prints a table with ratios and writes
+``engine_bench.json`` (+ ``engine_bench.png`` when matplotlib is there).
 
 Flat per-step time across capacities is the O(batch) evidence; on the CPU the round trip costs
 only extra host copies, on CUDA it adds PCIe transfers and syncs: run it with ``--device cuda``.
@@ -79,6 +81,17 @@ def round_trip_step(engine: Any, slots: np.ndarray, x: np.ndarray) -> np.ndarray
     return y
 
 
+class RawOrt:
+    """The baseline an engine call is held to: ``session.run`` of the same session on host arrays, state fed back."""
+
+    def __init__(self, engine: Any, batch: int) -> None:
+        shape = (engine.pool.layers, batch, engine.pool.hidden)  # [L, B, H]
+        self.h, self.c = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    def __call__(self, engine: Any, slots: np.ndarray, x: np.ndarray) -> None:
+        _, self.h, self.c = engine.run_stateless(x, self.h, self.c)
+
+
 def gather_scatter_step(engine: Any, slots: np.ndarray, x: np.ndarray) -> None:
     """The pool's share of a step alone: gather the batch's state and scatter it back (the O(batch) part)."""
     ops, pool = engine.ops, engine.pool
@@ -108,6 +121,8 @@ def _time_batch(engines: list[Any], batch: int, args: argparse.Namespace, rng: n
     xs = _inputs(engines[0], batch, args.steps, rng)
     modes = {"resident": lambda e, s, x: e.run_slots(s, x), "round_trip": round_trip_step}
     modes["gather_scatter"] = gather_scatter_step
+    raw = [RawOrt(e, batch) for e in engines]
+    modes["raw_ort"] = lambda e, s, x: raw[engines.index(e)](e, s, x)
     times = [{m: [] for m in modes} for _ in engines]
     for i in range(n):
         for k, engine in enumerate(engines):
@@ -210,6 +225,7 @@ def ratios(report: dict[str, Any], stat: str = "median_us") -> list[dict[str, An
                 "gather_scatter_large_over_small": pl["gather_scatter"][stat] / ps["gather_scatter"][stat],
                 "round_trip_large_over_small": pl["round_trip"][stat] / ps["round_trip"][stat],
                 "round_trip_over_resident": pl["round_trip"][stat] / pl["resident"][stat],
+                "resident_over_raw_ort": pl["resident"][stat] / pl["raw_ort"][stat],
             }
         )
     return rows
@@ -223,7 +239,7 @@ def table(report: dict[str, Any], stat: str = "median_us") -> str:
     head = (
         f"{'batch':>5} | {'step µs @' + str(cs):>16} {'@' + str(cl):>9} {'ratio':>5} | "
         f"{'gather+scatter µs @' + str(cs):>26} {'@' + str(cl):>9} {'ratio':>5} | "
-        f"{'round-trip µs':>13} {'rt/resident':>11} | {'steps/s':>9}"
+        f"{'round-trip µs':>13} {'rt/resident':>11} | {'raw ORT µs':>10} {'res/raw':>7} | {'steps/s':>9}"
     )
     lines = [
         f"device {report['device']}, model L={report['model']['layers']} H={report['model']['hidden']}, "
@@ -237,6 +253,7 @@ def table(report: dict[str, Any], stat: str = "median_us") -> str:
             f"{r['resident_large_over_small']:>5.2f} | {ps['gather_scatter'][stat]:>26.1f} "
             f"{pl['gather_scatter'][stat]:>9.1f} {r['gather_scatter_large_over_small']:>5.2f} | "
             f"{pl['round_trip'][stat]:>13.1f} {r['round_trip_over_resident']:>11.2f} | "
+            f"{pl['raw_ort'][stat]:>10.1f} {r['resident_over_raw_ort']:>7.2f} | "
             f"{pl['batch'] * report['steps'] / (pl['resident'][stat] * 1e-6):>9.0f}"
         )
     for e in caps:

@@ -22,23 +22,27 @@ LITTLE: dict[str, np.dtype] = {dt.name: dt for dt in DTYPES.values()}  # what th
 
 
 def to_numpy(t: pb.Tensor) -> np.ndarray:
-    """Decode a Tensor; INVALID_ARGUMENT if its dtype, shape or byte length is inconsistent."""
+    """Decode a Tensor; INVALID_ARGUMENT if its dtype, shape or byte length is inconsistent (per message: lean)."""
     dtype = DTYPES.get(t.dtype)
     if dtype is None:
         raise InvalidArgument(f"tensor dtype {t.dtype} is not supported; use one of {sorted(PB_DTYPES)}")
-    shape = tuple(int(d) for d in t.shape)
+    shape = tuple(t.shape)  # Python ints already
     if not shape:
         raise InvalidArgument("tensor has no shape; give its dimensions, e.g. [T] for T token ids")
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"tensor shape {list(shape)} has a negative dimension")
     count = math.prod(shape)
-    if count == 0:
+    if count <= 0:
+        if min(shape) < 0:
+            raise InvalidArgument(f"tensor shape {list(shape)} has a negative dimension")
         raise InvalidArgument(f"tensor shape {list(shape)} is empty; a step needs at least one element")
-    if len(t.raw) != count * dtype.itemsize:
+    if min(shape) < 0:  # two negative dimensions multiply to a positive count
+        raise InvalidArgument(f"tensor shape {list(shape)} has a negative dimension")
+    raw = t.raw  # each access of a bytes field makes a new bytes object: once
+    if len(raw) != count * dtype.itemsize:
         raise InvalidArgument(
-            f"tensor raw has {len(t.raw)} bytes; shape {list(shape)} of {dtype.name} needs {count * dtype.itemsize}"
+            f"tensor raw has {len(raw)} bytes; shape {list(shape)} of {dtype.name} needs {count * dtype.itemsize}"
         )
-    return np.frombuffer(t.raw, dtype=dtype).reshape(shape).astype(NATIVE[t.dtype], copy=False)
+    a = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return a if dtype.isnative else a.astype(NATIVE[t.dtype])
 
 
 _F32 = np.dtype("<f4")
