@@ -9,6 +9,7 @@ finish within ``grace_s``, stop the schedulers. ``cellserve serve`` itself is in
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -34,9 +35,10 @@ from cellserve.server.ports import PortTaken, check_free
 from cellserve.server.resume_token import TokenCodec, TokenKeys
 from cellserve.server.security import AcceptedTokens, BearerAuth, CertificateFiles, FileWatcher
 from cellserve.server.servicer import CellServeServicer
+from cellserve.server.servicer import add_to_server as add_native_service
 from cellserve.server.sessions import SessionManager
 from cellserve.server.settings import Settings
-from cellserve.v1 import cellserve_pb2, cellserve_pb2_grpc
+from cellserve.v1 import cellserve_pb2
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +125,11 @@ class CellServer:
         server = grpc.aio.server(options=self.grpc_options(), interceptors=self.interceptors())
         self.port = self._bind(server)  # before the models warm up: a taken port fails at once
         await self.health.not_serving()  # the servicer's default for "" would be SERVING
-        for model in self.models:
-            model.engine.warmup(sorted({1, s.max_batch}))
+        for model in self.models:  # every batch size the scheduler can form at T=1: no binding on the hot path
+            model.engine.warmup(list(range(1, s.max_batch + 1)))
             model.scheduler.start()
         self.sessions.start()
-        cellserve_pb2_grpc.add_CellServeServicer_to_server(self.servicer, server)
+        add_native_service(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         names = [
             cellserve_pb2.DESCRIPTOR.services_by_name["CellServe"].full_name,
@@ -240,6 +242,9 @@ async def run_until_signal(
             check_free(settings.metrics_host, int(settings.metrics_port), "metrics_port")
     server = build_server(settings, CollectorRegistry(), reuse_port=reuse_port)
     await server.start()
+    # Everything built so far (models, sessions of onnxruntime, protobuf descriptors) lives as long as the
+    # process: out of the collector's sight, full collections stop re-scanning it on the per-message path.
+    gc.freeze()
     if on_ready is not None:
         on_ready(server.port, server.metrics_port)
     stop = asyncio.Event()

@@ -23,6 +23,40 @@ from cellserve.server.tensors import PB_DTYPES
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
+SERVICE = pb.DESCRIPTOR.services_by_name["CellServe"].full_name
+
+
+def serialize_response(response: pb.StreamResponse | bytes) -> bytes:
+    """Stream's responses: a message, or an output already serialized by ``tensors.encode_output``."""
+    return response if type(response) is bytes else response.SerializeToString()
+
+
+def add_to_server(servicer: CellServeServicer, server: grpc.aio.Server) -> None:
+    """Register the native service (as the generated ``add_CellServeServicer_to_server``, but Stream
+    writes pre-serialized outputs)."""
+    handlers = {
+        "Stream": grpc.stream_stream_rpc_method_handler(
+            servicer.Stream, request_deserializer=pb.StreamRequest.FromString, response_serializer=serialize_response
+        ),
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=pb.GenerateRequest.FromString,
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=pb.ListModelsRequest.FromString,
+            response_serializer=pb.ListModelsResponse.SerializeToString,
+        ),
+        "ModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.ModelInfo,
+            request_deserializer=pb.ModelInfoRequest.FromString,
+            response_serializer=pb.ModelInfoResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
 
 class CellServeServicer(pb_grpc.CellServeServicer):
     """Native API servicer."""

@@ -31,7 +31,7 @@ from cellserve.server.errors import (
 )
 from cellserve.server.resume_token import TokenCodec
 from cellserve.server.sessions import DrainNotice, Session, SessionClosed, SessionEvent, SessionManager
-from cellserve.server.tensors import output_tensor, to_numpy
+from cellserve.server.tensors import encode_output, to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 
 # After `closed`, the stream stays open this long for the client's half-close; a message sent on it
@@ -148,15 +148,14 @@ class StreamHandler:
         try:
             if not step.HasField("input"):
                 raise InvalidArgument(f"step seq={step.seq} has no input tensor")
-            y = await session.step(to_numpy(step.input))
+            y = await session.submit(to_numpy(step.input))  # the step's future: no coroutine frame per message
         except STEP_ERRORS as e:
             code, message = self.errors.status(e)
             await self._write(pb.StreamResponse(error=pb.StepError(seq=step.seq, code=code.value[0], message=message)))
             return
-        output = pb.Output(seq=step.seq, output=output_tensor(y))
-        if step.checkpoint:  # the state after this step, signed: the client's crash checkpoint
-            output.resume_token = self.tokens.encode(session.state())[0]
-        await self._write(pb.StreamResponse(output=output))
+        # the state after this step, signed, when asked for: the client's crash checkpoint
+        token = self.tokens.encode(session.state())[0] if step.checkpoint else b""
+        await self._write(encode_output(step.seq, y, token))
 
     async def _on_snapshot(self, session: Session) -> None:
         token, expires = self.tokens.encode(session.state())
@@ -261,7 +260,7 @@ class StreamHandler:
         if self._writer is not None:
             await asyncio.wait([self._writer])
 
-    async def _write(self, response: pb.StreamResponse) -> None:
+    async def _write(self, response: pb.StreamResponse | bytes) -> None:
         if self._writer is not None:  # a drain notice is being written: ours goes after it
             await self._writer_done()
         await self.context.write(response)
