@@ -23,6 +23,7 @@ from cellserve.client import (
     StepRejected,
     UnavailableError,
 )
+from cellserve.v1 import cellserve_pb2 as pb
 
 TOL = 1e-5
 
@@ -67,7 +68,7 @@ def test_sync_session_single_and_chunked_steps_match_the_oracle(running_server, 
         np.testing.assert_allclose(np.concatenate([singles, chunk]), want, atol=TOL)
         with client.session() as s:  # no name: the server's default model
             np.testing.assert_allclose(s.step(tokens[:3]), want[:3], atol=TOL)
-            assert s.state.model == "tiny"
+            assert s.model == "tiny"
         assert active(srv) == 0
 
 
@@ -131,12 +132,15 @@ def test_async_iteration_survives_a_rejected_step(running_server):
 
 def test_client_side_checks_refuse_bad_inputs_before_sending(running_server):
     with running_server() as srv, Client(srv.address) as client, client.session("tiny") as s:
-        with pytest.raises(InvalidInputError, match="out of range"):
+        with pytest.raises(InvalidInputError, match="out of range") as refused:
             s.step([300])
+        assert isinstance(refused.value, StepRejected) and refused.value.seq is None  # caught like the server's
         with pytest.raises(InvalidInputError, match="integer token ids"):
             s.step(np.array([0.5]))
+        with pytest.raises(StepRejected, match=r"input is empty \(shape \[0\]\); model 'tiny' expects integer"):
+            s.step([])
         assert s.step([1]).shape == (1, 256)
-        assert s.state.next_seq == 1  # nothing was sent for the refused inputs
+        assert s.steps == 1
     assert srv.registry.get_sample_value("cellserve_errors_total", {"code": "INVALID_ARGUMENT"}) is None
 
 
@@ -203,7 +207,7 @@ def test_async_step_while_pipelined_steps_are_pending_is_refused(running_server)
     async def main(address: str) -> None:
         async with AsyncClient(address) as client, await client.session("tiny") as s:
             await s.send([1])
-            with pytest.raises(FailedPreconditionError, match="pending"):
+            with pytest.raises(FailedPreconditionError, match="1 pipelined steps are unanswered"):
                 await s.step([2])
             assert (await anext(aiter(s))).seq == 0
             assert (await s.step([2])).shape == (1, 256)
@@ -250,14 +254,14 @@ def test_a_stream_ended_by_a_protocol_error_raises_once_and_leaves_cleanly(runni
     the next call raises it with the server's message, and leaving the block raises nothing more."""
     with running_server() as srv, Client(srv.address) as client:
         with client.session("tiny") as s:
-            s._requests.put(s.state.open_request("tiny"))
+            s._requests.put(pb.StreamRequest(open=pb.Open(model="tiny")))
             with pytest.raises(FailedPreconditionError, match="already has session"):
                 s.step([1])
         assert wait_no_active_sessions(srv)
 
         async def main() -> None:
             async with AsyncClient(srv.address) as ac, await ac.session("tiny") as a:
-                await a._write(a.state.open_request("tiny"))
+                await a._call.write(pb.StreamRequest(open=pb.Open(model="tiny")))
                 await a._call.code()  # let the status arrive: a write racing it hits grpc/grpc#36066
                 with pytest.raises(FailedPreconditionError, match="already has session"):
                     await a.step([1])
