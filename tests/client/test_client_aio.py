@@ -64,10 +64,12 @@ def test_a_pipelined_session_moves_on_drain_and_survives_a_vanished_server(runni
                 await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(a.server.stop(0), a.loop))
 
         async def main() -> tuple[list[Any], str]:
-            async with AsyncClient([a.address, b.address], checkpoint_every=4) as client:
-                async with client.session("tiny") as s:
-                    outs = await asyncio.wait_for(_pipelined(s, chunks, midway), 60)
-                    return outs, s.target
+            async with (
+                AsyncClient([a.address, b.address], checkpoint_every=4) as client,
+                client.session("tiny") as s,
+            ):
+                outs = await asyncio.wait_for(_pipelined(s, chunks, midway), 60)
+                return outs, s.target
 
         outs, target = asyncio.run(main())
         assert target == b.address and not a.server.sessions.sessions

@@ -32,16 +32,20 @@ def tokens_of(seed: int, n: int) -> np.ndarray:
 
 def test_a_session_moves_to_the_next_target_when_its_server_drains(sdk, running_server, tiny_oracle):
     tokens = tokens_of(4, 30)
-    with running_server(token_keys=KEYS) as a, running_server(token_keys=KEYS) as b:
-        with sdk.client([a.address, b.address]) as client, client.session("tiny") as s:
-            ys = [s.step(tokens[:10])]
-            first_id = s.session_id
-            drained = drain(a)
-            ys.append(s.step(tokens[10:20]))  # A answers or the session moves first: the same either way
-            ys.append(s.step(tokens[20:]))  # answered by B
-            assert s.session_id != first_id and s.steps == 30 and s.target == b.address
-            drained.result(30)  # A finished draining early: its only session left
-            assert b.server.sessions.sessions and not a.server.sessions.sessions
+    with (
+        running_server(token_keys=KEYS) as a,
+        running_server(token_keys=KEYS) as b,
+        sdk.client([a.address, b.address]) as client,
+        client.session("tiny") as s,
+    ):
+        ys = [s.step(tokens[:10])]
+        first_id = s.session_id
+        drained = drain(a)
+        ys.append(s.step(tokens[10:20]))  # A answers or the session moves first: the same either way
+        ys.append(s.step(tokens[20:]))  # answered by B
+        assert s.session_id != first_id and s.steps == 30 and s.target == b.address
+        drained.result(30)  # A finished draining early: its only session left
+        assert b.server.sessions.sessions and not a.server.sessions.sessions
     np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(tokens), atol=TOL, rtol=0)
 
 
@@ -62,56 +66,70 @@ def test_a_vanished_server_is_invisible_the_session_resumes_and_replays_since_it
 ):
     tokens = tokens_of(6, 40)
     chunks = np.split(tokens, [3, 5, 9, 10, 17, 22, 23, 30, 34])  # 10 messages
-    with running_server(token_keys=KEYS) as a, running_server(token_keys=KEYS) as b:
-        with sdk.client([a.address, b.address], checkpoint_every=every) as client, client.session("tiny") as s:
-            ys = [s.step(c) for c in chunks[:6]]  # 6 messages: a checkpoint every `every`, steps since
-            vanish(a)
-            ys += [s.step(c) for c in chunks[6:]]  # the first one resumes on B: no error, no repeats
-            assert s.target == b.address and s.steps == 40
-            assert len(b.server.sessions.sessions) == 1
+    with (
+        running_server(token_keys=KEYS) as a,
+        running_server(token_keys=KEYS) as b,
+        sdk.client([a.address, b.address], checkpoint_every=every) as client,
+        client.session("tiny") as s,
+    ):
+        ys = [s.step(c) for c in chunks[:6]]  # 6 messages: a checkpoint every `every`, steps since
+        vanish(a)
+        ys += [s.step(c) for c in chunks[6:]]  # the first one resumes on B: no error, no repeats
+        assert s.target == b.address and s.steps == 40
+        assert len(b.server.sessions.sessions) == 1
     assert [len(y) for y in ys] == [len(c) for c in chunks]
     np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(tokens), atol=TOL, rtol=0)
 
 
-def test_a_session_resumes_on_the_same_address_when_another_server_answers_there(
-    sdk, running_server, tiny_oracle
-):
+def test_a_session_resumes_on_the_same_address_when_another_server_answers_there(sdk, running_server, tiny_oracle):
     """Two servers on one port (SO_REUSEPORT, as `serve --workers` or a restart): the one holding the session
     stops, and the session goes on at the same address (a new stream reaches the other)."""
     tokens = tokens_of(7, 24)
-    with running_server(token_keys=KEYS) as one, running_server(token_keys=KEYS, port=one.server.port) as two:
-        with sdk.client(one.address, checkpoint_every=4) as client, client.session("tiny") as s:
-            ys = [s.step(tokens[i : i + 2]) for i in range(0, 14, 2)]
-            holder, other = (one, two) if one.server.sessions.sessions else (two, one)
-            vanish(holder)
-            ys += [s.step(tokens[i : i + 2]) for i in range(14, 24, 2)]
-            assert other.server.sessions.sessions and s.target == one.address and s.steps == 24
+    with (
+        running_server(token_keys=KEYS) as one,
+        running_server(token_keys=KEYS, port=one.server.port) as two,
+        sdk.client(one.address, checkpoint_every=4) as client,
+        client.session("tiny") as s,
+    ):
+        ys = [s.step(tokens[i : i + 2]) for i in range(0, 14, 2)]
+        holder, other = (one, two) if one.server.sessions.sessions else (two, one)
+        vanish(holder)
+        ys += [s.step(tokens[i : i + 2]) for i in range(14, 24, 2)]
+        assert other.server.sessions.sessions and s.target == one.address and s.steps == 24
     np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(tokens), atol=TOL, rtol=0)
 
 
 def test_with_every_server_gone_the_caller_gets_unavailable_after_the_resume_timeout(sdk, running_server):
-    with running_server(token_keys=KEYS) as a, running_server(token_keys=KEYS) as b:
-        with sdk.client([a.address, b.address], resume_timeout_s=1) as client, client.session("tiny") as s:
-            s.step([1, 2])
-            vanish(b)
-            vanish(a)
-            with pytest.raises(UnavailableError, match="no server took the session within 1 s") as err:
-                s.step([3])
-            assert a.address in err.value.details and b.address in err.value.details
-            with pytest.raises(UnavailableError):  # the session is over: every call says so
-                s.step([4])
+    with (
+        running_server(token_keys=KEYS) as a,
+        running_server(token_keys=KEYS) as b,
+        sdk.client([a.address, b.address], resume_timeout_s=1) as client,
+        client.session("tiny") as s,
+    ):
+        s.step([1, 2])
+        vanish(b)
+        vanish(a)
+        with pytest.raises(UnavailableError, match="no server took the session within 1 s") as err:
+            s.step([3])
+        assert a.address in err.value.details and b.address in err.value.details
+        with pytest.raises(UnavailableError):  # the session is over: every call says so
+            s.step([4])
 
 
 def test_a_token_every_other_server_refuses_is_data_loss_with_each_servers_answer(sdk, running_server):
-    with running_server(token_keys=KEYS) as a, running_server(token_keys=OTHER_KEYS) as b:
-        with sdk.client([a.address, b.address], resume_timeout_s=1) as client, client.session("tiny") as s:
-            s.step([1, 2])
-            s.snapshot()
-            vanish(a)
-            with pytest.raises(DataLossError, match="UNAUTHENTICATED") as err:
-                s.step([3])
-            assert b.address in err.value.details
-            assert not b.server.sessions.sessions
+    with (
+        running_server(token_keys=KEYS) as a,
+        running_server(token_keys=OTHER_KEYS) as b,
+        sdk.client([a.address, b.address], resume_timeout_s=1) as client,
+        client.session("tiny") as s,
+    ):
+        s.step([1, 2])
+        s.snapshot()
+        vanish(a)
+        with pytest.raises(DataLossError, match="UNAUTHENTICATED") as err:
+            s.step([3])
+        assert b.address in err.value.details
+        assert not b.server.sessions.sessions
 
 
 def test_a_server_with_another_model_file_under_the_same_name_is_refused(sdk, running_server, tmp_path):
@@ -119,12 +137,16 @@ def test_a_server_with_another_model_file_under_the_same_name_is_refused(sdk, ru
     from cellserve.model.export import export_random_model
 
     export_random_model(tmp_path / "v2", name="tiny", layers=2, hidden=32, seed=1)
-    with running_server(token_keys=KEYS) as a, running_server(model_dirs=[tmp_path / "v2"], token_keys=KEYS) as b:
-        with sdk.client([a.address, b.address], resume_timeout_s=1) as client, client.session("tiny") as s:
-            s.step([1, 2])
-            vanish(a)
-            with pytest.raises(DataLossError, match="another file"):
-                s.step([3])
+    with (
+        running_server(token_keys=KEYS) as a,
+        running_server(model_dirs=[tmp_path / "v2"], token_keys=KEYS) as b,
+        sdk.client([a.address, b.address], resume_timeout_s=1) as client,
+        client.session("tiny") as s,
+    ):
+        s.step([1, 2])
+        vanish(a)
+        with pytest.raises(DataLossError, match="another file"):
+            s.step([3])
 
 
 def test_with_checkpointing_off_a_vanished_server_loses_the_session_unless_its_token_is_current(
@@ -135,18 +157,19 @@ def test_with_checkpointing_off_a_vanished_server_loses_the_session_unless_its_t
         running_server(token_keys=KEYS) as a,
         running_server(token_keys=KEYS) as b,
         running_server(token_keys=KEYS) as c,
+        sdk.client([a.address, b.address, c.address], checkpoint_every=0) as client,
+        client.session("tiny") as s,
     ):
-        with sdk.client([a.address, b.address, c.address], checkpoint_every=0) as client, client.session("tiny") as s:
-            assert s.checkpoint_every == 0
-            ys = [s.step(tokens[:8])]
-            s.snapshot()  # current: nothing is answered after it
-            vanish(a)
-            ys.append(s.step(tokens[8:14]))  # resumed on B from the snapshot
-            assert s.steps == 14 and s.target == b.address
-            ys.append(s.step(tokens[14:17]))  # answered after the last token, and not kept
-            vanish(b)
-            with pytest.raises(DataLossError, match=r"9 steps were answered after .* \(at step 8\) with checkpointing off"):
-                s.step(tokens[17:])
+        assert s.checkpoint_every == 0
+        ys = [s.step(tokens[:8])]
+        s.snapshot()  # current: nothing is answered after it
+        vanish(a)
+        ys.append(s.step(tokens[8:14]))  # resumed on B from the snapshot
+        assert s.steps == 14 and s.target == b.address
+        ys.append(s.step(tokens[14:17]))  # answered after the last token, and not kept
+        vanish(b)
+        with pytest.raises(DataLossError, match=r"9 steps were answered after .*\(at step 8\) with checkpointing"):
+            s.step(tokens[17:])
     np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(tokens[:17]), atol=TOL, rtol=0)
 
 
