@@ -299,15 +299,10 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
     Use ``async with AsyncClient(...) as client, client.session("m") as s``."""
 
     def __init__(
-        self,
-        target: str | Sequence[str],
-        config: ChannelConfig | None = None,
-        *,
-        timeout_s: float = 30.0,
-        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-        resume_timeout_s: float = DEFAULT_RESUME_TIMEOUT_S,
+        self, target: str | Sequence[str], config: ChannelConfig | None = None, *, timeout_s: float = 30.0,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, resume_timeout_s: float = DEFAULT_RESUME_TIMEOUT_S,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-    ) -> None:
+    ) -> None:  # fmt: skip
         policy = SessionPolicy(checkpoint_every, resume_timeout_s, max_in_flight)
         super().__init__(target, config, ChannelConfig.aio_channel, timeout_s=timeout_s, policy=policy)
 
@@ -324,13 +319,9 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         await self.close()
 
     def session(
-        self,
-        model: str | None = None,
-        *,
-        idle_timeout_s: int = 0,
-        resume_token: bytes = b"",
+        self, model: str | None = None, *, idle_timeout_s: int = 0, resume_token: bytes = b"",
         checkpoint_every: int | None = None,
-    ) -> _OpeningSession:
+    ) -> _OpeningSession:  # fmt: skip
         """Open a session: ``async with client.session("m") as s`` (or ``s = await client.session("m")``).
 
         Skips UNAVAILABLE targets, as ``Client.session`` does; an open waits at most ``timeout_s``.
@@ -348,19 +339,11 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         return _OpeningSession(opening)
 
     async def generate(
-        self,
-        prompt: str,
-        max_tokens: int = 200,
-        *,
-        temperature: float = 0.8,
-        top_k: int = 0,
-        seed: int | None = None,
-        model: str | None = None,
-    ) -> AsyncIterator[Generated]:
+        self, prompt: str, max_tokens: int = 200, *, temperature: float = 0.8, top_k: int = 0,
+        seed: int | None = None, model: str | None = None,
+    ) -> AsyncIterator[Generated]:  # fmt: skip
         """Stream generated tokens as the server produces them."""
-        call = self._channels.current_stub().Generate(
-            generate_request(prompt, max_tokens, temperature, top_k, seed, model or ""), metadata=self._metadata
-        )
+        call = self._generate(generate_request(prompt, max_tokens, temperature, top_k, seed, model or ""))
         try:
             async for resp in call:
                 yield Generated(tuple(resp.token_ids), resp.text)

@@ -70,6 +70,9 @@ class ClientBase(Generic[C]):
             self.targets, policy, model=model or "", idle_timeout_s=idle_timeout_s, resume_token=resume_token
         )
 
+    def _generate(self, request: pb.GenerateRequest) -> Any:
+        return self._channels.current_stub().Generate(request, metadata=self._metadata)
+
     def _opened_on(self, core: SessionCore) -> None:
         self._channels.preferred = core.current  # where new sessions and unary calls go first
 
@@ -101,14 +104,9 @@ class Client(ClientBase[grpc.Channel]):
     """
 
     def __init__(
-        self,
-        target: str | Sequence[str],
-        config: ChannelConfig | None = None,
-        *,
-        timeout_s: float = 30.0,
-        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-        resume_timeout_s: float = DEFAULT_RESUME_TIMEOUT_S,
-    ) -> None:
+        self, target: str | Sequence[str], config: ChannelConfig | None = None, *, timeout_s: float = 30.0,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, resume_timeout_s: float = DEFAULT_RESUME_TIMEOUT_S,
+    ) -> None:  # fmt: skip
         policy = SessionPolicy(checkpoint_every, resume_timeout_s)
         super().__init__(target, config, ChannelConfig.sync_channel, timeout_s=timeout_s, policy=policy)
 
@@ -132,13 +130,9 @@ class Client(ClientBase[grpc.Channel]):
             raise UnavailableError(f"could not connect to {self.targets[0]} within {timeout_s} s") from None
 
     def session(
-        self,
-        model: str | None = None,
-        *,
-        idle_timeout_s: int = 0,
-        resume_token: bytes = b"",
+        self, model: str | None = None, *, idle_timeout_s: int = 0, resume_token: bytes = b"",
         checkpoint_every: int | None = None,
-    ) -> Session:
+    ) -> Session:  # fmt: skip
         """Open a session (``None`` = the server's default model); use it in a ``with`` block.
 
         A target that answers UNAVAILABLE (down, or draining) is skipped for the next one in the list,
@@ -150,18 +144,11 @@ class Client(ClientBase[grpc.Channel]):
         return session
 
     def generate(
-        self,
-        prompt: str,
-        max_tokens: int = 200,
-        *,
-        temperature: float = 0.8,
-        top_k: int = 0,
-        seed: int | None = None,
-        model: str | None = None,
-    ) -> Iterator[Generated]:
+        self, prompt: str, max_tokens: int = 200, *, temperature: float = 0.8, top_k: int = 0,
+        seed: int | None = None, model: str | None = None,
+    ) -> Iterator[Generated]:  # fmt: skip
         """Stream generated tokens as the server produces them."""
-        req = generate_request(prompt, max_tokens, temperature, top_k, seed, model or "")
-        call = self._channels.current_stub().Generate(req, metadata=self._metadata)
+        call = self._generate(generate_request(prompt, max_tokens, temperature, top_k, seed, model or ""))
         try:
             for resp in call:
                 yield Generated(tuple(resp.token_ids), resp.text)

@@ -5,14 +5,9 @@ five operations, defined in ``cellserve.client.ops``: ``Open`` a stream on a tar
 request, ``Receive`` the next response, ``Pause`` between retries, ``Finish`` (half-close). The sync
 ``Session`` performs them blocking, the ``AsyncSession`` awaiting them; neither decides anything.
 
-What the core keeps, per session:
-
-* the **base**: the newest resume token the session holds (from a checkpoint step, ``snapshot`` or
-  ``draining``) and its step count; a fresh session's base is "no token" (zero state);
-* the **replay buffer**: every step sent since the base, in order, each marked answered (its output
-  reached the caller) or not. Every ``checkpoint_every`` steps one step asks for a token
-  (``Step.checkpoint``); it comes back on that step's output and the buffer is cut there, so the
-  buffer holds at most ``checkpoint_every`` answered steps plus those in flight.
+What the core keeps, per session, besides ids and counts: the *base* (the newest resume token it
+holds, from a checkpoint step, ``snapshot`` or ``draining``; for a fresh session "no token", zero
+state) and the steps sent since, each answered or not (``cellserve.client.replay``).
 
 When the stream ends without ``closed`` (connection reset, UNAVAILABLE, keepalive timeout, or an OK
 end), or with ``closed{DRAIN}``, the core reopens from the base on the next target (the others first,
@@ -27,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -44,7 +39,9 @@ from cellserve.client.errors import (
     step_rejected,
 )
 from cellserve.client.ops import RECEIVE, ROOM, Ended, Finish, Op, Open, Pause, Reply, Send, SessionPolicy
-from cellserve.client.tensors import to_numpy, to_proto
+from cellserve.client.recovery import Recovery, candidates
+from cellserve.client.replay import ReplayBuffer, Sent
+from cellserve.client.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -59,19 +56,6 @@ CLOSE_REASONS = {
     pb.CLOSE_REASON_DRAIN: "drain",
 }
 CLOSED_CODES = {"idle": grpc.StatusCode.DEADLINE_EXCEEDED, "drain": grpc.StatusCode.UNAVAILABLE}
-# A target that answers an open with one of these refuses the session's state itself (its token, model
-# file or keys): trying it again cannot help. Any other answer (UNAVAILABLE, RESOURCE_EXHAUSTED, ...) may
-# change, so that target is tried again after a pause.
-REFUSALS = {
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.UNIMPLEMENTED,
-    grpc.StatusCode.DATA_LOSS,
-}
-FIRST_PAUSE_S, MAX_PAUSE_S = 0.05, 1.0  # backoff between rounds of resume attempts
 
 
 @dataclass(frozen=True)
@@ -88,33 +72,6 @@ class _SnapshotTaken:
 
 
 CLOSED = object()  # what the receive loop returns when the session ended (closed by the client)
-
-
-@dataclass
-class _Sent:
-    """A step sent since the base: replayed after a resume until a newer token covers it."""
-
-    seq: int
-    x: np.ndarray
-    steps: int  # T
-    answered: bool = False  # its output was received once (handed out, or discarded if unwanted)
-    wanted: bool = True  # False once its caller gave up on it (a cancelled ``await step``)
-    here: bool = False  # answered on the current stream
-
-
-@dataclass
-class _Recovery:
-    """One episode of getting the session back: from a failure until the replay has caught up."""
-
-    started: float
-    rounds: int = 0  # rounds of attempts made so far
-    pause: float = FIRST_PAUSE_S
-    refused: dict[int, str] = field(default_factory=dict)  # target index -> why it refuses the state
-    answers: dict[int, str] = field(default_factory=dict)  # target index -> its latest answer
-
-    def next_pause(self) -> float:
-        pause, self.pause = self.pause, min(self.pause * 2, MAX_PAUSE_S)
-        return pause
 
 
 def is_opened(reply: Reply) -> bool:
@@ -146,20 +103,14 @@ class SessionCore:
         self.closed_reason: str | None = None
         self.closed_message = ""
         self._clock = clock
-        self._base, self._base_steps, self._base_at = resume_token, 0, clock()
-        self._sent: dict[int, _Sent] = {}  # insertion order is seq order
-        self._next_seq = 0
+        self._buffer = ReplayBuffer(policy, resume_token, clock)
         self._opens = 0  # Open operations so far: each stream's generation number
         self._stream = 0  # generation of the stream the shell holds
-        self._stream_steps = 0  # steps in the state of the current stream's session
-        self._checkpoint_seq: int | None = None  # a step that asked for a token and is not answered yet
-        self._checkpoints = policy.checkpoint_every > 0  # off, or the server ignores Step.checkpoint
-        self._gap = 0  # answered steps since the base whose inputs were not kept (checkpoints off)
         self._control: list[pb.StreamRequest] = []  # snapshot/close sent and not answered: re-sent after a resume
         self._ending = False  # close was asked: no more steps
         self._resume_needed = False
         self._move_wanted = False
-        self._recovery: _Recovery | None = None
+        self._recovery: Recovery | None = None
         self._lost: CellserveClientError | None = None  # why the session cannot go on
 
     # -- what the shells show ---------------------------------------------------------------------
@@ -171,18 +122,12 @@ class SessionCore:
     @property
     def resume_token(self) -> bytes:
         """The newest token this session holds (its base); steps answered after it are replayed on a resume."""
-        return self._base
+        return self._buffer.token
 
     @property
     def unanswered(self) -> int:
         """Steps sent whose output the caller has not had (and still wants)."""
-        return sum(1 for e in self._sent.values() if e.wanted and not e.answered)
-
-    def abandon(self, seq: int) -> None:
-        """The caller of step ``seq`` gave up (cancelled): the step still runs; its output is discarded."""
-        e = self._sent.get(seq)
-        if e is not None and not e.answered:
-            e.wanted = False
+        return self._buffer.unanswered
 
     # -- routines ---------------------------------------------------------------------------------
 
@@ -195,7 +140,7 @@ class SessionCore:
             if is_opened(reply):
                 assert isinstance(reply, pb.StreamResponse)
                 o = reply.opened
-                self.model, self.model_sha256, self._base_steps = o.model, o.model_sha256, o.steps
+                self.model, self.model_sha256, self._buffer.base_steps = o.model, o.model_sha256, o.steps
                 self.steps = o.steps
                 self._adopt(index, o)
                 return
@@ -208,7 +153,7 @@ class SessionCore:
     def step(self, x: np.ndarray) -> Routine[np.ndarray]:
         """Send one checked chunk and return its output [T, O] (no other step may be unanswered)."""
         self._check_can_step(alone=True)
-        seq = self._next_seq
+        seq = self._buffer.next_seq
         try:
             yield from self._send(x)
             while True:
@@ -219,7 +164,7 @@ class SessionCore:
                 if event is CLOSED:
                     raise self._closed_error()
         except GeneratorExit:  # the caller gave up (a cancelled await): the step still runs, unseen
-            self.abandon(seq)
+            self._buffer.abandon(seq)
             raise
 
     def send(self, x: np.ndarray) -> Routine[int]:
@@ -270,8 +215,7 @@ class SessionCore:
     def close(self) -> Routine[None]:
         """Close now: outputs not yet taken are discarded; never resumes just to close. Idempotent."""
         if self.closed_reason is None and self._lost is None and not self._resume_needed:
-            for e in self._sent.values():
-                e.wanted = False
+            self._buffer.abandon_all()
             if not self._ending:
                 self._ending = True
                 yield Send(pb.StreamRequest(close=pb.Close()), self._stream)
@@ -317,12 +261,12 @@ class SessionCore:
         if kind == "error":
             return self._on_rejected(reply.error)
         if kind == "draining":
-            self._absorb(reply.draining.resume_token)
+            self._buffer.absorb(reply.draining.resume_token)
             self.draining = True
             self._move_wanted = len(self.targets) > 1 and not self._ending
             return None
         if kind == "snapshot":
-            self._absorb(reply.snapshot.token)
+            self._buffer.absorb(reply.snapshot.token)
             self._control = [r for r in self._control if r.WhichOneof("kind") != "snapshot"]
             return _SnapshotTaken(reply.snapshot.token)
         if kind == "closed":
@@ -331,20 +275,10 @@ class SessionCore:
 
     def _on_output(self, out: pb.Output) -> StepOutput | None:
         e = self._expect(out.seq)
-        e.here, self._stream_steps = True, self._stream_steps + e.steps
-        deliver = e.wanted and not e.answered
         if not e.answered:
-            e.answered, self.steps = True, self.steps + e.steps
-        if out.seq == self._checkpoint_seq:
-            self._checkpoint_seq = None
-            if not out.resume_token:  # a server that predates Step.checkpoint: keep no replay buffer
-                log.warning("server ignores Step.checkpoint; crash resume is off", extra={"target": self.target})
-                self._checkpoints = False
-        if out.resume_token:
-            self._absorb(out.resume_token)
-        elif not self._checkpoints:
-            self._gap += self._cut()
-        if self._recovery is not None and all(x.here or not x.answered for x in self._sent.values()):
+            self.steps += e.steps
+        deliver = self._buffer.answered(e, out.resume_token)
+        if self._recovery is not None and self._buffer.caught_up:
             self._recovery = None  # the replay has caught up: the session is back
         return StepOutput(out.seq, to_numpy(out.output)) if deliver else None
 
@@ -355,9 +289,7 @@ class SessionCore:
             refused = rejected.code != grpc.StatusCode.RESOURCE_EXHAUSTED  # a full queue may drain
             self._stream_failed(f"{self.target} refused a replayed step ({rejected})", refused=refused)
             return None
-        del self._sent[err.seq]
-        if err.seq == self._checkpoint_seq:
-            self._checkpoint_seq = None
+        self._buffer.rejected(e)
         if e.wanted:
             raise rejected
         return None
@@ -383,94 +315,54 @@ class SessionCore:
             return None
         raise self._lose(error)
 
-    def _expect(self, seq: int) -> _Sent:
-        """The step the next answer must be for: the first one not yet answered on this stream."""
-        e = next((e for e in self._sent.values() if not e.here), None)
+    def _expect(self, seq: int) -> Sent:
+        e = self._buffer.expect()
         if e is None or e.seq != seq:
             want = "none" if e is None else str(e.seq)
             raise self._lose(UnknownError(f"server answered seq {seq}; the next step awaiting an answer is {want}"))
         return e
 
-    # -- checkpoints and the replay buffer --------------------------------------------------------
-
     def _send(self, x: np.ndarray) -> Routine[int]:
-        e = _Sent(self._next_seq, x, int(x.shape[0]))
-        self._next_seq += 1
-        self._sent[e.seq] = e
-        checkpoint = (
-            self._checkpoints
-            and self._checkpoint_seq is None
-            and (
-                len(self._sent) >= self.policy.checkpoint_every
-                or self._clock() - self._base_at > self.policy.checkpoint_max_age_s
-            )
-        )
+        request = self._buffer.record(x)
         if not self._resume_needed:  # otherwise the resume's replay sends it
-            yield Send(self._step_request(e, checkpoint), self._stream)
-        return e.seq
-
-    def _step_request(self, e: _Sent, checkpoint: bool) -> pb.StreamRequest:
-        if checkpoint:
-            self._checkpoint_seq = e.seq
-        return pb.StreamRequest(step=pb.Step(seq=e.seq, input=to_proto(e.x), checkpoint=checkpoint))
-
-    def _absorb(self, token: bytes) -> None:
-        """A token in the stream holds the state after every output received before it: the new base."""
-        if not token:
-            return
-        self._base, self._base_steps, self._base_at = token, self._stream_steps, self._clock()
-        self._cut()
-        self._gap = 0
-
-    def _cut(self) -> int:
-        """Drop the steps answered on this stream (a prefix of the buffer); returns their step count."""
-        dropped = 0
-        for seq in list(self._sent):
-            e = self._sent[seq]
-            if not e.here:
-                break
-            dropped += e.steps
-            del self._sent[seq]
-        return dropped
+            yield Send(request, self._stream)
+        return request.step.seq
 
     # -- resuming and moving ----------------------------------------------------------------------
 
     def _stream_failed(self, why: str, *, refused: bool = False) -> None:
         self._resume_needed, self._move_wanted = True, False
         if self._recovery is None:
-            self._recovery = _Recovery(self._clock())
+            self._recovery = Recovery(self.targets, self.policy.resume_timeout_s, self._clock())
             log.info("session lost its server; resuming", extra={"session": self.session_id, "why": why})
-        self._recovery.answers[self.current] = why
-        if refused:
-            self._recovery.refused[self.current] = why
+        self._recovery.note(self.current, why, refused=refused)
 
     def _resume(self) -> Routine[None]:
         """Reopen from the base on the other targets, then this one again, until one takes the session."""
-        if self._gap:
+        if self._buffer.gap:
             raise self._lose(
                 DataLossError(
-                    f"{self.target} is gone and {self._gap} steps were answered after this session's last resume "
-                    f"token (at step {self._base_steps}) with checkpointing off (checkpoint_every=0): it cannot "
-                    "continue exactly; "
-"use checkpoint_every > 0, or snapshot() after steps you cannot redo"
+                    f"{self.target} is gone and {self._buffer.gap} steps were answered after this session's last "
+                    f"resume token (at step {self._buffer.base_steps}) with checkpointing off (checkpoint_every=0): "
+                    "it cannot continue exactly; use checkpoint_every > 0, or snapshot() after steps you cannot redo"
                 )
             )
         assert self._recovery is not None
         recovery = self._recovery
         while True:
-            if len(recovery.refused) == len(self.targets):
-                raise self._lose(self._give_up(recovery))
-            if recovery.rounds:  # the first round goes at once; later ones back off
-                yield Pause(self._pause_or_give_up(recovery))
-            recovery.rounds += 1
-            for index in self._candidates(include_current=True):
+            pause = recovery.next_round(self._clock())
+            if isinstance(pause, CellserveClientError):
+                raise self._lose(pause)
+            if pause:
+                yield Pause(pause)
+            for index in candidates(len(self.targets), self.current, include_current=True):
                 if index not in recovery.refused and (yield from self._reopen(index, recovery)):
                     return
 
     def _move(self) -> Routine[None]:
         """The server drains: reopen on another target now from its (current) token; else stay until it closes."""
-        recovery = _Recovery(self._clock())
-        for index in self._candidates(include_current=False):
+        recovery = Recovery(self.targets, self.policy.resume_timeout_s, self._clock())
+        for index in candidates(len(self.targets), self.current, include_current=False):
             if (yield from self._reopen(index, recovery)):
                 log.info("session moved off a draining server", extra={"session": self.session_id})
                 return
@@ -485,7 +377,7 @@ class SessionCore:
             self._stream = self._opens
         return reply
 
-    def _reopen(self, index: int, recovery: _Recovery) -> Routine[bool]:
+    def _reopen(self, index: int, recovery: Recovery) -> Routine[bool]:
         reply = yield from self._open_on(index)
         problem = self._opened_problem(reply)
         if problem is None:
@@ -493,9 +385,7 @@ class SessionCore:
             self._adopt(index, reply.opened)
             yield from self._replay()
             return True
-        recovery.answers[index] = f"{self.targets[index]}: {problem}"
-        if isinstance(problem, DataLossError) or problem.code in REFUSALS:
-            recovery.refused[index] = recovery.answers[index]
+        recovery.answered(index, problem)
         if is_opened(reply):  # the shell took that stream: it is the current one now, and wrong
             self.current = index
             self._stream_failed(str(problem), refused=True)
@@ -511,53 +401,31 @@ class SessionCore:
                 f"it serves model {o.model!r} from another file (sha256 {o.model_sha256[:12]}…, this session's is "
                 f"{self.model_sha256[:12]}…); every target must serve the same model file"
             )
-        if o.steps != self._base_steps:
-            return DataLossError(f"it resumed {o.steps} steps from a token of {self._base_steps}")
+        if o.steps != self._buffer.base_steps:
+            return DataLossError(f"it resumed {o.steps} steps from a token of {self._buffer.base_steps}")
         return None
 
     def _adopt(self, index: int, o: pb.Opened) -> None:
         self.current, self.session_id, self.idle_timeout_s = index, o.session_id, o.idle_timeout_s
-        self._stream_steps = o.steps
+        self._buffer.new_stream(o.steps)
         self.draining, self._resume_needed = False, False
-        for e in self._sent.values():
-            e.here = False
 
     def _replay(self) -> Routine[None]:
-        """Send the buffer again in order (the last one asks for a checkpoint), then pending snapshot/close."""
-        self._checkpoint_seq = None
-        entries = list(self._sent.values())
-        for k, e in enumerate(entries):
-            yield Send(self._step_request(e, self._checkpoints and k == len(entries) - 1), self._stream)
-        for request in self._control:
+        """Send the kept steps again, then a snapshot or close that was waiting for its answer."""
+        requests = self._buffer.replay()
+        for request in requests + self._control:
             yield Send(request, self._stream)
-        if entries and self._recovery is not None:
+        if requests and self._recovery is not None:
             log.info("session resumed", extra={"session": self.session_id, "target": self.target,
-                                               "replayed": len(entries)})  # fmt: skip
-        if not any(e.answered for e in entries):
+                                               "replayed": len(requests)})  # fmt: skip
+        if self._buffer.caught_up:
             self._recovery = None
-
-    def _candidates(self, *, include_current: bool) -> list[int]:
-        n = len(self.targets)
-        others = [(self.current + k) % n for k in range(1, n)]
-        return [*others, self.current] if include_current else others
-
-    def _pause_or_give_up(self, recovery: _Recovery) -> float:
-        left = self.policy.resume_timeout_s - (self._clock() - recovery.started)
-        if left <= 0:
-            raise self._lose(self._give_up(recovery))
-        return min(recovery.next_pause(), left)
-
-    def _give_up(self, recovery: _Recovery) -> CellserveClientError:
-        answers = "; ".join(recovery.answers.values())
-        if recovery.refused:  # a server refused the state itself (expired token, other weights or keys)
-            return DataLossError(f"no server could continue this session; {answers}")
-        return UnavailableError(f"no server took the session within {self.policy.resume_timeout_s:g} s; {answers}")
 
     # -- helpers ----------------------------------------------------------------------------------
 
     def _open_request(self) -> pb.StreamRequest:
         return pb.StreamRequest(
-            open=pb.Open(model=self.model, resume_token=self._base, idle_timeout_s=self.idle_timeout_s)
+            open=pb.Open(model=self.model, resume_token=self._buffer.token, idle_timeout_s=self.idle_timeout_s)
         )
 
     def _check_can_step(self, *, alone: bool) -> None:

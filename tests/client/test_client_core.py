@@ -159,7 +159,7 @@ def test_every_nth_step_asks_for_a_checkpoint_and_the_buffer_is_cut_at_its_token
     core = cluster.opened({"checkpoint_every": 4})
     for k in range(12):
         assert list(step(cluster, core, 2)) == positions(2 * k, 2)
-        assert len(core._sent) == (k + 1) % 4  # answered steps since the last token
+        assert len(core._buffer) == (k + 1) % 4  # answered steps since the last token
     assert [s.checkpoint for s in cluster.sent] == [False, False, False, True] * 3
     assert core.resume_token == b"24" and core.steps == 24
 
@@ -171,7 +171,7 @@ def test_checkpoint_every_1_asks_on_each_step_and_0_never(every, flags):
     for _ in range(4):
         step(cluster, core, 1)
     assert [s.checkpoint for s in cluster.sent] == flags
-    assert not core._sent  # nothing kept: every step is covered by a token, or checkpointing is off
+    assert not core._buffer  # nothing kept: every step is covered by a token, or checkpointing is off
 
 
 def test_a_crash_resumes_on_the_next_target_replays_since_the_token_and_hands_out_nothing_twice():
@@ -185,7 +185,7 @@ def test_a_crash_resumes_on_the_next_target_replays_since_the_token_and_hands_ou
     assert cluster.opens == [0, 1] and core.target == "t1:1" and core.steps == 15
     assert [s.seq for s in cluster.sent] == [4, 5, 6]  # the buffer, in order, then the step in flight
     assert [s.checkpoint for s in cluster.sent] == [False, False, True]  # the last replayed one asks
-    assert core.resume_token == b"15" and not core._sent
+    assert core.resume_token == b"15" and not core._buffer
 
 
 def test_a_step_in_flight_when_the_server_died_is_rerun_and_answered_once():
@@ -272,7 +272,7 @@ def test_a_server_that_ignores_step_checkpoint_turns_checkpointing_off_and_keeps
     for _ in range(5):
         step(cluster, core, 1)
     assert [s.checkpoint for s in cluster.sent] == [False, True, False, False, False]
-    assert not core._sent  # the buffer does not grow without tokens
+    assert not core._buffer  # the buffer does not grow without tokens
     cluster.kill(0)
     with pytest.raises(DataLossError, match="checkpointing off"):
         step(cluster, core, 1)
