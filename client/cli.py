@@ -1,5 +1,5 @@
-"""Client subcommands: ``cellserve models``, ``cellserve health``, ``cellserve bench [soak]``, and the
-``--server`` half of ``cellserve generate`` (``remote_generate``).
+"""Client subcommands: ``cellserve models``, ``cellserve health``, ``cellserve bench [soak|checkpoint]``,
+and the ``--server`` half of ``cellserve generate`` (``remote_generate``, with the same connection flags).
 
 Nothing heavy is imported at module level; each handler imports the SDK when it runs.
 """
@@ -14,14 +14,22 @@ from pathlib import Path
 DEFAULT_SERVER = "localhost:50051"
 
 
-def _add_connection_flags(p: argparse.ArgumentParser, *, server_default: str | None = DEFAULT_SERVER) -> None:
-    p.add_argument("--server", default=server_default, metavar="HOST:PORT", help="server address")
+def add_connection_flags(
+    p: argparse.ArgumentParser,
+    *,
+    server_default: str | None = DEFAULT_SERVER,
+    server_help: str = "server address",
+    timeout: bool = True,
+) -> None:
+    """``--server`` and how to reach it (TLS, bearer token): the same flags on every client command."""
+    p.add_argument("--server", default=server_default, metavar="HOST:PORT", help=server_help)
     p.add_argument("--tls-root-cert", type=Path, default=None, help="PEM root certificate(s): connect with TLS")
     p.add_argument("--tls-client-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
     p.add_argument("--tls-client-key", type=Path, default=None, help="PEM client private key (mutual TLS)")
     p.add_argument("--tls-server-name", default=None, help="name to check the server certificate against")
     p.add_argument("--token", default=None, help="bearer token sent as 'authorization: Bearer …'")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds for unary calls")
+    if timeout:
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds for unary calls")
 
 
 def channel_config(args: argparse.Namespace) -> object:
@@ -37,11 +45,11 @@ def channel_config(args: argparse.Namespace) -> object:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``models``, ``health`` and ``bench`` to the ``cellserve`` command."""
     p = subparsers.add_parser("models", help="list the models a server serves (JSON lines)")
-    _add_connection_flags(p)
+    add_connection_flags(p)
     p.set_defaults(func=_models)
 
     p = subparsers.add_parser("health", help="check a server's health; exit 0 iff SERVING")
-    _add_connection_flags(p)
+    add_connection_flags(p)
     p.add_argument("--service", default="", help="health service name: '' = the server, or a model name")
     p.set_defaults(func=_health)
 
@@ -108,14 +116,13 @@ def remote_generate(args: argparse.Namespace) -> int:
     """``cellserve generate --server HOST:PORT``: stream the server's text to stdout as it arrives.
 
     ``args`` has server, model (None/"" = the server's default), prompt, max_bytes, temperature,
-    top_k, seed; TLS/token flags are honoured when present.
+    top_k, seed, and the connection flags (``add_connection_flags``).
     """
-    from cellserve.client import CellserveClientError, ChannelConfig, Client
+    from cellserve.client import CellserveClientError, Client
 
-    config = channel_config(args) if hasattr(args, "tls_root_cert") else ChannelConfig()
     out = sys.stdout.buffer
     try:
-        with Client(args.server, config) as client:  # type: ignore[arg-type]
+        with Client(args.server, channel_config(args)) as client:  # type: ignore[arg-type]
             out.write(args.prompt.encode("utf-8"))
             out.flush()
             for chunk in client.generate(

@@ -70,3 +70,23 @@ def test_bench_at_tiny_size_reports_three_baselines_and_sane_ratios(tiny_model_d
     assert all(_finite_positive(v) for v in cfg["ratios"].values()), cfg["ratios"]
     assert math.isclose(cfg["ratios"]["msgs_vs_echo"], cs["msgs_per_s"] / cfg["baselines"]["echo"]["msgs_per_s"])
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_with_server_takes_the_same_token_and_tls_flags_as_models(running_server, pki, tmp_path, capsysbinary):
+    f = pki.write(tmp_path)
+    secure = {"tls_cert_file": f["server_cert"], "tls_key_file": f["server_key"], "auth_tokens": "sekrit"}
+    with running_server(**secure) as srv:
+        server = f"localhost:{srv.server.port}"
+        argv = ["generate", "--server", server, "--prompt", "ab", "--max-bytes", "4", "--seed", "1",
+                "--tls-root-cert", str(f["ca"])]  # fmt: skip
+        assert cellserve_main([*argv, "--token", "sekrit"]) == 0
+        out = capsysbinary.readouterr().out
+        assert out.startswith(b"ab") and len(out) == 2 + 4 + 1
+        assert cellserve_main(argv) == 1  # no token
+        assert b"UNAUTHENTICATED" in capsysbinary.readouterr().err
+        assert cellserve_main(["models", "--server", server, "--tls-root-cert", str(f["ca"]), "--token", "sekrit"]) == 0
+
+
+def test_generate_offline_refuses_connection_flags_without_server(capsys):
+    assert cellserve_main(["generate", "--token", "x", "--max-bytes", "1"]) == 2
+    assert "--token apply to a server: add --server HOST:PORT" in capsys.readouterr().err
