@@ -189,6 +189,7 @@ class AsyncSession(SessionBase):
             routine.close()
             if held:
                 self._release_after_write()
+            self._room.set()  # a sender waiting for room looks again (the session may have ended)
 
     def _release_after_write(self) -> None:
         if self._writing is not None and not self._writing.done():  # cancelled mid-write: wait for it

@@ -58,14 +58,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="benchmark a server against same-run baselines (echo, naive stateless, raw onnxruntime)",
         description="Drive N concurrent sessions with T steps per message from several client processes; "
         "print a table, write JSON and a PNG. Without --server, starts `cellserve serve` on port 0 itself. "
-        "`cellserve bench soak --help`: the long-running churn soak instead.",
+        "`cellserve bench soak --help`: the long-running churn soak instead; `cellserve bench checkpoint --help`: "
+        "what crash-safe SDK sessions cost.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    from cellserve.client.bench.options import add_bench_flags, add_soak_flags
+    from cellserve.client.bench.options import add_bench_flags, add_checkpoint_flags, add_soak_flags
 
     add_bench_flags(p)
     p.set_defaults(func=_bench)
-    benches = p.add_subparsers(dest="bench_command", title="other benchmarks", metavar="{soak}")
+    benches = p.add_subparsers(dest="bench_command", title="other benchmarks", metavar="{soak,checkpoint}")
     s = benches.add_parser(
         "soak",
         help="churn sessions for minutes; record RSS, slots and latency over time (JSON + PNG)",
@@ -78,6 +79,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_soak_flags(s)
     s.set_defaults(func=_soak)
+    c = benches.add_parser(
+        "checkpoint",
+        help="SDK msgs/s with checkpointing every 1, 8, 64 step messages and off, in one run (JSON)",
+        description="N closed-loop asyncio SDK sessions (await s.step, T steps per message) against the same server, "
+        "once per checkpoint_every setting (0 = off, the baseline, and --every), in rounds of rotating order; prints "
+        "each setting's median msgs/s, its ratio to off, latency and server CPU per message, and writes "
+        "checkpoint.json. Without --server, starts `cellserve serve` on port 0 itself.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_checkpoint_flags(c)
+    c.set_defaults(func=_checkpoint)
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -148,6 +160,12 @@ def _bench(args: argparse.Namespace) -> int:
     from cellserve.client.bench.runner import run_bench
 
     return run_bench(args)
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from cellserve.client.bench.checkpoint import run_checkpoint_bench
+
+    return run_checkpoint_bench(args)
 
 
 def _soak(args: argparse.Namespace) -> int:
