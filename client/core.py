@@ -263,7 +263,7 @@ class SessionCore:
         if kind == "draining":
             self._buffer.absorb(reply.draining.resume_token)
             self.draining = True
-            self._move_wanted = len(self.targets) > 1 and not self._ending
+            self._move_wanted = len(self.targets) > 1 and (not self._ending or self.unanswered > 0)
             return None
         if kind == "snapshot":
             self._buffer.absorb(reply.snapshot.token)

@@ -185,3 +185,20 @@ def test_a_move_that_finds_no_taker_keeps_the_session_on_the_draining_server(sdk
             assert s.target == a.address
         drained.result(30)
     np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(tokens), atol=TOL, rtol=0)
+
+
+def test_a_session_outlives_connection_age_goaways_by_resuming_on_the_same_address(sdk, running_server, tiny_oracle):
+    """``max_connection_age_s`` ends a connection's streams after its grace: the session comes back at once."""
+    rng = np.random.default_rng(9)
+    with (
+        running_server(token_keys=KEYS, max_connection_age_s=0.3, max_connection_age_grace_s=0.3) as srv,
+        sdk.client(srv.address, checkpoint_every=4) as client,
+        client.session("tiny") as s,
+    ):
+        sent, ys, ids = [], [], {s.session_id}
+        while len(ids) < 3 and len(sent) < 5000:  # until it has resumed twice (bounded)
+            sent.append(rng.integers(0, 256, size=2, dtype=np.int64))
+            ys.append(s.step(sent[-1]))
+            ids.add(s.session_id)
+        assert len(ids) == 3, f"no resume after {len(sent)} steps"
+    np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(np.concatenate(sent)), atol=TOL, rtol=0)
