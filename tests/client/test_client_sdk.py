@@ -55,10 +55,10 @@ def wait_no_active_sessions(srv: Any, timeout_s: float = 10.0) -> bool:
     return srv.call(settled(), timeout=timeout_s + 5)
 
 
-def test_sync_session_single_and_chunked_steps_match_the_oracle(running_server, tiny_oracle):
+def test_single_and_chunked_steps_match_the_oracle(sdk, running_server, tiny_oracle):
     tokens = np.random.default_rng(1).integers(0, 256, size=12, dtype=np.int64)
     want = oracle_y(tiny_oracle, tokens)
-    with running_server() as srv, Client(srv.address) as client:
+    with running_server() as srv, sdk.client(srv.address) as client:
         with client.session("tiny") as s:
             singles = np.concatenate([s.step(int(t)) for t in tokens[:6]])
             chunk = s.step(tokens[6:])  # T = 6 in one message
@@ -97,12 +97,17 @@ def test_async_session_step_and_pipelined_outputs_match_the_oracle(running_serve
     np.testing.assert_allclose(np.concatenate([first] + [o.y for o in outs]), want, atol=TOL)
 
 
-def test_rejected_step_raises_step_rejected_and_the_session_goes_on(running_server, tiny_oracle):
+def test_rejected_step_raises_step_rejected_and_the_session_goes_on(sdk, running_server, tiny_oracle):
     tokens = np.arange(5, dtype=np.int64)
-    with running_server(max_chunk_steps=4) as srv, Client(srv.address) as client, client.session("tiny") as s:
+    with (
+        running_server(max_chunk_steps=4) as srv,
+        sdk.client(srv.address) as client,
+        client.session("tiny") as s,
+    ):
         y0 = s.step(tokens[:2])
         with pytest.raises(StepRejected) as info:
             s.step(np.arange(5, dtype=np.int64))  # T=5 > max_chunk_steps: the server refuses this step
+        assert type(info.value) is InvalidInputError  # the same type as the client's own refusals
         assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
         assert "T=5" in info.value.details and info.value.seq == 1
         y1 = s.step(tokens[2:])  # state unchanged by the rejected step
@@ -130,8 +135,8 @@ def test_async_iteration_survives_a_rejected_step(running_server):
         assert asyncio.run(main(srv.address)) == ([0, 2], [1])
 
 
-def test_client_side_checks_refuse_bad_inputs_before_sending(running_server):
-    with running_server() as srv, Client(srv.address) as client, client.session("tiny") as s:
+def test_client_side_checks_refuse_bad_inputs_before_sending(sdk, running_server):
+    with running_server() as srv, sdk.client(srv.address) as client, client.session("tiny") as s:
         with pytest.raises(InvalidInputError, match="out of range") as refused:
             s.step([300])
         assert isinstance(refused.value, StepRejected) and refused.value.seq is None  # caught like the server's
@@ -166,8 +171,12 @@ def test_unreachable_server_is_unavailable():
         client.list_models()
 
 
-def test_idle_expired_session_raises_session_closed_with_deadline_exceeded(running_server):
-    with running_server(idle_timeout_s=100) as srv, Client(srv.address) as client, client.session("tiny") as s:
+def test_idle_expired_session_raises_session_closed_with_deadline_exceeded(sdk, running_server):
+    with (
+        running_server(idle_timeout_s=100) as srv,
+        sdk.client(srv.address) as client,
+        client.session("tiny") as s,
+    ):
         s.step([1])
 
         async def expire() -> int:
