@@ -1,8 +1,8 @@
 """cellserve client SDK: ``Client`` (blocking) and ``AsyncClient`` (asyncio), typed errors, CLI, bench.
 
     from cellserve.client import Client
-    with Client("localhost:50051") as client, client.session("pychar") as s:
-        y = s.step([104, 105])  # [T=2, 256] logits
+    with Client(["a:50051", "b:50051"]) as client, client.session("pychar") as s:
+        y = s.step([104, 105])  # [T=2, 256] logits; survives a drain or a crash of its server
 
 Depends only on the generated ``cellserve.v1`` stubs, grpcio and numpy (never on server or model).
 """
@@ -10,6 +10,7 @@ Depends only on the generated ``cellserve.v1`` stubs, grpcio and numpy (never on
 from cellserve.client.aio import AsyncClient, AsyncSession
 from cellserve.client.channel import TLS, ChannelConfig
 from cellserve.client.client import Client, Generated
+from cellserve.client.core import StepOutput
 from cellserve.client.errors import (
     CellserveClientError,
     DataLossError,
@@ -27,7 +28,7 @@ from cellserve.client.errors import (
     UnimplementedError,
 )
 from cellserve.client.model_info import ModelInfo
-from cellserve.client.protocol import StepOutput
+from cellserve.client.ops import SessionPolicy
 from cellserve.client.session import Session
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "ResourceExhaustedError",
     "Session",
     "SessionClosedError",
+    "SessionPolicy",
     "StepOutput",
     "StepRejected",
     "UnauthenticatedError",

@@ -1,38 +1,51 @@
-"""asyncio client: sessions with pipelined sends (``async for`` over outputs), generate, models, health."""
+"""asyncio client: the awaiting I/O shell over ``SessionCore`` (``step``, or pipelined ``send`` +
+``async for``), generate, models, health.
+
+Each stream's responses are read by a reader task into an inbox as they arrive, so a ``draining``
+pushed to an idle session is already in hand when the next call looks.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from types import TracebackType
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
-from cellserve.client.channel import ChannelConfig, Channels, normalize_targets
-from cellserve.client.client import Generated, generate_request, health_name
-from cellserve.client.errors import (
-    CellserveClientError,
-    DataLossError,
-    FailedPreconditionError,
-    StepRejected,
-    UnavailableError,
-    error_class,
-    from_rpc_error,
-)
+from cellserve.client.channel import ChannelConfig
+from cellserve.client.client import ClientBase, Generated, generate_request, health_name
+from cellserve.client.core import Routine, SessionCore, StepOutput, is_opened
+from cellserve.client.errors import CellserveClientError, UnavailableError, error_class, from_rpc_error
 from cellserve.client.model_info import ModelInfo
-from cellserve.client.protocol import ResumeAttempt, SessionState, StepOutput
+from cellserve.client.ops import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_RESUME_TIMEOUT_S,
+    Ended,
+    Finish,
+    Open,
+    Pause,
+    Receive,
+    Reply,
+    Room,
+    Send,
+    SessionPolicy,
+)
+from cellserve.client.session_base import SessionBase
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
+T = TypeVar("T")
 CORE_WRITE_RACE = "Internal error from Core"  # grpc aio's status for a write on a stream that just died
-LEAVE_TIMEOUT_S = 10.0  # after a move: how long the old server may take to confirm the close
 
 
 class _Inbox:
-    """Reads a stream's responses as they arrive, so a `draining` pushed to an idle session is already
-    in hand when the next write finds the stream ended (a failed write discards grpc's own buffer)."""
+    """A stream's responses, read by a task as they arrive (a failed write would discard grpc's own
+    buffer, and with it a `draining` pushed to an idle session); then how the stream ended."""
 
     def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
         self._queue: asyncio.Queue[pb.StreamResponse | grpc.RpcError | None] = asyncio.Queue()
@@ -60,230 +73,84 @@ class _Inbox:
             self._ended, self._end = True, item
         return item
 
-    def received(self) -> list[pb.StreamResponse]:
-        """Responses already received and not yet taken (never waits)."""
-        out = []
-        while not self._ended and not self._queue.empty():
-            item = self._queue.get_nowait()
-            if not isinstance(item, pb.StreamResponse):
-                self._ended, self._end = True, item
-                break
-            out.append(item)
-        return out
 
-
-class AsyncSession:
+class AsyncSession(SessionBase):
     """An asyncio session.
 
     One at a time: ``y = await s.step(x)``. Pipelined: ``await s.send(x)`` any number of chunks from
     one task and ``async for out in s`` (``out.seq``, ``out.y``) in another; ``await s.end()`` asks the
     server to close after the steps already sent, which ends the iteration. A ``StepRejected`` raised
-    by the iteration concerns that step only: catch it and keep iterating. ``async with`` closes the
-    session on the way out, also on exceptions.
+    by the iteration concerns that step only: catch it and keep iterating. Both ways survive a drain or
+    a crash of the server like the sync ``Session``. ``async with`` closes the session on the way out.
     """
 
     def __init__(
-        self,
-        state: SessionState,
-        *,
-        metadata: tuple[tuple[str, str], ...] = (),
-        connect: Callable[[str], pb_grpc.CellServeStub] | None = None,
+        self, core: SessionCore, connect: Callable[[str], pb_grpc.CellServeStub], metadata: tuple, open_timeout_s: float
     ) -> None:
-        self.state = state
-        self.info: ModelInfo | None = None
+        super().__init__(core)
+        self._connect = connect
         self._metadata = metadata
-        self._connect = connect  # stub for another target: enables transparent resume on drain
-        self._target = 0  # index in state.targets of the server holding the session
-        self._lost: CellserveClientError | None = None  # why a failed move ended the session
-        self._abandoned: set[int] = set()  # seqs of steps whose caller was cancelled
+        self._open_timeout_s = open_timeout_s
         self._call: grpc.aio.StreamStreamCall | None = None
         self._inbox: _Inbox | None = None
-        self._close_sent = False
-        self._done_writing = False
-        self._failed = False  # the stream ended with an error status: nothing left to close
+        self._generation = 0  # of the current stream (see ops.Send)
+        self._lock = asyncio.Lock()  # held while performing anything but a wait: writes never interleave
+        self._writing: asyncio.Future | None = None  # a shielded write that may outlive a cancelled caller
+        self._room = asyncio.Event()  # set whenever a response was read (pipelined send waits on it)
 
     @classmethod
     async def open(
         cls,
-        stub: pb_grpc.CellServeStub,
-        info_for: Callable[[str], Awaitable[ModelInfo]],
-        state: SessionState,
-        *,
-        model: str,
-        idle_timeout_s: int,
-        resume_token: bytes,
-        metadata: tuple[tuple[str, str], ...],
-        connect: Callable[[str], pb_grpc.CellServeStub] | None = None,
-        target: int = 0,
+        core: SessionCore,
+        connect: Callable[[str], pb_grpc.CellServeStub],
+        info_for: Callable[[str, str], Awaitable[ModelInfo]],
+        metadata: tuple,
+        open_timeout_s: float,
+        start: int,
     ) -> AsyncSession:
-        session = cls(state, metadata=metadata, connect=connect)
-        session._target = target
-        await session._open_on(stub, model, idle_timeout_s, resume_token)
+        """Open on the first target from ``start`` that takes the session, and learn its model."""
+        session = cls(core, connect, metadata, open_timeout_s)
+        await session._perform(core.open(start))
         try:
-            session.info = await info_for(state.model)
+            session.info = await info_for(core.model, core.target)
         except BaseException:
-            session._stream.cancel()
+            session._cancel()
             raise
         return session
 
-    async def _open_on(self, stub: pb_grpc.CellServeStub, model: str, idle_timeout_s: int, token: bytes) -> None:
-        self._call = stub.Stream(metadata=self._metadata)
-        self._inbox = _Inbox(self._call)
-        self._close_sent = self._done_writing = self._failed = False
-        try:
-            await self._write(self.state.open_request(model, idle_timeout_s, token))
-            self.state.on_opened(await self._read())
-        except BaseException:
-            self._stream.cancel()
-            raise
+    async def step(self, x: object) -> np.ndarray:
+        """Send one chunk and wait for its output [T, O] (no pipelined step may be unanswered).
 
-    @property
-    def _stream(self) -> grpc.aio.StreamStreamCall:
-        assert self._call is not None, "session not opened"
-        return self._call
-
-    @property
-    def session_id(self) -> str:
-        return self.state.session_id
-
-    @property
-    def steps(self) -> int:
-        return self.state.steps
+        Cancelled, the step may still run on the server: its output is then discarded and the session
+        goes on from the state after it.
+        """
+        return await self._perform(self._core.step(self._checked(x)))
 
     async def send(self, x: object) -> int:
-        """Send one chunk without waiting for its output; returns its seq."""
-        assert self.info is not None
-        if self._close_sent:
-            raise FailedPreconditionError("end() or close() was called; this session takes no more steps")
-        req = self.state.step_request(self.info.check_input(x))
-        await self._write(req)
-        return req.step.seq
-
-    async def step(self, x: object) -> np.ndarray:
-        """Send one chunk and wait for its output [T, O] (use with no other steps pending).
-
-        With several targets, a session whose server drains moves to the next one on its own, as in
-        the sync ``Session.step`` (pipelined ``send``/``async for`` does not move: watch ``state.draining``).
-        """
-        if self._lost is not None:
-            raise self._lost
-        if self._abandoned:
-            await self._discard_abandoned()
-        if self.state.pending:
-            raise FailedPreconditionError("step() with pipelined steps pending; read them with `async for` first")
-        assert self.info is not None
-        if self._close_sent:
-            raise FailedPreconditionError("end() or close() was called; this session takes no more steps")
-        req = self.state.step_request(self.info.check_input(x))
-        try:
-            return await self._step(req)
-        except asyncio.CancelledError:
-            # The request may have reached the server, which then runs the step: its output is
-            # discarded when it arrives, and the session goes on from the state after it.
-            if req.step.seq in self.state.pending:
-                self._abandoned.add(req.step.seq)
-            raise
-
-    async def _step(self, req: pb.StreamRequest) -> np.ndarray:
-        seq = req.step.seq
-        await self._send_or_resume(req)
-        while True:
-            try:
-                resp = await self._read()
-            except UnavailableError:
-                if not self._can_resume():
-                    raise
-                await self._resume_elsewhere(self.state.resume_token)  # the token predates this step:
-                await self._send_or_resume(req)  # send it again from the token's state
-                continue
-            out = self.state.on_response(resp)
-            if out is not None:
-                if out.seq != seq:
-                    raise UnavailableError(f"server answered seq {out.seq} while seq {seq} was expected")
-                if self.state.draining and self._can_resume():
-                    await self._move()
-                return out.y
-            if self.state.closed_reason is not None:
-                if self.state.closed_reason == "drain" and self._can_resume():
-                    await self._resume_elsewhere(self.state.resume_token)
-                    await self._send_or_resume(req)
-                    continue
-                raise self.state.closed_error()
-
-    async def _discard_abandoned(self) -> None:
-        """Read and drop the outputs of steps whose caller was cancelled."""
-        while self._abandoned & self.state.pending.keys():
-            try:
-                out = self.state.on_response(await self._read())
-            except StepRejected as e:
-                self._abandoned.discard(e.seq)
-                continue
-            if out is not None:
-                self._abandoned.discard(out.seq)
-            elif self.state.closed_reason is not None:
-                raise self.state.closed_error()
-        self._abandoned.clear()
-
-    async def _send_or_resume(self, req: pb.StreamRequest) -> None:
-        try:
-            await self._write(req)
-        except UnavailableError:
-            await self._absorb_rest()  # a `draining` token may be waiting behind the end of the stream
-            if not self._can_resume():
-                raise
-            await self._resume_elsewhere(self.state.resume_token)
-            await self._write(req)
+        """Send one chunk without waiting for its output; returns its seq. Waits while
+        ``max_in_flight`` steps are unanswered (read them with ``async for`` from another task)."""
+        return await self._perform(self._core.send(self._checked(x)))
 
     async def snapshot(self) -> bytes:
-        """Ask for a resume token of the current state (servers without resume answer UNIMPLEMENTED)."""
-        await self._write(self.state.snapshot_request())
-        while True:
-            resp = await self._read()
-            self.state.on_response(resp)
-            if resp.WhichOneof("kind") == "snapshot":
-                return resp.snapshot.token
-            if self.state.closed_reason is not None:
-                raise self.state.closed_error()
+        """An exact resume token of the current state (servers without resume answer UNIMPLEMENTED)."""
+        return await self._perform(self._core.snapshot())
+
+    async def end(self) -> None:
+        """Ask the server to close once the steps already sent are answered (ends ``async for``)."""
+        await self._perform(self._core.end())
+
+    async def close(self) -> None:
+        """Close now (outputs not yet read are discarded), wait for ``closed``, half-close. Idempotent."""
+        await self._perform(self._core.close())
 
     def __aiter__(self) -> AsyncSession:
         return self
 
     async def __anext__(self) -> StepOutput:
-        while self.state.closed_reason is None:
-            try:
-                resp = await self._read()
-            except UnavailableError:
-                if self._close_sent:
-                    raise StopAsyncIteration from None
-                raise
-            out = self.state.on_response(resp)  # StepRejected for a rejected step
-            if out is not None:
-                return out
-        if self.state.pending and self.state.closed_reason != "client":
-            raise self.state.closed_error()
-        raise StopAsyncIteration
-
-    async def end(self) -> None:
-        """Ask the server to close once the steps already sent are answered."""
-        if not self._close_sent and self.state.closed_reason is None:
-            self._close_sent = True
-            await self._write(self.state.close_request())
-
-    async def close(self) -> None:
-        """``end()``, discard outputs still pending, wait for ``closed``, half-close. Idempotent."""
-        try:
-            if self._failed:
-                return
-            await self.end()
-            while self.state.closed_reason is None:
-                try:
-                    resp = await self._read()
-                except UnavailableError:
-                    break
-                if resp.WhichOneof("kind") != "error":
-                    self.state.on_response(resp)
-        finally:
-            await self._half_close()
+        out = await self._perform(self._core.next_output())
+        if out is None:
+            raise StopAsyncIteration
+        return out
 
     async def __aenter__(self) -> AsyncSession:
         return self
@@ -291,148 +158,157 @@ class AsyncSession:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc is None:
-            await self.close()
-            return
-        try:  # never mask the original exception
+        try:  # never mask the exception that left the block
             await self.close()
         except CellserveClientError:
-            self._stream.cancel()
+            self._cancel()
+            if exc is None:
+                raise
 
-    # -- transparent resume -----------------------------------------------------------------------
+    # -- performing the core's operations ---------------------------------------------------------
 
-    def _can_resume(self) -> bool:
-        return self._connect is not None and bool(self.state.resume_token) and len(self.state.targets) > 1
-
-    async def _move(self) -> None:
-        """The server is draining: take an exact token, open on another target, then leave this one.
-
-        If no other target takes the session it stays here (served until the grace period ends) and
-        the next step tries again.
-        """
+    async def _perform(self, routine: Routine[T]) -> T:
+        """Run a core routine. The lock is held across every operation but the waits (Receive, Room), so
+        a resume's open and replay, and each write, happen without another task's write in between."""
+        reply: Reply = None
+        held = False
         try:
-            token = await self.snapshot()
-        except CellserveClientError:  # the grace ended first (closed, or the server stopped)
-            self._failed = True
-            try:  # the draining token is what is left; it is current unless a step was answered after it
-                await self._resume_elsewhere(self.state.resume_token)
-            except (UnavailableError, DataLossError) as e:
-                self._lost = e  # this step's output is still good: the next step reports the loss
-            return
-        here = (self._call, self._inbox, self.state.session_id, self._target)
+            while True:
+                op = routine.send(reply)
+                waits = isinstance(op, (Receive, Room))
+                if held and waits:
+                    held = False
+                    self._lock.release()
+                elif not held and not waits:
+                    await self._lock.acquire()
+                    held = True
+                reply = await getattr(self, op.handler)(op)
+        except StopIteration as done:
+            return done.value
+        finally:
+            routine.close()
+            if held:
+                self._release_after_write()
+            self._room.set()  # a sender waiting for room looks again (the session may have ended)
+
+    def _release_after_write(self) -> None:
+        if self._writing is not None and not self._writing.done():  # cancelled mid-write: wait for it
+            self._writing.add_done_callback(lambda _: self._lock.release())
+        else:
+            self._lock.release()
+
+    async def _open_stream(self, op: Open) -> Reply:
+        target = self._core.targets[op.index]
+        call = self._connect(target).Stream(metadata=self._metadata)
+        inbox = _Inbox(call)
         try:
-            await self._resume_elsewhere(token, leave_current=False)
-        except BaseException as e:  # nobody took it, or cancelled mid-move: stay here
-            if self._call is not here[0]:
-                self._stream.cancel()  # a half-opened stream on the other server
-            self._call, self._inbox, self.state.session_id, self._target = here
-            self._close_sent = self._done_writing = self._failed = False
-            self.state.closed_reason, self.state.draining = None, True
-            if isinstance(e, (UnavailableError, DataLossError)):
-                return
+            reply = await asyncio.wait_for(self._first_reply(call, inbox, op.request), self._open_timeout_s)
+        except TimeoutError:
+            reply = Ended(UnavailableError(f"{target} did not answer the open within {self._open_timeout_s:g} s"))
+        except BaseException:
+            call.cancel()
             raise
-        old, old_inbox = here[0], here[1]
-        assert old is not None and old_inbox is not None
-        try:  # leave the old server: `close`, half-close, read to the end (its slot is then free)
-            await old.write(self.state.close_request())
-            await old.done_writing()
-            while isinstance(await asyncio.wait_for(old_inbox.get(), LEAVE_TIMEOUT_S), pb.StreamResponse):
-                pass
-        except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError, TimeoutError):
-            old.cancel()
-        except BaseException:  # cancelled while leaving: the session already lives on the new server
-            old.cancel()
-            raise
+        if not is_opened(reply):
+            call.cancel()
+            return reply
+        self._cancel()  # the stream it replaces (gone, or draining)
+        self._call, self._inbox, self._generation = call, inbox, op.generation
+        return reply
 
-    async def _resume_elsewhere(self, token: bytes, *, leave_current: bool = True) -> None:
-        """Open the session on the other targets in turn with ``token``; UnavailableError if none takes it."""
-        assert self._connect is not None
-        if leave_current:
-            await self._half_close()
-            self._stream.cancel()
-        attempt = ResumeAttempt(self.state, self._target)
-        for index in attempt.candidates():
-            try:
-                await self._open_on(
-                    self._connect(self.state.targets[index]), self.state.model, self.state.idle_timeout_s, token
-                )
-            except CellserveClientError as e:
-                attempt.failed(index, e)
-                continue
-            self._target = index
-            if (stale := attempt.stale(index)) is not None:
-                await self.close()
-                raise stale
-            return
-        raise attempt.give_up()
-
-    # -- internals --------------------------------------------------------------------------------
-
-    async def _absorb_rest(self) -> None:
-        """The stream ended under a write: apply what the server sent before its end (``draining``, ``closed``)."""
-        assert self._inbox is not None
-        for resp in self._inbox.received():
-            if resp.WhichOneof("kind") in ("draining", "snapshot", "closed"):
-                self.state.on_response(resp)
-
-    async def _write(self, req: pb.StreamRequest) -> None:
-        if self._stream.done():  # the server already ended the stream: report its status, don't write
-            self._failed = True
-            raise await self._status_error()
+    async def _first_reply(self, call: grpc.aio.StreamStreamCall, inbox: _Inbox, request: pb.StreamRequest) -> Reply:
         try:
-            await asyncio.shield(self._stream.write(req))  # a cancelled caller must not cancel the call
+            await call.write(request)
         except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-            # Report the status the RPC ended with. A write that races the server's end of the stream
-            # can replace that status with INTERNAL "Internal error from Core" inside grpc's aio
-            # client (grpc/grpc#36066); the blocking Client is not affected. That status never comes
-            # from a server: it means the stream died under the write, i.e. the server is gone.
-            self._failed = True
-            err = await self._status_error()
-            if err.code == grpc.StatusCode.INTERNAL and err.details == CORE_WRITE_RACE:
-                raise UnavailableError("the stream ended while a request was being written (server gone?)") from None
-            raise err from None
+            pass  # the status comes through the inbox
+        return await self._reply(call, await inbox.get())
 
-    async def _read(self) -> pb.StreamResponse:
-        assert self._inbox is not None
-        item = await self._inbox.get()
+    async def _send(self, op: Send) -> None:
+        if op.generation != self._generation or self._call is None or self._call.done():
+            return  # replaced while this waited (the replay sent it), or gone (the next Receive says so)
+        self._writing = asyncio.ensure_future(self._call.write(op.request))
+        try:
+            await asyncio.shield(self._writing)  # a cancelled caller must not cancel the call
+        except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            pass  # the stream died under the write: the next Receive reports how
+
+    async def _receive(self, op: Receive) -> Reply:
+        assert self._inbox is not None and self._call is not None
+        reply = await self._reply(self._call, await self._inbox.get())
+        self._room.set()
+        return reply
+
+    async def _wait_for_room(self, op: Room) -> None:
+        self._room.clear()
+        await self._room.wait()
+
+    async def _pause(self, op: Pause) -> None:
+        await asyncio.sleep(op.seconds)
+
+    async def _finish(self, op: Finish) -> None:
+        if self._call is not None and not self._call.done():
+            try:
+                await self._call.done_writing()
+            except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                pass
+
+    @staticmethod
+    async def _reply(call: grpc.aio.StreamStreamCall, item: pb.StreamResponse | grpc.RpcError | None) -> Reply:
+        """A response, or how the stream ended (its status, read from the call when the reader saw none)."""
         if isinstance(item, pb.StreamResponse):
             return item
-        self._failed = True
         if isinstance(item, grpc.RpcError):
-            raise from_rpc_error(item)
-        raise await self._status_error()
+            error = from_rpc_error(item)
+        else:
+            code = await call.code()
+            if code is None or code == grpc.StatusCode.OK:
+                return Ended()
+            error = error_class(code)((await call.details()) or "", code)
+        if error.code == grpc.StatusCode.INTERNAL and error.details == CORE_WRITE_RACE:
+            # grpc aio's status for a write that raced the end of the stream (grpc/grpc#36066); never a
+            # server's: the stream died under the write, i.e. the server is gone
+            error = UnavailableError("the stream ended while a request was being written (server gone?)")
+        return Ended(error)
 
-    async def _status_error(self) -> CellserveClientError:
-        code = await self._stream.code()
-        if code is not None and code != grpc.StatusCode.OK:
-            details = await self._stream.details()
-            return error_class(code)(details or "", code)
-        return UnavailableError("the server ended the stream")
-
-    async def _half_close(self) -> None:
-        if not self._done_writing:
-            self._done_writing = True
-            try:
-                await self._stream.done_writing()
-            except (grpc.RpcError, grpc.aio.UsageError):
-                pass
+    def _cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
 
 
-class AsyncClient:
-    """asyncio client; same arguments as ``Client``. Use ``async with AsyncClient(...) as c``."""
+class _OpeningSession:
+    """What ``AsyncClient.session()`` returns: ``await`` it for the session, or ``async with`` it."""
+
+    def __init__(self, opening: Callable[[], Awaitable[AsyncSession]]) -> None:
+        self._opening = opening
+        self._session: AsyncSession | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncSession]:
+        return self._opening().__await__()
+
+    async def __aenter__(self) -> AsyncSession:
+        self._session = await self._opening()
+        return self._session
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._session is not None
+        await self._session.__aexit__(exc_type, exc, tb)
+
+
+class AsyncClient(ClientBase[grpc.aio.Channel]):
+    """asyncio client; the same arguments as ``Client``, plus ``max_in_flight`` for pipelined sessions.
+    Use ``async with AsyncClient(...) as client, client.session("m") as s``."""
 
     def __init__(
-        self, target: str | Sequence[str], config: ChannelConfig | None = None, *, timeout_s: float = 30.0
-    ) -> None:
-        self.targets = normalize_targets(target)
-        self.config = config or ChannelConfig()
-        self.timeout_s = timeout_s
-        self._metadata = self.config.call_metadata()
-        self._channels: Channels[grpc.aio.Channel] = Channels(self.targets, self.config.aio_channel)
-        self._infos: dict[str, ModelInfo] = {}
+        self, target: str | Sequence[str], config: ChannelConfig | None = None, *, timeout_s: float = 30.0,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, resume_timeout_s: float = DEFAULT_RESUME_TIMEOUT_S,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ) -> None:  # fmt: skip
+        policy = SessionPolicy(checkpoint_every, resume_timeout_s, max_in_flight)
+        super().__init__(target, config, ChannelConfig.aio_channel, timeout_s=timeout_s, policy=policy)
 
     async def close(self) -> None:
-        for channel in self._channels.all():
+        for channel in self._channels.close():
             await channel.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -443,53 +319,32 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
-    async def session(
-        self, model: str | None = None, *, idle_timeout_s: int = 0, resume_token: bytes = b""
-    ) -> AsyncSession:
-        """Open a session: ``async with await client.session("m") as s``. Skips UNAVAILABLE targets, as
-        ``Client.session`` does."""
-        start, errors = self._channels.preferred, []
-        for k in range(len(self.targets)):
-            index = (start + k) % len(self.targets)  # local: other tasks may open sessions meanwhile
-            target = self.targets[index]
-            try:
-                await asyncio.wait_for(self._channels.channel(target).channel_ready(), self.timeout_s)
-            except TimeoutError:
-                errors.append(f"{target}: not connected within {self.timeout_s} s")
-                continue
-            try:
-                session = await AsyncSession.open(
-                    self._channels.stub(target),
-                    lambda name, target=target: self._model_info(name, target),
-                    SessionState(targets=self.targets),
-                    model=model or "",
-                    idle_timeout_s=idle_timeout_s,
-                    resume_token=resume_token,
-                    metadata=self._metadata,
-                    connect=self._channels.stub,
-                    target=index,
-                )
-            except UnavailableError as e:
-                errors.append(f"{target}: {e.details}")
-                continue
-            self._channels.preferred = index
+    def session(
+        self, model: str | None = None, *, idle_timeout_s: int = 0, resume_token: bytes = b"",
+        checkpoint_every: int | None = None,
+    ) -> _OpeningSession:  # fmt: skip
+        """Open a session: ``async with client.session("m") as s`` (or ``s = await client.session("m")``).
+
+        Skips UNAVAILABLE targets, as ``Client.session`` does; an open waits at most ``timeout_s``.
+        """
+
+        async def opening() -> AsyncSession:
+            core = self._core(model, idle_timeout_s, resume_token, checkpoint_every)
+            start = self._channels.preferred  # read now: other tasks may open sessions meanwhile
+            session = await AsyncSession.open(
+                core, self._channels.stub, self._model_info, self._metadata, self.timeout_s, start
+            )
+            self._opened_on(core)
             return session
-        raise UnavailableError("no server took the session: " + "; ".join(errors))
+
+        return _OpeningSession(opening)
 
     async def generate(
-        self,
-        prompt: str,
-        max_tokens: int = 200,
-        *,
-        temperature: float = 0.8,
-        top_k: int = 0,
-        seed: int | None = None,
-        model: str | None = None,
-    ) -> AsyncIterator[Generated]:
+        self, prompt: str, max_tokens: int = 200, *, temperature: float = 0.8, top_k: int = 0,
+        seed: int | None = None, model: str | None = None,
+    ) -> AsyncIterator[Generated]:  # fmt: skip
         """Stream generated tokens as the server produces them."""
-        call = self._channels.current_stub().Generate(
-            generate_request(prompt, max_tokens, temperature, top_k, seed, model or ""), metadata=self._metadata
-        )
+        call = self._generate(generate_request(prompt, max_tokens, temperature, top_k, seed, model or ""))
         try:
             async for resp in call:
                 yield Generated(tuple(resp.token_ids), resp.text)
@@ -499,35 +354,21 @@ class AsyncClient:
             call.cancel()
 
     async def list_models(self) -> list[ModelInfo]:
-        try:
-            resp = await self._channels.current_stub().ListModels(
-                pb.ListModelsRequest(), metadata=self._metadata, timeout=self.timeout_s
-            )
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        infos = [ModelInfo.from_proto(m) for m in resp.models]
-        self._infos.update({i.name: i for i in infos})
-        return infos
+        return self._remember(await self._call("ListModels", pb.ListModelsRequest()))
 
     async def model_info(self, name: str) -> ModelInfo:
         return await self._model_info(name, self._channels.current)
 
     async def _model_info(self, name: str, target: str) -> ModelInfo:
         if name not in self._infos:
-            try:
-                resp = await self._channels.stub(target).ModelInfo(
-                    pb.ModelInfoRequest(model=name), metadata=self._metadata, timeout=self.timeout_s
-                )
-            except grpc.RpcError as e:
-                raise from_rpc_error(e) from None
-            self._infos[name] = ModelInfo.from_proto(resp.model)
+            self._remember(await self._call("ModelInfo", pb.ModelInfoRequest(model=name), target))
         return self._infos[name]
 
     async def health(self, service: str = "") -> str:
+        return health_name((await self._call("Check", health_pb2.HealthCheckRequest(service=service))).status)
+
+    async def _call(self, method: str, request: Any, target: str | None = None) -> Any:
         try:
-            resp = await self._channels.health().Check(
-                health_pb2.HealthCheckRequest(service=service), metadata=self._metadata, timeout=self.timeout_s
-            )
+            return await self._unary(method, request, target)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
-        return health_name(resp.status)

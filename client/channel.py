@@ -10,6 +10,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from cellserve.client.errors import FailedPreconditionError
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
 C = TypeVar("C")  # grpc.Channel or grpc.aio.Channel
@@ -102,11 +103,14 @@ class Channels(Generic[C]):
     def __init__(self, targets: tuple[str, ...], make: Callable[[str], C]) -> None:
         self.targets = targets
         self.preferred = 0
+        self.closed = False
         self._make = make
         self._channels: dict[str, C] = {targets[0]: make(targets[0])}
         self._stubs: dict[str, pb_grpc.CellServeStub] = {}
 
     def channel(self, target: str) -> C:
+        if self.closed:
+            raise FailedPreconditionError("the client is closed; its sessions cannot open or resume (use a new client)")
         channel = self._channels.get(target)
         if channel is None:
             channel = self._channels[target] = self._make(target)
@@ -114,7 +118,7 @@ class Channels(Generic[C]):
 
     def stub(self, target: str) -> pb_grpc.CellServeStub:
         stub = self._stubs.get(target)
-        if stub is None:
+        if stub is None or self.closed:
             stub = self._stubs[target] = pb_grpc.CellServeStub(self.channel(target))
         return stub
 
@@ -128,5 +132,7 @@ class Channels(Generic[C]):
     def health(self) -> health_pb2_grpc.HealthStub:
         return health_pb2_grpc.HealthStub(self.channel(self.current))
 
-    def all(self) -> list[C]:
+    def close(self) -> list[C]:
+        """Mark the client closed (no new streams) and return its channels, for the caller to close."""
+        self.closed = True
         return list(self._channels.values())

@@ -1,5 +1,5 @@
-"""Client subcommands: ``cellserve models``, ``cellserve health``, ``cellserve bench [soak]``, and the
-``--server`` half of ``cellserve generate`` (``remote_generate``).
+"""Client subcommands: ``cellserve models``, ``cellserve health``, ``cellserve bench [soak|checkpoint]``,
+and the ``--server`` half of ``cellserve generate`` (``remote_generate``, with the same connection flags).
 
 Nothing heavy is imported at module level; each handler imports the SDK when it runs.
 """
@@ -14,14 +14,22 @@ from pathlib import Path
 DEFAULT_SERVER = "localhost:50051"
 
 
-def _add_connection_flags(p: argparse.ArgumentParser, *, server_default: str | None = DEFAULT_SERVER) -> None:
-    p.add_argument("--server", default=server_default, metavar="HOST:PORT", help="server address")
+def add_connection_flags(
+    p: argparse.ArgumentParser,
+    *,
+    server_default: str | None = DEFAULT_SERVER,
+    server_help: str = "server address",
+    timeout: bool = True,
+) -> None:
+    """``--server`` and how to reach it (TLS, bearer token): the same flags on every client command."""
+    p.add_argument("--server", default=server_default, metavar="HOST:PORT", help=server_help)
     p.add_argument("--tls-root-cert", type=Path, default=None, help="PEM root certificate(s): connect with TLS")
     p.add_argument("--tls-client-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
     p.add_argument("--tls-client-key", type=Path, default=None, help="PEM client private key (mutual TLS)")
     p.add_argument("--tls-server-name", default=None, help="name to check the server certificate against")
     p.add_argument("--token", default=None, help="bearer token sent as 'authorization: Bearer …'")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds for unary calls")
+    if timeout:
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds for unary calls")
 
 
 def channel_config(args: argparse.Namespace) -> object:
@@ -37,11 +45,11 @@ def channel_config(args: argparse.Namespace) -> object:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``models``, ``health`` and ``bench`` to the ``cellserve`` command."""
     p = subparsers.add_parser("models", help="list the models a server serves (JSON lines)")
-    _add_connection_flags(p)
+    add_connection_flags(p)
     p.set_defaults(func=_models)
 
     p = subparsers.add_parser("health", help="check a server's health; exit 0 iff SERVING")
-    _add_connection_flags(p)
+    add_connection_flags(p)
     p.add_argument("--service", default="", help="health service name: '' = the server, or a model name")
     p.set_defaults(func=_health)
 
@@ -50,14 +58,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="benchmark a server against same-run baselines (echo, naive stateless, raw onnxruntime)",
         description="Drive N concurrent sessions with T steps per message from several client processes; "
         "print a table, write JSON and a PNG. Without --server, starts `cellserve serve` on port 0 itself. "
-        "`cellserve bench soak --help`: the long-running churn soak instead.",
+        "`cellserve bench soak --help`: the long-running churn soak instead; `cellserve bench checkpoint --help`: "
+        "what crash-safe SDK sessions cost.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    from cellserve.client.bench.options import add_bench_flags, add_soak_flags
+    from cellserve.client.bench.options import add_bench_flags, add_checkpoint_flags, add_soak_flags
 
     add_bench_flags(p)
     p.set_defaults(func=_bench)
-    benches = p.add_subparsers(dest="bench_command", title="other benchmarks", metavar="{soak}")
+    benches = p.add_subparsers(dest="bench_command", title="other benchmarks", metavar="{soak,checkpoint}")
     s = benches.add_parser(
         "soak",
         help="churn sessions for minutes; record RSS, slots and latency over time (JSON + PNG)",
@@ -70,6 +79,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_soak_flags(s)
     s.set_defaults(func=_soak)
+    c = benches.add_parser(
+        "checkpoint",
+        help="SDK msgs/s with checkpointing every 1, 8, 64 step messages and off, in one run (JSON)",
+        description="N closed-loop asyncio SDK sessions (await s.step, T steps per message) against the same server, "
+        "once per checkpoint_every setting (0 = off, the baseline, and --every), in rounds of rotating order; prints "
+        "each setting's median msgs/s, its ratio to off, latency and server CPU per message, and writes "
+        "checkpoint.json. Without --server, starts `cellserve serve` on port 0 itself.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_checkpoint_flags(c)
+    c.set_defaults(func=_checkpoint)
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -108,14 +128,13 @@ def remote_generate(args: argparse.Namespace) -> int:
     """``cellserve generate --server HOST:PORT``: stream the server's text to stdout as it arrives.
 
     ``args`` has server, model (None/"" = the server's default), prompt, max_bytes, temperature,
-    top_k, seed; TLS/token flags are honoured when present.
+    top_k, seed, and the connection flags (``add_connection_flags``).
     """
-    from cellserve.client import CellserveClientError, ChannelConfig, Client
+    from cellserve.client import CellserveClientError, Client
 
-    config = channel_config(args) if hasattr(args, "tls_root_cert") else ChannelConfig()
     out = sys.stdout.buffer
     try:
-        with Client(args.server, config) as client:  # type: ignore[arg-type]
+        with Client(args.server, channel_config(args)) as client:  # type: ignore[arg-type]
             out.write(args.prompt.encode("utf-8"))
             out.flush()
             for chunk in client.generate(
@@ -141,6 +160,12 @@ def _bench(args: argparse.Namespace) -> int:
     from cellserve.client.bench.runner import run_bench
 
     return run_bench(args)
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from cellserve.client.bench.checkpoint import run_checkpoint_bench
+
+    return run_checkpoint_bench(args)
 
 
 def _soak(args: argparse.Namespace) -> int:

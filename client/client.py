@@ -1,20 +1,24 @@
-"""Synchronous client: sessions, generate, models, health."""
+"""Synchronous client (sessions, generate, models, health), and what it shares with ``AsyncClient``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from types import TracebackType
+from typing import Any, Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
 
 from cellserve.client.channel import ChannelConfig, Channels, normalize_targets
+from cellserve.client.core import SessionCore
 from cellserve.client.errors import UnavailableError, from_rpc_error
 from cellserve.client.model_info import ModelInfo
-from cellserve.client.protocol import SessionState
+from cellserve.client.ops import DEFAULT_CHECKPOINT_EVERY, DEFAULT_RESUME_TIMEOUT_S, SessionPolicy
 from cellserve.client.session import Session
 from cellserve.v1 import cellserve_pb2 as pb
+
+C = TypeVar("C")  # grpc.Channel or grpc.aio.Channel
 
 
 @dataclass(frozen=True)
@@ -38,29 +42,76 @@ def health_name(status: int) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
 
 
-class Client:
-    """Blocking client for a cellserve server.
-
-    ``target`` is ``HOST:PORT`` or a list of them: calls go to the first until a session open finds it
-    UNAVAILABLE (down or draining), then to the next; sessions move along the list when their server drains.
-    ``config`` sets keepalive, message size, TLS and metadata (e.g. a bearer token).
-    ``timeout_s`` bounds unary calls (models, health); streams are bounded by the session's idle timeout.
-    (A target that accepts TCP but never answers holds ``session()`` for gRPC's connect timeout, ~20 s,
-    before the next target is tried; ``AsyncClient`` bounds that wait by ``timeout_s``.)
-    """
+class ClientBase(Generic[C]):
+    """Targets, channels, the session policy and the model-info cache of a client (sync or asyncio)."""
 
     def __init__(
-        self, target: str | Sequence[str], config: ChannelConfig | None = None, *, timeout_s: float = 30.0
+        self,
+        target: str | Sequence[str],
+        config: ChannelConfig | None,
+        make_channel: Callable[[ChannelConfig, str], C],
+        *,
+        timeout_s: float,
+        policy: SessionPolicy,
     ) -> None:
         self.targets = normalize_targets(target)
         self.config = config or ChannelConfig()
         self.timeout_s = timeout_s
+        self.policy = policy
         self._metadata = self.config.call_metadata()
-        self._channels: Channels[grpc.Channel] = Channels(self.targets, self.config.sync_channel)
+        self._channels: Channels[C] = Channels(self.targets, lambda t: make_channel(self.config, t))
         self._infos: dict[str, ModelInfo] = {}
 
+    def _core(
+        self, model: str | None, idle_timeout_s: int, resume_token: bytes, checkpoint_every: int | None
+    ) -> SessionCore:
+        policy = self.policy if checkpoint_every is None else replace(self.policy, checkpoint_every=checkpoint_every)
+        return SessionCore(
+            self.targets, policy, model=model or "", idle_timeout_s=idle_timeout_s, resume_token=resume_token
+        )
+
+    def _generate(self, request: pb.GenerateRequest) -> Any:
+        return self._channels.current_stub().Generate(request, metadata=self._metadata)
+
+    def _opened_on(self, core: SessionCore) -> None:
+        self._channels.preferred = core.current  # where new sessions and unary calls go first
+
+    def _unary(self, method: str, request: Any, target: str | None = None) -> Any:
+        """Start a unary call (``ListModels``, ``ModelInfo``, or health ``Check`` when method is "Check")."""
+        if method == "Check":
+            return self._channels.health().Check(request, metadata=self._metadata, timeout=self.timeout_s)
+        stub = self._channels.stub(target or self._channels.current)
+        return getattr(stub, method)(request, metadata=self._metadata, timeout=self.timeout_s)
+
+    def _remember(self, resp: pb.ListModelsResponse | pb.ModelInfoResponse) -> list[ModelInfo]:
+        models = resp.models if isinstance(resp, pb.ListModelsResponse) else [resp.model]
+        infos = [ModelInfo.from_proto(m) for m in models]
+        self._infos.update({i.name: i for i in infos})
+        return infos
+
+
+class Client(ClientBase[grpc.Channel]):
+    """Blocking client for a cellserve server.
+
+    ``target`` is ``HOST:PORT`` or a list of them: calls go to the first until a session open finds it
+    UNAVAILABLE (down or draining), then to the next. Sessions are crash-safe: every ``checkpoint_every``
+    step messages one asks for a resume token (piggybacked on its output), and when their server drains
+    or vanishes they continue on the next target, or the same address again, within ``resume_timeout_s``
+    (README, "Crash-safe sessions"). ``config`` sets keepalive, message size, TLS and metadata (e.g. a
+    bearer token). ``timeout_s`` bounds unary calls (models, health); streams are bounded by the
+    session's idle timeout. (A target that accepts TCP but never answers holds ``session()`` for gRPC's
+    connect timeout, ~20 s, before the next target is tried; ``AsyncClient`` bounds that by ``timeout_s``.)
+    """
+
+    def __init__(
+        self, target: str | Sequence[str], config: ChannelConfig | None = None, *, timeout_s: float = 30.0,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, resume_timeout_s: float = DEFAULT_RESUME_TIMEOUT_S,
+    ) -> None:  # fmt: skip
+        policy = SessionPolicy(checkpoint_every, resume_timeout_s)
+        super().__init__(target, config, ChannelConfig.sync_channel, timeout_s=timeout_s, policy=policy)
+
     def close(self) -> None:
-        for channel in self._channels.all():
+        for channel in self._channels.close():
             channel.close()
 
     def __enter__(self) -> Client:
@@ -78,52 +129,26 @@ class Client:
         except grpc.FutureTimeoutError:
             raise UnavailableError(f"could not connect to {self.targets[0]} within {timeout_s} s") from None
 
-    # -- sessions ---------------------------------------------------------------------------------
-
-    def session(self, model: str | None = None, *, idle_timeout_s: int = 0, resume_token: bytes = b"") -> Session:
-        """Open a session (``None`` = the server's default model). Use it in a ``with`` block.
+    def session(
+        self, model: str | None = None, *, idle_timeout_s: int = 0, resume_token: bytes = b"",
+        checkpoint_every: int | None = None,
+    ) -> Session:  # fmt: skip
+        """Open a session (``None`` = the server's default model); use it in a ``with`` block.
 
         A target that answers UNAVAILABLE (down, or draining) is skipped for the next one in the list,
-        which new sessions then prefer.
+        which new sessions then prefer. ``checkpoint_every`` overrides the client's for this session.
         """
-        start, errors = self._channels.preferred, []
-        for k in range(len(self.targets)):
-            index = (start + k) % len(self.targets)  # local: other threads may open sessions meanwhile
-            target = self.targets[index]
-            try:
-                session = Session(
-                    self._channels.stub(target),
-                    SessionState(targets=self.targets),
-                    lambda name, target=target: self._model_info(name, target),
-                    model=model or "",
-                    idle_timeout_s=idle_timeout_s,
-                    resume_token=resume_token,
-                    metadata=self._metadata,
-                    connect=self._channels.stub,
-                    target=index,
-                )
-            except UnavailableError as e:
-                errors.append(f"{target}: {e.details}")
-                continue
-            self._channels.preferred = index
-            return session
-        raise UnavailableError("no server took the session: " + "; ".join(errors))
-
-    # -- generate ---------------------------------------------------------------------------------
+        core = self._core(model, idle_timeout_s, resume_token, checkpoint_every)
+        session = Session.open(core, self._channels.stub, self._model_info, self._metadata, self._channels.preferred)
+        self._opened_on(core)
+        return session
 
     def generate(
-        self,
-        prompt: str,
-        max_tokens: int = 200,
-        *,
-        temperature: float = 0.8,
-        top_k: int = 0,
-        seed: int | None = None,
-        model: str | None = None,
-    ) -> Iterator[Generated]:
+        self, prompt: str, max_tokens: int = 200, *, temperature: float = 0.8, top_k: int = 0,
+        seed: int | None = None, model: str | None = None,
+    ) -> Iterator[Generated]:  # fmt: skip
         """Stream generated tokens as the server produces them."""
-        req = generate_request(prompt, max_tokens, temperature, top_k, seed, model or "")
-        call = self._channels.current_stub().Generate(req, metadata=self._metadata)
+        call = self._generate(generate_request(prompt, max_tokens, temperature, top_k, seed, model or ""))
         try:
             for resp in call:
                 yield Generated(tuple(resp.token_ids), resp.text)
@@ -132,18 +157,8 @@ class Client:
         finally:
             call.cancel()
 
-    # -- models and health ------------------------------------------------------------------------
-
     def list_models(self) -> list[ModelInfo]:
-        try:
-            resp = self._channels.current_stub().ListModels(
-                pb.ListModelsRequest(), metadata=self._metadata, timeout=self.timeout_s
-            )
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        infos = [ModelInfo.from_proto(m) for m in resp.models]
-        self._infos.update({i.name: i for i in infos})
-        return infos
+        return self._remember(self._call("ListModels", pb.ListModelsRequest()))
 
     def model_info(self, name: str) -> ModelInfo:
         """A model's description (cached per client)."""
@@ -151,21 +166,15 @@ class Client:
 
     def _model_info(self, name: str, target: str) -> ModelInfo:
         if name not in self._infos:
-            try:
-                resp = self._channels.stub(target).ModelInfo(
-                    pb.ModelInfoRequest(model=name), metadata=self._metadata, timeout=self.timeout_s
-                )
-            except grpc.RpcError as e:
-                raise from_rpc_error(e) from None
-            self._infos[name] = ModelInfo.from_proto(resp.model)
+            self._remember(self._call("ModelInfo", pb.ModelInfoRequest(model=name), target))
         return self._infos[name]
 
     def health(self, service: str = "") -> str:
         """grpc.health.v1 status name ("SERVING", "NOT_SERVING", ...) of the server or one model."""
+        return health_name(self._call("Check", health_pb2.HealthCheckRequest(service=service)).status)
+
+    def _call(self, method: str, request: Any, target: str | None = None) -> Any:
         try:
-            resp = self._channels.health().Check(
-                health_pb2.HealthCheckRequest(service=service), metadata=self._metadata, timeout=self.timeout_s
-            )
+            return self._unary(method, request, target)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
-        return health_name(resp.status)

@@ -1,11 +1,18 @@
-"""Typed client exceptions: one class per gRPC status code, each carrying the server's message.
+"""Typed client exceptions: one hierarchy, rooted at ``CellserveClientError``, each with its gRPC code.
 
-Two kinds of failure reach a client (see README "Errors"):
+::
 
-* a broken session or call ends the RPC with a status: ``from_rpc_error`` turns it into the
-  matching subclass of ``CellserveClientError`` (``NotFoundError``, ``UnavailableError`` ...);
-* a rejected *step* is answered inside the stream: it raises ``StepRejected`` for that step only,
-  and the session stays usable with its state unchanged.
+    CellserveClientError            .code (grpc.StatusCode), .details (what was wrong, what is expected)
+    ├── NotFoundError, UnavailableError, ResourceExhaustedError, ...   one class per status code
+    ├── StepRejected                one step was refused; the session goes on, its state unchanged
+    │   └── InvalidInputError       ... because its input is invalid, whether the client's own check
+    │                               found it (nothing sent, .seq is None) or the server did
+    │                               (also an InvalidArgumentError and a ValueError)
+    └── SessionClosedError          the session is closed (.reason: client, idle, drain)
+
+Two kinds of failure reach a client (see README "Errors"): a broken session or call ends the RPC
+with a status (``from_rpc_error`` turns it into its class); a rejected *step* is answered inside the
+stream and raises ``StepRejected`` for that step only.
 """
 
 from __future__ import annotations
@@ -36,10 +43,6 @@ class UnknownError(CellserveClientError):
 
 class InvalidArgumentError(CellserveClientError):
     default_code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class InvalidInputError(InvalidArgumentError, ValueError):
-    """An input the client rejected before sending it (wrong dtype, shape, range): nothing was sent."""
 
 
 class DeadlineExceededError(CellserveClientError):
@@ -95,11 +98,34 @@ class UnauthenticatedError(CellserveClientError):
 
 
 class StepRejected(CellserveClientError):
-    """The server rejected one step (in-stream ``StepError``); the session goes on, state unchanged."""
+    """One step was refused; the session goes on with its state unchanged.
 
-    def __init__(self, seq: int, code: grpc.StatusCode, details: str) -> None:
+    ``seq`` is the step's seq (None when the client refused it before sending). ``retryable``: the
+    server's step queue was full (RESOURCE_EXHAUSTED); the same step may be sent again.
+    """
+
+    def __init__(self, seq: int | None, code: grpc.StatusCode, details: str) -> None:
         self.seq = seq
         super().__init__(details, code)
+
+    @property
+    def retryable(self) -> bool:
+        return self.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class InvalidInputError(StepRejected, InvalidArgumentError, ValueError):
+    """A step's input is invalid (dtype, shape, range, NaN): found by the client's check before sending
+    (``seq`` None) or by the server (``seq`` set). Either way the session goes on, state unchanged."""
+
+    def __init__(self, details: str, seq: int | None = None) -> None:
+        super().__init__(seq, grpc.StatusCode.INVALID_ARGUMENT, details)
+
+
+def step_rejected(seq: int, code: grpc.StatusCode, details: str) -> StepRejected:
+    """The exception for an in-stream ``StepError``: an invalid input is an ``InvalidInputError``."""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidInputError(details, seq)
+    return StepRejected(seq, code, details)
 
 
 class SessionClosedError(CellserveClientError):

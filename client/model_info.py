@@ -58,36 +58,44 @@ class ModelInfo:
 
         A single step may be given without its T axis (a scalar token id, or an [I] feature vector).
         """
-        a = np.asarray(x)
+        expected = self.expected_input()
+        try:
+            a = np.asarray(x)
+        except (ValueError, TypeError) as e:  # ragged nested lists, objects numpy cannot hold
+            raise InvalidInputError(f"input is not a rectangular array of numbers ({e}); {expected}") from None
+        if a.size == 0:
+            raise InvalidInputError(f"input is empty (shape {list(a.shape)}); {expected}")
         if self.input_kind == "tokens":
-            if a.dtype.kind not in "iu":
-                raise InvalidInputError(
-                    f"input has dtype {a.dtype}; model {self.name!r} expects integer token ids (int64 [T])"
-                )
-            if a.ndim == 0:
-                a = a.reshape(1)
-            if a.ndim != 1 or a.shape[0] == 0:
-                raise InvalidInputError(
-                    f"input has shape {list(a.shape)}; model {self.name!r} expects int64 [T], T >= 1"
-                )
-            lo, hi = int(a.min()), int(a.max())
-            if lo < 0 or hi >= self.input_size:
-                bad = lo if lo < 0 else hi
-                raise InvalidInputError(
-                    f"token id {bad} is out of range; model {self.name!r} has vocabulary [0, {self.input_size})"
-                )
-            return a.astype(np.int64, copy=False)
+            return self._check_tokens(a, expected)
+        return self._check_features(a, expected)
+
+    def expected_input(self) -> str:
+        """What a step of this model takes, for error messages."""
+        if self.input_kind == "tokens":
+            return f"model {self.name!r} expects integer token ids in [0, {self.input_size}), int64 [T] with T >= 1"
+        return f"model {self.name!r} expects finite float32 features [T, {self.input_size}] with T >= 1"
+
+    def _check_tokens(self, a: np.ndarray, expected: str) -> np.ndarray:
+        if a.dtype.kind not in "iu":
+            raise InvalidInputError(f"input has dtype {a.dtype}; {expected}")
+        if a.ndim == 0:
+            a = a.reshape(1)
+        if a.ndim != 1:
+            raise InvalidInputError(f"input has shape {list(a.shape)}; {expected}")
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi >= self.input_size:
+            bad = lo if lo < 0 else hi
+            raise InvalidInputError(f"token id {bad} is out of range; {expected}")
+        return a.astype(np.int64, copy=False)
+
+    def _check_features(self, a: np.ndarray, expected: str) -> np.ndarray:
         if a.dtype.kind not in "fiu":
-            raise InvalidInputError(
-                f"input has dtype {a.dtype}; model {self.name!r} expects float32 [T, {self.input_size}]"
-            )
+            raise InvalidInputError(f"input has dtype {a.dtype}; {expected}")
         if a.ndim == 1:
             a = a.reshape(1, -1)
-        if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] != self.input_size:
-            raise InvalidInputError(
-                f"input has shape {list(a.shape)}; model {self.name!r} expects float32 [T, {self.input_size}], T >= 1"
-            )
+        if a.ndim != 2 or a.shape[1] != self.input_size:
+            raise InvalidInputError(f"input has shape {list(a.shape)}; {expected}")
         a = a.astype(np.float32, copy=False)
         if not np.isfinite(a).all():
-            raise InvalidInputError(f"input has NaN or infinite values; model {self.name!r} needs finite features")
+            raise InvalidInputError(f"input has NaN or infinite values; {expected}")
         return a

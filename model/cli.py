@@ -132,7 +132,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample only among the k most likely bytes (0 = all)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same text)")
-    p.add_argument("--server", default=None, metavar="HOST:PORT", help="generate on a cellserve server instead")
+    from cellserve.client.cli import add_connection_flags  # argparse only: nothing heavy
+
+    add_connection_flags(p, server_default=None, server_help="generate on a cellserve server instead", timeout=False)
     p.add_argument("--model", default="", help="model name on the server (with --server; default: its default)")
     p.set_defaults(func=_generate)
 
@@ -229,6 +231,10 @@ def _generate(args: argparse.Namespace) -> int:
         from cellserve.client.cli import remote_generate
 
         return remote_generate(args)
+    remote_only = [f"--{k.replace('_', '-')}" for k in ("token", "tls_root_cert", "tls_client_cert", "tls_client_key",
+                                                         "tls_server_name") if getattr(args, k)]  # fmt: skip
+    if remote_only:
+        return _fail(f"{', '.join(remote_only)} apply to a server: add --server HOST:PORT, or drop them to run offline")
     from cellserve.model.generate import Generator
     from cellserve.model.manifest import ManifestError
 

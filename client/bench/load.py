@@ -23,7 +23,7 @@ PROGRESS_EVERY = 32  # messages between progress-counter updates
 
 @dataclass(frozen=True)
 class LoadSpec:
-    """One worker's job. ``target`` is cellserve, echo or naive."""
+    """One worker's job. ``target`` is cellserve (raw stream), sdk (``AsyncSession.step``), echo or naive."""
 
     target: str
     address: str
@@ -39,6 +39,7 @@ class LoadSpec:
     duration_s: float  # window length (0: use messages_per_stream)
     messages_per_stream: int
     seed: int
+    checkpoint_every: int = 0  # sdk: the sessions' checkpoint_every (0 = checkpointing off)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,17 @@ async def _open_cellserve(spec: LoadSpec, channel: Any, seed: int) -> tuple[Roun
     return roundtrip, close
 
 
+async def _open_sdk(spec: LoadSpec, client: Any, seed: int) -> tuple[Roundtrip, Close]:
+    """A session through the asyncio SDK (client-side input check, checkpoints, replay buffer included)."""
+    session = await client.session(spec.model)
+    xs = _inputs(spec, np.random.default_rng(seed), 16)
+
+    async def roundtrip(i: int) -> None:
+        await session.step(xs[i % 16])
+
+    return roundtrip, session.close
+
+
 async def _open_echo(spec: LoadSpec, channel: Any, seed: int) -> tuple[Roundtrip, Close]:
     from cellserve.client.bench.echo import METHOD, echo_request
     from cellserve.client.bench.sizes import message_sizes
@@ -161,7 +173,7 @@ async def _open_naive(spec: LoadSpec, channel: Any, seed: int) -> tuple[Roundtri
     return roundtrip, close
 
 
-OPENERS = {"cellserve": _open_cellserve, "echo": _open_echo, "naive": _open_naive}
+OPENERS = {"cellserve": _open_cellserve, "sdk": _open_sdk, "echo": _open_echo, "naive": _open_naive}
 
 
 @dataclass(frozen=True)
@@ -175,10 +187,7 @@ class WorkerResult:
 
 async def _run(spec: LoadSpec, sync: Any, progress: Synchronized) -> WorkerResult:
     # One channel (HTTP/2 connection) per 16 streams: like many clients, not one multiplexed pipe.
-    channels = [
-        grpc.aio.insecure_channel(spec.address, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(max(1, (spec.streams + 15) // 16))
-    ]
+    channels = [_connection(spec) for _ in range(max(1, (spec.streams + 15) // 16))]
     try:
         opener = OPENERS[spec.target]
         streams = await asyncio.gather(
@@ -194,6 +203,17 @@ async def _run(spec: LoadSpec, sync: Any, progress: Synchronized) -> WorkerResul
     finally:
         for ch in channels:
             await ch.close()
+
+
+def _connection(spec: LoadSpec) -> Any:
+    """A channel, or for the sdk target an AsyncClient (its own channel); both close with ``await close()``."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    if spec.target == "sdk":
+        from cellserve.client import AsyncClient, ChannelConfig
+
+        return AsyncClient(spec.address, ChannelConfig(extra_options=tuple(options)),
+                           checkpoint_every=spec.checkpoint_every)  # fmt: skip
+    return grpc.aio.insecure_channel(spec.address, options=options)
 
 
 class StartSync:

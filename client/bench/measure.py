@@ -86,6 +86,7 @@ class LoadPlan:
     warmup_s: float
     procs: int
     seed: int
+    checkpoint_every: int = 0  # the sdk target's sessions
 
 
 def run_load(
@@ -112,7 +113,7 @@ def run_load(
             target=target, address=address, model=info.name, streams=n, t=plan.t, input_kind=info.input_kind,
             input_size=info.input_size, output_size=info.output_size, layers=info.layers, hidden=info.hidden,
             warmup_s=plan.warmup_s, duration_s=plan.duration_s if not plan.messages else 0.0,
-            messages_per_stream=per_stream, seed=plan.seed * 1000 + i,
+            messages_per_stream=per_stream, seed=plan.seed * 1000 + i, checkpoint_every=plan.checkpoint_every,
         )  # fmt: skip
         p = ctx.Process(target=worker, args=(spec, sync, progress, results), daemon=True)
         p.start()

@@ -83,3 +83,22 @@ def add_soak_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the churn")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--note", default="", help="free text stored in soak.json and shown on the plot (e.g. the box)")
+
+
+def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of ``cellserve bench checkpoint``."""
+    p.add_argument("--server", default=None, metavar="HOST:PORT", help="drive this server (default: start one)")
+    p.add_argument("--model-dir", type=Path, default=None, help="model served when the bench starts the server")
+    p.add_argument("--model", default="", help="model name on the server ('' = its default)")
+    p.add_argument("--every", default="1,8,64", help="checkpoint_every settings to compare with off (0)")
+    p.add_argument("--streams", type=int, default=16, help="concurrent SDK sessions")
+    p.add_argument("-T", "--steps-per-message", dest="t", type=int, default=1, help="steps per message (chunk T)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over every setting (rotating order; median)")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per setting and round")
+    p.add_argument("--messages", type=int, default=0, help="messages per setting and round (overrides --duration)")
+    p.add_argument("--warmup", type=float, default=0.5, help="seconds of unmeasured load before each measurement")
+    p.add_argument("--procs", type=int, default=0, help="client processes (0 = min(streams, 2))")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-checkpoint"), help="directory for checkpoint.json")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="FLAG", help="extra flag for the started server")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")

@@ -19,13 +19,13 @@ from cellserve.client.bench.measure import LoadPlan, Result, ort_ceiling, run_lo
 from cellserve.client.bench.onnx_model import OnnxModel
 from cellserve.client.bench.options import SWEEP_STREAMS, SWEEP_T
 from cellserve.client.bench.report import config_entry, run_meta, table, write_json, write_png
-from cellserve.client.bench.serving import ServerProcess, python_module
+from cellserve.client.bench.serving import ServerProcess, cellserve_process, python_module
 
 log = logging.getLogger(__name__)
 BASELINES = ("echo", "naive", "ort")
 
 
-def _shipped_model_dir() -> Path | None:
+def shipped_model_dir() -> Path | None:
     spec = importlib.util.find_spec("cellserve.model")  # locates the package; runs none of its code
     for root in (spec.submodule_search_locations or []) if spec else []:
         if (Path(root) / "default" / "manifest.json").is_file():
@@ -51,7 +51,7 @@ def run_bench(args: argparse.Namespace) -> int:
     configs = bench_configs(args)
     if any(s < 1 or t < 1 for s, t in configs):
         return _fail("--streams and -T must be >= 1")
-    model_dir = args.model_dir or _shipped_model_dir()
+    model_dir = args.model_dir or shipped_model_dir()
     if model_dir is None and (args.server is None or {"naive", "ort"} & set(baselines)):
         return _fail("--model-dir is needed (no shipped model found): the baselines run the same ONNX file")
     try:
@@ -75,10 +75,8 @@ def _run(
         address, metrics_url = args.server, args.metrics_url
         pids: dict[str, int | None] = {"cellserve": None}
         if address is None:
-            serve = ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "auto",
-                     "--metrics-host", "127.0.0.1", "--ready-file", "{ready_file}", "--model-dirs", str(model_dir),
-                     "--max-streams", str(max(1024, 2 * max(s for s, _ in configs))), *args.serve_arg]  # fmt: skip
-            cs = stack.enter_context(ServerProcess(python_module("cellserve.server.cli", *serve), "cellserve"))
+            max_streams = max(1024, 2 * max(s for s, _ in configs))
+            cs = stack.enter_context(cellserve_process(model_dir, args.serve_arg, max_streams))
             address = cs.address
             pids["cellserve"] = cs.pid
             metrics_url = metrics_url or f"http://127.0.0.1:{cs.info['metrics_port']}/metrics"

@@ -80,3 +80,12 @@ class ServerProcess:
 
 def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+def cellserve_process(model_dir: Path | None, serve_args: Sequence[str], max_streams: int = 1024) -> ServerProcess:
+    """``cellserve serve`` on free ports (loopback) for a bench: enter it to start, exit to stop."""
+    argv = ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "auto", "--metrics-host", "127.0.0.1",
+            "--ready-file", "{ready_file}", "--max-streams", str(max_streams), *serve_args]  # fmt: skip
+    if model_dir is not None:
+        argv += ["--model-dirs", str(model_dir)]
+    return ServerProcess(python_module("cellserve.server.cli", *argv), "cellserve")

@@ -29,7 +29,7 @@ import numpy as np
 
 from cellserve.client.aio import AsyncClient, AsyncSession
 from cellserve.client.bench.report import write_json
-from cellserve.client.bench.runner import _shipped_model_dir
+from cellserve.client.bench.runner import shipped_model_dir
 from cellserve.client.bench.serving import ServerProcess, python_module
 from cellserve.client.bench.soak_inputs import UncheckedInfo, bad_step, good_step
 from cellserve.client.bench.soak_probe import ServerReading
@@ -346,7 +346,7 @@ def run_soak(args: argparse.Namespace) -> int:
         return _fail("; ".join(problems))
     if args.server is not None and args.metrics_url is None:
         return _fail("--server needs --metrics-url (RSS and slots are read from the server's /metrics)")
-    model_dir = args.model_dir or _shipped_model_dir()
+    model_dir = args.model_dir or shipped_model_dir()
     if args.server is None and model_dir is None:
         return _fail("--model-dir is needed (no shipped model found)")
     try:

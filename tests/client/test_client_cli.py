@@ -70,3 +70,48 @@ def test_bench_at_tiny_size_reports_three_baselines_and_sane_ratios(tiny_model_d
     assert all(_finite_positive(v) for v in cfg["ratios"].values()), cfg["ratios"]
     assert math.isclose(cfg["ratios"]["msgs_vs_echo"], cs["msgs_per_s"] / cfg["baselines"]["echo"]["msgs_per_s"])
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_with_server_takes_the_same_token_and_tls_flags_as_models(running_server, pki, tmp_path, capsysbinary):
+    f = pki.write(tmp_path)
+    secure = {"tls_cert_file": f["server_cert"], "tls_key_file": f["server_key"], "auth_tokens": "sekrit"}
+    with running_server(**secure) as srv:
+        server = f"localhost:{srv.server.port}"
+        argv = ["generate", "--server", server, "--prompt", "ab", "--max-bytes", "4", "--seed", "1",
+                "--tls-root-cert", str(f["ca"])]  # fmt: skip
+        assert cellserve_main([*argv, "--token", "sekrit"]) == 0
+        out = capsysbinary.readouterr().out
+        assert out.startswith(b"ab") and len(out) == 2 + 4 + 1
+        assert cellserve_main(argv) == 1  # no token
+        assert b"UNAUTHENTICATED" in capsysbinary.readouterr().err
+        assert cellserve_main(["models", "--server", server, "--tls-root-cert", str(f["ca"]), "--token", "sekrit"]) == 0
+
+
+def test_generate_offline_refuses_connection_flags_without_server(capsys):
+    assert cellserve_main(["generate", "--token", "x", "--max-bytes", "1"]) == 2
+    assert "--token apply to a server: add --server HOST:PORT" in capsys.readouterr().err
+
+
+def test_bench_checkpoint_at_tiny_size_reports_every_setting_against_off(tiny_model_dir, tmp_path):
+    out = tmp_path / "ck"
+    cmd = [sys.executable, "-m", "cellserve.server.cli", "--log-level", "WARNING", "bench", "checkpoint",
+           "--model-dir", str(tiny_model_dir), "--streams", "2", "--messages", "60", "--rounds", "2", "--warmup",
+           "0.1", "--procs", "1", "--every", "1,8", "--no-progress", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "×off" in proc.stdout
+    report = json.loads((out / "checkpoint.json").read_text())
+    assert [e["checkpoint_every"] for e in report["settings"]] == [0, 1, 8]
+    assert report["meta"]["sdk_default_checkpoint_every"] == 8 and report["meta"]["rounds"] == 2
+    off = report["settings"][0]
+    assert off["label"] == "off" and off["msgs_vs_off"] == 1.0
+    for e in report["settings"]:
+        assert len(e["msgs_per_s_rounds"]) == 2 and all(_finite_positive(r) for r in e["msgs_per_s_rounds"])
+        assert math.isclose(e["msgs_vs_off"], e["msgs_per_s"] / off["msgs_per_s"])
+        assert 0 < e["latency_ms"]["p50"] <= e["latency_ms"]["p99"]
+        assert _finite_positive(e["server_cpu_us_per_msg"])
+
+
+def test_bench_checkpoint_refuses_a_bad_every_list(capsys):
+    assert cellserve_main(["bench", "checkpoint", "--every", "eight"]) == 2
+    assert "give step-message counts like 1,8,64" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Client unit tests: status → exception mapping, tensor encoding, client-side input checks."""
+"""Client unit tests: status → exception mapping, the exception hierarchy, tensor encoding, input checks."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from hypothesis.extra import numpy as hnp
 
 from cellserve.client import errors
 from cellserve.client.model_info import ModelInfo
-from cellserve.client.protocol import SessionState
 from cellserve.client.tensors import to_numpy, to_proto
-from cellserve.v1 import cellserve_pb2 as pb
 
 EXPECTED = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgumentError,
@@ -81,9 +79,12 @@ def test_token_input_accepts_ids_and_adds_the_time_axis():
 @pytest.mark.parametrize(
     ("x", "message"),
     [
-        (np.array([1.0, 2.0]), "expects integer token ids"),
-        (np.array([[1, 2]]), "expects int64 \\[T\\]"),
-        (np.array([], np.int64), "T >= 1"),
+        (np.array([1.0, 2.0]), "input has dtype float64; model 'm' expects integer token ids in \\[0, 256\\)"),
+        (np.array([[1, 2]]), "input has shape \\[1, 2\\]; .* int64 \\[T\\]"),
+        (np.array([], np.int64), "input is empty \\(shape \\[0\\]\\); .* T >= 1"),
+        ([], "input is empty"),  # not "dtype float64": np.asarray([]) is float64
+        ([[1], [1, 2]], "not a rectangular array of numbers"),
+        (np.array([True]), "input has dtype bool"),
         (np.array([0, 256]), "token id 256 is out of range"),
         (np.array([-1]), "token id -1 is out of range"),
     ],
@@ -91,39 +92,28 @@ def test_token_input_accepts_ids_and_adds_the_time_axis():
 def test_bad_token_inputs_are_refused_before_sending(x, message):
     with pytest.raises(errors.InvalidInputError, match=message) as info:
         TOKENS.check_input(x)
-    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
-    assert isinstance(info.value, ValueError)
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT and info.value.seq is None
+    assert isinstance(info.value, ValueError) and isinstance(info.value, errors.StepRejected)
 
 
 def test_feature_input_checks_width_and_finiteness():
     assert FEATURES.check_input([1, 2, 3]).shape == (1, 3)
     assert FEATURES.check_input(np.ones((4, 3))).dtype == np.float32
-    with pytest.raises(errors.InvalidInputError, match=r"expects float32 \[T, 3\]"):
+    with pytest.raises(errors.InvalidInputError, match=r"shape \[2, 4\]; model 'f' expects finite float32 .*\[T, 3"):
         FEATURES.check_input(np.ones((2, 4)))
     with pytest.raises(errors.InvalidInputError, match="NaN"):
         FEATURES.check_input([1.0, np.nan, 0.0])
+    with pytest.raises(errors.InvalidInputError, match=r"input is empty \(shape \[0, 3\]\)"):
+        FEATURES.check_input(np.zeros((0, 3)))
 
 
-def test_session_state_tracks_steps_seq_and_the_latest_resume_token():
-    st_ = SessionState(targets=("a:1", "b:2"))
-    req = st_.step_request(np.array([1, 2, 3], np.int64))
-    assert req.step.seq == 0 and st_.pending == {0: 3}
-    y = np.zeros((3, 4), np.float32)
-    out = st_.on_response(pb.StreamResponse(output=pb.Output(seq=0, output=to_proto(y))))
-    assert out is not None and out.seq == 0 and st_.steps == 3 and not st_.pending
-    st_.on_response(pb.StreamResponse(draining=pb.Draining(resume_token=b"tok", deadline_unix_ms=5)))
-    assert st_.draining and st_.resume_token == b"tok" and st_.resume_deadline_unix_ms == 5
-    st_.step_request(np.array([1], np.int64))
-    with pytest.raises(errors.StepRejected) as info:
-        st_.on_response(pb.StreamResponse(error=pb.StepError(seq=1, code=3, message="bad")))
-    assert info.value.seq == 1 and info.value.code is grpc.StatusCode.INVALID_ARGUMENT and info.value.details == "bad"
-    st_.on_response(pb.StreamResponse(closed=pb.Closed(steps=3, reason=pb.CLOSE_REASON_IDLE, message="idle 1s")))
-    with pytest.raises(errors.SessionClosedError) as closed:
-        st_.step_request(np.array([1], np.int64))
-    assert closed.value.reason == "idle" and closed.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-def test_output_for_an_unknown_seq_is_an_error():
-    st_ = SessionState(targets=("a:1",))
-    with pytest.raises(errors.UnknownError, match="no step pending"):
-        st_.on_response(pb.StreamResponse(output=pb.Output(seq=9, output=to_proto(np.zeros((1, 1), np.float32)))))
+def test_a_step_the_server_rejects_as_invalid_is_the_same_type_as_one_the_client_refuses():
+    server_side = errors.step_rejected(4, grpc.StatusCode.INVALID_ARGUMENT, "T=5 exceeds max_chunk_steps 4")
+    client_side = errors.InvalidInputError("input is empty")
+    assert type(server_side) is type(client_side) is errors.InvalidInputError
+    assert server_side.seq == 4 and client_side.seq is None
+    for e in (server_side, client_side):
+        assert isinstance(e, errors.StepRejected) and isinstance(e, errors.InvalidArgumentError)
+        assert e.code is grpc.StatusCode.INVALID_ARGUMENT and not e.retryable
+    full = errors.step_rejected(5, grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+    assert type(full) is errors.StepRejected and full.retryable

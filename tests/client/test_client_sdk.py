@@ -23,6 +23,7 @@ from cellserve.client import (
     StepRejected,
     UnavailableError,
 )
+from cellserve.v1 import cellserve_pb2 as pb
 
 TOL = 1e-5
 
@@ -54,10 +55,10 @@ def wait_no_active_sessions(srv: Any, timeout_s: float = 10.0) -> bool:
     return srv.call(settled(), timeout=timeout_s + 5)
 
 
-def test_sync_session_single_and_chunked_steps_match_the_oracle(running_server, tiny_oracle):
+def test_single_and_chunked_steps_match_the_oracle(sdk, running_server, tiny_oracle):
     tokens = np.random.default_rng(1).integers(0, 256, size=12, dtype=np.int64)
     want = oracle_y(tiny_oracle, tokens)
-    with running_server() as srv, Client(srv.address) as client:
+    with running_server() as srv, sdk.client(srv.address) as client:
         with client.session("tiny") as s:
             singles = np.concatenate([s.step(int(t)) for t in tokens[:6]])
             chunk = s.step(tokens[6:])  # T = 6 in one message
@@ -67,7 +68,7 @@ def test_sync_session_single_and_chunked_steps_match_the_oracle(running_server, 
         np.testing.assert_allclose(np.concatenate([singles, chunk]), want, atol=TOL)
         with client.session() as s:  # no name: the server's default model
             np.testing.assert_allclose(s.step(tokens[:3]), want[:3], atol=TOL)
-            assert s.state.model == "tiny"
+            assert s.model == "tiny"
         assert active(srv) == 0
 
 
@@ -96,12 +97,17 @@ def test_async_session_step_and_pipelined_outputs_match_the_oracle(running_serve
     np.testing.assert_allclose(np.concatenate([first] + [o.y for o in outs]), want, atol=TOL)
 
 
-def test_rejected_step_raises_step_rejected_and_the_session_goes_on(running_server, tiny_oracle):
+def test_rejected_step_raises_step_rejected_and_the_session_goes_on(sdk, running_server, tiny_oracle):
     tokens = np.arange(5, dtype=np.int64)
-    with running_server(max_chunk_steps=4) as srv, Client(srv.address) as client, client.session("tiny") as s:
+    with (
+        running_server(max_chunk_steps=4) as srv,
+        sdk.client(srv.address) as client,
+        client.session("tiny") as s,
+    ):
         y0 = s.step(tokens[:2])
         with pytest.raises(StepRejected) as info:
             s.step(np.arange(5, dtype=np.int64))  # T=5 > max_chunk_steps: the server refuses this step
+        assert type(info.value) is InvalidInputError  # the same type as the client's own refusals
         assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
         assert "T=5" in info.value.details and info.value.seq == 1
         y1 = s.step(tokens[2:])  # state unchanged by the rejected step
@@ -129,14 +135,17 @@ def test_async_iteration_survives_a_rejected_step(running_server):
         assert asyncio.run(main(srv.address)) == ([0, 2], [1])
 
 
-def test_client_side_checks_refuse_bad_inputs_before_sending(running_server):
-    with running_server() as srv, Client(srv.address) as client, client.session("tiny") as s:
-        with pytest.raises(InvalidInputError, match="out of range"):
+def test_client_side_checks_refuse_bad_inputs_before_sending(sdk, running_server):
+    with running_server() as srv, sdk.client(srv.address) as client, client.session("tiny") as s:
+        with pytest.raises(InvalidInputError, match="out of range") as refused:
             s.step([300])
+        assert isinstance(refused.value, StepRejected) and refused.value.seq is None  # caught like the server's
         with pytest.raises(InvalidInputError, match="integer token ids"):
             s.step(np.array([0.5]))
+        with pytest.raises(StepRejected, match=r"input is empty \(shape \[0\]\); model 'tiny' expects integer"):
+            s.step([])
         assert s.step([1]).shape == (1, 256)
-        assert s.state.next_seq == 1  # nothing was sent for the refused inputs
+        assert s.steps == 1
     assert srv.registry.get_sample_value("cellserve_errors_total", {"code": "INVALID_ARGUMENT"}) is None
 
 
@@ -162,8 +171,12 @@ def test_unreachable_server_is_unavailable():
         client.list_models()
 
 
-def test_idle_expired_session_raises_session_closed_with_deadline_exceeded(running_server):
-    with running_server(idle_timeout_s=100) as srv, Client(srv.address) as client, client.session("tiny") as s:
+def test_idle_expired_session_raises_session_closed_with_deadline_exceeded(sdk, running_server):
+    with (
+        running_server(idle_timeout_s=100) as srv,
+        sdk.client(srv.address) as client,
+        client.session("tiny") as s,
+    ):
         s.step([1])
 
         async def expire() -> int:
@@ -203,7 +216,7 @@ def test_async_step_while_pipelined_steps_are_pending_is_refused(running_server)
     async def main(address: str) -> None:
         async with AsyncClient(address) as client, await client.session("tiny") as s:
             await s.send([1])
-            with pytest.raises(FailedPreconditionError, match="pending"):
+            with pytest.raises(FailedPreconditionError, match="1 pipelined steps are unanswered"):
                 await s.step([2])
             assert (await anext(aiter(s))).seq == 0
             assert (await s.step([2])).shape == (1, 256)
@@ -250,14 +263,14 @@ def test_a_stream_ended_by_a_protocol_error_raises_once_and_leaves_cleanly(runni
     the next call raises it with the server's message, and leaving the block raises nothing more."""
     with running_server() as srv, Client(srv.address) as client:
         with client.session("tiny") as s:
-            s._requests.put(s.state.open_request("tiny"))
+            s._requests.put(pb.StreamRequest(open=pb.Open(model="tiny")))
             with pytest.raises(FailedPreconditionError, match="already has session"):
                 s.step([1])
         assert wait_no_active_sessions(srv)
 
         async def main() -> None:
             async with AsyncClient(srv.address) as ac, await ac.session("tiny") as a:
-                await a._write(a.state.open_request("tiny"))
+                await a._call.write(pb.StreamRequest(open=pb.Open(model="tiny")))
                 await a._call.code()  # let the status arrive: a write racing it hits grpc/grpc#36066
                 with pytest.raises(FailedPreconditionError, match="already has session"):
                     await a.step([1])
