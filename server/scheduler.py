@@ -188,13 +188,13 @@ class Scheduler:
                     if not req.future.done():
                         req.future.set_exception(e)
             return
-        queued = np.fromiter((r.queued_at for r in live), dtype=np.float64, count=len(live))
+        queued = np.array([r.queued_at for r in live])
         self._m_wait.observe_many(start - queued)
         self._m_latency.observe_many(time.perf_counter() - queued)
 
     async def _run_group(self, t: int, group: list[_Request]) -> None:
-        slots = np.fromiter((r.slot for r in group), dtype=np.int64, count=len(group))
-        x = np.stack([r.x for r in group])  # [B, T] or [B, T, I]
+        slots = np.array([r.slot for r in group], dtype=np.int64)
+        x = np.concatenate([r.x for r in group]).reshape(len(group), *group[0].x.shape)  # [B, T] or [B, T, I]
         t0 = time.perf_counter()
         if self._executor is None:
             y = self.engine.run_slots(slots, x)
@@ -204,7 +204,7 @@ class Scheduler:
         self._m_engine.observe(time.perf_counter() - t0)
         self._m_batch.observe(len(group))
         self._m_steps.inc(len(group) * t)
-        for i, req in enumerate(group):
+        for req, row in zip(group, y, strict=True):  # rows of y: [T, O] views
             req.finished(t)
             if not req.future.done():
-                req.future.set_result(y[i])
+                req.future.set_result(row)
