@@ -20,7 +20,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from cellserve.server.errors import ErrorBoundary
@@ -29,8 +28,10 @@ from cellserve.server.interceptors import RequestGuard, grpc_receive_limit
 from cellserve.server.limits import StreamLimit
 from cellserve.server.metrics import Metrics
 from cellserve.server.models import ModelRepository
+from cellserve.server.oip_servicer import REFLECTION_ALIASES
 from cellserve.server.oip_servicer import register as register_oip
 from cellserve.server.ports import PortTaken, check_free
+from cellserve.server.reflection import enable_reflection
 from cellserve.server.resume_token import TokenCodec, TokenKeys
 from cellserve.server.security import AcceptedTokens, BearerAuth, CertificateFiles, FileWatcher
 from cellserve.server.servicer import CellServeServicer
@@ -132,11 +133,10 @@ class CellServer:
         names = [
             cellserve_pb2.DESCRIPTOR.services_by_name["CellServe"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
         ]
         for hook in self._hooks:
             names += hook(server, self)
-        reflection.enable_server_reflection(names, server)
+        enable_reflection(server, names, REFLECTION_ALIASES)
         await server.start()
         self._grpc = server
         if self._watcher is not None:
