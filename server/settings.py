@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, FilePath, SecretStr, model_validator
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cellserve.server.logs import check_level
 
 
 def default_model_dir() -> Path:
@@ -102,6 +104,15 @@ class Settings(BaseSettings):
     """Serving processes on the one gRPC port (SO_REUSEPORT). Each has its own state pool (capacity slots per
     model), onnxruntime session and batches; a supervisor sums their /metrics, restarts one that dies and
     drains them all on SIGTERM. 1 = serve in this process."""
+    log_level: str = "INFO"
+    """Least severe log level written to stderr: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as key=value text, or json (one object per line, for log shippers); both carry every field."""
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        return check_level(value)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

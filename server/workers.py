@@ -34,6 +34,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from pydantic import SecretStr
 
+from cellserve.server.logs import configure_logging
 from cellserve.server.metrics_merge import MergedMetrics
 from cellserve.server.ports import PortGuard, PortTaken, check_free
 from cellserve.server.resume_token import TokenKeys
@@ -317,9 +318,7 @@ def worker_main(settings: Settings, index: int, ready: Connection, log_level: in
     from cellserve.server.errors import EngineUnavailable
 
     _die_with_parent()
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_WorkerField(index))
+    configure_logging(logging.getLevelName(log_level), settings.log_format).addFilter(_WorkerField(index))
 
     def on_ready(port: int, metrics_port: int) -> None:
         ready.send({"pid": os.getpid(), "port": port, "metrics_port": metrics_port})
