@@ -20,13 +20,14 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from cellserve.server.errors import ErrorBoundary
 from cellserve.server.health import Health
 from cellserve.server.interceptors import RequestGuard, grpc_receive_limit
 from cellserve.server.limits import StreamLimit
 from cellserve.server.metrics import Metrics
+from cellserve.server.metrics_http import start_metrics_server
 from cellserve.server.models import ModelRepository
 from cellserve.server.oip_servicer import REFLECTION_ALIASES
 from cellserve.server.oip_servicer import register as register_oip
@@ -144,7 +145,7 @@ class CellServer:
         if s.metrics_port:
             port = 0 if s.metrics_port == "auto" else s.metrics_port
             try:
-                self._http, _ = start_http_server(port, s.metrics_host, registry=self.registry)
+                self._http = start_metrics_server(s.metrics_host, port, self.registry)
             except OSError as e:
                 raise PortTaken(s.metrics_host, port, "metrics_port") from e
             self.metrics_port = self._http.server_port

@@ -31,10 +31,11 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import SecretStr
 
 from cellserve.server.logs import configure_logging
+from cellserve.server.metrics_http import start_metrics_server
 from cellserve.server.metrics_merge import MergedMetrics
 from cellserve.server.ports import PortGuard, PortTaken, check_free
 from cellserve.server.resume_token import TokenKeys
@@ -106,7 +107,7 @@ class Supervisor:
             if self.settings.metrics_port:
                 port = 0 if self.settings.metrics_port == "auto" else int(self.settings.metrics_port)
                 try:
-                    self._http, _ = start_http_server(port, self.settings.metrics_host, registry=self.registry)
+                    self._http = start_metrics_server(self.settings.metrics_host, port, self.registry)
                 except OSError as e:
                     raise PortTaken(self.settings.metrics_host, port, "metrics_port") from e
                 self.metrics_port = self._http.server_port
