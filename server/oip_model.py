@@ -185,6 +185,13 @@ def split_inputs(
         )
     if not 1 <= x.shape[1] <= max_steps:
         raise InvalidArgument(f"input '{n.x}' has T={x.shape[1]} steps; model '{m.name}' takes 1..{max_steps}")
+    batch, steps = x.shape[:2]
+    reply_floats = batch * (steps * m.output_size + (0 if sequence else 2 * m.layers * m.hidden))  # y (+ hn, cn)
+    if reply_floats > model.max_output_steps * m.output_size:  # what fits one message (max_message_bytes)
+        raise InvalidArgument(
+            f"the reply to {batch} row(s) of T={steps} steps would be {4 * reply_floats} bytes of float32 outputs, "
+            f"over the server's max_message_bytes; send fewer rows or steps per request"
+        )
     states: list[np.ndarray | None] = []
     for name in (n.h0, n.c0):
         s = tensors.get(name)
