@@ -11,17 +11,20 @@ import json
 import sys
 from pathlib import Path
 
+from cellserve.cli_help import DefaultsHelpFormatter
+
 DEFAULT_SERVER = "localhost:50051"
 
 
 def _add_connection_flags(p: argparse.ArgumentParser, *, server_default: str | None = DEFAULT_SERVER) -> None:
-    p.add_argument("--server", default=server_default, metavar="HOST:PORT", help="server address")
+    p.add_argument("--server", default=server_default, metavar="HOST:PORT",
+                   help="server address (default: %(default)s)")
     p.add_argument("--tls-root-cert", type=Path, default=None, help="PEM root certificate(s): connect with TLS")
     p.add_argument("--tls-client-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
     p.add_argument("--tls-client-key", type=Path, default=None, help="PEM client private key (mutual TLS)")
     p.add_argument("--tls-server-name", default=None, help="name to check the server certificate against")
     p.add_argument("--token", default=None, help="bearer token sent as 'authorization: Bearer …'")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds for unary calls")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds for unary calls (default: %(default)s)")
 
 
 def channel_config(args: argparse.Namespace) -> object:
@@ -51,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Drive N concurrent sessions with T steps per message from several client processes; "
         "print a table, write JSON and a PNG. Without --server, starts `cellserve serve` on port 0 itself. "
         "`cellserve bench soak --help`: the long-running churn soak instead.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     from cellserve.client.bench.options import add_bench_flags, add_soak_flags
 
@@ -66,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "for every slot to be free, prints a summary, writes soak.json and soak.png, and exits 1 on an "
         "unexpected error, a slot still used, or RSS growth after warm-up above --max-rss-growth. "
         "Without --server, starts `cellserve serve` on port 0 itself.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_soak_flags(s)
     s.set_defaults(func=_soak)
