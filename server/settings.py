@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     max_queued_steps: int = Field(8192, ge=1)
     """Most messages waiting in one model's scheduler queue; beyond it steps get RESOURCE_EXHAUSTED."""
     max_streams: int = Field(10000, ge=1)
-    """Most concurrent streaming RPCs (Stream, Generate and OIP ModelStreamInfer together); beyond it RESOURCE_EXHAUSTED."""
+    """Most concurrent streaming RPCs (Stream, Generate, OIP ModelStreamInfer); more get RESOURCE_EXHAUSTED."""
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """Largest gRPC message accepted or sent, in bytes; the default is most gRPC clients' receive limit."""
     keepalive_time_s: float = Field(60, gt=0)
