@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cellserve.server.app import settings_from_args
 from cellserve.server.cli import build_parser
 from cellserve.server.security import is_loopback
+from cellserve.server.serve import settings_from_args
 from cellserve.server.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -56,7 +56,7 @@ def settings_table() -> list[str]:
         flag = "--" + name.replace("_", "-")
         flags = f"`{flag}` / `--no-{flag[2:]}`" if field.annotation is bool else f"`{flag}`"
         default = _default_shown(name, field.get_default(call_default_factory=True))
-        rows.append(f"| {flags} | `CELLSERVE_{name.upper()}` | `{default}` | {field.description} |")
+        rows.append(f"| {flags} | `CELLSERVE_{name.upper()}` | `{default}` | {_flat(field.description or '')} |")
     return rows
 
 
