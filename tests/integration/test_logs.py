@@ -10,6 +10,8 @@ import os
 import re
 import signal
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -185,3 +187,21 @@ def test_serve_logs_key_value_text_by_default_with_level_from_the_environment(sp
     quiet.proc.send_signal(signal.SIGTERM)
     _, err = quiet.proc.communicate(timeout=60)
     assert all(parse_logfmt(line)["level"] == "WARNING" for line in err.splitlines()), err
+
+
+def test_workers_log_json_lines_with_their_index_and_the_supervisor_serves_metrics_only(spawn_server):
+    server = spawn_server("--workers", "2", "--log-format", "json", "--grace-s", "0")
+    base = f"http://127.0.0.1:{server.metrics_port}"
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as reply:  # the supervisor's summed /metrics
+        assert b"cellserve_build_info" in reply.read()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(base + "/healthz", timeout=10)
+    assert e.value.code == 404
+    server.proc.send_signal(signal.SIGTERM)
+    _, err = server.proc.communicate(timeout=120)
+    assert server.proc.returncode == 0, err
+    lines = [json.loads(line) for line in err.splitlines()]  # every line, supervisor's and workers', is JSON
+    serving = [line for line in lines if line["msg"] == "serving"]
+    assert sorted(line["worker"] for line in serving) == [0, 1]
+    assert all(line["port"] == server.port and line["models"] for line in serving)
+    assert sorted(line["worker"] for line in lines if line["msg"] == "drained") == [0, 1]
