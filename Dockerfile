@@ -79,10 +79,12 @@ COPY --from=venv /opt/cellserve /opt/cellserve
 COPY --from=venv /models /models
 
 # Read-only-root friendly: nothing is written at run time except under /tmp (declared a volume; compose
-# and Kubernetes mount a tmpfs/emptyDir there). No .pyc writes, logs go to stderr.
+# and Kubernetes mount a tmpfs/emptyDir there). No .pyc writes, logs go to stderr. The user has no home
+# (/nonexistent), and CuPy writes its kernel cache to ~/.cupy/kernel_cache by default: point it at /tmp.
 ENV PATH=/opt/cellserve/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    CUPY_CACHE_DIR=/tmp/cupy-kernel-cache \
     CELLSERVE_HOST="[::]" \
     CELLSERVE_PORT=50051 \
     CELLSERVE_METRICS_PORT=9090 \

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from cellserve.cli_help import DefaultsHelpFormatter
+
 DEFAULT_SERVER = "localhost:50051"
 
 
@@ -44,11 +46,15 @@ def channel_config(args: argparse.Namespace) -> object:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``models``, ``health`` and ``bench`` to the ``cellserve`` command."""
-    p = subparsers.add_parser("models", help="list the models a server serves (JSON lines)")
+    p = subparsers.add_parser(
+        "models", help="list the models a server serves (JSON lines)", formatter_class=DefaultsHelpFormatter
+    )
     add_connection_flags(p)
     p.set_defaults(func=_models)
 
-    p = subparsers.add_parser("health", help="check a server's health; exit 0 iff SERVING")
+    p = subparsers.add_parser(
+        "health", help="check a server's health; exit 0 iff SERVING", formatter_class=DefaultsHelpFormatter
+    )
     add_connection_flags(p)
     p.add_argument("--service", default="", help="health service name: '' = the server, or a model name")
     p.set_defaults(func=_health)
@@ -60,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "print a table, write JSON and a PNG. Without --server, starts `cellserve serve` on port 0 itself. "
         "`cellserve bench soak --help`: the long-running churn soak instead; `cellserve bench checkpoint --help`: "
         "what crash-safe SDK sessions cost.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     from cellserve.client.bench.options import add_bench_flags, add_checkpoint_flags, add_soak_flags
 
@@ -75,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "for every slot to be free, prints a summary, writes soak.json and soak.png, and exits 1 on an "
         "unexpected error, a slot still used, or RSS growth after warm-up above --max-rss-growth. "
         "Without --server, starts `cellserve serve` on port 0 itself.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_soak_flags(s)
     s.set_defaults(func=_soak)
@@ -86,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "once per checkpoint_every setting (0 = off, the baseline, and --every), in rounds of rotating order; prints "
         "each setting's median msgs/s, its ratio to off, latency and server CPU per message, and writes "
         "checkpoint.json. Without --server, starts `cellserve serve` on port 0 itself.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_checkpoint_flags(c)
     c.set_defaults(func=_checkpoint)

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from cellserve.model.conformance import CheckedGraph
     from cellserve.model.manifest import Manifest
 
+from cellserve.cli_help import DefaultsHelpFormatter
+
 log = logging.getLogger(__name__)
 
 TRAIN_HELP = {
@@ -55,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train the byte-level LSTM on the stdlib's .py sources",
         description="Train with truncated BPTT (h/c carried across windows); writes checkpoint.pt, metrics.json, "
         "training_curve.png into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--data-dir", type=Path, default=None, help="directory of .py files (default: this Python's stdlib)")
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="output directory")
@@ -78,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="export a checkpoint to ONNX + manifest.json (parity-checked)",
         description="Export to DIR/model.onnx with a parity check against torch; writes DIR/manifest.json and "
         "copies metrics.json / training_curve.png found beside the checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt written by `cellserve train`")
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
@@ -124,7 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "generate",
         help="generate text from a byte-level model (offline with onnxruntime, or from a server)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--model-dir", type=Path, default=None, help="exported model directory (default: shipped model)")
     p.add_argument("--prompt", default="def ", help="text to continue")

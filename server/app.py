@@ -21,19 +21,21 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from cellserve.server.errors import ErrorBoundary
 from cellserve.server.health import Health
 from cellserve.server.interceptors import RequestGuard, grpc_receive_limit
 from cellserve.server.limits import StreamLimit
 from cellserve.server.metrics import Metrics
+from cellserve.server.metrics_http import start_metrics_server
 from cellserve.server.models import ModelRepository
+from cellserve.server.oip_servicer import REFLECTION_ALIASES
 from cellserve.server.oip_servicer import register as register_oip
 from cellserve.server.ports import PortTaken, check_free
+from cellserve.server.reflection import enable_reflection
 from cellserve.server.resume_token import TokenCodec, TokenKeys
-from cellserve.server.security import AcceptedTokens, BearerAuth, CertificateFiles, FileWatcher
+from cellserve.server.security import AcceptedTokens, BearerAuth, CertificateFiles, FileWatcher, is_loopback
 from cellserve.server.servicer import CellServeServicer
 from cellserve.server.servicer import add_to_server as add_native_service
 from cellserve.server.sessions import SessionManager
@@ -134,11 +136,10 @@ class CellServer:
         names = [
             cellserve_pb2.DESCRIPTOR.services_by_name["CellServe"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
         ]
         for hook in self._hooks:
             names += hook(server, self)
-        reflection.enable_server_reflection(names, server)
+        enable_reflection(server, names, REFLECTION_ALIASES)
         await server.start()
         self._grpc = server
         if self._watcher is not None:
@@ -146,21 +147,37 @@ class CellServer:
         if s.metrics_port:
             port = 0 if s.metrics_port == "auto" else s.metrics_port
             try:
-                self._http, _ = start_http_server(port, s.metrics_host, registry=self.registry)
+                self._http = start_metrics_server(s.metrics_host, port, self.registry)
             except OSError as e:
                 raise PortTaken(s.metrics_host, port, "metrics_port") from e
             self.metrics_port = self._http.server_port
         await self.health.serving()
+        tls = "mutual" if s.tls_client_ca_file else "on" if self.tls is not None else "off"
         log.info(
             "serving",
             extra={
+                "address": f"{s.host}:{self.port}",
                 "port": self.port,
+                "metrics": f"{s.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
                 "metrics_port": self.metrics_port,
-                "models": [m.name for m in self.models],
-                "tls": "mutual" if s.tls_client_ca_file else bool(self.tls),
-                "bearer_auth": self.auth_tokens is not None,
+                "models": {m.name: m.manifest.sha256 for m in self.models},  # name: ONNX sha256
+                "device": f"cuda:{s.device_id}" if s.device == "cuda" else s.device,
+                "tls": tls,
+                "auth": "bearer" if self.auth_tokens is not None else "off",
+                "oip": s.oip,
+                "capacity": s.capacity,
+                "pid": os.getpid(),
             },
         )
+        if tls == "off" and self.auth_tokens is None and not is_loopback(s.host):
+            log.warning(
+                "the gRPC port is open to the network without TLS or bearer tokens",
+                extra={
+                    "address": f"{s.host}:{self.port}",
+                    "reason": "anyone who can reach it may open sessions and read resume tokens",
+                    "fix": "--host 127.0.0.1 keeps it local; --tls-cert-file/--auth-tokens protect it",
+                },
+            )
         if s.ready_file is not None:
             tmp = Path(f"{s.ready_file}.tmp")
             tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}))
@@ -206,12 +223,26 @@ class CellServer:
         ``draining{resume_token, deadline}``, let them leave within ``grace_s``, close the rest, stop."""
         grace = self.settings.grace_s if grace_s is None else grace_s
         await self.health.not_serving()
+        started = time.monotonic()
         deadline_ms = int((time.time() + grace) * 1000)
+        held = len(self.sessions.sessions)
         told = self.sessions.begin_drain(deadline_ms)
-        log.info("draining", extra={"sessions": told, "grace_s": grace})
-        if not await self.sessions.wait_empty(grace):
+        log.info("draining", extra={"sessions": held, "sent_resume_token": told, "grace_s": grace})
+        left_in_time = await self.sessions.wait_empty(grace)
+        remaining = len(self.sessions.sessions)
+        if not left_in_time:
             self.sessions.close_all("drain", "the drain grace period ended; resume with the draining token")
         await self.stop(grace_s=FLUSH_S)  # closed streams end by themselves; this lets their last messages out
+        log.info(
+            "drained",
+            extra={
+                "sessions": held,
+                "left_within_grace": held - remaining,
+                "closed_at_grace_end": remaining,
+                "grace_s": grace,
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
 
 
 def load_token_keys(settings: Settings) -> TokenKeys:
@@ -248,9 +279,16 @@ async def run_until_signal(
     if on_ready is not None:
         on_ready(server.port, server.metrics_port)
     stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(name: str) -> None:
+        received.append(name)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig.name)
     await stop.wait()
-    log.info("signal received; draining", extra={"grace_s": settings.grace_s})
+    log.info("signal received; draining", extra={"signal": received[0], "grace_s": settings.grace_s})
     await server.drain()
+    log.info("stopped", extra={"signal": received[0]})

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from cellserve import __version__
+from cellserve.server.logs import configure_logging
 
 # Each module has `register(subparsers)`, adding its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = (
@@ -29,7 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stateful LSTM serving: train, export, serve over gRPC streams, and benchmark.",
     )
     parser.add_argument("--version", action="version", version=f"cellserve {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    # The same dest names as the serve settings: `cellserve --log-level X serve` reaches Settings too,
+    # and `cellserve serve --log-level X` wins over it. SUPPRESS: unset flags leave the environment in force.
+    parser.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL, for every subcommand [env CELLSERVE_LOG_LEVEL; default: INFO]",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=argparse.SUPPRESS,
+        choices=("text", "json"),
+        help="key=value text or one JSON object per line [env CELLSERVE_LOG_FORMAT; default: text]",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -39,9 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
-    )
+    # Before any subcommand runs; `serve` sets it again from its Settings (where `serve --log-*` land).
+    level = getattr(args, "log_level", None) or os.environ.get("CELLSERVE_LOG_LEVEL") or "INFO"
+    fmt = getattr(args, "log_format", None) or os.environ.get("CELLSERVE_LOG_FORMAT") or "text"
+    if fmt not in ("text", "json"):
+        parser.error(f"CELLSERVE_LOG_FORMAT: {fmt!r} is not text or json")
+    try:
+        configure_logging(level, "json" if fmt == "json" else "text")
+    except ValueError as e:
+        parser.error(f"--log-level: {e}")
     return int(args.func(args) or 0)
 
 

@@ -14,7 +14,11 @@ from cellserve import __version__
 
 # Latencies from ~50 µs (a batched CPU step) to 10 s (a long chunk under load).
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 10)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Batch sizes are integers, and histogram_quantile interpolates linearly inside a bucket (from 0 in the lowest
+# one), so a lone le=1 bucket makes an all-ones p50 come out as 0.5. Each power of two p gets a bucket
+# (p - 0.001, p] that holds exactly the batches of size p: where batches are 1 or a full max_batch (a power of
+# two by default) every quantile comes out as p; the bucket (p, 2p - 0.001] in between holds p+1 .. 2p-1.
+BATCH_BUCKETS = tuple(b for p in (2**i for i in range(11)) for b in (p - 0.001, p))  # 0.999, 1, ..., 1023.999, 1024
 
 
 class Metrics:

@@ -102,7 +102,9 @@ class ModelRepository:
                 mode=settings.engine_mode,
                 live_sessions=lambda pool=pool: pool.used,
             )
-            output_steps = (settings.max_message_bytes - RESPONSE_OVERHEAD) // (4 * manifest.output_size)
+            # An output may carry a checkpoint resume token (h and c as float32, plus its header): keep room for it.
+            reserve = RESPONSE_OVERHEAD + 2 * 4 * manifest.layers * manifest.hidden
+            output_steps = (settings.max_message_bytes - reserve) // (4 * manifest.output_size)
             models[manifest.name] = LoadedModel(manifest, Path(model_dir), pool, engine, scheduler, output_steps)
             metrics.state_pool_bytes.labels(model=manifest.name).set(pool.nbytes)
             metrics.state_pool_slots.labels(model=manifest.name, state="used").set(0)

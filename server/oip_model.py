@@ -1,15 +1,22 @@
 """How a cellserve model looks through the Open Inference Protocol: metadata, config, input checks.
 
+Triton's view is a sequence-batched model with **implicit state**: ModelMetadata and ModelConfig list
+one input ``x`` and one output ``y``; the LSTM's h and c are declared only under
+``sequence_batching.state`` (h0→hn, c0→cn), as a Triton model with implicit state does. So tools that
+build requests from the metadata (``perf_analyzer``) send ``x`` alone, and the server keeps the state.
+
 Shape convention (Triton's ``max_batch_size > 0`` form: every tensor starts with a batch dimension
 that the config's ``dims`` leave out):
 
 - ``x``: ``[B, T]`` token ids (INT64) or ``[B, T, I]`` features (FP32); ``T`` ≥ 1 steps per request.
-- ``h0``, ``c0`` (optional, zeros if absent) and ``hn``, ``cn``: ``[B, L, H]`` FP32, batch first;
-  row ``b`` is ``h[:, b, :]`` of the ONNX graph's ``[L, B, H]``.
 - ``y``: ``[B, T, O]`` FP32.
 - A sequence request (one with a ``sequence_id``) has ``B = 1``, like every request Triton's
-  sequence batcher takes; its state is implicit (kept by the server), so it sends no ``h0``/``c0``
-  and gets ``y`` back (``hn``/``cn`` too if it asks for them by name).
+  sequence batcher takes; it sends ``x`` only and gets ``y`` back (``hn``/``cn`` too if it asks for
+  them by name).
+- Extension, stateless (no ``sequence_id``): the state tensors may be sent and asked for explicitly:
+  ``h0``, ``c0`` inputs (zeros if absent) and ``hn``, ``cn`` outputs, ``[B, L, H]`` FP32, batch first;
+  row ``b`` is ``h[:, b, :]`` of the ONNX graph's ``[L, B, H]``. The config's ``parameters`` name them
+  (``explicit_state_inputs``, ``explicit_state_outputs``).
 Tensor names are the manifest's (the graph's), paired with their meaning by manifest role.
 """
 
@@ -96,12 +103,9 @@ def model_metadata(model: LoadedModel) -> oip.ModelMetadataResponse:
     def meta(name: str) -> oip.ModelMetadataResponse.TensorMetadata:
         return oip.ModelMetadataResponse.TensorMetadata(name=name, datatype=_datatype(m, name), shape=[-1, *dims[name]])
 
+    n = Names.of(m)
     return oip.ModelMetadataResponse(
-        name=m.name,
-        versions=[m.version],
-        platform=PLATFORM,
-        inputs=[meta(t.name) for t in m.inputs],
-        outputs=[meta(t.name) for t in m.outputs],
+        name=m.name, versions=[m.version], platform=PLATFORM, inputs=[meta(n.x)], outputs=[meta(n.y)]
     )
 
 
@@ -111,15 +115,9 @@ def model_config(model: LoadedModel, settings: Settings) -> cfg.ModelConfig:
     n = Names.of(m)
     dims = _dims(m)
     config = cfg.ModelConfig(name=m.name, platform=PLATFORM, backend="onnxruntime", max_batch_size=settings.max_batch)
-    for t in m.inputs:
-        config.input.add(
-            name=t.name,
-            data_type=_CONFIG_TYPES[_datatype(m, t.name)],
-            dims=dims[t.name],
-            optional=t.name != n.x,
-        )
-    for t in m.outputs:
-        config.output.add(name=t.name, data_type=_CONFIG_TYPES[_datatype(m, t.name)], dims=dims[t.name])
+    # Only x and y: h and c are implicit state (below), never model inputs/outputs in Triton's view.
+    config.input.add(name=n.x, data_type=_CONFIG_TYPES[_datatype(m, n.x)], dims=dims[n.x])
+    config.output.add(name=n.y, data_type=_CONFIG_TYPES[_datatype(m, n.y)], dims=dims[n.y])
     gpu = settings.device == "cuda"
     config.instance_group.add(
         name=m.name,
@@ -149,6 +147,9 @@ def model_config(model: LoadedModel, settings: Settings) -> cfg.ModelConfig:
         "hidden": str(m.hidden),
         "state_layout": "[batch, layers, hidden]",
         "sequence_id_scope": "stream",
+        # The stateless extension (no sequence_id): state sent and returned explicitly, [batch, layers, hidden].
+        "explicit_state_inputs": f"{n.h0},{n.c0}",
+        "explicit_state_outputs": f"{n.hn},{n.cn}",
     }
     for key, value in info.items():
         config.parameters[key].string_value = value
@@ -184,6 +185,13 @@ def split_inputs(
         )
     if not 1 <= x.shape[1] <= max_steps:
         raise InvalidArgument(f"input '{n.x}' has T={x.shape[1]} steps; model '{m.name}' takes 1..{max_steps}")
+    batch, steps = x.shape[:2]
+    reply_floats = batch * (steps * m.output_size + (0 if sequence else 2 * m.layers * m.hidden))  # y (+ hn, cn)
+    if reply_floats > model.max_output_steps * m.output_size:  # what fits one message (max_message_bytes)
+        raise InvalidArgument(
+            f"the reply to {batch} row(s) of T={steps} steps would be {4 * reply_floats} bytes of float32 outputs, "
+            f"over the server's max_message_bytes; send fewer rows or steps per request"
+        )
     states: list[np.ndarray | None] = []
     for name in (n.h0, n.c0):
         s = tensors.get(name)

@@ -5,16 +5,18 @@ own, so OIP sequences are cellserve sessions (same admission, batching, idle exp
 Unary RPCs fail with a gRPC status, as Triton's do; on ``ModelStreamInfer`` a failed request is
 answered with ``error_message`` and the stream goes on, as in Triton.
 
-The handlers are registered under Triton's service name, which is what Triton clients call, and
-under the proto's own name ``cellserve.oip.GRPCInferenceService``, which server reflection
-describes (see ``cellserve/oip/__init__.py`` for why the messages are not in package ``inference``).
+The handlers are registered under Triton's service name, which is what Triton clients call and what
+server reflection lists (``cellserve.server.reflection``), and under the proto's own name
+``cellserve.oip.GRPCInferenceService`` (see ``cellserve/oip/__init__.py`` for why the messages are
+not in package ``inference``). Triton's RPCs that cellserve does not serve answer UNIMPLEMENTED with
+what to use instead (``UNSERVED_RPCS``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 import numpy as np
@@ -50,6 +52,41 @@ log = logging.getLogger(__name__)
 
 TRITON_SERVICE = "inference.GRPCInferenceService"
 OWN_SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# Reflection describes Triton's name with our messages (cellserve.server.reflection).
+REFLECTION_ALIASES = {TRITON_SERVICE: OWN_SERVICE}
+
+# Triton RPCs cellserve does not serve, each answered UNIMPLEMENTED with what to use instead
+# (instead of gRPC's bare "Method not found!").
+_SHARED_MEMORY = (
+    "shared-memory tensors are not supported by cellserve: send tensors in the request "
+    "(raw_input_contents) and read them from the response (raw_output_contents)"
+)
+_REPOSITORY = (
+    "cellserve loads its models at start-up and cannot {} one at run time: restart the server with "
+    "--model-dirs (CELLSERVE_MODEL_DIRS) listing the models to serve; RepositoryIndex lists the loaded ones"
+)
+UNSERVED_RPCS = {
+    "ModelStatistics": (
+        "cellserve reports statistics as Prometheus metrics, not per-model statistics: scrape /metrics on "
+        "the metrics port (--metrics-port; e.g. cellserve_steps_total, cellserve_step_latency_seconds)"
+    ),
+    "RepositoryModelLoad": _REPOSITORY.format("load"),
+    "RepositoryModelUnload": _REPOSITORY.format("unload"),
+    "SystemSharedMemoryStatus": _SHARED_MEMORY,
+    "SystemSharedMemoryRegister": _SHARED_MEMORY,
+    "SystemSharedMemoryUnregister": _SHARED_MEMORY,
+    "CudaSharedMemoryStatus": _SHARED_MEMORY,
+    "CudaSharedMemoryRegister": _SHARED_MEMORY,
+    "CudaSharedMemoryUnregister": _SHARED_MEMORY,
+    "TraceSetting": (
+        "cellserve has no request tracing: use the Prometheus latency histograms on the metrics port "
+        "(cellserve_step_latency_seconds, cellserve_queue_wait_seconds, cellserve_engine_run_seconds)"
+    ),
+    "LogSettings": (
+        "cellserve's log settings are fixed at start-up: restart with --log-level and --log-format "
+        "(CELLSERVE_LOG_LEVEL, CELLSERVE_LOG_FORMAT)"
+    ),
+}
 
 
 class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
@@ -186,6 +223,15 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         return model, outputs, x
 
 
+    def unserved(self, advice: str) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[NoReturn]]:
+        """A handler for a Triton RPC cellserve does not serve: UNIMPLEMENTED, saying what to use instead."""
+
+        async def handler(request: bytes, context: grpc.aio.ServicerContext) -> NoReturn:
+            await self.errors.abort(context, Unimplemented(advice))
+
+        return handler
+
+
 def _state_names(model: LoadedModel) -> tuple[str, str, str]:
     n = Names.of(model.manifest)
     return n.y, n.hn, n.cn
@@ -214,6 +260,8 @@ def register(grpc_server: grpc.aio.Server, server: CellServer) -> list[str]:
             request_deserializer=request_class.FromString,
             response_serializer=response_class.SerializeToString,
         )
+    for name, advice in UNSERVED_RPCS.items():  # raw bytes in: the request is never parsed
+        handlers[name] = grpc.unary_unary_rpc_method_handler(servicer.unserved(advice))
     grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(TRITON_SERVICE, handlers),))
     log.info("Open Inference Protocol served", extra={"services": [TRITON_SERVICE, OWN_SERVICE]})
-    return [OWN_SERVICE]
+    return [TRITON_SERVICE]  # reflection lists the name Triton clients call (REFLECTION_ALIASES)

@@ -10,6 +10,7 @@ pair in force (with a warning); secrets are never logged.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import stat
@@ -36,6 +37,17 @@ OPEN_PREFIXES = (
 )
 RELOAD_CHECK_S = 1.0  # how often the watcher looks at the files
 T = TypeVar("T")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address reaches only this machine (``127.x``, ``::1``, ``localhost``)."""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _stamp(paths: Iterable[Path]) -> tuple[tuple[int, int, int, int], ...]:

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from cellserve.server.app import run_until_signal
 from cellserve.server.errors import EngineUnavailable
+from cellserve.server.logs import configure_logging
 from cellserve.server.settings import Settings
 from cellserve.server.workers import Supervisor
 
@@ -58,6 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
             where = _flag(str(err["loc"][0])) if err["loc"] else "settings"
             print(f"cellserve serve: error: {where}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr)
         return 2
+    configure_logging(settings.log_level, settings.log_format)  # `serve --log-*` land in Settings
     try:
         if settings.workers > 1:
             return Supervisor(settings).run()

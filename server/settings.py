@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, FilePath, SecretStr, model_validator
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cellserve.server.logs import check_level
 
 
 def default_model_dir() -> Path:
@@ -51,14 +53,14 @@ class Settings(BaseSettings):
     """Longest a batch waits for more sessions after its first step arrives, in microseconds."""
     engine_mode: Literal["inline", "thread"] = "inline"
     """Run onnxruntime on the event loop (inline) or in a worker thread (thread); see README Performance."""
-    max_chunk_steps: int = Field(4096, ge=1)
-    """Most time steps (T) one Step message may carry."""
+    max_chunk_steps: int = Field(2048, ge=1)
+    """Most time steps (T) one Step message may carry; also capped so its output fits max_message_bytes."""
     max_queued_steps: int = Field(8192, ge=1)
     """Most messages waiting in one model's scheduler queue; beyond it steps get RESOURCE_EXHAUSTED."""
     max_streams: int = Field(10000, ge=1)
-    """Most concurrent Stream RPCs; beyond it new streams get RESOURCE_EXHAUSTED."""
-    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    """Largest gRPC message accepted or sent, in bytes."""
+    """Most concurrent streaming RPCs (Stream, Generate, OIP ModelStreamInfer); more get RESOURCE_EXHAUSTED."""
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Largest gRPC message accepted or sent, in bytes; the default is most gRPC clients' receive limit."""
     keepalive_time_s: float = Field(60, gt=0)
     """Server pings a connection that has been quiet this long, to find dead peers."""
     keepalive_timeout_s: float = Field(20, gt=0)
@@ -102,6 +104,15 @@ class Settings(BaseSettings):
     """Serving processes on the one gRPC port (SO_REUSEPORT). Each has its own state pool (capacity slots per
     model), onnxruntime session and batches; a supervisor sums their /metrics, restarts one that dies and
     drains them all on SIGTERM. 1 = serve in this process."""
+    log_level: str = "INFO"
+    """Least severe log level written to stderr: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as key=value text, or json (one object per line, for log shippers); both carry every field."""
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        return check_level(value)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -31,9 +31,11 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import SecretStr
 
+from cellserve.server.logs import configure_logging
+from cellserve.server.metrics_http import start_metrics_server
 from cellserve.server.metrics_merge import MergedMetrics
 from cellserve.server.ports import PortGuard, PortTaken, check_free
 from cellserve.server.resume_token import TokenKeys
@@ -105,7 +107,7 @@ class Supervisor:
             if self.settings.metrics_port:
                 port = 0 if self.settings.metrics_port == "auto" else int(self.settings.metrics_port)
                 try:
-                    self._http, _ = start_http_server(port, self.settings.metrics_host, registry=self.registry)
+                    self._http = start_metrics_server(self.settings.metrics_host, port, self.registry)
                 except OSError as e:
                     raise PortTaken(self.settings.metrics_host, port, "metrics_port") from e
                 self.metrics_port = self._http.server_port
@@ -317,9 +319,7 @@ def worker_main(settings: Settings, index: int, ready: Connection, log_level: in
     from cellserve.server.errors import EngineUnavailable
 
     _die_with_parent()
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_WorkerField(index))
+    configure_logging(logging.getLevelName(log_level), settings.log_format).addFilter(_WorkerField(index))
 
     def on_ready(port: int, metrics_port: int) -> None:
         ready.send({"pid": os.getpid(), "port": port, "metrics_port": metrics_port})

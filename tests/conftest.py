@@ -198,8 +198,8 @@ def spawn_server(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Callable[...,
     """Factory for ``cellserve serve`` child processes (tiny model); all are killed at teardown."""
     started: list[ServerProcess] = []
 
-    def factory(*args: str, model_dir: Path | None = None) -> ServerProcess:
-        server = start_server_process(model_dir or tiny_model_dir, tmp_path, *args)
+    def factory(*args: str, model_dir: Path | None = None, env: dict | None = None) -> ServerProcess:
+        server = start_server_process(model_dir or tiny_model_dir, tmp_path, *args, env=env)
         started.append(server)
         return server
 

@@ -15,7 +15,8 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
         "--model-dir",
         type=Path,
         default=None,
-        help="exported model directory (ONNX for the baselines; served when the bench starts the server)",
+        help="exported model directory: ONNX for the baselines, served when the bench starts the server "
+        "(default: the shipped model)",
     )
     p.add_argument("--model", default="", help="model name on the server ('' = its default)")
     p.add_argument(
@@ -63,7 +64,12 @@ def add_soak_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="server /metrics URL for RSS, slots and sessions (default: the started server's; needed with --server)",
     )
-    p.add_argument("--model-dir", type=Path, default=None, help="model served when the soak starts the server")
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="model served when the soak starts the server (default: the shipped model)",
+    )
     p.add_argument("--model", default="", help="model name on the server ('' = its default)")
     p.add_argument("--serve-arg", action="append", default=[], metavar="FLAG", help="extra flag for the started server")
     p.add_argument("--workers", type=int, default=32, help="concurrent sessions (each worker loops open..end)")

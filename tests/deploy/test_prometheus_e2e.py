@@ -272,6 +272,10 @@ def test_dashboard_and_alert_promql_work_against_real_prometheus(tiny_model_dir,
         for rule in rules:  # the full alert expressions (thresholds included) evaluate without error
             query(prom, rule["expr"])
 
+        # Batch sizes are integers >= 1: no quantile Prometheus interpolates from the buckets is below 1.
+        low = query(prom, "histogram_quantile(0.01, sum by (le) (cellserve_batch_size_bucket))")  # all-time counts
+        assert low and float(low[0]["value"][1]) >= 0.999, low
+
         for var in dash["templating"]["list"]:
             if var["type"] != "query":
                 continue

@@ -68,6 +68,9 @@ def dockerfile_problems(dockerfile: Path) -> list[str]:
         "CUDA 13 + cuDNN runtime base (onnxruntime-gpu 1.31 links libcudart.so.13)": re.search(
             r"ARG CUDA_IMAGE=nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-", text
         ),
+        # uid 10001 has no home and the root is read-only: CuPy's kernel cache must go to the /tmp volume.
+        "CUPY_CACHE_DIR under the /tmp volume": re.search(r"^\s+CUPY_CACHE_DIR=/tmp/\S+", runtime, re.M)
+        and 'VOLUME ["/tmp"]' in runtime,
     }
     problems += [f"Dockerfile: missing {what}" for what, ok in checks.items() if not ok]
     if re.search(r"\b(torch|gcc|g\+\+|build-essential)\b", runtime):
@@ -156,6 +159,11 @@ def deployment_problems(docs: list[dict[str, Any]], gpu: bool, tls: bool = False
     if gpu:
         need(str(limits.get("nvidia.com/gpu")) == "1", "nvidia.com/gpu: 1 limit")
         need(pod.get("nodeSelector") and pod.get("tolerations"), "GPU nodeSelector and tolerations")
+        env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+        cache = env.get("CUPY_CACHE_DIR", "")
+        on_empty_dir = any(cache.startswith(path.rstrip("/") + "/") and "emptyDir" in volumes.get(name, {})
+                           for path, name in mounts.items())
+        need(on_empty_dir, "CUPY_CACHE_DIR on an emptyDir (read-only root, no home: CuPy cannot import otherwise)")
     else:
         need("nvidia.com/gpu" not in limits, "no GPU limit in the CPU variant")
     svc = _kind(docs, "Service", "cellserve")
@@ -189,6 +197,10 @@ def compose_policy_problems(compose_file: Path) -> list[str]:
     devices = gpu.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
     if not any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices):
         problems.append("compose: cellserve-gpu lacks an nvidia GPU reservation")
+    cache = str(gpu.get("environment", {}).get("CUPY_CACHE_DIR", ""))
+    tmpfs = [str(t).split(":", 1)[0].rstrip("/") + "/" for t in gpu.get("tmpfs", [])]
+    if not any(cache.startswith(t) for t in tmpfs):
+        problems.append("compose: cellserve-gpu needs CUPY_CACHE_DIR on its tmpfs (read-only root, no home)")
     for name in ("cellserve-gpu", "cellserve-cpu"):
         svc = services.get(name, {})
         if svc.get("read_only") is not True or not any(str(t).startswith("/tmp") for t in svc.get("tmpfs", [])):
@@ -388,6 +400,20 @@ def test_serving_rules_reject_short_termination_grace_and_missing_gpu(tool, depl
     assert "Deployment: nvidia.com/gpu: 1 limit" in problems
 
 
+def test_cupy_cache_rules_reject_a_cache_on_the_read_only_root(tool, deploy_copy):
+    _edit(deploy_copy / "Dockerfile", "    CUPY_CACHE_DIR=/tmp/cupy-kernel-cache \\\n", "")
+    assert "Dockerfile: missing CUPY_CACHE_DIR under the /tmp volume" in dockerfile_problems(deploy_copy / "Dockerfile")
+    _edit(deploy_copy / "deploy/k8s/overlays/gpu/deployment-gpu.yaml", "value: /tmp/cupy-kernel-cache",
+          "value: /opt/cellserve/cupy")
+    problems = deployment_problems(render(tool("kubectl"), deploy_copy / "deploy/k8s/overlays/gpu"), gpu=True)
+    assert any("CUPY_CACHE_DIR on an emptyDir" in p for p in problems), problems
+    compose = deploy_copy / "deploy/compose/docker-compose.yml"
+    _edit(compose, "CUPY_CACHE_DIR: /tmp/cupy-kernel-cache", "CUPY_CACHE_DIR: /nonexistent/.cupy")
+    assert "compose: cellserve-gpu needs CUPY_CACHE_DIR on its tmpfs (read-only root, no home)" in (
+        compose_policy_problems(compose)
+    )
+
+
 def test_promtool_rejects_bad_promql_and_bad_config(tool, deploy_copy):
     promtool = tool("promtool")
     alerts = deploy_copy / "deploy/prometheus/alerts.yml"
@@ -463,11 +489,12 @@ def settings_env_problems(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) 
     return problems
 
 
-def dockerfile_env() -> dict[str, str]:
+def dockerfile_env(prefix: str = "CELLSERVE_") -> dict[str, str]:
+    """The runtime stage's ENV variables whose names start with ``prefix`` ("" for all)."""
     runtime = (REPO / "Dockerfile").read_text().split(" AS runtime", 1)[1]
     block = re.search(r"^ENV (.*?)\n(?!\s)", runtime, re.M | re.S).group(1)
     pairs = re.findall(r"(\w+)=('[^']*'|\"[^\"]*\"|\S+)", block)
-    return {k: v.strip("'\"") for k, v in pairs if k.startswith("CELLSERVE_")}
+    return {k: v.strip("'\"") for k, v in pairs if k.startswith(prefix)}
 
 
 @pytest.mark.parametrize("overlay", ["gpu", "cpu"])

@@ -175,9 +175,3 @@ def test_grpcurl_lists_describes_checks_health_and_streams(running_server, tiny_
     h, c = tiny_oracle.init_state(1)
     want, _, _ = tiny_oracle.run(tokens[None], h, c)
     np.testing.assert_allclose(y, want[0], atol=1e-5, rtol=0)
-
-
-def test_readme_settings_table_lists_every_setting():
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for name in Settings.model_fields:
-        assert f"`CELLSERVE_{name.upper()}`" in readme, f"README settings table lacks {name}"

@@ -92,9 +92,6 @@ def test_typed_contents_request_works_under_both_service_names(running_server, t
             triton_path(req, timeout=30),
             oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=30),
         ]
-        with pytest.raises(grpc.RpcError) as e:  # the protocol's RPCs we do not serve
-            channel.unary_unary("/inference.GRPCInferenceService/ModelStatistics")(b"", timeout=30)
-        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     expected = tiny_oracle.run(x)[0]
     for response in responses:
         assert [o.name for o in response.outputs] == ["y"]
@@ -103,17 +100,46 @@ def test_typed_contents_request_works_under_both_service_names(running_server, t
 
 
 @pytest.mark.skipif(not Path(GRPCURL).exists(), reason="grpcurl binary not installed (dev extra)")
-def test_reflection_describes_the_oip_service_for_grpcurl(running_server):
+def test_reflection_serves_tritons_service_name_for_grpcurl(running_server):
     def grpcurl(*args: str) -> str:
         proc = subprocess.run([GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
     with running_server() as srv:
-        assert "cellserve.oip.GRPCInferenceService" in grpcurl(srv.address, "list")
-        described = grpcurl(srv.address, "describe", "cellserve.oip.GRPCInferenceService")
+        listed = grpcurl(srv.address, "list").split()
+        assert "inference.GRPCInferenceService" in listed and "cellserve.oip.GRPCInferenceService" not in listed
+        assert {"cellserve.v1.CellServe", "grpc.health.v1.Health"} <= set(listed)
+        described = grpcurl(srv.address, "describe", "inference.GRPCInferenceService")
         assert "rpc ModelStreamInfer ( stream .cellserve.oip.ModelInferRequest )" in described
+        # What a Triton user types: Triton's service name, resolved through reflection.
+        live = json.loads(grpcurl(srv.address, "inference.GRPCInferenceService/ServerLive"))
         meta = json.loads(
-            grpcurl("-d", '{"name": "tiny"}', srv.address, "cellserve.oip.GRPCInferenceService/ModelMetadata")
+            grpcurl("-d", '{"name": "tiny"}', srv.address, "inference.GRPCInferenceService/ModelMetadata")
         )
-    assert meta["name"] == "tiny" and [i["name"] for i in meta["inputs"]] == ["x", "h0", "c0"]
+        # The native API is still described from the same (private) descriptor pool.
+        native = grpcurl(srv.address, "describe", "cellserve.v1.CellServe")
+        assert "rpc Stream ( stream .cellserve.v1.StreamRequest )" in native
+    assert live == {"live": True}
+    assert meta["name"] == "tiny" and [i["name"] for i in meta["inputs"]] == ["x"]
+
+
+def test_tritons_unserved_rpcs_say_what_to_use_instead(running_server):
+    from tritonclient.grpc import service_pb2 as triton
+
+    from cellserve.server.oip_servicer import UNSERVED_RPCS
+
+    served = {m.name for m in oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
+    tritons = {m.name for m in triton.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
+    assert tritons - served == set(UNSERVED_RPCS), "every Triton RPC is either served or answered with advice"
+    expect = {"ModelStatistics": "/metrics", "RepositoryModelLoad": "--model-dirs",
+              "SystemSharedMemoryRegister": "in the request", "CudaSharedMemoryStatus": "in the request",
+              "LogSettings": "--log-level", "TraceSetting": "latency histograms"}
+    with running_server() as srv, grpc.insecure_channel(srv.address) as channel:
+        for name in sorted(UNSERVED_RPCS):
+            with pytest.raises(grpc.RpcError) as e:
+                channel.unary_unary(f"/inference.GRPCInferenceService/{name}")(b"", timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED, name
+            assert e.value.details() != "Method not found!" and expect.get(name, "") in e.value.details(), name
+        counted = srv.registry.get_sample_value("cellserve_errors_total", {"code": "UNIMPLEMENTED"})
+    assert counted == len(UNSERVED_RPCS)

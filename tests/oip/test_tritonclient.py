@@ -69,14 +69,9 @@ def test_liveness_readiness_metadata_and_config(triton):
 
     model = client.get_model_metadata("tiny", as_json=True)
     shapes = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in model["inputs"] + model["outputs"]}
-    assert shapes == {
-        "x": ("INT64", [-1, -1]),
-        "h0": ("FP32", [-1, 2, 32]),
-        "c0": ("FP32", [-1, 2, 32]),
-        "y": ("FP32", [-1, -1, 256]),
-        "hn": ("FP32", [-1, 2, 32]),
-        "cn": ("FP32", [-1, 2, 32]),
-    }
+    # Implicit state, as a Triton model declares it: h and c are not inputs/outputs (perf_analyzer
+    # would send every listed input); the stateless extension's h0/c0/hn/cn are named in the parameters.
+    assert shapes == {"x": ("INT64", [-1, -1]), "y": ("FP32", [-1, -1, 256])}
 
     config = client.get_model_config("tiny").config  # tritonclient's own ModelConfig message
     assert config.name == "tiny" and config.max_batch_size >= 1
@@ -88,7 +83,10 @@ def test_liveness_readiness_metadata_and_config(triton):
         ("c0", "cn", [2, 32]),
     ]
     assert seq.max_sequence_idle_microseconds > 0
-    assert {i.name: i.optional for i in config.input} == {"x": False, "h0": True, "c0": True}
+    assert [(i.name, i.optional, list(i.dims)) for i in config.input] == [("x", False, [-1])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("y", [-1, 256])]
+    assert config.parameters["explicit_state_inputs"].string_value == "h0,c0"
+    assert config.parameters["explicit_state_outputs"].string_value == "hn,cn"
     index = client.get_model_repository_index(as_json=True)
     assert [(m["name"], m["state"]) for m in index["models"]] == [("tiny", "READY")]
 

@@ -135,10 +135,12 @@ def test_tritonclient_steps_imported_sequences_by_the_graph_names(sensor_model_d
         try:
             meta = client.get_model_metadata("sensor", as_json=True)
             shapes = {t["name"]: [int(d) for d in t["shape"]] for t in meta["inputs"] + meta["outputs"]}
-            assert shapes == {"inp": [-1, -1, 5], "h_in": [-1, 2, 16], "c_in": [-1, 2, 16], "out": [-1, -1, 3],
-                              "h_out": [-1, 2, 16], "c_out": [-1, 2, 16]}  # fmt: skip
-            seq_cfg = client.get_model_config("sensor").config.sequence_batching
-            assert [(s.input_name, s.output_name) for s in seq_cfg.state] == [("h_in", "h_out"), ("c_in", "c_out")]
+            assert shapes == {"inp": [-1, -1, 5], "out": [-1, -1, 3]}  # h/c are implicit state, by graph name:
+            config = client.get_model_config("sensor").config
+            assert [(s.input_name, s.output_name, list(s.dims)) for s in config.sequence_batching.state] == [
+                ("h_in", "h_out", [2, 16]), ("c_in", "c_out", [2, 16])]  # fmt: skip
+            assert config.parameters["explicit_state_inputs"].string_value == "h_in,c_in"
+            assert config.parameters["explicit_state_outputs"].string_value == "h_out,c_out"
 
             inbox: queue.Queue[tuple[Any, Any]] = queue.Queue()
             client.start_stream(callback=lambda result, error: inbox.put((result, error)))

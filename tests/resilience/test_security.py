@@ -232,4 +232,5 @@ def test_secrets_never_reach_the_log_or_the_help(running_server, caplog, pki, tm
         assert secret not in repr(srv.server.settings)
     key_body = pki.server.key.decode().splitlines()[1]
     assert caplog.records and secret not in caplog.text and key_body not in caplog.text
-    assert any(getattr(r, "bearer_auth", False) for r in caplog.records)  # the start line says auth is on
+    (start,) = [r for r in caplog.records if r.getMessage() == "serving"]  # the start line says TLS and auth are on
+    assert (start.tls, start.auth) == ("on", "bearer")
