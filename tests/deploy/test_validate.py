@@ -156,6 +156,9 @@ def deployment_problems(docs: list[dict[str, Any]], gpu: bool, tls: bool = False
     need(pod.get("terminationGracePeriodSeconds", 30) > pre_stop + grace_s,
          f"terminationGracePeriodSeconds > preStop ({pre_stop}) + CELLSERVE_GRACE_S ({grace_s})")
     need(config.get("CELLSERVE_DEVICE") == ("cuda" if gpu else "cpu"), "CELLSERVE_DEVICE matching the overlay")
+    workers = {e["name"]: e.get("valueFrom", {}) for e in container.get("env", [])}.get("CELLSERVE_WORKERS", {})
+    need(workers.get("resourceFieldRef", {}).get("resource") == "requests.cpu" and "CELLSERVE_WORKERS" not in config,
+         "CELLSERVE_WORKERS from the container's requests.cpu (downward API), one serving process per core")
     if gpu:
         need(str(limits.get("nvidia.com/gpu")) == "1", "nvidia.com/gpu: 1 limit")
         need(pod.get("nodeSelector") and pod.get("tolerations"), "GPU nodeSelector and tolerations")
@@ -207,6 +210,8 @@ def compose_policy_problems(compose_file: Path) -> list[str]:
             problems.append(f"compose: {name} must be read_only with a /tmp tmpfs")
         if svc.get("healthcheck", {}).get("test", [])[:3] != ["CMD", "cellserve", "health"]:
             problems.append(f"compose: {name} healthcheck must ask grpc health (cellserve health)")
+        if str(svc.get("environment", {}).get("CELLSERVE_WORKERS")) != str(svc.get("cpus")):
+            problems.append(f"compose: {name} must run one worker per core it is given (CELLSERVE_WORKERS = cpus)")
     if services.get("grafana", {}).get("depends_on", {}).get("prometheus", {}).get("condition") != "service_healthy":
         problems.append("compose: grafana must wait for a healthy prometheus")
     for svc in services.values():
@@ -393,11 +398,13 @@ def test_crd_schema_rejects_bad_servicemonitor_and_scaledobject(tool, deploy_cop
 def test_serving_rules_reject_short_termination_grace_and_missing_gpu(tool, deploy_copy):
     _edit(deploy_copy / "deploy/k8s/base/deployment.yaml", "terminationGracePeriodSeconds: 45",
           "terminationGracePeriodSeconds: 20")
+    _edit(deploy_copy / "deploy/k8s/base/deployment.yaml", "resource: requests.cpu", "resource: limits.memory")
     gpu_patch = deploy_copy / "deploy/k8s/overlays/gpu/deployment-gpu.yaml"
     _edit(gpu_patch, "              memory: 8Gi\n              nvidia.com/gpu: 1", "              memory: 8Gi")
     problems = deployment_problems(render(tool("kubectl"), deploy_copy / "deploy/k8s/overlays/gpu"), gpu=True)
     assert "Deployment: terminationGracePeriodSeconds > preStop (5) + CELLSERVE_GRACE_S (20.0)" in problems
     assert "Deployment: nvidia.com/gpu: 1 limit" in problems
+    assert any("CELLSERVE_WORKERS from the container's requests.cpu" in p for p in problems)
 
 
 def test_cupy_cache_rules_reject_a_cache_on_the_read_only_root(tool, deploy_copy):
@@ -433,10 +440,12 @@ def test_docker_compose_rejects_misspelt_healthcheck(tool, deploy_copy):
 def test_compose_policy_rejects_missing_gpu_reservation(deploy_copy):
     compose = deploy_copy / "deploy/compose/docker-compose.yml"
     _edit(compose, "              capabilities: [gpu]\n", "              capabilities: [utility]\n")
+    _edit(compose, '      CELLSERVE_WORKERS: "2"\n      CELLSERVE_CAPACITY: "2048"', '      CELLSERVE_WORKERS: "1"\n      CELLSERVE_CAPACITY: "2048"')
     shutil.rmtree(deploy_copy / "deploy/grafana/dashboards")
     problems = compose_policy_problems(compose)
     assert "compose: cellserve-gpu lacks an nvidia GPU reservation" in problems
     assert "compose: mounted path ../grafana/dashboards does not exist" in problems
+    assert "compose: cellserve-cpu must run one worker per core it is given (CELLSERVE_WORKERS = cpus)" in problems
 
 
 def test_dashboard_check_rejects_unknown_metric(deploy_copy):
