@@ -43,8 +43,9 @@ class Settings(BaseSettings):
     """Where state lives and onnxruntime runs: cpu, or cuda (needs onnxruntime-gpu and CuPy)."""
     device_id: int = Field(0, ge=0)
     """CUDA device ordinal when device=cuda."""
-    intra_op_threads: int = Field(0, ge=0)
-    """onnxruntime intra-op threads; 0 lets onnxruntime choose."""
+    intra_op_threads: int = Field(1, ge=0)
+    """onnxruntime intra-op threads per serving process; 0 lets onnxruntime choose (every core). Use --workers
+    for more cores: one thread per worker costs the least CPU per step (README Performance)."""
     capacity: int = Field(4096, ge=1)
     """State slots per model: the most sessions one model holds at once."""
     max_batch: int = Field(64, ge=1)

@@ -54,8 +54,10 @@ class NaiveServicer:
         return y.tobytes() + hn.tobytes() + cn.tobytes()
 
 
-async def start(model_dir: Path, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
-    servicer = NaiveServicer(OnnxModel.load(model_dir))
+async def start(
+    model_dir: Path, host: str = "127.0.0.1", port: int = 0, intra_op_threads: int = 1
+) -> tuple[grpc.aio.Server, int]:
+    servicer = NaiveServicer(OnnxModel.load(model_dir, intra_op_threads))
     # The ORT call runs on the event loop, one request at a time at batch 1: no batching, no state.
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
 
@@ -75,8 +77,10 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--ready-file", type=Path, required=True)
+    p.add_argument("--intra-op-threads", type=int, default=1)
     args = p.parse_args()
-    asyncio.run(serve_until_signal(start(args.model_dir, args.host, args.port), args.ready_file))
+    started = start(args.model_dir, args.host, args.port, args.intra_op_threads)
+    asyncio.run(serve_until_signal(started, args.ready_file))
 
 
 if __name__ == "__main__":

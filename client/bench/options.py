@@ -49,6 +49,12 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
         metavar="FLAG",
         help="extra flag for the started server, e.g. --serve-arg=--engine-mode=thread",
     )
+    p.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=1,
+        help="onnxruntime threads of the started server and of the naive and raw-ORT baselines (the same for all)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
 

@@ -97,10 +97,11 @@ def _run(
             addresses["echo"], pids["echo"] = echo.address, echo.pid
         if "naive" in baselines:
             argv = python_module("cellserve.client.bench.naive", "--model-dir", str(model_dir), "--ready-file",
-                                 "{ready_file}")  # fmt: skip
+                                 "{ready_file}", "--intra-op-threads", str(args.intra_op_threads))  # fmt: skip
             naive = stack.enter_context(ServerProcess(argv, "naive"))
             addresses["naive"], pids["naive"] = naive.address, naive.pid
-        ort_model = OnnxModel.load(model_dir) if "ort" in baselines and model_dir is not None else None
+        threads = args.intra_op_threads  # the server's engine options, so raw ORT is like against like
+        ort_model = OnnxModel.load(model_dir, threads) if "ort" in baselines and model_dir is not None else None
         entries = []
         for streams, t in configs:
             plan = LoadPlan(streams, t, args.duration, args.messages, args.warmup,
