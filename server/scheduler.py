@@ -6,8 +6,10 @@ one engine call; a batch with several lengths makes one call per length. Each se
 one step in flight (the session layer guarantees it), so its steps stay in order.
 
 Per message the cost is an append and a comparison: ``enqueue`` itself decides when a batch is
-ready and wakes the batching task once per batch (or a timer does, after ``max_wait_us``).
-Everything else — metrics included — is done once per batch.
+due. Inline (the default), the step that completes a batch runs it right there, or a timer does
+``max_wait_us`` after the oldest step: no task and no extra turn of the event loop. With
+``engine_mode=thread`` a task runs due batches in a worker thread. Everything else — metrics
+included — is done once per batch.
 """
 
 from __future__ import annotations
@@ -63,12 +65,14 @@ class Scheduler:
         self.mode = mode
         self._live_sessions = live_sessions or (lambda: max_batch)
         self._queue: deque[_Request] = deque()
-        self._wake: asyncio.Future[None] | None = None  # the batching task waits on it
         self._timer: asyncio.TimerHandle | None = None  # fires max_wait_us after the oldest queued step
         self._waited = False  # the oldest queued step has waited max_wait_us
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._running = False
+        # engine_mode=thread: a task waits for due batches (on _wake) and runs them in a worker thread
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{self.model}") if mode == "thread" else None
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None
         self._m_batch = metrics.batch_size.labels(model=self.model)
         self._m_wait = metrics.queue_wait.labels(self.model)
         self._m_latency = metrics.step_latency.labels(self.model)
@@ -77,10 +81,13 @@ class Scheduler:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._task = self._loop.create_task(self._run_forever(), name=f"scheduler-{self.model}")
+        self._running = True
+        if self._executor is not None:
+            self._task = self._loop.create_task(self._run_threaded_forever(), name=f"scheduler-{self.model}")
 
     async def stop(self) -> None:
         """Stop batching; steps still queued fail with UNAVAILABLE."""
+        self._running = False
         if self._task is not None:
             self._task.cancel()
             try:
@@ -101,8 +108,12 @@ class Scheduler:
 
     def enqueue(self, slot: int, x: np.ndarray, finished: Finished) -> asyncio.Future[np.ndarray]:
         """Queue one step; the future resolves to its output [T, O]. ``finished(steps)`` is called exactly
-        once, when the engine is done with ``slot`` (or the step was dropped: cancelled while queued)."""
-        if self._task is None or self._loop is None:
+        once, when the engine is done with ``slot`` (or the step was dropped: cancelled while queued).
+
+        Inline, the step that completes a batch runs it before returning: its own future is then already
+        done, so its caller resumes without waiting a turn of the event loop.
+        """
+        if not self._running or self._loop is None:
             raise Unavailable(f"model {self.model!r} is not running; the server is starting or stopping")
         queue = self._queue
         if len(queue) >= self.max_queued:
@@ -111,41 +122,13 @@ class Scheduler:
             )
         future: asyncio.Future[np.ndarray] = self._loop.create_future()
         queue.append(_Request(slot, x, future, finished))
-        wake = self._wake
-        if wake is not None and not wake.done():  # the batching task waits: is a batch ready now?
-            if len(queue) >= min(self.max_batch, self._live_sessions()):
-                wake.set_result(None)
-            elif self._timer is None:
-                self._arm_timer()
+        if self._batch_due():
+            self._dispatch()
+        elif self._timer is None:
+            self._arm_timer()
         return future
 
-    # -- the batching task ------------------------------------------------------------------------
-
-    async def _run_forever(self) -> None:
-        while True:
-            batch = await self._next_batch()
-            try:
-                await self._run(batch)
-            except Exception:  # pragma: no cover - defensive: the batching task must never die
-                log.exception("batch failed", extra={"model": self.model, "batch": len(batch)})
-
-    async def _next_batch(self) -> list[_Request]:
-        """Wait until a full batch is queued or the oldest queued step has waited ``max_wait_us``."""
-        assert self._loop is not None
-        while not self._batch_due():
-            self._wake = self._loop.create_future()
-            if self._queue and self._timer is None:
-                self._arm_timer()
-            try:
-                await self._wake
-            finally:
-                self._wake = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._waited = False
-        queue, n = self._queue, min(self.max_batch, len(self._queue))
-        return [queue.popleft() for _ in range(n)]
+    # -- when a batch runs ------------------------------------------------------------------------
 
     def _batch_due(self) -> bool:
         queue = self._queue
@@ -159,11 +142,74 @@ class Scheduler:
     def _max_wait_passed(self) -> None:
         self._timer = None
         self._waited = True
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+        self._dispatch()
 
-    async def _run(self, batch: list[_Request]) -> None:
-        """Run a batch: one engine call per chunk length T; then its metrics, once for the whole batch."""
+    def _dispatch(self) -> None:
+        """A batch is due: inline, run the due batches now; with a worker thread, wake the batching task."""
+        if self._executor is not None:
+            if self._wake is not None and not self._wake.done():
+                self._wake.set_result(None)
+            return
+        while self._batch_due():
+            self._run_inline(self._take())
+        if self._queue and self._timer is None:
+            self._arm_timer()
+
+    def _take(self) -> list[_Request]:
+        """The next batch off the queue (at most max_batch, oldest first); the wait starts again for the rest."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._waited = False
+        queue, n = self._queue, min(self.max_batch, len(self._queue))
+        return [queue.popleft() for _ in range(n)]
+
+    async def _run_threaded_forever(self) -> None:
+        assert self._loop is not None
+        while True:
+            while not self._batch_due():
+                self._wake = self._loop.create_future()
+                try:
+                    await self._wake
+                finally:
+                    self._wake = None
+            await self._run_threaded(self._take())
+            if self._queue and self._timer is None:
+                self._arm_timer()
+
+    # -- running a batch --------------------------------------------------------------------------
+
+    def _run_inline(self, batch: list[_Request]) -> None:
+        """One engine call per chunk length T, on the event loop; then the batch's metrics, once."""
+        start, live, groups = self._prepare(batch)
+        for i, (t, group) in enumerate(groups):
+            slots, x = _inputs(group)
+            try:
+                t0 = time.perf_counter()
+                y = self.engine.run_slots(slots, x)
+            except Exception as e:  # an engine failure fails the steps not yet run, never the scheduler
+                self._fail(groups[i:], e)
+                return
+            self._deliver(t, group, y, time.perf_counter() - t0)
+        self._observe(start, live)
+
+    async def _run_threaded(self, batch: list[_Request]) -> None:
+        """As ``_run_inline``, with each engine call in the worker thread (the event loop goes on meanwhile)."""
+        assert self._loop is not None
+        start, live, groups = self._prepare(batch)
+        for i, (t, group) in enumerate(groups):
+            slots, x = _inputs(group)
+            try:
+                t0 = time.perf_counter()
+                y = await self._loop.run_in_executor(self._executor, self.engine.run_slots, slots, x)
+            except Exception as e:
+                self._fail(groups[i:], e)
+                return
+            self._deliver(t, group, y, time.perf_counter() - t0)
+        self._observe(start, live)
+
+    def _prepare(self, batch: list[_Request]) -> tuple[float, list[_Request], list[tuple[int, list[_Request]]]]:
+        """(start time, the steps still wanted, grouped by chunk length T)."""
         start = time.perf_counter()
         live: list[_Request] = []
         for req in batch:
@@ -174,37 +220,34 @@ class Scheduler:
         groups: dict[int, list[_Request]] = {}
         for req in live:
             groups.setdefault(req.x.shape[0], []).append(req)
-        todo = list(groups.items())
-        try:
-            while todo:
-                t, group = todo[0]
-                await self._run_group(t, group)
-                todo.pop(0)
-        except Exception as e:  # an engine failure fails the steps not yet run, never the loop
-            log.exception("engine call failed", extra={"model": self.model, "batch": len(batch)})
-            for _, group in todo:
-                for req in group:
-                    req.finished(0)
-                    if not req.future.done():
-                        req.future.set_exception(e)
-            return
-        queued = np.array([r.queued_at for r in live])
-        self._m_wait.observe_many(start - queued)
-        self._m_latency.observe_many(time.perf_counter() - queued)
+        return start, live, list(groups.items())
 
-    async def _run_group(self, t: int, group: list[_Request]) -> None:
-        slots = np.array([r.slot for r in group], dtype=np.int64)
-        x = np.concatenate([r.x for r in group]).reshape(len(group), *group[0].x.shape)  # [B, T] or [B, T, I]
-        t0 = time.perf_counter()
-        if self._executor is None:
-            y = self.engine.run_slots(slots, x)
-        else:
-            assert self._loop is not None
-            y = await self._loop.run_in_executor(self._executor, self.engine.run_slots, slots, x)
-        self._m_engine.observe(time.perf_counter() - t0)
+    def _deliver(self, t: int, group: list[_Request], y: np.ndarray, engine_s: float) -> None:
+        self._m_engine.observe(engine_s)
         self._m_batch.observe(len(group))
         self._m_steps.inc(len(group) * t)
         for req, row in zip(group, y, strict=True):  # rows of y: [T, O] views
             req.finished(t)
             if not req.future.done():
                 req.future.set_result(row)
+
+    def _fail(self, groups: list[tuple[int, list[_Request]]], error: Exception) -> None:
+        steps = sum(len(g) for _, g in groups)
+        log.error("engine call failed", exc_info=error, extra={"model": self.model, "steps": steps})
+        for _, group in groups:
+            for req in group:
+                req.finished(0)
+                if not req.future.done():
+                    req.future.set_exception(error)
+
+    def _observe(self, start: float, live: list[_Request]) -> None:
+        queued = np.array([r.queued_at for r in live])
+        self._m_wait.observe_many(start - queued)
+        self._m_latency.observe_many(time.perf_counter() - queued)
+
+
+def _inputs(group: list[_Request]) -> tuple[np.ndarray, np.ndarray]:
+    """The engine's inputs for one group of equal T: slot ids [B] and x [B, T] or [B, T, I]."""
+    slots = np.array([r.slot for r in group], dtype=np.int64)
+    x = np.concatenate([r.x for r in group]).reshape(len(group), *group[0].x.shape)
+    return slots, x

@@ -99,9 +99,12 @@ class Session:
         if self._inflight:
             raise FailedPrecondition(f"session {self.id} already has a step in flight; wait for its output")
         x = self.model.check_input(x, self._max_chunk_steps)
-        done = self.model.scheduler.enqueue(self.slot, x, self._finished)  # may raise: nothing is in flight then
-        self._inflight = True
-        return done
+        self._inflight = True  # before enqueue: an inline scheduler may run (and finish) the step inside it
+        try:
+            return self.model.scheduler.enqueue(self.slot, x, self._finished)
+        except BaseException:  # refused (queue full, stopping): nothing is in flight
+            self._inflight = False
+            raise
 
     def _finished(self, steps: int) -> None:
         """The scheduler is done with this session's step (``steps`` taken; 0 if it never ran)."""
