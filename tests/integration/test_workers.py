@@ -177,6 +177,33 @@ def test_sigterm_drains_every_worker_with_tokens_that_resume_elsewhere(spawn_ser
         np.testing.assert_allclose(got, oracle_run(tiny_oracle, tokens[i]), atol=1e-5, rtol=0)
 
 
+def test_health_goes_not_serving_on_every_worker_at_sigterm(spawn_server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = spawn_server("--workers", "2", "--token-keys", KEYS, "--grace-s", "20")
+    sessions = Sessions(server.address, [np.arange(2, dtype=np.int64)] * CONNECTIONS)
+
+    async def main() -> list[int]:
+        await sessions.open()  # held open: each worker drains for its grace period, still answering health
+        per_worker = [active(w["metrics_port"]) for w in server.ready_info()["workers"]]
+        assert all(n > 0 for n in per_worker), per_worker
+        server.proc.send_signal(signal.SIGTERM)
+        for call in sessions.calls:  # every worker has begun its drain
+            assert (await call.read()).WhichOneof("kind") == "draining"
+        statuses = []
+        for ch in sessions.channels:  # each channel is its own connection: together they reach both workers
+            reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            statuses.append(reply.status)
+        for call in sessions.calls:
+            await call.write(pb.StreamRequest(close=pb.Close()))
+        await sessions.close()
+        return statuses
+
+    statuses = asyncio.run(main())
+    assert set(statuses) == {health_pb2.HealthCheckResponse.NOT_SERVING}
+    assert server.proc.wait(60) == 0
+
+
 def _stop(server: Any) -> str:
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(60) == 0
