@@ -125,7 +125,10 @@ class CellServer:
     async def start(self) -> None:
         s = self.settings
         server = grpc.aio.server(options=self.grpc_options(), interceptors=self.interceptors())
-        self.port = self._bind(server)  # before the models warm up: a taken port fails at once
+        # One process binds first, so a taken port fails before any model warms up. A worker binds last:
+        # its port is shared, and connections the kernel hands a socket that is not serving yet would wait.
+        if not self.reuse_port:
+            self.port = self._bind(server)
         await self.health.not_serving()  # the servicer's default for "" would be SERVING
         for model in self.models:  # every batch size the scheduler can form at T=1: no binding on the hot path
             model.engine.warmup(list(range(1, s.max_batch + 1)))
@@ -140,6 +143,8 @@ class CellServer:
         for hook in self._hooks:
             names += hook(server, self)
         enable_reflection(server, names, REFLECTION_ALIASES)
+        if self.reuse_port:
+            self.port = self._bind(server)
         await server.start()
         self._grpc = server
         if self._watcher is not None:

@@ -40,7 +40,11 @@ class Metrics:
         self.steps = Counter(p + "steps", "Time steps computed (a chunk of T counts T).", ["model"], registry=registry)
         # Observed once per batch for all of its messages (observe_many): per-message values, per-batch cost.
         self.step_latency = BatchHistogram(
-            p + "step_latency_seconds", "Per message, from submit to result.", "model", LATENCY_BUCKETS, registry
+            p + "step_latency_seconds",
+            "Per step request (a session's message, a stateless OIP row): queued until its output is ready.",
+            "model",
+            LATENCY_BUCKETS,
+            registry,
         )
         self.queue_wait = BatchHistogram(
             p + "queue_wait_seconds",

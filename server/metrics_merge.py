@@ -15,6 +15,7 @@ A worker that does not answer one scrape contributes its last values.
 from __future__ import annotations
 
 import logging
+import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -70,8 +71,14 @@ class MergedMetrics(Collector):
         self._workers = workers
         self._last: dict[int, dict[str, _Family]] = {}  # per pid: its last successful scrape
         self._retired: dict[str, _Family] = {}  # monotonic series of workers that are gone
+        self._lock = threading.Lock()
 
     def collect(self) -> Iterator[Metric]:
+        with self._lock:  # the metrics server answers scrapes on threads: one merge at a time
+            families = self._scrape()
+        yield from merge(families)
+
+    def _scrape(self) -> list[dict[str, _Family]]:
         live = self._workers()
         for pid in set(self._last) - {pid for pid, _ in live}:  # replaced since the last scrape
             self._retire(self._last.pop(pid))
@@ -81,7 +88,7 @@ class MergedMetrics(Collector):
                     self._last[pid] = parse(reply.read().decode())
             except OSError as e:  # restarting or busy: its last values stand in
                 log.debug("worker metrics not read", extra={"pid": pid, "error": str(e)})
-        yield from merge([*self._last.values(), self._retired])
+        return [*self._last.values(), self._retired]
 
     def _retire(self, families: dict[str, _Family]) -> None:
         for name, fam in families.items():

@@ -185,10 +185,11 @@ class OipStream:
             y_name, hn_name, cn_name = self._state_names(model)
             tensors = {y_name: y[None]}  # [1, T, O]
             if hn_name in outputs or cn_name in outputs:
-                state = session.state()
+                # a drain that closed the session while this step ran kept the state after it
+                state = session.final_state if session.closed and session.final_state else session.state()
                 tensors[hn_name], tensors[cn_name] = state.h[None], state.c[None]  # [1, L, H]
             response = Response(infer_response=self._respond(request, model, outputs, tensors))
-        except Exception as e:
+        except BaseException as e:  # CancelledError too: every request read gets exactly one answer
             if flags.start:  # a failed start leaves no sequence
                 self._end(flags.key, session, "error")
             self._fail(request, e)

@@ -1,4 +1,4 @@
-"""Cross-session batching: one asyncio task per model turns queued steps into engine calls.
+"""Cross-session batching: each model's scheduler turns queued steps into engine calls.
 
 A batch closes when it holds ``max_batch`` steps, when every live session of the model is in it
 (nobody else can arrive), or ``max_wait_us`` after its first step. Steps of equal length T run in
@@ -33,14 +33,25 @@ Finished = Callable[[int], None]  # called once per step: the steps it ran (0 if
 
 
 class _Request:
-    __slots__ = ("finished", "future", "queued_at", "slot", "x")
+    __slots__ = ("_finished", "future", "queued_at", "slot", "x")
 
     def __init__(self, slot: int, x: np.ndarray, future: asyncio.Future[np.ndarray], finished: Finished) -> None:
         self.slot = slot
         self.x = x  # [T] or [T, I]
         self.future = future
-        self.finished = finished
+        self._finished: Finished | None = finished
         self.queued_at = time.perf_counter()
+
+    def finish(self, steps: int) -> None:
+        """Tell the session the engine is done with its slot (``steps`` run): once, whatever happens after."""
+        finished, self._finished = self._finished, None
+        if finished is not None:
+            finished(steps)
+
+    def fail(self, error: BaseException) -> None:
+        self.finish(0)
+        if not self.future.done():
+            self.future.set_exception(error)
 
 
 class Scheduler:
@@ -73,6 +84,7 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{self.model}") if mode == "thread" else None
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
+        self._in_flight: list[_Request] = []  # the batch being run (thread mode: while the engine thread works)
         self._m_batch = metrics.batch_size.labels(model=self.model)
         self._m_wait = metrics.queue_wait.labels(self.model)
         self._m_latency = metrics.step_latency.labels(self.model)
@@ -86,23 +98,21 @@ class Scheduler:
             self._task = self._loop.create_task(self._run_threaded_forever(), name=f"scheduler-{self.model}")
 
     async def stop(self) -> None:
-        """Stop batching; steps still queued fail with UNAVAILABLE."""
+        """Stop batching; steps still queued fail with UNAVAILABLE. A batch the engine thread is running
+        finishes first (its slots are written until then)."""
         self._running = False
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            if self._wake is not None and not self._wake.done():
+                self._wake.set_result(None)
+            await self._task
             self._task = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        while self._queue:
-            req = self._queue.popleft()
-            if not req.future.done():
-                req.future.set_exception(Unavailable("server is shutting down; resume on another replica"))
-            req.finished(0)
+        stopping = Unavailable("server is shutting down; resume on another replica")
+        for req in [*self._in_flight, *self._queue]:
+            req.fail(stopping)
+        self._in_flight, self._queue = [], deque()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
@@ -151,7 +161,13 @@ class Scheduler:
                 self._wake.set_result(None)
             return
         while self._batch_due():
-            self._run_inline(self._take())
+            batch = self._in_flight = self._take()
+            try:
+                self._run_inline(batch)
+            except Exception as e:  # pragma: no cover - defensive: a bug must not strand sessions in flight
+                self._batch_failed(batch, e)
+            finally:
+                self._in_flight = []
         if self._queue and self._timer is None:
             self._arm_timer()
 
@@ -166,22 +182,36 @@ class Scheduler:
 
     async def _run_threaded_forever(self) -> None:
         assert self._loop is not None
-        while True:
-            while not self._batch_due():
+        while self._running:
+            while self._running and not self._batch_due():
                 self._wake = self._loop.create_future()
                 try:
                     await self._wake
                 finally:
                     self._wake = None
-            await self._run_threaded(self._take())
+            if not self._running:
+                return
+            batch = self._in_flight = self._take()
+            try:
+                await self._run_threaded(batch)
+            except Exception as e:  # pragma: no cover - defensive: the batching task must never die
+                self._batch_failed(batch, e)
+            finally:
+                self._in_flight = []
             if self._queue and self._timer is None:
                 self._arm_timer()
+
+    def _batch_failed(self, batch: list[_Request], error: Exception) -> None:
+        """Not an engine failure (those fail only their group): every step of the batch is answered, once."""
+        log.error("batch failed", exc_info=error, extra={"model": self.model, "steps": len(batch)})
+        for req in batch:
+            req.fail(error)
 
     # -- running a batch --------------------------------------------------------------------------
 
     def _run_inline(self, batch: list[_Request]) -> None:
         """One engine call per chunk length T, on the event loop; then the batch's metrics, once."""
-        start, live, groups = self._prepare(batch)
+        groups = self._prepare(batch)
         for i, (t, group) in enumerate(groups):
             slots, x = _inputs(group)
             try:
@@ -191,12 +221,11 @@ class Scheduler:
                 self._fail(groups[i:], e)
                 return
             self._deliver(t, group, y, time.perf_counter() - t0)
-        self._observe(start, live)
 
     async def _run_threaded(self, batch: list[_Request]) -> None:
         """As ``_run_inline``, with each engine call in the worker thread (the event loop goes on meanwhile)."""
         assert self._loop is not None
-        start, live, groups = self._prepare(batch)
+        groups = self._prepare(batch)
         for i, (t, group) in enumerate(groups):
             slots, x = _inputs(group)
             try:
@@ -206,44 +235,39 @@ class Scheduler:
                 self._fail(groups[i:], e)
                 return
             self._deliver(t, group, y, time.perf_counter() - t0)
-        self._observe(start, live)
 
-    def _prepare(self, batch: list[_Request]) -> tuple[float, list[_Request], list[tuple[int, list[_Request]]]]:
-        """(start time, the steps still wanted, grouped by chunk length T)."""
+    def _prepare(self, batch: list[_Request]) -> list[tuple[int, list[_Request]]]:
+        """The steps still wanted, grouped by chunk length T; their time in the queue is observed here."""
         start = time.perf_counter()
         live: list[_Request] = []
         for req in batch:
             if req.future.cancelled():  # the caller went away while it was queued: never run
-                req.finished(0)
+                req.finish(0)
             else:
                 live.append(req)
+        self._m_wait.observe_many(start - np.array([r.queued_at for r in live]))
         groups: dict[int, list[_Request]] = {}
         for req in live:
             groups.setdefault(req.x.shape[0], []).append(req)
-        return start, live, list(groups.items())
+        return list(groups.items())
 
     def _deliver(self, t: int, group: list[_Request], y: np.ndarray, engine_s: float) -> None:
+        """Hand each step its row of y; then the group's metrics (latency: queued until its output is ready)."""
+        for req, row in zip(group, y, strict=True):  # rows of y: [T, O] views
+            req.finish(t)
+            if not req.future.done():
+                req.future.set_result(row)
+        self._m_latency.observe_many(time.perf_counter() - np.array([r.queued_at for r in group]))
         self._m_engine.observe(engine_s)
         self._m_batch.observe(len(group))
         self._m_steps.inc(len(group) * t)
-        for req, row in zip(group, y, strict=True):  # rows of y: [T, O] views
-            req.finished(t)
-            if not req.future.done():
-                req.future.set_result(row)
 
     def _fail(self, groups: list[tuple[int, list[_Request]]], error: Exception) -> None:
         steps = sum(len(g) for _, g in groups)
         log.error("engine call failed", exc_info=error, extra={"model": self.model, "steps": steps})
         for _, group in groups:
             for req in group:
-                req.finished(0)
-                if not req.future.done():
-                    req.future.set_exception(error)
-
-    def _observe(self, start: float, live: list[_Request]) -> None:
-        queued = np.array([r.queued_at for r in live])
-        self._m_wait.observe_many(start - queued)
-        self._m_latency.observe_many(time.perf_counter() - queued)
+                req.fail(error)
 
 
 def _inputs(group: list[_Request]) -> tuple[np.ndarray, np.ndarray]:

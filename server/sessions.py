@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cellserve.server.errors import CellserveError, FailedPrecondition, InvalidArgument, Unavailable
+from cellserve.server.errors import FailedPrecondition, InvalidArgument, Unavailable
 from cellserve.server.metrics import Metrics
 from cellserve.server.models import LoadedModel, ModelRepository
 from cellserve.server.settings import Settings
@@ -95,6 +95,8 @@ class Session:
     def submit(self, x: np.ndarray) -> asyncio.Future[np.ndarray]:
         """Check ``x`` and queue it; the future resolves to y [T, O] (for callers that wait by callback)."""
         if self.closed:
+            if self.close_reason == "drain":  # as every refusal of a draining server: go elsewhere
+                raise Unavailable(f"session {self.id} was closed by a drain; resume on another replica")
             raise FailedPrecondition(f"session {self.id} is closed ({self.close_reason}); open a new one")
         if self._inflight:
             raise FailedPrecondition(f"session {self.id} already has a step in flight; wait for its output")
@@ -200,7 +202,10 @@ class SessionManager:
         self.metrics.sessions_active.labels(model=model).dec()
         self.metrics.sessions_closed.labels(model=model, reason=reason).inc()
         if notify is not None and session._notify is not None:
-            session._notify(SessionClosed(reason, notify))
+            try:
+                session._notify(SessionClosed(reason, notify))
+            except Exception:  # one broken listener must not stop a close_all or the idle reaper
+                log.exception("close notice failed", extra={"session": session.id})
 
     def begin_drain(self, deadline_ms: int) -> int:
         """Refuse new sessions and tell every live one to leave by ``deadline_ms``; returns how many."""
@@ -294,5 +299,5 @@ class SessionManager:
                     pass
             except asyncio.CancelledError:
                 raise
-            except CellserveError:  # pragma: no cover - defensive: never let the reaper die
+            except Exception:  # pragma: no cover - defensive: never let the reaper die
                 log.exception("idle reaper error")

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Final
 
 import grpc
 
 from cellserve.server.errors import (
     BadRequest,
-    CellserveError,
     ErrorBoundary,
     FailedPrecondition,
     InvalidArgument,
@@ -54,7 +54,21 @@ INTERRUPTED: Final = _Interrupted()
 
 
 class StreamHandler:
-    """Serves one stream: opens its session from the first request, then answers requests in order."""
+    """Serves one stream: opens its session from the first request, then answers requests in order.
+
+    Its states, and what a server-side event does in each:
+
+    ========== ================================== ===========================================
+    state      handler is                         a drain notice / a close
+    ========== ================================== ===========================================
+    reading    awaiting ``context.read()``        written by ``_writer`` / read cancelled
+               (``_reading``)                     (``_interrupted``), then the close is written
+    answering  running one request's method        both wait in ``_events`` for its answer
+    flushing   writing ``_events`` in order        (a close sets ``_done``: the stream ends)
+    lingering  after a client close: awaiting      none come (the session is closed)
+               the half-close
+    ========== ================================== ===========================================
+    """
 
     def __init__(
         self,
@@ -70,7 +84,7 @@ class StreamHandler:
         self.session: Session | None = None
         self.reason = "disconnect"  # why the session ends, if nothing else says so
         self._task = asyncio.current_task()
-        self._events: list[SessionEvent] = []
+        self._events: deque[SessionEvent] = deque()
         self._reading = False  # waiting in context.read(): no request is being answered
         self._interrupted = False  # we cancelled the read (a server-side close)
         self._writer: asyncio.Task[None] | None = None  # writes a drain notice while we read
@@ -101,7 +115,9 @@ class StreamHandler:
                     await self._on_half_close(session)
                     return
                 await self._answer(session, request)
-        except CellserveError:
+        except grpc.aio.BaseError:
+            raise  # the call itself broke under a read or write (client gone): a disconnect
+        except Exception:  # a client's error, or the engine's: either way the session ended in an error
             if self.reason == "disconnect":
                 self.reason = "error"
             raise
@@ -153,8 +169,9 @@ class StreamHandler:
             code, message = self.errors.status(e)
             await self._write(pb.StreamResponse(error=pb.StepError(seq=step.seq, code=code.value[0], message=message)))
             return
-        # the state after this step, signed, when asked for: the client's crash checkpoint
-        token = self.tokens.encode(session.state())[0] if step.checkpoint else b""
+        # The state after this step, signed, when asked for: the client's crash checkpoint. A drain that
+        # closed the session while the step ran sends that state as its final token right after.
+        token = self.tokens.encode(session.state())[0] if step.checkpoint and not session.closed else b""
         await self._write(encode_output(step.seq, y, token))
 
     async def _on_snapshot(self, session: Session) -> None:
@@ -204,10 +221,11 @@ class StreamHandler:
         """Write drain notices while the handler waits for a request (a close is left to the handler)."""
         try:
             session = self.session
+            # Only while the handler waits in read(): then no step of this session is in flight (it reads
+            # the next request only after answering the last), so the token includes every answered step.
             while self._reading and self._events and isinstance(self._events[0], DrainNotice):
-                if session is None or session.inflight:
-                    return  # a step runs: the handler writes the notice after its output
-                await self._send_notice(session, self._events.pop(0))  # type: ignore[arg-type]
+                assert session is not None and not session.inflight
+                await self._send_notice(session, self._events.popleft())  # type: ignore[arg-type]
         except Exception:  # the stream broke under the write: the handler's own read ends it
             log.debug("drain notice not delivered", exc_info=True)
         finally:
@@ -216,7 +234,7 @@ class StreamHandler:
     async def _send_notice(self, session: Session, notice: DrainNotice) -> None:
         if not session.closed:  # the token is current: every request read before it is answered
             token, _ = self.tokens.encode(session.state())
-            await self._send(
+            await self._write_now(
                 pb.StreamResponse(draining=pb.Draining(resume_token=token, deadline_unix_ms=notice.deadline_ms))
             )
 
@@ -226,15 +244,15 @@ class StreamHandler:
         session = self.session
         assert session is not None
         while self._events and not self._done:
-            event = self._events.pop(0)
+            event = self._events.popleft()
             if isinstance(event, DrainNotice):
                 await self._send_notice(session, event)
                 continue
             self.reason = event.reason
             if session.final_state is not None:  # kept only when a drain closed it: the last resume token
                 token, _ = self.tokens.encode(session.final_state)
-                await self._send(pb.StreamResponse(draining=pb.Draining(resume_token=token, deadline_unix_ms=0)))
-            await self._send(_closed(session, event.reason, event.message))
+                await self._write_now(pb.StreamResponse(draining=pb.Draining(resume_token=token, deadline_unix_ms=0)))
+            await self._write_now(_closed(session, event.reason, event.message))
             self._done = True
 
     # -- I/O --------------------------------------------------------------------------------------
@@ -248,7 +266,8 @@ class StreamHandler:
             if not self._interrupted or self._task is None:
                 raise
             self._interrupted = False
-            self._task.uncancel()
+            if self._task.uncancel() > 0:  # a real cancel (client gone, server stopping) came in too
+                raise
             return INTERRUPTED
         finally:
             self._reading = False
@@ -265,7 +284,9 @@ class StreamHandler:
             await self._writer_done()
         await self.context.write(response)
 
-    async def _send(self, response: pb.StreamResponse) -> None:
+    async def _write_now(self, response: pb.StreamResponse) -> None:
+        """Write without waiting for the notice writer: only for the writer itself, and for the handler's
+        ``_flush_events``, which waits for the writer before it writes."""
         await self.context.write(response)
 
 

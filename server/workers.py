@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -57,10 +57,11 @@ class _Worker:
     pid: int = 0
     metrics_port: int = 0
     started_at: float = 0.0
+    ready_at: float = 0.0
     ready: bool = False
     backoff_s: float = 0.0
     restart_at: float = 0.0  # when a dead worker is due to be started again
-    restarts: int = field(default=0)
+    restarts: int = 0
 
 
 class Supervisor:
@@ -113,8 +114,10 @@ class Supervisor:
                 self.metrics_port = self._http.server_port
             for worker in self.workers:
                 self._spawn(worker)
-            if not self._wait_all_ready():
-                return 1
+            failed = self._wait_all_ready()
+            if failed is not None:  # a signal, or a worker that could not start: drain the ones that did
+                self._drain()
+                return 0 if failed == "signal" else 1
             self._write_ready_file()
             log.info(
                 "serving with workers",
@@ -146,7 +149,7 @@ class Supervisor:
         parent, child = self._ctx.Pipe(duplex=False)
         worker.process = self._ctx.Process(
             target=worker_main,
-            args=(self.worker_settings, worker.index, child, logging.getLogger().getEffectiveLevel()),
+            args=(self.worker_settings, worker.index, child, logging.getLogger().getEffectiveLevel(), os.getpid()),
             name=f"cellserve-worker-{worker.index}",
         )
         worker.process.start()
@@ -154,11 +157,12 @@ class Supervisor:
         worker.conn, worker.pid, worker.ready = parent, worker.process.pid, False
         worker.started_at = time.monotonic()
 
-    def _wait_all_ready(self) -> bool:
+    def _wait_all_ready(self) -> str | None:
+        """None once every worker is SERVING; else why not ("signal", or "failed" with the reason printed)."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not all(w.ready for w in self.workers):
             if self._stopping:
-                return False
+                return "signal"
             pending = [w for w in self.workers if not w.ready]
             waitables: list[Any] = [self._signal_r]
             for w in pending:
@@ -171,14 +175,17 @@ class Supervisor:
                 if not w.process.is_alive():
                     print(
                         f"cellserve serve: error: worker {w.index} exited with status {w.process.exitcode} before "
-                        "it was ready (its error is above)",
+                        "it was ready (its error is above); stopping the others",
                         file=sys.stderr,
                     )
-                    return False
+                    return "failed"
             if time.monotonic() > deadline:
-                print(f"cellserve serve: error: workers not ready within {READY_TIMEOUT_S:.0f} s", file=sys.stderr)
-                return False
-        return True
+                print(
+                    f"cellserve serve: error: workers not ready within {READY_TIMEOUT_S:.0f} s; stopping them",
+                    file=sys.stderr,
+                )
+                return "failed"
+        return None
 
     def _take_ready(self, worker: _Worker) -> bool:
         if worker.conn is None or not worker.conn.poll():
@@ -188,6 +195,7 @@ class Supervisor:
         except EOFError:
             return False
         worker.pid, worker.metrics_port, worker.ready = int(message["pid"]), int(message["metrics_port"]), True
+        worker.ready_at = time.monotonic()
         self._m_workers.set(sum(w.ready for w in self.workers))
         return True
 
@@ -196,15 +204,16 @@ class Supervisor:
         while not self._stopping:
             now = time.monotonic()
             waitables: list[Any] = [self._signal_r]
-            timeout = None
+            due = []  # when something must happen without an event: a restart, a start-up deadline
             for w in self.workers:
                 if w.process is None:
-                    timeout = max(0.0, min(timeout or MAX_BACKOFF_S, w.restart_at - now))
+                    due.append(w.restart_at)
                     continue
                 waitables.append(w.process.sentinel)
                 if not w.ready and w.conn is not None:
                     waitables.append(w.conn)
-            wait(waitables, timeout=timeout)
+                    due.append(w.started_at + READY_TIMEOUT_S)
+            wait(waitables, timeout=max(0.0, min(due) - now) if due else None)
             self._clear_signal_pipe()
             if self._stopping:
                 return
@@ -216,12 +225,17 @@ class Supervisor:
                 if not w.ready and self._take_ready(w):
                     log.info("worker back", extra={"worker": w.index, "pid": w.pid})
                     self._write_ready_file()
+                if not w.ready and time.monotonic() > w.started_at + READY_TIMEOUT_S:
+                    log.warning("worker not ready in time; killing it", extra={"worker": w.index, "pid": w.pid})
+                    w.process.kill()
+                    w.process.join(5)
                 if not w.process.is_alive():
                     self._on_death(w)
 
     def _on_death(self, worker: _Worker) -> None:
         code = worker.process.exitcode
-        lived = time.monotonic() - worker.started_at
+        # how long it served (or, if it never did, lived): a worker that dies soon after is crash-looping
+        lived = time.monotonic() - (worker.ready_at if worker.ready else worker.started_at)
         worker.backoff_s = min(MAX_BACKOFF_S, max(1.0, 2 * worker.backoff_s)) if lived < SHORT_LIFE_S else 0.0
         cause = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"status {code}"
         log.warning(
@@ -241,6 +255,7 @@ class Supervisor:
         worker.restarts += 1
         self._m_restarts.inc()
         self._m_workers.set(sum(w.ready for w in self.workers))
+        self._write_ready_file()  # it no longer lists the dead worker as serving
 
     def _drain(self) -> int:
         """SIGTERM every worker (each drains its own sessions), wait for all, then exit 0."""
@@ -278,11 +293,18 @@ class Supervisor:
             "port": self.guard.port,
             "metrics_port": self.metrics_port,
             "pid": os.getpid(),
-            "workers": [{"index": w.index, "pid": w.pid, "metrics_port": w.metrics_port} for w in self.workers],
+            "workers": [_worker_info(w) for w in self.workers],
         }
         tmp = Path(f"{path}.tmp")
         tmp.write_text(json.dumps(info))
         tmp.replace(path)
+
+
+def _worker_info(w: _Worker) -> dict[str, Any]:
+    """A worker in the ready file: its pid and metrics port while it serves; only its index while it restarts."""
+    if not w.ready:
+        return {"index": w.index, "ready": False, "restarts": w.restarts}
+    return {"index": w.index, "ready": True, "pid": w.pid, "metrics_port": w.metrics_port, "restarts": w.restarts}
 
 
 def _shared_keys(settings: Settings) -> TokenKeys:
@@ -294,11 +316,17 @@ def _shared_keys(settings: Settings) -> TokenKeys:
     return TokenKeys.generate()
 
 
-def _die_with_parent() -> None:
-    """Linux: if the supervisor dies (SIGKILL, OOM), this worker gets SIGTERM and drains, instead of lingering."""
+def _die_with_parent(supervisor: int) -> None:
+    """Linux: if the supervisor dies (SIGKILL, OOM), this worker gets SIGTERM and drains, instead of lingering.
+
+    The signal is armed only now, a second or so after the spawn: a supervisor gone before that is caught
+    by the parent check, and the worker leaves before it binds the port.
+    """
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != supervisor:
+        sys.exit(0)
 
 
 class _WorkerField(logging.Filter):
@@ -311,14 +339,14 @@ class _WorkerField(logging.Filter):
         return True
 
 
-def worker_main(settings: Settings, index: int, ready: Connection, log_level: int) -> None:
+def worker_main(settings: Settings, index: int, ready: Connection, log_level: int, supervisor: int) -> None:
     """A worker process: serve on the shared port until SIGTERM/SIGINT; say when ready."""
     import asyncio
 
     from cellserve.server.app import run_until_signal
     from cellserve.server.errors import EngineUnavailable
 
-    _die_with_parent()
+    _die_with_parent(supervisor)
     configure_logging(logging.getLevelName(log_level), settings.log_format).addFilter(_WorkerField(index))
 
     def on_ready(port: int, metrics_port: int) -> None:

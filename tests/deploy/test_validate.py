@@ -440,7 +440,8 @@ def test_docker_compose_rejects_misspelt_healthcheck(tool, deploy_copy):
 def test_compose_policy_rejects_missing_gpu_reservation(deploy_copy):
     compose = deploy_copy / "deploy/compose/docker-compose.yml"
     _edit(compose, "              capabilities: [gpu]\n", "              capabilities: [utility]\n")
-    _edit(compose, '      CELLSERVE_WORKERS: "2"\n      CELLSERVE_CAPACITY: "2048"', '      CELLSERVE_WORKERS: "1"\n      CELLSERVE_CAPACITY: "2048"')
+    two, one = '      CELLSERVE_WORKERS: "2"\n      CELLSERVE_CAPACITY: "2048"', '      CELLSERVE_WORKERS: "1"\n'
+    _edit(compose, two, one + '      CELLSERVE_CAPACITY: "2048"')
     shutil.rmtree(deploy_copy / "deploy/grafana/dashboards")
     problems = compose_policy_problems(compose)
     assert "compose: cellserve-gpu lacks an nvidia GPU reservation" in problems

@@ -42,6 +42,18 @@ def active(metrics_port: int) -> float:
     return value(scrape(metrics_port), "cellserve_sessions_active", model="tiny")
 
 
+def fresh_connections_all_serving(address: str) -> bool:
+    """A health check on each of CONNECTIONS new connections answers SERVING within a few seconds."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for _ in range(CONNECTIONS):
+        with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                return False
+    return True
+
+
 def oracle_run(oracle: Any, tokens: np.ndarray) -> np.ndarray:
     h, c = oracle.init_state(1)
     return oracle.run(tokens[None], h, c)[0][0]
@@ -126,7 +138,14 @@ def test_a_killed_worker_is_restarted_and_counters_keep_counting(spawn_server, w
     before = value(scrape(server.metrics_port), "cellserve_steps_total", model="tiny")
     assert before == 4 * CONNECTIONS
     os.kill(victim["pid"], signal.SIGKILL)
-    wait_until(lambda: server.ready_info()["workers"][0]["pid"] != victim["pid"], timeout_s=60)
+
+    def replaced() -> bool:
+        entry = server.ready_info()["workers"][0]
+        return entry["ready"] and entry["pid"] != victim["pid"] and entry["restarts"] == 1
+
+    wait_until(lambda: not server.ready_info()["workers"][0]["ready"], timeout_s=30)  # listed as restarting
+    assert fresh_connections_all_serving(server.address)  # the replacement takes none while it warms up
+    wait_until(replaced, timeout_s=60)
     after = scrape(server.metrics_port)
     assert value(after, "cellserve_worker_restarts_total") == 1
     assert value(after, "cellserve_workers") == 2
