@@ -2,10 +2,16 @@
 
 Pure Python (no torch, no onnxruntime) so the server can import it. The server trusts nothing in
 a model directory until :func:`load_manifest` has checked the ONNX file's sha256 against it.
+
+It is the one place that knows a model's tensors: the graph's name for each role
+(:attr:`Manifest.names`) and what the input kind means for shapes and values
+(:attr:`Manifest.step_dims`, :attr:`Manifest.vocab`, :meth:`Manifest.input_shape`). The engine,
+the session checks and the OIP view all ask it, so a new input kind is a change here.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -33,6 +39,18 @@ class TensorInfo:
     role: Role
     dtype: str  # numpy dtype name: "int64", "float32"
     shape: list[int | str]
+
+
+@dataclass(frozen=True)
+class TensorNames:
+    """The graph's tensor names by role: ``(x, h0, c0) -> (y, hn, cn)``."""
+
+    x: str
+    h0: str
+    c0: str
+    y: str
+    hn: str
+    cn: str
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,50 @@ class Manifest:
             if t.role == role:
                 return t
         raise ManifestError(f"manifest of model {self.name!r} has no tensor with role {role!r}")
+
+    @functools.cached_property
+    def names(self) -> TensorNames:
+        """Graph tensor names by role (h and c paired by role, never by name)."""
+        t = self.tensor
+        return TensorNames(
+            t("input").name, t("state_h").name, t("state_c").name,
+            t("output").name, t("next_state_h").name, t("next_state_c").name,
+        )  # fmt: skip
+
+    @functools.cached_property
+    def input_dtype(self) -> str:
+        return self.tensor("input").dtype
+
+    # -- what the input kind means: the only place that compares input_kind ----------------------
+
+    @functools.cached_property
+    def step_dims(self) -> tuple[int, ...]:
+        """One step of input, after the time axis: ``()`` for a token id, ``(I,)`` for a feature vector."""
+        return () if self.input_kind == "tokens" else (self.input_size,)
+
+    @functools.cached_property
+    def vocab(self) -> int | None:
+        """Token models: ids must be in ``[0, vocab)``. None for feature models (values must be finite)."""
+        return self.input_size if self.input_kind == "tokens" else None
+
+    def describe_input(self, max_steps: int) -> str:
+        """What one session's step input must be, for error messages."""
+        what = "token ids of shape [T]" if self.vocab is not None else f"features of shape [T, {self.input_size}]"
+        return f"model {self.name!r} expects {self.input_dtype} {what} with 1 <= T <= {max_steps}"
+
+    # -- shapes of a batch --------------------------------------------------------------------------
+
+    def input_shape(self, batch: int, steps: int) -> tuple[int, ...]:
+        """x: ``[B, T]`` (tokens) or ``[B, T, I]`` (features)."""
+        return (batch, steps, *self.step_dims)
+
+    def output_shape(self, batch: int, steps: int) -> tuple[int, ...]:
+        """y: ``[B, T, O]``."""
+        return (batch, steps, self.output_size)
+
+    def state_shape(self, batch: int) -> tuple[int, ...]:
+        """h and c (in and out): ``[L, B, H]``."""
+        return (self.layers, batch, self.hidden)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

@@ -30,8 +30,8 @@ from cellserve.server.limits import StreamLimit
 from cellserve.server.metrics import Metrics
 from cellserve.server.metrics_http import start_metrics_server
 from cellserve.server.models import ModelRepository
-from cellserve.server.oip_servicer import REFLECTION_ALIASES
-from cellserve.server.oip_servicer import register as register_oip
+from cellserve.server.oip.servicer import REFLECTION_ALIASES
+from cellserve.server.oip.servicer import register as register_oip
 from cellserve.server.ports import PortTaken, check_free
 from cellserve.server.reflection import enable_reflection
 from cellserve.server.resume_token import TokenCodec, TokenKeys

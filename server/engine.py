@@ -154,13 +154,8 @@ class Engine:
                 "device=cuda but onnxruntime could not load its CUDA execution provider "
                 f"(available: {ort.get_available_providers()}); install onnxruntime-gpu and the CUDA libraries"
             )
-        self.x_name = manifest.tensor("input").name
-        self.h_name = manifest.tensor("state_h").name
-        self.c_name = manifest.tensor("state_c").name
-        self.y_name = manifest.tensor("output").name
-        self.hn_name = manifest.tensor("next_state_h").name
-        self.cn_name = manifest.tensor("next_state_c").name
-        self.x_dtype = np.dtype(manifest.tensor("input").dtype)
+        self.names = manifest.names
+        self.x_dtype = np.dtype(manifest.input_dtype)
         # Fixed-address device buffers sized for the largest shape seen; every bucket binds views of them.
         self._flat = {
             "x": _Flat(self.ops, self.x_dtype),
@@ -170,10 +165,13 @@ class Engine:
         self._buckets: OrderedDict[tuple[int, int], _Bucket] = OrderedDict()
 
     def _shapes(self, batch: int, steps: int) -> dict[str, tuple[int, ...]]:
-        m, state = self.manifest, (self.pool.layers, batch, self.pool.hidden)  # [L, B, H]
-        x = (batch, steps) if m.input_kind == "tokens" else (batch, steps, m.input_size)  # [B, T] / [B, T, I]
-        y = (batch, steps, m.output_size)  # [B, T, O]
-        return {"x": x, "y": y, "h_in": state, "c_in": state, "h_out": state, "c_out": state}
+        m = self.manifest
+        state = m.state_shape(batch)  # [L, B, H]
+        return {
+            "x": m.input_shape(batch, steps),  # [B, T] or [B, T, I]
+            "y": m.output_shape(batch, steps),  # [B, T, O]
+            **dict.fromkeys(("h_in", "c_in", "h_out", "c_out"), state),
+        }
 
     def _bucket(self, batch: int, steps: int) -> _Bucket:
         key = (batch, steps)
@@ -189,13 +187,14 @@ class Engine:
                 self._buckets.clear()  # their views point at the old buffer
         views = {name: self._flat[name].view(shape) for name, shape in shapes.items()}
         binding = self.session.io_binding()
+        n = self.names
         for name, tensor, output in (
-            (self.x_name, views["x"], False),
-            (self.h_name, views["h_in"], False),
-            (self.c_name, views["c_in"], False),
-            (self.y_name, views["y"], True),
-            (self.hn_name, views["h_out"], True),
-            (self.cn_name, views["c_out"], True),
+            (n.x, views["x"], False),
+            (n.h0, views["h_in"], False),
+            (n.c0, views["c_in"], False),
+            (n.y, views["y"], True),
+            (n.hn, views["h_out"], True),
+            (n.cn, views["c_out"], True),
         ):
             self._bind(binding, name, tensor, output)
         bucket = _Bucket(binding=binding, **views)
@@ -228,8 +227,9 @@ class Engine:
 
     def run_stateless(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, ...]:
         """Run with caller-held state (host arrays); returns (y, hn, cn). The pool is not touched."""
-        feeds = {self.x_name: x, self.h_name: h0.astype(DTYPE, copy=False), self.c_name: c0.astype(DTYPE, copy=False)}
-        y, hn, cn = self.session.run([self.y_name, self.hn_name, self.cn_name], feeds)
+        n = self.names
+        feeds = {n.x: x, n.h0: h0.astype(DTYPE, copy=False), n.c0: c0.astype(DTYPE, copy=False)}
+        y, hn, cn = self.session.run([n.y, n.hn, n.cn], feeds)
         return y, hn, cn
 
     def warmup(self, batch_sizes: list[int]) -> None:
@@ -263,6 +263,5 @@ class Engine:
         return str(self.session.end_profiling())
 
     def example_input(self, batch: int, steps: int) -> np.ndarray:
-        if self.manifest.input_kind == "tokens":
-            return np.zeros((batch, steps), dtype=self.x_dtype)  # [B, T]
-        return np.zeros((batch, steps, self.manifest.input_size), dtype=self.x_dtype)  # [B, T, I]
+        """Zeros of x's shape: ``[B, T]`` or ``[B, T, I]``."""
+        return np.zeros(self.manifest.input_shape(batch, steps), dtype=self.x_dtype)

@@ -104,9 +104,10 @@ def gather_scatter_step(engine: Any, slots: np.ndarray, x: np.ndarray) -> None:
 
 def _inputs(engine: Any, batch: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
     xs = [engine.example_input(batch, steps) for _ in range(4)]
+    vocab = engine.manifest.vocab
     for x in xs:
-        if engine.manifest.input_kind == "tokens":
-            x[...] = rng.integers(0, engine.manifest.input_size, size=x.shape)
+        if vocab is not None:
+            x[...] = rng.integers(0, vocab, size=x.shape)
         else:
             x[...] = rng.standard_normal(x.shape)
     return xs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,43 +33,39 @@ class LoadedModel:
     engine: Engine
     scheduler: Scheduler
     max_output_steps: int  # most steps whose [T, O] float32 output fits in one response message
+    max_steps: int  # most steps one step input may carry: max_chunk_steps, and what fits a reply
+
+    def __post_init__(self) -> None:
+        # What check_input compares against, per step: looked up once here, never through the manifest.
+        m = self.manifest
+        self.input_dtype = np.dtype(m.input_dtype)
+        self._step_dims = m.step_dims
+        self._vocab = m.vocab
 
     @property
     def name(self) -> str:
         return self.manifest.name
 
-    @functools.cached_property
-    def input_dtype(self) -> np.dtype:
-        return np.dtype(self.manifest.tensor("input").dtype)
-
-    def _expected(self, max_steps: int) -> str:
-        """What a step input must look like (built only for an error message)."""
-        m, want = self.manifest, self.input_dtype
-        if m.input_kind == "tokens":
-            return f"model {m.name!r} expects {want} token ids of shape [T] with 1 <= T <= {max_steps}"
-        return f"model {m.name!r} expects {want} features of shape [T, {m.input_size}] with 1 <= T <= {max_steps}"
-
-    def check_input(self, x: np.ndarray, max_steps: int) -> np.ndarray:
+    def check_input(self, x: np.ndarray) -> np.ndarray:
         """Validate one session's step input; returns it ready for the engine or raises InvalidArgument."""
-        m = self.manifest
-        max_steps = min(max_steps, self.max_output_steps)
-        tokens = m.input_kind == "tokens"
-        if x.ndim != (1 if tokens else 2) or (not tokens and x.shape[1] != m.input_size):
-            raise InvalidArgument(f"input has shape {list(x.shape)}; {self._expected(max_steps)}")
+        shape = x.shape
+        if not shape or shape[1:] != self._step_dims:
+            raise InvalidArgument(f"input has shape {list(shape)}; {self.manifest.describe_input(self.max_steps)}")
         if x.dtype != self.input_dtype:
-            raise InvalidArgument(f"input has dtype {x.dtype}; {self._expected(max_steps)}")
-        if not 1 <= x.shape[0] <= max_steps:
-            raise InvalidArgument(f"input has T={x.shape[0]} steps; {self._expected(max_steps)}")
-        if tokens:
+            raise InvalidArgument(f"input has dtype {x.dtype}; {self.manifest.describe_input(self.max_steps)}")
+        if not 1 <= shape[0] <= self.max_steps:
+            raise InvalidArgument(f"input has T={shape[0]} steps; {self.manifest.describe_input(self.max_steps)}")
+        vocab = self._vocab
+        if vocab is not None:
             # small chunks (the common T=1 case) are cheaper in Python than in two numpy reductions
-            lo, hi = (min(v := x.tolist()), max(v)) if x.shape[0] <= 64 else (int(x.min()), int(x.max()))
-            if lo < 0 or hi >= m.input_size:
+            lo, hi = (min(v := x.tolist()), max(v)) if shape[0] <= 64 else (int(x.min()), int(x.max()))
+            if lo < 0 or hi >= vocab:
                 bad = lo if lo < 0 else hi
                 raise InvalidArgument(
-                    f"token id {bad} is out of range; model {m.name!r} has vocabulary [0, {m.input_size})"
+                    f"token id {bad} is out of range; model {self.name!r} has vocabulary [0, {vocab})"
                 )
         elif not np.isfinite(x).all():
-            raise InvalidArgument(f"input contains NaN or Inf; model {m.name!r} needs finite features")
+            raise InvalidArgument(f"input contains NaN or Inf; model {self.name!r} needs finite features")
         return x
 
 
@@ -105,7 +100,10 @@ class ModelRepository:
             # An output may carry a checkpoint resume token (h and c as float32, plus its header): keep room for it.
             reserve = RESPONSE_OVERHEAD + 2 * 4 * manifest.layers * manifest.hidden
             output_steps = (settings.max_message_bytes - reserve) // (4 * manifest.output_size)
-            models[manifest.name] = LoadedModel(manifest, Path(model_dir), pool, engine, scheduler, output_steps)
+            max_steps = min(settings.max_chunk_steps, output_steps)
+            models[manifest.name] = LoadedModel(
+                manifest, Path(model_dir), pool, engine, scheduler, output_steps, max_steps
+            )
             metrics.state_pool_bytes.labels(model=manifest.name).set(pool.nbytes)
             metrics.state_pool_slots.labels(model=manifest.name, state="used").set(0)
             metrics.state_pool_slots.labels(model=manifest.name, state="free").set(pool.capacity)

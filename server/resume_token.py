@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from cellserve.server.errors import FailedPrecondition, InvalidArgument, Unauthenticated
-from cellserve.server.sessions import ResumeState
+from cellserve.server.resume_state import ResumeState
 
 log = logging.getLogger(__name__)
 

@@ -96,7 +96,7 @@ class CellServeServicer(pb_grpc.CellServeServicer):
             session: Session = self.sessions.open(model.name)
             try:
                 tokens = np.frombuffer(request.prompt.encode("utf-8"), dtype=np.uint8).astype(np.int64)  # [T]
-                chunk = self.settings.max_chunk_steps
+                chunk = model.max_steps
                 for start in range(0, len(tokens), chunk):
                     y = await session.step(tokens[start : start + chunk])  # [T, V]
                 for i in range(request.max_tokens):
@@ -121,7 +121,7 @@ class CellServeServicer(pb_grpc.CellServeServicer):
 
 def _check_generate(request: pb.GenerateRequest, model: LoadedModel, max_tokens: int) -> None:
     m = model.manifest
-    if m.input_kind != "tokens":
+    if m.vocab is None:
         raise FailedPrecondition(f"model {m.name!r} takes features, not tokens; Generate needs a token model")
     if not request.prompt:
         raise InvalidArgument("prompt is empty; Generate needs at least one byte of prompt")

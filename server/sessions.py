@@ -20,20 +20,10 @@ import numpy as np
 from cellserve.server.errors import FailedPrecondition, InvalidArgument, Unavailable
 from cellserve.server.metrics import Metrics
 from cellserve.server.models import LoadedModel, ModelRepository
+from cellserve.server.resume_state import ResumeState
 from cellserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ResumeState:
-    """A session's portable state: what a resume token carries."""
-
-    model: str
-    model_sha256: str
-    steps: int
-    h: np.ndarray  # [L, H] float32
-    c: np.ndarray  # [L, H] float32
 
 
 @dataclass(frozen=True)
@@ -56,30 +46,40 @@ Notify = Callable[[SessionEvent], None]
 
 
 class Session:
-    """One client's recurrent state on one model. At most one step in flight."""
+    """One client's recurrent state on one model. At most one step in flight.
+
+    The session owns its fields: its step count, whether it is closed and why, and its slot, which
+    it frees itself once it is closed and no step of it is in the engine (``released`` is then called).
+    """
 
     def __init__(
         self,
-        manager: SessionManager,
         model: LoadedModel,
         idle_timeout_s: int,
         notify: Notify | None,
-        max_chunk_steps: int,
+        released: Callable[[Session], None],
+        resume: ResumeState | None = None,
     ) -> None:
+        """A slot on ``model`` (RESOURCE_EXHAUSTED when the pool is full) holding zeros or ``resume``'s state."""
         self.id = secrets.token_hex(12)
         self.model = model
         self.idle_timeout_s = idle_timeout_s
         self.steps = 0
         self.closed = False
         self.close_reason = ""
-        self.close_message = ""  # what the server told the stream, when it closed the session
         self.slot = model.pool.allocate(self)
-        self._manager = manager
         self._notify = notify
-        self._max_chunk_steps = max_chunk_steps
+        self._released = released
         self._inflight = False
         self.deadline = time.monotonic() + idle_timeout_s
         self.final_state: ResumeState | None = None  # kept when a drain closes it: the last resume token
+        if resume is not None:
+            try:
+                model.pool.write(self.slot, resume.h, resume.c)
+            except ValueError as e:
+                model.pool.release(self.slot, self)
+                raise InvalidArgument(f"resume state does not fit model {model.name!r}: {e}") from e
+            self.steps = resume.steps
 
     def touch(self) -> None:
         self.deadline = time.monotonic() + self.idle_timeout_s
@@ -100,7 +100,7 @@ class Session:
             raise FailedPrecondition(f"session {self.id} is closed ({self.close_reason}); open a new one")
         if self._inflight:
             raise FailedPrecondition(f"session {self.id} already has a step in flight; wait for its output")
-        x = self.model.check_input(x, self._max_chunk_steps)
+        x = self.model.check_input(x)
         self._inflight = True  # before enqueue: an inline scheduler may run (and finish) the step inside it
         try:
             return self.model.scheduler.enqueue(self.slot, x, self._finished)
@@ -114,7 +114,24 @@ class Session:
         self.steps += steps  # before the slot can be released: a drain's final state includes it
         self.touch()
         if self.closed:  # closed while the step ran: the slot was kept for the engine until now
-            self._manager.release(self)
+            self._release()
+
+    def close(self, reason: str) -> bool:
+        """Mark the session closed (False if it already was); its slot is freed once no step is in flight."""
+        if self.closed:
+            return False
+        self.closed = True
+        self.close_reason = reason
+        if not self._inflight:  # else _finished releases when the engine is done with the slot
+            self._release()
+        return True
+
+    def tell(self, event: SessionEvent) -> bool:
+        """Hand ``event`` to the session's stream; False if nobody listens."""
+        if self._notify is None:
+            return False
+        self._notify(event)
+        return True
 
     def state(self) -> ResumeState:
         """Host copy of the current state (for snapshots and drain)."""
@@ -125,6 +142,12 @@ class Session:
     def _read_state(self) -> ResumeState:
         h, c = self.model.pool.read(self.slot)
         return ResumeState(self.model.name, self.model.manifest.sha256, self.steps, h, c)
+
+    def _release(self) -> None:
+        if self.close_reason == "drain":  # the grace ended: its stream still gets a current token
+            self.final_state = self._read_state()
+        self.model.pool.release(self.slot, self)
+        self._released(self)
 
     @property
     def inflight(self) -> bool:
@@ -166,15 +189,7 @@ class SessionManager:
             raise Unavailable("server is draining and accepts no new sessions; open on another replica")
         model = self.models.get(model_name)
         granted = self.grant_idle_timeout(idle_timeout_s)
-        # may raise ResourceExhausted (pool full)
-        session = Session(self, model, granted, notify, self.settings.max_chunk_steps)
-        if resume is not None:
-            try:
-                model.pool.write(session.slot, resume.h, resume.c)
-            except ValueError as e:
-                model.pool.release(session.slot, session)
-                raise InvalidArgument(f"resume state does not fit model {model_name!r}: {e}") from e
-            session.steps = resume.steps
+        session = Session(model, granted, notify, self._slot_freed, resume)  # may raise ResourceExhausted
         self.sessions[session.id] = session
         self._empty.clear()
         heapq.heappush(self._deadlines, (session.deadline, session.id))
@@ -187,23 +202,18 @@ class SessionManager:
 
     def close(self, session: Session, reason: str, *, notify: str | None = None) -> None:
         """Close ``session`` (idempotent). ``notify`` (a message) tells its stream why."""
-        if session.closed:
+        if not session.close(reason):
             return
-        session.closed = True
-        session.close_reason = reason
-        session.close_message = notify or ""
         self.sessions.pop(session.id, None)
         if not self.sessions:
             self._empty.set()
         self._compact_deadlines()
-        if not session.inflight:  # else Session.step releases when the engine is done with the slot
-            self.release(session)
         model = session.model.name
         self.metrics.sessions_active.labels(model=model).dec()
         self.metrics.sessions_closed.labels(model=model, reason=reason).inc()
-        if notify is not None and session._notify is not None:
+        if notify is not None:
             try:
-                session._notify(SessionClosed(reason, notify))
+                session.tell(SessionClosed(reason, notify))
             except Exception:  # one broken listener must not stop a close_all or the idle reaper
                 log.exception("close notice failed", extra={"session": session.id})
 
@@ -212,13 +222,10 @@ class SessionManager:
         self.accepting = False
         told = 0
         for session in list(self.sessions.values()):
-            if session._notify is not None:
-                try:
-                    session._notify(DrainNotice(deadline_ms))
-                except Exception:  # one broken listener must not stop the others from hearing the drain
-                    log.exception("drain notice failed", extra={"session": session.id})
-                    continue
-                told += 1
+            try:
+                told += session.tell(DrainNotice(deadline_ms))
+            except Exception:  # one broken listener must not stop the others from hearing the drain
+                log.exception("drain notice failed", extra={"session": session.id})
         return told
 
     async def wait_empty(self, timeout: float) -> bool:
@@ -233,10 +240,7 @@ class SessionManager:
         for session in list(self.sessions.values()):
             self.close(session, reason, notify=message)
 
-    def release(self, session: Session) -> None:
-        if session.close_reason == "drain":  # the grace ended: its stream still gets a current token
-            session.final_state = session._read_state()
-        session.model.pool.release(session.slot, session)
+    def _slot_freed(self, session: Session) -> None:
         self._update_slots(session.model)
 
     def _update_slots(self, model: LoadedModel) -> None:

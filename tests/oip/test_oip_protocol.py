@@ -15,7 +15,7 @@ import pytest
 from cellserve.oip import grpc_service_pb2 as oip
 from cellserve.oip import grpc_service_pb2_grpc as oip_grpc
 from cellserve.server.errors import InvalidArgument
-from cellserve.server.oip_tensors import add_output, decode_inputs, parameters
+from cellserve.server.oip.tensors import add_output, decode_inputs, parameters
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
@@ -127,7 +127,7 @@ def test_reflection_serves_tritons_service_name_for_grpcurl(running_server):
 def test_tritons_unserved_rpcs_say_what_to_use_instead(running_server):
     from tritonclient.grpc import service_pb2 as triton
 
-    from cellserve.server.oip_servicer import UNSERVED_RPCS
+    from cellserve.server.oip.servicer import UNSERVED_RPCS
 
     served = {m.name for m in oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
     tritons = {m.name for m in triton.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}

@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 import numpy as np
 
+from cellserve.server.resume_state import ResumeState
 from cellserve.server.resume_token import TokenCodec, TokenKeys
-from cellserve.server.sessions import ResumeState
 from cellserve.server.tensors import to_numpy, to_proto
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc

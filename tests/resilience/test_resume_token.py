@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cellserve.server.errors import FailedPrecondition, InvalidArgument, Unauthenticated
+from cellserve.server.resume_state import ResumeState
 from cellserve.server.resume_token import MAGIC, TokenCodec, TokenKeys
-from cellserve.server.sessions import ResumeState
 
 SHA = "ab" * 32
 KEYS = TokenKeys({"k1": b"1" * 32, "k2": b"2" * 32}, "k2")

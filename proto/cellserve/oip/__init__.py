@@ -5,5 +5,5 @@ and of Triton's model configuration, so the wire format is the same as Triton's.
 live in proto package ``cellserve.oip`` (not ``inference``) so that they can share a process
 with ``tritonclient``: protobuf's default descriptor pool refuses a second definition of any
 ``inference.*`` symbol. Message names never travel on the gRPC wire; the service is also
-registered under Triton's name ``inference.GRPCInferenceService`` (``cellserve.server.oip_servicer``).
+registered under Triton's name ``inference.GRPCInferenceService`` (``cellserve.server.oip.servicer``).
 """

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from cellserve.model.manifest import Manifest
 from cellserve.oip import grpc_service_pb2 as oip
 from cellserve.server.errors import InvalidArgument
 
@@ -52,6 +53,11 @@ ParamValue = bool | int | str | float
 def datatype_of(dtype: np.dtype | str) -> str:
     """The OIP datatype name of a numpy dtype ("int64" → "INT64")."""
     return DATATYPE_NAMES[np.dtype(dtype).name]
+
+
+def tensor_datatype(m: Manifest, name: str) -> str:
+    """The OIP datatype of the model's graph tensor ``name``."""
+    return datatype_of(next(t.dtype for t in (*m.inputs, *m.outputs) if t.name == name))
 
 
 def decode_inputs(request: oip.ModelInferRequest) -> dict[str, np.ndarray]:
@@ -96,6 +102,16 @@ def _decode(t: oip.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.
             )
         flat = np.asarray(values, dtype=dtype)
     return flat.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+
+
+def infer_response(
+    request: oip.ModelInferRequest, name: str, version: str, outputs: list[str], tensors: Mapping[str, np.ndarray]
+) -> oip.ModelInferResponse:
+    """The response to ``request`` from model ``name``: the ``outputs`` asked for, out of ``tensors`` by name."""
+    response = oip.ModelInferResponse(model_name=name, model_version=version, id=request.id)
+    for output in outputs:
+        add_output(response, output, tensors[output])
+    return response
 
 
 def add_output(response: oip.ModelInferResponse, name: str, array: np.ndarray) -> None:

@@ -1,7 +1,7 @@
 """Triton-style sequence ids and flags, from a request's parameters.
 
 A sequence id (uint64 or string, from the request's ``sequence_id`` parameter) names a cellserve
-session while its stream lives (see :mod:`cellserve.server.oip_stream`).
+session while its stream lives (see :mod:`cellserve.server.oip.stream`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cellserve.server.errors import InvalidArgument
-from cellserve.server.oip_tensors import ParamValue
+from cellserve.server.oip.tensors import ParamValue
 
 SequenceKey = tuple[str, int | str]  # ("uint64", 42) or ("string", "user-7"): 42 and "42" differ
 
@@ -48,5 +48,3 @@ def sequence_flags(params: Mapping[str, ParamValue]) -> SequenceFlags | None:
     if isinstance(sid, bool) or not isinstance(sid, int) or sid < 0:
         raise InvalidArgument(f"sequence_id must be a non-negative integer or a string, got {sid!r}")
     return SequenceFlags(("uint64", sid), start, end)
-
-

@@ -28,8 +28,8 @@ import numpy as np
 from cellserve.oip import grpc_service_pb2 as oip
 from cellserve.server.errors import BadRequest, ErrorBoundary, FailedPrecondition, InvalidArgument
 from cellserve.server.models import LoadedModel
-from cellserve.server.oip_sequences import SequenceFlags, SequenceKey, sequence_flags
-from cellserve.server.oip_tensors import parameters
+from cellserve.server.oip.sequences import SequenceFlags, SequenceKey, sequence_flags
+from cellserve.server.oip.tensors import infer_response, parameters
 from cellserve.server.sessions import Session, SessionClosed, SessionEvent, SessionManager
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,7 @@ STREAM_WINDOW = 256
 Response = oip.ModelStreamInferResponse
 # (request) -> (model, the outputs to return, x [1, T] or [1, T, I]): the servicer's checks of a request
 Prepare = Callable[[oip.ModelInferRequest], tuple[LoadedModel, list[str], np.ndarray]]
-# (request, model, outputs, tensors by name) -> response
-Respond = Callable[[oip.ModelInferRequest, LoadedModel, list[str], dict[str, np.ndarray]], oip.ModelInferResponse]
+Stateless = Callable[[oip.ModelInferRequest], Awaitable[oip.ModelInferResponse]]
 
 
 class OipStream:
@@ -52,16 +51,14 @@ class OipStream:
         sessions: SessionManager,
         errors: ErrorBoundary,
         context: grpc.aio.ServicerContext,
-        *,
         prepare: Prepare,
-        respond: Respond,
-        stateless: Callable[[oip.ModelInferRequest], Awaitable[oip.ModelInferResponse]],
-        state_names: Callable[[LoadedModel], tuple[str, str, str]],
+        stateless: Stateless,
     ) -> None:
+        """``prepare`` checks a sequence request; ``stateless`` answers a request outside any sequence."""
         self.sessions = sessions
         self.errors = errors
         self.context = context
-        self._prepare, self._respond, self._stateless, self._state_names = prepare, respond, stateless, state_names
+        self._prepare, self._stateless = prepare, stateless
         self._live: dict[SequenceKey, Session] = {}  # the sequences this stream has started
         self._lanes: dict[SequenceKey, deque[tuple[oip.ModelInferRequest, SequenceFlags]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # stateless requests in the stream
@@ -149,7 +146,7 @@ class OipStream:
                         "starting it again"
                     )
                 # Check the input before opening, so a bad first request leaves no sequence behind.
-                model.check_input(x[0], self.sessions.settings.max_chunk_steps)
+                model.check_input(x[0])
                 notify = functools.partial(self._server_event, flags)
                 session = opened = self._live[flags.key] = self.sessions.open(model.name, notify=notify)
             elif session is None:
@@ -182,13 +179,14 @@ class OipStream:
     ) -> None:
         try:
             y = future.result()  # [T, O]
-            y_name, hn_name, cn_name = self._state_names(model)
-            tensors = {y_name: y[None]}  # [1, T, O]
-            if hn_name in outputs or cn_name in outputs:
+            m = model.manifest
+            n = m.names
+            tensors = {n.y: y[None]}  # [1, T, O]
+            if n.hn in outputs or n.cn in outputs:
                 # a drain that closed the session while this step ran kept the state after it
                 state = session.final_state if session.closed and session.final_state else session.state()
-                tensors[hn_name], tensors[cn_name] = state.h[None], state.c[None]  # [1, L, H]
-            response = Response(infer_response=self._respond(request, model, outputs, tensors))
+                tensors[n.hn], tensors[n.cn] = state.h[None], state.c[None]  # [1, L, H]
+            response = Response(infer_response=infer_response(request, m.name, m.version, outputs, tensors))
         except BaseException as e:  # CancelledError too: every request read gets exactly one answer
             if flags.start:  # a failed start leaves no sequence
                 self._end(flags.key, session, "error")

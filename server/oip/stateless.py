@@ -17,10 +17,10 @@ from cellserve.server.models import LoadedModel
 
 
 async def run_stateless(
-    model: LoadedModel, x: np.ndarray, h0: np.ndarray | None, c0: np.ndarray | None, max_steps: int
+    model: LoadedModel, x: np.ndarray, h0: np.ndarray | None, c0: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x [B, T] or [B, T, I]; h0, c0 [B, L, H] or None (zeros) → (y [B, T, O], hn [B, L, H], cn [B, L, H])."""
-    rows = [model.check_input(x[b], max_steps) for b in range(x.shape[0])]  # InvalidArgument before any slot
+    rows = [model.check_input(x[b]) for b in range(x.shape[0])]  # InvalidArgument before any slot
     task = asyncio.ensure_future(_run_rows(model, rows, h0, c0))
     task.add_done_callback(_retrieve)  # nobody may be left to read its outcome
     return await asyncio.shield(task)  # a cancelled caller leaves the task to finish and free its slots

@@ -28,20 +28,12 @@ from cellserve.server.errors import CellserveError, ErrorBoundary, Unavailable, 
 from cellserve.server.health import Health
 from cellserve.server.limits import StreamLimit
 from cellserve.server.models import LoadedModel, ModelRepository
-from cellserve.server.oip_model import (
-    EXTENSIONS,
-    SERVER_NAME,
-    Names,
-    find_model,
-    model_config,
-    model_metadata,
-    output_names,
-    split_inputs,
-)
-from cellserve.server.oip_sequences import sequence_flags
-from cellserve.server.oip_stateless import run_stateless
-from cellserve.server.oip_stream import OipStream
-from cellserve.server.oip_tensors import add_output, decode_inputs, parameters
+from cellserve.server.oip.inputs import output_names, split_inputs
+from cellserve.server.oip.metadata import EXTENSIONS, SERVER_NAME, find_model, model_config, model_metadata
+from cellserve.server.oip.sequences import sequence_flags
+from cellserve.server.oip.stateless import run_stateless
+from cellserve.server.oip.stream import OipStream
+from cellserve.server.oip.tensors import decode_inputs, infer_response, parameters
 from cellserve.server.sessions import SessionManager
 from cellserve.server.settings import Settings
 
@@ -192,25 +184,16 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         x, h0, c0 = split_inputs(
             model, decode_inputs(request), max_batch=s.max_batch, max_steps=s.max_chunk_steps, sequence=False
         )
-        y, hn, cn = await run_stateless(model, x, h0, c0, s.max_chunk_steps)
-        n = Names.of(model.manifest)
-        return _response(request, model, outputs, {n.y: y, n.hn: hn, n.cn: cn})
+        y, hn, cn = await run_stateless(model, x, h0, c0)
+        n, m = model.manifest.names, model.manifest
+        return infer_response(request, m.name, m.version, outputs, {n.y: y, n.hn: hn, n.cn: cn})
 
     @rpc
     async def ModelStreamInfer(  # type: ignore[override]
         self, request_iterator: AsyncIterator[oip.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> None:
         with self.streams.hold():
-            stream = OipStream(
-                self.sessions,
-                self.errors,
-                context,
-                prepare=self._sequence_request,
-                respond=_response,
-                stateless=self._stateless,
-                state_names=_state_names,
-            )
-            await stream.run()
+            await OipStream(self.sessions, self.errors, context, self._sequence_request, self._stateless).run()
 
     def _sequence_request(self, request: oip.ModelInferRequest) -> tuple[LoadedModel, list[str], np.ndarray]:
         """A sequence request's model, outputs to return, and x ``[1, T]`` / ``[1, T, I]`` (checked)."""
@@ -222,7 +205,6 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         x, _, _ = split_inputs(model, decode_inputs(request), max_batch=1, max_steps=s.max_chunk_steps, sequence=True)
         return model, outputs, x
 
-
     def unserved(self, advice: str) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[NoReturn]]:
         """A handler for a Triton RPC cellserve does not serve: UNIMPLEMENTED, saying what to use instead."""
 
@@ -230,20 +212,6 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             await self.errors.abort(context, Unimplemented(advice))
 
         return handler
-
-
-def _state_names(model: LoadedModel) -> tuple[str, str, str]:
-    n = Names.of(model.manifest)
-    return n.y, n.hn, n.cn
-
-
-def _response(
-    request: oip.ModelInferRequest, model: LoadedModel, outputs: list[str], tensors: dict[str, np.ndarray]
-) -> oip.ModelInferResponse:
-    response = oip.ModelInferResponse(model_name=model.name, model_version=model.manifest.version, id=request.id)
-    for name in outputs:
-        add_output(response, name, tensors[name])
-    return response
 
 
 def register(grpc_server: grpc.aio.Server, server: CellServer) -> list[str]:
