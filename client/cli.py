@@ -105,13 +105,12 @@ def _fail(message: str, code: int = 1) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     from cellserve.client import CellserveClientError, Client
+    from cellserve.wire import SUMMARY_FIELDS
 
     try:
         with Client(args.server, channel_config(args), timeout_s=args.timeout) as client:  # type: ignore[arg-type]
             for m in client.list_models():
-                print(json.dumps({"name": m.name, "version": m.version, "sha256": m.sha256,
-                                  "input_kind": m.input_kind, "layers": m.layers, "hidden": m.hidden,
-                                  "input_size": m.input_size, "output_size": m.output_size}))  # fmt: skip
+                print(json.dumps({f: getattr(m, f) for f in SUMMARY_FIELDS}))
     except CellserveClientError as e:
         return _fail(str(e))
     return 0

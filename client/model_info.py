@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellserve.client.errors import InvalidInputError
-from cellserve.client.tensors import DTYPES
 from cellserve.v1 import cellserve_pb2 as pb
+from cellserve.wire import DTYPES, SUMMARY_FIELDS
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class TensorSpec:
 class ModelInfo:
     """A served model's description. ``check_input`` validates a step's input before it is sent."""
 
+    # the ModelSummary's scalar fields (cellserve.wire.SUMMARY_FIELDS), then its tensors
     name: str
     version: str
     sha256: str
@@ -41,14 +42,7 @@ class ModelInfo:
             return TensorSpec(t.name, t.role, dtype, tuple(int(d) for d in t.shape))
 
         return cls(
-            name=m.name,
-            version=m.version,
-            sha256=m.sha256,
-            input_kind=m.input_kind,
-            layers=m.layers,
-            hidden=m.hidden,
-            input_size=m.input_size,
-            output_size=m.output_size,
+            **{f: getattr(m, f) for f in SUMMARY_FIELDS},
             inputs=tuple(spec(t) for t in m.inputs),
             outputs=tuple(spec(t) for t in m.outputs),
         )

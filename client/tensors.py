@@ -5,24 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from cellserve.v1 import cellserve_pb2 as pb
+from cellserve.wire import DTYPES, to_proto
 
-DTYPES: dict[int, np.dtype] = {
-    pb.DTYPE_FLOAT32: np.dtype("<f4"),
-    pb.DTYPE_FLOAT64: np.dtype("<f8"),
-    pb.DTYPE_INT64: np.dtype("<i8"),
-    pb.DTYPE_INT32: np.dtype("<i4"),
-    pb.DTYPE_FLOAT16: np.dtype("<f2"),
-}
-PB_DTYPES: dict[str, int] = {dt.name: code for code, dt in DTYPES.items()}
-
-
-def to_proto(a: np.ndarray) -> pb.Tensor:
-    """Encode an array (row-major, little-endian); TypeError for dtypes the API has no code for."""
-    a = np.ascontiguousarray(a)
-    code = PB_DTYPES.get(a.dtype.name)
-    if code is None:
-        raise TypeError(f"dtype {a.dtype} has no Tensor encoding; use one of {sorted(PB_DTYPES)}")
-    return pb.Tensor(dtype=code, shape=list(a.shape), raw=a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+__all__ = ["to_numpy", "to_proto"]  # to_proto: the encoding the server shares (cellserve.wire)
 
 
 def to_numpy(t: pb.Tensor) -> np.ndarray:

@@ -28,11 +28,11 @@ from cellserve.server.health import Health
 from cellserve.server.interceptors import RequestGuard, grpc_receive_limit
 from cellserve.server.limits import StreamLimit
 from cellserve.server.metrics import Metrics
-from cellserve.server.metrics_http import start_metrics_server
+from cellserve.server.metrics_http import serve_metrics
 from cellserve.server.models import ModelRepository
 from cellserve.server.oip.servicer import REFLECTION_ALIASES
 from cellserve.server.oip.servicer import register as register_oip
-from cellserve.server.ports import PortTaken, check_free
+from cellserve.server.ports import check_free
 from cellserve.server.reflection import enable_reflection
 from cellserve.server.resume_token import TokenCodec, TokenKeys
 from cellserve.server.security import AcceptedTokens, BearerAuth, CertificateFiles, FileWatcher, is_loopback
@@ -62,7 +62,8 @@ class CellServer:
         self.models = ModelRepository.load(settings, self.metrics)
         self.sessions = SessionManager(self.models, settings, self.metrics)
         self.health = Health([m.name for m in self.models])
-        self.tokens = TokenCodec(load_token_keys(settings), settings.token_ttl_s)
+        keys = TokenKeys.from_settings(settings, unset="resume tokens will only be accepted by this process")
+        self.tokens = TokenCodec(keys, settings.token_ttl_s)
         self.errors = ErrorBoundary(self.metrics.errors)
         self.streams = StreamLimit(settings.max_streams)  # Stream, Generate and OIP streams together
         self.servicer = CellServeServicer(self.sessions, settings, self.errors, self.tokens, self.streams)
@@ -150,11 +151,7 @@ class CellServer:
         if self._watcher is not None:
             self._watcher.start()
         if s.metrics_port:
-            port = 0 if s.metrics_port == "auto" else s.metrics_port
-            try:
-                self._http = start_metrics_server(s.metrics_host, port, self.registry)
-            except OSError as e:
-                raise PortTaken(s.metrics_host, port, "metrics_port") from e
+            self._http = serve_metrics(s.metrics_host, s.metrics_port, self.registry)
             self.metrics_port = self._http.server_port
         await self.health.serving()
         tls = "mutual" if s.tls_client_ca_file else "on" if self.tls is not None else "off"
@@ -248,16 +245,6 @@ class CellServer:
                 "seconds": round(time.monotonic() - started, 3),
             },
         )
-
-
-def load_token_keys(settings: Settings) -> TokenKeys:
-    """Resume-token keys from the settings, or one random key (tokens then resume on this process only)."""
-    if settings.token_keys is not None:
-        return TokenKeys.from_json(settings.token_keys.get_secret_value())
-    if settings.token_keys_file is not None:
-        return TokenKeys.from_file(settings.token_keys_file)
-    log.warning("no token keys configured: resume tokens will only be accepted by this process")
-    return TokenKeys.generate()
 
 
 def build_server(settings: Settings, registry: CollectorRegistry, *, reuse_port: bool = False) -> CellServer:

@@ -32,18 +32,15 @@ class ArrayOps(Protocol):
     stream_ptr: int  # the CUDA stream every call is issued on (0 on the host)
 
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any: ...
-    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any: ...
     def take_rows(self, src: Any, rows: Any, out: Any) -> None: ...
     def put_rows(self, dst: Any, rows: Any, src: Any) -> None: ...
     def index(self, rows: np.ndarray) -> Any: ...
     def write_row(self, dst: Any, row: int, value: np.ndarray | float) -> None: ...
     def read_row(self, src: Any, row: int) -> np.ndarray: ...
-    def upload(self, arr: np.ndarray) -> Any: ...
     def copy_in(self, dst: Any, src: np.ndarray) -> None: ...
     def download(self, arr: Any) -> np.ndarray: ...
-    def to_host(self, arr: Any) -> np.ndarray: ...
     def ptr(self, arr: Any) -> int: ...
-    def synchronize(self) -> None: ...
+    def synchronize(self) -> None: ...  # wait for every call issued so far (benchmarks and tests time or read after it)
 
 
 class NumpyOps:
@@ -55,9 +52,6 @@ class NumpyOps:
 
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         return np.zeros(shape, dtype=dtype)  # calloc: pages are committed when first written
-
-    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        return np.empty(shape, dtype=dtype)
 
     def take_rows(self, src: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         # Per layer, a row gather of contiguous [S, H] planes; "clip" skips the bounds check (the rows are
@@ -77,17 +71,11 @@ class NumpyOps:
     def read_row(self, src: np.ndarray, row: int) -> np.ndarray:
         return np.array(src[:, row, :], copy=True)
 
-    def upload(self, arr: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(arr)  # host is the device: bound in place, no copy when contiguous
-
     def copy_in(self, dst: np.ndarray, src: np.ndarray) -> None:
         dst[...] = src
 
     def download(self, arr: np.ndarray) -> np.ndarray:
         return np.array(arr, copy=True)  # a copy: the engine reuses its output buffer next call
-
-    def to_host(self, arr: np.ndarray) -> np.ndarray:
-        return np.array(arr, copy=True)
 
     def ptr(self, arr: np.ndarray) -> int:
         return int(arr.ctypes.data)
@@ -141,10 +129,6 @@ class CupyOps:
         self._stream.synchronize()  # memset is asynchronous; the array is complete before anyone else sees it
         return arr
 
-    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        with self._on():
-            return self._cp.empty(shape, dtype=dtype)
-
     def take_rows(self, src: Any, rows: Any, out: Any) -> None:
         with self._on():
             self._cp.take(src, rows, axis=1, out=out)
@@ -192,6 +176,7 @@ class CupyOps:
             return out
 
     def to_host(self, arr: Any) -> np.ndarray:
+        """A host copy of any device array (contiguous or not), read on the stream after its queued writes."""
         with self._on():
             return np.array(self.download(self._cp.ascontiguousarray(arr)), copy=True)
 

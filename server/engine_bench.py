@@ -31,8 +31,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MODES = ("resident", "round_trip")
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -71,12 +69,13 @@ def rss_bytes() -> int:
 def round_trip_step(engine: Any, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The baseline: the batch's state goes to the host and back every step, beside the pool."""
     ops, pool = engine.ops, engine.pool
+    bucket = engine._bucket(x.shape[0], x.shape[1])  # its [L, B, H] device buffers, allocated once
     rows = ops.index(slots)
-    shape = (pool.layers, len(slots), pool.hidden)  # [L, B, H]
-    h, c = ops.empty(shape, np.float32), ops.empty(shape, np.float32)
-    pool.gather(rows, h, c)
-    y, hn, cn = engine.run_stateless(x, ops.to_host(h), ops.to_host(c))  # device → host → (ORT) → host
-    pool.scatter(rows, ops.upload(hn), ops.upload(cn))  # host → device
+    pool.gather(rows, bucket.h_in, bucket.c_in)
+    y, hn, cn = engine.run_stateless(x, ops.download(bucket.h_in), ops.download(bucket.c_in))  # device → host → ORT
+    ops.copy_in(bucket.h_out, hn)  # host → device
+    ops.copy_in(bucket.c_out, cn)
+    pool.scatter(rows, bucket.h_out, bucket.c_out)
     ops.synchronize()
     return y
 

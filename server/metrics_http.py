@@ -17,6 +17,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from cellserve.server.ports import PortTaken
+
 METRICS_PATH = "/metrics"
 NOT_FOUND = (
     b"404 not found: this port serves Prometheus metrics at /metrics only. Health is gRPC on the gRPC port: "
@@ -61,3 +63,13 @@ def start_metrics_server(host: str, port: int, registry: CollectorRegistry) -> W
     httpd = make_server(sockaddr[0], port, metrics_app(registry), Server, handler_class=_QuietHandler)
     threading.Thread(target=httpd.serve_forever, name="cellserve-metrics-http", daemon=True).start()
     return httpd
+
+
+def serve_metrics(host: str, port: int | str, registry: CollectorRegistry) -> WSGIServer:
+    """``start_metrics_server`` for the ``metrics_host``/``metrics_port`` settings ("auto": any free port);
+    a port it cannot bind is :class:`PortTaken`, naming the setting."""
+    number = 0 if port == "auto" else int(port)
+    try:
+        return start_metrics_server(host, number, registry)
+    except OSError as e:
+        raise PortTaken(host, number, "metrics_port") from e

@@ -35,11 +35,15 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cellserve.server.errors import FailedPrecondition, InvalidArgument, Unauthenticated
 from cellserve.server.resume_state import ResumeState
+
+if TYPE_CHECKING:
+    from cellserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,16 @@ class TokenKeys:
     @classmethod
     def from_file(cls, path: Path) -> TokenKeys:
         return cls.from_json(Path(path).read_text())
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, unset: str) -> TokenKeys:
+        """``token_keys``, else ``token_keys_file``; with neither, one random key (logged with ``unset``)."""
+        if settings.token_keys is not None:
+            return cls.from_json(settings.token_keys.get_secret_value())
+        if settings.token_keys_file is not None:
+            return cls.from_file(settings.token_keys_file)
+        log.warning("no token keys configured: %s", unset)
+        return cls.generate()
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from cellserve.server.resume_token import TokenCodec
 from cellserve.server.sessions import Session, SessionManager
 from cellserve.server.settings import Settings
 from cellserve.server.stream import StreamHandler
-from cellserve.server.tensors import PB_DTYPES
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+from cellserve.wire import SUMMARY_FIELDS, tensor_spec
 
 SERVICE = pb.DESCRIPTOR.services_by_name["CellServe"].full_name
 
@@ -135,20 +135,8 @@ def _check_generate(request: pb.GenerateRequest, model: LoadedModel, max_tokens:
 
 def model_summary(model: LoadedModel) -> pb.ModelSummary:
     m = model.manifest
-
-    def spec(t: object) -> pb.TensorSpec:
-        dims = [d if isinstance(d, int) else -1 for d in t.shape]  # type: ignore[attr-defined]
-        return pb.TensorSpec(name=t.name, role=t.role, dtype=PB_DTYPES[t.dtype], shape=dims)  # type: ignore[attr-defined]
-
     return pb.ModelSummary(
-        name=m.name,
-        version=m.version,
-        sha256=m.sha256,
-        input_kind=m.input_kind,
-        layers=m.layers,
-        hidden=m.hidden,
-        input_size=m.input_size,
-        output_size=m.output_size,
-        inputs=[spec(t) for t in m.inputs],
-        outputs=[spec(t) for t in m.outputs],
+        **{f: getattr(m, f) for f in SUMMARY_FIELDS},
+        inputs=[tensor_spec(t.name, t.role, t.dtype, t.shape) for t in m.inputs],
+        outputs=[tensor_spec(t.name, t.role, t.dtype, t.shape) for t in m.outputs],
     )

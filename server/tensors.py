@@ -1,4 +1,7 @@
-"""``cellserve.v1.Tensor`` ↔ numpy, with precise errors for malformed tensors."""
+"""``cellserve.v1.Tensor`` → numpy with precise errors for malformed tensors, and outputs → wire bytes.
+
+Encoding any array as a ``Tensor`` (what clients and tests send) is ``cellserve.wire.to_proto``.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +12,9 @@ import numpy as np
 
 from cellserve.server.errors import InvalidArgument
 from cellserve.v1 import cellserve_pb2 as pb
+from cellserve.wire import DTYPES, PB_DTYPES
 
-DTYPES: dict[int, np.dtype] = {
-    pb.DTYPE_FLOAT32: np.dtype("<f4"),
-    pb.DTYPE_FLOAT64: np.dtype("<f8"),
-    pb.DTYPE_INT64: np.dtype("<i8"),
-    pb.DTYPE_INT32: np.dtype("<i4"),
-    pb.DTYPE_FLOAT16: np.dtype("<f2"),
-}
-PB_DTYPES: dict[str, int] = {dt.name: code for code, dt in DTYPES.items()}
 NATIVE: dict[int, np.dtype] = {code: dt.newbyteorder("=") for code, dt in DTYPES.items()}  # decoded arrays
-LITTLE: dict[str, np.dtype] = {dt.name: dt for dt in DTYPES.values()}  # what the wire carries
 
 
 def to_numpy(t: pb.Tensor) -> np.ndarray:
@@ -47,11 +42,6 @@ def to_numpy(t: pb.Tensor) -> np.ndarray:
 
 
 _F32 = np.dtype("<f4")
-
-
-def output_tensor(y: np.ndarray) -> pb.Tensor:
-    """A step's float32 output ``[T, O]`` as a Tensor: ``to_proto`` without its dtype lookups."""
-    return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=y.shape, raw=y.astype(_F32, copy=False).tobytes())
 
 
 def _varint(n: int) -> bytes:
@@ -93,12 +83,3 @@ def _tensor_prefix(shape: tuple[int, ...]) -> bytes:
     nbytes = 4 * math.prod(shape)
     body = b"\x08\x01\x12" + _varint(len(dims)) + dims + b"\x1a" + _varint(nbytes)  # dtype 1 = FLOAT32
     return b"\x12" + _varint(len(body) + nbytes) + body
-
-
-def to_proto(a: np.ndarray) -> pb.Tensor:
-    """Encode a numpy array as raw little-endian bytes."""
-    a = np.ascontiguousarray(a)
-    code = PB_DTYPES.get(a.dtype.name)
-    if code is None:
-        raise TypeError(f"dtype {a.dtype} has no Tensor encoding")
-    return pb.Tensor(dtype=code, shape=a.shape, raw=a.astype(LITTLE[a.dtype.name], copy=False).tobytes())

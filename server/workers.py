@@ -35,9 +35,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import SecretStr
 
 from cellserve.server.logs import configure_logging
-from cellserve.server.metrics_http import start_metrics_server
+from cellserve.server.metrics_http import serve_metrics
 from cellserve.server.metrics_merge import MergedMetrics
-from cellserve.server.ports import PortGuard, PortTaken, check_free
+from cellserve.server.ports import PortGuard, check_free
 from cellserve.server.resume_token import TokenKeys
 from cellserve.server.settings import Settings
 
@@ -79,7 +79,10 @@ class Supervisor:
                 "metrics_host": "127.0.0.1",
                 "ready_file": None,
                 "workers": 1,
-                "token_keys": SecretStr(_shared_keys(settings).to_json()),
+                "token_keys": SecretStr(
+                    TokenKeys.from_settings(settings, unset="one random key is shared by this server's workers only")
+                    .to_json()
+                ),
                 "token_keys_file": None,
             }
         )
@@ -106,11 +109,7 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         try:
             if self.settings.metrics_port:
-                port = 0 if self.settings.metrics_port == "auto" else int(self.settings.metrics_port)
-                try:
-                    self._http = start_metrics_server(self.settings.metrics_host, port, self.registry)
-                except OSError as e:
-                    raise PortTaken(self.settings.metrics_host, port, "metrics_port") from e
+                self._http = serve_metrics(self.settings.metrics_host, self.settings.metrics_port, self.registry)
                 self.metrics_port = self._http.server_port
             for worker in self.workers:
                 self._spawn(worker)
@@ -305,15 +304,6 @@ def _worker_info(w: _Worker) -> dict[str, Any]:
     if not w.ready:
         return {"index": w.index, "ready": False, "restarts": w.restarts}
     return {"index": w.index, "ready": True, "pid": w.pid, "metrics_port": w.metrics_port, "restarts": w.restarts}
-
-
-def _shared_keys(settings: Settings) -> TokenKeys:
-    if settings.token_keys is not None:
-        return TokenKeys.from_json(settings.token_keys.get_secret_value())
-    if settings.token_keys_file is not None:
-        return TokenKeys.from_file(settings.token_keys_file)
-    log.warning("no token keys configured: one random key is shared by this server's workers only")
-    return TokenKeys.generate()
 
 
 def _die_with_parent(supervisor: int) -> None:

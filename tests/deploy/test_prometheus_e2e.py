@@ -37,9 +37,9 @@ import numpy as np
 import pytest
 import yaml
 
-from cellserve.server.tensors import to_proto
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+from cellserve.wire import to_proto
 
 pytestmark = pytest.mark.e2e
 

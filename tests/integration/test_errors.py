@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from test_stream import TOL, open_msg, oracle_outputs, read_rest, step_msg
 
-from cellserve.server.tensors import to_numpy, to_proto
+from cellserve.server.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+from cellserve.wire import to_proto
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -24,9 +24,9 @@ from cellserve.server.logs import JsonFormatter, KeyValueFormatter, configure_lo
 from cellserve.server.security import is_loopback
 from cellserve.server.serve import settings_from_args
 from cellserve.server.settings import Settings
-from cellserve.server.tensors import to_proto
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+from cellserve.wire import to_proto
 
 LOGFMT_PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
 

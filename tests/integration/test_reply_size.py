@@ -11,9 +11,10 @@ from cellserve.oip import grpc_service_pb2 as oip
 from cellserve.server.metrics import Metrics
 from cellserve.server.models import ModelRepository
 from cellserve.server.settings import Settings, default_model_dir
-from cellserve.server.tensors import to_numpy, to_proto
+from cellserve.server.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+from cellserve.wire import to_proto
 
 CLIENT_LIMIT = 4 * 1024 * 1024  # grpc's default max receive message length
 TOKEN_ROOM = 512  # a checkpoint token's header, key id and model name, besides the state itself

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cellserve.server.tensors import to_numpy, to_proto
+from cellserve.server.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+from cellserve.wire import to_proto
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

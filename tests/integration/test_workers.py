@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cellserve.server.tensors import to_numpy, to_proto
+from cellserve.server.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+from cellserve.wire import to_proto
 
 KEYS = '{"active": "k1", "keys": {"k1": "' + "7c" * 32 + '"}}'
 CONNECTIONS = 16  # each its own channel (one TCP connection): the kernel spreads them over the workers

@@ -13,9 +13,10 @@ import numpy as np
 
 from cellserve.server.resume_state import ResumeState
 from cellserve.server.resume_token import TokenCodec, TokenKeys
-from cellserve.server.tensors import to_numpy, to_proto
+from cellserve.server.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+from cellserve.wire import to_proto
 
 KEY = b"7" * 32
 KEYS_JSON = '{"active": "main", "keys": {"main": "' + KEY.hex() + '"}}'

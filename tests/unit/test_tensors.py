@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cellserve.server.errors import InvalidArgument
-from cellserve.server.tensors import encode_output, output_tensor, to_numpy
+from cellserve.server.tensors import encode_output, to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
+from cellserve.wire import to_proto
 
 
 @settings(max_examples=200, deadline=None)
@@ -21,7 +22,7 @@ from cellserve.v1 import cellserve_pb2 as pb
 )
 def test_encode_output_is_byte_identical_to_protobuf(seq: int, t: int, o: int, token: bytes) -> None:
     y = np.random.default_rng(seq % 1000).standard_normal((t, o)).astype(np.float32)
-    want = pb.StreamResponse(output=pb.Output(seq=seq, output=output_tensor(y), resume_token=token))
+    want = pb.StreamResponse(output=pb.Output(seq=seq, output=to_proto(y), resume_token=token))
     got = encode_output(seq, y, token)
     assert got == want.SerializeToString()
     back = pb.StreamResponse.FromString(got)
