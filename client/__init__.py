@@ -10,7 +10,6 @@ Depends only on the generated ``cellserve.v1`` stubs, grpcio and numpy (never on
 from cellserve.client.aio import AsyncClient, AsyncSession
 from cellserve.client.channel import TLS, ChannelConfig
 from cellserve.client.client import Client, Generated
-from cellserve.client.core import StepOutput
 from cellserve.client.errors import (
     CellserveClientError,
     DataLossError,
@@ -29,6 +28,7 @@ from cellserve.client.errors import (
 )
 from cellserve.client.model_info import ModelInfo
 from cellserve.client.ops import SessionPolicy
+from cellserve.client.replies import StepOutput
 from cellserve.client.session import Session
 
 __all__ = [

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2
 
 from cellserve.client.channel import ChannelConfig
 from cellserve.client.client import ClientBase, Generated, generate_request, health_name
-from cellserve.client.core import Routine, SessionCore, StepOutput, is_opened
+from cellserve.client.core import SessionCore
 from cellserve.client.errors import CellserveClientError, UnavailableError, error_class, from_rpc_error
 from cellserve.client.model_info import ModelInfo
 from cellserve.client.ops import (
@@ -32,9 +32,11 @@ from cellserve.client.ops import (
     Receive,
     Reply,
     Room,
+    Routine,
     Send,
     SessionPolicy,
 )
+from cellserve.client.replies import StepOutput, is_opened
 from cellserve.client.session_base import SessionBase
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc

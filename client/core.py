@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Callable
 
 import grpc
 import numpy as np
 
 from cellserve.client.errors import (
     CellserveClientError,
-    DataLossError,
     FailedPreconditionError,
     SessionClosedError,
     UnavailableError,
@@ -38,44 +35,23 @@ from cellserve.client.errors import (
     status_code,
     step_rejected,
 )
-from cellserve.client.ops import RECEIVE, ROOM, Ended, Finish, Op, Open, Pause, Reply, Send, SessionPolicy
-from cellserve.client.recovery import Recovery, candidates
+from cellserve.client.ops import RECEIVE, ROOM, Ended, Finish, Open, Pause, Reply, Routine, Send, SessionPolicy
+from cellserve.client.recovery import Recovery, candidates, replay_gap
 from cellserve.client.replay import ReplayBuffer, Sent
+from cellserve.client.replies import (
+    CLOSE_REASONS,
+    CLOSED,
+    SnapshotTaken,
+    StepOutput,
+    answer_error,
+    closed_error,
+    is_opened,
+    resume_problem,
+)
 from cellserve.client.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-Routine = Generator[Op, Reply, T]
-
-CLOSE_REASONS = {
-    pb.CLOSE_REASON_UNSPECIFIED: "unspecified",
-    pb.CLOSE_REASON_CLIENT: "client",
-    pb.CLOSE_REASON_IDLE: "idle",
-    pb.CLOSE_REASON_DRAIN: "drain",
-}
-CLOSED_CODES = {"idle": grpc.StatusCode.DEADLINE_EXCEEDED, "drain": grpc.StatusCode.UNAVAILABLE}
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """One step's result: ``seq`` echoes the request, ``y`` is [T, O] float32."""
-
-    seq: int
-    y: np.ndarray
-
-
-@dataclass(frozen=True)
-class _SnapshotTaken:
-    token: bytes
-
-
-CLOSED = object()  # what the receive loop returns when the session ended (closed by the client)
-
-
-def is_opened(reply: Reply) -> bool:
-    return isinstance(reply, pb.StreamResponse) and reply.WhichOneof("kind") == "opened"
 
 
 class SessionCore:
@@ -144,7 +120,7 @@ class SessionCore:
                 self.steps = o.steps
                 self._adopt(index, o)
                 return
-            error = _answer_error(reply, "open")
+            error = answer_error(reply, "open")
             if not isinstance(error, UnavailableError):
                 raise error
             skipped.append(f"{self.targets[index]}: {error.details}")
@@ -197,7 +173,7 @@ class SessionCore:
             yield Send(request, self._stream)
         while True:
             event = yield from self._next_event()
-            if isinstance(event, _SnapshotTaken):
+            if isinstance(event, SnapshotTaken):
                 return event.token
             if event is CLOSED:
                 raise self._closed_error()
@@ -232,7 +208,7 @@ class SessionCore:
 
     # -- the receive loop -------------------------------------------------------------------------
 
-    def _next_event(self) -> Routine[StepOutput | _SnapshotTaken | object]:
+    def _next_event(self) -> Routine[StepOutput | SnapshotTaken | object]:
         """Receive until there is something for the caller; resumes and moves the session as needed.
 
         Raises the caller's StepRejected, and the session's error once it cannot go on.
@@ -251,7 +227,7 @@ class SessionCore:
             if event is not None:
                 return event
 
-    def _on_reply(self, reply: Reply) -> StepOutput | _SnapshotTaken | object | None:
+    def _on_reply(self, reply: Reply) -> StepOutput | SnapshotTaken | object | None:
         if isinstance(reply, Ended):
             return self._on_end(reply.error)
         assert reply is not None
@@ -268,7 +244,7 @@ class SessionCore:
         if kind == "snapshot":
             self._buffer.absorb(reply.snapshot.token)
             self._control = [r for r in self._control if r.WhichOneof("kind") != "snapshot"]
-            return _SnapshotTaken(reply.snapshot.token)
+            return SnapshotTaken(reply.snapshot.token)
         if kind == "closed":
             return self._on_closed(reply.closed)
         raise self._lose(UnknownError(f"unexpected response {kind!r} in an open session; expected output or closed"))
@@ -340,13 +316,7 @@ class SessionCore:
     def _resume(self) -> Routine[None]:
         """Reopen from the base on the other targets, then this one again, until one takes the session."""
         if self._buffer.gap:
-            raise self._lose(
-                DataLossError(
-                    f"{self.target} is gone and {self._buffer.gap} steps were answered after this session's last "
-                    f"resume token (at step {self._buffer.base_steps}) with checkpointing off (checkpoint_every=0): "
-                    "it cannot continue exactly; use checkpoint_every > 0, or snapshot() after steps you cannot redo"
-                )
-            )
+            raise self._lose(replay_gap(self.target, self._buffer.gap, self._buffer.base_steps))
         assert self._recovery is not None
         recovery = self._recovery
         while True:
@@ -372,14 +342,15 @@ class SessionCore:
 
     def _open_on(self, index: int) -> Routine[Reply]:
         self._opens += 1
-        reply = yield Open(index, self._open_request(), self._opens)
+        opening = pb.Open(model=self.model, resume_token=self._buffer.token, idle_timeout_s=self.idle_timeout_s)
+        reply = yield Open(index, pb.StreamRequest(open=opening), self._opens)
         if is_opened(reply):
             self._stream = self._opens
         return reply
 
     def _reopen(self, index: int, recovery: Recovery) -> Routine[bool]:
         reply = yield from self._open_on(index)
-        problem = self._opened_problem(reply)
+        problem = resume_problem(reply, self.model_sha256, self._buffer.base_steps)
         if problem is None:
             assert isinstance(reply, pb.StreamResponse)
             self._adopt(index, reply.opened)
@@ -390,20 +361,6 @@ class SessionCore:
             self.current = index
             self._stream_failed(str(problem), refused=True)
         return False
-
-    def _opened_problem(self, reply: Reply) -> CellserveClientError | None:
-        if not is_opened(reply):
-            return _answer_error(reply, "resume")
-        assert isinstance(reply, pb.StreamResponse)
-        o = reply.opened
-        if o.model_sha256 != self.model_sha256:
-            return DataLossError(
-                f"it serves model {o.model!r} from another file (sha256 {o.model_sha256[:12]}…, this session's is "
-                f"{self.model_sha256[:12]}…); every target must serve the same model file"
-            )
-        if o.steps != self._buffer.base_steps:
-            return DataLossError(f"it resumed {o.steps} steps from a token of {self._buffer.base_steps}")
-        return None
 
     def _adopt(self, index: int, o: pb.Opened) -> None:
         self.current, self.session_id, self.idle_timeout_s = index, o.session_id, o.idle_timeout_s
@@ -416,17 +373,12 @@ class SessionCore:
         for request in requests + self._control:
             yield Send(request, self._stream)
         if requests and self._recovery is not None:
-            log.info("session resumed", extra={"session": self.session_id, "target": self.target,
-                                               "replayed": len(requests)})  # fmt: skip
+            where = {"session": self.session_id, "target": self.target}
+            log.info("session resumed", extra={**where, "replayed": len(requests)})
         if self._buffer.caught_up:
             self._recovery = None
 
     # -- helpers ----------------------------------------------------------------------------------
-
-    def _open_request(self) -> pb.StreamRequest:
-        return pb.StreamRequest(
-            open=pb.Open(model=self.model, resume_token=self._buffer.token, idle_timeout_s=self.idle_timeout_s)
-        )
 
     def _check_can_step(self, *, alone: bool) -> None:
         if self._lost is not None:
@@ -442,22 +394,10 @@ class SessionCore:
             )
 
     def _closed_error(self) -> SessionClosedError:
-        reason = self.closed_reason or "unspecified"
-        message = f"session {self.session_id} is closed ({reason})" + (
-            f": {self.closed_message}" if self.closed_message else ""
-        )
-        return SessionClosedError(reason, message + "; open a new session to go on", CLOSED_CODES.get(reason))
+        return closed_error(self.session_id, self.closed_reason, self.closed_message)
 
     def _lose(self, error: CellserveClientError) -> CellserveClientError:
         if self._lost is None:
             self._lost = error
             log.warning("session cannot go on", extra={"session": self.session_id, "error": str(error)})
         return self._lost
-
-
-def _answer_error(reply: Reply, what: str) -> CellserveClientError:
-    """The error an open was answered with (a status, or a first response that is not ``opened``)."""
-    if isinstance(reply, Ended):
-        return reply.error or UnavailableError(f"the server ended the stream before answering the {what}")
-    kind = reply.WhichOneof("kind") if reply is not None else None
-    return UnknownError(f"server answered the {what} with {kind!r}; expected 'opened'")

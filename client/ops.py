@@ -21,8 +21,9 @@ Finish     half-closes the current stream                                      N
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from cellserve.client.errors import CellserveClientError
 from cellserve.v1 import cellserve_pb2 as pb
@@ -109,3 +110,5 @@ class Ended:
 RECEIVE, ROOM = Receive(), Room()
 Op = Open | Send | Receive | Room | Pause | Finish
 Reply = pb.StreamResponse | Ended | None
+T = TypeVar("T")
+Routine = Generator[Op, Reply, T]  # a session call: yields operations, gets their results, returns a T

@@ -27,6 +27,15 @@ REFUSALS = {
 FIRST_PAUSE_S, MAX_PAUSE_S = 0.05, 1.0  # backoff between rounds of attempts
 
 
+def replay_gap(target: str, gap: int, base_steps: int) -> DataLossError:
+    """Why a session cannot resume: ``gap`` answered steps after its token (at ``base_steps``) were not kept."""
+    return DataLossError(
+        f"{target} is gone and {gap} steps were answered after this session's last resume token (at step "
+        f"{base_steps}) with checkpointing off (checkpoint_every=0): it cannot continue exactly; use "
+        "checkpoint_every > 0, or snapshot() after steps you cannot redo"
+    )
+
+
 def candidates(n: int, current: int, *, include_current: bool) -> list[int]:
     """Targets to try, in order: the others from the next one on, then (for a resume) the same address
     again, which a restarted server or another worker behind it may answer."""

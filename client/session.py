@@ -16,10 +16,11 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from cellserve.client.core import Routine, SessionCore, is_opened
+from cellserve.client.core import SessionCore
 from cellserve.client.errors import CellserveClientError, from_rpc_error
 from cellserve.client.model_info import ModelInfo
-from cellserve.client.ops import Ended, Finish, Open, Pause, Reply, Send
+from cellserve.client.ops import Ended, Finish, Open, Pause, Reply, Routine, Send
+from cellserve.client.replies import is_opened
 from cellserve.client.session_base import SessionBase
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 

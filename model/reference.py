@@ -1,6 +1,7 @@
-"""The oracle: a numpy float64 LSTM implementing exactly the seed's equations (``shared/seed/lstm-notes.txt``).
+"""The oracle: a numpy float64 LSTM implementing exactly the equations below, the standard LSTM cell.
 
-For each layer and time step, with ``[h, x]`` the concatenation of the previous hidden state and the input::
+For each layer and time step, with ``[h, x]`` the concatenation of the previous hidden state and the input
+(σ the logistic sigmoid, ``*`` the element-wise product)::
 
     f  = σ(W_f·[h, x] + b_f)        forget gate: what to throw away from the cell state
     i  = σ(W_i·[h, x] + b_i)        input gate: which values to update
@@ -46,7 +47,7 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """One LSTM layer in the seed's notation: each ``W_*`` is [H, H + I] acting on ``[h, x]``, each ``b_*`` [H]."""
+    """One LSTM layer in the notation above: each ``W_*`` is [H, H + I] acting on ``[h, x]``, each ``b_*`` [H]."""
 
     W_f: np.ndarray
     W_i: np.ndarray
@@ -63,7 +64,7 @@ class LayerWeights:
 
 
 def cell_step(layer: LayerWeights, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One time step of one layer: x [B, I], h and c [B, H] -> (h', c') [B, H]. The seed's equations verbatim."""
+    """One time step of one layer: x [B, I], h and c [B, H] -> (h', c') [B, H]. The equations above, verbatim."""
     hx = np.concatenate([h, x], axis=1)  # [B, H + I]
     f = sigmoid(hx @ layer.W_f.T + layer.b_f)  # [B, H]
     i = sigmoid(hx @ layer.W_i.T + layer.b_i)  # [B, H]
@@ -94,7 +95,7 @@ def run_layers(
 def layer_from_torch(sd: dict[str, np.ndarray], k: int) -> LayerWeights:
     """Unpack layer ``k`` of an nn.LSTM state dict (arrays, keys without the ``lstm.`` prefix).
 
-    nn.LSTM packs gates as (i, f, g, o) along axis 0; the seed writes W·[h, x], so the hidden-to-hidden
+    nn.LSTM packs gates as (i, f, g, o) along axis 0; the equations write W·[h, x], so the hidden-to-hidden
     block comes first in each gate's matrix.
     """
     w_ih = sd[f"weight_ih_l{k}"]  # [4H, I]
@@ -110,7 +111,7 @@ def layer_from_torch(sd: dict[str, np.ndarray], k: int) -> LayerWeights:
 
 
 class ReferenceLSTM:
-    """The whole model in numpy float64: input projection → seed LSTM layers → head."""
+    """The whole model in numpy float64: input projection → LSTM layers → head."""
 
     def __init__(self, config: dict[str, Any], state_dict: dict[str, np.ndarray]) -> None:
         sd = {k: np.asarray(v, dtype=np.float64) for k, v in state_dict.items()}

@@ -1,6 +1,6 @@
 """Domain errors, each carrying its gRPC status code, and the one place that maps them to gRPC.
 
-Two kinds (DESIGN §4): a bad *step* is answered in the stream by a ``StepError`` message and the
+Two kinds: a bad *step* is answered in the stream by a ``StepError`` message and the
 session goes on; a broken *session or protocol* ends the stream with the error's status.
 
 Every servicer method is wrapped by :func:`rpc` and every servicer holds an :class:`ErrorBoundary`:

@@ -1,4 +1,4 @@
-"""The numpy oracle implements the seed's equations and matches torch's nn.LSTM in float64."""
+"""The numpy oracle implements the LSTM equations of its docstring and matches torch's nn.LSTM in float64."""
 
 from __future__ import annotations
 
