@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from cellserve.cli_help import DefaultsHelpFormatter
+from cellserve.cli_help import add_command
 
 DEFAULT_SERVER = "localhost:50051"
 
@@ -46,56 +46,23 @@ def channel_config(args: argparse.Namespace) -> object:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``models``, ``health`` and ``bench`` to the ``cellserve`` command."""
-    p = subparsers.add_parser(
-        "models", help="list the models a server serves (JSON lines)", formatter_class=DefaultsHelpFormatter
-    )
+    p = add_command(subparsers, "models", _models, "list the models a server serves (JSON lines)")
     add_connection_flags(p)
-    p.set_defaults(func=_models)
 
-    p = subparsers.add_parser(
-        "health", help="check a server's health; exit 0 iff SERVING", formatter_class=DefaultsHelpFormatter
-    )
+    p = add_command(subparsers, "health", _health, "check a server's health; exit 0 iff SERVING")
     add_connection_flags(p)
     p.add_argument("--service", default="", help="health service name: '' = the server, or a model name")
-    p.set_defaults(func=_health)
 
-    p = subparsers.add_parser(
-        "bench",
-        help="benchmark a server against same-run baselines (echo, naive stateless, raw onnxruntime)",
-        description="Drive N concurrent sessions with T steps per message from several client processes; "
-        "print a table, write JSON and a PNG. Without --server, starts `cellserve serve` on port 0 itself. "
-        "`cellserve bench soak --help`: the long-running churn soak instead; `cellserve bench checkpoint --help`: "
-        "what crash-safe SDK sessions cost.",
-        formatter_class=DefaultsHelpFormatter,
-    )
     from cellserve.client.bench.options import add_bench_flags, add_checkpoint_flags, add_soak_flags
 
+    summary = "benchmark a server against same-run baselines (echo, naive stateless, raw onnxruntime)"
+    p = add_command(subparsers, "bench", _bench, summary)
     add_bench_flags(p)
-    p.set_defaults(func=_bench)
     benches = p.add_subparsers(dest="bench_command", title="other benchmarks", metavar="{soak,checkpoint}")
-    s = benches.add_parser(
-        "soak",
-        help="churn sessions for minutes; record RSS, slots and latency over time (JSON + PNG)",
-        description="K workers loop through sessions (open, random steps, a few invalid ones, close or drop "
-        "abruptly) while the server's RSS, state slots and step latency are sampled. At the end the soak waits "
-        "for every slot to be free, prints a summary, writes soak.json and soak.png, and exits 1 on an "
-        "unexpected error, a slot still used, or RSS growth after warm-up above --max-rss-growth. "
-        "Without --server, starts `cellserve serve` on port 0 itself.",
-        formatter_class=DefaultsHelpFormatter,
-    )
-    add_soak_flags(s)
-    s.set_defaults(func=_soak)
-    c = benches.add_parser(
-        "checkpoint",
-        help="SDK msgs/s with checkpointing every 1, 8, 64 step messages and off, in one run (JSON)",
-        description="N closed-loop asyncio SDK sessions (await s.step, T steps per message) against the same server, "
-        "once per checkpoint_every setting (0 = off, the baseline, and --every), in rounds of rotating order; prints "
-        "each setting's median msgs/s, its ratio to off, latency and server CPU per message, and writes "
-        "checkpoint.json. Without --server, starts `cellserve serve` on port 0 itself.",
-        formatter_class=DefaultsHelpFormatter,
-    )
-    add_checkpoint_flags(c)
-    c.set_defaults(func=_checkpoint)
+    summary = "churn sessions for minutes; record RSS, slots and latency over time (JSON + PNG)"
+    add_soak_flags(add_command(benches, "soak", _soak, summary))
+    summary = "SDK msgs/s with checkpointing every 1, 8, 64 step messages and off, in one run (JSON)"
+    add_checkpoint_flags(add_command(benches, "checkpoint", _checkpoint, summary))
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -162,18 +129,30 @@ def remote_generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    """Drive N concurrent sessions with T steps per message from several client processes; print a table,
+    write JSON and a PNG. Without --server, starts `cellserve serve` on port 0 itself. `cellserve bench soak
+    --help`: the long-running churn soak instead; `cellserve bench checkpoint --help`: what crash-safe SDK
+    sessions cost."""
     from cellserve.client.bench.runner import run_bench
 
     return run_bench(args)
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
+    """N closed-loop asyncio SDK sessions (await s.step, T steps per message) against the same server, once per
+    checkpoint_every setting (0 = off, the baseline, and --every), in rounds of rotating order; prints each
+    setting's median msgs/s, its ratio to off, latency and server CPU per message, and writes checkpoint.json.
+    Without --server, starts `cellserve serve` on port 0 itself."""
     from cellserve.client.bench.checkpoint import run_checkpoint_bench
 
     return run_checkpoint_bench(args)
 
 
 def _soak(args: argparse.Namespace) -> int:
+    """K workers loop through sessions (open, random steps, a few invalid ones, close or drop abruptly) while the
+    server's RSS, state slots and step latency are sampled. At the end the soak waits for every slot to be free,
+    prints a summary, writes soak.json and soak.png, and exits 1 on an unexpected error, a slot still used, or RSS
+    growth after warm-up above --max-rss-growth. Without --server, starts `cellserve serve` on port 0 itself."""
     from cellserve.client.bench.soak import run_soak
 
     return run_soak(args)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from cellserve.model.conformance import CheckedGraph
     from cellserve.model.manifest import Manifest
 
-from cellserve.cli_help import DefaultsHelpFormatter
+from cellserve.cli_help import add_command
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train``, ``export``, ``import-onnx`` and ``generate`` to the ``cellserve`` command."""
     from cellserve.model.train_config import TrainConfig
 
-    p = subparsers.add_parser(
-        "train",
-        help="train the byte-level LSTM on the stdlib's .py sources",
-        description="Train with truncated BPTT (h/c carried across windows); writes checkpoint.pt, metrics.json, "
-        "training_curve.png into --out.",
-        formatter_class=DefaultsHelpFormatter,
-    )
+    p = add_command(subparsers, "train", _train, "train the byte-level LSTM on the stdlib's .py sources")
     p.add_argument("--data-dir", type=Path, default=None, help="directory of .py files (default: this Python's stdlib)")
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="output directory")
     p.add_argument(
@@ -73,29 +67,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if f.name == "device":
             kw["choices"] = ["cpu", "cuda"]
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
-    p.set_defaults(func=_train)
 
-    p = subparsers.add_parser(
-        "export",
-        help="export a checkpoint to ONNX + manifest.json (parity-checked)",
-        description="Export to DIR/model.onnx with a parity check against torch; writes DIR/manifest.json and "
-        "copies metrics.json / training_curve.png found beside the checkpoint.",
-        formatter_class=DefaultsHelpFormatter,
-    )
+    p = add_command(subparsers, "export", _export, "export a checkpoint to ONNX + manifest.json (parity-checked)")
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt written by `cellserve train`")
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.add_argument("--name", default="pychar", help="model name (what clients ask for)")
     p.add_argument("--version", dest="model_version", default="1", help="model version")
-    p.set_defaults(func=_export)
 
-    p = subparsers.add_parser(
+    summary = "check any ONNX LSTM against the serving contract and write a model directory (no torch needed)"
+    p = add_command(
+        subparsers,
         "import-onnx",
-        help="check any ONNX LSTM against the serving contract and write a model directory (no torch needed)",
-        description="Check MODEL.onnx against the contract (x, h0, c0) -> (y, hn, cn): x int64 [B, T] tokens or "
-        "float32 [B, T, I] features, state float32 [L, B, H], y float32 [B, T, O], B and T dynamic. It runs the "
-        "graph at B in {1, 3} and several T and checks that a sequence run in random chunks, state carried, equals "
-        "the sequence run whole. Only then it writes DIR/model.onnx and DIR/manifest.json for `cellserve serve "
-        "--model-dirs DIR`. Roles not given by flags are detected from conventional names and shapes, and printed.",
+        _import_onnx,
+        summary,
+        formatter_class=argparse.HelpFormatter,  # its flags state their own defaults
         epilog="Exit status: 0 when the model directory is written; 2 when the graph is refused, with one line on "
         "stderr naming the problem and how to re-export (nothing is written then). Needs onnxruntime and numpy "
         "only (no torch, no onnx package).",
@@ -121,13 +106,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="token models: vocabulary size (ids 0..N-1); default: probed from where the graph rejects an id",
     )
-    p.set_defaults(func=_import_onnx)
 
-    p = subparsers.add_parser(
-        "generate",
-        help="generate text from a byte-level model (offline with onnxruntime, or from a server)",
-        formatter_class=DefaultsHelpFormatter,
-    )
+    summary = "generate text from a byte-level model (offline with onnxruntime, or from a server)"
+    p = add_command(subparsers, "generate", _generate, summary)
     p.add_argument("--model-dir", type=Path, default=None, help="exported model directory (default: shipped model)")
     p.add_argument("--prompt", default="def ", help="text to continue")
     p.add_argument("--max-bytes", type=int, default=200, help="bytes to generate")
@@ -138,7 +119,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     add_connection_flags(p, server_default=None, server_help="generate on a cellserve server instead", timeout=False)
     p.add_argument("--model", default="", help="model name on the server (with --server; default: its default)")
-    p.set_defaults(func=_generate)
 
 
 def _fail(message: str) -> int:
@@ -147,6 +127,8 @@ def _fail(message: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Train with truncated BPTT (h/c carried across windows); writes checkpoint.pt, metrics.json,
+    training_curve.png into --out."""
     from cellserve.model.data import DataError
     from cellserve.model.train import train
     from cellserve.model.train_config import TrainConfig
@@ -163,6 +145,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    """Export to DIR/model.onnx with a parity check against torch; writes DIR/manifest.json and copies
+    metrics.json / training_curve.png found beside the checkpoint."""
     from cellserve.model.export import export_onnx
     from cellserve.model.model import load_checkpoint
 
@@ -182,7 +166,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import_onnx(args: argparse.Namespace) -> int:
-    """Check and import; a refusal is one line on stderr and exit status 2, never a traceback."""
+    """Check MODEL.onnx against the contract (x, h0, c0) -> (y, hn, cn): x int64 [B, T] tokens or float32 [B, T, I]
+    features, state float32 [L, B, H], y float32 [B, T, O], B and T dynamic. It runs the graph at B in {1, 3} and
+    several T and checks that a sequence run in random chunks, state carried, equals the sequence run whole. Only
+    then it writes DIR/model.onnx and DIR/manifest.json for `cellserve serve --model-dirs DIR`. Roles not given by
+    flags are detected from conventional names and shapes, and printed."""
+    # A refusal is one line on stderr and exit status 2, never a traceback.
     try:
         from cellserve.model.contract import ContractError, RoleHints
         from cellserve.model.importer import import_onnx

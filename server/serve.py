@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cellserve.cli_help import add_command
 from cellserve.server.app import run_until_signal
 from cellserve.server.errors import EngineUnavailable
 from cellserve.server.logs import configure_logging
@@ -52,6 +53,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Serve exported models. Every flag can also be set by its CELLSERVE_* environment variable."""
     try:
         settings = settings_from_args(args)
     except ValidationError as e:
@@ -71,10 +73,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "serve",
-        help="serve models over gRPC (native API, health, reflection) with Prometheus metrics",
-        description="Serve exported models. Every flag can also be set by its CELLSERVE_* environment variable.",
-    )
-    _add_setting_flags(parser)
-    parser.set_defaults(func=_serve)
+    summary = "serve models over gRPC (native API, health, reflection) with Prometheus metrics"
+    # Each flag's help states its default and its CELLSERVE_* variable itself.
+    _add_setting_flags(add_command(sub, "serve", _serve, summary, formatter_class=argparse.HelpFormatter))

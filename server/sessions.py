@@ -8,6 +8,7 @@ Idle expiry uses a heap of deadlines checked lazily, so it costs O(expired), not
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import secrets
@@ -256,10 +257,8 @@ class SessionManager:
     async def stop(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-            except asyncio.CancelledError:
-                pass
             self._reaper = None
 
     def _compact_deadlines(self) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+from collections.abc import Callable
+from typing import Any
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -14,3 +17,15 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, "", False, []) or "default:" in text:
             return action.help
         return super()._get_help_string(action)
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, run: Callable[[argparse.Namespace], int], summary: str,
+    **kwargs: Any,
+) -> argparse.ArgumentParser:
+    """Add the subcommand ``name``: ``summary`` is its line in the parent's ``--help``, ``run``'s docstring (if any)
+    the description its own ``--help`` opens with, and ``run(args)`` returns its exit status."""
+    kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+    parser = subparsers.add_parser(name, help=summary, description=inspect.getdoc(run), **kwargs)
+    parser.set_defaults(func=run)
+    return parser
