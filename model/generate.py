@@ -23,9 +23,9 @@ class Generator:
     def __init__(self, model_dir: Path | str) -> None:
         self.model_dir = Path(model_dir)
         self.manifest: Manifest = load_manifest(self.model_dir)
-        if self.manifest.input_kind != "tokens":
+        if self.manifest.vocab is None:
             raise ValueError(f"model {self.manifest.name!r} takes features, not tokens; generate needs a token model")
-        if self.manifest.input_size != 256:
+        if self.manifest.vocab != 256:
             raise ValueError(f"model {self.manifest.name!r} has vocabulary {self.manifest.input_size}; expected bytes")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1

@@ -41,6 +41,8 @@ class LoadedModel:
         self.input_dtype = np.dtype(m.input_dtype)
         self._step_dims = m.step_dims
         self._vocab = m.vocab
+        # ids of a chunk of up to this many steps are checked in Python (cheaper than two numpy reductions)
+        self._small = 64 if not m.step_dims else 0
 
     @property
     def name(self) -> str:
@@ -57,8 +59,7 @@ class LoadedModel:
             raise InvalidArgument(f"input has T={shape[0]} steps; {self.manifest.describe_input(self.max_steps)}")
         vocab = self._vocab
         if vocab is not None:
-            # small chunks (the common T=1 case) are cheaper in Python than in two numpy reductions
-            lo, hi = (min(v := x.tolist()), max(v)) if shape[0] <= 64 else (int(x.min()), int(x.max()))
+            lo, hi = (min(v := x.tolist()), max(v)) if shape[0] <= self._small else (int(x.min()), int(x.max()))
             if lo < 0 or hi >= vocab:
                 bad = lo if lo < 0 else hi
                 raise InvalidArgument(

@@ -17,11 +17,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from cellserve.cli_help import add_command
-from cellserve.server.app import run_until_signal
-from cellserve.server.errors import EngineUnavailable
 from cellserve.server.logs import configure_logging
 from cellserve.server.settings import Settings
-from cellserve.server.workers import Supervisor
 
 
 def _flag(name: str) -> str:
@@ -54,6 +51,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def _serve(args: argparse.Namespace) -> int:
     """Serve exported models. Every flag can also be set by its CELLSERVE_* environment variable."""
+    # Imported here: registering the flags (`cellserve --help`) loads neither gRPC nor onnxruntime.
+    from cellserve.server.app import run_until_signal
+    from cellserve.server.errors import EngineUnavailable
+    from cellserve.server.workers import Supervisor
+
     try:
         settings = settings_from_args(args)
     except ValidationError as e:
