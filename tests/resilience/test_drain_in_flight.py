@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from cellserve.server.resume_token import TokenCodec
-from cellserve.server.tensors import to_numpy, to_proto
+from cellserve.server.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+from cellserve.wire import to_proto
 
 GRACE_ENDED = "the drain grace period ended; resume with the draining token"
 
