@@ -12,26 +12,18 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cellserve.client.bench.command import BenchError, bench_target, model_dir, run_command
 from cellserve.client.bench.measure import PERCENTILES, LoadPlan, Result, run_load
 from cellserve.client.bench.report import run_meta, write_json
-from cellserve.client.bench.runner import shipped_model_dir
-from cellserve.client.bench.serving import cellserve_process
 from cellserve.client.ops import DEFAULT_CHECKPOINT_EVERY
 
 log = logging.getLogger(__name__)
 OFF = 0
-
-
-def _fail(message: str) -> int:
-    print(f"cellserve bench checkpoint: error: {message}", file=sys.stderr)
-    return 2
 
 
 def settings_from(text: str) -> list[int]:
@@ -39,26 +31,22 @@ def settings_from(text: str) -> list[int]:
     try:
         every = sorted({int(v) for v in text.split(",") if v.strip()} - {OFF})
     except ValueError:
-        raise ValueError(f"--every is {text!r}; give step-message counts like 1,8,64") from None
+        raise BenchError(f"--every is {text!r}; give step-message counts like 1,8,64") from None
     if not every or every[0] < 1:
-        raise ValueError(f"--every is {text!r}; give at least one count >= 1 (off runs anyway)")
+        raise BenchError(f"--every is {text!r}; give at least one count >= 1 (off runs anyway)")
     return [OFF, *every]
 
 
 def run_checkpoint_bench(args: argparse.Namespace) -> int:
-    try:
-        settings = settings_from(args.every)
-    except ValueError as e:
-        return _fail(str(e))
+    return run_command("cellserve bench checkpoint", lambda: _command(args))
+
+
+def _command(args: argparse.Namespace) -> int:
+    settings = settings_from(args.every)
     if args.streams < 1 or args.t < 1 or args.rounds < 1:
-        return _fail("--streams, -T and --rounds must be >= 1")
-    model_dir = args.model_dir or shipped_model_dir()
-    if args.server is None and model_dir is None:
-        return _fail("--model-dir is needed (no shipped model found) when the bench starts the server")
-    try:
-        report = _run(args, settings, model_dir)
-    except (RuntimeError, OSError, TimeoutError) as e:
-        return _fail(str(e))
+        raise BenchError("--streams, -T and --rounds must be >= 1")
+    found = model_dir(args.model_dir, needed=args.server is None, why=" when the bench starts the server")
+    report = _run(args, settings, found)
     print(table(report))
     out: Path = args.out
     write_json(report, out / "checkpoint.json")
@@ -67,26 +55,19 @@ def run_checkpoint_bench(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, settings: list[int], model_dir: Path | None) -> dict[str, Any]:
-    from cellserve.client import Client
-
-    with ExitStack() as stack:
-        address, pid = args.server, None
-        if address is None:
-            server = stack.enter_context(cellserve_process(model_dir, args.serve_arg, max(1024, 2 * args.streams)))
-            address, pid = server.address, server.pid
-        with Client(address) as client:
-            client.wait_ready(30)
-            info = client.model_info(args.model) if args.model else client.list_models()[0]
+    with bench_target(args.server, args.model, model_dir, args.serve_arg,
+                      max_streams=max(1024, 2 * args.streams)) as target:  # fmt: skip
+        info = target.info
         results: dict[int, list[Result]] = {n: [] for n in settings}
         for r in range(args.rounds):
             order = settings[r % len(settings) :] + settings[: r % len(settings)]  # rotate: no setting always first
             for n in order:
                 plan = LoadPlan(args.streams, args.t, args.duration, args.messages, args.warmup,
                                 args.procs or min(args.streams, 2), args.seed, checkpoint_every=n)  # fmt: skip
-                results[n].append(run_load("sdk", address, info, plan, server_pid=pid,
+                results[n].append(run_load("sdk", target.address, info, plan, server_pid=target.pid,
                                            progress_bar=not args.no_progress))  # fmt: skip
                 log.info("checkpoint bench setting done", extra={"round": r, "checkpoint_every": n})
-    meta = run_meta(info, "started by the bench" if args.server is None else args.server, "cellserve bench checkpoint")
+    meta = run_meta(info, target.describe("started by the bench"), "cellserve bench checkpoint")
     meta.update({"streams": args.streams, "t": args.t, "rounds": args.rounds, "duration_s": args.duration,
                  "messages": args.messages, "warmup_s": args.warmup, "client_procs": args.procs or "min(streams, 2)",
                  "sdk_default_checkpoint_every": DEFAULT_CHECKPOINT_EVERY})  # fmt: skip

@@ -131,8 +131,8 @@ async def _open_sdk(spec: LoadSpec, client: Any, seed: int) -> tuple[Roundtrip, 
 
 
 async def _open_echo(spec: LoadSpec, channel: Any, seed: int) -> tuple[Roundtrip, Close]:
-    from cellserve.client.bench.echo import METHOD, echo_request
-    from cellserve.client.bench.sizes import message_sizes
+    from cellserve.client.bench.baselines.echo import METHOD, echo_request
+    from cellserve.client.bench.baselines.sizes import message_sizes
 
     req_size, reply_size = message_sizes(spec)
     call = channel.stream_stream(METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)()
@@ -154,7 +154,7 @@ async def _open_echo(spec: LoadSpec, channel: Any, seed: int) -> tuple[Roundtrip
 
 
 async def _open_naive(spec: LoadSpec, channel: Any, seed: int) -> tuple[Roundtrip, Close]:
-    from cellserve.client.bench.naive import METHOD, decode_reply, encode_request
+    from cellserve.client.bench.baselines.naive import METHOD, decode_reply, encode_request
 
     method = channel.unary_unary(METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
     xs = [x[None] for x in _inputs(spec, np.random.default_rng(seed), 16)]  # [1, T] / [1, T, I]

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import queue
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cellserve.client.bench.load import LoadSpec, StartSync, WorkerResult, worker
 from cellserve.client.bench.metrics_scrape import ServerCounters
-from cellserve.client.bench.onnx_model import OnnxModel
+from cellserve.client.bench.procfs import tree_cpu_s
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
@@ -32,7 +30,7 @@ class Result:
     mean_batch: float | None = None
     engine_s_per_call: float | None = None
     client_cpu_s_per_msg: float | None = None  # load generator CPU per message (all workers)
-    server_cpu_s_per_msg: float | None = None  # server process CPU per message in the window (bench-started)
+    server_cpu_s_per_msg: float | None = None  # server process tree's CPU per message in the window (bench-started)
 
     @property
     def msgs_per_s(self) -> float:
@@ -64,17 +62,6 @@ class Result:
 
 def _scaled(v: float | None, k: float) -> float | None:
     return None if v is None else v * k
-
-
-def process_cpu_s(pid: int | None) -> float | None:
-    """user + system CPU seconds of a process and its threads (Linux /proc), None where unavailable."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -187,14 +174,14 @@ def _collect(
 
 @dataclass(frozen=True)
 class ServerSnapshot:
-    """The target server's CPU time and (cellserve only) metric counters at one instant."""
+    """The target server's CPU time (its process tree: every worker) and (cellserve only) metric counters now."""
 
     cpu_s: float | None
     counters: ServerCounters | None
 
     @classmethod
     def take(cls, pid: int | None, metrics_url: str | None, model: str) -> ServerSnapshot:
-        return cls(process_cpu_s(pid), ServerCounters.read(metrics_url, model) if metrics_url else None)
+        return cls(tree_cpu_s(pid), ServerCounters.read(metrics_url, model) if metrics_url else None)
 
 
 def _first_error(results: Any) -> str:
@@ -202,34 +189,3 @@ def _first_error(results: Any) -> str:
         return results.get(timeout=5).error or "unknown error"
     except queue.Empty:
         return "no error reported"
-
-
-@dataclass(frozen=True)
-class OrtResult:
-    batch: int
-    t: int
-    calls: int
-    s_per_call: float
-
-    @property
-    def steps_per_s(self) -> float:
-        return self.batch * self.t / self.s_per_call
-
-    def to_json(self) -> dict[str, Any]:
-        return {"batch": self.batch, "t": self.t, "calls": self.calls, "ms_per_call": self.s_per_call * 1e3,
-                "steps_per_s": self.steps_per_s}  # fmt: skip
-
-
-def ort_ceiling(model: OnnxModel, batch: int, t: int, seconds: float, seed: int = 0) -> OrtResult:
-    """Baseline (c): onnxruntime in-process at ``batch`` rows of ``t`` steps, state fed back each call."""
-    rng = np.random.default_rng(seed)
-    xs = [model.sample_input(rng, batch, t) for _ in range(8)]
-    h, c = model.zero_state(batch)
-    for x in xs[:2]:  # warm-up
-        _, h, c = model.run(x, h, c)
-    calls = 0
-    start = time.perf_counter()
-    while calls < 5 or time.perf_counter() - start < seconds:
-        _, h, c = model.run(xs[calls % 8], h, c)
-        calls += 1
-    return OrtResult(batch, t, calls, (time.perf_counter() - start) / calls)

@@ -1,12 +1,16 @@
-"""Reading the server's Prometheus endpoint: histogram sums and counts, for deltas around a run."""
+"""Reading a server's Prometheus endpoint, parsed by prometheus-client's own text parser.
+
+Samples keep their full names (``…_total``, ``…_sum``, ``…_count``), so callers ask for exactly the
+series they read; a value sums every sample whose labels include the ones asked for.
+"""
 
 from __future__ import annotations
 
-import re
 import urllib.request
+from collections import defaultdict
 from dataclasses import dataclass
 
-_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @dataclass(frozen=True)
@@ -27,17 +31,42 @@ def scrape(url: str, timeout_s: float = 10.0) -> str:
         return resp.read().decode()
 
 
+class Exposition:
+    """One page of the Prometheus text format: sample name → [(labels, value)]."""
+
+    def __init__(self, text: str) -> None:
+        self.samples: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                self.samples[s.name].append((s.labels, s.value))
+
+    @classmethod
+    def read(cls, url: str, timeout_s: float = 10.0) -> Exposition:
+        return cls(scrape(url, timeout_s))
+
+    def _matching(self, name: str, labels: dict[str, str]) -> list[tuple[dict[str, str], float]]:
+        return [(got, v) for got, v in self.samples.get(name, []) if all(got.get(k) == w for k, w in labels.items())]
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """Sum of ``name``'s samples whose labels include ``labels``; None when there is no such sample."""
+        hits = self._matching(name, labels)
+        return sum(v for _, v in hits) if hits else None
+
+    def by_label(self, name: str, label: str, **labels: str) -> dict[str, float]:
+        """``name``'s matching samples summed per value of ``label``."""
+        out: dict[str, float] = defaultdict(float)
+        for got, v in self._matching(name, labels):
+            out[got.get(label, "")] += v
+        return dict(out)
+
+    def histogram(self, name: str, **labels: str) -> HistogramTotals:
+        """Sum and count of histogram ``name`` over its matching series."""
+        return HistogramTotals(self.value(name + "_sum", **labels) or 0.0, self.value(name + "_count", **labels) or 0.0)
+
+
 def histogram(text: str, name: str, model: str = "") -> HistogramTotals:
     """Sum and count of histogram ``name`` over all series (or only ``model="…"`` when given)."""
-    total = {"_sum": 0.0, "_count": 0.0}
-    for line in text.splitlines():
-        m = _LINE.match(line)
-        if m is None:
-            continue
-        for suffix in total:
-            if m["name"] == name + suffix and (not model or f'model="{model}"' in (m["labels"] or "")):
-                total[suffix] += float(m["value"])
-    return HistogramTotals(total["_sum"], total["_count"])
+    return Exposition(text).histogram(name, **({"model": model} if model else {}))
 
 
 @dataclass(frozen=True)
@@ -47,9 +76,9 @@ class ServerCounters:
 
     @classmethod
     def read(cls, url: str, model: str = "") -> ServerCounters:
-        text = scrape(url)
+        page, labels = Exposition.read(url), {"model": model} if model else {}
         return cls(
-            histogram(text, "cellserve_batch_size", model), histogram(text, "cellserve_engine_run_seconds", model)
+            page.histogram("cellserve_batch_size", **labels), page.histogram("cellserve_engine_run_seconds", **labels)
         )
 
     def __sub__(self, other: ServerCounters) -> ServerCounters:

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cellserve.client.bench.measure import OrtResult, Result
+from cellserve.client.bench.baselines.ort import OrtResult
+from cellserve.client.bench.measure import Result
 from cellserve.client.model_info import ModelInfo
 
 

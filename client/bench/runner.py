@@ -8,29 +8,21 @@ in-process at the mean batch size cellserve's scheduler formed in that run, at t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from cellserve.client.bench.measure import LoadPlan, Result, ort_ceiling, run_load
-from cellserve.client.bench.onnx_model import OnnxModel
+from cellserve.client.bench.baselines.onnx_model import OnnxModel
+from cellserve.client.bench.baselines.ort import ort_ceiling
+from cellserve.client.bench.command import BenchError, Target, bench_target, model_dir, run_command
+from cellserve.client.bench.measure import LoadPlan, Result, run_load
 from cellserve.client.bench.options import SWEEP_STREAMS, SWEEP_T
 from cellserve.client.bench.report import config_entry, run_meta, table, write_json, write_png
-from cellserve.client.bench.serving import ServerProcess, cellserve_process, python_module
+from cellserve.client.bench.serving import ServerProcess, python_module
 
 log = logging.getLogger(__name__)
 BASELINES = ("echo", "naive", "ort")
-
-
-def shipped_model_dir() -> Path | None:
-    spec = importlib.util.find_spec("cellserve.model")  # locates the package; runs none of its code
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(root) / "default" / "manifest.json").is_file():
-            return Path(root) / "default"
-    return None
 
 
 def bench_configs(args: argparse.Namespace) -> list[tuple[int, int]]:
@@ -38,26 +30,21 @@ def bench_configs(args: argparse.Namespace) -> list[tuple[int, int]]:
     return [(s, t) for t in SWEEP_T for s in SWEEP_STREAMS] if args.sweep else [(args.streams, args.t)]
 
 
-def _fail(message: str) -> int:
-    print(f"cellserve bench: error: {message}", file=sys.stderr)
-    return 2
-
-
 def run_bench(args: argparse.Namespace) -> int:
+    return run_command("cellserve bench", lambda: _command(args))
+
+
+def _command(args: argparse.Namespace) -> int:
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
-        return _fail(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+        raise BenchError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
     configs = bench_configs(args)
     if any(s < 1 or t < 1 for s, t in configs):
-        return _fail("--streams and -T must be >= 1")
-    model_dir = args.model_dir or shipped_model_dir()
-    if model_dir is None and (args.server is None or {"naive", "ort"} & set(baselines)):
-        return _fail("--model-dir is needed (no shipped model found): the baselines run the same ONNX file")
-    try:
-        report = _run(args, configs, baselines, model_dir)
-    except (RuntimeError, OSError, TimeoutError) as e:
-        return _fail(str(e))
+        raise BenchError("--streams and -T must be >= 1")
+    needed = args.server is None or bool({"naive", "ort"} & set(baselines))
+    report = _run(args, configs, baselines, model_dir(args.model_dir, needed=needed,
+                                                      why=": the baselines run the same ONNX file"))  # fmt: skip
     print(table(report["configs"]))
     out: Path = args.out
     write_json(report, out / "bench.json")
@@ -69,20 +56,13 @@ def run_bench(args: argparse.Namespace) -> int:
 def _run(
     args: argparse.Namespace, configs: list[tuple[int, int]], baselines: list[str], model_dir: Path | None
 ) -> dict:
-    from cellserve.client import Client
-
-    with ExitStack() as stack:
-        address, metrics_url = args.server, args.metrics_url
-        pids: dict[str, int | None] = {"cellserve": None}
-        if address is None:
-            max_streams = max(1024, 2 * max(s for s, _ in configs))
-            cs = stack.enter_context(cellserve_process(model_dir, args.serve_arg, max_streams))
-            address = cs.address
-            pids["cellserve"] = cs.pid
-            metrics_url = metrics_url or f"http://127.0.0.1:{cs.info['metrics_port']}/metrics"
-        with Client(address) as client:
-            client.wait_ready(30)
-            info = client.model_info(args.model) if args.model else client.list_models()[0]
+    max_streams = max(1024, 2 * max(s for s, _ in configs))
+    with (
+        bench_target(args.server, args.model, model_dir, args.serve_arg, metrics_url=args.metrics_url,
+                     max_streams=max_streams) as cs,
+        ExitStack() as stack,
+    ):  # fmt: skip
+        info = cs.info
         if model_dir is not None and {"naive", "ort"} & set(baselines):
             local = json.loads((model_dir / "manifest.json").read_text()).get("sha256")
             if local != info.sha256:
@@ -90,16 +70,7 @@ def _run(
                     f"the server serves {info.name!r} sha256 {info.sha256[:12]}…, but --model-dir {model_dir} holds "
                     f"sha256 {str(local)[:12]}…; the baselines must run the same model file"
                 )
-        addresses = {"cellserve": address}
-        if "echo" in baselines:
-            echo = stack.enter_context(ServerProcess(python_module("cellserve.client.bench.echo", "--ready-file",
-                                                                   "{ready_file}"), "echo"))  # fmt: skip
-            addresses["echo"], pids["echo"] = echo.address, echo.pid
-        if "naive" in baselines:
-            argv = python_module("cellserve.client.bench.naive", "--model-dir", str(model_dir), "--ready-file",
-                                 "{ready_file}", "--intra-op-threads", str(args.intra_op_threads))  # fmt: skip
-            naive = stack.enter_context(ServerProcess(argv, "naive"))
-            addresses["naive"], pids["naive"] = naive.address, naive.pid
+        targets = {"cellserve": cs, **_start_baselines(stack, args, baselines, model_dir, cs)}
         threads = args.intra_op_threads  # the server's engine options, so raw ORT is like against like
         ort_model = OnnxModel.load(model_dir, threads) if "ort" in baselines and model_dir is not None else None
         entries = []
@@ -107,11 +78,11 @@ def _run(
             plan = LoadPlan(streams, t, args.duration, args.messages, args.warmup,
                             args.procs or min(streams, 2), args.seed)  # fmt: skip
             results: dict[str, Result] = {}
-            for target in ("echo", "cellserve", "naive"):
-                if target in addresses:
-                    url = metrics_url if target == "cellserve" else None
-                    results[target] = run_load(target, addresses[target], info, plan, metrics_url=url,
-                                               server_pid=pids[target], progress_bar=not args.no_progress)  # fmt: skip
+            for name in ("echo", "cellserve", "naive"):
+                if name in targets:
+                    target = targets[name]
+                    results[name] = run_load(name, target.address, info, plan, metrics_url=target.metrics_url,
+                                             server_pid=target.pid, progress_bar=not args.no_progress)  # fmt: skip
             ort = None
             if ort_model is not None:
                 batch = max(1, round(results["cellserve"].mean_batch or 1))
@@ -120,7 +91,7 @@ def _run(
             log.info("bench configuration done", extra={"streams": streams, "t": t})
     return {
         "meta": {
-            **run_meta(info, "started by the bench" if args.server is None else args.server, "cellserve bench"),
+            **run_meta(info, cs.describe("started by the bench"), "cellserve bench"),
             "duration_s": args.duration,
             "messages": args.messages,
             "warmup_s": args.warmup,
@@ -129,3 +100,20 @@ def _run(
         },
         "configs": entries,
     }
+
+
+def _start_baselines(
+    stack: ExitStack, args: argparse.Namespace, baselines: list[str], model_dir: Path | None, cs: Target
+) -> dict[str, Target]:
+    """The echo and naive servers the run asks for, started as subprocesses (no metrics: only their CPU)."""
+    argvs = {
+        "echo": python_module("cellserve.client.bench.baselines.echo", "--ready-file", "{ready_file}"),
+        "naive": python_module("cellserve.client.bench.baselines.naive", "--model-dir", str(model_dir),
+                               "--ready-file", "{ready_file}", "--intra-op-threads", str(args.intra_op_threads)),
+    }  # fmt: skip
+    started = {}
+    for name, argv in argvs.items():
+        if name in baselines:
+            proc = stack.enter_context(ServerProcess(argv, name))
+            started[name] = Target(proc.address, proc.pid, None, cs.info, started=True)
+    return started

@@ -82,10 +82,25 @@ def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def cellserve_process(model_dir: Path | None, serve_args: Sequence[str], max_streams: int = 1024) -> ServerProcess:
-    """``cellserve serve`` on free ports (loopback) for a bench: enter it to start, exit to stop."""
+def cellserve_process(
+    model_dir: Path | None,
+    serve_args: Sequence[str],
+    max_streams: int | None = 1024,
+    *,
+    name: str = "cellserve",
+    log_level: str | None = None,
+) -> ServerProcess:
+    """``cellserve serve`` on free ports (loopback) for a bench: enter it to start, exit to stop.
+
+    ``max_streams`` None keeps the server's default; ``log_level`` goes before ``serve`` (e.g. "WARNING").
+    """
     argv = ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "auto", "--metrics-host", "127.0.0.1",
-            "--ready-file", "{ready_file}", "--max-streams", str(max_streams), *serve_args]  # fmt: skip
+            "--ready-file", "{ready_file}"]  # fmt: skip
+    if max_streams is not None:
+        argv += ["--max-streams", str(max_streams)]
+    argv += serve_args
     if model_dir is not None:
         argv += ["--model-dirs", str(model_dir)]
-    return ServerProcess(python_module("cellserve.server.cli", *argv), "cellserve")
+    if log_level is not None:
+        argv = ["--log-level", log_level, *argv]
+    return ServerProcess(python_module("cellserve.server.cli", *argv), name)

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 
-from cellserve.client.bench import echo, naive
-from cellserve.client.bench.measure import ort_ceiling
+from cellserve.client.bench.baselines import echo, naive
+from cellserve.client.bench.baselines.onnx_model import OnnxModel
+from cellserve.client.bench.baselines.ort import ort_ceiling
+from cellserve.client.bench.baselines.sizes import message_sizes
 from cellserve.client.bench.metrics_scrape import histogram
-from cellserve.client.bench.onnx_model import OnnxModel
-from cellserve.client.bench.sizes import message_sizes
 
 
 def test_echo_replies_with_the_requested_size():

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from cellserve.client import Client, StepRejected
-from cellserve.client.bench.soak_inputs import UncheckedInfo, bad_step, good_step
-from cellserve.client.bench.soak_probe import ServerReading
-from cellserve.client.bench.soak_report import rss_summary
+from cellserve.client.bench.soak.inputs import UncheckedInfo, bad_step, good_step
+from cellserve.client.bench.soak.probe import ServerReading
+from cellserve.client.bench.soak.report import rss_summary
 from cellserve.server.cli import build_parser
 from cellserve.server.cli import main as cellserve_main
 

@@ -106,3 +106,16 @@ def test_readme_oip_table_covers_every_triton_rpc():
         family = name.replace("Status", "*").replace("Unregister", "*").replace("Register", "*")
         assert f"`{name}`" in table or f"`{family}`" in table, name
     assert "inference.GRPCInferenceService/ServerLive" in table and "perf_analyzer" in table
+
+
+@pytest.mark.parametrize("doc", ["README.md", "deploy/README.md"])
+def test_every_file_a_readme_links_or_names_exists(doc):
+    """Links (``](path)``) and backticked repo paths (``tests/…``, ``server/…``) resolve: moving a file
+    (the bench results, a module) means updating the docs that point at it."""
+    root = README.parent
+    text = (root / doc).read_text()
+    linked = [(root / doc).parent / t for t in re.findall(r"\]\(([^)#\s]+)", text) if "://" not in t]
+    named = [root / t for t in re.findall(r"`((?:tests|client|server|model|deploy|proto)/[\w./-]+)`", text)]
+    assert linked or named
+    missing = sorted({str(p.relative_to(root)) for p in linked + named if not p.exists()})
+    assert not missing, f"{doc} points at files that are not in the repo: {missing}"

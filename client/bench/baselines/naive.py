@@ -5,7 +5,7 @@ and returns y, h', c'. Wire format (raw little-endian, no protobuf): request = u
 ([1, T] int64 or [1, T, I] float32), h [L, 1, H] float32, c [L, 1, H] float32; reply = y
 [1, T, O] float32, h', c'.
 
-Run: ``python -m cellserve.client.bench.naive --model-dir D --ready-file F``.
+Run: ``python -m cellserve.client.bench.baselines.naive --model-dir D --ready-file F``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from cellserve.client.bench.onnx_model import OnnxModel
+from cellserve.client.bench.baselines.onnx_model import OnnxModel
 from cellserve.client.bench.serving import serve_until_signal
 
 SERVICE = "cellserve.bench.Naive"

@@ -12,7 +12,7 @@ from cellserve.client.bench.report import run_meta
 from cellserve.client.model_info import ModelInfo
 
 if TYPE_CHECKING:
-    from cellserve.client.bench.soak import Tally
+    from cellserve.client.bench.soak.churn import Tally
 
 MB = 2**20
 
@@ -87,14 +87,9 @@ def build_report(
         "slots_used_end": last["slots_used"],
         "sessions_active_end": last["sessions_active"],
         "settle_s": end["settle_s"],
-        "sessions": {
-            "opened": tally.opened,
-            "closed": tally.closed,
-            "dropped": tally.dropped,
-            "dropped_mid_step": tally.dropped_mid_step,
-        },
-        "messages": tally.messages,
-        "steps": tally.steps,
+        "sessions": tally.sessions(),
+        "messages": tally.counts["messages"],
+        "steps": tally.counts["steps"],
         "injected": {
             "sent": injected_sent,
             "answered_invalid_argument": injected_ok,

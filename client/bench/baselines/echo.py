@@ -3,7 +3,7 @@
 No protobuf, no model: generic handlers with identity (bytes) serializers. Each request's first four
 bytes give the reply size, so replies match cellserve's output messages byte for byte in size.
 
-Run: ``python -m cellserve.client.bench.echo --ready-file F`` (port 0; F gets {"port": P}).
+Run: ``python -m cellserve.client.bench.baselines.echo --ready-file F`` (port 0; F gets {"port": P}).
 """
 
 from __future__ import annotations

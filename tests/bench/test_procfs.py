@@ -1,0 +1,81 @@
+"""The bench's /proc reader: a server's CPU is its whole process tree (a ``--workers`` supervisor's
+workers included, and children that already exited), not the one pid it started."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cellserve.client.bench.measure import ServerSnapshot
+from cellserve.client.bench.procfs import ProcessStat, process_tree, tree_cpu_s, tree_usage
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux /proc")
+
+CHILD_CPU_S = 0.3
+# A child that burns CHILD_CPU_S of CPU, says so in a file, and waits for its stdin to close.
+BURN = f"""
+import sys, time
+while time.process_time() < {CHILD_CPU_S}:
+    pass
+open(sys.argv[1], "w").close()
+sys.stdin.read()
+"""
+# A parent that starts that child and idles; on a line from the test it reaps the child, then idles again.
+PARENT = f"""
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", {BURN!r}, sys.argv[1]], stdin=subprocess.PIPE)
+sys.stdin.readline()
+child.stdin.close()
+child.wait()
+print("reaped", flush=True)
+sys.stdin.readline()
+"""
+TICK_S = 0.011  # /proc counts CPU in clock ticks (1/100 s)
+
+
+def test_a_parents_tree_counts_its_busy_child_live_and_after_it_was_reaped(tmp_path, wait_until):
+    burnt = tmp_path / "burnt"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(burnt)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_until(burnt.exists)
+        tree = process_tree(parent.pid)
+        assert [s.pid for s in tree][0] == parent.pid and len(tree) == 2
+        own, child = tree[0].cpu_s, tree[1].cpu_s
+        assert tree[1].ppid == parent.pid and child >= CHILD_CPU_S - TICK_S
+        assert own < child  # what reading the parent's pid alone would have reported
+        live = tree_cpu_s(parent.pid)
+        assert live == pytest.approx(own + child, abs=2 * TICK_S)
+        assert parent.stdin and parent.stdout
+        parent.stdin.write("\n")
+        parent.stdin.flush()
+        assert parent.stdout.readline().strip() == "reaped"
+        assert [s.pid for s in process_tree(parent.pid)] == [parent.pid]
+        reaped = ProcessStat.read(parent.pid)
+        assert reaped is not None and reaped.reaped_children_cpu_s >= child - TICK_S
+        assert tree_cpu_s(parent.pid) >= live - TICK_S  # the child's CPU still counts once it is gone
+    finally:
+        parent.kill()
+        parent.wait(10)
+
+
+def test_nothing_is_read_for_no_pid_or_a_process_that_is_gone():
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(gone.stdout)
+    assert process_tree(pid) == [] and tree_usage(pid) is None and tree_cpu_s(pid) is None
+    assert tree_usage(None) is None and tree_cpu_s(None) is None
+
+
+def test_the_cpu_of_a_workers_server_is_the_supervisor_and_every_worker(spawn_server):
+    server = spawn_server("--workers", "2")
+    workers = {w["pid"] for w in server.ready_info()["workers"]}
+    tree = {s.pid: s for s in process_tree(server.proc.pid)}
+    assert workers <= set(tree), (workers, sorted(tree))
+    snapshot = ServerSnapshot.take(server.proc.pid, None, "tiny")  # what `cellserve bench` reads
+    assert snapshot.cpu_s is not None
+    assert snapshot.cpu_s >= tree[server.proc.pid].cpu_s + sum(tree[w].cpu_s for w in workers) - TICK_S
+    assert all(tree[w].cpu_s > 0 for w in workers)  # each worker loaded and warmed its engine
+    usage = tree_usage(server.proc.pid)
+    assert usage is not None and usage.processes >= 3 and usage.rss_bytes > sum(tree[w].rss_bytes for w in workers)
