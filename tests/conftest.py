@@ -48,17 +48,38 @@ def tiny_oracle(tiny_model: TinyModel) -> Any:
     return ReferenceLSTM.from_checkpoint(tiny_model.dir / "checkpoint.pt")
 
 
-def _wait_until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    """Poll a condition that changes outside the test's control (a watcher thread, a clock, a file), bounded."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
+class WaitUntil:
+    """Bounded polling of a condition that changes outside the test's control (a server's clean-up, a
+    watcher thread, a clock, a file): the one way the tests wait. ``check`` may raise to fail at once
+    (e.g. when the process it waits on exited); the first truthy value it returns is returned."""
+
+    def __call__(
+        self, check: Callable[[], Any], timeout_s: float = 20.0, *, poll_s: float = 0.05, what: str = ""
+    ) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while not (value := check()):
+            assert time.monotonic() < deadline, f"condition not reached in time ({timeout_s:g} s){_about(what)}"
+            time.sleep(poll_s)
+        return value
+
+    async def aio(
+        self, check: Callable[[], Any], timeout_s: float = 20.0, *, poll_s: float = 0.01, what: str = ""
+    ) -> Any:
+        """The same on an event loop: polls with ``asyncio.sleep`` (``poll_s=0``: every turn of the loop)."""
+        deadline = time.monotonic() + timeout_s
+        while not (value := check()):
+            assert time.monotonic() < deadline, f"condition not reached in time ({timeout_s:g} s){_about(what)}"
+            await asyncio.sleep(poll_s)
+        return value
+
+
+def _about(what: str) -> str:
+    return f": {what}" if what else ""
 
 
 @pytest.fixture
-def wait_until() -> Callable[..., None]:
-    return _wait_until
+def wait_until() -> WaitUntil:
+    return WaitUntil()
 
 
 @dataclass
@@ -183,12 +204,13 @@ def start_server_process(model_dir: Path, workdir: Path, *args: str, env: dict |
         text=True,
         env=env,
     )
-    deadline = time.monotonic() + 60
-    while not ready.exists():  # written atomically once every model is SERVING
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"server did not become ready: {proc.stderr.read() if proc.stderr else ''}")
-        time.sleep(0.05)
+    try:  # the ready file is written atomically once every model is SERVING
+        WaitUntil()(lambda: ready.exists() or proc.poll() is not None, timeout_s=60)
+    except AssertionError:
+        pass
+    if not ready.exists():
+        proc.kill()
+        raise RuntimeError(f"server did not become ready: {proc.stderr.read() if proc.stderr else ''}")
     info = json.loads(ready.read_text())
     return ServerProcess(proc, info["port"], info["metrics_port"], ready)
 

@@ -42,7 +42,7 @@ def test_a_parents_tree_counts_its_busy_child_live_and_after_it_was_reaped(tmp_p
     try:
         wait_until(burnt.exists)
         tree = process_tree(parent.pid)
-        assert [s.pid for s in tree][0] == parent.pid and len(tree) == 2
+        assert tree[0].pid == parent.pid and len(tree) == 2
         own, child = tree[0].cpu_s, tree[1].cpu_s
         assert tree[1].ppid == parent.pid and child >= CHILD_CPU_S - TICK_S
         assert own < child  # what reading the parent's pid alone would have reported
