@@ -4,7 +4,6 @@ the same address again, and the errors when no server can continue the session."
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import urllib.request
@@ -13,21 +12,18 @@ from typing import Any
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from replica_helpers import drain, token_keys
 
 from cellserve.client import DataLossError, UnavailableError
 
-KEYS = '{"active": "k", "keys": {"k": "' + "ab" * 32 + '"}}'
-OTHER_KEYS = '{"active": "k", "keys": {"k": "' + "cd" * 32 + '"}}'
+KEYS = token_keys("ab", key_id="k")
+OTHER_KEYS = token_keys("cd", key_id="k")
 TOL = 1e-5
 
 
 def vanish(srv: Any) -> None:
     """The server stops at once, without a drain: its streams die under the sessions."""
     srv.call(srv.server.stop(0))
-
-
-def drain(srv: Any, grace_s: float = 30) -> Any:
-    return asyncio.run_coroutine_threadsafe(srv.server.drain(grace_s), srv.loop)
 
 
 def tokens_of(seed: int, n: int) -> np.ndarray:

@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from test_stream import TOL, open_msg, oracle_outputs, read_rest, step_msg
+from stream_helpers import TOL, open_msg, oracle_outputs, read_rest, step_msg
 
 from cellserve.server.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from test_stream import run_session
+from stream_helpers import run_session
 
 from cellserve.server.app import build_server
 from cellserve.server.settings import Settings

@@ -4,69 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from stream_helpers import TOL, open_msg, oracle_outputs, run_session, step_msg
 
 from cellserve.server.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 from cellserve.wire import to_proto
-
-TOL = 1e-5
-
-
-def oracle_outputs(oracle: Any, tokens: np.ndarray) -> np.ndarray:
-    """The reference run of one whole sequence from zero state: y [T, V]."""
-    h, c = oracle.init_state(1)
-    y, _, _ = oracle.run(tokens[None, :], h, c)
-    return y[0]
-
-
-async def read_rest(call: Any) -> list[pb.StreamResponse]:
-    """Read until the stream ends (status in ``call.code()``), using read() so it mixes with writes."""
-    out = []
-    try:
-        while (r := await call.read()) is not grpc.aio.EOF:
-            out.append(r)
-    except grpc.aio.AioRpcError:
-        pass  # the stream ended with a non-OK status; callers check call.code()
-    return out
-
-
-def step_msg(seq: int, x: np.ndarray) -> pb.StreamRequest:
-    return pb.StreamRequest(step=pb.Step(seq=seq, input=to_proto(x)))
-
-
-def open_msg(model: str = "tiny", **kw: Any) -> pb.StreamRequest:
-    return pb.StreamRequest(open=pb.Open(model=model, **kw))
-
-
-async def run_session(address: str, tokens: np.ndarray, chunks: list[int], rng: random.Random) -> np.ndarray:
-    """One session: send ``tokens`` in ``chunks``, yielding to other sessions at random; returns y."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = pb_grpc.CellServeStub(channel).Stream()
-        await call.write(open_msg())
-        opened = await call.read()
-        assert opened.WhichOneof("kind") == "opened"
-        outputs, start = [], 0
-        for seq, n in enumerate(chunks):
-            await call.write(step_msg(seq, tokens[start : start + n]))
-            start += n
-            resp = await call.read()
-            assert resp.WhichOneof("kind") == "output", resp
-            assert resp.output.seq == seq
-            outputs.append(to_numpy(resp.output.output))
-            for _ in range(rng.randrange(3)):
-                await asyncio.sleep(0)  # shuffle the interleaving between sessions
-        await call.write(pb.StreamRequest(close=pb.Close()))
-        closed = await call.read()
-        assert closed.WhichOneof("kind") == "closed" and closed.closed.steps == len(tokens)
-        await call.done_writing()
-        assert await call.code() == grpc.StatusCode.OK
-        return np.concatenate(outputs)
 
 
 def random_chunks(total: int, rng: random.Random, hi: int = 16) -> list[int]:
@@ -98,13 +45,17 @@ def test_served_equals_oracle_for_100_interleaved_chunked_sessions(running_serve
 
 
 def test_batching_is_real_with_64_single_step_streams(running_server, tiny_oracle):
+    """Every session opens before any of them steps, so each batch is closed by the "every live session is
+    in" rule, not by a max-wait window a busy shared box can miss; max_wait is long enough that no window
+    closes a batch early (1 s), and a scheduler that stopped batching would still show a mean of 1."""
     np_rng = np.random.default_rng(3)
     seqs = [np_rng.integers(0, 256, size=40, dtype=np.int64) for _ in range(64)]
-    with running_server(max_wait_us=20000) as srv:
+    with running_server(max_wait_us=1_000_000) as srv:
 
         async def main() -> list[np.ndarray]:
+            opened_all = asyncio.Barrier(len(seqs))
             return await asyncio.gather(
-                *(run_session(srv.address, s, [1] * len(s), random.Random(i)) for i, s in enumerate(seqs))
+                *(run_session(srv.address, s, [1] * len(s), random.Random(i), opened_all) for i, s in enumerate(seqs))
             )
 
         results = asyncio.run(main())
