@@ -42,19 +42,6 @@ def active(srv: Any) -> float:
     return srv.registry.get_sample_value("cellserve_sessions_active", {"model": "tiny"})
 
 
-def wait_no_active_sessions(srv: Any, timeout_s: float = 10.0) -> bool:
-    """Bounded wait, on the server's loop, for its clean-up after a stream ended with an error status
-    (the client may see the status before the server's ``finally`` has run)."""
-
-    async def settled() -> bool:
-        deadline = time.monotonic() + timeout_s
-        while active(srv) != 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        return active(srv) == 0
-
-    return srv.call(settled(), timeout=timeout_s + 5)
-
-
 def test_single_and_chunked_steps_match_the_oracle(sdk, running_server, tiny_oracle):
     tokens = np.random.default_rng(1).integers(0, 256, size=12, dtype=np.int64)
     want = oracle_y(tiny_oracle, tokens)
@@ -258,7 +245,7 @@ def test_list_models_model_info_and_health(running_server, tiny_model):
         assert status == "SERVING" and models == [m]
 
 
-def test_a_stream_ended_by_a_protocol_error_raises_once_and_leaves_cleanly(running_server):
+def test_a_stream_ended_by_a_protocol_error_raises_once_and_leaves_cleanly(running_server, wait_until):
     """Open twice on one stream (forced through the internals) ends the stream with FAILED_PRECONDITION:
     the next call raises it with the server's message, and leaving the block raises nothing more."""
     with running_server() as srv, Client(srv.address) as client:
@@ -266,7 +253,8 @@ def test_a_stream_ended_by_a_protocol_error_raises_once_and_leaves_cleanly(runni
             s._requests.put(pb.StreamRequest(open=pb.Open(model="tiny")))
             with pytest.raises(FailedPreconditionError, match="already has session"):
                 s.step([1])
-        assert wait_no_active_sessions(srv)
+        # the client may see the status before the server's `finally` has run: its clean-up, bounded
+        wait_until(lambda: active(srv) == 0, timeout_s=10)
 
         async def main() -> None:
             async with AsyncClient(srv.address) as ac, await ac.session("tiny") as a:
@@ -276,7 +264,7 @@ def test_a_stream_ended_by_a_protocol_error_raises_once_and_leaves_cleanly(runni
                     await a.step([1])
 
         asyncio.run(main())
-        assert wait_no_active_sessions(srv)
+        wait_until(lambda: active(srv) == 0, timeout_s=10)
 
 
 def test_interleaved_sessions_with_random_chunkings_each_match_their_oracle(running_server, tiny_oracle):

@@ -24,7 +24,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -36,6 +35,7 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+from deploy_checks import stop_process
 
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
@@ -48,6 +48,7 @@ DEPLOY = REPO / "deploy"
 CELLSERVE = Path(sys.executable).parent / "cellserve"
 RATE_WINDOW = "10s"
 CAPACITY = 4
+HTTP_POLL_S = 0.2  # between polls of an HTTP API: there is no event to wait on
 THRESHOLD = re.compile(r"\s*(==|!=|>=|<=|>|<)\s*[-+0-9.eE]+\s*$")
 
 
@@ -57,36 +58,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen | None = None) -> Any:
-    """Re-check ``condition`` until truthy; waiting is on ``proc`` exiting (so a crash ends it early)."""
-    deadline = time.monotonic() + timeout
-    while True:
+def unless_exited(proc: subprocess.Popen, condition: Callable[[], Any], what: str) -> Callable[[], Any]:
+    """``condition`` for ``wait_until``, failing at once if ``proc`` exits first (a crash ends the wait)."""
+
+    def check() -> Any:
         value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        if proc is not None:
-            try:
-                proc.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                continue
+        if not value and proc.poll() is not None:
             raise RuntimeError(f"process {proc.args[0]} exited ({proc.returncode}) while waiting for {what}")
-        time.sleep(0.2)  # polling an HTTP API: there is no event to wait on
+        return value
 
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+    return check
 
 
 @contextmanager
-def cellserve_process(model_dir: Path, tmp: Path) -> Iterator[dict[str, int]]:
+def cellserve_process(model_dir: Path, tmp: Path, wait_until: Any) -> Iterator[dict[str, int]]:
     ready = tmp / "ready.json"
     cmd = [str(CELLSERVE), "serve", "--model-dirs", str(model_dir), "--host", "127.0.0.1", "--port", "0",
            "--metrics-host", "127.0.0.1", "--metrics-port", "auto", "--capacity", str(CAPACITY),
@@ -94,15 +79,16 @@ def cellserve_process(model_dir: Path, tmp: Path) -> Iterator[dict[str, int]]:
     log = (tmp / "cellserve.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_until(ready.exists, 60, "cellserve's ready file", proc)
+        what = "cellserve's ready file"
+        wait_until(unless_exited(proc, ready.exists, what), 60, poll_s=HTTP_POLL_S, what=what)
         yield json.loads(ready.read_text())
     finally:
-        stop(proc)
+        stop_process(proc)
         log.close()
 
 
 @contextmanager
-def prometheus_process(prometheus: str, metrics_port: int, tmp: Path) -> Iterator[str]:
+def prometheus_process(prometheus: str, metrics_port: int, tmp: Path, wait_until: Any) -> Iterator[str]:
     config = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(DEPLOY / "prometheus" / f) for f in config["rule_files"]]
@@ -117,10 +103,11 @@ def prometheus_process(prometheus: str, metrics_port: int, tmp: Path) -> Iterato
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _http_ok(base + "/-/ready"), 60, "prometheus /-/ready", proc)
+        ready = unless_exited(proc, lambda: _http_ok(base + "/-/ready"), "prometheus /-/ready")
+        wait_until(ready, 60, poll_s=HTTP_POLL_S, what="prometheus /-/ready")
         yield base
     finally:
-        stop(proc)
+        stop_process(proc)
         log.close()
 
 
@@ -234,14 +221,14 @@ def empty_or_failing(base: str, exprs: list[str]) -> dict[str, str]:
 # -- the test ------------------------------------------------------------------------------------------
 
 
-def test_dashboard_and_alert_promql_work_against_real_prometheus(tiny_model_dir, tiny_model, tmp_path):
+def test_dashboard_and_alert_promql_work_against_real_prometheus(tiny_model_dir, tiny_model, tmp_path, wait_until):
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip("the prometheus binary is absent (Debian package `prometheus`; .ci/run installs it in CI)")
     assert CELLSERVE.exists(), f"{CELLSERVE} missing: pip install -e . first"
     model = tiny_model.manifest.name
-    with cellserve_process(tiny_model_dir, tmp_path) as ports, \
-            prometheus_process(prometheus, ports["metrics_port"], tmp_path) as prom:
+    with cellserve_process(tiny_model_dir, tmp_path, wait_until) as ports, \
+            prometheus_process(prometheus, ports["metrics_port"], tmp_path, wait_until) as prom:
         instance = f"127.0.0.1:{ports['metrics_port']}"
         sent = asyncio.run(drive_sessions(f"127.0.0.1:{ports['port']}", model))
         assert sent > 0
@@ -250,7 +237,7 @@ def test_dashboard_and_alert_promql_work_against_real_prometheus(tiny_model_dir,
             result = query(prom, f'sum(cellserve_steps_total{{job="cellserve", model="{model}"}})')
             return float(result[0]["value"][1]) if result and float(result[0]["value"][1]) == sent else None
 
-        wait_until(steps_scraped, 60, f"prometheus to scrape cellserve_steps_total == {sent}")
+        wait_until(steps_scraped, 60, poll_s=HTTP_POLL_S, what=f"prometheus to scrape cellserve_steps_total == {sent}")
         (sample,) = query(prom, f'cellserve_steps_total{{job="cellserve", model="{model}"}}')
         assert float(sample["value"][1]) == sent
         assert sample["metric"]["instance"] == instance
@@ -265,8 +252,8 @@ def test_dashboard_and_alert_promql_work_against_real_prometheus(tiny_model_dir,
         exprs = [*dash_exprs, *alert_quantities, adapter_query()]
         # Rates need two samples after an event: re-check until all have data, or report which do not.
         try:
-            wait_until(lambda: not empty_or_failing(prom, exprs), 60, "every expression to return data")
-        except TimeoutError:
+            wait_until(lambda: not empty_or_failing(prom, exprs), 60, poll_s=HTTP_POLL_S)
+        except AssertionError:
             pytest.fail(f"expressions without data or failing: {json.dumps(empty_or_failing(prom, exprs), indent=1)}")
 
         for rule in rules:  # the full alert expressions (thresholds included) evaluate without error
@@ -287,5 +274,6 @@ def test_dashboard_and_alert_promql_work_against_real_prometheus(tiny_model_dir,
             loaded = [r for g in api(prom, "/api/v1/rules")["groups"] for r in g["rules"]]
             return loaded if loaded and all(r["health"] == "ok" for r in loaded) else None
 
-        loaded = wait_until(rules_healthy, 30, "prometheus to evaluate every rule with health ok")
+        what = "prometheus to evaluate every rule with health ok"
+        loaded = wait_until(rules_healthy, 30, poll_s=HTTP_POLL_S, what=what)
         assert sorted(r["name"] for r in loaded) == sorted(r["alert"] for r in rules)

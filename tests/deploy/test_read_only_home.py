@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import grpc
+from deploy_checks import dockerfile_env
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_validate import dockerfile_env
 
 IMPORTS = "import cellserve.server, cellserve.server.app, cellserve.server.arrays, cellserve.server.engine"
 

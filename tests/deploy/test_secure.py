@@ -14,18 +14,17 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from test_validate import (
+from deploy_checks import (
     DEPLOY,
-    _edit,
-    _kind,
     deployment_problems,
+    edit,
+    find_kind,
     manifest_problems,
     render,
     settings_env_problems,
@@ -49,7 +48,7 @@ components:
 
 
 def _container(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    pod = _kind(docs, "Deployment", "cellserve")["spec"]["template"]["spec"]
+    pod = find_kind(docs, "Deployment", "cellserve")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     return pod, container
 
@@ -71,7 +70,7 @@ def secret_files(docs: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
 def file_settings(docs: list[dict[str, Any]]) -> dict[str, str]:
     """Every CELLSERVE_*_FILE the pod gets, from the ConfigMap and from the container's own env."""
     _, container = _container(docs)
-    env = dict(_kind(docs, "ConfigMap")["data"])
+    env = dict(find_kind(docs, "ConfigMap")["data"])
     env.update({e["name"]: e.get("value", "") for e in container.get("env", [])})
     return {k: v for k, v in env.items() if k.startswith("CELLSERVE_") and k.endswith("_FILE")}
 
@@ -121,7 +120,7 @@ def secure_problems(docs: list[dict[str, Any]]) -> list[str]:
         if not 2 <= timeout <= period or float(flags.get("--timeout", 10)) >= timeout:
             problems.append(f"{name}: need 2 <= timeoutSeconds ({timeout}) <= periodSeconds ({period}) and "
                             f"--timeout < timeoutSeconds (a Python start takes ~0.5 s)")
-    for port in _kind(docs, "Service", "cellserve")["spec"]["ports"]:
+    for port in find_kind(docs, "Service", "cellserve")["spec"]["ports"]:
         if port["name"] == "grpc" and port.get("appProtocol") == "kubernetes.io/h2c":
             problems.append("Service cellserve: the grpc port speaks TLS, not h2c")
     return problems
@@ -148,7 +147,7 @@ def test_secure_overlay_differs_from_its_base_only_where_it_should(tool):
     """Same device settings as the plain overlay; the secret values themselves are never in the manifests."""
     kubectl = tool("kubectl")
     plain, secure = render(kubectl, DEPLOY / "k8s/overlays/gpu"), render(kubectl, DEPLOY / "k8s/overlays/secure/gpu")
-    plain_cfg, secure_cfg = _kind(plain, "ConfigMap")["data"], _kind(secure, "ConfigMap")["data"]
+    plain_cfg, secure_cfg = find_kind(plain, "ConfigMap")["data"], find_kind(secure, "ConfigMap")["data"]
     added = set(file_settings(secure)) - set(file_settings(plain))
     assert {k: v for k, v in secure_cfg.items() if k not in added} == plain_cfg
     assert {d["kind"] for d in secure} == {d["kind"] for d in plain}  # no Secret objects shipped
@@ -174,7 +173,7 @@ def test_mtls_component_validates_and_probes_present_a_client_certificate(tool, 
 @pytest.mark.parametrize("overlay", SECURE)
 def test_secure_configmap_settings_are_real_and_parse(tool, overlay, monkeypatch, tmp_path):
     docs = render(tool("kubectl"), DEPLOY / overlay)
-    config = _kind(docs, "ConfigMap")["data"]
+    config = find_kind(docs, "ConfigMap")["data"]
     files = file_settings(docs)
     for key, path in files.items():  # FilePath settings must exist: stand-ins at the same names
         local = tmp_path / path.lstrip("/")
@@ -189,11 +188,11 @@ def test_secure_configmap_settings_are_real_and_parse(tool, overlay, monkeypatch
 
 def test_secure_rules_reject_subpath_leftover_grpc_probe_and_unmounted_file(tool, deploy_copy):
     component = deploy_copy / "deploy/k8s/components/secure"
-    _edit(component / "deployment-secure.yaml", "              mountPath: /etc/cellserve/auth\n",
+    edit(component / "deployment-secure.yaml", "              mountPath: /etc/cellserve/auth\n",
           "              mountPath: /etc/cellserve/auth\n              subPath: auth\n")
-    _edit(component / "deployment-secure.yaml", "          livenessProbe:\n            $patch: replace\n"
+    edit(component / "deployment-secure.yaml", "          livenessProbe:\n            $patch: replace\n"
           "            exec:\n              command: *health\n", "          livenessProbe:\n")
-    _edit(component / "kustomization.yaml", "/etc/cellserve/tls/tls.key", "/etc/cellserve/tls/tls.pem")
+    edit(component / "kustomization.yaml", "/etc/cellserve/tls/tls.key", "/etc/cellserve/tls/tls.pem")
     problems = secure_problems(render(tool("kubectl"), deploy_copy / "deploy/k8s/overlays/secure/cpu"))
     assert "mount auth uses subPath: Secret updates would never reach the pod" in problems
     assert "livenessProbe: must exec `cellserve health` (kubelet's gRPC probe cannot speak TLS)" in problems
@@ -201,11 +200,11 @@ def test_secure_rules_reject_subpath_leftover_grpc_probe_and_unmounted_file(tool
 
 
 def test_secure_rules_reject_misspelt_flag_and_missing_client_certificate(tool, deploy_copy):
-    _edit(deploy_copy / "deploy/k8s/components/secure/deployment-secure.yaml", "- --tls-server-name",
+    edit(deploy_copy / "deploy/k8s/components/secure/deployment-secure.yaml", "- --tls-server-name",
           "- --tls-servername")
     problems = secure_problems(render(tool("kubectl"), deploy_copy / "deploy/k8s/overlays/secure/cpu"))
     assert any(p.startswith("readinessProbe: `cellserve health` rejects") for p in problems)
-    _edit(deploy_copy / "deploy/k8s/components/mtls/deployment-mtls.yaml", "- --tls-client-cert",
+    edit(deploy_copy / "deploy/k8s/components/mtls/deployment-mtls.yaml", "- --tls-client-cert",
           "- --tls-root-cert")
     problems = secure_problems(render(tool("kubectl"), _mtls_copy(deploy_copy)))
     assert "livenessProbe: --tls-client-cert None is no file a mounted Secret volume projects" in problems
@@ -250,7 +249,7 @@ def _run_probe(command: list[str], port: int, remap: Callable[[str], str]) -> su
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
 def test_rendered_probe_passes_against_a_real_tls_server_across_a_secret_update(
-    tool, deploy_copy, tmp_path, pki, spawn_server, monkeypatch, mutual
+    tool, deploy_copy, tmp_path, pki, spawn_server, monkeypatch, mutual, wait_until
 ):
     overlay = _mtls_copy(deploy_copy) if mutual else DEPLOY / "k8s/overlays/secure/cpu"
     docs = render(tool("kubectl"), overlay)
@@ -285,9 +284,14 @@ def test_rendered_probe_passes_against_a_real_tls_server_across_a_secret_update(
     old_ca = tmp_path / "old-ca.crt"
     old_ca.write_bytes(pki.ca.pem)
     _write_secrets(root, docs, {**contents, **_tls_contents(pki.other_ca, server_name)}, generation=2)
-    deadline = time.monotonic() + 20  # the server's watcher re-reads the files about once a second
-    while (renewed := _run_probe(command, server.port, remap)).returncode != 0 and time.monotonic() < deadline:
-        pass
+    probes = []
+
+    def renewed_ok() -> bool:  # the server's watcher re-reads the files about once a second
+        probes.append(_run_probe(command, server.port, remap))
+        return probes[-1].returncode == 0
+
+    wait_until(renewed_ok, 20, poll_s=0, what=lambda: f"the probe to pass again: {probes[-1].stderr}")
+    renewed = probes[-1]
     assert (renewed.returncode, renewed.stdout.strip()) == (0, "SERVING"), renewed.stderr
     stale = _run_probe(command, server.port, lambda a: str(old_ca) if a.endswith("/ca.crt") else remap(a))
     assert stale.returncode == 1, "the server still presents the old certificate"

@@ -15,19 +15,18 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import venv
 import zipfile
 from pathlib import Path
 
 import grpc
 import pytest
+from deploy_checks import BUILD_INPUTS, stop_process  # BUILD_INPUTS: what the Dockerfile's builder copies
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-BUILD_INPUTS = ("pyproject.toml", "README.md", "proto", "server", "model", "client")  # = Dockerfile builder
 
 
 def clean_env() -> dict[str, str]:
@@ -58,7 +57,7 @@ def build_wheel(tmp: Path) -> Path:
     return wheel
 
 
-def test_serve_extra_serves_without_torch(tiny_model_dir, tmp_path):
+def test_serve_extra_serves_without_torch(tiny_model_dir, tmp_path, wait_until):
     wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert "cellserve/v1/cellserve_pb2.py" in names and "cellserve/server/app.py" in names
@@ -93,14 +92,13 @@ def test_serve_extra_serves_without_torch(tiny_model_dir, tmp_path):
         stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
     )
     try:
-        deadline = time.monotonic() + 90
-        while not ready.exists():
-            assert time.monotonic() < deadline, "no ready file within 90 s: " + (tmp_path / "serve.log").read_text()
-            try:
-                server.wait(timeout=0.2)  # wait on the process: a crash ends the wait at once
-            except subprocess.TimeoutExpired:
-                continue
-            pytest.fail(f"cellserve serve exited {server.returncode}: {(tmp_path / 'serve.log').read_text()}")
+
+        def started() -> bool:  # a crash ends the wait at once
+            if not ready.exists() and server.poll() is not None:
+                pytest.fail(f"cellserve serve exited {server.returncode}: {(tmp_path / 'serve.log').read_text()}")
+            return ready.exists()
+
+        wait_until(started, 90, poll_s=0.2, what=lambda: "no ready file: " + (tmp_path / "serve.log").read_text())
         address = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
 
         check([str(bin_dir / "cellserve"), "health", "--server", address], timeout=60)
@@ -109,11 +107,6 @@ def test_serve_extra_serves_without_torch(tiny_model_dir, tmp_path):
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=5)
+        stop_process(server, timeout_s=20)
         log.close()
     assert server.returncode == 0, (tmp_path / "serve.log").read_text()

@@ -1,269 +1,42 @@
 """Offline validation of the deployment files with the real tools, and proof that each check can fail.
 
-Validators: hadolint (Dockerfile), yamllint (deploy/), `kubectl kustomize` + kubernetes-validate (strict,
-pinned Kubernetes version) for every rendered manifest, explicit subset schemas for the custom
-resources (deploy_crd_schemas), `promtool check config|rules`, `docker-compose config`, plus the
-operational rules the manifests must keep (probes, grace periods, GPU limits, non-root, metric names).
-Every validator also runs on a deliberately broken copy (in tmp_path) and must reject it.
+The checks themselves are in deploy_checks.py; every one also runs here on a deliberately broken copy
+(in tmp_path) and must reject it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-from pathlib import Path
-from typing import Any
 
-import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
-from deploy_crd_schemas import CRD_SCHEMAS
-from prometheus_client import CollectorRegistry
+from deploy_checks import (
+    DEPLOY,
+    REPO,
+    alert_exprs,
+    build_context_problems,
+    compose_policy_problems,
+    compose_problems,
+    dashboard_problems,
+    deployment_problems,
+    dockerfile_env,
+    dockerfile_problems,
+    edit,
+    exported_series_names,
+    find_kind,
+    hadolint_problems,
+    manifest_problems,
+    metric_name_problems,
+    promtool_problems,
+    render,
+    settings_env_problems,
+    yamllint_problems,
+)
 
-from cellserve.server.metrics import Metrics
-
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "deploy"
-K8S_VERSION = "1.33.0"  # native gRPC probes (GA 1.27) and the preStop sleep action (1.30) are in
 KUSTOMIZATIONS = ("k8s/overlays/gpu", "k8s/overlays/cpu", "k8s/overlays/secure/gpu", "k8s/overlays/secure/cpu",
                   "k8s/monitoring", "k8s/autoscaling/keda")
-
-
-def run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
-
-
-# -- validators: each returns a list of problems (empty = valid) ---------------------------------------
-
-
-def hadolint_problems(hadolint: str, dockerfile: Path) -> list[str]:
-    proc = run([hadolint, "--no-color", "--failure-threshold", "style", str(dockerfile)])
-    return [] if proc.returncode == 0 else [proc.stdout + proc.stderr]
-
-
-def dockerfile_problems(dockerfile: Path) -> list[str]:
-    """What the runtime stage must declare (hadolint cannot know our contract)."""
-    text = dockerfile.read_text()
-    runtime = text.split(" AS runtime", 1)[-1] if " AS runtime" in text else ""
-    problems = []
-    checks = {
-        "runtime stage `FROM ... AS runtime`": bool(runtime),
-        "non-root USER": re.search(r"^USER\s+(?!0\b|root\b)\S+", runtime, re.M),
-        "EXPOSE 50051 9090": re.search(r"^EXPOSE\s+50051\s+9090\s*$", runtime, re.M),
-        "exec-form ENTRYPOINT cellserve serve": re.search(r'^ENTRYPOINT \["cellserve", "serve"\]\s*$', runtime, re.M),
-        "HEALTHCHECK via cellserve health": re.search(
-            r'HEALTHCHECK[^\n]*(\\\n[^\n]*)*CMD \["cellserve", "health"', runtime
-        ),
-        "OCI title/version/revision labels": all(
-            f"org.opencontainers.image.{k}=" in runtime for k in ("title", "version", "revision", "licenses")
-        ),
-        "model at /models/default": "CELLSERVE_MODEL_DIRS='[\"/models/default\"]'" in runtime,
-        "gpu extra for the CUDA base, serve extra for the slim base": (
-            "SERVING_EXTRA=gpu" in text and "SERVING_EXTRA=serve" in text
-        ),
-        "CUDA 13 + cuDNN runtime base (onnxruntime-gpu 1.31 links libcudart.so.13)": re.search(
-            r"ARG CUDA_IMAGE=nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-", text
-        ),
-        # uid 10001 has no home and the root is read-only: CuPy's kernel cache must go to the /tmp volume.
-        "CUPY_CACHE_DIR under the /tmp volume": re.search(r"^\s+CUPY_CACHE_DIR=/tmp/\S+", runtime, re.M)
-        and 'VOLUME ["/tmp"]' in runtime,
-    }
-    problems += [f"Dockerfile: missing {what}" for what, ok in checks.items() if not ok]
-    if re.search(r"\b(torch|gcc|g\+\+|build-essential)\b", runtime):
-        problems.append("Dockerfile: runtime stage mentions torch or a compiler")
-    return problems
-
-
-def yamllint_problems(yamllint: str, root: Path) -> list[str]:
-    proc = run([yamllint, "-c", str(root / ".yamllint.yaml"), "-f", "parsable", "--strict", str(root)])
-    return [] if proc.returncode == 0 else [proc.stdout + proc.stderr]
-
-
-def render(kubectl: str, kustomization: Path) -> list[dict[str, Any]]:
-    proc = run([kubectl, "kustomize", str(kustomization)])
-    if proc.returncode != 0:
-        raise AssertionError(f"kustomize {kustomization}: {proc.stderr}")
-    return [d for d in yaml.safe_load_all(proc.stdout) if d]
-
-
-def manifest_problems(docs: list[dict[str, Any]]) -> list[str]:
-    """kubernetes-validate (strict) for built-in kinds; the subset schemas for custom ones; nothing skipped."""
-    problems = []
-    for doc in docs:
-        what = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
-        schema = CRD_SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
-        try:
-            if schema is not None:
-                jsonschema.validate(doc, schema)
-                hpa_cfg = doc["spec"].get("advanced", {}).get("horizontalPodAutoscalerConfig", {})
-                if "behavior" in hpa_cfg:  # KEDA passes it to an autoscaling/v2 HPA: validate it as one
-                    kubernetes_validate.validate(_hpa_with_behavior(hpa_cfg["behavior"]), K8S_VERSION, strict=True)
-            else:
-                kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-        except kubernetes_validate.SchemaNotFoundError:
-            problems.append(f"{what}: no schema (custom kinds need an entry in deploy_crd_schemas.CRD_SCHEMAS)")
-        except (jsonschema.ValidationError, kubernetes_validate.ValidationError) as e:
-            problems.append(f"{what}: {e.message}")
-    return problems
-
-
-def _hpa_with_behavior(behavior: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "keda-behavior"},
-        "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "x"}, "maxReplicas": 2, "behavior": behavior},
-    }
-
-
-def _kind(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
-    return found[0]
-
-
-def deployment_problems(docs: list[dict[str, Any]], gpu: bool, tls: bool = False) -> list[str]:
-    """The serving rules a rendered overlay must keep (with ``tls`` the probes are test_secure's to check)."""
-    dep = _kind(docs, "Deployment", "cellserve")
-    config = _kind(docs, "ConfigMap")["data"]
-    pod = dep["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    limits = container.get("resources", {}).get("limits", {})
-    sec = container.get("securityContext", {})
-    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
-    volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    grace_s = float(config["CELLSERVE_GRACE_S"])
-    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
-    problems = []
-
-    def need(ok: object, what: str) -> None:
-        if not ok:
-            problems.append(f"Deployment: {what}")
-
-    need("replicas" not in dep["spec"], "no spec.replicas (the HPA owns the count)")
-    need(pod.get("securityContext", {}).get("runAsNonRoot") is True, "pod runAsNonRoot")
-    need(sec.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem")
-    need(sec.get("allowPrivilegeEscalation") is False, "allowPrivilegeEscalation false")
-    need("emptyDir" in volumes.get(mounts.get("/tmp", ""), {}), "an emptyDir at /tmp")
-    for probe in () if tls else ("startupProbe", "readinessProbe", "livenessProbe"):
-        need(container.get(probe, {}).get("grpc") == {"port": 50051, "service": ""}, f"{probe} grpc 50051 service ''")
-    live = container.get("livenessProbe", {})
-    need(live.get("periodSeconds", 10) * live.get("failureThreshold", 3) > grace_s,
-         "liveness failure window longer than CELLSERVE_GRACE_S (a draining pod is NOT_SERVING)")
-    need(pre_stop > 0, "a preStop sleep")
-    need(pod.get("terminationGracePeriodSeconds", 30) > pre_stop + grace_s,
-         f"terminationGracePeriodSeconds > preStop ({pre_stop}) + CELLSERVE_GRACE_S ({grace_s})")
-    need(config.get("CELLSERVE_DEVICE") == ("cuda" if gpu else "cpu"), "CELLSERVE_DEVICE matching the overlay")
-    workers = {e["name"]: e.get("valueFrom", {}) for e in container.get("env", [])}.get("CELLSERVE_WORKERS", {})
-    need(workers.get("resourceFieldRef", {}).get("resource") == "requests.cpu" and "CELLSERVE_WORKERS" not in config,
-         "CELLSERVE_WORKERS from the container's requests.cpu (downward API), one serving process per core")
-    if gpu:
-        need(str(limits.get("nvidia.com/gpu")) == "1", "nvidia.com/gpu: 1 limit")
-        need(pod.get("nodeSelector") and pod.get("tolerations"), "GPU nodeSelector and tolerations")
-        env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
-        cache = env.get("CUPY_CACHE_DIR", "")
-        on_empty_dir = any(cache.startswith(path.rstrip("/") + "/") and "emptyDir" in volumes.get(name, {})
-                           for path, name in mounts.items())
-        need(on_empty_dir, "CUPY_CACHE_DIR on an emptyDir (read-only root, no home: CuPy cannot import otherwise)")
-    else:
-        need("nvidia.com/gpu" not in limits, "no GPU limit in the CPU variant")
-    svc = _kind(docs, "Service", "cellserve")
-    need(svc["spec"].get("clusterIP") == "None", "headless Service cellserve (client-side round-robin)")
-    need(_kind(docs, "Service", "cellserve-metrics")["spec"]["ports"][0]["port"] == 9090, "metrics Service :9090")
-    hpa = _kind(docs, "HorizontalPodAutoscaler")
-    need(hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "cellserve_sessions_active", "HPA on sessions")
-    _kind(docs, "PodDisruptionBudget")
-    return problems
-
-
-def promtool_problems(promtool: str, what: str, path: Path) -> list[str]:
-    proc = run([promtool, "check", what, str(path)])
-    return [] if proc.returncode == 0 else [proc.stdout + proc.stderr]
-
-
-def compose_problems(docker_compose: str, compose_file: Path) -> list[str]:
-    problems = []
-    for profile in ("gpu", "cpu"):
-        proc = run([docker_compose, "-f", str(compose_file), "--profile", profile, "config", "-q"])
-        if proc.returncode != 0:
-            problems.append(f"docker-compose --profile {profile} config: {proc.stdout}{proc.stderr}")
-    return problems
-
-
-def compose_policy_problems(compose_file: Path) -> list[str]:
-    doc = yaml.safe_load(compose_file.read_text())
-    services = doc["services"]
-    problems = []
-    gpu = services.get("cellserve-gpu", {})
-    devices = gpu.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
-    if not any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices):
-        problems.append("compose: cellserve-gpu lacks an nvidia GPU reservation")
-    cache = str(gpu.get("environment", {}).get("CUPY_CACHE_DIR", ""))
-    tmpfs = [str(t).split(":", 1)[0].rstrip("/") + "/" for t in gpu.get("tmpfs", [])]
-    if not any(cache.startswith(t) for t in tmpfs):
-        problems.append("compose: cellserve-gpu needs CUPY_CACHE_DIR on its tmpfs (read-only root, no home)")
-    for name in ("cellserve-gpu", "cellserve-cpu"):
-        svc = services.get(name, {})
-        if svc.get("read_only") is not True or not any(str(t).startswith("/tmp") for t in svc.get("tmpfs", [])):
-            problems.append(f"compose: {name} must be read_only with a /tmp tmpfs")
-        if svc.get("healthcheck", {}).get("test", [])[:3] != ["CMD", "cellserve", "health"]:
-            problems.append(f"compose: {name} healthcheck must ask grpc health (cellserve health)")
-        if str(svc.get("environment", {}).get("CELLSERVE_WORKERS")) != str(svc.get("cpus")):
-            problems.append(f"compose: {name} must run one worker per core it is given (CELLSERVE_WORKERS = cpus)")
-    if services.get("grafana", {}).get("depends_on", {}).get("prometheus", {}).get("condition") != "service_healthy":
-        problems.append("compose: grafana must wait for a healthy prometheus")
-    for svc in services.values():
-        for vol in svc.get("volumes", []):
-            src = vol.split(":", 1)[0]
-            if src.startswith(".") and not (compose_file.parent / src).exists():
-                problems.append(f"compose: mounted path {src} does not exist")
-    return problems
-
-
-def exported_series_names() -> set[str]:
-    """Every series name cellserve's Metrics can export (counters as _total, histograms as _bucket ...)."""
-    names = set()
-    for family in Metrics(CollectorRegistry()).registry.collect():
-        if family.type == "counter":
-            names |= {family.name + "_total", family.name + "_created"}
-        elif family.type == "histogram":
-            names |= {family.name + s for s in ("_bucket", "_sum", "_count", "_created")}
-        else:
-            names.add(family.name)
-    return names
-
-
-def dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
-    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-
-
-def alert_exprs(rules_file: Path) -> list[str]:
-    return [r["expr"] for g in yaml.safe_load(rules_file.read_text())["groups"] for r in g["rules"]]
-
-
-def metric_name_problems(exprs: list[str]) -> list[str]:
-    known = exported_series_names()
-    used = {name for e in exprs for name in re.findall(r"\bcellserve_[a-z_]+\b", e)}
-    return [f"unknown metric {name} (not exported by cellserve.server.metrics)" for name in sorted(used - known)]
-
-
-def dashboard_problems(path: Path) -> list[str]:
-    dash = json.loads(path.read_text())
-    problems = []
-    titles = " | ".join(p["title"].lower() for p in dash["panels"])
-    for needed in ("sessions active", "opened", "closed", "steps", "latency p50 / p99", "batch size", "queue wait",
-                   "state pool", "errors"):
-        if needed not in titles:
-            problems.append(f"dashboard: no panel for {needed!r}")
-    for p in dash["panels"]:
-        if not p.get("targets") or p.get("datasource", {}).get("uid") != "${datasource}":
-            problems.append(f"dashboard: panel {p['title']!r} needs targets on the ${{datasource}} variable")
-    return problems + metric_name_problems(dashboard_exprs(dash))
-
-
-# -- the shipped files pass ----------------------------------------------------------------------------
 
 
 def test_dockerfile_passes_hadolint_and_serving_contract(tool):
@@ -346,18 +119,9 @@ def test_hpa_metric_is_served_by_the_adapter_rule():
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
 
 
-# -- each validator rejects a deliberately broken copy --------------------------------------------------
-
-
-def _edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
-
-
 def test_hadolint_rejects_shell_form_entrypoint(tool, deploy_copy):
     dockerfile = deploy_copy / "Dockerfile"
-    _edit(dockerfile, 'ENTRYPOINT ["cellserve", "serve"]', "ENTRYPOINT cellserve serve")
+    edit(dockerfile, 'ENTRYPOINT ["cellserve", "serve"]', "ENTRYPOINT cellserve serve")
     problems = hadolint_problems(tool("hadolint"), dockerfile)
     assert problems and "DL3025" in problems[0]
     assert "Dockerfile: missing exec-form ENTRYPOINT cellserve serve" in dockerfile_problems(dockerfile)
@@ -365,8 +129,8 @@ def test_hadolint_rejects_shell_form_entrypoint(tool, deploy_copy):
 
 def test_dockerfile_contract_rejects_root_user_and_torch(deploy_copy):
     dockerfile = deploy_copy / "Dockerfile"
-    _edit(dockerfile, "USER 10001:10001", "USER root")
-    _edit(dockerfile, "COPY --from=venv /models /models", "COPY --from=venv /models /models\nRUN pip install torch")
+    edit(dockerfile, "USER 10001:10001", "USER root")
+    edit(dockerfile, "COPY --from=venv /models /models", "COPY --from=venv /models /models\nRUN pip install torch")
     problems = dockerfile_problems(dockerfile)
     assert "Dockerfile: missing non-root USER" in problems
     assert "Dockerfile: runtime stage mentions torch or a compiler" in problems
@@ -374,33 +138,33 @@ def test_dockerfile_contract_rejects_root_user_and_torch(deploy_copy):
 
 def test_yamllint_rejects_duplicate_key(tool, deploy_copy):
     pdb = deploy_copy / "deploy/k8s/base/pdb.yaml"
-    _edit(pdb, "  maxUnavailable: 1\n", "  maxUnavailable: 1\n  maxUnavailable: 2\n")
+    edit(pdb, "  maxUnavailable: 1\n", "  maxUnavailable: 1\n  maxUnavailable: 2\n")
     problems = yamllint_problems(tool("yamllint"), deploy_copy / "deploy")
     assert problems and "key-duplicates" in problems[0]
 
 
 def test_kubernetes_validate_rejects_misspelt_probe_field(tool, deploy_copy):
-    _edit(deploy_copy / "deploy/k8s/base/deployment.yaml", "            periodSeconds: 5\n",
+    edit(deploy_copy / "deploy/k8s/base/deployment.yaml", "            periodSeconds: 5\n",
           "            periodSecond: 5\n")
     problems = manifest_problems(render(tool("kubectl"), deploy_copy / "deploy/k8s/overlays/gpu"))
     assert any(p.startswith("Deployment/cellserve:") and "periodSecond" in p for p in problems)
 
 
 def test_crd_schema_rejects_bad_servicemonitor_and_scaledobject(tool, deploy_copy):
-    _edit(deploy_copy / "deploy/k8s/monitoring/servicemonitor.yaml", "interval: 15s", "intervall: 15s")
+    edit(deploy_copy / "deploy/k8s/monitoring/servicemonitor.yaml", "interval: 15s", "intervall: 15s")
     problems = manifest_problems(render(tool("kubectl"), deploy_copy / "deploy/k8s/monitoring"))
     assert any(p.startswith("ServiceMonitor/cellserve:") and "intervall" in p for p in problems)
-    _edit(deploy_copy / "deploy/k8s/autoscaling/keda/scaledobject.yaml", "metricType: AverageValue", "metricType: Mean")
+    edit(deploy_copy / "deploy/k8s/autoscaling/keda/scaledobject.yaml", "metricType: AverageValue", "metricType: Mean")
     problems = manifest_problems(render(tool("kubectl"), deploy_copy / "deploy/k8s/autoscaling/keda"))
     assert any(p.startswith("ScaledObject/cellserve:") for p in problems)
 
 
 def test_serving_rules_reject_short_termination_grace_and_missing_gpu(tool, deploy_copy):
-    _edit(deploy_copy / "deploy/k8s/base/deployment.yaml", "terminationGracePeriodSeconds: 45",
+    edit(deploy_copy / "deploy/k8s/base/deployment.yaml", "terminationGracePeriodSeconds: 45",
           "terminationGracePeriodSeconds: 20")
-    _edit(deploy_copy / "deploy/k8s/base/deployment.yaml", "resource: requests.cpu", "resource: limits.memory")
+    edit(deploy_copy / "deploy/k8s/base/deployment.yaml", "resource: requests.cpu", "resource: limits.memory")
     gpu_patch = deploy_copy / "deploy/k8s/overlays/gpu/deployment-gpu.yaml"
-    _edit(gpu_patch, "              memory: 8Gi\n              nvidia.com/gpu: 1", "              memory: 8Gi")
+    edit(gpu_patch, "              memory: 8Gi\n              nvidia.com/gpu: 1", "              memory: 8Gi")
     problems = deployment_problems(render(tool("kubectl"), deploy_copy / "deploy/k8s/overlays/gpu"), gpu=True)
     assert "Deployment: terminationGracePeriodSeconds > preStop (5) + CELLSERVE_GRACE_S (20.0)" in problems
     assert "Deployment: nvidia.com/gpu: 1 limit" in problems
@@ -408,14 +172,14 @@ def test_serving_rules_reject_short_termination_grace_and_missing_gpu(tool, depl
 
 
 def test_cupy_cache_rules_reject_a_cache_on_the_read_only_root(tool, deploy_copy):
-    _edit(deploy_copy / "Dockerfile", "    CUPY_CACHE_DIR=/tmp/cupy-kernel-cache \\\n", "")
+    edit(deploy_copy / "Dockerfile", "    CUPY_CACHE_DIR=/tmp/cupy-kernel-cache \\\n", "")
     assert "Dockerfile: missing CUPY_CACHE_DIR under the /tmp volume" in dockerfile_problems(deploy_copy / "Dockerfile")
-    _edit(deploy_copy / "deploy/k8s/overlays/gpu/deployment-gpu.yaml", "value: /tmp/cupy-kernel-cache",
+    edit(deploy_copy / "deploy/k8s/overlays/gpu/deployment-gpu.yaml", "value: /tmp/cupy-kernel-cache",
           "value: /opt/cellserve/cupy")
     problems = deployment_problems(render(tool("kubectl"), deploy_copy / "deploy/k8s/overlays/gpu"), gpu=True)
     assert any("CUPY_CACHE_DIR on an emptyDir" in p for p in problems), problems
     compose = deploy_copy / "deploy/compose/docker-compose.yml"
-    _edit(compose, "CUPY_CACHE_DIR: /tmp/cupy-kernel-cache", "CUPY_CACHE_DIR: /nonexistent/.cupy")
+    edit(compose, "CUPY_CACHE_DIR: /tmp/cupy-kernel-cache", "CUPY_CACHE_DIR: /nonexistent/.cupy")
     assert "compose: cellserve-gpu needs CUPY_CACHE_DIR on its tmpfs (read-only root, no home)" in (
         compose_policy_problems(compose)
     )
@@ -424,24 +188,24 @@ def test_cupy_cache_rules_reject_a_cache_on_the_read_only_root(tool, deploy_copy
 def test_promtool_rejects_bad_promql_and_bad_config(tool, deploy_copy):
     promtool = tool("promtool")
     alerts = deploy_copy / "deploy/prometheus/alerts.yml"
-    _edit(alerts, "rate(cellserve_step_latency_seconds_bucket[5m])", "rate(cellserve_step_latency_seconds_bucket)")
+    edit(alerts, "rate(cellserve_step_latency_seconds_bucket[5m])", "rate(cellserve_step_latency_seconds_bucket)")
     assert promtool_problems(promtool, "rules", alerts)
     config = deploy_copy / "deploy/prometheus/prometheus.yml"
-    _edit(config, "scrape_interval: 15s", "scrape_interval: fast")
+    edit(config, "scrape_interval: 15s", "scrape_interval: fast")
     assert promtool_problems(promtool, "config", config)
 
 
 def test_docker_compose_rejects_misspelt_healthcheck(tool, deploy_copy):
     compose = deploy_copy / "deploy/compose/docker-compose.yml"
-    _edit(compose, "    start_period: 60s\n", "    start_periodd: 60s\n")
+    edit(compose, "    start_period: 60s\n", "    start_periodd: 60s\n")
     assert compose_problems(tool("docker-compose"), compose)
 
 
 def test_compose_policy_rejects_missing_gpu_reservation(deploy_copy):
     compose = deploy_copy / "deploy/compose/docker-compose.yml"
-    _edit(compose, "              capabilities: [gpu]\n", "              capabilities: [utility]\n")
+    edit(compose, "              capabilities: [gpu]\n", "              capabilities: [utility]\n")
     two, one = '      CELLSERVE_WORKERS: "2"\n      CELLSERVE_CAPACITY: "2048"', '      CELLSERVE_WORKERS: "1"\n'
-    _edit(compose, two, one + '      CELLSERVE_CAPACITY: "2048"')
+    edit(compose, two, one + '      CELLSERVE_CAPACITY: "2048"')
     shutil.rmtree(deploy_copy / "deploy/grafana/dashboards")
     problems = compose_policy_problems(compose)
     assert "compose: cellserve-gpu lacks an nvidia GPU reservation" in problems
@@ -451,12 +215,12 @@ def test_compose_policy_rejects_missing_gpu_reservation(deploy_copy):
 
 def test_dashboard_check_rejects_unknown_metric(deploy_copy):
     path = deploy_copy / "deploy/grafana/dashboards/cellserve.json"
-    _edit(path, "cellserve_steps_total", "cellserve_step_total")
+    edit(path, "cellserve_steps_total", "cellserve_step_total")
     assert "unknown metric cellserve_step_total (not exported by cellserve.server.metrics)" in dashboard_problems(path)
 
 
 def test_prometheusrule_drift_is_detected(deploy_copy):
-    _edit(deploy_copy / "deploy/k8s/monitoring/prometheusrule.yaml", "> 0.9", "> 0.8")
+    edit(deploy_copy / "deploy/k8s/monitoring/prometheusrule.yaml", "> 0.9", "> 0.8")
     rule = yaml.safe_load((deploy_copy / "deploy/k8s/monitoring/prometheusrule.yaml").read_text())
     alerts = yaml.safe_load((deploy_copy / "deploy/prometheus/alerts.yml").read_text())
     assert rule["spec"]["groups"] != alerts["groups"]
@@ -478,38 +242,9 @@ def test_gpu_extra_is_the_tested_serve_extra_with_the_cuda_build():
     assert not any(name(r) == "torch" for r in extras["serve"] + extras["gpu"])
 
 
-def settings_env_problems(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """CELLSERVE_* variables must name Settings fields (pydantic-settings ignores unknown ones) and parse."""
-    from pydantic import ValidationError
-
-    from cellserve.server.settings import Settings
-
-    fields = Settings.model_fields
-    unknown = [k for k in env if k.startswith("CELLSERVE_") and k.removeprefix("CELLSERVE_").lower() not in fields]
-    problems = [f"{k}: not a cellserve setting" for k in unknown]
-    with monkeypatch.context() as m:
-        for k in [k for k in os.environ if k.startswith("CELLSERVE_")]:
-            m.delenv(k)
-        for k, v in env.items():
-            m.setenv(k, v)
-        try:
-            Settings()
-        except ValidationError as e:
-            problems += [f"{err['loc']}: {err['msg']}" for err in e.errors()]
-    return problems
-
-
-def dockerfile_env(prefix: str = "CELLSERVE_") -> dict[str, str]:
-    """The runtime stage's ENV variables whose names start with ``prefix`` ("" for all)."""
-    runtime = (REPO / "Dockerfile").read_text().split(" AS runtime", 1)[1]
-    block = re.search(r"^ENV (.*?)\n(?!\s)", runtime, re.M | re.S).group(1)
-    pairs = re.findall(r"(\w+)=('[^']*'|\"[^\"]*\"|\S+)", block)
-    return {k: v.strip("'\"") for k, v in pairs if k.startswith(prefix)}
-
-
 @pytest.mark.parametrize("overlay", ["gpu", "cpu"])
 def test_configmap_settings_are_real_and_parse(tool, overlay, monkeypatch):
-    config = _kind(render(tool("kubectl"), DEPLOY / "k8s/overlays" / overlay), "ConfigMap")["data"]
+    config = find_kind(render(tool("kubectl"), DEPLOY / "k8s/overlays" / overlay), "ConfigMap")["data"]
     assert settings_env_problems(config, monkeypatch) == []
 
 
@@ -528,21 +263,6 @@ def test_settings_check_rejects_misspelt_variable(monkeypatch):
     assert any("grace_s" in p for p in problems)
 
 
-def build_context_problems(dockerfile: Path, dockerignore: Path) -> list[str]:
-    """The builder's COPY sources must be exactly what .dockerignore lets in (and what the no-torch test builds)."""
-    builder = dockerfile.read_text().split(" AS builder", 1)[1].split("\nFROM ", 1)[0]
-    copied = {src.rstrip("/") for line in re.findall(r"^COPY (?!--from)(.+)$", builder, re.M)
-              for src in line.split()[:-1]}
-    allowed = {line[1:].rstrip("/") for line in dockerignore.read_text().splitlines() if line.startswith("!")}
-    problems = [f"builder copies {p} but .dockerignore excludes it" for p in sorted(copied - allowed)]
-    problems += [f".dockerignore lets in {p} which the builder never copies" for p in sorted(allowed - copied)]
-    from test_serve_without_torch import BUILD_INPUTS
-
-    if copied != set(BUILD_INPUTS):
-        problems.append(f"builder copies {sorted(copied)}, the no-torch test builds from {sorted(BUILD_INPUTS)}")
-    return problems
-
-
 def test_build_context_is_what_the_builder_copies():
     assert build_context_problems(REPO / "Dockerfile", REPO / ".dockerignore") == []
 
@@ -550,6 +270,6 @@ def test_build_context_is_what_the_builder_copies():
 def test_build_context_check_rejects_an_excluded_source(deploy_copy):
     ignore = deploy_copy / ".dockerignore"
     shutil.copy2(REPO / ".dockerignore", ignore)
-    _edit(ignore, "!client/\n", "")
+    edit(ignore, "!client/\n", "")
     problems = build_context_problems(deploy_copy / "Dockerfile", ignore)
     assert "builder copies client but .dockerignore excludes it" in problems

@@ -30,7 +30,7 @@ def test_signal_stops_an_idle_server_with_exit_code_0(spawn_server, sig):
         proc.kill()
 
 
-def test_sigterm_finishes_in_flight_work_and_exits_within_the_grace(spawn_server):
+def test_sigterm_finishes_in_flight_work_and_exits_within_the_grace(spawn_server, wait_until):
     server = spawn_server("--grace-s", "2")
     proc, info = server.proc, {"port": server.port}
     try:
@@ -40,9 +40,8 @@ def test_sigterm_finishes_in_flight_work_and_exits_within_the_grace(spawn_server
 
             def gen():
                 yield from requests
-                # keep the stream open (no half-close) until the server ends it
-                while proc.poll() is None:
-                    time.sleep(0.05)
+                # keep the stream open (no half-close) until the server process has exited
+                wait_until(lambda: proc.poll() is not None, timeout_s=60)
 
             requests.append(pb.StreamRequest(step=pb.Step(seq=1, input=to_proto(np.array([1, 2], dtype=np.int64)))))
             call = stub.Stream(gen())

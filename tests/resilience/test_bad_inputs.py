@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from stream_helpers import read_rest
 
 from cellserve.server.resume_state import ResumeState
 from cellserve.server.resume_token import TokenCodec, TokenKeys
@@ -41,20 +42,24 @@ def tensor(dtype: int, shape: list[int], raw: bytes) -> pb.Tensor:
     return pb.Tensor(dtype=dtype, shape=shape, raw=raw)
 
 
-async def read_all(call: Any) -> list[pb.StreamResponse]:
-    out = []
+async def write_all_then_read(call: Any, items: tuple[Any, ...]) -> None:
+    """Write ``items`` and half-close (a refusal may end the stream first), then read it to its end."""
     try:
-        while (r := await call.read()) is not grpc.aio.EOF:
-            out.append(r)
+        for item in items:
+            await call.write(item)
+        await call.done_writing()
     except grpc.aio.AioRpcError:
         pass
-    return out
+    await read_rest(call)
 
 
 class Corpus:
     """Each probe returns the gRPC code the server answered with (in-stream error or stream status)."""
 
-    def __init__(self, channel: grpc.aio.Channel, address: str, feature_token: bytes, registry: Any) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, address: str, feature_token: bytes, registry: Any, wait_until: Any
+    ) -> None:
+        self.wait_until = wait_until
         self.ch = channel
         self.address = address
         self.registry = registry
@@ -75,7 +80,7 @@ class Corpus:
         resp = await call.read()
         await call.write(CLOSE)
         await call.done_writing()
-        await read_all(call)
+        await read_rest(call)
         if resp.WhichOneof("kind") != "error":
             return grpc.StatusCode.OK
         assert resp.error.seq == 1 and resp.error.message
@@ -83,13 +88,7 @@ class Corpus:
 
     async def stream_status(self, *messages: pb.StreamRequest) -> grpc.StatusCode:
         call = self.stub.Stream()
-        try:
-            for m in messages:
-                await call.write(m)
-            await call.done_writing()
-        except grpc.aio.AioRpcError:
-            pass
-        await read_all(call)
+        await write_all_then_read(call, messages)
         assert await call.details() or await call.code() == grpc.StatusCode.OK
         return await call.code()
 
@@ -98,13 +97,7 @@ class Corpus:
             "/cellserve.v1.CellServe/Stream", request_serializer=lambda b: b, response_deserializer=lambda b: b
         )
         call = raw()
-        try:
-            for f in frames:
-                await call.write(f)
-            await call.done_writing()
-        except grpc.aio.AioRpcError:
-            pass
-        await read_all(call)
+        await write_all_then_read(call, frames)
         return await call.code()
 
     async def unary_status(self, coro: Awaitable[Any]) -> grpc.StatusCode:
@@ -116,7 +109,7 @@ class Corpus:
 
     async def generate_status(self, **kw: Any) -> grpc.StatusCode:
         call = self.stub.Generate(pb.GenerateRequest(**kw))
-        await read_all(call)
+        await read_rest(call)
         return await call.code()
 
     def resume(self, token: bytes, model: str = "tiny") -> Awaitable[grpc.StatusCode]:
@@ -192,12 +185,16 @@ class Corpus:
                 written += 1
         except TimeoutError:
             pass  # the client's writes stalled too
-        processed, stable_polls = -1, 0
-        while stable_polls < 5:  # wait until the server stops stepping this session (bounded below)
+        seen = {"processed": -1, "stable_polls": 0}
+
+        def settled() -> bool:  # the server stopped stepping this session: 5 polls without a change
             now = (self.steps() - before) // 32
-            stable_polls = stable_polls + 1 if now == processed else 0
-            processed = now
-            await asyncio.sleep(0.1)
+            seen["stable_polls"] = seen["stable_polls"] + 1 if now == seen["processed"] else 0
+            seen["processed"] = now
+            return seen["stable_polls"] >= 5
+
+        await self.wait_until.aio(settled, timeout_s=50, poll_s=0.1)  # inside the probe's 60 s
+        processed = seen["processed"]
         call.cancel()
         if processed < min(written, 1000):
             return "bounded"
@@ -279,7 +276,7 @@ def build_cases(c: Corpus) -> list[tuple[str, Callable[[], Awaitable[grpc.Status
 
 
 def test_bad_input_corpus_gets_exact_codes_and_a_healthy_session_is_untouched(
-    running_server, tiny_model_dir, tiny_oracle, tmp_path
+    running_server, tiny_model_dir, tiny_oracle, tmp_path, wait_until
 ):
     from cellserve.model.export import export_random_model
 
@@ -308,8 +305,8 @@ def test_bad_input_corpus_gets_exact_codes_and_a_healthy_session_is_untouched(
                 feature_token = (await feature.read()).snapshot.token
                 await feature.write(CLOSE)
                 await feature.done_writing()
-                await read_all(feature)
-                corpus = Corpus(ch, srv.address, feature_token, srv.registry)
+                await read_rest(feature)
+                corpus = Corpus(ch, srv.address, feature_token, srv.registry, wait_until)
                 results = []
                 for name, probe, want in build_cases(corpus):
                     try:
@@ -321,7 +318,7 @@ def test_bad_input_corpus_gets_exact_codes_and_a_healthy_session_is_untouched(
                 ys.append(to_numpy((await healthy.read()).output.output))
                 await healthy.write(CLOSE)
                 await healthy.done_writing()
-                await read_all(healthy)
+                await read_rest(healthy)
                 return results, np.concatenate(ys)
 
         results, got = asyncio.run(main())
