@@ -14,27 +14,32 @@ from fake_engine import FakeEngine
 from prometheus_client import CollectorRegistry
 
 from cellserve.server.metrics import Metrics
-from cellserve.server.models import LoadedModel, ModelRepository
+from cellserve.server.models import ModelRepository
 from cellserve.server.scheduler import Scheduler
 from cellserve.server.sessions import SessionClosed, SessionManager
 from cellserve.server.settings import Settings
-from cellserve.server.state_pool import StatePool
 
 
 class Served:
-    """One model (the tiny model's manifest, a fake engine) behind a SessionManager."""
+    """The tiny model behind a SessionManager, its batches run by a fake engine.
+
+    The model is loaded as a server loads it (``ModelRepository.load``: manifest, pool, metrics); then its
+    engine and scheduler are swapped for a FakeEngine and a Scheduler on it, so no step reaches onnxruntime.
+    """
 
     def __init__(self, tiny_model: Any, **settings: Any) -> None:
         self.settings = Settings(model_dirs=[tiny_model.dir], metrics_port=0, **settings)
         self.registry = CollectorRegistry()
         metrics = Metrics(self.registry)
-        m = tiny_model.manifest
-        self.pool = StatePool(m.layers, m.hidden, self.settings.capacity)
-        scheduler = Scheduler(FakeEngine(m), metrics, max_batch=self.settings.max_batch,
-                              max_wait_us=self.settings.max_wait_us, max_queued=self.settings.max_queued_steps,
-                              live_sessions=lambda: self.pool.used)  # fmt: skip
-        self.model = LoadedModel(m, tiny_model.dir, self.pool, scheduler.engine, scheduler, max_output_steps=1024)
-        self.manager = SessionManager(ModelRepository({m.name: self.model}), self.settings, metrics)
+        models = ModelRepository.load(self.settings, metrics)
+        self.model = models.get("tiny")
+        self.pool = self.model.pool
+        self.model.engine = FakeEngine(self.model.manifest)  # type: ignore[assignment]
+        self.model.scheduler = Scheduler(self.model.engine, metrics, max_batch=self.settings.max_batch,
+                                         max_wait_us=self.settings.max_wait_us,
+                                         max_queued=self.settings.max_queued_steps,
+                                         live_sessions=lambda: self.pool.used)  # fmt: skip
+        self.manager = SessionManager(models, self.settings, metrics)
 
     def closed(self, reason: str) -> float | None:
         return self.registry.get_sample_value("cellserve_sessions_closed_total", {"model": "tiny", "reason": reason})
