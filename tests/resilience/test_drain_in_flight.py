@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from stream_helpers import open_msg, read_rest
 
 from cellserve.server.resume_token import TokenCodec
 from cellserve.server.tensors import to_numpy
@@ -18,20 +18,9 @@ from cellserve.wire import to_proto
 GRACE_ENDED = "the drain grace period ended; resume with the draining token"
 
 
-def open_msg() -> pb.StreamRequest:
-    return pb.StreamRequest(open=pb.Open(model="tiny"))
-
-
-async def read_all(call: Any) -> list[pb.StreamResponse]:
-    out = []
-    while (r := await call.read()) is not grpc.aio.EOF:
-        out.append(r)
-    return out
-
-
 @pytest.mark.parametrize("engine_mode", ["inline", "thread"])
 def test_a_checkpoint_step_queued_when_the_grace_ends_gets_its_output_and_the_final_token(
-    running_server, tiny_oracle, engine_mode
+    running_server, tiny_oracle, engine_mode, wait_until
 ):
     tokens = np.array([72, 105, 33], dtype=np.int64)
     # two sessions open, so a lone step waits in the queue for max_wait_us (batch not full)
@@ -47,9 +36,9 @@ def test_a_checkpoint_step_queued_when_the_grace_ends_gets_its_output_and_the_fi
                 step = pb.Step(seq=1, input=to_proto(tokens), checkpoint=True)
                 await a.write(pb.StreamRequest(step=step))
                 sessions = srv.server.sessions
-                await asyncio.wait_for(_until(lambda: any(s.inflight for s in sessions.sessions.values())), 10)
+                await wait_until.aio(lambda: any(s.inflight for s in sessions.sessions.values()), 10, poll_s=0.005)
                 srv.loop.call_soon(sessions.close_all, "drain", GRACE_ENDED)  # what drain() does at grace end
-                got = await read_all(a)
+                got = await read_rest(a)
                 b.cancel()
                 return got, await a.code()
 
@@ -88,8 +77,3 @@ def test_generate_cut_by_the_end_of_a_drain_is_unavailable(running_server):
         n, code = asyncio.run(main())
     assert code == grpc.StatusCode.UNAVAILABLE, code  # as every refusal of a draining server: go elsewhere
     assert 5 <= n < 4000
-
-
-async def _until(check: Any) -> None:
-    while not check():
-        await asyncio.sleep(0.005)

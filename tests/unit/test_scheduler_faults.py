@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from fake_engine import FakeEngine
 from prometheus_client import CollectorRegistry
 
 from cellserve.server.metrics import Metrics
 from cellserve.server.scheduler import Scheduler
-
-
-class FakeEngine:
-    """run_slots returns y [B, T, 1] = slot id; ``broken`` raises instead (an onnxruntime failure)."""
-
-    def __init__(self) -> None:
-        self.manifest = SimpleNamespace(name="fake")
-        self.broken = False
-
-    def run_slots(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
-        if self.broken:
-            raise RuntimeError("onnxruntime: Error in execution")
-        return np.broadcast_to(slots[:, None, None].astype(np.float32), (len(slots), x.shape[1], 1)).copy()
 
 
 @pytest.mark.parametrize("mode", ["inline", "thread"])
@@ -62,16 +49,16 @@ def test_an_engine_failure_fails_its_batch_and_the_next_batch_runs(mode):
                               mode=mode, live_sessions=lambda: 2)  # fmt: skip
         scheduler.start()
         steps: list[int] = []
-        engine.broken = True
+        engine.fail_on = lambda slots, x: True  # an onnxruntime failure
         failed = await asyncio.gather(
             *(scheduler.enqueue(i, np.zeros(1, np.int64), steps.append) for i in range(2)), return_exceptions=True
         )
-        engine.broken = False
+        engine.fail_on = None
         ok = await scheduler.enqueue(5, np.zeros(1, np.int64), steps.append)
         await scheduler.stop()
         assert steps == [0, 0, 1]  # the failed steps ran nothing; the next one ran one step
         return failed, ok
 
     failed, ok = asyncio.run(main())
-    assert all(isinstance(f, RuntimeError) for f in failed)
+    assert all(isinstance(f, RuntimeError) for f in failed)  # EngineFailure is one
     assert float(ok[0, 0]) == 5.0
