@@ -10,9 +10,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from cellserve.server.tensors import to_numpy, to_proto
+from cellserve.server.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+from cellserve.wire import to_proto
 
 TOL = 1e-5
 
