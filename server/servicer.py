@@ -8,6 +8,7 @@ writes its tokens with ``context.write()``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -58,23 +59,19 @@ def add_to_server(servicer: CellServeServicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
+@dataclass(eq=False)
 class CellServeServicer(pb_grpc.CellServeServicer):
-    """Native API servicer."""
+    """Native API servicer: its dependencies, passed in by the app."""
 
-    def __init__(
-        self,
-        sessions: SessionManager,
-        settings: Settings,
-        errors: ErrorBoundary,
-        tokens: TokenCodec,
-        streams: StreamLimit,
-    ) -> None:
-        self.sessions = sessions
-        self.models: ModelRepository = sessions.models
-        self.settings = settings
-        self.errors = errors
-        self.tokens = tokens
-        self.streams = streams
+    sessions: SessionManager
+    settings: Settings
+    errors: ErrorBoundary
+    tokens: TokenCodec
+    streams: StreamLimit
+
+    @property
+    def models(self) -> ModelRepository:
+        return self.sessions.models
 
     @rpc
     async def Stream(  # type: ignore[override]

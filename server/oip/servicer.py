@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 import grpc
@@ -81,23 +82,19 @@ UNSERVED_RPCS = {
 }
 
 
+@dataclass(eq=False)
 class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     """The OIP service over the server's models and sessions (the native API's own)."""
 
-    def __init__(
-        self,
-        sessions: SessionManager,
-        health: Health,
-        streams: StreamLimit,
-        errors: ErrorBoundary,
-        settings: Settings,
-    ) -> None:
-        self.sessions = sessions
-        self.models: ModelRepository = sessions.models
-        self.health = health
-        self.streams = streams  # OIP streams count against the same max_streams as native ones
-        self.errors = errors
-        self.settings = settings
+    sessions: SessionManager
+    health: Health
+    streams: StreamLimit  # OIP streams count against the same max_streams as native ones
+    errors: ErrorBoundary
+    settings: Settings
+
+    @property
+    def models(self) -> ModelRepository:
+        return self.sessions.models
 
     # -- health and metadata ----------------------------------------------------------------------
 
