@@ -99,3 +99,35 @@ def test_stateless_oip_infer_refuses_a_reply_over_the_message_limit(running_serv
             infer(request, timeout=120)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "max_message_bytes" in e.value.details() and "fewer rows or steps" in e.value.details()
+
+
+def test_an_oversized_request_is_resource_exhausted_naming_the_setting_and_counted(running_server):
+    limit = 64 * 1024
+    too_big = np.zeros(limit // 8 + 16, dtype=np.int64)  # int64 ids: over the limit as one step's input
+    oip_request = oip.ModelInferRequest(model_name="tiny")
+    oip_request.inputs.add(name="x", datatype="INT64", shape=[1, too_big.size])
+    oip_request.raw_input_contents.append(too_big.tobytes())
+    with running_server(max_message_bytes=limit) as srv, grpc.insecure_channel(srv.address) as channel:
+
+        def refused() -> float:
+            return srv.registry.get_sample_value("cellserve_errors_total", {"code": "RESOURCE_EXHAUSTED"}) or 0.0
+
+        before = refused()
+        step = pb.StreamRequest(step=pb.Step(seq=1, input=to_proto(too_big)))
+        requests = [pb.StreamRequest(open=pb.Open(model="tiny")), step]
+        stream = pb_grpc.CellServeStub(channel).Stream(iter(requests), timeout=60)
+        with pytest.raises(grpc.RpcError) as native:
+            list(stream)
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=oip.ModelInferRequest.SerializeToString,
+            response_deserializer=oip.ModelInferResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as triton:
+            infer(oip_request, timeout=60)
+        calls = ((native, "/cellserve.v1.CellServe/Stream"), (triton, "/inference.GRPCInferenceService/ModelInfer"))
+        for e, method in calls:
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert method in e.value.details() and f"limit of {limit}" in e.value.details()
+            assert "--max-message-bytes" in e.value.details() and "CELLSERVE_MAX_MESSAGE_BYTES" in e.value.details()
+        assert refused() - before == 2
