@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train``, ``export``, ``import-onnx`` and ``generate`` to the ``cellserve`` command."""
     from cellserve.model.train_config import TrainConfig
 
-    p = add_command(subparsers, "train", _train, "train the byte-level LSTM on the stdlib's .py sources")
+    summary = "train the byte-level LSTM on the stdlib's .py sources (needs the train extra: torch)"
+    p = add_command(subparsers, "train", _train, summary)
     p.add_argument("--data-dir", type=Path, default=None, help="directory of .py files (default: this Python's stdlib)")
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="output directory")
     p.add_argument(
@@ -68,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             kw["choices"] = ["cpu", "cuda"]
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
 
-    p = add_command(subparsers, "export", _export, "export a checkpoint to ONNX + manifest.json (parity-checked)")
+    summary = "export a checkpoint to ONNX + manifest.json, parity-checked (needs the train extra)"
+    p = add_command(subparsers, "export", _export, summary)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt written by `cellserve train`")
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.add_argument("--name", default="pychar", help="model name (what clients ask for)")
@@ -126,11 +128,21 @@ def _fail(message: str) -> int:
     return 2
 
 
+TRAIN_EXTRA = "install the train extra (torch, onnx): pip install 'cellserve[train]' (in a checkout: make install-dev)"
+
+
+def _needs_train_extra(command: str, e: ImportError) -> int:
+    return _fail(f"{command} needs {e.name or 'torch'}, which this install lacks; {TRAIN_EXTRA}")
+
+
 def _train(args: argparse.Namespace) -> int:
     """Train with truncated BPTT (h/c carried across windows); writes checkpoint.pt, metrics.json,
     training_curve.png into --out."""
-    from cellserve.model.data import DataError
-    from cellserve.model.train import train
+    try:
+        from cellserve.model.data import DataError
+        from cellserve.model.train import train
+    except ImportError as e:
+        return _needs_train_extra("train", e)
     from cellserve.model.train_config import TrainConfig
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
@@ -147,8 +159,11 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     """Export to DIR/model.onnx with a parity check against torch; writes DIR/manifest.json and copies
     metrics.json / training_curve.png found beside the checkpoint."""
-    from cellserve.model.export import export_onnx
-    from cellserve.model.model import load_checkpoint
+    try:
+        from cellserve.model.export import export_onnx
+        from cellserve.model.model import load_checkpoint
+    except ImportError as e:
+        return _needs_train_extra("export", e)
 
     try:
         model, payload = load_checkpoint(args.checkpoint)
