@@ -60,7 +60,8 @@ def _serve(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
     except ValidationError as e:
         for err in e.errors():
-            where = _flag(str(err["loc"][0])) if err["loc"] else "settings"
+            field = str(err["loc"][0]) if err["loc"] else ""
+            where = f"{_flag(field)} / CELLSERVE_{field.upper()}" if field in Settings.model_fields else "settings"
             print(f"cellserve serve: error: {where}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)  # `serve --log-*` land in Settings

@@ -6,11 +6,12 @@ environment variables and this file never disagree. Flags override the environme
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cellserve.server.logs import check_level
 
@@ -23,7 +24,7 @@ def default_model_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    """cellserve server settings. Environment: CELLSERVE_<FIELD>; lists as JSON (e.g. '["/m1","/m2"]')."""
+    """cellserve server settings. Environment: CELLSERVE_<FIELD> (model dirs: a path, "a,b" or a JSON list)."""
 
     model_config = SettingsConfigDict(
         env_prefix="CELLSERVE_", use_attribute_docstrings=True, frozen=True, extra="forbid"
@@ -37,8 +38,9 @@ class Settings(BaseSettings):
     """Prometheus /metrics port; 0 disables the endpoint; "auto" picks a free port (the ready file tells which)."""
     metrics_host: str = "0.0.0.0"
     """Address the metrics endpoint binds."""
-    model_dirs: list[Path] = Field(default_factory=lambda: [default_model_dir()])
-    """Exported model directories (manifest.json + ONNX); repeat the flag for several models."""
+    model_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [default_model_dir()])
+    """Exported model directories (manifest.json + ONNX); repeat the flag for several models (env: one path, a
+    comma-separated list or a JSON list). A session that names no model gets the first."""
     device: Literal["cpu", "cuda"] = "cpu"
     """Where state lives and onnxruntime runs: cpu, or cuda (needs onnxruntime-gpu and CuPy)."""
     device_id: int = Field(0, ge=0)
@@ -109,6 +111,19 @@ class Settings(BaseSettings):
     """Least severe log level written to stderr: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)."""
     log_format: Literal["text", "json"] = "text"
     """Log lines as key=value text, or json (one object per line, for log shippers); both carry every field."""
+
+    @field_validator("model_dirs", mode="before")
+    @classmethod
+    def _model_dirs(cls, value: object) -> object:
+        """CELLSERVE_MODEL_DIRS as a path, "a,b", or a JSON list."""
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not a JSON list of paths ({e.msg}); give one path, a,b or a JSON list") from e
+        return [part.strip() for part in value.split(",") if part.strip()]
 
     @field_validator("log_level")
     @classmethod
