@@ -12,16 +12,27 @@ import numpy as np
 
 from cellserve.server.errors import InvalidArgument
 from cellserve.v1 import cellserve_pb2 as pb
-from cellserve.wire import DTYPES, PB_DTYPES
+from cellserve.wire import DTYPES
 
 NATIVE: dict[int, np.dtype] = {code: dt.newbyteorder("=") for code, dt in DTYPES.items()}  # decoded arrays
+
+
+# As a grpcurl/JSON user writes them, with the numpy type each means: "DTYPE_INT64 (int64), …"
+WIRE_NAMES = ", ".join(f"{pb.DType.Name(code)} ({dt.name})" for code, dt in sorted(DTYPES.items()))
+
+
+def _dtype_name(code: int) -> str:
+    try:
+        return f"{pb.DType.Name(code)} ({code})"
+    except ValueError:
+        return str(code)
 
 
 def to_numpy(t: pb.Tensor) -> np.ndarray:
     """Decode a Tensor; INVALID_ARGUMENT if its dtype, shape or byte length is inconsistent (per message: lean)."""
     dtype = DTYPES.get(t.dtype)
     if dtype is None:
-        raise InvalidArgument(f"tensor dtype {t.dtype} is not supported; use one of {sorted(PB_DTYPES)}")
+        raise InvalidArgument(f"tensor dtype {_dtype_name(t.dtype)} is not supported; set dtype to one of {WIRE_NAMES}")
     shape = t.shape[:]  # a list of Python ints: the cheapest copy of a repeated field
     if not shape:
         raise InvalidArgument("tensor has no shape; give its dimensions, e.g. [T] for T token ids")

@@ -49,3 +49,10 @@ def test_encode_output_of_a_batch_row_view():
 def test_to_numpy_names_what_is_wrong(shape, raw, words):
     with pytest.raises(InvalidArgument, match=words):
         to_numpy(pb.Tensor(dtype=pb.DTYPE_INT64, shape=shape, raw=raw))
+
+
+def test_a_tensor_without_a_dtype_is_told_the_enum_names_to_write():
+    with pytest.raises(InvalidArgument) as e:
+        to_numpy(pb.Tensor(shape=[1], raw=bytes(8)))  # grpcurl JSON without "dtype"
+    assert "DTYPE_UNSPECIFIED (0) is not supported" in e.value.message
+    assert "DTYPE_INT64 (int64)" in e.value.message and "DTYPE_FLOAT32 (float32)" in e.value.message
