@@ -87,6 +87,7 @@ class CellServer:
         self._hooks: list[ServicerHook] = []
         self._grpc: grpc.aio.Server | None = None
         self._http: Any = None
+        self._grace_over: asyncio.Event | None = None  # set by end_grace(): a drain stops waiting
 
     def add_servicer(self, hook: ServicerHook) -> None:
         """Register another service on the same port (call before ``start``)."""
@@ -188,6 +189,8 @@ class CellServer:
     def _bind(self, server: grpc.aio.Server) -> int:
         s = self.settings
         address = f"{s.host}:{s.port}"
+        if not self.reuse_port:
+            check_free(s.host, s.port, "port")  # a taken port or a foreign address, named before gRPC's own error
         try:
             if self.tls is not None:
                 port = server.add_secure_port(address, self.tls.credentials())
@@ -196,7 +199,8 @@ class CellServer:
         except RuntimeError as e:  # grpc: "Failed to bind to address ..."
             if not self.reuse_port:
                 check_free(s.host, s.port, "port")  # names a taken port precisely
-            raise OSError(f"cannot bind the gRPC port {address} (set by --host/--port): {e}") from None
+            reason = str(e).split("; set GRPC_VERBOSITY")[0]  # gRPC's hint points at its own debug logs
+            raise OSError(f"cannot bind the gRPC port {address} (set by --host/--port): {reason}") from None
         if port == 0:
             raise OSError(f"cannot bind the gRPC port {address} (set by --host/--port)")
         return port
@@ -230,7 +234,7 @@ class CellServer:
         held = len(self.sessions.sessions)
         told = self.sessions.begin_drain(deadline_ms)
         log.info("draining", extra={"sessions": held, "sent_resume_token": told, "grace_s": grace})
-        left_in_time = await self.sessions.wait_empty(grace)
+        left_in_time = await self._wait_empty_or_grace_over(grace)
         remaining = len(self.sessions.sessions)
         if not left_in_time:
             self.sessions.close_all("drain", "the drain grace period ended; resume with the draining token")
@@ -247,6 +251,23 @@ class CellServer:
         )
 
 
+    def end_grace(self) -> None:
+        """Cut a drain's grace period short: the sessions still open are closed now (they hold their token)."""
+        if self._grace_over is not None:
+            self._grace_over.set()
+
+    async def _wait_empty_or_grace_over(self, grace_s: float) -> bool:
+        self._grace_over = asyncio.Event()
+        empty = asyncio.ensure_future(self.sessions.wait_empty(grace_s))
+        over = asyncio.ensure_future(self._grace_over.wait())
+        await asyncio.wait((empty, over), return_when=asyncio.FIRST_COMPLETED)
+        over.cancel()
+        if not empty.done():
+            empty.cancel()
+            return False
+        return empty.result()
+
+
 def build_server(settings: Settings, registry: CollectorRegistry, *, reuse_port: bool = False) -> CellServer:
     """Build (not start) a server. Call ``await server.start()`` inside a running event loop."""
     server = CellServer(settings, registry, reuse_port=reuse_port)
@@ -261,8 +282,9 @@ async def run_until_signal(
     """Serve until SIGTERM/SIGINT, then drain. ``on_ready(port, metrics_port)`` once SERVING (workers)."""
     if not reuse_port:  # one process: a taken port is an error before any model loads
         check_free(settings.host, settings.port, "port")
-        if settings.metrics_port not in (0, "auto"):
-            check_free(settings.metrics_host, int(settings.metrics_port), "metrics_port")
+        if settings.metrics_port != 0:  # "auto" binds port 0: then only the address is checked
+            port = 0 if settings.metrics_port == "auto" else int(settings.metrics_port)
+            check_free(settings.metrics_host, port, "metrics_port")
     server = build_server(settings, CollectorRegistry(), reuse_port=reuse_port)
     await server.start()
     # Everything built so far (models, sessions of onnxruntime, protobuf descriptors) lives as long as the
@@ -275,7 +297,16 @@ async def run_until_signal(
 
     def on_signal(name: str) -> None:
         received.append(name)
-        stop.set()
+        if len(received) == 1:
+            stop.set()
+        elif name == "SIGINT":  # Ctrl-C again: an operator at a terminal, not an orchestrator
+            log.warning("second interrupt: ending the drain's grace period now", extra={"signal": name})
+            server.end_grace()
+        else:
+            log.info(
+                "already draining; signal ignored",
+                extra={"signal": name, "hint": "SIGINT (Ctrl-C) ends the grace period now; SIGKILL stops at once"},
+            )
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -8,6 +8,7 @@ multiprocess collector's for several worker processes.
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -17,7 +18,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from cellserve.server.ports import PortTaken
+from cellserve.server.ports import PortTaken, check_free
 
 METRICS_PATH = "/metrics"
 NOT_FOUND = (
@@ -69,7 +70,10 @@ def serve_metrics(host: str, port: int | str, registry: CollectorRegistry) -> WS
     """``start_metrics_server`` for the ``metrics_host``/``metrics_port`` settings ("auto": any free port);
     a port it cannot bind is :class:`PortTaken`, naming the setting."""
     number = 0 if port == "auto" else int(port)
+    check_free(host, number, "metrics_port")  # a taken port, or a host that is not this machine's: one line
     try:
         return start_metrics_server(host, number, registry)
     except OSError as e:
-        raise PortTaken(host, number, "metrics_port") from e
+        if e.errno == errno.EADDRINUSE:
+            raise PortTaken(host, number, "metrics_port") from e
+        raise OSError(f"cannot serve /metrics on {host}:{number} (set by --metrics-host/--metrics-port): {e}") from e

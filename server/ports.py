@@ -70,9 +70,8 @@ def _socket(address: _Address, *, reuse_port: bool) -> socket.socket:
 
 
 def check_free(host: str, port: int, setting: str) -> None:
-    """Raise PortTaken if something listens on (or guards) ``host:port``; port 0 is always free."""
-    if port == 0:
-        return
+    """Raise PortTaken if something listens on (or guards) ``host:port``, OSError if ``host`` is not this
+    machine's; port 0 is always free (the bind then checks only the address)."""
     for address in _addresses(host, port):
         with _socket(address, reuse_port=False) as sock:
             try:
@@ -80,6 +79,10 @@ def check_free(host: str, port: int, setting: str) -> None:
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
                     raise PortTaken(host, port, setting) from None
+                if e.errno == errno.EADDRNOTAVAIL:
+                    flag = "--host" if setting == "port" else "--" + setting.replace("_port", "-host")
+                    raise OSError(f"{host} is not an address of this machine (set by {flag}); use one of its "
+                                  "addresses, [::] or 0.0.0.0 for all, 127.0.0.1 for this machine only") from None
                 # anything else (no IPv6 here, say) is for gRPC's own bind to report
 
 

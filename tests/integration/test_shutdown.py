@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import grpc
@@ -61,5 +62,39 @@ def test_sigterm_finishes_in_flight_work_and_exits_within_the_grace(spawn_server
             assert "output" not in kinds  # nothing was lost: the one step was answered before the signal
             assert proc.wait(timeout=30) == 0
             assert time.monotonic() - start < 2 + 15
+    finally:
+        proc.kill()
+
+
+
+def test_a_second_sigterm_is_ignored_and_a_second_sigint_ends_the_drain_at_once(spawn_server, wait_until):
+    server = spawn_server("--grace-s", "600")  # far longer than the test may take: only the signal can end it
+    proc = server.proc
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+
+    def logged(text: str) -> bool:
+        return any(text in line for line in list(lines))
+
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+
+            def requests():
+                yield pb.StreamRequest(open=pb.Open(model="tiny"))
+                wait_until(lambda: proc.poll() is not None, timeout_s=120)  # no half-close: the session stays
+
+            call = pb_grpc.CellServeStub(ch).Stream(requests())
+            assert next(call).WhichOneof("kind") == "opened"
+            proc.send_signal(signal.SIGTERM)
+            assert next(call).WhichOneof("kind") == "draining"
+            proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: logged("already draining; signal ignored"), timeout_s=30)
+            assert proc.poll() is None  # still waiting for its session
+            proc.send_signal(signal.SIGINT)
+            kinds = [r.WhichOneof("kind") for r in call]
+            assert kinds[-1] == "closed" and "draining" in kinds  # the final token, then the drain's close
+            assert proc.wait(timeout=60) == 0
+        wait_until(lambda: logged("second interrupt: ending the drain's grace period now"), timeout_s=10)
+        assert logged("closed_at_grace_end=1")
     finally:
         proc.kill()
