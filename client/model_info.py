@@ -50,13 +50,22 @@ class ModelInfo:
     def check_input(self, x: object) -> np.ndarray:
         """Return ``x`` as the array a step sends ([T] int64 or [T, I] float32); InvalidInputError if it can't be.
 
-        A single step may be given without its T axis (a scalar token id, or an [I] feature vector).
+        A single step may be given without its T axis (a scalar token id, or an [I] feature vector). A token
+        model also takes ``bytes``/``bytearray``: each byte is one token id (``b"def "`` = ``list(b"def ")``).
         """
         expected = self.expected_input()
-        try:
-            a = np.asarray(x)
-        except (ValueError, TypeError) as e:  # ragged nested lists, objects numpy cannot hold
-            raise InvalidInputError(f"input is not a rectangular array of numbers ({e}); {expected}") from None
+        if self.input_kind == "tokens" and isinstance(x, (bytes, bytearray)):
+            a = np.frombuffer(x, np.uint8)
+        elif x is None or isinstance(x, (str, bytes, bytearray)):
+            raise InvalidInputError(f"{self._python_input(x)}; {expected}")
+        else:
+            try:
+                a = np.asarray(x)
+            except (ValueError, TypeError) as e:  # ragged nested lists, objects numpy cannot hold
+                raise InvalidInputError(f"input is not a rectangular array of numbers ({e}); {expected}") from None
+            if a.dtype.kind in "OSUV":  # objects, strings, records: not numbers numpy could convert
+                raise InvalidInputError(f"input of Python type {type(x).__name__} is not numbers (numpy reads it "
+                                        f"as dtype {a.dtype}); {expected}")  # fmt: skip
         if a.size == 0:
             raise InvalidInputError(f"input is empty (shape {list(a.shape)}); {expected}")
         if self.input_kind == "tokens":
@@ -68,6 +77,15 @@ class ModelInfo:
         if self.input_kind == "tokens":
             return f"model {self.name!r} expects integer token ids in [0, {self.input_size}), int64 [T] with T >= 1"
         return f"model {self.name!r} expects finite float32 features [T, {self.input_size}] with T >= 1"
+
+    def _python_input(self, x: str | bytes | bytearray | None) -> str:
+        """What a step's input is, when it is a Python value that is not numbers (None, a str, bytes)."""
+        if x is None:
+            return "input is None"
+        if isinstance(x, str) and self.input_kind == "tokens":
+            example = repr(x) if len(x) <= 16 else "text"
+            return f"input is a str; encode it first, e.g. list({example}.encode()) (one token id per UTF-8 byte)"
+        return f"input has Python type {type(x).__name__} (length {len(x)}), not numbers"
 
     def _check_tokens(self, a: np.ndarray, expected: str) -> np.ndarray:
         if a.dtype.kind not in "iu":
@@ -85,6 +103,9 @@ class ModelInfo:
     def _check_features(self, a: np.ndarray, expected: str) -> np.ndarray:
         if a.dtype.kind not in "fiu":
             raise InvalidInputError(f"input has dtype {a.dtype}; {expected}")
+        if a.ndim == 1 and a.shape[0] != self.input_size:
+            raise InvalidInputError(f"input has shape {list(a.shape)} (a 1-D input is read as one step of "
+                                    f"{a.shape[0]} features); {expected}")  # fmt: skip
         if a.ndim == 1:
             a = a.reshape(1, -1)
         if a.ndim != 2 or a.shape[1] != self.input_size:

@@ -96,6 +96,37 @@ def test_bad_token_inputs_are_refused_before_sending(x, message):
     assert isinstance(info.value, ValueError) and isinstance(info.value, errors.StepRejected)
 
 
+@pytest.mark.parametrize("x", [b"def ", bytearray(b"def ")])
+def test_a_token_model_takes_bytes_as_one_token_id_per_byte(x):
+    out = TOKENS.check_input(x)
+    assert out.dtype == np.int64 and out.tolist() == list(b"def ")
+
+
+@pytest.mark.parametrize(
+    ("model", "x", "message"),
+    [
+        (TOKENS, "def ", r"input is a str; encode it first, e.g. list\('def '.encode\(\)\) .*; model 'm' expects"),
+        (TOKENS, None, r"^INVALID_ARGUMENT: input is None; model 'm' expects integer token ids"),
+        (TOKENS, object(), r"input of Python type object is not numbers \(numpy reads it as dtype object\)"),
+        (TOKENS, ["d", "e"], r"input of Python type list is not numbers \(numpy reads it as dtype <U1\)"),
+        (TOKENS, b"", r"input is empty \(shape \[0\]\)"),
+        (FEATURES, b"abc", r"input has Python type bytes \(length 3\), not numbers; model 'f' expects finite float32"),
+        (FEATURES, "abc", r"input has Python type str \(length 3\), not numbers; model 'f'"),
+        (FEATURES, None, r"input is None; model 'f'"),
+    ],
+)
+def test_python_values_that_are_not_numbers_are_named_by_their_python_type(model, x, message):
+    with pytest.raises(errors.InvalidInputError, match=message) as info:
+        model.check_input(x)
+    assert "dtype |S" not in str(info.value) and "dtype <U4" not in str(info.value)
+
+
+def test_a_feature_vector_of_the_wrong_width_is_quoted_as_given():
+    with pytest.raises(errors.InvalidInputError, match=r"input has shape \[2\] \(a 1-D input is read as one step "
+                                                      r"of 2 features\); model 'f' expects .*\[T, 3\]"):  # fmt: skip
+        FEATURES.check_input([1, 2])
+
+
 def test_feature_input_checks_width_and_finiteness():
     assert FEATURES.check_input([1, 2, 3]).shape == (1, 3)
     assert FEATURES.check_input(np.ones((4, 3))).dtype == np.float32
@@ -117,3 +148,23 @@ def test_a_step_the_server_rejects_as_invalid_is_the_same_type_as_one_the_client
         assert e.code is grpc.StatusCode.INVALID_ARGUMENT and not e.retryable
     full = errors.step_rejected(5, grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
     assert type(full) is errors.StepRejected and full.retryable
+
+
+def test_both_sdks_step_bytes_on_a_token_model_and_name_a_str(sdk, running_server):
+    with (
+        running_server() as srv,
+        sdk.client(srv.address) as client,
+        client.session("tiny") as a,
+        client.session("tiny") as b,
+    ):
+        np.testing.assert_array_equal(a.step(b"def "), b.step(list(b"def ")))
+        with pytest.raises(errors.InvalidInputError, match=r"input is a str; encode it first"):
+            a.step("def ")
+        assert a.steps == 4  # the refused step changed nothing
+
+
+@pytest.mark.parametrize("bad", [-5, 2.5, 2**32])
+def test_both_sdks_refuse_a_bad_idle_timeout_naming_it_and_its_range(sdk, bad):
+    message = rf"idle_timeout_s is {bad}; use whole seconds >= 0 \(0 = the server's default; .*--max-idle-timeout-s\)"
+    with sdk.client("127.0.0.1:1") as client, pytest.raises(ValueError, match=message):  # refused before sending
+        client.session("tiny", idle_timeout_s=bad)
