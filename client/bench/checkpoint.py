@@ -55,8 +55,8 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, settings: list[int], model_dir: Path | None) -> dict[str, Any]:
-    with bench_target(args.server, args.model, model_dir, args.serve_arg,
-                      max_streams=max(1024, 2 * args.streams)) as target:  # fmt: skip
+    with bench_target(args.server, args.model, model_dir, args.serve_arg, max_streams=max(1024, 2 * args.streams),
+                      connect_timeout_s=args.connect_timeout) as target:  # fmt: skip
         info = target.info
         results: dict[int, list[Result]] = {n: [] for n in settings}
         for r in range(args.rounds):

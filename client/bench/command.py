@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cellserve.client.bench.options import CONNECT_TIMEOUT_S
 from cellserve.client.bench.serving import cellserve_process
+from cellserve.client.errors import CellserveClientError, UnavailableError
 from cellserve.client.model_info import ModelInfo
 
-RUN_ERRORS: tuple[type[Exception], ...] = (RuntimeError, OSError, TimeoutError)
+log = logging.getLogger(__name__)
+# what a bench that could not run raises: the server unreachable or refusing (CellserveClientError), a process
+# or file that failed (OSError, RuntimeError), a wait that ran out (TimeoutError)
+RUN_ERRORS: tuple[type[Exception], ...] = (RuntimeError, OSError, TimeoutError, CellserveClientError)
 
 
 class BenchError(Exception):
-    """A bad flag or a failed run: ``<command>: error: <message>`` on stderr, exit status 2."""
+    """A bad flag or a run that could not be done: ``<command>: error: <message>`` on stderr, exit status 2."""
 
 
 def run_command(command: str, body: Callable[[], int], errors: tuple[type[Exception], ...] = RUN_ERRORS) -> int:
-    """``body()``'s exit status, or 2 with one line on stderr when it raises BenchError or one of ``errors``."""
+    """``body()``'s exit status, or 2 with one line on stderr (no traceback) when it raises BenchError or one of
+    ``errors``."""
     try:
         return body()
     except (BenchError, *errors) as e:
@@ -70,21 +77,30 @@ def bench_target(
     max_streams: int | None = None,
     name: str = "cellserve",
     log_level: str | None = None,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
 ) -> Iterator[Target]:
     """``--server``, or ``cellserve serve`` started on free loopback ports (see ``cellserve_process``) and
     stopped on exit; ``model`` ('' = the server's default) is looked up once the server is ready."""
     if server is not None:
-        yield Target(server, None, metrics_url, model_info(server, model), started=False)
+        yield Target(server, None, metrics_url, model_info(server, model, connect_timeout_s), started=False)
         return
     with cellserve_process(model_dir, serve_args, max_streams, name=name, log_level=log_level) as proc:
         url = metrics_url or f"http://127.0.0.1:{proc.info['metrics_port']}/metrics"
-        yield Target(proc.address, proc.pid, url, model_info(proc.address, model), started=True)
+        yield Target(proc.address, proc.pid, url, model_info(proc.address, model, connect_timeout_s), started=True)
 
 
-def model_info(address: str, model: str) -> ModelInfo:
-    """``model``'s description ('' = the server's default model), once the server at ``address`` is ready."""
+def model_info(address: str, model: str, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> ModelInfo:
+    """``model``'s description ('' = the server's default model), once the server at ``address`` answers
+    (BenchError when it does not within ``connect_timeout_s``)."""
     from cellserve.client import Client
 
+    log.info("waiting for the server at %s (up to %g s, --connect-timeout)", address, connect_timeout_s)
     with Client(address) as client:
-        client.wait_ready(30)
+        try:
+            client.wait_ready(connect_timeout_s)
+        except UnavailableError:
+            raise BenchError(
+                f"no server answered at {address} within {connect_timeout_s:g} s; start one (cellserve serve), "
+                "fix --server, or wait longer with --connect-timeout"
+            ) from None
         return client.model_info(model) if model else client.list_models()[0]

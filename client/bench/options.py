@@ -7,10 +7,33 @@ from pathlib import Path
 
 SWEEP_STREAMS = (1, 16, 64, 256)
 SWEEP_T = (1, 32)
+CONNECT_TIMEOUT_S = 30.0
+
+
+def add_server_flag(p: argparse.ArgumentParser, verb: str = "drive") -> None:
+    """``--server`` and ``--connect-timeout``: the same on every bench."""
+    p.add_argument("--server", default=None, metavar="HOST:PORT", help=f"{verb} this server (default: start one)")
+    p.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        default=CONNECT_TIMEOUT_S,
+        metavar="S",
+        help="seconds to wait for the server to answer before giving up (default: %(default)g)",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not > 0 seconds")
+    return value
 
 
 def add_bench_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default=None, metavar="HOST:PORT", help="drive this server (default: start one)")
+    add_server_flag(p)
     p.add_argument(
         "--model-dir",
         type=Path,
@@ -64,7 +87,7 @@ def add_soak_flags(p: argparse.ArgumentParser) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--minutes", type=float, default=None, help="soak length in minutes (default 10)")
     length.add_argument("--seconds", type=float, default=None, help="soak length in seconds (for short runs)")
-    p.add_argument("--server", default=None, metavar="HOST:PORT", help="soak this server (default: start one)")
+    add_server_flag(p, "soak")
     p.add_argument(
         "--metrics-url",
         default=None,
@@ -99,7 +122,7 @@ def add_soak_flags(p: argparse.ArgumentParser) -> None:
 
 def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     """Flags of ``cellserve bench checkpoint``."""
-    p.add_argument("--server", default=None, metavar="HOST:PORT", help="drive this server (default: start one)")
+    add_server_flag(p)
     p.add_argument("--model-dir", type=Path, default=None, help="model served when the bench starts the server")
     p.add_argument("--model", default="", help="model name on the server ('' = its default)")
     p.add_argument("--every", default="1,8,64", help="checkpoint_every settings to compare with off (0)")

@@ -1,11 +1,14 @@
-"""CLI: `cellserve models`, `cellserve generate --server`, and `cellserve bench` at tiny size."""
+"""CLI: `cellserve models`, `cellserve health`, `cellserve generate --server`, and `cellserve bench` at tiny size."""
 
 from __future__ import annotations
 
 import json
 import math
+import socket
 import subprocess
 import sys
+
+import pytest
 
 from cellserve.client import Client
 from cellserve.server.cli import main as cellserve_main
@@ -115,3 +118,44 @@ def test_bench_checkpoint_at_tiny_size_reports_every_setting_against_off(tiny_mo
 def test_bench_checkpoint_refuses_a_bad_every_list(capsys):
     assert cellserve_main(["bench", "checkpoint", "--every", "eight"]) == 2
     assert "give step-message counts like 1,8,64" in capsys.readouterr().err
+
+
+def _port_nothing_listens_on() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "bench",
+    [["bench"], ["bench", "checkpoint"], ["bench", "soak", "--seconds", "1", "--metrics-url", "http://127.0.0.1:1/m"]],
+)
+def test_bench_without_a_server_says_it_waits_then_fails_in_one_line(bench, capsys):
+    address = f"127.0.0.1:{_port_nothing_listens_on()}"
+    capsys.readouterr()
+    assert cellserve_main([*bench, "--server", address, "--connect-timeout", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert f"waiting for the server at {address} (up to 0.5 s, --connect-timeout)" in err
+    command = " ".join(bench[:2])
+    assert err.splitlines()[-1] == (
+        f"cellserve {command}: error: no server answered at {address} within 0.5 s; start one (cellserve serve), "
+        "fix --server, or wait longer with --connect-timeout"
+    )
+    assert "Traceback" not in err
+
+
+def test_bench_on_a_model_the_server_lacks_fails_in_one_line(running_server, capsys):
+    with running_server() as srv:
+        capsys.readouterr()  # only what the command writes (an earlier in-process CLI call may have logged here)
+        argv = ["bench", "--server", srv.address, "--model", "nope", "--baselines", "echo", "--no-progress"]
+        assert cellserve_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("cellserve bench: error: NOT_FOUND: model 'nope' is not loaded")
+    assert "Traceback" not in err
+
+
+def test_bench_connect_timeout_must_be_positive_seconds(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cellserve_main(["bench", "--connect-timeout", "0"])
+    assert exit_.value.code == 2
+    assert "--connect-timeout: 0 is not > 0 seconds" in capsys.readouterr().err

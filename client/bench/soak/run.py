@@ -17,7 +17,6 @@ from cellserve.client.bench.soak.plan import SoakPlan
 from cellserve.client.bench.soak.probe import ServerReading
 from cellserve.client.bench.soak.recorder import Recorder, progress
 from cellserve.client.bench.soak.report import build_report, print_summary, write_png
-from cellserve.client.errors import CellserveClientError
 from cellserve.client.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -53,8 +52,7 @@ async def soak(address: str, metrics_url: str, info: ModelInfo, plan: SoakPlan, 
 
 def run_soak(args: argparse.Namespace) -> int:
     """``cellserve bench soak``: exit 0 when every check holds, 1 when one fails, 2 on a usage error."""
-    return run_command(COMMAND, lambda: _command(args), errors=(RuntimeError, OSError, TimeoutError,
-                                                                 CellserveClientError))  # fmt: skip
+    return run_command(COMMAND, lambda: _command(args))
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -75,7 +73,8 @@ def _command(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, plan: SoakPlan, model_dir: Path | None) -> dict[str, object]:
     with bench_target(args.server, plan.model, model_dir, args.serve_arg, metrics_url=args.metrics_url,
-                      max_streams=None, name="soak", log_level="WARNING") as target:  # fmt: skip
+                      max_streams=None, name="soak", log_level="WARNING",
+                      connect_timeout_s=args.connect_timeout) as target:  # fmt: skip
         assert target.metrics_url is not None  # given with --server, else the started server's
         log.info("soak starting", extra={"address": target.address, "model": target.info.name,
                                          "seconds": plan.duration_s})  # fmt: skip
