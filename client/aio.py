@@ -17,9 +17,15 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 from cellserve.client.channel import ChannelConfig
-from cellserve.client.client import ClientBase, Generated, generate_request, health_name
+from cellserve.client.client import ClientBase, Generated, generate_request, health_name, unknown_health_service
 from cellserve.client.core import SessionCore
-from cellserve.client.errors import CellserveClientError, UnavailableError, error_class, from_rpc_error
+from cellserve.client.errors import (
+    CellserveClientError,
+    NotFoundError,
+    UnavailableError,
+    error_class,
+    from_rpc_error,
+)
 from cellserve.client.model_info import ModelInfo
 from cellserve.client.ops import (
     DEFAULT_CHECKPOINT_EVERY,
@@ -367,7 +373,11 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         return self._infos[name]
 
     async def health(self, service: str = "") -> str:
-        return health_name((await self._call("Check", health_pb2.HealthCheckRequest(service=service))).status)
+        """As ``Client.health``."""
+        try:
+            return health_name((await self._call("Check", health_pb2.HealthCheckRequest(service=service))).status)
+        except NotFoundError:
+            raise unknown_health_service(service) from None
 
     async def _call(self, method: str, request: Any, target: str | None = None) -> Any:
         try:

@@ -10,8 +10,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellserve.cli_help import add_command
+
+if TYPE_CHECKING:
+    from cellserve.client import Client
 
 DEFAULT_SERVER = "localhost:50051"
 
@@ -84,16 +88,30 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from cellserve.client import CellserveClientError, Client
+    from cellserve.client import CellserveClientError, Client, NotFoundError
 
     try:
         with Client(args.server, channel_config(args), timeout_s=args.timeout) as client:  # type: ignore[arg-type]
-            status = client.health(args.service)
+            try:
+                status = client.health(args.service)
+            except NotFoundError:
+                print(f"UNKNOWN SERVICE {args.service!r} (services: '' and one per model: {_model_names(client)})")
+                return 1
     except CellserveClientError as e:
         print(f"UNREACHABLE ({e})")
         return 1
     print(status)
     return 0 if status == "SERVING" else 1
+
+
+def _model_names(client: Client) -> str:
+    """The loaded models' names, comma-separated, or where to find them when they cannot be listed."""
+    from cellserve.client import CellserveClientError
+
+    try:
+        return ", ".join(m.name for m in client.list_models())
+    except CellserveClientError as e:
+        return f"see cellserve models; listing them failed: {e.code.name}"
 
 
 def remote_generate(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2
 
 from cellserve.client.channel import ChannelConfig, Channels, normalize_targets
 from cellserve.client.core import SessionCore
-from cellserve.client.errors import UnavailableError, from_rpc_error
+from cellserve.client.errors import NotFoundError, UnavailableError, from_rpc_error
 from cellserve.client.model_info import ModelInfo
 from cellserve.client.ops import DEFAULT_CHECKPOINT_EVERY, DEFAULT_RESUME_TIMEOUT_S, SessionPolicy
 from cellserve.client.session import Session
@@ -40,6 +40,11 @@ def generate_request(
 
 def health_name(status: int) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+
+def unknown_health_service(service: str) -> NotFoundError:
+    """What a health ``Check`` of a service the server does not know raises (gRPC's own NOT_FOUND is bare)."""
+    return NotFoundError(f"unknown health service {service!r}; a server's are '' (itself) and one per loaded model")
 
 
 class ClientBase(Generic[C]):
@@ -170,8 +175,12 @@ class Client(ClientBase[grpc.Channel]):
         return self._infos[name]
 
     def health(self, service: str = "") -> str:
-        """grpc.health.v1 status name ("SERVING", "NOT_SERVING", ...) of the server or one model."""
-        return health_name(self._call("Check", health_pb2.HealthCheckRequest(service=service)).status)
+        """grpc.health.v1 status name ("SERVING", "NOT_SERVING", ...) of the server ('') or one model;
+        NotFoundError for a service the server does not know."""
+        try:
+            return health_name(self._call("Check", health_pb2.HealthCheckRequest(service=service)).status)
+        except NotFoundError:
+            raise unknown_health_service(service) from None
 
     def _call(self, method: str, request: Any, target: str | None = None) -> Any:
         try:

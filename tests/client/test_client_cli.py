@@ -22,6 +22,21 @@ def test_models_prints_one_json_line_per_model(running_server, capsys, tiny_mode
     assert m["name"] == "tiny" and m["sha256"] == tiny_model.manifest.sha256 and m["hidden"] == 32
 
 
+def test_health_of_the_server_a_model_and_an_unknown_service(running_server, capsys):
+    with running_server() as srv:
+        capsys.readouterr()
+        assert cellserve_main(["health", "--server", srv.address]) == 0
+        assert cellserve_main(["health", "--server", srv.address, "--service", "tiny"]) == 0
+        assert capsys.readouterr().out.splitlines() == ["SERVING", "SERVING"]
+        assert cellserve_main(["health", "--server", srv.address, "--service", "nope"]) == 1
+        assert capsys.readouterr().out == "UNKNOWN SERVICE 'nope' (services: '' and one per model: tiny)\n"
+
+
+def test_health_of_a_dead_server_is_unreachable(capsys):
+    assert cellserve_main(["health", "--server", f"127.0.0.1:{_port_nothing_listens_on()}", "--timeout", "3"]) == 1
+    assert capsys.readouterr().out.startswith("UNREACHABLE (UNAVAILABLE: ")
+
+
 def test_models_against_a_dead_server_fails_with_unavailable(capsys):
     assert cellserve_main(["models", "--server", "127.0.0.1:1", "--timeout", "3"]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err

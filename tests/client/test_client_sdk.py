@@ -236,9 +236,14 @@ def test_list_models_model_info_and_health(running_server, tiny_model):
         assert client.model_info("tiny") == m
         assert client.health() == "SERVING"
         assert client.health("tiny") == "SERVING"
+        unknown = r"^NOT_FOUND: unknown health service 'nope'; a server's are '' \(itself\) and one per loaded model$"
+        with pytest.raises(NotFoundError, match=unknown):
+            client.health("nope")
 
         async def ahealth() -> tuple[str, list[Any]]:
             async with AsyncClient(srv.address) as ac:
+                with pytest.raises(NotFoundError, match=unknown):
+                    await ac.health("nope")
                 return await ac.health(), await ac.list_models()
 
         status, models = asyncio.run(ahealth())
