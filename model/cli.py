@@ -113,7 +113,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(subparsers, "generate", _generate, summary)
     p.add_argument("--model-dir", type=Path, default=None, help="exported model directory (default: shipped model)")
     p.add_argument("--prompt", default="def ", help="text to continue")
-    p.add_argument("--max-bytes", type=int, default=200, help="bytes to generate")
+    p.add_argument(
+        "--max-bytes",
+        type=_positive_int,
+        default=200,
+        help="bytes to generate, >= 1 (a server also caps it at its --max-generate-tokens)",
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample only among the k most likely bytes (0 = all)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same text)")
@@ -121,6 +126,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     add_connection_flags(p, server_default=None, server_help="generate on a cellserve server instead", timeout=False)
     p.add_argument("--model", default="", help="model name on the server (with --server; default: its default)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _fail(message: str) -> int:

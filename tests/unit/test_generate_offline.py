@@ -54,3 +54,11 @@ def test_empty_prompt_and_feature_models_are_refused(tiny_model_dir: Path, tmp_p
     export_random_model(tmp_path, input_kind="features", input_size=3, output_size=2, layers=1, hidden=4)
     with pytest.raises(ValueError, match="takes features"):
         Generator(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_max_bytes_below_one_is_refused_by_the_flag_offline_and_with_a_server(tiny_model_dir: Path, value: str) -> None:
+    for where in (["--model-dir", str(tiny_model_dir)], ["--server", "127.0.0.1:9"]):  # nothing is contacted
+        args = [sys.executable, "-m", "cellserve.server.cli", "generate", *where, "--max-bytes", value]
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "argument --max-bytes: must be" in proc.stderr.splitlines()[-1]
