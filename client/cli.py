@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(subparsers, "bench", _bench, summary)
     add_bench_flags(p)
     benches = p.add_subparsers(dest="bench_command", title="other benchmarks", metavar="{soak,checkpoint}")
-    summary = "churn sessions for minutes; record RSS, slots and latency over time (JSON + PNG)"
+    summary = "churn sessions for minutes; record RSS, slots and latency over time (JSON; PNG with matplotlib)"
     add_soak_flags(add_command(benches, "soak", _soak, summary))
     summary = "SDK msgs/s with checkpointing every 1, 8, 64 step messages and off, in one run (JSON)"
     add_checkpoint_flags(add_command(benches, "checkpoint", _checkpoint, summary))
@@ -148,9 +148,9 @@ def remote_generate(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     """Drive N concurrent sessions with T steps per message from several client processes; print a table,
-    write JSON and a PNG. Without --server, starts `cellserve serve` on port 0 itself. `cellserve bench soak
-    --help`: the long-running churn soak instead; `cellserve bench checkpoint --help`: what crash-safe SDK
-    sessions cost."""
+    write JSON, and a PNG where matplotlib is installed (the train or dev extra). Without --server, starts
+    `cellserve serve` on port 0 itself. `cellserve bench soak --help`: the long-running churn soak instead;
+    `cellserve bench checkpoint --help`: what crash-safe SDK sessions cost."""
     from cellserve.client.bench.runner import run_bench
 
     return run_bench(args)

@@ -138,8 +138,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _fail(message: str) -> int:
-    print(f"cellserve: error: {message}", file=sys.stderr)
+def _fail(command: str, message: str) -> int:
+    """One line on stderr, as argparse words its own errors; exit status 2."""
+    print(f"cellserve {command}: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -147,7 +148,7 @@ TRAIN_EXTRA = "install the train extra (torch, onnx): pip install 'cellserve[tra
 
 
 def _needs_train_extra(command: str, e: ImportError) -> int:
-    return _fail(f"{command} needs {e.name or 'torch'}, which this install lacks; {TRAIN_EXTRA}")
+    return _fail(command, f"needs {e.name or 'torch'}, which this install lacks; {TRAIN_EXTRA}")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -164,7 +165,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         metrics = train(cfg, args.out, data_dir=args.data_dir, init_from=args.init_from)
     except (DataError, ValueError, FileNotFoundError) as e:
-        return _fail(str(e))
+        return _fail("train", str(e))
     held = metrics["held_out"]
     print(json.dumps({"out": str(args.out), "held_out_bpb": round(held["model_bpb"], 4),
                       "gzip_9_bpb": round(held["gzip_9_bpb"], 4), "xz_9_bpb": round(held["xz_9_bpb"], 4)}))  # fmt: skip
@@ -183,7 +184,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         model, payload = load_checkpoint(args.checkpoint)
     except (FileNotFoundError, ValueError) as e:
-        return _fail(str(e))
+        return _fail("export", str(e))
     training = payload.get("training") or {}
     manifest = export_onnx(model, args.out, name=args.name, version=args.model_version, training=training)
     for extra in ("metrics.json", "training_curve.png"):
@@ -206,16 +207,16 @@ def _import_onnx(args: argparse.Namespace) -> int:
         from cellserve.model.contract import ContractError, RoleHints
         from cellserve.model.importer import import_onnx
     except ImportError as e:
-        return _fail(f"import-onnx needs onnxruntime and numpy ({e}); install cellserve[serve]")
+        return _fail("import-onnx", f"needs onnxruntime and numpy ({e}); install cellserve[serve]")
     hints = RoleHints(args.input, tuple(args.state or ()), args.output)
     try:
         manifest, checked = import_onnx(
             args.model, args.out, name=args.name, hints=hints, vocab=args.vocab, version=args.model_version
         )
     except ContractError as e:
-        return _fail(f"import-onnx: cannot serve {args.model}: {e}")
+        return _fail("import-onnx", f"cannot import {args.model}: {e}")
     except OSError as e:
-        return _fail(f"import-onnx: {e.strerror or e}: {e.filename or args.out}")
+        return _fail("import-onnx", f"{e.strerror or e}: {e.filename or args.out}")
     for line in describe_import(manifest, checked, args.out):
         print(line)
     return 0
@@ -255,7 +256,8 @@ def _generate(args: argparse.Namespace) -> int:
     remote_only = [f"--{k.replace('_', '-')}" for k in ("token", "tls_root_cert", "tls_client_cert", "tls_client_key",
                                                          "tls_server_name") if getattr(args, k)]  # fmt: skip
     if remote_only:
-        return _fail(f"{', '.join(remote_only)} apply to a server: add --server HOST:PORT, or drop them to run offline")
+        flags = ", ".join(remote_only)
+        return _fail("generate", f"{flags} apply to a server: add --server HOST:PORT, or drop them to run offline")
     from cellserve.model.generate import Generator
     from cellserve.model.manifest import ManifestError
 
@@ -273,7 +275,7 @@ def _generate(args: argparse.Namespace) -> int:
         out.write(b"\n")
         out.flush()
     except (ManifestError, ValueError) as e:
-        return _fail(str(e))
+        return _fail("generate", str(e))
     return 0
 
 

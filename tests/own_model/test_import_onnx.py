@@ -146,7 +146,7 @@ def test_a_graph_that_breaks_the_contract_is_refused_in_one_line_and_nothing_is_
     out_dir = tmp_path / "out"
     rc, out, err = cli(capsys, src, "--out", out_dir, "--name", "user")
     assert rc == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith(f"cellserve: error: import-onnx: cannot serve {src}: "), err
+    assert err.count("\n") == 1 and err.startswith(f"cellserve import-onnx: error: cannot import {src}: "), err
     assert problem in err
     assert "export" in err.split(problem, 1)[1], "the message says how to re-export"
     assert not out_dir.exists()
