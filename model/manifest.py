@@ -178,6 +178,8 @@ def load_manifest(model_dir: Path | str, *, verify: bool = True) -> Manifest:
     """Read ``model_dir/manifest.json``; with ``verify``, refuse an ONNX file whose sha256 differs."""
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST_FILE
+    if not model_dir.is_dir():
+        raise ManifestError(f"{model_dir} does not exist or is not a directory (expected an exported model directory)")
     if not path.is_file():
         raise ManifestError(f"no {MANIFEST_FILE} in {model_dir} (expected an exported model directory)")
     try:

@@ -73,3 +73,8 @@ def test_edited_sha_is_refused(tiny_model, tmp_path: Path) -> None:
     save_manifest(replace(tiny_model.manifest, sha256="0" * 64), tmp_path)
     with pytest.raises(ManifestError, match="changed after export — re-export the model"):
         load_manifest(tmp_path)
+
+
+def test_a_model_dir_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match=r"nope does not exist or is not a directory"):
+        load_manifest(tmp_path / "nope")
