@@ -69,8 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_checkpoint_flags(add_command(benches, "checkpoint", _checkpoint, summary))
 
 
-def _fail(message: str, code: int = 1) -> int:
-    print(f"cellserve: error: {message}", file=sys.stderr)
+def _fail(command: str, message: str, code: int = 1) -> int:
+    print(f"cellserve {command}: error: {message}", file=sys.stderr)
     return code
 
 
@@ -83,7 +83,7 @@ def _models(args: argparse.Namespace) -> int:
             for m in client.list_models():
                 print(json.dumps({f: getattr(m, f) for f in SUMMARY_FIELDS}))
     except CellserveClientError as e:
-        return _fail(str(e))
+        return _fail("models", str(e))
     return 0
 
 
@@ -140,7 +140,7 @@ def remote_generate(args: argparse.Namespace) -> int:
     except CellserveClientError as e:
         out.write(b"\n")
         out.flush()
-        return _fail(str(e))
+        return _fail("generate", str(e))
     out.write(b"\n")
     out.flush()
     return 0
