@@ -189,8 +189,6 @@ class CellServer:
     def _bind(self, server: grpc.aio.Server) -> int:
         s = self.settings
         address = f"{s.host}:{s.port}"
-        if not self.reuse_port:
-            check_free(s.host, s.port, "port")  # a taken port or a foreign address, named before gRPC's own error
         try:
             if self.tls is not None:
                 port = server.add_secure_port(address, self.tls.credentials())
@@ -198,7 +196,7 @@ class CellServer:
                 port = server.add_insecure_port(address)
         except RuntimeError as e:  # grpc: "Failed to bind to address ..."
             if not self.reuse_port:
-                check_free(s.host, s.port, "port")  # names a taken port precisely
+                check_free(s.host, s.port, "port")  # names a taken port, or a host not this machine's, precisely
             reason = str(e).split("; set GRPC_VERBOSITY")[0]  # gRPC's hint points at its own debug logs
             raise OSError(f"cannot bind the gRPC port {address} (set by --host/--port): {reason}") from None
         if port == 0:

@@ -8,7 +8,6 @@ multiprocess collector's for several worker processes.
 
 from __future__ import annotations
 
-import errno
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -18,7 +17,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from cellserve.server.ports import PortTaken, check_free
+from cellserve.server.ports import check_free
 
 METRICS_PATH = "/metrics"
 NOT_FOUND = (
@@ -68,12 +67,10 @@ def start_metrics_server(host: str, port: int, registry: CollectorRegistry) -> W
 
 def serve_metrics(host: str, port: int | str, registry: CollectorRegistry) -> WSGIServer:
     """``start_metrics_server`` for the ``metrics_host``/``metrics_port`` settings ("auto": any free port);
-    a port it cannot bind is :class:`PortTaken`, naming the setting."""
+    a port it cannot bind is :class:`~cellserve.server.ports.PortTaken`, naming the setting."""
     number = 0 if port == "auto" else int(port)
-    check_free(host, number, "metrics_port")  # a taken port, or a host that is not this machine's: one line
     try:
         return start_metrics_server(host, number, registry)
     except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise PortTaken(host, number, "metrics_port") from e
+        check_free(host, number, "metrics_port")  # names a taken port, or a host not this machine's, precisely
         raise OSError(f"cannot serve /metrics on {host}:{number} (set by --metrics-host/--metrics-port): {e}") from e
