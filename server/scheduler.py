@@ -84,7 +84,7 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{self.model}") if mode == "thread" else None
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
-        self._in_flight: list[_Request] = []  # the batch being run (thread mode: while the engine thread works)
+        self._in_flight: list[_Request] = []  # thread mode: the batch the engine thread is running
         self._m_batch = metrics.batch_size.labels(model=self.model)
         self._m_wait = metrics.queue_wait.labels(self.model)
         self._m_latency = metrics.step_latency.labels(self.model)
@@ -160,14 +160,12 @@ class Scheduler:
             if self._wake is not None and not self._wake.done():
                 self._wake.set_result(None)
             return
-        while self._batch_due():
-            batch = self._in_flight = self._take()
+        while self._batch_due():  # synchronous: stop() cannot run in between, so nothing is left in flight
+            batch = self._take()
             try:
                 self._run_inline(batch)
             except Exception as e:  # pragma: no cover - defensive: a bug must not strand sessions in flight
                 self._batch_failed(batch, e)
-            finally:
-                self._in_flight = []
         if self._queue and self._timer is None:
             self._arm_timer()
 
