@@ -15,7 +15,7 @@ from cellserve.server.oip.tensors import datatype_of, tensor_datatype
 
 
 def split_inputs(
-    model: LoadedModel, tensors: dict[str, np.ndarray], *, max_batch: int, max_steps: int, sequence: bool
+    model: LoadedModel, tensors: dict[str, np.ndarray], *, max_batch: int, sequence: bool
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Check a request's inputs against the model; returns (x, h0, c0) with batch first.
 
@@ -40,8 +40,8 @@ def split_inputs(
             f"unexpected shape for input '{n.x}' for model '{m.name}'. Expected {want}, got {list(x.shape)}; "
             f"the first dimension is the batch ({batch}), then T steps"
         )
-    if not 1 <= x.shape[1] <= max_steps:
-        raise InvalidArgument(f"input '{n.x}' has T={x.shape[1]} steps; model '{m.name}' takes 1..{max_steps}")
+    if not 1 <= x.shape[1] <= model.max_steps:
+        raise InvalidArgument(f"input '{n.x}' has T={x.shape[1]} steps; model '{m.name}' takes 1..{model.max_steps}")
     batch, steps = x.shape[:2]
     reply_floats = batch * (steps * m.output_size + (0 if sequence else 2 * m.layers * m.hidden))  # y (+ hn, cn)
     if reply_floats > model.max_output_steps * m.output_size:  # what fits one message (max_message_bytes)

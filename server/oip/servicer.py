@@ -177,10 +177,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             raise Unavailable("server is draining and accepts no new requests; retry on another replica")
         model = find_model(self.models, request.model_name, request.model_version)
         outputs = output_names(model, [o.name for o in request.outputs], sequence=False)
-        s = self.settings
-        x, h0, c0 = split_inputs(
-            model, decode_inputs(request), max_batch=s.max_batch, max_steps=s.max_chunk_steps, sequence=False
-        )
+        x, h0, c0 = split_inputs(model, decode_inputs(request), max_batch=self.settings.max_batch, sequence=False)
         y, hn, cn = await run_stateless(model, x, h0, c0)
         n, m = model.manifest.names, model.manifest
         return infer_response(request, m.name, m.version, outputs, {n.y: y, n.hn: hn, n.cn: cn})
@@ -198,8 +195,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         # refused by SessionManager.open while draining.
         model = find_model(self.models, request.model_name, request.model_version)
         outputs = output_names(model, [o.name for o in request.outputs], sequence=True)
-        s = self.settings
-        x, _, _ = split_inputs(model, decode_inputs(request), max_batch=1, max_steps=s.max_chunk_steps, sequence=True)
+        x, _, _ = split_inputs(model, decode_inputs(request), max_batch=1, sequence=True)
         return model, outputs, x
 
     def unserved(self, advice: str) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[NoReturn]]:
