@@ -1,6 +1,7 @@
 """``cellserve.v1.Tensor`` → numpy with precise errors for malformed tensors, and outputs → wire bytes.
 
-Encoding any array as a ``Tensor`` (what clients and tests send) is ``cellserve.wire.to_proto``.
+The decoding itself, and encoding any array as a ``Tensor`` (what clients and tests send), are
+``cellserve.wire``'s, shared with the client.
 """
 
 from __future__ import annotations
@@ -12,44 +13,12 @@ import numpy as np
 
 from cellserve.server.errors import InvalidArgument
 from cellserve.v1 import cellserve_pb2 as pb
-from cellserve.wire import DTYPES
-
-NATIVE: dict[int, np.dtype] = {code: dt.newbyteorder("=") for code, dt in DTYPES.items()}  # decoded arrays
-
-
-# As a grpcurl/JSON user writes them, with the numpy type each means: "DTYPE_INT64 (int64), …"
-WIRE_NAMES = ", ".join(f"{pb.DType.Name(code)} ({dt.name})" for code, dt in sorted(DTYPES.items()))
-
-
-def _dtype_name(code: int) -> str:
-    try:
-        return f"{pb.DType.Name(code)} ({code})"
-    except ValueError:
-        return str(code)
+from cellserve.wire import to_numpy as decode
 
 
 def to_numpy(t: pb.Tensor) -> np.ndarray:
-    """Decode a Tensor; INVALID_ARGUMENT if its dtype, shape or byte length is inconsistent (per message: lean)."""
-    dtype = DTYPES.get(t.dtype)
-    if dtype is None:
-        raise InvalidArgument(f"tensor dtype {_dtype_name(t.dtype)} is not supported; set dtype to one of {WIRE_NAMES}")
-    shape = t.shape[:]  # a list of Python ints: the cheapest copy of a repeated field
-    if not shape:
-        raise InvalidArgument("tensor has no shape; give its dimensions, e.g. [T] for T token ids")
-    count = math.prod(shape)
-    if count <= 0:
-        if min(shape) < 0:
-            raise InvalidArgument(f"tensor shape {list(shape)} has a negative dimension")
-        raise InvalidArgument(f"tensor shape {list(shape)} is empty; a step needs at least one element")
-    if min(shape) < 0:  # two negative dimensions multiply to a positive count
-        raise InvalidArgument(f"tensor shape {list(shape)} has a negative dimension")
-    raw = t.raw  # each access of a bytes field makes a new bytes object: once
-    if len(raw) != count * dtype.itemsize:
-        raise InvalidArgument(
-            f"tensor raw has {len(raw)} bytes; shape {list(shape)} of {dtype.name} needs {count * dtype.itemsize}"
-        )
-    a = np.ndarray(shape, dtype, raw)  # a read-only view of raw, no copy
-    return a if dtype.isnative else a.astype(NATIVE[t.dtype])
+    """Decode a request's Tensor; INVALID_ARGUMENT if its dtype, shape or byte length is inconsistent."""
+    return decode(t, InvalidArgument)
 
 
 _F32 = np.dtype("<f4")

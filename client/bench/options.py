@@ -76,7 +76,8 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
         "--intra-op-threads",
         type=int,
         default=1,
-        help="onnxruntime threads of the started server and of the naive and raw-ORT baselines (the same for all)",
+        help="onnxruntime threads of the started server (a --serve-arg may override it) and of the naive and "
+        "raw-ORT baselines: the same for all",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")

@@ -58,7 +58,8 @@ def _run(
 ) -> dict:
     max_streams = max(1024, 2 * max(s for s, _ in configs))
     with (
-        bench_target(args.server, args.model, model_dir, args.serve_arg, metrics_url=args.metrics_url,
+        bench_target(args.server, args.model, model_dir,
+                     ["--intra-op-threads", str(args.intra_op_threads), *args.serve_arg], metrics_url=args.metrics_url,
                      max_streams=max_streams, connect_timeout_s=args.connect_timeout) as cs,
         ExitStack() as stack,
     ):  # fmt: skip

@@ -1,11 +1,14 @@
 """What the client and the server share about the native API beyond its generated stubs.
 
 The client imports neither ``server`` nor ``model``; both import this (numpy and the stubs only):
-the ``Tensor`` dtype codes, the encoding of an array as a ``Tensor``, and which ``ModelSummary``
+the ``Tensor`` dtype codes, an array's encoding as a ``Tensor`` and its decoding, and which ``ModelSummary``
 fields are plain values (copied one to one from a manifest, and back into the client's ``ModelInfo``).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -20,9 +23,42 @@ DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
 }
 PB_DTYPES: dict[str, int] = {dt.name: code for code, dt in DTYPES.items()}  # "float32" → DTYPE_FLOAT32
+NATIVE: dict[int, np.dtype] = {code: dt.newbyteorder("=") for code, dt in DTYPES.items()}  # decoded arrays
+# As a grpcurl/JSON user writes them, with the numpy type each means: "DTYPE_INT64 (int64), …"
+WIRE_NAMES = ", ".join(f"{pb.DType.Name(code)} ({dt.name})" for code, dt in sorted(DTYPES.items()))
 
 # ModelSummary's scalar fields, in proto order: the manifest's fields of the same names, and ModelInfo's.
 SUMMARY_FIELDS = ("name", "version", "sha256", "input_kind", "layers", "hidden", "input_size", "output_size")
+
+
+def to_numpy(t: pb.Tensor, error: Callable[[str], Exception] = ValueError) -> np.ndarray:
+    """Decode a Tensor; ``error(message)`` is raised if its dtype, shape or byte length is inconsistent.
+
+    Called once per message on both sides, so it is lean: one read of ``raw``, a view of its bytes.
+    """
+    dtype = DTYPES.get(t.dtype)
+    if dtype is None:
+        raise error(f"tensor dtype {_dtype_name(t.dtype)} is not supported; set dtype to one of {WIRE_NAMES}")
+    shape = t.shape[:]  # a list of Python ints: the cheapest copy of a repeated field
+    if not shape:
+        raise error("tensor has no shape; give its dimensions, e.g. [T] for T token ids")
+    count = math.prod(shape)
+    if count <= 0 or min(shape) < 0:  # two negative dimensions multiply to a positive count
+        if min(shape) < 0:
+            raise error(f"tensor shape {shape} has a negative dimension")
+        raise error(f"tensor shape {shape} is empty; a step needs at least one element")
+    raw = t.raw  # each access of a bytes field makes a new bytes object: once
+    if len(raw) != count * dtype.itemsize:
+        raise error(f"tensor raw has {len(raw)} bytes; shape {shape} of {dtype.name} needs {count * dtype.itemsize}")
+    a = np.ndarray(shape, dtype, raw)  # a read-only view of raw, no copy
+    return a if dtype.isnative else a.astype(NATIVE[t.dtype])
+
+
+def _dtype_name(code: int) -> str:
+    try:
+        return f"{pb.DType.Name(code)} ({code})"
+    except ValueError:
+        return str(code)
 
 
 def to_proto(a: np.ndarray) -> pb.Tensor:
