@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import WaitUntil
 
 from cellserve.model.manifest import Manifest
 
@@ -58,40 +59,6 @@ def tiny_oracle(tiny_model: TinyModel) -> Any:
     from cellserve.model.reference import ReferenceLSTM
 
     return ReferenceLSTM.from_checkpoint(tiny_model.dir / "checkpoint.pt")
-
-
-What = str | Callable[[], str]  # what was awaited, for the failure message (a callable: worked out on failure)
-
-
-class WaitUntil:
-    """Bounded polling of a condition that changes outside the test's control (a server's clean-up, a
-    watcher thread, a clock, a file, another process): the one way the tests wait. ``check`` may raise to
-    fail at once (e.g. when the process it waits on exited); its first truthy value is returned. Past
-    ``timeout_s`` the test fails, saying ``what`` it waited for."""
-
-    def __call__(
-        self, check: Callable[[], Any], timeout_s: float = 20.0, *, poll_s: float = 0.05, what: What = ""
-    ) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while not (value := check()):
-            assert time.monotonic() < deadline, f"condition not reached in time ({timeout_s:g} s){_about(what)}"
-            time.sleep(poll_s)
-        return value
-
-    async def aio(
-        self, check: Callable[[], Any], timeout_s: float = 20.0, *, poll_s: float = 0.01, what: What = ""
-    ) -> Any:
-        """The same on an event loop: polls with ``asyncio.sleep`` (``poll_s=0``: every turn of the loop)."""
-        deadline = time.monotonic() + timeout_s
-        while not (value := check()):
-            assert time.monotonic() < deadline, f"condition not reached in time ({timeout_s:g} s){_about(what)}"
-            await asyncio.sleep(poll_s)
-        return value
-
-
-def _about(what: What) -> str:
-    text = what() if callable(what) else what
-    return f": {text}" if text else ""
 
 
 @pytest.fixture

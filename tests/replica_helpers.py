@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from waiting import WaitUntil
 
 from cellserve.client import TLS, ChannelConfig, Client
 from cellserve.v1 import cellserve_pb2 as pb
@@ -21,8 +22,12 @@ def token_keys(byte_hex: str, key_id: str = "k1") -> str:
 
 
 def drain(srv: Any, grace_s: float = 30) -> Future:
-    """Start draining an in-process server (``running_server``) from the test's thread; ``.result()`` waits."""
-    return asyncio.run_coroutine_threadsafe(srv.server.drain(grace_s), srv.loop)
+    """Start draining an in-process server (``running_server``) from the test's thread, and return once the
+    drain has begun (new opens refused, every session told, so its notice precedes any later answer);
+    ``.result()`` waits for the end."""
+    done = asyncio.run_coroutine_threadsafe(srv.server.drain(grace_s), srv.loop)
+    WaitUntil()(lambda: not srv.server.sessions.accepting or done.done(), timeout_s=30, what="the drain to begin")
+    return done
 
 
 def open_stream(channel: grpc.Channel, token: bytes = b"", metadata: tuple = ()) -> tuple[grpc.StatusCode, list]:

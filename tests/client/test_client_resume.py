@@ -49,13 +49,11 @@ def test_a_session_moves_to_the_next_target_when_its_server_drains(sdk, running_
     np.testing.assert_allclose(np.concatenate(ys), tiny_oracle.sequence(tokens), atol=TOL, rtol=0)
 
 
-def test_without_other_targets_a_draining_session_keeps_working_until_closed(sdk, running_server, wait_until):
+def test_without_other_targets_a_draining_session_keeps_working_until_closed(sdk, running_server):
     tokens = np.arange(12, dtype=np.int64)
     with running_server(token_keys=KEYS) as a, sdk.client(a.address) as client, client.session("tiny") as s:
         s.step(tokens[:6])
         drained = drain(a)
-        # the drain has told the session (its notice goes out before any later answer) before the next step
-        wait_until(lambda: not a.server.sessions.accepting, timeout_s=30)
         y = s.step(tokens[6:])  # still served during the grace period
         assert y.shape == (6, 256) and s.draining and s.resume_token and s.target == a.address
         s.close()

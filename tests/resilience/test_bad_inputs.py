@@ -72,9 +72,6 @@ class Corpus:
     def steps(self) -> float:
         return self.registry.get_sample_value("cellserve_steps_total", {"model": "tiny"}) or 0.0
 
-    def errors(self, code: str) -> float:
-        return self.registry.get_sample_value("cellserve_errors_total", {"code": code}) or 0.0
-
     def error_counts(self) -> dict[str, float]:
         """Every code the server has answered with so far, and how often."""
         return {

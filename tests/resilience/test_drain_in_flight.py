@@ -37,7 +37,7 @@ def test_a_checkpoint_step_queued_when_the_grace_ends_gets_its_output_and_the_fi
                 await a.write(pb.StreamRequest(step=step))
                 sessions = srv.server.sessions
                 await wait_until.aio(lambda: any(s.inflight for s in sessions.sessions.values()), 10, poll_s=0.005)
-                srv.loop.call_soon(sessions.close_all, "drain", GRACE_ENDED)  # what drain() does at grace end
+                srv.loop.call_soon_threadsafe(sessions.close_all, "drain", GRACE_ENDED)  # as a drain at grace end
                 got = await read_rest(a)
                 b.cancel()
                 return got, await a.code()
@@ -68,8 +68,8 @@ def test_generate_cut_by_the_end_of_a_drain_is_unavailable(running_server):
                         n += 1
                         if n == 5:
                             sessions = srv.server.sessions
-                            srv.loop.call_soon(setattr, sessions, "accepting", False)
-                            srv.loop.call_soon(sessions.close_all, "drain", GRACE_ENDED)
+                            srv.loop.call_soon_threadsafe(setattr, sessions, "accepting", False)
+                            srv.loop.call_soon_threadsafe(sessions.close_all, "drain", GRACE_ENDED)
                 except grpc.aio.AioRpcError:
                     pass
                 return n, await call.code()
