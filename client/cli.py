@@ -171,6 +171,6 @@ def _soak(args: argparse.Namespace) -> int:
     server's RSS, state slots and step latency are sampled. At the end the soak waits for every slot to be free,
     prints a summary, writes soak.json and soak.png, and exits 1 on an unexpected error, a slot still used, or RSS
     growth after warm-up above --max-rss-growth. Without --server, starts `cellserve serve` on port 0 itself."""
-    from cellserve.client.bench.soak import run_soak
+    from cellserve.client.bench.soak.run import run_soak
 
     return run_soak(args)

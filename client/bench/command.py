@@ -25,12 +25,12 @@ class BenchError(Exception):
     """A bad flag or a run that could not be done: ``<command>: error: <message>`` on stderr, exit status 2."""
 
 
-def run_command(command: str, body: Callable[[], int], errors: tuple[type[Exception], ...] = RUN_ERRORS) -> int:
+def run_command(command: str, body: Callable[[], int]) -> int:
     """``body()``'s exit status, or 2 with one line on stderr (no traceback) when it raises BenchError or one of
-    ``errors``."""
+    ``RUN_ERRORS``."""
     try:
         return body()
-    except (BenchError, *errors) as e:
+    except (BenchError, *RUN_ERRORS) as e:
         print(f"{command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -59,11 +59,10 @@ class Target:
     pid: int | None  # of the server the bench started (its process tree is measured); None with --server
     metrics_url: str | None
     info: ModelInfo
-    started: bool
 
     def describe(self, started_by: str) -> str:
         """What reports record as the server: ``started_by`` (e.g. "started by the bench") or the address."""
-        return started_by if self.started else self.address
+        return started_by if self.pid is not None else self.address
 
 
 @contextmanager
@@ -82,11 +81,11 @@ def bench_target(
     """``--server``, or ``cellserve serve`` started on free loopback ports (see ``cellserve_process``) and
     stopped on exit; ``model`` ('' = the server's default) is looked up once the server is ready."""
     if server is not None:
-        yield Target(server, None, metrics_url, model_info(server, model, connect_timeout_s), started=False)
+        yield Target(server, None, metrics_url, model_info(server, model, connect_timeout_s))
         return
     with cellserve_process(model_dir, serve_args, max_streams, name=name, log_level=log_level) as proc:
         url = metrics_url or f"http://127.0.0.1:{proc.info['metrics_port']}/metrics"
-        yield Target(proc.address, proc.pid, url, model_info(proc.address, model, connect_timeout_s), started=True)
+        yield Target(proc.address, proc.pid, url, model_info(proc.address, model, connect_timeout_s))
 
 
 def model_info(address: str, model: str, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> ModelInfo:

@@ -116,5 +116,5 @@ def _start_baselines(
     for name, argv in argvs.items():
         if name in baselines:
             proc = stack.enter_context(ServerProcess(argv, name))
-            started[name] = Target(proc.address, proc.pid, None, cs.info, started=True)
+            started[name] = Target(proc.address, proc.pid, None, cs.info)
     return started

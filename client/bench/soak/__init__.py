@@ -14,14 +14,3 @@ Modules: ``plan`` (the settings), ``inputs`` (valid and invalid steps), ``churn`
 their tally), ``probe`` (one reading of the server), ``recorder`` (samples over time), ``report``
 (checks, table, JSON, PNG), ``run`` (the command). This package's import runs none of them.
 """
-
-from __future__ import annotations
-
-import argparse
-
-
-def run_soak(args: argparse.Namespace) -> int:
-    """``cellserve bench soak`` (see ``run.run_soak``); imported on call, so ``plan`` stays light."""
-    from cellserve.client.bench.soak.run import run_soak as run
-
-    return run(args)

@@ -50,7 +50,7 @@ class SoakPlan:
         """The plan the ``cellserve bench soak`` flags describe (``--minutes`` or ``--seconds`` give its length)."""
         names = {f.name for f in fields(cls)}
         given = {FLAG_FIELDS.get(dest, dest): v for dest, v in vars(args).items()}
-        minutes = args.minutes if args.minutes else DEFAULT_MINUTES
+        minutes = args.minutes if args.minutes is not None else DEFAULT_MINUTES  # 0: refused below
         duration_s = args.seconds if args.seconds is not None else 60.0 * minutes
         return cls(**{k: v for k, v in given.items() if k in names}, duration_s=duration_s)
 
