@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cellserve.cli_help import add_command
+from cellserve.cli_help import add_command, fail
 
 if TYPE_CHECKING:
     from cellserve.client import Client
@@ -69,11 +69,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_checkpoint_flags(add_command(benches, "checkpoint", _checkpoint, summary))
 
 
-def _fail(command: str, message: str, code: int = 1) -> int:
-    print(f"cellserve {command}: error: {message}", file=sys.stderr)
-    return code
-
-
 def _models(args: argparse.Namespace) -> int:
     from cellserve.client import CellserveClientError, Client
     from cellserve.wire import SUMMARY_FIELDS
@@ -83,7 +78,7 @@ def _models(args: argparse.Namespace) -> int:
             for m in client.list_models():
                 print(json.dumps({f: getattr(m, f) for f in SUMMARY_FIELDS}))
     except CellserveClientError as e:
-        return _fail("models", str(e))
+        return fail("models", str(e), 1)
     return 0
 
 
@@ -140,7 +135,7 @@ def remote_generate(args: argparse.Namespace) -> int:
     except CellserveClientError as e:
         out.write(b"\n")
         out.flush()
-        return _fail("generate", str(e))
+        return fail("generate", str(e), 1)
     out.write(b"\n")
     out.flush()
     return 0

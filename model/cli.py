@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from cellserve.model.conformance import CheckedGraph
     from cellserve.model.manifest import Manifest
 
-from cellserve.cli_help import add_command
+from cellserve.cli_help import add_command, fail
 
 log = logging.getLogger(__name__)
 
@@ -138,17 +138,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _fail(command: str, message: str) -> int:
-    """One line on stderr, as argparse words its own errors; exit status 2."""
-    print(f"cellserve {command}: error: {message}", file=sys.stderr)
-    return 2
-
-
 TRAIN_EXTRA = "install the train extra (torch, onnx): pip install 'cellserve[train]' (in a checkout: make install-dev)"
 
 
 def _needs_train_extra(command: str, e: ImportError) -> int:
-    return _fail(command, f"needs {e.name or 'torch'}, which this install lacks; {TRAIN_EXTRA}")
+    return fail(command, f"needs {e.name or 'torch'}, which this install lacks; {TRAIN_EXTRA}")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -165,7 +159,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         metrics = train(cfg, args.out, data_dir=args.data_dir, init_from=args.init_from)
     except (DataError, ValueError, FileNotFoundError) as e:
-        return _fail("train", str(e))
+        return fail("train", str(e))
     held = metrics["held_out"]
     print(json.dumps({"out": str(args.out), "held_out_bpb": round(held["model_bpb"], 4),
                       "gzip_9_bpb": round(held["gzip_9_bpb"], 4), "xz_9_bpb": round(held["xz_9_bpb"], 4)}))  # fmt: skip
@@ -184,7 +178,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         model, payload = load_checkpoint(args.checkpoint)
     except (FileNotFoundError, ValueError) as e:
-        return _fail("export", str(e))
+        return fail("export", str(e))
     training = payload.get("training") or {}
     manifest = export_onnx(model, args.out, name=args.name, version=args.model_version, training=training)
     for extra in ("metrics.json", "training_curve.png"):
@@ -207,16 +201,16 @@ def _import_onnx(args: argparse.Namespace) -> int:
         from cellserve.model.contract import ContractError, RoleHints
         from cellserve.model.importer import import_onnx
     except ImportError as e:
-        return _fail("import-onnx", f"needs onnxruntime and numpy ({e}); install cellserve[serve]")
+        return fail("import-onnx", f"needs onnxruntime and numpy ({e}); install cellserve[serve]")
     hints = RoleHints(args.input, tuple(args.state or ()), args.output)
     try:
         manifest, checked = import_onnx(
             args.model, args.out, name=args.name, hints=hints, vocab=args.vocab, version=args.model_version
         )
     except ContractError as e:
-        return _fail("import-onnx", f"cannot import {args.model}: {e}")
+        return fail("import-onnx", f"cannot import {args.model}: {e}")
     except OSError as e:
-        return _fail("import-onnx", f"{e.strerror or e}: {e.filename or args.out}")
+        return fail("import-onnx", f"{e.strerror or e}: {e.filename or args.out}")
     for line in describe_import(manifest, checked, args.out):
         print(line)
     return 0
@@ -257,7 +251,7 @@ def _generate(args: argparse.Namespace) -> int:
                                                          "tls_server_name") if getattr(args, k)]  # fmt: skip
     if remote_only:
         flags = ", ".join(remote_only)
-        return _fail("generate", f"{flags} apply to a server: add --server HOST:PORT, or drop them to run offline")
+        return fail("generate", f"{flags} apply to a server: add --server HOST:PORT, or drop them to run offline")
     from cellserve.model.generate import Generator
     from cellserve.model.manifest import ManifestError
 
@@ -275,7 +269,7 @@ def _generate(args: argparse.Namespace) -> int:
         out.write(b"\n")
         out.flush()
     except (ManifestError, ValueError) as e:
-        return _fail("generate", str(e))
+        return fail("generate", str(e))
     return 0
 
 

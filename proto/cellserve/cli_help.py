@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -29,3 +30,9 @@ def add_command(
     parser = subparsers.add_parser(name, help=summary, description=inspect.getdoc(run), **kwargs)
     parser.set_defaults(func=run)
     return parser
+
+
+def fail(command: str, message: str, code: int = 2) -> int:
+    """One line on stderr, worded as argparse words its own errors (``cellserve <command>: error: …``)."""
+    print(f"cellserve {command}: error: {message}", file=sys.stderr)
+    return code
