@@ -18,13 +18,6 @@ from cellserve.wire import to_proto
 TOL = 1e-5
 
 
-def oracle_outputs(oracle: Any, tokens: np.ndarray) -> np.ndarray:
-    """The reference run of one whole sequence from zero state: y [T, V]."""
-    h, c = oracle.init_state(1)
-    y, _, _ = oracle.run(tokens[None, :], h, c)
-    return y[0]
-
-
 async def read_rest(call: Any) -> list[pb.StreamResponse]:
     """Read until the stream ends (status in ``call.code()``), using read() so it mixes with writes."""
     out = []

@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from stream_helpers import TOL, open_msg, oracle_outputs, read_rest, step_msg
+from stream_helpers import TOL, open_msg, read_rest, step_msg
 
 from cellserve.server.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
@@ -74,7 +74,7 @@ def test_bad_step_is_answered_in_stream_and_state_is_untouched(running_server, t
     assert err.WhichOneof("kind") == "error"
     assert err.error.seq == 1 and err.error.code == INVALID.value[0]
     assert err.error.message
-    np.testing.assert_allclose(got, oracle_outputs(tiny_oracle, tokens[:16]), atol=TOL, rtol=0)
+    np.testing.assert_allclose(got, tiny_oracle.sequence(tokens[:16]), atol=TOL, rtol=0)
     assert errors == 1
 
 
@@ -219,6 +219,6 @@ def test_errors_never_reach_a_concurrent_healthy_session(running_server, tiny_or
             return await asyncio.gather(healthy(), hostile())
 
         got, codes = asyncio.run(main())
-    np.testing.assert_allclose(got, oracle_outputs(tiny_oracle, tokens), atol=TOL, rtol=0)
+    np.testing.assert_allclose(got, tiny_oracle.sequence(tokens), atol=TOL, rtol=0)
     assert grpc.StatusCode.UNKNOWN not in codes and grpc.StatusCode.INTERNAL not in codes
     assert codes == [INVALID.value[0], grpc.StatusCode.FAILED_PRECONDITION] * len(BAD_KINDS)

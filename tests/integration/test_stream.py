@@ -8,7 +8,7 @@ import random
 import grpc
 import numpy as np
 import pytest
-from stream_helpers import TOL, open_msg, oracle_outputs, run_session, step_msg
+from stream_helpers import TOL, open_msg, run_session, step_msg
 
 from cellserve.server.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
@@ -40,7 +40,7 @@ def test_served_equals_oracle_for_100_interleaved_chunked_sessions(running_serve
         results = asyncio.run(main())
         batch = srv.registry.get_sample_value("cellserve_batch_size_count", {"model": "tiny"})
     for tokens, got in zip(seqs, results, strict=True):
-        np.testing.assert_allclose(got, oracle_outputs(tiny_oracle, tokens), atol=TOL, rtol=0)
+        np.testing.assert_allclose(got, tiny_oracle.sequence(tokens), atol=TOL, rtol=0)
     assert batch is not None and batch > 0
 
 
@@ -64,7 +64,7 @@ def test_batching_is_real_with_64_single_step_streams(running_server, tiny_oracl
     assert total == 64 * 40
     assert total / calls > 8, f"mean batch size {total / calls:.1f} shows no real cross-session batching"
     for tokens, got in zip(seqs, results, strict=True):
-        np.testing.assert_allclose(got, oracle_outputs(tiny_oracle, tokens), atol=TOL, rtol=0)
+        np.testing.assert_allclose(got, tiny_oracle.sequence(tokens), atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("engine_mode", ["inline", "thread"])
@@ -73,7 +73,7 @@ def test_both_engine_modes_match_the_oracle(running_server, tiny_oracle, engine_
     tokens = np.random.default_rng(1).integers(0, 256, size=60, dtype=np.int64)
     with running_server(engine_mode=engine_mode) as srv:
         got = asyncio.run(run_session(srv.address, tokens, random_chunks(60, rng), rng))
-    np.testing.assert_allclose(got, oracle_outputs(tiny_oracle, tokens), atol=TOL, rtol=0)
+    np.testing.assert_allclose(got, tiny_oracle.sequence(tokens), atol=TOL, rtol=0)
 
 
 def test_a_checkpoint_step_carries_a_token_that_resumes_exactly_after_it(running_server, tiny_oracle):
@@ -104,6 +104,6 @@ def test_a_checkpoint_step_carries_a_token_that_resumes_exactly_after_it(running
 
     with running_server() as srv:
         middle, rest = asyncio.run(main(srv.address))
-    want = oracle_outputs(tiny_oracle, tokens)
+    want = tiny_oracle.sequence(tokens)
     np.testing.assert_allclose(middle, want[10:20], atol=TOL, rtol=0)
     np.testing.assert_allclose(rest, want[20:], atol=TOL, rtol=0)

@@ -55,11 +55,6 @@ def fresh_connections_all_serving(address: str) -> bool:
     return True
 
 
-def oracle_run(oracle: Any, tokens: np.ndarray) -> np.ndarray:
-    h, c = oracle.init_state(1)
-    return oracle.run(tokens[None], h, c)[0][0]
-
-
 class Sessions:
     """CONNECTIONS open sessions, each on its own channel, stepped one token at a time."""
 
@@ -121,7 +116,7 @@ def test_connections_land_on_every_worker_and_metrics_are_their_sums(spawn_serve
     assert value(total, "cellserve_workers") == 2
     assert value(total, "cellserve_build_info", version=__import__("cellserve").__version__) == 1  # not summed
     for i, got in enumerate(sessions.outputs):
-        np.testing.assert_allclose(np.concatenate(got), oracle_run(tiny_oracle, tokens[i]), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.concatenate(got), tiny_oracle.sequence(tokens[i]), atol=1e-5, rtol=0)
 
 
 def test_a_killed_worker_is_restarted_and_counters_keep_counting(spawn_server, wait_until):
@@ -194,7 +189,7 @@ def test_sigterm_drains_every_worker_with_tokens_that_resume_elsewhere(spawn_ser
     results = asyncio.run(main())
     assert a.proc.wait(60) == 0
     for i, got in enumerate(results):
-        np.testing.assert_allclose(got, oracle_run(tiny_oracle, tokens[i]), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got, tiny_oracle.sequence(tokens[i]), atol=1e-5, rtol=0)
 
 
 def test_health_goes_not_serving_on_every_worker_at_sigterm(spawn_server):

@@ -18,11 +18,6 @@ KEYS = '{"active": "k1", "keys": {"k1": "' + "5a" * 32 + '"}}'
 SESSIONS, LENGTH = 200, 24
 
 
-def oracle_run(oracle: Any, tokens: np.ndarray) -> np.ndarray:
-    h, c = oracle.init_state(1)
-    return oracle.run(tokens[None], h, c)[0][0]
-
-
 async def step(call: Any, seq: int, x: np.ndarray) -> np.ndarray:
     await call.write(pb.StreamRequest(step=pb.Step(seq=seq, input=to_proto(x))))
     resp = await call.read()
@@ -86,7 +81,7 @@ def test_200_sessions_drain_from_a_and_continue_on_b_with_zero_loss(spawn_server
     assert a.proc.wait(timeout=60) == 0  # A left early: every session had moved on before the grace ended
     assert len(results) == SESSIONS
     for tokens, (got, _) in zip(seqs, results, strict=True):
-        np.testing.assert_allclose(got, oracle_run(tiny_oracle, tokens), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got, tiny_oracle.sequence(tokens), atol=1e-5, rtol=0)
     assert b.proc.poll() is None
 
 
