@@ -1,5 +1,5 @@
 """Builders for tests that speak the native Stream API over a raw grpc.aio channel: request messages,
-reading a stream to its end, one whole oracle-checked session, and the oracle's outputs."""
+reading a stream to its end, and one whole oracle-checked session."""
 
 from __future__ import annotations
 
