@@ -53,30 +53,33 @@ class ModelInfo:
         A single step may be given without its T axis (a scalar token id, or an [I] feature vector). A token
         model also takes ``bytes``/``bytearray``: each byte is one token id (``b"def "`` = ``list(b"def ")``).
         """
-        expected = self.expected_input()
         if self.input_kind == "tokens" and isinstance(x, (bytes, bytearray)):
             a = np.frombuffer(x, np.uint8)
         elif x is None or isinstance(x, (str, bytes, bytearray)):
-            raise InvalidInputError(f"{self._python_input(x)}; {expected}")
+            raise self._refuse(self._python_input(x))
         else:
             try:
                 a = np.asarray(x)
             except (ValueError, TypeError) as e:  # ragged nested lists, objects numpy cannot hold
-                raise InvalidInputError(f"input is not a rectangular array of numbers ({e}); {expected}") from None
+                raise self._refuse(f"input is not a rectangular array of numbers ({e})") from None
             if a.dtype.kind in "OSUV":  # objects, strings, records: not numbers numpy could convert
-                raise InvalidInputError(f"input of Python type {type(x).__name__} is not numbers (numpy reads it "
-                                        f"as dtype {a.dtype}); {expected}")  # fmt: skip
+                raise self._refuse(f"input of Python type {type(x).__name__} is not numbers (numpy reads it "
+                                   f"as dtype {a.dtype})")  # fmt: skip
         if a.size == 0:
-            raise InvalidInputError(f"input is empty (shape {list(a.shape)}); {expected}")
+            raise self._refuse(f"input is empty (shape {list(a.shape)})")
         if self.input_kind == "tokens":
-            return self._check_tokens(a, expected)
-        return self._check_features(a, expected)
+            return self._check_tokens(a)
+        return self._check_features(a)
 
     def expected_input(self) -> str:
-        """What a step of this model takes, for error messages."""
+        """What a step of this model takes, for error messages (built only when one is raised)."""
         if self.input_kind == "tokens":
             return f"model {self.name!r} expects integer token ids in [0, {self.input_size}), int64 [T] with T >= 1"
         return f"model {self.name!r} expects finite float32 features [T, {self.input_size}] with T >= 1"
+
+    def _refuse(self, what: str) -> InvalidInputError:
+        """``what`` was wrong, and what the model expects (built only when a step is refused)."""
+        return InvalidInputError(f"{what}; {self.expected_input()}")
 
     def _python_input(self, x: str | bytes | bytearray | None) -> str:
         """What a step's input is, when it is a Python value that is not numbers (None, a str, bytes)."""
@@ -87,30 +90,30 @@ class ModelInfo:
             return f"input is a str; encode it first, e.g. list({example}.encode()) (one token id per UTF-8 byte)"
         return f"input has Python type {type(x).__name__} (length {len(x)}), not numbers"
 
-    def _check_tokens(self, a: np.ndarray, expected: str) -> np.ndarray:
+    def _check_tokens(self, a: np.ndarray) -> np.ndarray:
         if a.dtype.kind not in "iu":
-            raise InvalidInputError(f"input has dtype {a.dtype}; {expected}")
+            raise self._refuse(f"input has dtype {a.dtype}")
         if a.ndim == 0:
             a = a.reshape(1)
         if a.ndim != 1:
-            raise InvalidInputError(f"input has shape {list(a.shape)}; {expected}")
+            raise self._refuse(f"input has shape {list(a.shape)}")
         lo, hi = int(a.min()), int(a.max())
         if lo < 0 or hi >= self.input_size:
             bad = lo if lo < 0 else hi
-            raise InvalidInputError(f"token id {bad} is out of range; {expected}")
+            raise self._refuse(f"token id {bad} is out of range")
         return a.astype(np.int64, copy=False)
 
-    def _check_features(self, a: np.ndarray, expected: str) -> np.ndarray:
+    def _check_features(self, a: np.ndarray) -> np.ndarray:
         if a.dtype.kind not in "fiu":
-            raise InvalidInputError(f"input has dtype {a.dtype}; {expected}")
+            raise self._refuse(f"input has dtype {a.dtype}")
         if a.ndim == 1 and a.shape[0] != self.input_size:
-            raise InvalidInputError(f"input has shape {list(a.shape)} (a 1-D input is read as one step of "
-                                    f"{a.shape[0]} features); {expected}")  # fmt: skip
+            raise self._refuse(f"input has shape {list(a.shape)} (a 1-D input is read as one step of "
+                                    f"{a.shape[0]} features)")  # fmt: skip
         if a.ndim == 1:
             a = a.reshape(1, -1)
         if a.ndim != 2 or a.shape[1] != self.input_size:
-            raise InvalidInputError(f"input has shape {list(a.shape)}; {expected}")
+            raise self._refuse(f"input has shape {list(a.shape)}")
         a = a.astype(np.float32, copy=False)
         if not np.isfinite(a).all():
-            raise InvalidInputError(f"input has NaN or infinite values; {expected}")
+            raise self._refuse("input has NaN or infinite values")
         return a
