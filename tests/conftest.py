@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from waiting import WaitUntil
+from waiting import WaitUntil, ready_info
 
 from cellserve.model.manifest import Manifest
 
@@ -188,14 +188,15 @@ def start_server_process(model_dir: Path, workdir: Path, *args: str, env: dict |
         text=True,
         env=env,
     )
+
+    def exited_with() -> str:  # its stderr can be read to the end only once it has exited
+        return proc.stderr.read() if proc.stderr and proc.poll() is not None else "(still running)"
+
     try:  # the ready file is written atomically once every model is SERVING
-        WaitUntil()(lambda: ready.exists() or proc.poll() is not None, timeout_s=60)
+        info = ready_info(ready, proc, 60, exited_with)
     except AssertionError:
-        pass
-    if not ready.exists():
         proc.kill()
-        raise RuntimeError(f"server did not become ready: {proc.stderr.read() if proc.stderr else ''}")
-    info = json.loads(ready.read_text())
+        raise
     return ServerProcess(proc, info["port"], info["metrics_port"], ready)
 
 

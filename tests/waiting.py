@@ -7,8 +7,11 @@ with a conftest.py of its own shadows the module name ``conftest``.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 What = str | Callable[[], str]  # what was awaited, for the failure message (a callable: worked out on failure)
@@ -43,3 +46,18 @@ class WaitUntil:
 def _about(what: What) -> str:
     text = what() if callable(what) else what
     return f": {text}" if text else ""
+
+
+def ready_info(ready: Path, proc: subprocess.Popen, timeout_s: float, log: Callable[[], str]) -> dict:
+    """The JSON ``cellserve serve --ready-file`` writes once every model is SERVING; fails at once, with
+    ``log()``, if the process exits first (a crash ends the wait)."""
+
+    def written() -> bool:
+        if ready.exists():
+            return True
+        if proc.poll() is not None:
+            raise AssertionError(f"cellserve serve exited {proc.returncode} before it was ready: {log()}")
+        return False
+
+    WaitUntil()(written, timeout_s, poll_s=0.05, what=lambda: f"no ready file: {log()}")
+    return json.loads(ready.read_text())

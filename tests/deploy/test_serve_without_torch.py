@@ -10,7 +10,6 @@ ONNX file as a second model, and the server serves both.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ import grpc
 import pytest
 from deploy_checks import BUILD_INPUTS, stop_process  # BUILD_INPUTS: what the Dockerfile's builder copies
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from waiting import ready_info
 
 pytestmark = pytest.mark.e2e
 
@@ -57,7 +57,7 @@ def build_wheel(tmp: Path) -> Path:
     return wheel
 
 
-def test_serve_extra_serves_without_torch(tiny_model_dir, tmp_path, wait_until):
+def test_serve_extra_serves_without_torch(tiny_model_dir, tmp_path):
     wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert "cellserve/v1/cellserve_pb2.py" in names and "cellserve/server/app.py" in names
@@ -92,14 +92,8 @@ def test_serve_extra_serves_without_torch(tiny_model_dir, tmp_path, wait_until):
         stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
     )
     try:
-
-        def started() -> bool:  # a crash ends the wait at once
-            if not ready.exists() and server.poll() is not None:
-                pytest.fail(f"cellserve serve exited {server.returncode}: {(tmp_path / 'serve.log').read_text()}")
-            return ready.exists()
-
-        wait_until(started, 90, poll_s=0.2, what=lambda: "no ready file: " + (tmp_path / "serve.log").read_text())
-        address = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+        info = ready_info(ready, server, 90, (tmp_path / "serve.log").read_text)
+        address = f"127.0.0.1:{info['port']}"
 
         check([str(bin_dir / "cellserve"), "health", "--server", address], timeout=60)
         with grpc.insecure_channel(address) as channel:
