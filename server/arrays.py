@@ -54,10 +54,9 @@ class NumpyOps:
         return np.zeros(shape, dtype=dtype)  # calloc: pages are committed when first written
 
     def take_rows(self, src: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
-        # Per layer, a row gather of contiguous [S, H] planes; "clip" skips the bounds check (the rows are
-        # the pool's own slot ids): ~3x faster than one np.take over axis 1 (measured, B=64).
-        for layer in range(src.shape[0]):
-            np.take(src[layer], rows, axis=0, out=out[layer], mode="clip")
+        # One call for every layer; "clip" skips the bounds check and its buffering (the rows are the pool's
+        # own slot ids): 2-3x faster than a take per layer, 4-10x faster than mode "raise" (measured, B=1..64).
+        np.take(src, rows, axis=1, out=out, mode="clip")
 
     def put_rows(self, dst: np.ndarray, rows: np.ndarray, src: np.ndarray) -> None:
         dst[:, rows, :] = src

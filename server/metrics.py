@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import threading
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from itertools import accumulate
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -38,7 +40,7 @@ class Metrics:
             registry=registry,
         )
         self.steps = Counter(p + "steps", "Time steps computed (a chunk of T counts T).", ["model"], registry=registry)
-        # Observed once per batch for all of its messages (observe_many): per-message values, per-batch cost.
+        # Observed once per batch for all of its messages (observe_elapsed): per-message values, per-batch cost.
         self.step_latency = BatchHistogram(
             p + "step_latency_seconds",
             "Per step request (a session's message, a stateless OIP row): queued until its output is ready.",
@@ -78,17 +80,17 @@ class Metrics:
 
 
 class BatchHistogram:
-    """A labelled histogram whose values arrive a batch at a time: ``labels(v).observe_many(values)``.
+    """A labelled histogram of durations that arrive a batch at a time: ``labels(v).observe_elapsed(now, starts)``.
 
     Exported exactly like prometheus-client's ``Histogram`` (``_bucket{le}``, ``_sum``, ``_count``),
-    but a batch of 64 latencies costs one numpy call instead of 64 locked Python updates.
+    but a batch costs one locked update instead of one per value.
     """
 
     def __init__(
         self, name: str, documentation: str, label: str, buckets: Sequence[float], registry: CollectorRegistry
     ) -> None:
         self.name, self.documentation, self.label = name, documentation, label
-        self.bounds = np.array([*buckets, math.inf])  # upper bounds ("le"), +Inf last
+        self.bounds = (*(float(b) for b in buckets), math.inf)  # upper bounds ("le"), +Inf last
         self._lock = threading.Lock()  # the /metrics thread reads while the event loop writes
         self._children: dict[str, HistogramChild] = {}
         registry.register(self)
@@ -105,31 +107,53 @@ class BatchHistogram:
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
         with self._lock:
-            rows = [(value, np.cumsum(child.counts), child.sum) for value, child in self._children.items()]
+            rows = [(value, list(accumulate(child.counts())), child.sum) for value, child in self._children.items()]
         for value, cumulative, total in rows:
             buckets = [(_le(b), float(n)) for b, n in zip(self.bounds, cumulative, strict=True)]
             family.add_metric([value], buckets, total)
         yield family
 
 
-class HistogramChild:
-    """One label value's bucket counts (not cumulative) and sum."""
+# Up to this many values, a bisect per value beats numpy's fixed cost per call (measured: 0.3 µs against
+# ~8 µs for one value, about even at 16-32); larger batches take the vectorized path.
+SMALL_BATCH = 16
 
-    def __init__(self, bounds: np.ndarray, lock: threading.Lock) -> None:
+
+class HistogramChild:
+    """One label value's bucket counts (not cumulative) and sum.
+
+    Counts are kept in two parts, each the cheapest to add to on its own path: a list for small batches,
+    a numpy array for large ones. ``counts()`` is their sum.
+    """
+
+    def __init__(self, bounds: tuple[float, ...], lock: threading.Lock) -> None:
         self._bounds = bounds
+        self._array = np.array(bounds)
         self._lock = lock
-        self.counts = np.zeros(len(bounds), dtype=np.int64)
+        self._small = [0] * len(bounds)
+        self._large = np.zeros(len(bounds), dtype=np.int64)
         self.sum = 0.0
 
-    def observe_many(self, values: np.ndarray) -> None:
-        """Add every value of ``values`` (1-D, seconds): each lands in the first bucket whose bound is >= it."""
-        per_bucket = np.bincount(np.searchsorted(self._bounds, values), minlength=len(self._bounds))
-        with self._lock:
-            self.counts += per_bucket
-            self.sum += float(values.sum())
+    def counts(self) -> list[int]:
+        """Observations per bucket (call under the histogram's lock)."""
+        return [int(n) for n in self._large + self._small]
 
-    def observe(self, value: float) -> None:
-        self.observe_many(np.array([value]))
+    def observe_elapsed(self, now: float, starts: Sequence[float]) -> None:
+        """Add ``now - start`` for every start time (seconds): each lands in the first bucket whose bound is >= it."""
+        if len(starts) <= SMALL_BATCH:
+            values = [now - t for t in starts]
+            buckets = [bisect_left(self._bounds, v) for v in values]
+            with self._lock:
+                for b in buckets:
+                    self._small[b] += 1
+                self.sum += sum(values)
+            return
+        elapsed = now - np.array(starts)
+        per_bucket = np.bincount(np.searchsorted(self._array, elapsed), minlength=len(self._bounds))
+        total = float(elapsed.sum())
+        with self._lock:
+            self._large += per_bucket
+            self.sum += total
 
 
 def _le(bound: float) -> str:

@@ -243,7 +243,7 @@ class Scheduler:
                 req.finish(0)
             else:
                 live.append(req)
-        self._m_wait.observe_many(start - np.array([r.queued_at for r in live]))
+        self._m_wait.observe_elapsed(start, [r.queued_at for r in live])
         groups: dict[int, list[_Request]] = {}
         for req in live:
             groups.setdefault(req.x.shape[0], []).append(req)
@@ -255,7 +255,7 @@ class Scheduler:
             req.finish(t)
             if not req.future.done():
                 req.future.set_result(row)
-        self._m_latency.observe_many(time.perf_counter() - np.array([r.queued_at for r in group]))
+        self._m_latency.observe_elapsed(time.perf_counter(), [r.queued_at for r in group])
         self._m_engine.observe(engine_s)
         self._m_batch.observe(len(group))
         self._m_steps.inc(len(group) * t)
