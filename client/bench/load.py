@@ -87,28 +87,43 @@ Roundtrip = Callable[[int], Awaitable[None]]
 Close = Callable[[], Awaitable[None]]
 
 
+OUTPUT_TAG = bytes(((2 << 3) | 2,))  # StreamResponse.output: field 2, wire type 2 (length-delimited)
+
+
+def _described(reply: object) -> str:
+    """A reply that is not what the bench expected, as text: the parsed response where it parses."""
+    from cellserve.v1 import cellserve_pb2 as pb
+
+    if not isinstance(reply, bytes):
+        return repr(reply)
+    try:
+        return repr(pb.StreamResponse.FromString(reply))
+    except Exception:  # not a StreamResponse at all
+        return f"{reply!r:.80}"
+
+
 async def _open_cellserve(spec: LoadSpec, channel: Any, seed: int) -> tuple[Roundtrip, Close]:
     from cellserve.client.tensors import to_proto
     from cellserve.v1 import cellserve_pb2 as pb
 
+    # Bytes both ways, as for echo: a reply is checked to be an output by its first byte (the tag of
+    # StreamResponse.output, field 2, length-delimited), and parsed only to report one that is not.
     method = channel.stream_stream(
-        "/cellserve.v1.CellServe/Stream",
-        request_serializer=lambda b: b,
-        response_deserializer=pb.StreamResponse.FromString,
+        "/cellserve.v1.CellServe/Stream", request_serializer=lambda b: b, response_deserializer=lambda b: b
     )
     call = method()
     await call.write(pb.StreamRequest(open=pb.Open(model=spec.model)).SerializeToString())
     opened = await call.read()
-    if not isinstance(opened, pb.StreamResponse) or opened.WhichOneof("kind") != "opened":
-        raise RuntimeError(f"cellserve open failed: {opened!r} {await call.details()}")
+    if not isinstance(opened, bytes) or pb.StreamResponse.FromString(opened).WhichOneof("kind") != "opened":
+        raise RuntimeError(f"cellserve open failed: {_described(opened)} {await call.details()}")
     xs = [to_proto(x) for x in _inputs(spec, np.random.default_rng(seed), 16)]
     reqs = [pb.StreamRequest(step=pb.Step(seq=s, input=xs[s % 16])).SerializeToString() for s in range(64)]
 
     async def roundtrip(i: int) -> None:
         await call.write(reqs[i % 64])
         resp = await call.read()
-        if not isinstance(resp, pb.StreamResponse) or resp.WhichOneof("kind") != "output":
-            raise RuntimeError(f"cellserve step failed: {resp!r}")
+        if not isinstance(resp, bytes) or resp[:1] != OUTPUT_TAG:
+            raise RuntimeError(f"cellserve step failed: {_described(resp)}")
 
     async def close() -> None:
         await call.write(pb.StreamRequest(close=pb.Close()).SerializeToString())

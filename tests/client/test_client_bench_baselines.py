@@ -116,3 +116,18 @@ def test_bench_refuses_baselines_on_a_different_model_than_the_server_serves(run
                 "--out", str(tmp_path / "out")]  # fmt: skip
         assert cellserve_main(argv) == 2
     assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_the_bench_tells_an_output_from_every_other_reply_by_its_first_byte():
+    from cellserve.client.bench.load import OUTPUT_TAG, _described
+    from cellserve.server.tensors import encode_output
+    from cellserve.v1 import cellserve_pb2 as pb
+
+    assert encode_output(7, np.zeros((1, 4), np.float32))[:1] == OUTPUT_TAG
+    assert pb.StreamResponse(output=pb.Output()).SerializeToString()[:1] == OUTPUT_TAG
+    for kind in ("opened", "snapshot", "closed", "error", "draining"):
+        reply = pb.StreamResponse()
+        getattr(reply, kind).SetInParent()
+        assert reply.SerializeToString()[:1] != OUTPUT_TAG, kind
+    refused = pb.StreamResponse(error=pb.StepError(seq=3, message="token id 999 is out of range")).SerializeToString()
+    assert "token id 999 is out of range" in _described(refused)
