@@ -13,12 +13,14 @@ import sys
 from collections.abc import Sequence
 
 from cellserve import __version__
+from cellserve.cli_help import fail
 from cellserve.server.logs import configure_logging
 
 # Each module has `register(subparsers)`, adding its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = (
     "cellserve.server.serve",
     "cellserve.server.engine_bench",
+    "cellserve.server.path_bench",
     "cellserve.model.cli",
     "cellserve.client.cli",
 )
@@ -55,12 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before any subcommand runs; `serve` sets it again from its Settings (where `serve --log-*` land).
     level = getattr(args, "log_level", None) or os.environ.get("CELLSERVE_LOG_LEVEL") or "INFO"
     fmt = getattr(args, "log_format", None) or os.environ.get("CELLSERVE_LOG_FORMAT") or "text"
+    # One line naming where the bad value came from, as every setting error (not the top-level usage).
     if fmt not in ("text", "json"):
-        parser.error(f"CELLSERVE_LOG_FORMAT: {fmt!r} is not text or json")
+        return fail(args.command, f"CELLSERVE_LOG_FORMAT: {fmt!r} is not text or json")
     try:
         configure_logging(level, "json" if fmt == "json" else "text")
     except ValueError as e:
-        parser.error(f"--log-level: {e}")
+        where = "--log-level" if getattr(args, "log_level", None) else "CELLSERVE_LOG_LEVEL"
+        return fail(args.command, f"{where}: {e}")
     return int(args.func(args) or 0)
 
 

@@ -20,6 +20,7 @@ import pytest
 from pydantic import ValidationError
 
 from cellserve.server.cli import build_parser
+from cellserve.server.cli import main as cli_main
 from cellserve.server.logs import JsonFormatter, KeyValueFormatter, configure_logging
 from cellserve.server.security import is_loopback
 from cellserve.server.serve import settings_from_args
@@ -122,6 +123,23 @@ def test_log_flags_work_before_and_after_serve():
     assert both.log_level == "WARNING", "the flag after serve wins"
     other = parser.parse_args(["--log-level", "debug", "--log-format", "json", "models"])
     assert (other.log_level, other.log_format) == ("debug", "json")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "said"),
+    [
+        (["serve", "--log-level", "verbose"], {}, "cellserve serve: error: --log-level: log level 'verbose'"),
+        (["--log-level", "verbose", "models"], {}, "cellserve models: error: --log-level: log level 'verbose'"),
+        (["models"], {"CELLSERVE_LOG_LEVEL": "loud"}, "cellserve models: error: CELLSERVE_LOG_LEVEL: log level 'loud'"),
+        (["models"], {"CELLSERVE_LOG_FORMAT": "xml"}, "cellserve models: error: CELLSERVE_LOG_FORMAT: 'xml'"),
+    ],
+)
+def test_a_bad_log_setting_is_one_line_naming_where_it_came_from(argv, env, said, monkeypatch, capsys):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(said) and err.count("\n") == 1, err  # no usage text: the one line says it all
 
 
 @pytest.mark.parametrize(("host", "local"), [("127.0.0.1", True), ("[::1]", True), ("localhost", True),

@@ -1,0 +1,198 @@
+"""`cellserve bench-path`: the serving path below gRPC, in-process, per message.
+
+For every session count N it opens N sessions and runs N closed loops on one event loop, each doing
+per message what the native ``Stream`` handler does between ``context.read()`` and ``context.write()``:
+parse the request bytes, decode the tensor, ``Session.submit`` (input check, the inline scheduler,
+the engine, delivery), and encode the output bytes. No gRPC, no client and no other process share the
+time, so the figures hold still on a noisy machine where ``cellserve bench`` does not.
+
+It reports, per message: the whole path, the engine's part of it (``Engine.run_slots``, from the
+``cellserve_engine_run_seconds`` metric), the rest (``path - engine``: our Python), and raw
+onnxruntime at the same batch measured in the same run (``session.run`` on host arrays, state fed
+back). Writes ``path_bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-path",
+        help="benchmark the serving path below gRPC in-process: µs per message at N sessions, engine and rest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model-dir", type=Path, required=True, help="exported model directory (manifest.json)")
+    p.add_argument("--sessions", default="1,8,64", help="comma-separated session counts N (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1, help="time steps T per message (default: 1)")
+    p.add_argument("--messages", type=int, default=2000, help="timed messages per N, over all sessions (default: 2000)")
+    p.add_argument("--warmup", type=int, default=200, help="untimed messages per N first (default: 200)")
+    p.add_argument("--intra-op-threads", type=int, default=1, help="onnxruntime threads (default: 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/bench-path"), help="directory for path_bench.json")
+    p.set_defaults(func=_main)
+
+
+TOTALS = ("cellserve_engine_run_seconds_sum", "cellserve_batch_size_sum", "cellserve_batch_size_count")
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"cellserve bench-path: error: --sessions {text!r}: give session counts like 1,8,64")
+    return counts
+
+
+async def _measure(manager: Any, model: Any, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``n`` closed loops; per-message wall and CPU time, the engine's time and the batches formed."""
+    from cellserve.client.tensors import to_proto
+    from cellserve.server.tensors import encode_output, to_numpy
+    from cellserve.v1 import cellserve_pb2 as pb
+
+    rng = np.random.default_rng(args.seed + n)
+    x = model.engine.example_input(1, args.steps)[0]
+    if model.manifest.vocab is not None:
+        x = rng.integers(0, model.manifest.vocab, size=x.shape).astype(x.dtype)
+    request = pb.StreamRequest(step=pb.Step(seq=1, input=to_proto(x))).SerializeToString()
+    sessions = [manager.open(model.name) for _ in range(n)]
+
+    async def loop(session: Any, messages: int) -> None:
+        for _ in range(messages):
+            step = pb.StreamRequest.FromString(request).step
+            y = await session.submit(to_numpy(step.input))
+            encode_output(step.seq, y)
+
+    async def run(total: int) -> None:
+        per = -(-total // n)  # every session sends the same number: each batch holds all n
+        await asyncio.gather(*(loop(s, per) for s in sessions))
+
+    def totals() -> list[float]:  # engine seconds, messages batched, batches: as the metrics have them now
+        registry, labels = manager.metrics.registry, {"model": model.name}
+        return [registry.get_sample_value(name, labels) or 0.0 for name in TOTALS]
+
+    await run(args.warmup)
+    before = totals()
+    wall, cpu = time.perf_counter(), time.process_time()
+    await run(args.messages)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    engine_s, msgs, batches = (after - b for after, b in zip(totals(), before, strict=True))
+    for s in sessions:
+        manager.close(s, "client")
+    return {"wall_s": wall, "cpu_s": cpu, "engine_s": engine_s, "messages": msgs, "mean_batch": msgs / batches}
+
+
+def _raw_ort_us(model: Any, batch: int, steps: int, messages: int) -> float:
+    """Raw onnxruntime at ``batch``: median µs per call of ``session.run`` on host arrays, state fed back."""
+    engine, m = model.engine, model.manifest
+    x = engine.example_input(batch, steps)
+    h = c = np.zeros(m.state_shape(batch), np.float32)
+    times = []
+    for i in range(max(20, messages // batch)):
+        t0 = time.perf_counter()
+        _, h, c = engine.run_stateless(x, h, c)
+        if i >= 5:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e6
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from prometheus_client import CollectorRegistry
+
+    from cellserve.server.metrics import Metrics
+    from cellserve.server.models import ModelRepository
+    from cellserve.server.sessions import SessionManager
+    from cellserve.server.settings import Settings
+
+    counts = _counts(args.sessions)
+    settings = Settings(
+        model_dirs=[args.model_dir],
+        intra_op_threads=args.intra_op_threads,
+        max_batch=max(counts),
+        capacity=max(max(counts), 16),
+        metrics_port=0,
+    )
+    metrics = Metrics(CollectorRegistry())
+    models = ModelRepository.load(settings, metrics)
+    (model,) = list(models)
+    manager = SessionManager(models, settings, metrics)
+
+    async def main() -> list[dict[str, Any]]:
+        model.engine.warmup(list(range(1, settings.max_batch + 1)))
+        model.scheduler.start()
+        try:
+            return [await _measure(manager, model, n, args) for n in counts]
+        finally:
+            await model.scheduler.stop()
+
+    points = []
+    for n, r in zip(counts, asyncio.run(main()), strict=True):
+        msgs = r["messages"]
+        path = r["wall_s"] / msgs * 1e6
+        engine = r["engine_s"] / msgs * 1e6
+        raw = _raw_ort_us(model, round(r["mean_batch"]), args.steps, args.messages) / round(r["mean_batch"])
+        points.append(
+            {
+                "sessions": n,
+                "mean_batch": r["mean_batch"],
+                "messages": msgs,
+                "path_us_per_msg": path,
+                "cpu_us_per_msg": r["cpu_s"] / msgs * 1e6,
+                "engine_us_per_msg": engine,
+                "rest_us_per_msg": path - engine,
+                "raw_ort_us_per_msg": raw,
+                "path_over_raw_ort": path / raw,
+            }
+        )
+    m = model.manifest
+    return {"model": {"name": m.name, "layers": m.layers, "hidden": m.hidden}, "steps": args.steps, "points": points}
+
+
+def table(report: dict[str, Any]) -> str:
+    m = report["model"]
+    head = (
+        f"{'sessions':>8} {'batch':>6} | {'path µs/msg':>11} {'engine':>8} {'rest':>8} | "
+        f"{'raw ORT µs/msg':>14} {'path/raw':>8}"
+    )
+    lines = [f"model L={m['layers']} H={m['hidden']}, T={report['steps']}, in-process (no gRPC)", head, "-" * len(head)]
+    for p in report["points"]:
+        lines.append(
+            f"{p['sessions']:>8} {p['mean_batch']:>6.1f} | {p['path_us_per_msg']:>11.1f} "
+            f"{p['engine_us_per_msg']:>8.1f} {p['rest_us_per_msg']:>8.1f} | "
+            f"{p['raw_ort_us_per_msg']:>14.1f} {p['path_over_raw_ort']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _main(args: argparse.Namespace) -> int:
+    report = run_bench(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "path_bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"wrote {args.out / 'path_bench.json'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cellserve.server.path_bench ARGS``: the same command without the rest of the CLI's imports."""
+    parser = argparse.ArgumentParser(prog="python -m cellserve.server.path_bench")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench-path", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
