@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -158,7 +159,20 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
     m = model.manifest
-    return {"model": {"name": m.name, "layers": m.layers, "hidden": m.hidden}, "steps": args.steps, "points": points}
+    return {
+        "meta": {
+            "command": (
+                f"cellserve bench-path --model-dir {args.model_dir} --sessions {args.sessions} --steps {args.steps} "
+                f"--messages {args.messages} --warmup {args.warmup} --intra-op-threads {args.intra_op_threads}"
+            ),
+            "unix_time": time.time(),
+            "cpu_count": os.cpu_count(),
+            "loadavg": os.getloadavg(),
+        },
+        "model": {"name": m.name, "sha256": m.sha256, "layers": m.layers, "hidden": m.hidden},
+        "steps": args.steps,
+        "points": points,
+    }
 
 
 def table(report: dict[str, Any]) -> str:

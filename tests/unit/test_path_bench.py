@@ -22,6 +22,7 @@ def test_bench_path_reports_each_session_count_with_its_engine_share(tiny_model_
         assert 0 < p["engine_us_per_msg"] < p["path_us_per_msg"]
         assert p["rest_us_per_msg"] == pytest.approx(p["path_us_per_msg"] - p["engine_us_per_msg"])
         assert p["raw_ort_us_per_msg"] > 0 and p["path_over_raw_ort"] > 0
+    assert report["meta"]["command"].startswith("cellserve bench-path --model-dir ")
     assert "in-process (no gRPC)" in capsys.readouterr().out
 
 
