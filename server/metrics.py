@@ -8,7 +8,6 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from itertools import accumulate
 
-import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import HistogramMetricFamily, Metric
 
@@ -107,53 +106,35 @@ class BatchHistogram:
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
         with self._lock:
-            rows = [(value, list(accumulate(child.counts())), child.sum) for value, child in self._children.items()]
+            rows = [(value, list(accumulate(child.counts)), child.sum) for value, child in self._children.items()]
         for value, cumulative, total in rows:
             buckets = [(_le(b), float(n)) for b, n in zip(self.bounds, cumulative, strict=True)]
             family.add_metric([value], buckets, total)
         yield family
 
 
-# Up to this many values, a bisect per value beats numpy's fixed cost per call (measured: 0.3 µs against
-# ~8 µs for one value, about even at 16-32); larger batches take the vectorized path.
-SMALL_BATCH = 16
-
-
 class HistogramChild:
-    """One label value's bucket counts (not cumulative) and sum.
-
-    Counts are kept in two parts, each the cheapest to add to on its own path: a list for small batches,
-    a numpy array for large ones. ``counts()`` is their sum.
-    """
+    """One label value's bucket counts (not cumulative) and sum."""
 
     def __init__(self, bounds: tuple[float, ...], lock: threading.Lock) -> None:
         self._bounds = bounds
-        self._array = np.array(bounds)
         self._lock = lock
-        self._small = [0] * len(bounds)
-        self._large = np.zeros(len(bounds), dtype=np.int64)
+        self.counts = [0] * len(bounds)
         self.sum = 0.0
 
-    def counts(self) -> list[int]:
-        """Observations per bucket (call under the histogram's lock)."""
-        return [int(n) for n in self._large + self._small]
-
     def observe_elapsed(self, now: float, starts: Sequence[float]) -> None:
-        """Add ``now - start`` for every start time (seconds): each lands in the first bucket whose bound is >= it."""
-        if len(starts) <= SMALL_BATCH:
-            values = [now - t for t in starts]
-            buckets = [bisect_left(self._bounds, v) for v in values]
-            with self._lock:
-                for b in buckets:
-                    self._small[b] += 1
-                self.sum += sum(values)
-            return
-        elapsed = now - np.array(starts)
-        per_bucket = np.bincount(np.searchsorted(self._array, elapsed), minlength=len(self._bounds))
-        total = float(elapsed.sum())
+        """Add ``now - start`` for every start time (seconds): each lands in the first bucket whose bound is >= it.
+
+        A bisect per value: ~0.25 µs each, where one numpy call costs ~8 µs whatever the batch (measured), so
+        this is cheaper up to a few dozen values and within ~0.1 µs per value above.
+        """
+        values = [now - t for t in starts]
+        buckets = [bisect_left(self._bounds, v) for v in values]
         with self._lock:
-            self._large += per_bucket
-            self.sum += total
+            counts = self.counts
+            for b in buckets:
+                counts[b] += 1
+            self.sum += sum(values)
 
 
 def _le(bound: float) -> str:
