@@ -101,7 +101,8 @@ def gather_scatter_step(engine: Any, slots: np.ndarray, x: np.ndarray) -> None:
     ops.synchronize()
 
 
-def _inputs(engine: Any, batch: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+def random_inputs(engine: Any, batch: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Four valid inputs of shape [B, T] (or [B, T, I]): random token ids in the vocabulary, or normal features."""
     xs = [engine.example_input(batch, steps) for _ in range(4)]
     vocab = engine.manifest.vocab
     for x in xs:
@@ -118,7 +119,7 @@ def _time_batch(engines: list[Any], batch: int, args: argparse.Namespace, rng: n
     slot_sets = [
         [rng.choice(e.pool.capacity, size=batch, replace=False).astype(np.int64) for _ in range(n)] for e in engines
     ]
-    xs = _inputs(engines[0], batch, args.steps, rng)
+    xs = random_inputs(engines[0], batch, args.steps, rng)
     modes = {"resident": lambda e, s, x: e.run_slots(s, x), "round_trip": round_trip_step}
     modes["gather_scatter"] = gather_scatter_step
     raw = [RawOrt(e, batch) for e in engines]

@@ -18,9 +18,7 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +59,11 @@ def _counts(text: str) -> list[int]:
 async def _measure(manager: Any, model: Any, n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``n`` closed loops; per-message wall and CPU time, the engine's time and the batches formed."""
     from cellserve.client.tensors import to_proto
+    from cellserve.server.engine_bench import random_inputs
     from cellserve.server.tensors import encode_output, to_numpy
     from cellserve.v1 import cellserve_pb2 as pb
 
-    rng = np.random.default_rng(args.seed + n)
-    x = model.engine.example_input(1, args.steps)[0]
-    if model.manifest.vocab is not None:
-        x = rng.integers(0, model.manifest.vocab, size=x.shape).astype(x.dtype)
+    x = random_inputs(model.engine, 1, args.steps, np.random.default_rng(args.seed + n))[0][0]
     request = pb.StreamRequest(step=pb.Step(seq=1, input=to_proto(x))).SerializeToString()
     sessions = [manager.open(model.name) for _ in range(n)]
 
@@ -96,15 +92,16 @@ async def _measure(manager: Any, model: Any, n: int, args: argparse.Namespace) -
     return {"wall_s": wall, "cpu_s": cpu, "engine_s": engine_s, "messages": msgs, "mean_batch": msgs / batches}
 
 
-def _raw_ort_us(model: Any, batch: int, steps: int, messages: int) -> float:
-    """Raw onnxruntime at ``batch``: median µs per call of ``session.run`` on host arrays, state fed back."""
-    engine, m = model.engine, model.manifest
+def _raw_ort_us(model: Any, batch: int, steps: int, calls: int) -> float:
+    """Raw onnxruntime at ``batch`` (bench-engine's baseline): median µs per call, after 5 untimed calls."""
+    from cellserve.server.engine_bench import RawOrt
+
+    engine, raw = model.engine, RawOrt(model.engine, batch)
     x = engine.example_input(batch, steps)
-    h = c = np.zeros(m.state_shape(batch), np.float32)
     times = []
-    for i in range(max(20, messages // batch)):
+    for i in range(calls + 5):
         t0 = time.perf_counter()
-        _, h, c = engine.run_stateless(x, h, c)
+        raw(engine, None, x)
         if i >= 5:
             times.append(time.perf_counter() - t0)
     return float(np.median(times)) * 1e6
@@ -123,7 +120,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         model_dirs=[args.model_dir],
         intra_op_threads=args.intra_op_threads,
         max_batch=max(counts),
-        capacity=max(max(counts), 16),
+        capacity=max(counts),
         metrics_port=0,
     )
     metrics = Metrics(CollectorRegistry())
@@ -144,7 +141,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         msgs = r["messages"]
         path = r["wall_s"] / msgs * 1e6
         engine = r["engine_s"] / msgs * 1e6
-        raw = _raw_ort_us(model, round(r["mean_batch"]), args.steps, args.messages) / round(r["mean_batch"])
+        batch = round(r["mean_batch"])
+        raw = _raw_ort_us(model, batch, args.steps, max(15, args.messages // batch)) / batch
         points.append(
             {
                 "sessions": n,
@@ -198,15 +196,3 @@ def _main(args: argparse.Namespace) -> int:
     print(table(report))
     print(f"wrote {args.out / 'path_bench.json'}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cellserve.server.path_bench ARGS``: the same command without the rest of the CLI's imports."""
-    parser = argparse.ArgumentParser(prog="python -m cellserve.server.path_bench")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench-path", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
