@@ -44,6 +44,32 @@ class Result:
         q = np.percentile(self.latencies_s, PERCENTILES) * 1e3
         return {f"p{p:g}".replace(".", "_"): float(v) for p, v in zip(PERCENTILES, q, strict=True)}
 
+    @classmethod
+    def pooled(cls, rounds: list[Result]) -> Result:
+        """One target's rounds as one measurement: messages and seconds add up, latencies join, and the
+        per-message and per-call figures are averaged weighted by each round's messages."""
+        if len(rounds) == 1:
+            return rounds[0]
+        first = rounds[0]
+
+        def weighted(attr: str) -> float | None:
+            pairs = [(getattr(r, attr), r.messages) for r in rounds if getattr(r, attr) is not None]
+            total = sum(n for _, n in pairs)
+            return sum(v * n for v, n in pairs) / total if pairs and total else None
+
+        return cls(
+            first.target,
+            first.streams,
+            first.t,
+            sum(r.messages for r in rounds),
+            sum(r.seconds for r in rounds),
+            np.concatenate([r.latencies_s for r in rounds]),
+            mean_batch=weighted("mean_batch"),
+            engine_s_per_call=weighted("engine_s_per_call"),
+            client_cpu_s_per_msg=weighted("client_cpu_s_per_msg"),
+            server_cpu_s_per_msg=weighted("server_cpu_s_per_msg"),
+        )
+
     def to_json(self) -> dict[str, Any]:
         cdf_q = np.linspace(0, 100, 101)
         return {

@@ -49,9 +49,16 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--streams", type=int, default=16, help="concurrent sessions")
     p.add_argument("-T", "--steps-per-message", dest="t", type=int, default=1, help="steps per message (chunk T)")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per configuration and target")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per configuration, target and round")
     p.add_argument(
-        "--messages", type=int, default=0, help="messages per configuration and target (overrides --duration)"
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each configuration's targets this many times, in a rotating order; every ratio is then "
+        "the median of the same-round ratios (use 5 or more for ratios on a shared, noisy machine)",
+    )
+    p.add_argument(
+        "--messages", type=int, default=0, help="messages per configuration, target and round (overrides --duration)"
     )
     p.add_argument("--warmup", type=float, default=0.5, help="seconds of unmeasured load before each measurement")
     p.add_argument(

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,21 +23,47 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def config_entry(results: dict[str, Result], ort: OrtResult | None) -> dict[str, Any]:
-    """One configuration: cellserve, the baselines, and the ratios the README quotes."""
+def same_run_ratios(results: dict[str, Result]) -> dict[str, float | None]:
+    """cellserve against the echo and naive servers measured alongside it (one round, or pooled)."""
     cs = results["cellserve"]
     echo, naive = results.get("echo"), results.get("naive")
-    ratios = {
+    return {
         "msgs_vs_echo": _ratio(cs.msgs_per_s, echo.msgs_per_s) if echo else None,
         "p99_vs_echo": _ratio(cs.percentiles_ms()["p99"], echo.percentiles_ms()["p99"]) if echo else None,
+        "server_cpu_vs_echo": _ratio(cs.server_cpu_s_per_msg, echo.server_cpu_s_per_msg) if echo else None,
         "msgs_vs_naive": _ratio(cs.msgs_per_s, naive.msgs_per_s) if naive else None,
-        "steps_vs_ort": _ratio(cs.steps_per_s, ort.steps_per_s) if ort else None,
-        "engine_vs_ort": _ratio(cs.engine_s_per_call, ort.s_per_call) if ort else None,
     }
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def config_entry(rounds: list[dict[str, Result]], ort: OrtResult | None) -> dict[str, Any]:
+    """One configuration: cellserve, the baselines, and the ratios the README quotes.
+
+    Each target's rounds are pooled for its own figures. A ratio against echo or naive is the median,
+    over the rounds, of that round's ratio: both sides of it ran minutes apart at most, so drift on a
+    shared machine cancels. With one round it is simply that round's ratio.
+    """
+    results = {name: Result.pooled([r[name] for r in rounds]) for name in rounds[0]}
+    cs = results["cellserve"]
+    per_round = [same_run_ratios(r) for r in rounds]
+    ratios: dict[str, float | None] = {k: _median([r[k] for r in per_round]) for k in per_round[0]}
+    ratios["steps_vs_ort"] = _ratio(cs.steps_per_s, ort.steps_per_s) if ort else None
+    ratios["engine_vs_ort"] = _ratio(cs.engine_s_per_call, ort.s_per_call) if ort else None
     baselines: dict[str, Any] = {k: v.to_json() for k, v in results.items() if k != "cellserve"}
     if ort is not None:
         baselines["ort"] = ort.to_json()
-    return {"streams": cs.streams, "t": cs.t, "cellserve": cs.to_json(), "baselines": baselines, "ratios": ratios}
+    return {
+        "streams": cs.streams,
+        "t": cs.t,
+        "cellserve": cs.to_json(),
+        "baselines": baselines,
+        "ratios": ratios,
+        "round_ratios": per_round,
+    }
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:
@@ -64,9 +91,13 @@ def table(configs: list[dict[str, Any]]) -> str:
         r = c["ratios"]
         lines.append(
             f"{'ratios':>9}  msgs/echo {_fmt(r['msgs_vs_echo'])}  p99/echo {_fmt(r['p99_vs_echo'])}  "
-            f"msgs/naive {_fmt(r['msgs_vs_naive'])}  steps/ORT {_fmt(r['steps_vs_ort'])}  "
-            f"engine/ORT {_fmt(r['engine_vs_ort'])}"
+            f"srv cpu/echo {_fmt(r['server_cpu_vs_echo'])}  msgs/naive {_fmt(r['msgs_vs_naive'])}  "
+            f"steps/ORT {_fmt(r['steps_vs_ort'])}  engine/ORT {_fmt(r['engine_vs_ort'])}"
         )
+        rounds = c.get("round_ratios", [])
+        if len(rounds) > 1 and rounds[0]["msgs_vs_echo"] is not None:
+            each = " ".join(_fmt(x["msgs_vs_echo"]) for x in rounds)
+            lines.append(f"{'':>9}  msgs/echo per round: {each} (the ratios above: medians over {len(rounds)} rounds)")
         lines.append("")
     return "\n".join(lines)
 

@@ -3,6 +3,8 @@
 For each configuration (streams, T) the targets run one after another under the same load
 pattern: the bare echo server, cellserve, the naive stateless server; then raw onnxruntime
 in-process at the mean batch size cellserve's scheduler formed in that run, at the same T.
+With ``--rounds K`` that sequence runs K times, its order rotated each round; each ratio is the
+median of the K same-round ratios (see ``report.config_entry``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ def bench_configs(args: argparse.Namespace) -> list[tuple[int, int]]:
     return [(s, t) for t in SWEEP_T for s in SWEEP_STREAMS] if args.sweep else [(args.streams, args.t)]
 
 
+def round_order(names: list[str], r: int) -> list[str]:
+    """The targets' order in round ``r``: rotated by one each round, so none always runs first (or next to last)."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
 def run_bench(args: argparse.Namespace) -> int:
     return run_command("cellserve bench", lambda: _command(args))
 
@@ -40,8 +48,8 @@ def _command(args: argparse.Namespace) -> int:
     if unknown:
         raise BenchError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
     configs = bench_configs(args)
-    if any(s < 1 or t < 1 for s, t in configs):
-        raise BenchError("--streams and -T must be >= 1")
+    if any(s < 1 or t < 1 for s, t in configs) or args.rounds < 1:
+        raise BenchError("--streams, -T and --rounds must be >= 1")
     needed = args.server is None or bool({"naive", "ort"} & set(baselines))
     report = _run(args, configs, baselines, model_dir(args.model_dir, needed=needed,
                                                       why=": the baselines run the same ONNX file"))  # fmt: skip
@@ -78,17 +86,20 @@ def _run(
         for streams, t in configs:
             plan = LoadPlan(streams, t, args.duration, args.messages, args.warmup,
                             args.procs or min(streams, 2), args.seed)  # fmt: skip
-            results: dict[str, Result] = {}
-            for name in ("echo", "cellserve", "naive"):
-                if name in targets:
+            names = [n for n in ("echo", "cellserve", "naive") if n in targets]
+            rounds: list[dict[str, Result]] = []
+            for r in range(args.rounds):
+                measured: dict[str, Result] = {}
+                for name in round_order(names, r):
                     target = targets[name]
-                    results[name] = run_load(name, target.address, info, plan, metrics_url=target.metrics_url,
-                                             server_pid=target.pid, progress_bar=not args.no_progress)  # fmt: skip
+                    measured[name] = run_load(name, target.address, info, plan, metrics_url=target.metrics_url,
+                                              server_pid=target.pid, progress_bar=not args.no_progress)  # fmt: skip
+                rounds.append(measured)
             ort = None
             if ort_model is not None:
-                batch = max(1, round(results["cellserve"].mean_batch or 1))
+                batch = max(1, round(Result.pooled([m["cellserve"] for m in rounds]).mean_batch or 1))
                 ort = ort_ceiling(ort_model, batch, t, seconds=min(2.0, max(0.2, args.duration / 2)), seed=args.seed)
-            entries.append(config_entry(results, ort))
+            entries.append(config_entry(rounds, ort))
             log.info("bench configuration done", extra={"streams": streams, "t": t})
     return {
         "meta": {
@@ -96,6 +107,7 @@ def _run(
             "duration_s": args.duration,
             "messages": args.messages,
             "warmup_s": args.warmup,
+            "rounds": args.rounds,
             "client_procs": args.procs or "min(streams, 2)",
             "baselines": baselines,
         },

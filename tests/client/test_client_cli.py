@@ -84,9 +84,15 @@ def test_bench_at_tiny_size_reports_three_baselines_and_sane_ratios(tiny_model_d
     assert _finite_positive(cs["engine_ms_per_call"]) and _finite_positive(cs["server_cpu_us_per_msg"])
     ort = cfg["baselines"]["ort"]
     assert ort["t"] == 2 and ort["batch"] == round(cs["mean_batch"]) and _finite_positive(ort["steps_per_s"])
-    assert set(cfg["ratios"]) == {"msgs_vs_echo", "p99_vs_echo", "msgs_vs_naive", "steps_vs_ort", "engine_vs_ort"}
+    assert set(cfg["ratios"]) == {
+        "msgs_vs_echo", "p99_vs_echo", "server_cpu_vs_echo", "msgs_vs_naive", "steps_vs_ort", "engine_vs_ort"
+    }  # fmt: skip
     assert all(_finite_positive(v) for v in cfg["ratios"].values()), cfg["ratios"]
     assert math.isclose(cfg["ratios"]["msgs_vs_echo"], cs["msgs_per_s"] / cfg["baselines"]["echo"]["msgs_per_s"])
+    echo_cpu = cfg["baselines"]["echo"]["server_cpu_us_per_msg"]
+    assert math.isclose(cfg["ratios"]["server_cpu_vs_echo"], cs["server_cpu_us_per_msg"] / echo_cpu)
+    (only_round,) = cfg["round_ratios"]  # one round (the default): its ratios are the config's
+    assert only_round == {k: cfg["ratios"][k] for k in only_round}
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,0 +1,72 @@
+"""`cellserve bench --rounds K`: targets pooled over rounds, ratios as medians of same-round ratios."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cellserve.client.bench.measure import Result
+from cellserve.client.bench.report import config_entry, table
+from cellserve.client.bench.runner import round_order
+from cellserve.server.cli import main as cellserve_main
+
+
+def _result(target: str, msgs_per_s: float, p99_ms: float, cpu_us: float | None, *, n: int = 1000) -> Result:
+    """A round of ``n`` messages at ``msgs_per_s``, its latencies spread evenly up to ``p99_ms``-ish."""
+    latencies = np.linspace(0.0, p99_ms / 0.99, n) / 1e3
+    r = Result(target, 64, 1, n, n / msgs_per_s, latencies)
+    r.server_cpu_s_per_msg = None if cpu_us is None else cpu_us / 1e6
+    r.client_cpu_s_per_msg = 100e-6
+    return r
+
+
+def test_pooling_adds_messages_and_seconds_and_weights_per_message_figures_by_messages():
+    a = _result("cellserve", 1000.0, 10.0, 100.0, n=1000)
+    b = _result("cellserve", 3000.0, 10.0, 200.0, n=3000)
+    a.mean_batch, b.mean_batch = 10.0, 30.0
+    pooled = Result.pooled([a, b])
+    assert pooled.messages == 4000 and math.isclose(pooled.seconds, 2.0)
+    assert math.isclose(pooled.msgs_per_s, 2000.0)  # all messages over all seconds, not a mean of rates
+    assert len(pooled.latencies_s) == 4000
+    assert math.isclose(pooled.server_cpu_s_per_msg, (1000 * 100e-6 + 3000 * 200e-6) / 4000)
+    assert math.isclose(pooled.mean_batch, 25.0)
+    assert pooled.engine_s_per_call is None  # no round had it
+    assert Result.pooled([a]) is a
+
+
+def test_ratios_are_medians_of_the_same_round_ratios_and_every_round_is_kept():
+    # Round 2 is an outlier for echo (a noisy neighbour in its slice): the median ignores it, a pooled
+    # ratio would not.
+    rounds = [
+        {"echo": _result("echo", 10_000.0, 10.0, 100.0), "cellserve": _result("cellserve", 7_000.0, 12.0, 150.0)},
+        {"echo": _result("echo", 4_000.0, 10.0, 100.0), "cellserve": _result("cellserve", 7_200.0, 11.0, 140.0)},
+        {"echo": _result("echo", 9_000.0, 10.0, 100.0), "cellserve": _result("cellserve", 6_600.0, 13.0, None)},
+    ]
+    entry = config_entry(rounds, None)
+    per_round = [r["msgs_vs_echo"] for r in entry["round_ratios"]]
+    assert per_round == pytest.approx([0.7, 1.8, 6_600 / 9_000])
+    assert entry["ratios"]["msgs_vs_echo"] == pytest.approx(6_600 / 9_000)
+    assert entry["ratios"]["p99_vs_echo"] == pytest.approx(1.2, rel=0.01)
+    # a round without the server's CPU (None) is left out of that median, not counted as zero
+    assert entry["ratios"]["server_cpu_vs_echo"] == pytest.approx((1.5 + 1.4) / 2)
+    assert entry["ratios"]["msgs_vs_naive"] is None and entry["ratios"]["steps_vs_ort"] is None
+    assert entry["cellserve"]["messages"] == 3000 and entry["baselines"]["echo"]["messages"] == 3000
+    text = table([entry])
+    assert "msgs/echo per round: 0.70 1.80 0.73 (the ratios above: medians over 3 rounds)" in text
+
+
+def test_each_target_runs_first_in_some_round():
+    names = ["echo", "cellserve", "naive"]
+    orders = [round_order(names, r) for r in range(3)]
+    assert orders[0] == names
+    assert {o[0] for o in orders} == set(names)
+    assert all(sorted(o) == sorted(names) for o in orders)
+    assert round_order(["cellserve"], 5) == ["cellserve"]
+
+
+def test_rounds_below_one_are_refused_in_one_line(capsys):
+    assert cellserve_main(["bench", "--rounds", "0", "--server", "127.0.0.1:1", "--baselines", "echo"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "cellserve bench: error: --streams, -T and --rounds must be >= 1"
