@@ -29,6 +29,7 @@ def same_run_ratios(results: dict[str, Result]) -> dict[str, float | None]:
     echo, naive = results.get("echo"), results.get("naive")
     return {
         "msgs_vs_echo": _ratio(cs.msgs_per_s, echo.msgs_per_s) if echo else None,
+        "p50_vs_echo": _ratio(cs.percentiles_ms()["p50"], echo.percentiles_ms()["p50"]) if echo else None,
         "p99_vs_echo": _ratio(cs.percentiles_ms()["p99"], echo.percentiles_ms()["p99"]) if echo else None,
         "server_cpu_vs_echo": _ratio(cs.server_cpu_s_per_msg, echo.server_cpu_s_per_msg) if echo else None,
         "msgs_vs_naive": _ratio(cs.msgs_per_s, naive.msgs_per_s) if naive else None,
@@ -90,7 +91,8 @@ def table(configs: list[dict[str, Any]]) -> str:
                          f"{ort['ms_per_call']:>8.3f} ms/call at batch {ort['batch']}")  # fmt: skip
         r = c["ratios"]
         lines.append(
-            f"{'ratios':>9}  msgs/echo {_fmt(r['msgs_vs_echo'])}  p99/echo {_fmt(r['p99_vs_echo'])}  "
+            f"{'ratios':>9}  msgs/echo {_fmt(r['msgs_vs_echo'])}  p50/echo {_fmt(r['p50_vs_echo'])}  "
+            f"p99/echo {_fmt(r['p99_vs_echo'])}  "
             f"srv cpu/echo {_fmt(r['server_cpu_vs_echo'])}  msgs/naive {_fmt(r['msgs_vs_naive'])}  "
             f"steps/ORT {_fmt(r['steps_vs_ort'])}  engine/ORT {_fmt(r['engine_vs_ort'])}"
         )

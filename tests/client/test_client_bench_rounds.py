@@ -49,6 +49,7 @@ def test_ratios_are_medians_of_the_same_round_ratios_and_every_round_is_kept():
     assert per_round == pytest.approx([0.7, 1.8, 6_600 / 9_000])
     assert entry["ratios"]["msgs_vs_echo"] == pytest.approx(6_600 / 9_000)
     assert entry["ratios"]["p99_vs_echo"] == pytest.approx(1.2, rel=0.01)
+    assert entry["ratios"]["p50_vs_echo"] == pytest.approx(1.2, rel=0.01)
     # a round without the server's CPU (None) is left out of that median, not counted as zero
     assert entry["ratios"]["server_cpu_vs_echo"] == pytest.approx((1.5 + 1.4) / 2)
     assert entry["ratios"]["msgs_vs_naive"] is None and entry["ratios"]["steps_vs_ort"] is None

@@ -85,7 +85,8 @@ def test_bench_at_tiny_size_reports_three_baselines_and_sane_ratios(tiny_model_d
     ort = cfg["baselines"]["ort"]
     assert ort["t"] == 2 and ort["batch"] == round(cs["mean_batch"]) and _finite_positive(ort["steps_per_s"])
     assert set(cfg["ratios"]) == {
-        "msgs_vs_echo", "p99_vs_echo", "server_cpu_vs_echo", "msgs_vs_naive", "steps_vs_ort", "engine_vs_ort"
+        "msgs_vs_echo", "p50_vs_echo", "p99_vs_echo", "server_cpu_vs_echo",
+        "msgs_vs_naive", "steps_vs_ort", "engine_vs_ort",
     }  # fmt: skip
     assert all(_finite_positive(v) for v in cfg["ratios"].values()), cfg["ratios"]
     assert math.isclose(cfg["ratios"]["msgs_vs_echo"], cs["msgs_per_s"] / cfg["baselines"]["echo"]["msgs_per_s"])
