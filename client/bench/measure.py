@@ -12,7 +12,7 @@ import numpy as np
 
 from cellserve.client.bench.load import LoadSpec, StartSync, WorkerResult, worker
 from cellserve.client.bench.metrics_scrape import ServerCounters
-from cellserve.client.bench.procfs import tree_cpu_s
+from cellserve.client.bench.procfs import TreeUsage, tree_usage
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
@@ -31,6 +31,7 @@ class Result:
     engine_s_per_call: float | None = None
     client_cpu_s_per_msg: float | None = None  # load generator CPU per message (all workers)
     server_cpu_s_per_msg: float | None = None  # server process tree's CPU per message in the window (bench-started)
+    server_loop_cpu_s_per_msg: float | None = None  # of that, its main threads' (the event loops) alone
 
     @property
     def msgs_per_s(self) -> float:
@@ -68,6 +69,7 @@ class Result:
             engine_s_per_call=weighted("engine_s_per_call"),
             client_cpu_s_per_msg=weighted("client_cpu_s_per_msg"),
             server_cpu_s_per_msg=weighted("server_cpu_s_per_msg"),
+            server_loop_cpu_s_per_msg=weighted("server_loop_cpu_s_per_msg"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -83,6 +85,7 @@ class Result:
             "engine_ms_per_call": _scaled(self.engine_s_per_call, 1e3),
             "client_cpu_us_per_msg": _scaled(self.client_cpu_s_per_msg, 1e6),
             "server_cpu_us_per_msg": _scaled(self.server_cpu_s_per_msg, 1e6),
+            "server_loop_cpu_us_per_msg": _scaled(self.server_loop_cpu_s_per_msg, 1e6),
         }
 
 
@@ -189,8 +192,10 @@ def _collect(
     end = window.end_at or max(r.finished for r in got)
     result = Result(target, plan.streams, plan.t, len(lat), max(end - window.start_at, 1e-9), lat)
     result.client_cpu_s_per_msg = sum(r.cpu_s for r in got) / max(1, sum(r.sent for r in got))
-    if before.cpu_s is not None and after.cpu_s is not None:
-        result.server_cpu_s_per_msg = (after.cpu_s - before.cpu_s) / max(1, len(lat))
+    if before.usage is not None and after.usage is not None:
+        result.server_cpu_s_per_msg = (after.usage.cpu_s - before.usage.cpu_s) / max(1, len(lat))
+        loop_s = after.usage.main_threads_cpu_s - before.usage.main_threads_cpu_s
+        result.server_loop_cpu_s_per_msg = loop_s / max(1, len(lat))
     if before.counters is not None and after.counters is not None:
         delta = after.counters - before.counters
         result.mean_batch = delta.batch.mean
@@ -202,12 +207,12 @@ def _collect(
 class ServerSnapshot:
     """The target server's CPU time (its process tree: every worker) and (cellserve only) metric counters now."""
 
-    cpu_s: float | None
+    usage: TreeUsage | None
     counters: ServerCounters | None
 
     @classmethod
     def take(cls, pid: int | None, metrics_url: str | None, model: str) -> ServerSnapshot:
-        return cls(tree_cpu_s(pid), ServerCounters.read(metrics_url, model) if metrics_url else None)
+        return cls(tree_usage(pid), ServerCounters.read(metrics_url, model) if metrics_url else None)
 
 
 def _first_error(results: Any) -> str:

@@ -4,7 +4,9 @@ The benches read the server they started through here, and only here. A server s
 ``serve --workers N`` is a supervisor whose workers are its child processes, so a server's figures are
 its whole tree: the process, its live descendants (found by ``ppid`` in ``/proc/<pid>/stat``), and the
 CPU of children that already exited and were reaped (the ``cutime``/``cstime`` the kernel keeps for
-the parent). Everything is None where there is no ``/proc`` or no such process.
+the parent). Everything is None where there is no ``/proc`` or no such process. The CPU of the tree's
+main threads is kept apart: in a Python asyncio server that is the event loop, the one thread that
+every message's Python work shares.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ class ProcessStat:
     rss_bytes: float
 
     @classmethod
-    def read(cls, pid: int) -> ProcessStat | None:
+    def read(cls, pid: int, tid: int | None = None) -> ProcessStat | None:
+        """The process ``pid``; with ``tid``, only that thread of it (``/proc/<pid>/task/<tid>/stat``)."""
+        path = PROC / str(pid) / "stat" if tid is None else PROC / str(pid) / "task" / str(tid) / "stat"
         try:
-            fields = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = path.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             return None
         tick = os.sysconf("SC_CLK_TCK")
@@ -82,6 +86,9 @@ class TreeUsage:
 
     processes: int
     cpu_s: float
+    # the live processes' main threads alone: where a Python server runs its asyncio event loop (the
+    # handlers, and an inline engine); gRPC's own I/O threads are the rest of cpu_s
+    main_threads_cpu_s: float
     rss_bytes: float
     open_fds: int | None  # None when any process's fds could not be listed (another user's process)
 
@@ -95,6 +102,7 @@ def tree_usage(pid: int | None) -> TreeUsage | None:
     return TreeUsage(
         processes=len(tree),
         cpu_s=sum(s.cpu_s + s.reaped_children_cpu_s for s in tree),
+        main_threads_cpu_s=sum(t.cpu_s for t in (ProcessStat.read(s.pid, s.pid) for s in tree) if t is not None),
         rss_bytes=sum(s.rss_bytes for s in tree),
         open_fds=None if None in fds else sum(f for f in fds if f is not None),
     )

@@ -32,6 +32,7 @@ def same_run_ratios(results: dict[str, Result]) -> dict[str, float | None]:
         "p50_vs_echo": _ratio(cs.percentiles_ms()["p50"], echo.percentiles_ms()["p50"]) if echo else None,
         "p99_vs_echo": _ratio(cs.percentiles_ms()["p99"], echo.percentiles_ms()["p99"]) if echo else None,
         "server_cpu_vs_echo": _ratio(cs.server_cpu_s_per_msg, echo.server_cpu_s_per_msg) if echo else None,
+        "loop_cpu_vs_echo": _ratio(cs.server_loop_cpu_s_per_msg, echo.server_loop_cpu_s_per_msg) if echo else None,
         "msgs_vs_naive": _ratio(cs.msgs_per_s, naive.msgs_per_s) if naive else None,
     }
 
@@ -74,7 +75,8 @@ def _fmt(v: float | None, digits: int = 2) -> str:
 def table(configs: list[dict[str, Any]]) -> str:
     """Plain-text table: one row per target and configuration, then the ratios."""
     head = f"{'target':>9} {'streams':>7} {'T':>3} {'msgs/s':>10} {'steps/s':>11} {'p50 ms':>8} {'p90 ms':>8} " \
-           f"{'p99 ms':>8} {'p99.9 ms':>9} {'batch':>6} {'srv µs/msg':>10} {'cli µs/msg':>10}"  # fmt: skip
+           f"{'p99 ms':>8} {'p99.9 ms':>9} {'batch':>6} {'srv µs/msg':>10} {'loop µs/msg':>11} " \
+           f"{'cli µs/msg':>10}"  # fmt: skip
     lines = [head, "-" * len(head)]
     for c in configs:
         rows = [("cellserve", c["cellserve"])] + [(k, v) for k, v in c["baselines"].items() if k != "ort"]
@@ -83,7 +85,8 @@ def table(configs: list[dict[str, Any]]) -> str:
             lines.append(
                 f"{name:>9} {c['streams']:>7} {c['t']:>3} {r['msgs_per_s']:>10,.0f} {r['steps_per_s']:>11,.0f} "
                 f"{p['p50']:>8.2f} {p['p90']:>8.2f} {p['p99']:>8.2f} {p['p99_9']:>9.2f} {_fmt(r['mean_batch'], 1):>6} "
-                f"{_fmt(r['server_cpu_us_per_msg'], 0):>10} {_fmt(r['client_cpu_us_per_msg'], 0):>10}"
+                f"{_fmt(r['server_cpu_us_per_msg'], 0):>10} {_fmt(r.get('server_loop_cpu_us_per_msg'), 0):>11} "
+                f"{_fmt(r['client_cpu_us_per_msg'], 0):>10}"
             )
         ort = c["baselines"].get("ort")
         if ort:
@@ -92,9 +95,12 @@ def table(configs: list[dict[str, Any]]) -> str:
         r = c["ratios"]
         lines.append(
             f"{'ratios':>9}  msgs/echo {_fmt(r['msgs_vs_echo'])}  p50/echo {_fmt(r['p50_vs_echo'])}  "
-            f"p99/echo {_fmt(r['p99_vs_echo'])}  "
-            f"srv cpu/echo {_fmt(r['server_cpu_vs_echo'])}  msgs/naive {_fmt(r['msgs_vs_naive'])}  "
+            f"p99/echo {_fmt(r['p99_vs_echo'])}  msgs/naive {_fmt(r['msgs_vs_naive'])}  "
             f"steps/ORT {_fmt(r['steps_vs_ort'])}  engine/ORT {_fmt(r['engine_vs_ort'])}"
+        )
+        lines.append(
+            f"{'':>9}  server CPU per message/echo {_fmt(r['server_cpu_vs_echo'])}, "
+            f"its event loop's/echo's {_fmt(r['loop_cpu_vs_echo'])}"
         )
         rounds = c.get("round_ratios", [])
         if len(rounds) > 1 and rounds[0]["msgs_vs_echo"] is not None:

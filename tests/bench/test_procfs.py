@@ -74,8 +74,43 @@ def test_the_cpu_of_a_workers_server_is_the_supervisor_and_every_worker(spawn_se
     tree = {s.pid: s for s in process_tree(server.proc.pid)}
     assert workers <= set(tree), (workers, sorted(tree))
     snapshot = ServerSnapshot.take(server.proc.pid, None, "tiny")  # what `cellserve bench` reads
-    assert snapshot.cpu_s is not None
-    assert snapshot.cpu_s >= tree[server.proc.pid].cpu_s + sum(tree[w].cpu_s for w in workers) - TICK_S
+    assert snapshot.usage is not None
+    assert snapshot.usage.cpu_s >= tree[server.proc.pid].cpu_s + sum(tree[w].cpu_s for w in workers) - TICK_S
+    mains = [ProcessStat.read(pid, pid) for pid in (server.proc.pid, *workers)]  # each process's main thread
+    assert all(m is not None for m in mains)
+    assert snapshot.usage.main_threads_cpu_s >= sum(m.cpu_s for m in mains if m is not None) - TICK_S
+    assert snapshot.usage.main_threads_cpu_s <= snapshot.usage.cpu_s
     assert all(tree[w].cpu_s > 0 for w in workers)  # each worker loaded and warmed its engine
     usage = tree_usage(server.proc.pid)
     assert usage is not None and usage.processes >= 3 and usage.rss_bytes > sum(tree[w].rss_bytes for w in workers)
+
+
+# A process whose main thread idles while a second thread burns CPU_S, then says so and waits for stdin.
+THREAD_BURN = f"""
+import sys, threading, time
+def burn():
+    start = time.thread_time()
+    while time.thread_time() - start < {CHILD_CPU_S}:
+        pass
+t = threading.Thread(target=burn)
+t.start()
+t.join()
+open(sys.argv[1], "w").close()
+sys.stdin.read()
+"""
+
+
+def test_the_main_thread_is_counted_apart_from_the_other_threads(tmp_path, wait_until):
+    """`loop µs/msg` is the tree's main threads alone: a busy worker thread counts in cpu_s, not there."""
+    burnt = tmp_path / "burnt"
+    proc = subprocess.Popen([sys.executable, "-c", THREAD_BURN, str(burnt)], stdin=subprocess.PIPE)
+    try:
+        wait_until(burnt.exists)
+        usage = tree_usage(proc.pid)
+        assert usage is not None and usage.cpu_s >= CHILD_CPU_S - TICK_S
+        main = ProcessStat.read(proc.pid, proc.pid)
+        assert main is not None and usage.main_threads_cpu_s == pytest.approx(main.cpu_s)
+        assert usage.main_threads_cpu_s < usage.cpu_s - CHILD_CPU_S / 2  # the burning thread is not in it
+    finally:
+        proc.kill()
+        proc.wait(10)

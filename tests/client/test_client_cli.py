@@ -75,6 +75,7 @@ def test_bench_at_tiny_size_reports_three_baselines_and_sane_ratios(tiny_model_d
         assert b["messages"] == 240 and _finite_positive(b["msgs_per_s"])
         assert math.isclose(b["steps_per_s"], 2 * b["msgs_per_s"])
         assert _finite_positive(b["server_cpu_us_per_msg"]) and _finite_positive(b["client_cpu_us_per_msg"])
+        assert 0 < b["server_loop_cpu_us_per_msg"] <= b["server_cpu_us_per_msg"]  # the main thread is part of it
     cs = cfg["cellserve"]
     assert cs["messages"] == 240
     lat = cs["latency_ms"]
@@ -85,7 +86,7 @@ def test_bench_at_tiny_size_reports_three_baselines_and_sane_ratios(tiny_model_d
     ort = cfg["baselines"]["ort"]
     assert ort["t"] == 2 and ort["batch"] == round(cs["mean_batch"]) and _finite_positive(ort["steps_per_s"])
     assert set(cfg["ratios"]) == {
-        "msgs_vs_echo", "p50_vs_echo", "p99_vs_echo", "server_cpu_vs_echo",
+        "msgs_vs_echo", "p50_vs_echo", "p99_vs_echo", "server_cpu_vs_echo", "loop_cpu_vs_echo",
         "msgs_vs_naive", "steps_vs_ort", "engine_vs_ort",
     }  # fmt: skip
     assert all(_finite_positive(v) for v in cfg["ratios"].values()), cfg["ratios"]
