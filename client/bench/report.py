@@ -55,13 +55,14 @@ def config_entry(rounds: list[dict[str, Result]], ort: OrtResult | None) -> dict
     ratios: dict[str, float | None] = {k: _median([r[k] for r in per_round]) for k in per_round[0]}
     ratios["steps_vs_ort"] = _ratio(cs.steps_per_s, ort.steps_per_s) if ort else None
     ratios["engine_vs_ort"] = _ratio(cs.engine_s_per_call, ort.s_per_call) if ort else None
-    baselines: dict[str, Any] = {k: v.to_json() for k, v in results.items() if k != "cellserve"}
+    figures = {k: {**v.to_json(), "msgs_per_s_rounds": [r[k].msgs_per_s for r in rounds]} for k, v in results.items()}
+    baselines: dict[str, Any] = {k: v for k, v in figures.items() if k != "cellserve"}
     if ort is not None:
         baselines["ort"] = ort.to_json()
     return {
         "streams": cs.streams,
         "t": cs.t,
-        "cellserve": cs.to_json(),
+        "cellserve": figures["cellserve"],
         "baselines": baselines,
         "ratios": ratios,
         "round_ratios": per_round,

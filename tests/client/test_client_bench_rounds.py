@@ -54,6 +54,7 @@ def test_ratios_are_medians_of_the_same_round_ratios_and_every_round_is_kept():
     assert entry["ratios"]["server_cpu_vs_echo"] == pytest.approx((1.5 + 1.4) / 2)
     assert entry["ratios"]["msgs_vs_naive"] is None and entry["ratios"]["steps_vs_ort"] is None
     assert entry["cellserve"]["messages"] == 3000 and entry["baselines"]["echo"]["messages"] == 3000
+    assert entry["baselines"]["echo"]["msgs_per_s_rounds"] == pytest.approx([10_000.0, 4_000.0, 9_000.0])
     text = table([entry])
     assert "msgs/echo per round: 0.70 1.80 0.73 (the ratios above: medians over 3 rounds)" in text
 
