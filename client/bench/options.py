@@ -32,6 +32,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _counts(text: str) -> list[int]:
+    """``"1,64,256"`` → [1, 64, 256]: whole numbers >= 1, in the order given, each once."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or a list like 1,64,256") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers >= 1, e.g. 64 or 1,64,256")
+    return list(dict.fromkeys(values))
+
+
 def add_bench_flags(p: argparse.ArgumentParser) -> None:
     add_server_flag(p)
     p.add_argument(
@@ -47,8 +58,20 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="server metrics URL for mean batch size (default: the started server's, else none)",
     )
-    p.add_argument("--streams", type=int, default=16, help="concurrent sessions")
-    p.add_argument("-T", "--steps-per-message", dest="t", type=int, default=1, help="steps per message (chunk T)")
+    p.add_argument(
+        "--streams",
+        type=_counts,
+        default=[16],
+        help="concurrent sessions; a comma-separated list (e.g. 1,64,256) runs each, in one report (default: 16)",
+    )
+    p.add_argument(
+        "-T",
+        "--steps-per-message",
+        dest="t",
+        type=_counts,
+        default=[1],
+        help="steps per message (chunk T); a comma-separated list runs each with every --streams (default: 1)",
+    )
     p.add_argument("--duration", type=float, default=5.0, help="seconds per configuration, target and round")
     p.add_argument(
         "--rounds",

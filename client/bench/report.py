@@ -148,7 +148,9 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
     except ImportError:
         return False
     ts = sorted({c["t"] for c in configs})
-    fig, axes = plt.subplots(1, len(ts) + 1, figsize=(6 * (len(ts) + 1), 5))
+    by_round = [c for c in configs if len(c.get("round_ratios", [])) > 1]
+    panels = len(ts) + 1 + (1 if by_round else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 5))
     styles = {"cellserve": "-", "echo": "--", "naive": ":", "raw ORT": "-."}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     by_streams = {s: colors[i % len(colors)] for i, s in enumerate(sorted({c["streams"] for c in configs}))}
@@ -165,7 +167,7 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
         ax.set_title(f"Latency CDF, T={t} steps per message")
         ax.legend(fontsize=6, ncol=2)
         ax.grid(alpha=0.3)
-    ax_tp = axes[-1]  # throughput: colour = target, style = T
+    ax_tp = axes[len(ts)]  # throughput: colour = target, style = T
     target_colors = {"cellserve": colors[0], "echo": colors[1], "naive": colors[2], "raw ORT": colors[3]}
     t_styles = ["o-", "s--", "^:", "d-."]
     for i, t in enumerate(ts):
@@ -184,8 +186,36 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
     ax_tp.set_title("Throughput vs concurrency")
     ax_tp.legend(fontsize=7)
     ax_tp.grid(alpha=0.3, which="both")
+    if by_round:
+        _rounds_panel(axes[-1], by_round, {"echo": colors[1], "naive": colors[2]})
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _rounds_panel(ax: Any, configs: list[dict[str, Any]], colors: dict[str, str]) -> None:
+    """Each round's msgs/s ratio against echo and naive (dots) and their medians (bars): the spread a single
+    run would have hidden."""
+    labels, labelled = [], set()
+    for i, c in enumerate(configs):
+        labels.append(f"s={c['streams']}\nT={c['t']}")
+        for j, (name, key) in enumerate((("echo", "msgs_vs_echo"), ("naive", "msgs_vs_naive"))):
+            values = [r[key] for r in c["round_ratios"] if r.get(key) is not None]
+            if not values:
+                continue
+            x = i + (j - 0.5) * 0.3
+            first = name not in labelled
+            labelled.add(name)
+            ax.plot([x] * len(values), values, "o", color=colors[name], alpha=0.6,
+                    label=f"÷ {name}, one round" if first else None)  # fmt: skip
+            ax.hlines(c["ratios"][key], x - 0.12, x + 0.12, color=colors[name], linewidth=2.5,
+                      label=f"÷ {name}, median" if first else None)  # fmt: skip
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(configs)), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("cellserve msgs/s ÷ the same round's baseline")
+    ax.set_title(f"Same-round ratios, {len(configs[0]['round_ratios'])} rounds")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both", axis="y")

@@ -71,4 +71,28 @@ def test_each_target_runs_first_in_some_round():
 def test_rounds_below_one_are_refused_in_one_line(capsys):
     assert cellserve_main(["bench", "--rounds", "0", "--server", "127.0.0.1:1", "--baselines", "echo"]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == "cellserve bench: error: --streams, -T and --rounds must be >= 1"
+    assert err.strip().splitlines()[-1] == "cellserve bench: error: --rounds is 0; it must be >= 1"
+
+
+def test_streams_and_t_take_lists_and_every_pair_runs():
+    import argparse
+
+    from cellserve.client.bench.options import add_bench_flags
+    from cellserve.client.bench.runner import bench_configs
+
+    p = argparse.ArgumentParser()
+    add_bench_flags(p)
+    args = p.parse_args(["--streams", "1,64,256,64", "-T", "1,32"])
+    assert args.streams == [1, 64, 256]  # in the order given, each once
+    assert bench_configs(args) == [(1, 1), (64, 1), (256, 1), (1, 32), (64, 32), (256, 32)]
+    assert bench_configs(p.parse_args([])) == [(16, 1)]
+
+
+@pytest.mark.parametrize("flag", ["--streams", "-T"])
+@pytest.mark.parametrize("value", ["0", "64,0", "many", "1,,x", ""])
+def test_bad_counts_are_usage_errors_that_say_what_to_give(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cellserve_main(["bench", flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "1,64,256" in err and "Traceback" not in err
