@@ -96,3 +96,20 @@ def test_bad_counts_are_usage_errors_that_say_what_to_give(flag, value, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "1,64,256" in err and "Traceback" not in err
+
+
+def test_a_report_with_rounds_draws_the_same_round_ratio_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    from cellserve.client.bench.report import write_png
+
+    rounds = [
+        {name: _result(name, rate, 10.0, 100.0) for name, rate in (("echo", 9_000.0), ("cellserve", 6_000.0))}
+        for _ in range(2)
+    ]
+    entry = config_entry(rounds, None)
+    assert write_png([entry], tmp_path / "bench.png")
+    import matplotlib.image
+
+    width = matplotlib.image.imread(tmp_path / "bench.png").shape[1]
+    assert write_png([config_entry(rounds[:1], None)], tmp_path / "one.png")
+    assert width > matplotlib.image.imread(tmp_path / "one.png").shape[1]  # one panel more than one round gets
