@@ -114,8 +114,11 @@ def run_load(
     metrics_url: str | None = None,
     server_pid: int | None = None,
     progress_bar: bool = True,
+    protocol: str | None = None,
 ) -> Result:
-    """Drive ``address`` with ``plan.streams`` closed-loop streams split over worker processes."""
+    """Drive ``address`` with ``plan.streams`` closed-loop streams split over worker processes. ``target``
+    names the result; ``protocol`` (default: ``target``) is how the workers talk to it (e.g. a second
+    cellserve server, named "compare", speaks "cellserve")."""
     ctx = mp.get_context("spawn")  # never fork a process that may hold gRPC state
     procs = max(1, min(plan.procs, plan.streams))
     shares = [plan.streams // procs + (1 if i < plan.streams % procs else 0) for i in range(procs)]
@@ -126,8 +129,9 @@ def run_load(
     workers = []
     for i, n in enumerate(shares):
         spec = LoadSpec(
-            target=target, address=address, model=info.name, streams=n, t=plan.t, input_kind=info.input_kind,
-            input_size=info.input_size, output_size=info.output_size, layers=info.layers, hidden=info.hidden,
+            target=protocol or target, address=address, model=info.name, streams=n, t=plan.t,
+            input_kind=info.input_kind, input_size=info.input_size, output_size=info.output_size,
+            layers=info.layers, hidden=info.hidden,
             warmup_s=plan.warmup_s, duration_s=plan.duration_s if not plan.messages else 0.0,
             messages_per_stream=per_stream, seed=plan.seed * 1000 + i, checkpoint_every=plan.checkpoint_every,
         )  # fmt: skip

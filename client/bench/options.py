@@ -103,6 +103,15 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
         help="extra flag for the started server, e.g. --serve-arg=--engine-mode=thread",
     )
     p.add_argument(
+        "--compare-serve-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="also start a second cellserve server with the same flags plus this one (repeatable), and run it as "
+        "target 'compare' in every round: its ratios to cellserve are same-round medians like the others, e.g. "
+        "--compare-serve-arg=--workers=2 (not with --server)",
+    )
+    p.add_argument(
         "--intra-op-threads",
         type=int,
         default=1,

@@ -24,10 +24,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def same_run_ratios(results: dict[str, Result]) -> dict[str, float | None]:
-    """cellserve against the echo and naive servers measured alongside it (one round, or pooled)."""
+    """cellserve against the echo and naive servers measured alongside it (one round, or pooled), and the
+    compare server (``--compare-serve-arg``) against cellserve."""
     cs = results["cellserve"]
-    echo, naive = results.get("echo"), results.get("naive")
-    return {
+    echo, naive, compare = results.get("echo"), results.get("naive"), results.get("compare")
+    ratios = {
         "msgs_vs_echo": _ratio(cs.msgs_per_s, echo.msgs_per_s) if echo else None,
         "p50_vs_echo": _ratio(cs.percentiles_ms()["p50"], echo.percentiles_ms()["p50"]) if echo else None,
         "p99_vs_echo": _ratio(cs.percentiles_ms()["p99"], echo.percentiles_ms()["p99"]) if echo else None,
@@ -35,6 +36,11 @@ def same_run_ratios(results: dict[str, Result]) -> dict[str, float | None]:
         "loop_cpu_vs_echo": _ratio(cs.server_loop_cpu_s_per_msg, echo.server_loop_cpu_s_per_msg) if echo else None,
         "msgs_vs_naive": _ratio(cs.msgs_per_s, naive.msgs_per_s) if naive else None,
     }
+    if compare is not None:  # the second cellserve server (--compare-serve-arg) against the first
+        ratios["compare_msgs_vs_cellserve"] = _ratio(compare.msgs_per_s, cs.msgs_per_s)
+        ratios["compare_p99_vs_cellserve"] = _ratio(compare.percentiles_ms()["p99"], cs.percentiles_ms()["p99"])
+        ratios["compare_server_cpu_vs_cellserve"] = _ratio(compare.server_cpu_s_per_msg, cs.server_cpu_s_per_msg)
+    return ratios
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -103,6 +109,11 @@ def table(configs: list[dict[str, Any]]) -> str:
             f"{'':>9}  server CPU per message/echo {_fmt(r['server_cpu_vs_echo'])}, "
             f"its event loop's/echo's {_fmt(r['loop_cpu_vs_echo'])}"
         )
+        if "compare_msgs_vs_cellserve" in r:
+            lines.append(
+                f"{'':>9}  compare/cellserve: msgs {_fmt(r['compare_msgs_vs_cellserve'])}  "
+                f"p99 {_fmt(r['compare_p99_vs_cellserve'])}  server CPU {_fmt(r['compare_server_cpu_vs_cellserve'])}"
+            )
         rounds = c.get("round_ratios", [])
         if len(rounds) > 1 and rounds[0]["msgs_vs_echo"] is not None:
             each = " ".join(_fmt(x["msgs_vs_echo"]) for x in rounds)
@@ -151,14 +162,14 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
     by_round = [c for c in configs if len(c.get("round_ratios", [])) > 1]
     panels = len(ts) + 1 + (1 if by_round else 0)
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 5))
-    styles = {"cellserve": "-", "echo": "--", "naive": ":", "raw ORT": "-."}
+    styles = {"cellserve": "-", "echo": "--", "naive": ":", "raw ORT": "-.", "compare": (0, (5, 1, 1, 1))}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     by_streams = {s: colors[i % len(colors)] for i, s in enumerate(sorted({c["streams"] for c in configs}))}
     qs = [i / 100 for i in range(101)]
     for ax, t in zip(axes, ts, strict=False):  # one latency-CDF panel per T: colour = streams, style = target
         for c in (c for c in configs if c["t"] == t):
             for name, r in [("cellserve", c["cellserve"])] + [(k, v) for k, v in c["baselines"].items() if k != "ort"]:
-                ax.plot(r["latency_cdf_ms"], qs, styles.get(name, "-"), color=by_streams[c["streams"]],
+                ax.plot(r["latency_cdf_ms"], qs, linestyle=styles.get(name, "-"), color=by_streams[c["streams"]],
                         label=f"{name} s={c['streams']}", linewidth=1.3)  # fmt: skip
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -168,13 +179,14 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
         ax.legend(fontsize=6, ncol=2)
         ax.grid(alpha=0.3)
     ax_tp = axes[len(ts)]  # throughput: colour = target, style = T
-    target_colors = {"cellserve": colors[0], "echo": colors[1], "naive": colors[2], "raw ORT": colors[3]}
+    target_colors = {"cellserve": colors[0], "echo": colors[1], "naive": colors[2], "raw ORT": colors[3],
+                     "compare": colors[4]}  # fmt: skip
     t_styles = ["o-", "s--", "^:", "d-."]
     for i, t in enumerate(ts):
         cs = sorted((c for c in configs if c["t"] == t), key=lambda c: c["streams"])
         streams = [c["streams"] for c in cs]
         series = {"cellserve": [c["cellserve"]["steps_per_s"] for c in cs]}
-        for name, key in (("echo", "echo"), ("naive", "naive"), ("raw ORT", "ort")):
+        for name, key in (("echo", "echo"), ("naive", "naive"), ("raw ORT", "ort"), ("compare", "compare")):
             if all(key in c["baselines"] for c in cs):
                 series[name] = [c["baselines"][key]["steps_per_s"] for c in cs]
         for name, vals in series.items():
@@ -187,7 +199,7 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
     ax_tp.legend(fontsize=7)
     ax_tp.grid(alpha=0.3, which="both")
     if by_round:
-        _rounds_panel(axes[-1], by_round, {"echo": colors[1], "naive": colors[2]})
+        _rounds_panel(axes[-1], by_round, {"echo": colors[1], "naive": colors[2], "compare": colors[4]})
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -196,26 +208,28 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
 
 
 def _rounds_panel(ax: Any, configs: list[dict[str, Any]], colors: dict[str, str]) -> None:
-    """Each round's msgs/s ratio against echo and naive (dots) and their medians (bars): the spread a single
-    run would have hidden."""
+    """Each round's msgs/s ratio against echo and naive, and the compare server's to cellserve (dots), and
+    their medians (bars): the spread a single run would have hidden."""
     labels, labelled = [], set()
     for i, c in enumerate(configs):
         labels.append(f"s={c['streams']}\nT={c['t']}")
-        for j, (name, key) in enumerate((("echo", "msgs_vs_echo"), ("naive", "msgs_vs_naive"))):
+        pairs = (("echo", "msgs_vs_echo"), ("naive", "msgs_vs_naive"), ("compare", "compare_msgs_vs_cellserve"))
+        for j, (name, key) in enumerate(pairs):
             values = [r[key] for r in c["round_ratios"] if r.get(key) is not None]
             if not values:
                 continue
-            x = i + (j - 0.5) * 0.3
+            x = i + (j - 1) * 0.25
             first = name not in labelled
             labelled.add(name)
+            what = "compare ÷ cellserve" if name == "compare" else f"÷ {name}"
             ax.plot([x] * len(values), values, "o", color=colors[name], alpha=0.6,
-                    label=f"÷ {name}, one round" if first else None)  # fmt: skip
-            ax.hlines(c["ratios"][key], x - 0.12, x + 0.12, color=colors[name], linewidth=2.5,
-                      label=f"÷ {name}, median" if first else None)  # fmt: skip
+                    label=f"{what}, one round" if first else None)  # fmt: skip
+            ax.hlines(c["ratios"][key], x - 0.1, x + 0.1, color=colors[name], linewidth=2.5,
+                      label=f"{what}, median" if first else None)  # fmt: skip
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(configs)), labels)
     ax.set_yscale("log")
-    ax.set_ylabel("cellserve msgs/s ÷ the same round's baseline")
+    ax.set_ylabel("msgs/s ratio within one round")
     ax.set_title(f"Same-round ratios, {len(configs[0]['round_ratios'])} rounds")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both", axis="y")

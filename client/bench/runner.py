@@ -4,7 +4,8 @@ For each configuration (streams, T) the targets run one after another under the 
 pattern: the bare echo server, cellserve, the naive stateless server; then raw onnxruntime
 in-process at the mean batch size cellserve's scheduler formed in that run, at the same T.
 With ``--rounds K`` that sequence runs K times, its order rotated each round; each ratio is the
-median of the K same-round ratios (see ``report.config_entry``).
+median of the K same-round ratios (see ``report.config_entry``). ``--compare-serve-arg`` adds a second
+cellserve server with other flags as one more target ("compare") in every round.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
+    if args.compare_serve_arg and args.server is not None:
+        raise BenchError("--compare-serve-arg starts a second server next to the one the bench starts; "
+                         "it cannot be used with --server")  # fmt: skip
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
@@ -66,13 +70,22 @@ def _run(
     args: argparse.Namespace, configs: list[tuple[int, int]], baselines: list[str], model_dir: Path | None
 ) -> dict:
     max_streams = max(1024, 2 * max(s for s, _ in configs))
+    serve_args = ["--intra-op-threads", str(args.intra_op_threads), *args.serve_arg]
     with (
-        bench_target(args.server, args.model, model_dir,
-                     ["--intra-op-threads", str(args.intra_op_threads), *args.serve_arg], metrics_url=args.metrics_url,
+        bench_target(args.server, args.model, model_dir, serve_args, metrics_url=args.metrics_url,
                      max_streams=max_streams, connect_timeout_s=args.connect_timeout) as cs,
         ExitStack() as stack,
     ):  # fmt: skip
         info = cs.info
+        compare = None
+        if args.compare_serve_arg:
+            compare_args = [*serve_args, *args.compare_serve_arg]
+            compare = stack.enter_context(bench_target(None, args.model, model_dir, compare_args, name="compare",
+                                                       max_streams=max_streams,
+                                                       connect_timeout_s=args.connect_timeout))  # fmt: skip
+            if compare.info.sha256 != info.sha256:
+                raise BenchError("the compare server serves another model file than the first; compare flags "
+                                 "must not change the model")  # fmt: skip
         if model_dir is not None and {"naive", "ort"} & set(baselines):
             local = json.loads((model_dir / "manifest.json").read_text()).get("sha256")
             if local != info.sha256:
@@ -81,20 +94,23 @@ def _run(
                     f"sha256 {str(local)[:12]}…; the baselines must run the same model file"
                 )
         targets = {"cellserve": cs, **_start_baselines(stack, args, baselines, model_dir, cs)}
+        if compare is not None:
+            targets["compare"] = compare
         threads = args.intra_op_threads  # the server's engine options, so raw ORT is like against like
         ort_model = OnnxModel.load(model_dir, threads) if "ort" in baselines and model_dir is not None else None
         entries = []
         for streams, t in configs:
             plan = LoadPlan(streams, t, args.duration, args.messages, args.warmup,
                             args.procs or min(streams, 2), args.seed)  # fmt: skip
-            names = [n for n in ("echo", "cellserve", "naive") if n in targets]
+            names = [n for n in ("echo", "cellserve", "compare", "naive") if n in targets]
             rounds: list[dict[str, Result]] = []
             for r in range(args.rounds):
                 measured: dict[str, Result] = {}
                 for name in round_order(names, r):
                     target = targets[name]
                     measured[name] = run_load(name, target.address, info, plan, metrics_url=target.metrics_url,
-                                              server_pid=target.pid, progress_bar=not args.no_progress)  # fmt: skip
+                                              server_pid=target.pid, progress_bar=not args.no_progress,
+                                              protocol="cellserve" if name == "compare" else None)  # fmt: skip
                 rounds.append(measured)
             ort = None
             if ort_model is not None:
@@ -109,6 +125,7 @@ def _run(
             "messages": args.messages,
             "warmup_s": args.warmup,
             "rounds": args.rounds,
+            "compare_serve_args": args.compare_serve_arg,
             "client_procs": args.procs or "min(streams, 2)",
             "baselines": baselines,
         },

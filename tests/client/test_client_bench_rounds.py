@@ -113,3 +113,36 @@ def test_a_report_with_rounds_draws_the_same_round_ratio_panel(tmp_path):
     width = matplotlib.image.imread(tmp_path / "bench.png").shape[1]
     assert write_png([config_entry(rounds[:1], None)], tmp_path / "one.png")
     assert width > matplotlib.image.imread(tmp_path / "one.png").shape[1]  # one panel more than one round gets
+
+
+def test_compare_runs_a_second_server_with_its_flags_in_every_round(tiny_model_dir, tmp_path):
+    """`--compare-serve-arg` starts a second cellserve with the extra flag; both run in each round."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "cellserve.server.cli", "--log-level", "WARNING", "bench", "--model-dir",
+           str(tiny_model_dir), "--streams", "3", "-T", "1", "--messages", "90", "--warmup", "0.1", "--rounds", "2",
+           "--baselines", "echo", "--compare-serve-arg=--max-batch=1", "--no-progress", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compare/cellserve: msgs" in proc.stdout
+    report = json.loads((out / "bench.json").read_text())
+    assert report["meta"]["compare_serve_args"] == ["--max-batch=1"]
+    (cfg,) = report["configs"]
+    compare, cs = cfg["baselines"]["compare"], cfg["cellserve"]
+    assert compare["messages"] == cs["messages"] == 2 * 90  # both ran in both rounds
+    assert compare["mean_batch"] == 1.0  # the flag reached the second server (its own /metrics)
+    assert cs["mean_batch"] > 1.0  # and not the first: 3 sessions batch together by default
+    assert [r["compare_msgs_vs_cellserve"] > 0 for r in cfg["round_ratios"]] == [True, True]
+    assert cfg["ratios"]["compare_msgs_vs_cellserve"] == pytest.approx(
+        float(np.median([r["compare_msgs_vs_cellserve"] for r in cfg["round_ratios"]]))
+    )
+
+
+def test_compare_cannot_be_used_with_server(capsys):
+    argv = ["bench", "--server", "127.0.0.1:1", "--compare-serve-arg=--workers=2", "--baselines", "echo"]
+    assert cellserve_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("cellserve bench: error: --compare-serve-arg starts a second server")
