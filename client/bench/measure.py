@@ -47,16 +47,18 @@ class Result:
 
     @classmethod
     def pooled(cls, rounds: list[Result]) -> Result:
-        """One target's rounds as one measurement: messages and seconds add up, latencies join, and the
-        per-message and per-call figures are averaged weighted by each round's messages."""
+        """One target's rounds as one measurement: messages and seconds add up, latencies join; per-message
+        figures are averaged weighted by each round's messages, per-call ones (mean batch, engine time per
+        call) by its engine calls (messages / mean batch)."""
         if len(rounds) == 1:
             return rounds[0]
         first = rounds[0]
 
-        def weighted(attr: str) -> float | None:
-            pairs = [(getattr(r, attr), r.messages) for r in rounds if getattr(r, attr) is not None]
-            total = sum(n for _, n in pairs)
-            return sum(v * n for v, n in pairs) / total if pairs and total else None
+        def weighted(attr: str, by_calls: bool = False) -> float | None:
+            pairs = [(getattr(r, attr), r.messages / r.mean_batch if by_calls and r.mean_batch else r.messages)
+                     for r in rounds if getattr(r, attr) is not None]  # fmt: skip
+            total = sum(w for _, w in pairs)
+            return sum(v * w for v, w in pairs) / total if pairs and total else None
 
         return cls(
             first.target,
@@ -65,8 +67,8 @@ class Result:
             sum(r.messages for r in rounds),
             sum(r.seconds for r in rounds),
             np.concatenate([r.latencies_s for r in rounds]),
-            mean_batch=weighted("mean_batch"),
-            engine_s_per_call=weighted("engine_s_per_call"),
+            mean_batch=weighted("mean_batch", by_calls=True),
+            engine_s_per_call=weighted("engine_s_per_call", by_calls=True),
             client_cpu_s_per_msg=weighted("client_cpu_s_per_msg"),
             server_cpu_s_per_msg=weighted("server_cpu_s_per_msg"),
             server_loop_cpu_s_per_msg=weighted("server_loop_cpu_s_per_msg"),
@@ -198,8 +200,9 @@ def _collect(
     result.client_cpu_s_per_msg = sum(r.cpu_s for r in got) / max(1, sum(r.sent for r in got))
     if before.usage is not None and after.usage is not None:
         result.server_cpu_s_per_msg = (after.usage.cpu_s - before.usage.cpu_s) / max(1, len(lat))
-        loop_s = after.usage.main_threads_cpu_s - before.usage.main_threads_cpu_s
-        result.server_loop_cpu_s_per_msg = loop_s / max(1, len(lat))
+        if after.usage.pids == before.usage.pids:  # a process that left took its main thread's CPU with it
+            loop_s = after.usage.main_threads_cpu_s - before.usage.main_threads_cpu_s
+            result.server_loop_cpu_s_per_msg = loop_s / max(1, len(lat))
     if before.counters is not None and after.counters is not None:
         delta = after.counters - before.counters
         result.mean_batch = delta.batch.mean

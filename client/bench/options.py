@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 SWEEP_STREAMS = (1, 16, 64, 256)
+DEFAULT_STREAMS, DEFAULT_T = 16, 1
 SWEEP_T = (1, 32)
 CONNECT_TIMEOUT_S = 30.0
 
@@ -61,24 +62,27 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--streams",
         type=_counts,
-        default=[16],
-        help="concurrent sessions; a comma-separated list (e.g. 1,64,256) runs each, in one report (default: 16)",
+        default=None,
+        help=f"concurrent sessions; a comma-separated list (e.g. 1,64,256) runs each, in one report "
+        f"(default: {DEFAULT_STREAMS})",
     )
     p.add_argument(
         "-T",
         "--steps-per-message",
         dest="t",
         type=_counts,
-        default=[1],
-        help="steps per message (chunk T); a comma-separated list runs each with every --streams (default: 1)",
+        default=None,
+        help=f"steps per message (chunk T); a comma-separated list runs each with every --streams "
+        f"(default: {DEFAULT_T})",
     )
     p.add_argument("--duration", type=float, default=5.0, help="seconds per configuration, target and round")
     p.add_argument(
         "--rounds",
         type=int,
         default=1,
-        help="run each configuration's targets this many times, in a rotating order; every ratio is then "
-        "the median of the same-round ratios (use 5 or more for ratios on a shared, noisy machine)",
+        help="run each configuration's targets this many times, in a changing order; the ratios to echo, "
+        "naive and the compare server are then medians of the same-round ratios (use 5 or more on a shared, "
+        "noisy machine)",
     )
     p.add_argument(
         "--messages", type=int, default=0, help="messages per configuration, target and round (overrides --duration)"
@@ -91,7 +95,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
         help="client processes (0 = min(streams, 2): one per core on the reference 2-core box)",
     )
     p.add_argument(
-        "--sweep", action="store_true", help=f"streams in {list(SWEEP_STREAMS)} x T in {list(SWEEP_T)}; one report"
+        "--sweep",
+        action="store_true",
+        help=f"streams in {list(SWEEP_STREAMS)} x T in {list(SWEEP_T)}; one report (instead of --streams/-T)",
     )
     p.add_argument("--baselines", default="echo,naive,ort", help="comma-separated baselines to run (echo,naive,ort)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="directory for bench.json and bench.png")

@@ -85,6 +85,7 @@ class TreeUsage:
     """What a process tree has used: CPU seconds so far (exited children included), RSS and fds now."""
 
     processes: int
+    pids: frozenset[int]
     cpu_s: float
     # the live processes' main threads alone: where a Python server runs its asyncio event loop (the
     # handlers, and an inline engine); gRPC's own I/O threads are the rest of cpu_s
@@ -101,6 +102,7 @@ def tree_usage(pid: int | None) -> TreeUsage | None:
     fds = [open_fds(s.pid) for s in tree]
     return TreeUsage(
         processes=len(tree),
+        pids=frozenset(s.pid for s in tree),
         cpu_s=sum(s.cpu_s + s.reaped_children_cpu_s for s in tree),
         main_threads_cpu_s=sum(t.cpu_s for t in (ProcessStat.read(s.pid, s.pid) for s in tree) if t is not None),
         rss_bytes=sum(s.rss_bytes for s in tree),

@@ -51,9 +51,10 @@ def _median(values: list[float | None]) -> float | None:
 def config_entry(rounds: list[dict[str, Result]], ort: OrtResult | None) -> dict[str, Any]:
     """One configuration: cellserve, the baselines, and the ratios the README quotes.
 
-    Each target's rounds are pooled for its own figures. A ratio against echo or naive is the median,
-    over the rounds, of that round's ratio: both sides of it ran minutes apart at most, so drift on a
-    shared machine cancels. With one round it is simply that round's ratio.
+    Each target's rounds are pooled for its own figures. A ratio against echo, naive or the compare server
+    is the median, over the rounds, of that round's ratio: both sides of it ran minutes apart at most, so
+    drift on a shared machine cancels. With one round it is simply that round's ratio. The raw-ORT ratios
+    divide the pooled cellserve figures by the one ORT measurement.
     """
     results = {name: Result.pooled([r[name] for r in rounds]) for name in rounds[0]}
     cs = results["cellserve"]
@@ -73,6 +74,14 @@ def config_entry(rounds: list[dict[str, Result]], ort: OrtResult | None) -> dict
         "ratios": ratios,
         "round_ratios": per_round,
     }
+
+
+# The msgs/s ratios shown per round (table) and drawn per round (PNG): key in round_ratios, label.
+ROUND_SERIES = (
+    ("msgs_vs_echo", "msgs/echo"),
+    ("msgs_vs_naive", "msgs/naive"),
+    ("compare_msgs_vs_cellserve", "compare/cellserve msgs"),
+)
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:
@@ -105,19 +114,21 @@ def table(configs: list[dict[str, Any]]) -> str:
             f"p99/echo {_fmt(r['p99_vs_echo'])}  msgs/naive {_fmt(r['msgs_vs_naive'])}  "
             f"steps/ORT {_fmt(r['steps_vs_ort'])}  engine/ORT {_fmt(r['engine_vs_ort'])}"
         )
-        lines.append(
-            f"{'':>9}  server CPU per message/echo {_fmt(r['server_cpu_vs_echo'])}, "
-            f"its event loop's/echo's {_fmt(r['loop_cpu_vs_echo'])}"
-        )
+        if "echo" in c["baselines"]:
+            lines.append(
+                f"{'':>9}  server CPU per message/echo {_fmt(r['server_cpu_vs_echo'])}, "
+                f"its event loop's/echo's {_fmt(r['loop_cpu_vs_echo'])}"
+            )
         if "compare_msgs_vs_cellserve" in r:
             lines.append(
                 f"{'':>9}  compare/cellserve: msgs {_fmt(r['compare_msgs_vs_cellserve'])}  "
                 f"p99 {_fmt(r['compare_p99_vs_cellserve'])}  server CPU {_fmt(r['compare_server_cpu_vs_cellserve'])}"
             )
         rounds = c.get("round_ratios", [])
-        if len(rounds) > 1 and rounds[0]["msgs_vs_echo"] is not None:
-            each = " ".join(_fmt(x["msgs_vs_echo"]) for x in rounds)
-            lines.append(f"{'':>9}  msgs/echo per round: {each} (the ratios above: medians over {len(rounds)} rounds)")
+        for key, what in ROUND_SERIES:
+            if len(rounds) > 1 and rounds[0].get(key) is not None:
+                each = " ".join(_fmt(x[key]) for x in rounds)
+                lines.append(f"{'':>9}  {what} per round: {each} (the ratios above: medians over {len(rounds)} rounds)")
         lines.append("")
     return "\n".join(lines)
 
@@ -159,7 +170,8 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
     except ImportError:
         return False
     ts = sorted({c["t"] for c in configs})
-    by_round = [c for c in configs if len(c.get("round_ratios", [])) > 1]
+    by_round = [c for c in configs if len(c.get("round_ratios", [])) > 1
+                and any(r.get(key) is not None for r in c["round_ratios"] for key, _ in ROUND_SERIES)]  # fmt: skip
     panels = len(ts) + 1 + (1 if by_round else 0)
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 5))
     styles = {"cellserve": "-", "echo": "--", "naive": ":", "raw ORT": "-.", "compare": (0, (5, 1, 1, 1))}
@@ -213,8 +225,7 @@ def _rounds_panel(ax: Any, configs: list[dict[str, Any]], colors: dict[str, str]
     labels, labelled = [], set()
     for i, c in enumerate(configs):
         labels.append(f"s={c['streams']}\nT={c['t']}")
-        pairs = (("echo", "msgs_vs_echo"), ("naive", "msgs_vs_naive"), ("compare", "compare_msgs_vs_cellserve"))
-        for j, (name, key) in enumerate(pairs):
+        for j, (name, key) in enumerate(zip(("echo", "naive", "compare"), (k for k, _ in ROUND_SERIES), strict=True)):
             values = [r[key] for r in c["round_ratios"] if r.get(key) is not None]
             if not values:
                 continue

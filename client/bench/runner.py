@@ -3,9 +3,10 @@
 For each configuration (streams, T) the targets run one after another under the same load
 pattern: the bare echo server, cellserve, the naive stateless server; then raw onnxruntime
 in-process at the mean batch size cellserve's scheduler formed in that run, at the same T.
-With ``--rounds K`` that sequence runs K times, its order rotated each round; each ratio is the
-median of the K same-round ratios (see ``report.config_entry``). ``--compare-serve-arg`` adds a second
-cellserve server with other flags as one more target ("compare") in every round.
+With ``--rounds K`` that sequence runs K times in a changing order (``round_order``); each ratio to
+echo, naive or the compare server is the median of the K same-round ratios (``report.config_entry``).
+``--compare-serve-arg`` adds a second cellserve server with other flags as one more target
+("compare") in every round.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cellserve.client.bench.baselines.onnx_model import OnnxModel
 from cellserve.client.bench.baselines.ort import ort_ceiling
 from cellserve.client.bench.command import BenchError, Target, bench_target, model_dir, run_command
 from cellserve.client.bench.measure import LoadPlan, Result, run_load
-from cellserve.client.bench.options import SWEEP_STREAMS, SWEEP_T
+from cellserve.client.bench.options import DEFAULT_STREAMS, DEFAULT_T, SWEEP_STREAMS, SWEEP_T
 from cellserve.client.bench.report import config_entry, run_meta, table, write_json, write_png
 from cellserve.client.bench.serving import ServerProcess, python_module
 
@@ -30,14 +31,20 @@ BASELINES = ("echo", "naive", "ort")
 
 def bench_configs(args: argparse.Namespace) -> list[tuple[int, int]]:
     """(streams, T) pairs to run: the sweep grid, or every pair of the --streams and -T lists."""
-    streams, ts = (SWEEP_STREAMS, SWEEP_T) if args.sweep else (args.streams, args.t)
-    return [(s, t) for t in ts for s in streams]
+    if args.sweep:
+        if args.streams is not None or args.t is not None:
+            raise BenchError("--sweep runs its own grid of --streams and -T; give either --sweep or the lists")
+        return [(s, t) for t in SWEEP_T for s in SWEEP_STREAMS]
+    return [(s, t) for t in args.t or [DEFAULT_T] for s in args.streams or [DEFAULT_STREAMS]]
 
 
 def round_order(names: list[str], r: int) -> list[str]:
-    """The targets' order in round ``r``: rotated by one each round, so none always runs first (or next to last)."""
-    k = r % len(names)
-    return names[k:] + names[:k]
+    """The targets' order in round ``r``: reversed every other round, so that each pair of targets runs
+    one way round as often as the other, and rotated by one every two rounds, so that none always runs
+    first or last."""
+    k = (r // 2) % len(names)
+    order = names[k:] + names[:k]
+    return order[::-1] if r % 2 else order
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -73,11 +73,12 @@ def test_the_cpu_of_a_workers_server_is_the_supervisor_and_every_worker(spawn_se
     workers = {w["pid"] for w in server.ready_info()["workers"]}
     tree = {s.pid: s for s in process_tree(server.proc.pid)}
     assert workers <= set(tree), (workers, sorted(tree))
-    snapshot = ServerSnapshot.take(server.proc.pid, None, "tiny")  # what `cellserve bench` reads
+    mains = [ProcessStat.read(pid, pid) for pid in (server.proc.pid, *workers)]  # each process's main thread
+    snapshot = ServerSnapshot.take(server.proc.pid, None, "tiny")  # what `cellserve bench` reads (later)
     assert snapshot.usage is not None
     assert snapshot.usage.cpu_s >= tree[server.proc.pid].cpu_s + sum(tree[w].cpu_s for w in workers) - TICK_S
-    mains = [ProcessStat.read(pid, pid) for pid in (server.proc.pid, *workers)]  # each process's main thread
     assert all(m is not None for m in mains)
+    assert {server.proc.pid, *workers} <= snapshot.usage.pids
     assert snapshot.usage.main_threads_cpu_s >= sum(m.cpu_s for m in mains if m is not None) - TICK_S
     assert snapshot.usage.main_threads_cpu_s <= snapshot.usage.cpu_s
     assert all(tree[w].cpu_s > 0 for w in workers)  # each worker loaded and warmed its engine

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from cellserve.client.bench.command import BenchError
 from cellserve.client.bench.measure import Result
 from cellserve.client.bench.report import config_entry, table
 from cellserve.client.bench.runner import round_order
@@ -22,17 +23,19 @@ def _result(target: str, msgs_per_s: float, p99_ms: float, cpu_us: float | None,
     return r
 
 
-def test_pooling_adds_messages_and_seconds_and_weights_per_message_figures_by_messages():
+def test_pooling_weights_per_message_figures_by_messages_and_per_call_ones_by_calls():
     a = _result("cellserve", 1000.0, 10.0, 100.0, n=1000)
     b = _result("cellserve", 3000.0, 10.0, 200.0, n=3000)
-    a.mean_batch, b.mean_batch = 10.0, 30.0
+    a.mean_batch, b.mean_batch = 10.0, 30.0  # 100 engine calls each
+    a.engine_s_per_call, b.engine_s_per_call = 1e-3, 3e-3
     pooled = Result.pooled([a, b])
     assert pooled.messages == 4000 and math.isclose(pooled.seconds, 2.0)
     assert math.isclose(pooled.msgs_per_s, 2000.0)  # all messages over all seconds, not a mean of rates
     assert len(pooled.latencies_s) == 4000
     assert math.isclose(pooled.server_cpu_s_per_msg, (1000 * 100e-6 + 3000 * 200e-6) / 4000)
-    assert math.isclose(pooled.mean_batch, 25.0)
-    assert pooled.engine_s_per_call is None  # no round had it
+    assert math.isclose(pooled.mean_batch, 4000 / 200)  # messages over calls, not 25 (weighted by messages)
+    assert math.isclose(pooled.engine_s_per_call, 2e-3)
+    assert pooled.server_loop_cpu_s_per_msg is None  # no round had it
     assert Result.pooled([a]) is a
 
 
@@ -57,14 +60,21 @@ def test_ratios_are_medians_of_the_same_round_ratios_and_every_round_is_kept():
     assert entry["baselines"]["echo"]["msgs_per_s_rounds"] == pytest.approx([10_000.0, 4_000.0, 9_000.0])
     text = table([entry])
     assert "msgs/echo per round: 0.70 1.80 0.73 (the ratios above: medians over 3 rounds)" in text
+    alone = table([config_entry([{"cellserve": r["cellserve"]} for r in rounds], None)])  # e.g. --baselines ort
+    assert "per round" not in alone and "server CPU per message/echo" not in alone
 
 
-def test_each_target_runs_first_in_some_round():
-    names = ["echo", "cellserve", "naive"]
-    orders = [round_order(names, r) for r in range(3)]
+@pytest.mark.parametrize("names", [["echo", "cellserve"], ["echo", "cellserve", "naive"],
+                                   ["echo", "cellserve", "compare", "naive"]])  # fmt: skip
+def test_round_orders_alternate_every_pair_and_vary_the_first_and_last(names):
+    orders = [round_order(names, r) for r in range(2 * len(names))]
     assert orders[0] == names
-    assert {o[0] for o in orders} == set(names)
     assert all(sorted(o) == sorted(names) for o in orders)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            before = [o.index(a) < o.index(b) for o in orders]
+            assert before.count(True) == before.count(False), (a, b, orders)  # drift cannot favour one side
+    assert {o[0] for o in orders} == set(names) and {o[-1] for o in orders} == set(names)
     assert round_order(["cellserve"], 5) == ["cellserve"]
 
 
@@ -86,6 +96,8 @@ def test_streams_and_t_take_lists_and_every_pair_runs():
     assert args.streams == [1, 64, 256]  # in the order given, each once
     assert bench_configs(args) == [(1, 1), (64, 1), (256, 1), (1, 32), (64, 32), (256, 32)]
     assert bench_configs(p.parse_args([])) == [(16, 1)]
+    with pytest.raises(BenchError, match="either --sweep or the lists"):
+        bench_configs(p.parse_args(["--sweep", "--streams", "64"]))
 
 
 @pytest.mark.parametrize("flag", ["--streams", "-T"])
@@ -113,6 +125,9 @@ def test_a_report_with_rounds_draws_the_same_round_ratio_panel(tmp_path):
     width = matplotlib.image.imread(tmp_path / "bench.png").shape[1]
     assert write_png([config_entry(rounds[:1], None)], tmp_path / "one.png")
     assert width > matplotlib.image.imread(tmp_path / "one.png").shape[1]  # one panel more than one round gets
+    alone = config_entry([{"cellserve": r["cellserve"]} for r in rounds], None)  # rounds, but no ratio to draw
+    assert write_png([alone], tmp_path / "alone.png")
+    assert matplotlib.image.imread(tmp_path / "alone.png").shape[1] < width
 
 
 def test_compare_runs_a_second_server_with_its_flags_in_every_round(tiny_model_dir, tmp_path):
