@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,9 +65,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_bench_flags(p)
     benches = p.add_subparsers(dest="bench_command", title="other benchmarks", metavar="{soak,checkpoint}")
     summary = "churn sessions for minutes; record RSS, slots and latency over time (JSON; PNG with matplotlib)"
-    add_soak_flags(add_command(benches, "soak", _soak, summary))
+    add_soak_flags(soak := add_command(benches, "soak", _soak, summary))
     summary = "SDK msgs/s with checkpointing every 1, 8, 64 step messages and off, in one run (JSON)"
-    add_checkpoint_flags(add_command(benches, "checkpoint", _checkpoint, summary))
+    add_checkpoint_flags(checkpoint := add_command(benches, "checkpoint", _checkpoint, summary))
+    for sub in (soak, checkpoint):
+        sub.set_defaults(check_argv=_flags_after_subcommand)
+
+
+def _flags_after_subcommand(argv: Sequence[str], args: argparse.Namespace) -> str | None:
+    """A flag between ``bench`` and ``soak``/``checkpoint`` is the load bench's, which they do not run; argparse
+    would let the subcommand's own defaults silently replace it (``bench --server X checkpoint`` would start a
+    server). The problem, worded for the user, or None."""
+    sub = args.bench_command
+    tokens = list(argv)
+    try:
+        start = tokens.index("bench") + 1
+        end = tokens.index(sub, start)
+    except ValueError:
+        return None
+    misplaced = [t for t in tokens[start:end] if t.startswith("-")]
+    if not misplaced:
+        return None
+    return (
+        f"{misplaced[0]} comes before '{sub}', where flags belong to the load bench, which '{sub}' does not run; "
+        f"put them after it: cellserve bench {' '.join([sub, *tokens[start:end], *tokens[end + 1 :]])} "
+        f"(see cellserve bench {sub} --help)"
+    )
 
 
 def _models(args: argparse.Namespace) -> int:

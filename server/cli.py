@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A command may check the words it was given, where the parsed namespace cannot tell (flag order).
+    check = getattr(args, "check_argv", None)
+    problem = check(sys.argv[1:] if argv is None else argv, args) if check is not None else None
+    if problem:
+        return fail(args.command, problem)
     # Before any subcommand runs; `serve` sets it again from its Settings (where `serve --log-*` land).
     level = getattr(args, "log_level", None) or os.environ.get("CELLSERVE_LOG_LEVEL") or "INFO"
     fmt = getattr(args, "log_format", None) or os.environ.get("CELLSERVE_LOG_FORMAT") or "text"

@@ -186,3 +186,16 @@ def test_bench_connect_timeout_must_be_positive_seconds(capsys):
         cellserve_main(["bench", "--connect-timeout", "0"])
     assert exit_.value.code == 2
     assert "--connect-timeout: 0 is not > 0 seconds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sub", ["checkpoint", "soak"])
+def test_a_load_bench_flag_before_a_bench_subcommand_is_refused_with_the_right_order(sub, capsys):
+    """argparse would let the subcommand's defaults replace it: `bench --server X checkpoint` would start a
+    server of its own and never drive X."""
+    assert cellserve_main(["--log-level", "WARNING", "bench", "--server", "127.0.0.1:1", sub, "--seed", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"cellserve bench: error: --server comes before '{sub}', where flags belong to the load bench, which "
+        f"'{sub}' does not run; put them after it: cellserve bench {sub} --server 127.0.0.1:1 --seed 3 "
+        f"(see cellserve bench {sub} --help)"
+    )
