@@ -128,7 +128,7 @@ def test_bench_and_bench_soak_both_explain_themselves(capsys):
         out = capsys.readouterr().out
         assert all(n in out for n in needles), out
     plain = build_parser().parse_args(["bench", "--streams", "4", "-T", "2"])
-    assert plain.func.__name__ == "_bench" and plain.streams == 4 and plain.bench_command is None
+    assert plain.func.__name__ == "_bench" and plain.streams == [4] and plain.t == [2] and plain.bench_command is None
     soak = build_parser().parse_args(["bench", "soak", "--seconds", "3"])
     assert soak.func.__name__ == "_soak" and soak.seconds == 3
 
