@@ -12,6 +12,7 @@ requests just over the limit reach the guard and get a message naming the settin
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -56,6 +57,23 @@ def guard_deserializer(parse: Callable[[bytes], Any], method: str, max_bytes: in
 async def _reject(context: grpc.aio.ServicerContext, error: CellserveError, on_reject: Callable[[str], None]) -> None:
     on_reject(error.code.name)
     await context.abort(error.code, error.message)
+
+
+class _CheckedContext:
+    """A servicer context whose ``read()`` raises the error of a request the guard marked bad (for handlers
+    that are not ours and read with ``context.read()``); everything else is the context's own."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+
+    async def read(self) -> Any:
+        request = await self._context.read()
+        if type(request) is BadRequest:
+            raise request.error
+        return request
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 class RequestGuard(grpc.aio.ServerInterceptor):
@@ -131,10 +149,15 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             return handler._replace(request_deserializer=safe, stream_unary=stream_unary)
         inner_ss = handler.stream_stream
 
+        yields = inspect.isasyncgenfunction(inner_ss)
+
         async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                async for response in inner_ss(checked(requests), context):
-                    yield response
+                if yields:
+                    async for response in inner_ss(checked(requests), context):
+                        yield response
+                else:  # a handler that reads and writes through the context: its reads are checked there
+                    await inner_ss(checked(requests), _CheckedContext(context))
             except CellserveError as e:
                 await _reject(context, e, on_reject)
 
