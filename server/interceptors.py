@@ -12,7 +12,6 @@ requests just over the limit reach the guard and get a message naming the settin
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -59,21 +58,40 @@ async def _reject(context: grpc.aio.ServicerContext, error: CellserveError, on_r
     await context.abort(error.code, error.message)
 
 
+def _checked(request: Any) -> Any:
+    """``request``, unless the guard marked it bad: then its precise error is raised."""
+    if type(request) is BadRequest:
+        raise request.error
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _checked(request)
+
+
 class _CheckedContext:
-    """A servicer context whose ``read()`` raises the error of a request the guard marked bad (for handlers
+    """A servicer context whose ``read()`` checks each request as ``_checked_stream`` does (for handlers
     that are not ours and read with ``context.read()``); everything else is the context's own."""
 
     def __init__(self, context: grpc.aio.ServicerContext) -> None:
         self._context = context
 
     async def read(self) -> Any:
-        request = await self._context.read()
-        if type(request) is BadRequest:
-            raise request.error
-        return request
+        return _checked(await self._context.read())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
+
+
+async def _responses(result: Any) -> AsyncIterator[Any]:
+    """A streaming handler's responses: those its async generator yields, or none from a handler that
+    writes with ``context.write()`` (it is awaited)."""
+    if hasattr(result, "__aiter__"):
+        async for response in result:
+            yield response
+    else:
+        await result
 
 
 class RequestGuard(grpc.aio.ServerInterceptor):
@@ -108,12 +126,6 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             return handler._replace(request_deserializer=safe)
         on_reject = self.on_reject
 
-        async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-            async for request in requests:
-                if type(request) is BadRequest:
-                    raise request.error
-                yield request
-
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
@@ -129,12 +141,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 if type(request) is BadRequest:
                     await _reject(context, request.error, on_reject)
-                result = inner_us(request, context)
-                if hasattr(result, "__aiter__"):
-                    async for response in result:
-                        yield response
-                else:  # a handler that writes with context.write()
-                    await result
+                async for response in _responses(inner_us(request, context)):
+                    yield response
 
             return handler._replace(request_deserializer=safe, unary_stream=unary_stream)
         if handler.stream_unary is not None:
@@ -142,22 +150,17 @@ class RequestGuard(grpc.aio.ServerInterceptor):
 
             async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
                 try:
-                    return await inner_su(checked(requests), context)
+                    return await inner_su(_checked_stream(requests), _CheckedContext(context))
                 except CellserveError as e:
                     await _reject(context, e, on_reject)
 
             return handler._replace(request_deserializer=safe, stream_unary=stream_unary)
         inner_ss = handler.stream_stream
 
-        yields = inspect.isasyncgenfunction(inner_ss)
-
         async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                if yields:
-                    async for response in inner_ss(checked(requests), context):
-                        yield response
-                else:  # a handler that reads and writes through the context: its reads are checked there
-                    await inner_ss(checked(requests), _CheckedContext(context))
+                async for response in _responses(inner_ss(_checked_stream(requests), _CheckedContext(context))):
+                    yield response
             except CellserveError as e:
                 await _reject(context, e, on_reject)
 
