@@ -84,14 +84,17 @@ def open_fds(pid: int) -> int | None:
 class TreeUsage:
     """What a process tree has used: CPU seconds so far (exited children included), RSS and fds now."""
 
-    processes: int
-    pids: frozenset[int]
+    pids: frozenset[int]  # the live processes of the tree
     cpu_s: float
     # the live processes' main threads alone: where a Python server runs its asyncio event loop (the
     # handlers, and an inline engine); gRPC's own I/O threads are the rest of cpu_s
     main_threads_cpu_s: float
     rss_bytes: float
     open_fds: int | None  # None when any process's fds could not be listed (another user's process)
+
+    @property
+    def processes(self) -> int:
+        return len(self.pids)
 
 
 def tree_usage(pid: int | None) -> TreeUsage | None:
@@ -101,7 +104,6 @@ def tree_usage(pid: int | None) -> TreeUsage | None:
         return None
     fds = [open_fds(s.pid) for s in tree]
     return TreeUsage(
-        processes=len(tree),
         pids=frozenset(s.pid for s in tree),
         cpu_s=sum(s.cpu_s + s.reaped_children_cpu_s for s in tree),
         main_threads_cpu_s=sum(t.cpu_s for t in (ProcessStat.read(s.pid, s.pid) for s in tree) if t is not None),

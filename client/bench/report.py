@@ -76,11 +76,12 @@ def config_entry(rounds: list[dict[str, Result]], ort: OrtResult | None) -> dict
     }
 
 
-# The msgs/s ratios shown per round (table) and drawn per round (PNG): key in round_ratios, label.
+# The msgs/s ratios shown per round (table) and drawn per round (PNG): key in round_ratios, label, and the
+# target the ratio is about (its colour in the PNG).
 ROUND_SERIES = (
-    ("msgs_vs_echo", "msgs/echo"),
-    ("msgs_vs_naive", "msgs/naive"),
-    ("compare_msgs_vs_cellserve", "compare/cellserve msgs"),
+    ("msgs_vs_echo", "msgs/echo", "echo"),
+    ("msgs_vs_naive", "msgs/naive", "naive"),
+    ("compare_msgs_vs_cellserve", "compare/cellserve msgs", "compare"),
 )
 
 
@@ -101,7 +102,7 @@ def table(configs: list[dict[str, Any]]) -> str:
             lines.append(
                 f"{name:>9} {c['streams']:>7} {c['t']:>3} {r['msgs_per_s']:>10,.0f} {r['steps_per_s']:>11,.0f} "
                 f"{p['p50']:>8.2f} {p['p90']:>8.2f} {p['p99']:>8.2f} {p['p99_9']:>9.2f} {_fmt(r['mean_batch'], 1):>6} "
-                f"{_fmt(r['server_cpu_us_per_msg'], 0):>10} {_fmt(r.get('server_loop_cpu_us_per_msg'), 0):>11} "
+                f"{_fmt(r['server_cpu_us_per_msg'], 0):>10} {_fmt(r['server_loop_cpu_us_per_msg'], 0):>11} "
                 f"{_fmt(r['client_cpu_us_per_msg'], 0):>10}"
             )
         ort = c["baselines"].get("ort")
@@ -125,7 +126,7 @@ def table(configs: list[dict[str, Any]]) -> str:
                 f"p99 {_fmt(r['compare_p99_vs_cellserve'])}  server CPU {_fmt(r['compare_server_cpu_vs_cellserve'])}"
             )
         rounds = c.get("round_ratios", [])
-        for key, what in ROUND_SERIES:
+        for key, what, _ in ROUND_SERIES:
             if len(rounds) > 1 and rounds[0].get(key) is not None:
                 each = " ".join(_fmt(x[key]) for x in rounds)
                 lines.append(f"{'':>9}  {what} per round: {each} (the ratios above: medians over {len(rounds)} rounds)")
@@ -171,7 +172,7 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
         return False
     ts = sorted({c["t"] for c in configs})
     by_round = [c for c in configs if len(c.get("round_ratios", [])) > 1
-                and any(r.get(key) is not None for r in c["round_ratios"] for key, _ in ROUND_SERIES)]  # fmt: skip
+                and any(r.get(key) is not None for r in c["round_ratios"] for key, _, _ in ROUND_SERIES)]  # fmt: skip
     panels = len(ts) + 1 + (1 if by_round else 0)
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 5))
     styles = {"cellserve": "-", "echo": "--", "naive": ":", "raw ORT": "-.", "compare": (0, (5, 1, 1, 1))}
@@ -225,7 +226,7 @@ def _rounds_panel(ax: Any, configs: list[dict[str, Any]], colors: dict[str, str]
     labels, labelled = [], set()
     for i, c in enumerate(configs):
         labels.append(f"s={c['streams']}\nT={c['t']}")
-        for j, (name, key) in enumerate(zip(("echo", "naive", "compare"), (k for k, _ in ROUND_SERIES), strict=True)):
+        for j, (key, _, name) in enumerate(ROUND_SERIES):
             values = [r[key] for r in c["round_ratios"] if r.get(key) is not None]
             if not values:
                 continue
