@@ -2,9 +2,9 @@
 
 The same server, the same load (N closed-loop SDK sessions, ``await s.step`` of T steps, from the same
 client processes) runs once per setting of ``checkpoint_every`` (off, then every 1, 8, 64 step messages
-by default), round after round in a rotating order so that drift on a shared machine spreads over all
-settings. Each setting's msgs/s is the median of its rounds; the ratios divide by "off" from the same
-run. A table goes to stdout and the report to ``checkpoint.json``.
+by default), round after round in a changing order (``measure.round_order``) so that drift on a shared
+machine spreads over all settings. Each setting's msgs/s is the median of its rounds; the ratios divide
+by "off" from the same run. A table goes to stdout and the report to ``checkpoint.json``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from cellserve.client.bench.command import BenchError, bench_target, model_dir, run_command
-from cellserve.client.bench.measure import PERCENTILES, LoadPlan, Result, run_load
+from cellserve.client.bench.measure import PERCENTILES, LoadPlan, Result, round_order, run_load
 from cellserve.client.bench.report import run_meta, write_json
 from cellserve.client.ops import DEFAULT_CHECKPOINT_EVERY
 
@@ -60,8 +60,7 @@ def _run(args: argparse.Namespace, settings: list[int], model_dir: Path | None) 
         info = target.info
         results: dict[int, list[Result]] = {n: [] for n in settings}
         for r in range(args.rounds):
-            order = settings[r % len(settings) :] + settings[: r % len(settings)]  # rotate: no setting always first
-            for n in order:
+            for n in round_order(settings, r):
                 plan = LoadPlan(args.streams, args.t, args.duration, args.messages, args.warmup,
                                 args.procs or min(args.streams, 2), args.seed, checkpoint_every=n)  # fmt: skip
                 results[n].append(run_load("sdk", target.address, info, plan, server_pid=target.pid,

@@ -107,6 +107,15 @@ class LoadPlan:
     checkpoint_every: int = 0  # the sdk target's sessions
 
 
+def round_order(names: list[str], r: int) -> list[str]:
+    """The targets' order in round ``r``: reversed every other round, so that each pair of targets runs
+    one way round as often as the other, and rotated by one every two rounds, so that none always runs
+    first or last."""
+    k = (r // 2) % len(names)
+    order = names[k:] + names[:k]
+    return order[::-1] if r % 2 else order
+
+
 def run_load(
     target: str,
     address: str,

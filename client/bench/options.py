@@ -174,7 +174,7 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--every", default="1,8,64", help="checkpoint_every settings to compare with off (0)")
     p.add_argument("--streams", type=int, default=16, help="concurrent SDK sessions")
     p.add_argument("-T", "--steps-per-message", dest="t", type=int, default=1, help="steps per message (chunk T)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over every setting (rotating order; median)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over every setting (changing order; median)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per setting and round")
     p.add_argument("--messages", type=int, default=0, help="messages per setting and round (overrides --duration)")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds of unmeasured load before each measurement")

@@ -20,7 +20,7 @@ from pathlib import Path
 from cellserve.client.bench.baselines.onnx_model import OnnxModel
 from cellserve.client.bench.baselines.ort import ort_ceiling
 from cellserve.client.bench.command import BenchError, Target, bench_target, model_dir, run_command
-from cellserve.client.bench.measure import LoadPlan, Result, run_load
+from cellserve.client.bench.measure import LoadPlan, Result, round_order, run_load
 from cellserve.client.bench.options import DEFAULT_STREAMS, DEFAULT_T, SWEEP_STREAMS, SWEEP_T
 from cellserve.client.bench.report import config_entry, run_meta, table, write_json, write_png
 from cellserve.client.bench.serving import ServerProcess, python_module
@@ -36,15 +36,6 @@ def bench_configs(args: argparse.Namespace) -> list[tuple[int, int]]:
             raise BenchError("--sweep runs its own grid of --streams and -T; give either --sweep or the lists")
         return [(s, t) for t in SWEEP_T for s in SWEEP_STREAMS]
     return [(s, t) for t in args.t or [DEFAULT_T] for s in args.streams or [DEFAULT_STREAMS]]
-
-
-def round_order(names: list[str], r: int) -> list[str]:
-    """The targets' order in round ``r``: reversed every other round, so that each pair of targets runs
-    one way round as often as the other, and rotated by one every two rounds, so that none always runs
-    first or last."""
-    k = (r // 2) % len(names)
-    order = names[k:] + names[:k]
-    return order[::-1] if r % 2 else order
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from cellserve.client.bench.command import BenchError
-from cellserve.client.bench.measure import Result
+from cellserve.client.bench.measure import Result, round_order
 from cellserve.client.bench.report import config_entry, table
-from cellserve.client.bench.runner import round_order
 from cellserve.server.cli import main as cellserve_main
 
 
