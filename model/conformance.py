@@ -277,7 +277,9 @@ def _check_batch_rows(runner: _Runner, rng: np.random.Generator) -> float:
         raise ContractError(
             f"rows of a batch are not independent: row 1 of a B=3 run differs by {diff:.3g} from the same row run "
             "alone, and cellserve batches many sessions into one run",
-            "keep batch rows apart in forward (is the state used batch-first inside?)",
+            "nothing in forward may be computed across the batch axis: a state used batch-first inside, a "
+            "batch statistic, or onnxruntime's dynamic quantization (its activation scale spans the whole batch; "
+            "quantize weights only, or export the float model)",
         )
     return diff
 
