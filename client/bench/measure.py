@@ -116,6 +116,18 @@ def round_order(names: list[str], r: int) -> list[str]:
     return order[::-1] if r % 2 else order
 
 
+def server_cpu_per_msg(before: TreeUsage, after: TreeUsage, messages: int) -> tuple[float, float | None]:
+    """The server tree's CPU seconds per message between two readings, and its main threads' (None when
+    the tree's processes changed: one that left took its main thread's CPU with it)."""
+    server_s = after.cpu_s - before.cpu_s
+    if after.pids != before.pids:
+        return server_s / max(1, messages), None
+    loop_s = after.main_threads_cpu_s - before.main_threads_cpu_s
+    # A part never exceeds its whole: the main threads are read a moment after their processes (a tick may
+    # land in between), and the two sums round differently when they are equal.
+    return server_s / max(1, messages), min(loop_s, server_s) / max(1, messages)
+
+
 def run_load(
     target: str,
     address: str,
@@ -208,10 +220,9 @@ def _collect(
     result = Result(target, plan.streams, plan.t, len(lat), max(end - window.start_at, 1e-9), lat)
     result.client_cpu_s_per_msg = sum(r.cpu_s for r in got) / max(1, sum(r.sent for r in got))
     if before.usage is not None and after.usage is not None:
-        result.server_cpu_s_per_msg = (after.usage.cpu_s - before.usage.cpu_s) / max(1, len(lat))
-        if after.usage.pids == before.usage.pids:  # a process that left took its main thread's CPU with it
-            loop_s = after.usage.main_threads_cpu_s - before.usage.main_threads_cpu_s
-            result.server_loop_cpu_s_per_msg = loop_s / max(1, len(lat))
+        result.server_cpu_s_per_msg, result.server_loop_cpu_s_per_msg = server_cpu_per_msg(
+            before.usage, after.usage, len(lat)
+        )
     if before.counters is not None and after.counters is not None:
         delta = after.counters - before.counters
         result.mean_batch = delta.batch.mean

@@ -3,13 +3,14 @@ workers included, and children that already exited), not the one pid it started.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
 import pytest
 
-from cellserve.client.bench.measure import ServerSnapshot
-from cellserve.client.bench.procfs import ProcessStat, process_tree, tree_cpu_s, tree_usage
+from cellserve.client.bench.measure import ServerSnapshot, server_cpu_per_msg
+from cellserve.client.bench.procfs import ProcessStat, TreeUsage, process_tree, tree_cpu_s, tree_usage
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux /proc")
 
@@ -115,3 +116,26 @@ def test_the_main_thread_is_counted_apart_from_the_other_threads(tmp_path, wait_
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def _usage(cpu_s: float, main_s: float, pids: frozenset[int] = frozenset({1})) -> TreeUsage:
+    return TreeUsage(pids=pids, cpu_s=cpu_s, main_threads_cpu_s=main_s, rss_bytes=0, open_fds=None)
+
+
+def test_the_loop_cpu_per_message_never_exceeds_the_servers():
+    # Equal ticks summed in another order (0.1 + 0.2 vs 0.3), and a tick that lands on the main thread
+    # between the two reads of a snapshot: either way the main threads' delta came out above the tree's.
+    for before, after in (
+        (_usage(0.1 + 0.2, 0.3), _usage(0.4, 0.4)),
+        (_usage(1.0, 0.5), _usage(2.0, 1.51)),
+    ):
+        assert after.main_threads_cpu_s - before.main_threads_cpu_s > after.cpu_s - before.cpu_s
+        server, loop = server_cpu_per_msg(before, after, 80)
+        assert loop is not None and loop == server == (after.cpu_s - before.cpu_s) / 80
+    server, loop = server_cpu_per_msg(_usage(1.0, 0.5), _usage(2.0, 0.9), 100)
+    assert math.isclose(server, 0.01) and math.isclose(loop or 0, 0.004)
+
+
+def test_the_loop_cpu_is_unknown_when_the_servers_processes_changed():
+    server, loop = server_cpu_per_msg(_usage(1.0, 0.5), _usage(2.0, 0.9, frozenset({1, 2})), 100)
+    assert math.isclose(server, 0.01) and loop is None
