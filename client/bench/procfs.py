@@ -110,9 +110,3 @@ def tree_usage(pid: int | None) -> TreeUsage | None:
         rss_bytes=sum(s.rss_bytes for s in tree),
         open_fds=None if None in fds else sum(f for f in fds if f is not None),
     )
-
-
-def tree_cpu_s(pid: int | None) -> float | None:
-    """CPU seconds of ``pid``'s process tree so far (the supervisor and every worker of ``--workers N``)."""
-    usage = tree_usage(pid)
-    return None if usage is None else usage.cpu_s

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from cellserve.client.bench.measure import ServerSnapshot, server_cpu_per_msg
-from cellserve.client.bench.procfs import ProcessStat, TreeUsage, process_tree, tree_cpu_s, tree_usage
+from cellserve.client.bench.procfs import ProcessStat, TreeUsage, process_tree, tree_usage
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux /proc")
 
@@ -47,7 +47,9 @@ def test_a_parents_tree_counts_its_busy_child_live_and_after_it_was_reaped(tmp_p
         own, child = tree[0].cpu_s, tree[1].cpu_s
         assert tree[1].ppid == parent.pid and child >= CHILD_CPU_S - TICK_S
         assert own < child  # what reading the parent's pid alone would have reported
-        live = tree_cpu_s(parent.pid)
+        usage = tree_usage(parent.pid)
+        assert usage is not None
+        live = usage.cpu_s
         assert live == pytest.approx(own + child, abs=2 * TICK_S)
         assert parent.stdin and parent.stdout
         parent.stdin.write("\n")
@@ -56,7 +58,8 @@ def test_a_parents_tree_counts_its_busy_child_live_and_after_it_was_reaped(tmp_p
         assert [s.pid for s in process_tree(parent.pid)] == [parent.pid]
         reaped = ProcessStat.read(parent.pid)
         assert reaped is not None and reaped.reaped_children_cpu_s >= child - TICK_S
-        assert tree_cpu_s(parent.pid) >= live - TICK_S  # the child's CPU still counts once it is gone
+        after = tree_usage(parent.pid)
+        assert after is not None and after.cpu_s >= live - TICK_S  # the child's CPU still counts once it is gone
     finally:
         parent.kill()
         parent.wait(10)
@@ -65,8 +68,8 @@ def test_a_parents_tree_counts_its_busy_child_live_and_after_it_was_reaped(tmp_p
 def test_nothing_is_read_for_no_pid_or_a_process_that_is_gone():
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(gone.stdout)
-    assert process_tree(pid) == [] and tree_usage(pid) is None and tree_cpu_s(pid) is None
-    assert tree_usage(None) is None and tree_cpu_s(None) is None
+    assert process_tree(pid) == [] and tree_usage(pid) is None
+    assert tree_usage(None) is None
 
 
 def test_the_cpu_of_a_workers_server_is_the_supervisor_and_every_worker(spawn_server):
