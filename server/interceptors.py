@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from cellserve.server.errors import BadRequest, CellserveError, InvalidArgument, ResourceExhausted
+from cellserve.server.errors import BadRequest, CellserveError, InvalidArgument, ResourceExhausted, checked
 
 
 class MalformedRequest(InvalidArgument):
@@ -58,16 +58,9 @@ async def _reject(context: grpc.aio.ServicerContext, error: CellserveError, on_r
     await context.abort(error.code, error.message)
 
 
-def _checked(request: Any) -> Any:
-    """``request``, unless the guard marked it bad: then its precise error is raised."""
-    if type(request) is BadRequest:
-        raise request.error
-    return request
-
-
 async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for request in requests:
-        yield _checked(request)
+        yield checked(request)
 
 
 class _CheckedContext:
@@ -78,7 +71,7 @@ class _CheckedContext:
         self._context = context
 
     async def read(self) -> Any:
-        return _checked(await self._context.read())
+        return checked(await self._context.read())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
