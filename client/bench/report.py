@@ -48,15 +48,21 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(known) if known else None
 
 
-def config_entry(rounds: list[dict[str, Result]], ort: OrtResult | None) -> dict[str, Any]:
+def pooled(rounds: list[dict[str, Result]]) -> dict[str, Result]:
+    """Each target's rounds pooled into one measurement (``Result.pooled``), for its own figures."""
+    return {name: Result.pooled([r[name] for r in rounds]) for name in rounds[0]}
+
+
+def config_entry(
+    rounds: list[dict[str, Result]], results: dict[str, Result], ort: OrtResult | None
+) -> dict[str, Any]:
     """One configuration: cellserve, the baselines, and the ratios the README quotes.
 
-    Each target's rounds are pooled for its own figures. A ratio against echo, naive or the compare server
-    is the median, over the rounds, of that round's ratio: both sides of it ran minutes apart at most, so
-    drift on a shared machine cancels. With one round it is simply that round's ratio. The raw-ORT ratios
-    divide the pooled cellserve figures by the one ORT measurement.
+    ``results`` are the targets' pooled rounds (:func:`pooled`). A ratio against echo, naive or the
+    compare server is the median, over the rounds, of that round's ratio: both sides of it ran minutes
+    apart at most, so drift on a shared machine cancels. With one round it is simply that round's ratio.
+    The raw-ORT ratios divide the pooled cellserve figures by the one ORT measurement.
     """
-    results = {name: Result.pooled([r[name] for r in rounds]) for name in rounds[0]}
     cs = results["cellserve"]
     per_round = [same_run_ratios(r) for r in rounds]
     ratios: dict[str, float | None] = {k: _median([r[k] for r in per_round]) for k in per_round[0]}

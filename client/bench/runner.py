@@ -22,7 +22,7 @@ from cellserve.client.bench.baselines.ort import ort_ceiling
 from cellserve.client.bench.command import BenchError, Target, bench_target, model_dir, run_command
 from cellserve.client.bench.measure import LoadPlan, Result, round_order, run_load
 from cellserve.client.bench.options import DEFAULT_STREAMS, DEFAULT_T, SWEEP_STREAMS, SWEEP_T
-from cellserve.client.bench.report import config_entry, run_meta, table, write_json, write_png
+from cellserve.client.bench.report import config_entry, pooled, run_meta, table, write_json, write_png
 from cellserve.client.bench.serving import ServerProcess, python_module
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,12 @@ def _run(
                                               server_pid=target.pid, progress_bar=not args.no_progress,
                                               protocol="cellserve" if name == "compare" else None)  # fmt: skip
                 rounds.append(measured)
+            results = pooled(rounds)
             ort = None
             if ort_model is not None:
-                batch = max(1, round(Result.pooled([m["cellserve"] for m in rounds]).mean_batch or 1))
+                batch = max(1, round(results["cellserve"].mean_batch or 1))
                 ort = ort_ceiling(ort_model, batch, t, seconds=min(2.0, max(0.2, args.duration / 2)), seed=args.seed)
-            entries.append(config_entry(rounds, ort))
+            entries.append(config_entry(rounds, results, ort))
             log.info("bench configuration done", extra={"streams": streams, "t": t})
     return {
         "meta": {

@@ -9,7 +9,7 @@ import pytest
 
 from cellserve.client.bench.command import BenchError
 from cellserve.client.bench.measure import Result, round_order
-from cellserve.client.bench.report import config_entry, table
+from cellserve.client.bench.report import config_entry, pooled, table
 from cellserve.server.cli import main as cellserve_main
 
 
@@ -27,14 +27,14 @@ def test_pooling_weights_per_message_figures_by_messages_and_per_call_ones_by_ca
     b = _result("cellserve", 3000.0, 10.0, 200.0, n=3000)
     a.mean_batch, b.mean_batch = 10.0, 30.0  # 100 engine calls each
     a.engine_s_per_call, b.engine_s_per_call = 1e-3, 3e-3
-    pooled = Result.pooled([a, b])
-    assert pooled.messages == 4000 and math.isclose(pooled.seconds, 2.0)
-    assert math.isclose(pooled.msgs_per_s, 2000.0)  # all messages over all seconds, not a mean of rates
-    assert len(pooled.latencies_s) == 4000
-    assert math.isclose(pooled.server_cpu_s_per_msg, (1000 * 100e-6 + 3000 * 200e-6) / 4000)
-    assert math.isclose(pooled.mean_batch, 4000 / 200)  # messages over calls, not 25 (weighted by messages)
-    assert math.isclose(pooled.engine_s_per_call, 2e-3)
-    assert pooled.server_loop_cpu_s_per_msg is None  # no round had it
+    both = Result.pooled([a, b])
+    assert both.messages == 4000 and math.isclose(both.seconds, 2.0)
+    assert math.isclose(both.msgs_per_s, 2000.0)  # all messages over all seconds, not a mean of rates
+    assert len(both.latencies_s) == 4000
+    assert math.isclose(both.server_cpu_s_per_msg, (1000 * 100e-6 + 3000 * 200e-6) / 4000)
+    assert math.isclose(both.mean_batch, 4000 / 200)  # messages over calls, not 25 (weighted by messages)
+    assert math.isclose(both.engine_s_per_call, 2e-3)
+    assert both.server_loop_cpu_s_per_msg is None  # no round had it
     assert Result.pooled([a]) is a
 
 
@@ -46,7 +46,7 @@ def test_ratios_are_medians_of_the_same_round_ratios_and_every_round_is_kept():
         {"echo": _result("echo", 4_000.0, 10.0, 100.0), "cellserve": _result("cellserve", 7_200.0, 11.0, 140.0)},
         {"echo": _result("echo", 9_000.0, 10.0, 100.0), "cellserve": _result("cellserve", 6_600.0, 13.0, None)},
     ]
-    entry = config_entry(rounds, None)
+    entry = config_entry(rounds, pooled(rounds), None)
     per_round = [r["msgs_vs_echo"] for r in entry["round_ratios"]]
     assert per_round == pytest.approx([0.7, 1.8, 6_600 / 9_000])
     assert entry["ratios"]["msgs_vs_echo"] == pytest.approx(6_600 / 9_000)
@@ -59,7 +59,8 @@ def test_ratios_are_medians_of_the_same_round_ratios_and_every_round_is_kept():
     assert entry["baselines"]["echo"]["msgs_per_s_rounds"] == pytest.approx([10_000.0, 4_000.0, 9_000.0])
     text = table([entry])
     assert "msgs/echo per round: 0.70 1.80 0.73 (the ratios above: medians over 3 rounds)" in text
-    alone = table([config_entry([{"cellserve": r["cellserve"]} for r in rounds], None)])  # e.g. --baselines ort
+    only = [{"cellserve": r["cellserve"]} for r in rounds]
+    alone = table([config_entry(only, pooled(only), None)])  # e.g. --baselines ort
     assert "per round" not in alone and "server CPU per message/echo" not in alone
 
 
@@ -117,14 +118,15 @@ def test_a_report_with_rounds_draws_the_same_round_ratio_panel(tmp_path):
         {name: _result(name, rate, 10.0, 100.0) for name, rate in (("echo", 9_000.0), ("cellserve", 6_000.0))}
         for _ in range(2)
     ]
-    entry = config_entry(rounds, None)
+    entry = config_entry(rounds, pooled(rounds), None)
     assert write_png([entry], tmp_path / "bench.png")
     import matplotlib.image
 
     width = matplotlib.image.imread(tmp_path / "bench.png").shape[1]
-    assert write_png([config_entry(rounds[:1], None)], tmp_path / "one.png")
+    assert write_png([config_entry(rounds[:1], pooled(rounds[:1]), None)], tmp_path / "one.png")
     assert width > matplotlib.image.imread(tmp_path / "one.png").shape[1]  # one panel more than one round gets
-    alone = config_entry([{"cellserve": r["cellserve"]} for r in rounds], None)  # rounds, but no ratio to draw
+    only = [{"cellserve": r["cellserve"]} for r in rounds]
+    alone = config_entry(only, pooled(only), None)  # rounds, but no ratio to draw
     assert write_png([alone], tmp_path / "alone.png")
     assert matplotlib.image.imread(tmp_path / "alone.png").shape[1] < width
 
