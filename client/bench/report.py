@@ -131,7 +131,7 @@ def table(configs: list[dict[str, Any]]) -> str:
                 f"{'':>9}  compare/cellserve: msgs {_fmt(r['compare_msgs_vs_cellserve'])}  "
                 f"p99 {_fmt(r['compare_p99_vs_cellserve'])}  server CPU {_fmt(r['compare_server_cpu_vs_cellserve'])}"
             )
-        rounds = c.get("round_ratios", [])
+        rounds = c["round_ratios"]
         for key, what, _ in ROUND_SERIES:
             if len(rounds) > 1 and rounds[0].get(key) is not None:
                 each = " ".join(_fmt(x[key]) for x in rounds)
@@ -177,7 +177,7 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
     except ImportError:
         return False
     ts = sorted({c["t"] for c in configs})
-    by_round = [c for c in configs if len(c.get("round_ratios", [])) > 1
+    by_round = [c for c in configs if len(c["round_ratios"]) > 1
                 and any(r.get(key) is not None for r in c["round_ratios"] for key, _, _ in ROUND_SERIES)]  # fmt: skip
     panels = len(ts) + 1 + (1 if by_round else 0)
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 5))
