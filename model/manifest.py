@@ -14,8 +14,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import operator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 MANIFEST_FILE = "manifest.json"
@@ -29,6 +30,44 @@ InputKind = Literal["tokens", "features"]
 
 class ManifestError(ValueError):
     """A model directory is missing, malformed, or does not match its manifest."""
+
+
+# Bounds of a manifest's sizes, each from what has to hold them: a hand-edited absurd value fails in one line
+# at load, not as a MemoryError when the server sizes its state pool (layers × capacity × hidden floats).
+MAX_STATE_FLOATS = 2**28  # layers × hidden: h and c as float32 (8 bytes per pair) in one 2 GiB message
+DIM_LIMITS: dict[str, int] = {
+    "layers": 2**16 - 1,  # a resume token stores layers as u16
+    "hidden": MAX_STATE_FLOATS,
+    "input_size": 2**29,  # one step of float32 features in one 2 GiB message; a vocabulary fits too
+    "output_size": 2**29,  # one step of float32 output in one 2 GiB message
+}
+DIM_REASONS = {
+    "layers": "a resume token stores it in 16 bits",
+    "hidden": "h and c of a session travel in one resume token, at most 2 GiB",
+    "input_size": "one step's float32 features must fit one gRPC message, at most 2 GiB",
+    "output_size": "one step's float32 output must fit one gRPC message, at most 2 GiB",
+}
+
+
+def _is_int(value: object) -> bool:
+    """An integer (Python's or numpy's), not a bool, float or string."""
+    try:
+        operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return not isinstance(value, bool)
+
+
+def check_onnx_file(onnx_file: object) -> None:
+    """``onnx_file`` must be a plain relative path (no ``..``, not absolute): the graph lives in its model directory."""
+    if not isinstance(onnx_file, str) or not onnx_file:
+        raise ManifestError(f"manifest field onnx_file is {onnx_file!r}; give the ONNX file's name, e.g. 'model.onnx'")
+    posix, windows = PurePosixPath(onnx_file), PureWindowsPath(onnx_file)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in windows.parts or "\0" in onnx_file:
+        raise ManifestError(
+            f"manifest field onnx_file is {onnx_file!r}; it must be a relative path inside the model directory "
+            "(no '..', not absolute), e.g. 'model.onnx'"
+        )
 
 
 @dataclass(frozen=True)
@@ -152,9 +191,19 @@ class Manifest:
                 raise ManifestError(f"manifest of model {self.name!r} must have exactly one {role!r} tensor")
         if self.input_kind not in ("tokens", "features"):
             raise ManifestError(f"input_kind must be 'tokens' or 'features', got {self.input_kind!r}")
-        for key in ("input_size", "output_size", "layers", "hidden"):
-            if int(getattr(self, key)) < 1:
-                raise ManifestError(f"manifest field {key} must be >= 1")
+        for key, most in DIM_LIMITS.items():
+            value = getattr(self, key)
+            if not _is_int(value) or not 1 <= value <= most:
+                raise ManifestError(
+                    f"manifest field {key} is {value!r}; it must be an integer in 1..{most} ({DIM_REASONS[key]})"
+                )
+        if self.layers * self.hidden > MAX_STATE_FLOATS:
+            raise ManifestError(
+                f"manifest fields layers × hidden are {self.layers} × {self.hidden}; a session's h and c would be "
+                f"{8 * self.layers * self.hidden} bytes, and a resume token carrying them must fit one gRPC message "
+                f"(at most 2 GiB): layers × hidden must be at most {MAX_STATE_FLOATS}"
+            )
+        check_onnx_file(self.onnx_file)
         if not isinstance(self.provenance, dict) or not isinstance(self.provenance.get("kind", ""), str):
             raise ManifestError("manifest field provenance must be an object with a string 'kind'")
 
@@ -188,7 +237,7 @@ def load_manifest(model_dir: Path | str, *, verify: bool = True) -> Manifest:
         raise ManifestError(f"{path} is not valid JSON: {e}") from e
     manifest = Manifest.from_dict(data)
     if verify:
-        onnx_path = model_dir / manifest.onnx_file
+        onnx_path = onnx_path_in(model_dir, manifest)
         if not onnx_path.is_file():
             raise ManifestError(f"model {manifest.name!r}: ONNX file {onnx_path} is missing")
         actual = sha256_file(onnx_path)
@@ -198,3 +247,15 @@ def load_manifest(model_dir: Path | str, *, verify: bool = True) -> Manifest:
                 f"{manifest.sha256[:16]}…; the file was changed after export — re-export the model"
             )
     return manifest
+
+
+def onnx_path_in(model_dir: Path | str, manifest: Manifest) -> Path:
+    """The model's ONNX file, resolved (symlinks too); ManifestError if it is outside ``model_dir``."""
+    root = Path(model_dir).resolve()
+    path = (root / manifest.onnx_file).resolve()
+    if not path.is_relative_to(root):
+        raise ManifestError(
+            f"manifest field onnx_file {manifest.onnx_file!r} resolves to {path}, "
+            "outside the model directory; keep the ONNX file in the directory, e.g. 'model.onnx'"
+        )
+    return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,13 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from cellserve.model.manifest import Manifest, ManifestError, load_manifest
-from cellserve.server.arrays import array_ops
+from cellserve.server.arrays import ArrayOps, array_ops
 from cellserve.server.engine import Engine
 from cellserve.server.errors import InvalidArgument, NotFound
 from cellserve.server.metrics import Metrics
 from cellserve.server.scheduler import Scheduler
 from cellserve.server.settings import Settings
-from cellserve.server.state_pool import StatePool
+from cellserve.server.state_pool import DTYPE, StatePool
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,16 @@ class ModelRepository:
                 raise ManifestError(f"cannot serve {model_dir}: {e}") from e
             if manifest.name in models:
                 raise ManifestError(f"two model directories are both named {manifest.name!r}")
-            pool = StatePool(manifest.layers, manifest.hidden, settings.capacity, ops)
+            # An output may carry a checkpoint resume token (h and c as float32, plus its header): keep room for it.
+            reserve = RESPONSE_OVERHEAD + 2 * 4 * manifest.layers * manifest.hidden
+            output_steps = (settings.max_message_bytes - reserve) // (4 * manifest.output_size)
+            if output_steps < 1:
+                raise ManifestError(
+                    f"cannot serve {model_dir}: one step's output ({4 * manifest.output_size} bytes) and a resume "
+                    f"token ({reserve} bytes, from layers × hidden) do not fit max_message_bytes "
+                    f"({settings.max_message_bytes}); raise --max-message-bytes or check the manifest's sizes"
+                )
+            pool = _state_pool(manifest, Path(model_dir), settings, ops)
             engine = Engine(manifest, Path(model_dir), pool, intra_op_threads=settings.intra_op_threads)
             scheduler = Scheduler(
                 engine,
@@ -98,9 +108,6 @@ class ModelRepository:
                 mode=settings.engine_mode,
                 live_sessions=lambda pool=pool: pool.used,
             )
-            # An output may carry a checkpoint resume token (h and c as float32, plus its header): keep room for it.
-            reserve = RESPONSE_OVERHEAD + 2 * 4 * manifest.layers * manifest.hidden
-            output_steps = (settings.max_message_bytes - reserve) // (4 * manifest.output_size)
             max_steps = min(settings.max_chunk_steps, output_steps)
             models[manifest.name] = LoadedModel(
                 manifest, Path(model_dir), pool, engine, scheduler, output_steps, max_steps
@@ -129,3 +136,27 @@ class ModelRepository:
 
     def __len__(self) -> int:
         return len(self._models)
+
+
+def _state_pool(manifest: Manifest, model_dir: Path, settings: Settings, ops: ArrayOps) -> StatePool:
+    """The model's state pool, or one line saying why it cannot have one (never a MemoryError's traceback)."""
+    need = 2 * manifest.layers * settings.capacity * manifest.hidden * np.dtype(DTYPE).itemsize  # StatePool.nbytes
+    why = (
+        f"cannot serve {model_dir}: its state pool would need {need} bytes (h and c: 2 × layers {manifest.layers} "
+        f"× capacity {settings.capacity} × hidden {manifest.hidden} × 4)"
+    )
+    have = _host_memory() if ops.device_type == "cpu" else None
+    if have is not None and need > have:
+        raise ManifestError(f"{why}, more than this machine's {have} bytes of memory; lower --capacity")
+    try:
+        return StatePool(manifest.layers, manifest.hidden, settings.capacity, ops)
+    except MemoryError as e:  # numpy's, and CuPy's OutOfMemoryError (a MemoryError)
+        raise ManifestError(f"{why}, which could not be allocated ({type(e).__name__}); lower --capacity") from None
+
+
+def _host_memory() -> int | None:
+    """Physical memory in bytes, where the OS says (Linux, macOS)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

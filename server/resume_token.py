@@ -41,6 +41,7 @@ import numpy as np
 
 from cellserve.server.errors import FailedPrecondition, InvalidArgument, Unauthenticated
 from cellserve.server.resume_state import ResumeState
+from cellserve.wire import element_count
 
 if TYPE_CHECKING:
     from cellserve.server.settings import Settings
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"CSRT"
 VERSION = 1
 MAC_BYTES = 32
+MAX_KEY_ID = 64  # bytes of a key id (TokenKeys enforces it when keys are loaded)
 _HEAD = struct.Struct("<4sBB")  # magic, version, key id length
 _TIMES = struct.Struct("<QQQ32sH")  # issued, expires, steps, sha256, name length
 _DIMS = struct.Struct("<HI")  # layers, hidden
@@ -63,8 +65,8 @@ class TokenKeys:
         if active not in keys:
             raise ValueError(f"active token key {active!r} is not among the keys {sorted(keys)}")
         for kid, key in keys.items():
-            if not 1 <= len(kid.encode()) <= 64 or not kid.isascii():
-                raise ValueError(f"token key id {kid!r} must be 1..64 ASCII characters")
+            if not 1 <= len(kid.encode()) <= MAX_KEY_ID or not kid.isascii():
+                raise ValueError(f"token key id {kid!r} must be 1..{MAX_KEY_ID} ASCII characters")
             if len(key) < 16:
                 raise ValueError(f"token key {kid!r} is shorter than 16 bytes; use 32 random bytes")
         self.keys = dict(keys)
@@ -156,11 +158,18 @@ class TokenCodec:
         _, version, kid_len = _HEAD.unpack_from(token)
         if version != VERSION:
             raise InvalidArgument(f"resume_token has format version {version}; this server reads version {VERSION}")
-        kid = token[_HEAD.size : _HEAD.size + kid_len].decode("ascii", "replace")
+        raw_kid = token[_HEAD.size : _HEAD.size + kid_len]
+        if not 1 <= kid_len <= MAX_KEY_ID or len(raw_kid) != kid_len or not raw_kid.isascii():
+            # Forged or truncated: the message names lengths only, never the token's bytes.
+            raise InvalidArgument(
+                f"resume_token is malformed: its key id is {len(raw_kid)} of a declared {kid_len} bytes; "
+                f"a key id is 1..{MAX_KEY_ID} ASCII bytes"
+            )
+        kid = raw_kid.decode("ascii")
         key = self.keys.keys.get(kid)
         if key is None:
             raise Unauthenticated(
-                f"resume_token was signed with key {kid!r}, which this server does not have; "
+                f"resume_token was signed with a key this server does not have ({_kid_digest(raw_kid)}); "
                 "configure the same token keys on every replica"
             )
         body, mac = token[:-MAC_BYTES], token[-MAC_BYTES:]
@@ -186,6 +195,10 @@ class TokenCodec:
         return state, info
 
 
+def _kid_digest(raw_kid: bytes) -> str:
+    return f"key id sha256 {hashlib.sha256(raw_kid).hexdigest()[:12]}"
+
+
 def _unpack(body: bytes, offset: int, kid: str) -> tuple[ResumeState, TokenInfo]:
     issued, expires, steps, sha, name_len = _TIMES.unpack_from(body, offset)
     offset += _TIMES.size
@@ -193,7 +206,7 @@ def _unpack(body: bytes, offset: int, kid: str) -> tuple[ResumeState, TokenInfo]
     offset += name_len
     layers, hidden = _DIMS.unpack_from(body, offset)
     offset += _DIMS.size
-    count = layers * hidden
+    count = element_count((layers, hidden), ValueError, "state")  # the one shape check, as for any client tensor
     if len(body) != offset + 2 * count * _STATE.itemsize:
         raise ValueError(f"state holds {len(body) - offset} bytes; [{layers}, {hidden}] h and c need {8 * count}")
     h = np.frombuffer(body, _STATE, count, offset).reshape(layers, hidden).astype(np.float32)

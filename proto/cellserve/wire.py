@@ -8,7 +8,7 @@ fields are plain values (copied one to one from a manifest, and back into the cl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -30,6 +30,45 @@ WIRE_NAMES = ", ".join(f"{pb.DType.Name(code)} ({dt.name})" for code, dt in sort
 # ModelSummary's scalar fields, in proto order: the manifest's fields of the same names, and ModelInfo's.
 SUMMARY_FIELDS = ("name", "version", "sha256", "input_kind", "layers", "hidden", "input_size", "output_size")
 
+# The most dimensions a client's tensor may declare. Ours have at most 3: [T] and [T, I] on the native API,
+# [B, T], [B, T, I] and state [B, L, H] on OIP; 8 leaves room and stays far below numpy's own limit (64).
+MAX_RANK = 8
+# The most elements a client's tensor may declare: a gRPC message is at most 2 GiB, and every element
+# takes at least one byte, so no request can carry more.
+MAX_ELEMENTS = 2**31
+
+
+def element_count(shape: Sequence[int], error: Callable[[str], Exception], what: str = "tensor") -> int:
+    """The element count of a client-declared ``shape``, once it is one an array can have.
+
+    ``error(message)`` is raised for more than :data:`MAX_RANK` dimensions, a negative dimension, or
+    dimensions that multiply (zeros left out) past :data:`MAX_ELEMENTS`; the count is a Python int, exact,
+    so the caller's comparison with the bytes (or values) sent cannot wrap. The one shape check of every
+    decoder of client tensors (native ``to_numpy``, OIP inputs): numpy never sees an impossible shape.
+    """
+    if len(shape) > MAX_RANK:
+        raise error(f"{what} shape {_shown(shape)} has {len(shape)} dimensions; at most {MAX_RANK} are accepted")
+    count = math.prod(shape)
+    if 0 < count <= MAX_ELEMENTS and min(shape, default=1) > 0:
+        return count  # the common case: every dimension positive, the count in range
+    if min(shape, default=0) < 0:  # two negative dimensions multiply to a positive count
+        raise error(f"{what} shape {list(shape)} has a negative dimension")
+    extent = math.prod(d for d in shape if d)  # numpy refuses even an empty array whose other dimensions overflow
+    if extent > MAX_ELEMENTS:
+        dims = "dimensions" if count else "nonzero dimensions"
+        raise error(
+            f"{what} shape {list(shape)} is too large: its {dims} multiply to {extent}, over the {MAX_ELEMENTS} "
+            "elements one message can carry (gRPC messages are at most 2 GiB); send fewer steps per message"
+        )
+    return count
+
+
+def _shown(shape: Sequence[int]) -> str:
+    """A shape for a message, its first dimensions only when there are too many to list."""
+    if len(shape) <= MAX_RANK:
+        return str(list(shape))
+    return "[" + ", ".join(map(str, shape[:MAX_RANK])) + ", …]"
+
 
 def to_numpy(t: pb.Tensor, error: Callable[[str], Exception] = ValueError) -> np.ndarray:
     """Decode a Tensor; ``error(message)`` is raised if its dtype, shape or byte length is inconsistent.
@@ -42,10 +81,8 @@ def to_numpy(t: pb.Tensor, error: Callable[[str], Exception] = ValueError) -> np
     shape = t.shape[:]  # a list of Python ints: the cheapest copy of a repeated field
     if not shape:
         raise error("tensor has no shape; give its dimensions, e.g. [T] for T token ids")
-    count = math.prod(shape)
-    if count <= 0 or min(shape) < 0:  # two negative dimensions multiply to a positive count
-        if min(shape) < 0:
-            raise error(f"tensor shape {shape} has a negative dimension")
+    count = element_count(shape, error)
+    if count == 0:
         raise error(f"tensor shape {shape} is empty; a step needs at least one element")
     raw = t.raw  # each access of a bytes field makes a new bytes object: once
     if len(raw) != count * dtype.itemsize:

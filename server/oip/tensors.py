@@ -14,6 +14,7 @@ import numpy as np
 from cellserve.model.manifest import Manifest
 from cellserve.oip import grpc_service_pb2 as oip
 from cellserve.server.errors import InvalidArgument
+from cellserve.wire import element_count
 
 # OIP datatype name → little-endian numpy dtype (BYTES and BF16 have no use for an LSTM).
 DATATYPES: dict[str, np.dtype] = {
@@ -80,10 +81,8 @@ def _decode(t: oip.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.
     dtype = DATATYPES.get(t.datatype)
     if dtype is None:
         raise InvalidArgument(f"input '{t.name}' has datatype '{t.datatype}'; supported: {', '.join(DATATYPES)}")
-    shape = tuple(int(d) for d in t.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"input '{t.name}' has shape {list(shape)} with a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64))
+    shape = tuple(t.shape)
+    count = element_count(shape, InvalidArgument, f"input '{t.name}'")  # exact: never wraps as int64 would
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise InvalidArgument(
