@@ -11,8 +11,24 @@ itself loads no model. It:
 - serves the one public ``/metrics``, summing the workers' own (``metrics_merge``);
 - writes the ready file once every worker is SERVING (and again after a restart);
 - restarts a worker that dies (logged; a crash loop backs off), while its clients resume elsewhere;
+- kills and restarts a worker that stops answering (below);
 - on SIGTERM/SIGINT tells every worker to drain (each pushes resume tokens to its own sessions and
   goes NOT_SERVING at once), waits for them, and exits 0.
+
+Liveness: a worker's event loop sends a heartbeat over its pipe every ``worker_heartbeat_timeout_s / 5``
+(a thread sends them while it loads and warms its models, whose calls may block the loop). A worker silent
+for ``worker_heartbeat_timeout_s`` (a native call that never returns, SIGSTOP, a livelocked loop) is
+SIGKILLed, logged (``worker stopped answering``: index, pid, seconds silent), counted in
+``cellserve_worker_hangs_total`` and restarted like a dead one. Its death closes its listening socket and
+connections, so the kernel routes new connections to the others and its clients resume there. The window
+that remains: for up to the timeout, new connections the kernel hands the hung worker (about 1 in N) and
+health checks through the port get no answer (a deadline, never SERVING); the SDK's connect deadline
+(``ChannelConfig.connect_timeout_s``) moves its opens on. A starting worker is allowed
+``STARTING_SILENCE_S`` (model loads may hold the interpreter).
+
+If the supervisor itself dies (SIGKILL, OOM), each worker gets SIGTERM (``PR_SET_PDEATHSIG``), stops
+listening at once, so that a replacement server can bind the port, and drains the sessions it holds
+(resume tokens pushed, ``grace_s``) as on a normal drain.
 """
 
 from __future__ import annotations
@@ -34,6 +50,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import SecretStr
 
+from cellserve.server.heartbeat import BEAT, Heartbeat
 from cellserve.server.logs import configure_logging
 from cellserve.server.metrics_http import serve_metrics
 from cellserve.server.metrics_merge import MergedMetrics
@@ -47,6 +64,8 @@ READY_TIMEOUT_S = 600.0  # loading and warming a model
 SHORT_LIFE_S = 10.0  # a worker that dies sooner than this after its start is crash-looping: back off
 MAX_BACKOFF_S = 30.0
 STOP_MARGIN_S = 30.0  # after grace_s + this, a worker that has not drained is killed
+STARTING_SILENCE_S = 30.0  # a worker not yet serving may be silent this long (interpreter start, model load)
+BEATS_PER_TIMEOUT = 5  # heartbeats sent per worker_heartbeat_timeout_s: a late one or two is no hang
 
 
 @dataclass
@@ -60,6 +79,7 @@ class _Worker:
     ready_at: float = 0.0
     ready: bool = False
     backoff_s: float = 0.0
+    heard_at: float = 0.0  # the last message (heartbeat or ready) from it, or its spawn
     restart_at: float = 0.0  # when a dead worker is due to be started again
     restarts: int = 0
 
@@ -92,6 +112,11 @@ class Supervisor:
         self._m_workers = Gauge("cellserve_workers", "Worker processes serving now.", registry=self.registry)
         self._m_restarts = Counter(
             "cellserve_worker_restarts", "Worker processes restarted after they died.", registry=self.registry
+        )
+        self._m_hangs = Counter(
+            "cellserve_worker_hangs",
+            "Worker processes killed because they stopped answering heartbeats (then restarted).",
+            registry=self.registry,
         )
         self._ctx = mp.get_context("spawn")  # never fork a process that may hold gRPC or onnxruntime state
         self._http: Any = None
@@ -154,7 +179,7 @@ class Supervisor:
         worker.process.start()
         child.close()
         worker.conn, worker.pid, worker.ready = parent, worker.process.pid, False
-        worker.started_at = time.monotonic()
+        worker.started_at = worker.heard_at = time.monotonic()
 
     def _wait_all_ready(self) -> str | None:
         """None once every worker is SERVING; else why not ("signal", or "failed" with the reason printed)."""
@@ -165,11 +190,22 @@ class Supervisor:
             pending = [w for w in self.workers if not w.ready]
             waitables: list[Any] = [self._signal_r]
             for w in pending:
-                waitables += [w.conn, w.process.sentinel]
-            wait(waitables, timeout=max(0.0, deadline - time.monotonic()))
+                waitables += [w.process.sentinel] + ([w.conn] if w.conn is not None else [])
+            due = min([deadline] + [w.heard_at + self._silence_allowed(w) for w in self.workers])
+            wait(waitables, timeout=max(0.0, due - time.monotonic()))
             self._clear_signal_pipe()
+            for w in self.workers:
+                self._read(w)
+            for w in self.workers:
+                if self._silent(w):
+                    print(
+                        f"cellserve serve: error: worker {w.index} stopped answering for "
+                        f"{self._silence_allowed(w):g} s while starting; stopping the others",
+                        file=sys.stderr,
+                    )
+                    return "failed"
             for w in pending:
-                if self._take_ready(w):
+                if w.ready:
                     continue
                 if not w.process.is_alive():
                     print(
@@ -186,16 +222,49 @@ class Supervisor:
                 return "failed"
         return None
 
-    def _take_ready(self, worker: _Worker) -> bool:
-        if worker.conn is None or not worker.conn.poll():
-            return False
+    def _read(self, worker: _Worker) -> bool:
+        """Take every message the worker sent (heartbeats, its ready message); True if it just became ready."""
+        became_ready = False
         try:
-            message = worker.conn.recv()
-        except EOFError:
+            while worker.conn is not None and worker.conn.poll():
+                message = worker.conn.recv()
+                worker.heard_at = time.monotonic()
+                if message == BEAT:
+                    continue
+                worker.pid, worker.metrics_port, worker.ready = int(message["pid"]), int(message["metrics_port"]), True
+                worker.ready_at = worker.heard_at
+                self._m_workers.set(sum(w.ready for w in self.workers))
+                became_ready = True
+        except (EOFError, OSError):  # it exited (its sentinel says so): nothing more will come
+            if worker.conn is not None:
+                worker.conn.close()
+            worker.conn = None
+        return became_ready
+
+    def _silence_allowed(self, worker: _Worker) -> float:
+        timeout = self.settings.worker_heartbeat_timeout_s
+        return timeout if worker.ready else max(timeout, STARTING_SILENCE_S)
+
+    def _silent(self, worker: _Worker) -> bool:
+        """Whether a live worker has said nothing for too long; if so it is killed here (hung, or stopped)."""
+        if worker.process is None or not worker.process.is_alive():
             return False
-        worker.pid, worker.metrics_port, worker.ready = int(message["pid"]), int(message["metrics_port"]), True
-        worker.ready_at = time.monotonic()
-        self._m_workers.set(sum(w.ready for w in self.workers))
+        silent_s = time.monotonic() - worker.heard_at
+        if silent_s <= self._silence_allowed(worker):
+            return False
+        log.warning(
+            "worker stopped answering; killing it (its sessions resume on the others)",
+            extra={
+                "worker": worker.index,
+                "pid": worker.pid,
+                "silent_s": round(silent_s, 1),
+                "timeout_s": self._silence_allowed(worker),
+                "serving": worker.ready,
+            },
+        )
+        worker.process.kill()  # SIGKILL ends a stopped process too
+        worker.process.join(5)
+        self._m_hangs.inc()
         return True
 
     def _watch(self) -> None:
@@ -209,21 +278,25 @@ class Supervisor:
                     due.append(w.restart_at)
                     continue
                 waitables.append(w.process.sentinel)
-                if not w.ready and w.conn is not None:
+                if w.conn is not None:
                     waitables.append(w.conn)
+                due.append(w.heard_at + self._silence_allowed(w))
+                if not w.ready:
                     due.append(w.started_at + READY_TIMEOUT_S)
             wait(waitables, timeout=max(0.0, min(due) - now) if due else None)
             self._clear_signal_pipe()
             if self._stopping:
                 return
+            for w in self.workers:  # every message first: a supervisor that woke late must not see silence
+                if w.process is not None and self._read(w):
+                    log.info("worker back", extra={"worker": w.index, "pid": w.pid})
+                    self._write_ready_file()
             for w in self.workers:
                 if w.process is None:
                     if time.monotonic() >= w.restart_at:
                         self._spawn(w)
                     continue
-                if not w.ready and self._take_ready(w):
-                    log.info("worker back", extra={"worker": w.index, "pid": w.pid})
-                    self._write_ready_file()
+                self._silent(w)  # kills it: its death is handled below
                 if not w.ready and time.monotonic() > w.started_at + READY_TIMEOUT_S:
                     log.warning("worker not ready in time; killing it", extra={"worker": w.index, "pid": w.pid})
                     w.process.kill()
@@ -330,7 +403,12 @@ class _WorkerField(logging.Filter):
 
 
 def worker_main(settings: Settings, index: int, ready: Connection, log_level: int, supervisor: int) -> None:
-    """A worker process: serve on the shared port until SIGTERM/SIGINT; say when ready."""
+    """A worker process: serve on the shared port until SIGTERM/SIGINT; say when ready; beat meanwhile.
+
+    A SIGTERM that finds the supervisor gone (PR_SET_PDEATHSIG) frees the port before the drain.
+    """
+    heartbeat = Heartbeat(ready, settings.worker_heartbeat_timeout_s / BEATS_PER_TIMEOUT)
+    heartbeat.start()  # before the imports below, which take seconds on a busy machine
     import asyncio
 
     from cellserve.server.app import run_until_signal
@@ -340,10 +418,13 @@ def worker_main(settings: Settings, index: int, ready: Connection, log_level: in
     configure_logging(logging.getLevelName(log_level), settings.log_format).addFilter(_WorkerField(index))
 
     def on_ready(port: int, metrics_port: int) -> None:
-        ready.send({"pid": os.getpid(), "port": port, "metrics_port": metrics_port})
+        heartbeat.on_loop({"pid": os.getpid(), "port": port, "metrics_port": metrics_port})
+
+    def orphaned() -> bool:
+        return os.getppid() != supervisor  # the kernel reparents before it sends the death signal
 
     try:
-        asyncio.run(run_until_signal(settings, reuse_port=True, on_ready=on_ready))
+        asyncio.run(run_until_signal(settings, reuse_port=True, on_ready=on_ready, orphaned=orphaned))
     except (OSError, ValueError, EngineUnavailable) as e:
         print(f"cellserve serve: error: worker {index}: {e}", file=sys.stderr)
         sys.exit(1)
