@@ -72,6 +72,20 @@ def check_cuda_libraries(load: Any = None) -> None:
             raise EngineUnavailable(f"device=cuda needs {what} ({' or '.join(names)}): {errors[0]}; {CUDA_HINT}")
 
 
+# What onnxruntime, CUDA and CuPy say when memory runs out (lower case): "Failed to allocate memory for requested
+# buffer" (onnxruntime's arena), "std::bad_alloc", "CUDA error cudaErrorMemoryAllocation: out of memory",
+# "CUBLAS_STATUS_ALLOC_FAILED", cuDNN's "CUDNN_STATUS_ALLOC_FAILED".
+OUT_OF_MEMORY = ("failed to allocate memory", "bad_alloc", "out of memory", "alloc_failed", "memoryallocation")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an engine call failed for lack of memory (host or device): a step the client can shrink."""
+    if isinstance(error, MemoryError):  # CuPy's OutOfMemoryError is one
+        return True
+    text = str(error).lower()
+    return any(marker in text for marker in OUT_OF_MEMORY)
+
+
 MAX_BUCKETS = 256  # IO bindings kept (one per batch size × chunk length seen), least recently used dropped
 
 
@@ -222,8 +236,15 @@ class Engine:
         self.pool.gather(rows, bucket.h_in, bucket.c_in)
         self.ops.copy_in(bucket.x, x)
         self.session.run_with_iobinding(bucket.binding, self.run_options)
-        self.pool.scatter(rows, bucket.h_out, bucket.c_out)
-        return self.ops.download(bucket.y)  # a host copy; on CUDA it waits for the stream: the only host sync
+        try:
+            self.pool.scatter(rows, bucket.h_out, bucket.c_out)
+            return self.ops.download(bucket.y)  # a host copy; on CUDA it waits for the stream: the only host sync
+        except BaseException:
+            # A failed call must leave its slots as they were (the scheduler retries its innocent steps): y never
+            # reached the host (the download's buffer could not be allocated, a stream error surfaced), so the
+            # state gathered into h_in/c_in, untouched by the run, is written back. Costs nothing unless it fails.
+            self.pool.scatter(rows, bucket.h_in, bucket.c_in)
+            raise
 
     def run_stateless(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, ...]:
         """Run with caller-held state (host arrays); returns (y, hn, cn). The pool is not touched."""

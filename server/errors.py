@@ -58,6 +58,19 @@ class Unimplemented(CellserveError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class StepFailed(CellserveError):
+    """The engine failed on this one step (found by retrying its batch in halves; the other steps ran). The step
+    was not applied: its session's state is unchanged and it may step again. A bad step, answered in-stream."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class StepOutOfMemory(StepFailed):
+    """The engine ran out of memory on this one step (e.g. a long chunk); shorter chunks may fit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class EngineUnavailable(RuntimeError):
     """Not a client's error: the engine cannot run here (a missing provider or library). Start-up fails in one line."""
 

@@ -71,6 +71,12 @@ class Metrics:
             p + "state_pool_slots", "State pool slots by state (used|free).", ["model", "state"], registry=registry
         )
         self.errors = Counter(p + "errors", "Errors returned to clients, by gRPC code.", ["code"], registry=registry)
+        self.engine_failures = Counter(
+            p + "engine_failures",
+            "Steps the engine failed on, each isolated from the rest of its batch, by gRPC code answered.",
+            ["model", "code"],
+            registry=registry,
+        )
         self.build_info = Gauge(p + "build_info", "Always 1; labels carry the build.", ["version"], registry=registry)
         self.build_info.labels(version=__version__).set(1)
         # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total ... (Linux /proc): the soak

@@ -10,6 +10,12 @@ due. Inline (the default), the step that completes a batch runs it right there, 
 ``max_wait_us`` after the oldest step: no task and no extra turn of the event loop. With
 ``engine_mode=thread`` a task runs due batches in a worker thread. Everything else — metrics
 included — is done once per batch.
+
+A failed engine call fails only steps that were in it. Its group is retried in halves until the
+failing steps stand alone (at most 2(n-1) more calls for a group of n, O(k log n) for k bad steps);
+the others complete. A failed call leaves its slots' state as it was (``Engine.run_slots``), so each
+failing step is answered ``StepFailed`` (``StepOutOfMemory`` when memory ran out) and its session
+may step again. This runs only after a failure: the per-message path is unchanged.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from cellserve.server.engine import Engine
-from cellserve.server.errors import ResourceExhausted, Unavailable
+from cellserve.server.engine import Engine, out_of_memory
+from cellserve.server.errors import ResourceExhausted, StepFailed, StepOutOfMemory, Unavailable
 from cellserve.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,10 @@ class _Request:
         self.finish(0)
         if not self.future.done():
             self.future.set_exception(error)
+
+
+Ran = tuple[list[_Request], np.ndarray, float]  # steps of one engine call that succeeded, their y, its seconds
+Isolated = tuple[list[Ran], list[tuple[_Request, Exception]]]  # after a failed call: what ran, what failed alone
 
 
 class Scheduler:
@@ -90,6 +100,7 @@ class Scheduler:
         self._m_latency = metrics.step_latency.labels(self.model)
         self._m_engine = metrics.engine_run.labels(model=self.model)
         self._m_steps = metrics.steps.labels(model=self.model)
+        self._m_failures = metrics.engine_failures
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -200,7 +211,7 @@ class Scheduler:
                 self._arm_timer()
 
     def _batch_failed(self, batch: list[_Request], error: Exception) -> None:
-        """Not an engine failure (those fail only their group): every step of the batch is answered, once."""
+        """Not an engine failure (those fail only their own steps): every step of the batch is answered, once."""
         log.error("batch failed", exc_info=error, extra={"model": self.model, "steps": len(batch)})
         for req in batch:
             req.fail(error)
@@ -209,30 +220,33 @@ class Scheduler:
 
     def _run_inline(self, batch: list[_Request]) -> None:
         """One engine call per chunk length T, on the event loop; then the batch's metrics, once."""
-        groups = self._prepare(batch)
-        for i, (t, group) in enumerate(groups):
+        for t, group in self._prepare(batch):
             slots, x = _inputs(group)
             try:
                 t0 = time.perf_counter()
                 y = self.engine.run_slots(slots, x)
-            except Exception as e:  # an engine failure fails the steps not yet run, never the scheduler
-                self._fail(groups[i:], e)
-                return
-            self._deliver(t, group, y, time.perf_counter() - t0)
+            except Exception as e:  # fails only this call's failing steps; the other groups still run
+                failure = e
+            else:
+                self._deliver(t, group, y, time.perf_counter() - t0)
+                continue
+            self._settle(t, self._isolate(t, group, failure))  # outside `except`: no chained tracebacks
 
     async def _run_threaded(self, batch: list[_Request]) -> None:
         """As ``_run_inline``, with each engine call in the worker thread (the event loop goes on meanwhile)."""
         assert self._loop is not None
-        groups = self._prepare(batch)
-        for i, (t, group) in enumerate(groups):
+        for t, group in self._prepare(batch):
             slots, x = _inputs(group)
             try:
                 t0 = time.perf_counter()
                 y = await self._loop.run_in_executor(self._executor, self.engine.run_slots, slots, x)
             except Exception as e:
-                self._fail(groups[i:], e)
-                return
-            self._deliver(t, group, y, time.perf_counter() - t0)
+                failure = e
+            else:
+                self._deliver(t, group, y, time.perf_counter() - t0)
+                continue
+            # The retries run in the worker thread too; the futures are settled here, on the loop.
+            self._settle(t, await self._loop.run_in_executor(self._executor, self._isolate, t, group, failure))
 
     def _prepare(self, batch: list[_Request]) -> list[tuple[int, list[_Request]]]:
         """The steps still wanted, grouped by chunk length T; their time in the queue is observed here."""
@@ -260,12 +274,76 @@ class Scheduler:
         self._m_batch.observe(len(group))
         self._m_steps.inc(len(group) * t)
 
-    def _fail(self, groups: list[tuple[int, list[_Request]]], error: Exception) -> None:
-        steps = sum(len(g) for _, g in groups)
-        log.error("engine call failed", exc_info=error, extra={"model": self.model, "steps": steps})
-        for _, group in groups:
-            for req in group:
-                req.fail(error)
+    # -- after a failed engine call ----------------------------------------------------------------
+
+    def _isolate(self, t: int, group: list[_Request], error: Exception) -> Isolated:
+        """Retry a failed group in halves until each failing step stands alone; returns the calls that ran and
+        the steps that failed alone, with their errors. Touches no future (it may run in the worker thread).
+
+        Bounded: each call splits a failed group in two, so a group of n makes at most 2(n-1) more calls. An
+        engine whose memory grows with the batch may run every half: then nothing fails.
+        """
+        if len(group) > 1:  # one line per failed call; each step found failing is logged once (_settle)
+            log.warning(
+                "engine call failed; retrying its steps in halves",
+                extra={"model": self.model, "batch": len(group), "t": t, "error": _describe(error)},
+            )
+        ran: list[Ran] = []
+        failed: list[tuple[_Request, Exception]] = []
+        suspects = [(group, error)]  # groups whose last call failed
+        while suspects:
+            group, error = suspects.pop()
+            if len(group) == 1:
+                failed.append((group[0], error))
+                continue
+            mid = len(group) // 2
+            for half in (group[:mid], group[mid:]):
+                slots, x = _inputs(half)
+                try:
+                    t0 = time.perf_counter()
+                    y = self.engine.run_slots(slots, x)
+                except Exception as e:
+                    suspects.append((half, e))
+                else:
+                    ran.append((half, y, time.perf_counter() - t0))
+        return ran, failed
+
+    def _settle(self, t: int, isolated: Isolated) -> None:
+        """Deliver what ran; fail each step that failed alone with a code that says why (logged, counted)."""
+        ran, failed = isolated
+        for group, y, engine_s in ran:
+            self._deliver(t, group, y, engine_s)
+        for req, error in failed:
+            step_error = step_failed(self.model, t, error)
+            log.error(
+                "engine failed on a step",
+                exc_info=None if isinstance(step_error, StepOutOfMemory) else error,  # a bug's traceback, not OOM's
+                extra={"model": self.model, "t": t, "code": step_error.code.name, "error": _describe(error)},
+            )
+            self._m_failures.labels(model=self.model, code=step_error.code.name).inc()
+            req.fail(step_error)
+
+
+def step_failed(model: str, t: int, error: Exception) -> StepFailed:
+    """The client's answer for a step the engine failed on alone: what happened and what to do, no internals."""
+    if out_of_memory(error):
+        failure: StepFailed = StepOutOfMemory(
+            f"model {model!r} ran out of memory on this step (T={t}); the step was not applied and the session's "
+            "state is unchanged; send shorter chunks"
+        )
+    else:
+        failure = StepFailed(
+            f"model {model!r} failed on this step (T={t}); the step was not applied and the session's state is "
+            "unchanged; the server log has the details"
+        )
+    failure.__cause__ = error
+    return failure
+
+
+def _describe(error: BaseException) -> str:
+    """An engine error in one line for the log: its type and its first line."""
+    first = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {first[0] if first else ''}"
 
 
 def _inputs(group: list[_Request]) -> tuple[np.ndarray, np.ndarray]:

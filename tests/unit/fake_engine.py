@@ -22,13 +22,14 @@ class FakeEngine:
         self.calls: list[tuple[list[int], int]] = []  # (slots, T) of each call, in order
         self.threads: list[str] = []  # the thread each call ran on
         self.fail_on: Callable[[np.ndarray, np.ndarray], bool] | None = None
+        self.failure: Callable[[str], Exception] = EngineFailure  # what a failing call raises, given a message
 
     def run_slots(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
         """slots [B], x [B, T] (or [B, T, I]) → y [B, T, 2] with y[b, t] = (slots[b], x[b, t] (first feature))."""
         self.calls.append((slots.tolist(), x.shape[1]))
         self.threads.append(threading.current_thread().name)
         if self.fail_on is not None and self.fail_on(slots, x):
-            raise EngineFailure(f"engine failed on slots {slots.tolist()}")
+            raise self.failure(f"engine failed on slots {slots.tolist()}")
         first = x.reshape(*x.shape[:2], -1)[..., 0]  # [B, T]
         return np.stack([np.broadcast_to(slots[:, None], first.shape), first], axis=-1).astype(np.float32)
 
