@@ -88,6 +88,7 @@ class CellServer:
         self._grpc: grpc.aio.Server | None = None
         self._http: Any = None
         self._grace_over: asyncio.Event | None = None  # set by end_grace(): a drain stops waiting
+        self._releasing: asyncio.Future[None] | None = None  # drain(release_port=True): listening stopped
 
     def add_servicer(self, hook: ServicerHook) -> None:
         """Register another service on the same port (call before ``start``)."""
@@ -222,11 +223,17 @@ class CellServer:
             self._http.server_close()
             self._http = None
 
-    async def drain(self, grace_s: float | None = None) -> None:
+    async def drain(self, grace_s: float | None = None, *, release_port: bool = False) -> None:
         """Zero-loss shutdown: NOT_SERVING, refuse opens (UNAVAILABLE), push every live session a
-        ``draining{resume_token, deadline}``, let them leave within ``grace_s``, close the rest, stop."""
+        ``draining{resume_token, deadline}``, let them leave within ``grace_s``, close the rest, stop.
+
+        ``release_port``: stop listening first (open streams go on), so that a replacement can bind the port
+        now: a ``--workers`` worker whose supervisor died."""
         grace = self.settings.grace_s if grace_s is None else grace_s
         await self.health.not_serving()
+        if release_port and self._grpc is not None:  # grpc stops listening at once; stop() below ends the calls
+            self._releasing = asyncio.ensure_future(self._grpc.stop(grace + FLUSH_S))
+            await asyncio.sleep(0)
         started = time.monotonic()
         deadline_ms = int((time.time() + grace) * 1000)
         held = len(self.sessions.sessions)
@@ -275,9 +282,11 @@ def build_server(settings: Settings, registry: CollectorRegistry, *, reuse_port:
 
 
 async def run_until_signal(
-    settings: Settings, *, reuse_port: bool = False, on_ready: Callable[[int, int], None] | None = None
-) -> None:
-    """Serve until SIGTERM/SIGINT, then drain. ``on_ready(port, metrics_port)`` once SERVING (workers)."""
+    settings: Settings, *, reuse_port: bool = False, on_ready: Callable[[int, int], None] | None = None,
+    orphaned: Callable[[], bool] | None = None,
+) -> None:  # fmt: skip
+    """Serve until SIGTERM/SIGINT, then drain. ``on_ready(port, metrics_port)`` once SERVING (workers);
+    ``orphaned()`` true at the signal (a worker whose supervisor died): the drain frees the port first."""
     if not reuse_port:  # one process: a taken port is an error before any model loads
         check_free(settings.host, settings.port, "port")
         if settings.metrics_port != 0:  # "auto" binds port 0: then only the address is checked
@@ -311,5 +320,5 @@ async def run_until_signal(
         loop.add_signal_handler(sig, on_signal, sig.name)
     await stop.wait()
     log.info("signal received; draining", extra={"signal": received[0], "grace_s": settings.grace_s})
-    await server.drain()
+    await server.drain(release_port=orphaned is not None and orphaned())
     log.info("stopped", extra={"signal": received[0]})

@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     """Serving processes on the one gRPC port (SO_REUSEPORT). Each has its own state pool (capacity slots per
     model), onnxruntime session and batches; a supervisor sums their /metrics, restarts one that dies and
     drains them all on SIGTERM. 1 = serve in this process."""
+    worker_heartbeat_timeout_s: float = Field(5.0, gt=0)
+    """With --workers: a worker whose event loop has not answered the supervisor's heartbeat for this long (hung in
+    a native call, stopped) is killed and restarted, so the kernel stops giving it connections and its sessions
+    resume on the others. No engine call may block a worker's loop this long."""
     log_level: str = "INFO"
     """Least severe log level written to stderr: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)."""
     log_format: Literal["text", "json"] = "text"
