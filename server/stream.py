@@ -28,6 +28,7 @@ from cellserve.server.errors import (
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
+    StepFailed,
 )
 from cellserve.server.resume_token import TokenCodec
 from cellserve.server.sessions import DrainNotice, Session, SessionClosed, SessionEvent, SessionManager
@@ -39,7 +40,7 @@ from cellserve.v1 import cellserve_pb2 as pb
 CLOSE_LINGER_S = 5.0
 CLOSE_REASONS = {"client": pb.CLOSE_REASON_CLIENT, "idle": pb.CLOSE_REASON_IDLE, "drain": pb.CLOSE_REASON_DRAIN}
 # Errors of a single step: answered in-stream, the session goes on.
-STEP_ERRORS = (InvalidArgument, ResourceExhausted)
+STEP_ERRORS = (InvalidArgument, ResourceExhausted, StepFailed)
 
 log = logging.getLogger(__name__)
 
