@@ -333,14 +333,15 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
     ) -> _OpeningSession:  # fmt: skip
         """Open a session: ``async with client.session("m") as s`` (or ``s = await client.session("m")``).
 
-        Skips UNAVAILABLE targets, as ``Client.session`` does; an open waits at most ``timeout_s``.
+        Skips UNAVAILABLE targets, as ``Client.session`` does; an open waits at most ``open_timeout_s``
+        (``config.connect_timeout_s``, or ``timeout_s`` if smaller).
         """
 
         async def opening() -> AsyncSession:
             core = self._core(model, idle_timeout_s, resume_token, checkpoint_every)
             start = self._channels.preferred  # read now: other tasks may open sessions meanwhile
             session = await AsyncSession.open(
-                core, self._channels.stub, self._model_info, self._metadata, self.timeout_s, start
+                core, self._channels.stub, self._model_info, self._metadata, self.open_timeout_s, start
             )
             self._opened_on(core)
             return session

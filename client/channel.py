@@ -47,6 +47,11 @@ class ChannelConfig:
 
     Defaults suit long-lived streams: HTTP/2 keepalive pings every 30 s (so idle NATs and proxies don't
     drop a quiet session silently) and 16 MiB messages (the server's default limit).
+
+    ``connect_timeout_s`` bounds each open of a session's stream (a new session, a resume, a move),
+    connecting included, and each of gRPC's connection attempts: a target that accepts TCP but never
+    answers (a hung or stopped process; a ``--workers`` worker until its supervisor kills it) is left after
+    it for the next target, or the same address again, where a new connection may reach another worker.
     """
 
     max_message_bytes: int = 16 * 1024 * 1024
@@ -57,6 +62,11 @@ class ChannelConfig:
     bearer_token: str | None = None  # sent as "authorization: Bearer <token>" on every call
     metadata: tuple[tuple[str, str], ...] = ()
     extra_options: tuple[tuple[str, Any], ...] = field(default=())
+    connect_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.connect_timeout_s > 0:
+            raise ValueError(f"connect_timeout_s is {self.connect_timeout_s}; use seconds > 0")
 
     def options(self) -> list[tuple[str, Any]]:
         opts: list[tuple[str, Any]] = [
@@ -66,6 +76,8 @@ class ChannelConfig:
             ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
             ("grpc.keepalive_permit_without_calls", int(self.keepalive_without_calls)),
             ("grpc.http2.max_pings_without_data", 0),
+            # gRPC's minimum connect timeout, whatever the name says (default 20 s): until the HTTP/2 handshake
+            ("grpc.min_reconnect_backoff_ms", int(self.connect_timeout_s * 1000)),
         ]
         if self.tls is not None and self.tls.server_name:
             opts.append(("grpc.ssl_target_name_override", self.tls.server_name))

@@ -62,6 +62,7 @@ class ClientBase(Generic[C]):
         self.targets = normalize_targets(target)
         self.config = config or ChannelConfig()
         self.timeout_s = timeout_s
+        self.open_timeout_s = min(timeout_s, self.config.connect_timeout_s)  # one open of a stream, at most
         self.policy = policy
         self._metadata = self.config.call_metadata()
         self._channels: Channels[C] = Channels(self.targets, lambda t: make_channel(self.config, t))
@@ -104,8 +105,8 @@ class Client(ClientBase[grpc.Channel]):
     or vanishes they continue on the next target, or the same address again, within ``resume_timeout_s``
     (README, "Crash-safe sessions"). ``config`` sets keepalive, message size, TLS and metadata (e.g. a
     bearer token). ``timeout_s`` bounds unary calls (models, health); streams are bounded by the
-    session's idle timeout. (A target that accepts TCP but never answers holds ``session()`` for gRPC's
-    connect timeout, ~20 s, before the next target is tried; ``AsyncClient`` bounds that by ``timeout_s``.)
+    session's idle timeout, each open of one by ``config.connect_timeout_s`` (5 s; or ``timeout_s`` if
+    smaller): a target that accepts TCP but never answers is then left for the next.
     """
 
     def __init__(
@@ -144,7 +145,9 @@ class Client(ClientBase[grpc.Channel]):
         which new sessions then prefer. ``checkpoint_every`` overrides the client's for this session.
         """
         core = self._core(model, idle_timeout_s, resume_token, checkpoint_every)
-        session = Session.open(core, self._channels.stub, self._model_info, self._metadata, self._channels.preferred)
+        session = Session.open(
+            core, self._channels.stub, self._model_info, self._metadata, self.open_timeout_s, self._channels.preferred
+        )
         self._opened_on(core)
         return session
 

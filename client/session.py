@@ -8,6 +8,7 @@ session at a time.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -17,7 +18,7 @@ import grpc
 import numpy as np
 
 from cellserve.client.core import SessionCore
-from cellserve.client.errors import CellserveClientError, from_rpc_error
+from cellserve.client.errors import CellserveClientError, UnavailableError, from_rpc_error
 from cellserve.client.model_info import ModelInfo
 from cellserve.client.ops import Ended, Finish, Open, Pause, Reply, Routine, Send
 from cellserve.client.replies import is_opened
@@ -37,6 +38,34 @@ def _next(call: Any) -> Reply:
         return Ended(from_rpc_error(e))
 
 
+class _Deadline:
+    """Cancels a call not answered within ``seconds`` (grpc's blocking streams take no per-read timeout)."""
+
+    def __init__(self, seconds: float, call: Any) -> None:
+        self.passed = False
+        self._call = call
+        self._lock = threading.Lock()
+        self._answered = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._answered:
+                return
+            self.passed = True
+        self._call.cancel()
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._answered = True
+        self._timer.cancel()
+
+
 class Session(SessionBase):
     """A stateful session. ``y = s.step(x)``: x is [T] token ids (or one id) / [T, I] features; y is [T, O].
 
@@ -45,10 +74,13 @@ class Session(SessionBase):
     no error. Use it as a context manager: leaving the block (also by an exception) sends ``close``.
     """
 
-    def __init__(self, core: SessionCore, connect: Callable[[str], pb_grpc.CellServeStub], metadata: tuple) -> None:
+    def __init__(
+        self, core: SessionCore, connect: Callable[[str], pb_grpc.CellServeStub], metadata: tuple, open_timeout_s: float
+    ) -> None:
         super().__init__(core)
         self._connect = connect
         self._metadata = metadata
+        self._open_timeout_s = open_timeout_s
         self._requests: queue.Queue[object] = queue.Queue()
         self._call: Any = None
 
@@ -59,10 +91,11 @@ class Session(SessionBase):
         connect: Callable[[str], pb_grpc.CellServeStub],
         info_for: Callable[[str, str], ModelInfo],
         metadata: tuple,
+        open_timeout_s: float,
         start: int,
     ) -> Session:
         """Open on the first target from ``start`` that takes the session, and learn its model."""
-        session = cls(core, connect, metadata)
+        session = cls(core, connect, metadata, open_timeout_s)
         session._perform(core.open(start))
         try:
             session.info = info_for(core.model, core.target)
@@ -112,9 +145,12 @@ class Session(SessionBase):
     def _open_stream(self, op: Open) -> Reply:
         requests: queue.Queue[object] = queue.Queue()
         requests.put(op.request)
-        stub = self._connect(self._core.targets[op.index])
-        call = stub.Stream(iter(requests.get, _END), metadata=self._metadata)
-        reply = _next(call)
+        target = self._core.targets[op.index]
+        call = self._connect(target).Stream(iter(requests.get, _END), metadata=self._metadata)
+        with _Deadline(self._open_timeout_s, call) as deadline:  # a target that never answers is left
+            reply = _next(call)
+        if deadline.passed:  # the call was cancelled, even if its answer came in the same instant
+            reply = Ended(UnavailableError(f"{target} did not answer the open within {self._open_timeout_s:g} s"))
         if is_opened(reply):
             self._abandon()  # the stream it replaces (gone, or draining)
             self._requests, self._call = requests, call
