@@ -328,13 +328,11 @@ def step_failed(model: str, t: int, error: Exception) -> StepFailed:
     """The client's answer for a step the engine failed on alone: what happened and what to do, no internals."""
     if out_of_memory(error):
         failure: StepFailed = StepOutOfMemory(
-            f"model {model!r} ran out of memory on this step (T={t}); the step was not applied and the session's "
-            "state is unchanged; send shorter chunks"
+            f"model {model!r} ran out of memory on this step (T={t}) and did not apply it; send shorter chunks"
         )
-    else:
+    else:  # "not applied": true on every API (a session's or sequence's state is unchanged, a stateless row got none)
         failure = StepFailed(
-            f"model {model!r} failed on this step (T={t}); the step was not applied and the session's state is "
-            "unchanged; the server log has the details"
+            f"model {model!r} failed on this step (T={t}) and did not apply it; the server log has the details"
         )
     failure.__cause__ = error
     return failure
