@@ -162,7 +162,7 @@ class TokenCodec:
         if not 1 <= kid_len <= MAX_KEY_ID or len(raw_kid) != kid_len or not raw_kid.isascii():
             # Forged or truncated: the message names lengths only, never the token's bytes.
             raise InvalidArgument(
-                f"resume_token is malformed: its key id is {len(raw_kid)} of a declared {kid_len} bytes; "
+                f"resume_token is malformed: its key id length byte says {kid_len} ({len(raw_kid)} bytes follow); "
                 f"a key id is 1..{MAX_KEY_ID} ASCII bytes"
             )
         kid = raw_kid.decode("ascii")
