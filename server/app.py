@@ -111,6 +111,9 @@ class CellServer:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+            # gRPC core waits for a ping's ack up to ping_timeout_ms (default 60 s), whatever keepalive_timeout_ms
+            # says: without this a frozen peer keeps its sessions ~a minute longer than keepalive_timeout_s.
+            ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout_s * 1000)),
             # Long-lived, often quiet streams: accept client keepalive pings at the configured rate.
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", int(s.min_client_ping_interval_s * 1000)),

@@ -58,6 +58,10 @@ class Unimplemented(CellserveError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class DeadlineExceeded(CellserveError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class StepFailed(CellserveError):
     """The engine failed on this one step (found by retrying its batch in halves; the other steps ran). The step
     was not applied: its session's state is unchanged and it may step again. A bad step, answered in-stream."""

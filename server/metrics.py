@@ -77,6 +77,11 @@ class Metrics:
             ["model", "code"],
             registry=registry,
         )
+        self.streams_paused = Gauge(
+            p + "streams_paused",
+            "Streams not being read because their client is not reading its answers (max_stream_buffer_bytes).",
+            registry=registry,
+        )
         self.build_info = Gauge(p + "build_info", "Always 1; labels carry the build.", ["version"], registry=registry)
         self.build_info.labels(version=__version__).set(1)
         # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total ... (Linux /proc): the soak

@@ -64,6 +64,17 @@ class Settings(BaseSettings):
     """Most concurrent streaming RPCs (Stream, Generate, OIP ModelStreamInfer); more get RESOURCE_EXHAUSTED."""
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """Largest gRPC message accepted or sent, in bytes; the default is most gRPC clients' receive limit."""
+    open_timeout_s: float = Field(10.0, gt=0)
+    """A stream must deliver its first message (Stream's open, ModelStreamInfer's first request) within this many
+    seconds, or it is ended with DEADLINE_EXCEEDED: a connection that never opens cannot hold a max_streams slot."""
+    max_stream_buffer_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Most bytes of answers one stream may have unsent (being computed, or written but not yet taken by a client
+    that does not read); past it the server stops reading that stream until its client catches up. A Stream has
+    one answer unsent at a time (up to max_message_bytes). Answers held for slow readers total at most
+    max_streams x this."""
+    max_sessions_per_stream: int = Field(256, ge=1)
+    """Most sessions one stream may hold at once (OIP ModelStreamInfer sequences); one more is RESOURCE_EXHAUSTED,
+    so a single client cannot take every state slot."""
     keepalive_time_s: float = Field(60, gt=0)
     """Server pings a connection that has been quiet this long, to find dead peers."""
     keepalive_timeout_s: float = Field(20, gt=0)

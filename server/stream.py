@@ -24,6 +24,7 @@ import grpc
 
 from cellserve.server.errors import (
     BadRequest,
+    DeadlineExceeded,
     ErrorBoundary,
     FailedPrecondition,
     InvalidArgument,
@@ -90,10 +91,11 @@ class StreamHandler:
         self._interrupted = False  # we cancelled the read (a server-side close)
         self._writer: asyncio.Task[None] | None = None  # writes a drain notice while we read
         self._done = False
+        self._stuck: asyncio.TimerHandle | None = None  # ends a stream whose closed session cannot be told
 
     async def run(self) -> None:
         try:
-            session = self.session = self._open(await self._read())
+            session = self.session = self._open(await self._read_first())
             await self._write(
                 pb.StreamResponse(
                     opened=pb.Opened(
@@ -125,10 +127,25 @@ class StreamHandler:
         finally:
             if self._writer is not None:
                 self._writer.cancel()
+            if self._stuck is not None:
+                self._stuck.cancel()
             if self.session is not None:
                 self.sessions.close(self.session, self.reason)
 
     # -- requests ---------------------------------------------------------------------------------
+
+    async def _read_first(self) -> object:
+        """The first request, within ``open_timeout_s``: a stream that never opens (or stalls inside its first
+        message) must not hold a ``max_streams`` slot for the life of its connection."""
+        timeout = self.sessions.settings.open_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._read()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no open{{model}} within {timeout:g} s of the stream's start (setting open_timeout_s); "
+                "send open as the stream's first message"
+            ) from None
 
     def _open(self, first: object) -> Session:
         if first is EOF or first is INTERRUPTED:
@@ -209,6 +226,10 @@ class StreamHandler:
     def notify(self, event: SessionEvent) -> None:
         """Called by the SessionManager (on the event loop) for a drain notice or a server-side close."""
         self._events.append(event)
+        if isinstance(event, SessionClosed) and self._stuck is None:
+            # A client that stopped reading keeps the handler in write(): the close cannot be written, so the
+            # stream is given up after a short wait rather than holding its max_streams slot.
+            self._stuck = asyncio.get_running_loop().call_later(CLOSE_LINGER_S, self._give_up)
         if not self._reading:
             return  # a request is being answered: the loop delivers the event right after its answer
         if isinstance(event, SessionClosed):
@@ -217,6 +238,15 @@ class StreamHandler:
                 self._task.cancel()
         elif self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write_while_reading())
+
+    def _give_up(self) -> None:
+        """The session closed ``CLOSE_LINGER_S`` ago and the stream has not ended: its client is not reading."""
+        if not self._done and self._task is not None and not self._task.done():
+            log.info(
+                "stream ended: its session closed and its client is not reading",
+                extra={"session": self.session.id if self.session else "", "reason": self.reason},
+            )
+            self._task.cancel()
 
     async def _write_while_reading(self) -> None:
         """Write drain notices while the handler waits for a request (a close is left to the handler)."""

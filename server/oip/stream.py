@@ -8,9 +8,15 @@ start for an id already running. The session's idle timeout ends a forgotten seq
 The handler reads; each request is checked and submitted to the scheduler at once, or queued in
 its sequence's lane behind the request of that id still in flight (in order within a sequence,
 concurrent across sequences, so the scheduler batches them together). A step's response is built
-in its completion callback and handed to the stream's one writer task. At most ``STREAM_WINDOW``
-requests are unanswered at a time: past that the handler stops reading (gRPC flow control pushes
-back on the client). A failed request is answered with ``error_message`` and the stream goes on.
+in its completion callback and handed to the stream's one writer task. The handler stops reading
+(gRPC flow control pushes back on the client) while ``STREAM_WINDOW`` requests are unanswered, or
+while the answers owed exceed ``max_stream_buffer_bytes`` (each request is charged its answer's size,
+known from its shape, when it is read): a client that does not read holds a bounded amount of memory.
+A failed request is answered with ``error_message`` and the stream goes on.
+
+A stream's first request must come within ``open_timeout_s``; a stream with no sequence and nothing
+owed that stays silent for ``idle_timeout_s`` ends, as an idle session would. At most
+``max_sessions_per_stream`` sequences run on one stream.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,7 +33,14 @@ import grpc
 import numpy as np
 
 from cellserve.oip import grpc_service_pb2 as oip
-from cellserve.server.errors import BadRequest, ErrorBoundary, FailedPrecondition, InvalidArgument
+from cellserve.server.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    ErrorBoundary,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from cellserve.server.models import LoadedModel
 from cellserve.server.oip.sequences import SequenceFlags, SequenceKey, sequence_flags
 from cellserve.server.oip.tensors import infer_response, parameters
@@ -36,6 +50,7 @@ log = logging.getLogger(__name__)
 
 # Requests of one stream being worked on or waiting to be sent back; past it the server stops reading.
 STREAM_WINDOW = 256
+BAD_REQUEST = object()  # what a request the guard refused is answered as (it was never charged)
 
 Response = oip.ModelStreamInferResponse
 # (request) -> (model, the outputs to return, x [1, T] or [1, T, I]): the servicer's checks of a request
@@ -62,33 +77,123 @@ class OipStream:
         self._live: dict[SequenceKey, Session] = {}  # the sequences this stream has started
         self._lanes: dict[SequenceKey, deque[tuple[oip.ModelInferRequest, SequenceFlags]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # stateless requests in the stream
-        self._out: asyncio.Queue[tuple[Response, bool] | None] = asyncio.Queue()
+        self._out: asyncio.Queue[tuple[Response, bool, int] | None] = asyncio.Queue()  # (response, answers, bytes)
         self._unanswered = 0
+        self._owed_bytes = 0  # the answers of the unanswered requests, by their charges
+        self._charges: dict[int, int] = {}  # id(request) -> its charge, until it is answered
+        settings = sessions.settings
+        self._buffer_bytes = settings.max_stream_buffer_bytes
+        self._max_message = settings.max_message_bytes
+        self._max_sequences = settings.max_sessions_per_stream
+        self._paused = sessions.metrics.streams_paused
+        self._task = asyncio.current_task()
+        self._last_active = time.monotonic()  # the last request read or answer written
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idled_out = False
         self._progress: asyncio.Future[None] | None = None  # the reader waits for answers on it
         self._writer: asyncio.Task[None] | None = None
         self._ended = False
 
     async def run(self) -> None:
-        writer = self._writer = asyncio.get_running_loop().create_task(self._write_responses())
+        loop = asyncio.get_running_loop()
+        writer = self._writer = loop.create_task(self._write_responses())
+        self._idle_timer = loop.call_later(self.sessions.settings.idle_timeout_s, self._check_idle)
         try:
+            first = True
             while True:
                 if self._unanswered >= STREAM_WINDOW:
                     await self._answers(lambda: self._unanswered < STREAM_WINDOW)
-                request = await self.context.read()
+                if self._owed_bytes >= self._buffer_bytes:
+                    await self._catch_up()
+                request = await (self._read_first() if first else self._read())
+                first = False
                 if request is grpc.aio.EOF:
                     break
                 self._unanswered += 1
+                charge = self._charge(request)
+                if charge:
+                    self._owed_bytes += charge
+                    self._charges[id(request)] = charge
                 self._on_request(request)
             await self._answers(lambda: self._unanswered == 0)  # half-closed: answer what was sent, then end
             self._out.put_nowait(None)
             await writer
         finally:
             self._ended = True
+            self._idle_timer.cancel()
             writer.cancel()
             for task in self._tasks:
                 task.cancel()
             for key, session in list(self._live.items()):
                 self._end(key, session, "disconnect")
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    async def _read_first(self) -> Any:
+        timeout = self.sessions.settings.open_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.context.read()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no request within {timeout:g} s of the stream's start (setting open_timeout_s)"
+            ) from None
+
+    async def _read(self) -> Any:
+        """The next request; DEADLINE_EXCEEDED once the stream has idled out (see ``_check_idle``)."""
+        try:
+            request = await self.context.read()
+        except asyncio.CancelledError:
+            task = self._task
+            if not self._idled_out or task is None or task.uncancel() > 0:  # a real cancel came in too
+                raise
+            timeout = self.sessions.settings.idle_timeout_s
+            raise DeadlineExceeded(
+                f"stream idle for {timeout} s with no sequence running (setting idle_timeout_s); open a new stream "
+                "to start another"
+            ) from None
+        self._last_active = time.monotonic()
+        return request
+
+    def _check_idle(self) -> None:
+        """A timer: a stream with no sequence and nothing owed, silent for ``idle_timeout_s``, is ended (as an idle
+        session would be), so it gives its ``max_streams`` slot back. One timer per stream, re-armed as it fires."""
+        timeout = self.sessions.settings.idle_timeout_s
+        now = time.monotonic()
+        busy = self._live or self._unanswered
+        due = now + timeout if busy else self._last_active + timeout
+        if due > now:
+            self._idle_timer = asyncio.get_running_loop().call_later(due - now, self._check_idle)
+            return
+        self._idled_out = True
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _catch_up(self) -> None:
+        """Stop reading until the answers owed fit ``max_stream_buffer_bytes`` again (counted as paused)."""
+        self._paused.inc()
+        try:
+            await self._answers(lambda: self._owed_bytes < self._buffer_bytes)
+        finally:
+            self._paused.dec()
+
+    def _charge(self, request: Any) -> int:
+        """The size of ``request``'s answer, from its shape: y ``[B, T, O]`` float32 and the state it may return.
+        At most one message; 0 for a request no model can answer (its error answer is small)."""
+        if type(request) is BadRequest:
+            return 0
+        try:
+            manifest = self.sessions.models.get(request.model_name).manifest
+        except Exception:
+            return 0
+        for tensor in request.inputs:
+            if tensor.name == manifest.names.x and len(tensor.shape) >= 2:
+                rows, steps = tensor.shape[0], tensor.shape[1]
+                if rows <= 0 or steps <= 0:
+                    return 0
+                row = 4 * (steps * manifest.output_size + 2 * manifest.layers * manifest.hidden)
+                return min(rows * row, self._max_message)
+        return 0
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -119,7 +224,7 @@ class OipStream:
         except Exception as e:
             self._fail(request, e)
             return
-        self._send(response, answers=True)
+        self._send(response, answers=request)
 
     def _advance(self, key: SequenceKey) -> None:
         """Start the next waiting request of sequence ``key``; its lane ends when none waits."""
@@ -144,6 +249,11 @@ class OipStream:
                     raise FailedPrecondition(
                         f"sequence {flags.label} is already active on this stream; end it (sequence_end) before "
                         "starting it again"
+                    )
+                if len(self._live) >= self._max_sequences:
+                    raise ResourceExhausted(
+                        f"this stream has {len(self._live)} sequences running (setting max_sessions_per_stream); "
+                        "end one (sequence_end) before starting another, or use another stream"
                     )
                 # Check the input before opening, so a bad first request leaves no sequence behind.
                 model.check_input(x[0])
@@ -194,7 +304,7 @@ class OipStream:
         else:
             if flags.end:
                 self._end(flags.key, session, "client")
-            self._send(response, answers=True)
+            self._send(response, answers=request)
         if not self._ended:
             self._advance(flags.key)
 
@@ -212,7 +322,7 @@ class OipStream:
         if session is not None and session.closed:
             del self._live[flags.key]
         text = f"sequence {flags.label} was ended by the server: {event.message}"
-        self._send(Response(error_message=text), answers=False)
+        self._send(Response(error_message=text), answers=None)
 
     # -- responses --------------------------------------------------------------------------------
 
@@ -220,19 +330,24 @@ class OipStream:
         """Answer one request with its error (counted); the stream and its other sequences go on."""
         _, message = self.errors.status(error)
         failed = oip.ModelInferResponse(model_name=request.model_name, id=request.id) if request else None
-        self._send(Response(error_message=message, infer_response=failed), answers=True)
+        answered = request if request is not None else BAD_REQUEST
+        self._send(Response(error_message=message, infer_response=failed), answers=answered)
 
-    def _send(self, response: Response, *, answers: bool) -> None:
+    def _send(self, response: Response, *, answers: Any) -> None:
+        """Queue ``response`` for the writer; ``answers``: the request it answers (None for a notice)."""
         if not self._ended:
-            self._out.put_nowait((response, answers))
+            charge = self._charges.pop(id(answers), 0) if answers is not None else 0
+            self._out.put_nowait((response, answers is not None, charge))
 
     async def _write_responses(self) -> None:
         try:
             while (item := await self._out.get()) is not None:
-                response, answers = item
+                response, answers, charge = item
                 await self.context.write(response)
+                self._last_active = time.monotonic()
                 if answers:
                     self._unanswered -= 1
+                    self._owed_bytes -= charge
                     self._wake_reader()
         finally:
             self._wake_reader()  # also when a write failed: the reader must not wait for answers that never come
