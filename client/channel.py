@@ -74,6 +74,7 @@ class ChannelConfig:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.keepalive_time_ms", self.keepalive_time_ms),
             ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
+            ("grpc.http2.ping_timeout_ms", self.keepalive_timeout_ms),  # else gRPC core waits 60 s for the ack
             ("grpc.keepalive_permit_without_calls", int(self.keepalive_without_calls)),
             ("grpc.http2.max_pings_without_data", 0),
             # gRPC's minimum connect timeout, whatever the name says (default 20 s): until the HTTP/2 handshake

@@ -190,3 +190,29 @@ def test_a_frozen_client_loses_its_session_within_keepalive_time_plus_timeout(ru
             client.send_signal(signal.SIGCONT)
             client.kill()
             client.wait(10)
+
+
+def test_the_sdk_channel_gives_up_on_a_frozen_server_within_keepalive_time_plus_timeout(spawn_server):
+    from cellserve.client.channel import ChannelConfig
+
+    server = spawn_server("--min-client-ping-interval-s", "0.5")
+    config = ChannelConfig(keepalive_time_ms=1000, keepalive_timeout_ms=1000)
+
+    async def main() -> Any:
+        async with config.aio_channel(server.address) as ch:
+            call = pb_grpc.CellServeStub(ch).Stream()
+            await call.write(open_msg())
+            assert (await call.read()).WhichOneof("kind") == "opened"
+            server.proc.send_signal(signal.SIGSTOP)  # TCP stays open; nothing answers the client's pings
+            try:
+                # 1 s + 1 s, plus a margin for a loaded box; gRPC's own ping timeout (60 s) would hang far longer
+                await asyncio.wait_for(call.read(), 10)
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+            return "answered"
+
+    try:
+        code = asyncio.run(main())
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    assert code == grpc.StatusCode.UNAVAILABLE
