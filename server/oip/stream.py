@@ -273,6 +273,8 @@ class OipStream:
         except Exception as e:
             if opened is not None:  # a failed start leaves no sequence
                 self._end(flags.key, opened, "error")
+            elif flags.end and (live := self._live.get(flags.key)) is not None:
+                self._end(flags.key, live, "error")  # nor a failed end: its client counts the sequence as over
             self._fail(request, e)
             return False
         future.add_done_callback(functools.partial(self._step_done, request, flags, session, model, outputs))
@@ -298,7 +300,7 @@ class OipStream:
                 tensors[n.hn], tensors[n.cn] = state.h[None], state.c[None]  # [1, L, H]
             response = Response(infer_response=infer_response(request, m.name, m.version, outputs, tensors))
         except BaseException as e:  # CancelledError too: every request read gets exactly one answer
-            if flags.start:  # a failed start leaves no sequence
+            if flags.start or flags.end:  # a failed start or end leaves no sequence
                 self._end(flags.key, session, "error")
             self._fail(request, e)
         else:

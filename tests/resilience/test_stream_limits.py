@@ -216,3 +216,26 @@ def test_the_sdk_channel_gives_up_on_a_frozen_server_within_keepalive_time_plus_
     finally:
         server.proc.send_signal(signal.SIGCONT)
     assert code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_failed_sequence_end_still_ends_its_sequence_and_frees_its_slot(running_server):
+    with running_server() as srv:
+
+        async def main() -> tuple[list[str], int]:
+            async with grpc.aio.insecure_channel(srv.address) as ch:
+                call = oip_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer()
+                bad_end = _sequence_request(5, 1, end=True)
+                bad_end.inputs[0].datatype = "FP64"  # the tiny model takes INT64 tokens
+                errors = []
+                for req in (_sequence_request(5, 1, start=True), bad_end):
+                    await call.write(req)
+                    errors.append((await call.read()).error_message)
+                held = len(srv.server.sessions.sessions)
+                await call.write(_sequence_request(5, 1, start=True, end=True))  # the id is free to start again
+                errors.append((await call.read()).error_message)
+                call.cancel()
+                return errors, held
+
+        errors, held = asyncio.run(asyncio.wait_for(main(), 20))
+    assert errors[0] == "" and errors[1] and errors[2] == ""
+    assert held == 0
