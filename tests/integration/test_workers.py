@@ -1,12 +1,15 @@
-"""``cellserve serve --workers N``: one port, N processes, one /metrics; restarts and drains; taken ports."""
+"""``cellserve serve --workers N``: one port, N processes, one /metrics; restarts and drains; taken ports;
+a hung (SIGSTOPped) worker killed and restarted; a killed supervisor's port free at once."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from typing import Any
 
@@ -15,6 +18,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cellserve.client import AsyncClient, ChannelConfig
+from cellserve.server.ports import PortTaken, check_free
 from cellserve.server.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
@@ -257,3 +262,140 @@ def test_a_plain_second_server_on_a_plain_servers_port_is_refused(spawn_server, 
     taken = _serve("--model-dirs", str(tiny_model_dir), "--port", str(first.port), "--metrics-port", "0")
     assert taken.returncode == 1 and len(taken.stderr.strip().splitlines()) == 1, taken.stderr
     assert str(first.port) in taken.stderr and "Traceback" not in taken.stderr
+
+
+HEARTBEAT_TIMEOUT_S = 2.0
+OWN_CONNECTION = ChannelConfig(extra_options=(("grpc.use_local_subchannel_pool", 1),))  # one client, one worker
+
+
+def test_a_stopped_worker_is_killed_and_restarted_and_its_sdk_sessions_resume_exactly(
+    spawn_server, tiny_oracle, wait_until
+):
+    server = spawn_server(
+        "--workers", "2", "--token-keys", KEYS, "--worker-heartbeat-timeout-s", str(HEARTBEAT_TIMEOUT_S)
+    )
+    victim, other = server.ready_info()["workers"]
+    rng = np.random.default_rng(30)
+    chunks: list[list[np.ndarray]] = []
+    outputs: list[list[np.ndarray]] = []
+    timings: dict[str, float] = {}
+
+    def replaced() -> bool:
+        entry = server.ready_info()["workers"][0]
+        return entry["pid"] != victim["pid"] if entry["ready"] else True
+
+    async def main() -> None:
+        clients: list[AsyncClient] = []
+        sessions: list = []
+        try:
+            # each client its own connection; open until the victim holds 3 sessions (the kernel picks)
+            while active(victim["metrics_port"]) < 3 or active(other["metrics_port"]) < 1:
+                assert len(sessions) < 40, "the kernel put 40 connections on one worker"
+                clients.append(AsyncClient(server.address, OWN_CONNECTION, resume_timeout_s=30))
+                sessions.append(await clients[-1].session("tiny"))
+                chunks.append([rng.integers(0, 256, size=3, dtype=np.int64) for _ in range(8)])
+                outputs.append([await sessions[-1].step(chunks[-1][0])])
+
+            async def rest(i: int) -> None:
+                for x in chunks[i][1:]:
+                    outputs[i].append(await sessions[i].step(x))
+
+            os.kill(victim["pid"], signal.SIGSTOP)
+            stopped = time.monotonic()
+            scrape(server.metrics_port)  # the supervisor's /metrics, while a worker hangs
+            timings["scrape_s"] = time.monotonic() - stopped
+            stepping = asyncio.ensure_future(asyncio.wait_for(asyncio.gather(*map(rest, range(len(sessions)))), 60))
+            await wait_until.aio(replaced, timeout_s=HEARTBEAT_TIMEOUT_S + 10, what="the stopped worker killed")
+            timings["detect_s"] = time.monotonic() - stopped
+            await stepping
+        finally:
+            for s in sessions:
+                await s.close()
+            for c in clients:
+                await c.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim["pid"], signal.SIGCONT)
+            os.kill(victim["pid"], signal.SIGKILL)
+    print(f"hung worker: killed {timings['detect_s']:.2f} s after SIGSTOP; /metrics took {timings['scrape_s']:.2f} s")
+    assert timings["detect_s"] < HEARTBEAT_TIMEOUT_S + 3, timings
+    assert timings["scrape_s"] < 1.5, timings  # not one per-worker timeout after another
+    for i, got in enumerate(outputs):
+        np.testing.assert_allclose(np.concatenate(got), tiny_oracle.sequence(np.concatenate(chunks[i])), atol=1e-5,
+                                   rtol=0, err_msg=f"session {i}")  # fmt: skip
+    wait_until(lambda: server.ready_info()["workers"][0]["ready"], timeout_s=60, what="the victim's replacement")
+    assert fresh_connections_all_serving(server.address)  # every new connection reaches a worker that answers
+    after = scrape(server.metrics_port)
+    assert value(after, "cellserve_worker_hangs_total") == 1
+    assert value(after, "cellserve_worker_restarts_total") == 1
+    assert value(after, "cellserve_workers") == 2
+    log = _stop(server)
+    (line,) = [line for line in log.splitlines() if "worker stopped answering" in line]
+    assert "worker=0" in line and f"pid={victim['pid']}" in line and "silent_s=" in line, line
+
+
+def test_a_killed_supervisors_port_is_free_at_once_while_its_workers_drain(spawn_server, tiny_oracle, wait_until):
+    a = spawn_server("--workers", "2", "--token-keys", KEYS, "--grace-s", "60")
+    orphans = [w["pid"] for w in a.ready_info()["workers"]]
+    rng = np.random.default_rng(6)
+    tokens = [rng.integers(0, 256, size=6, dtype=np.int64) for _ in range(CONNECTIONS)]
+    sessions = Sessions(a.address, tokens)
+
+    def port_free() -> bool:
+        try:
+            check_free("127.0.0.1", a.port, "port")
+        except PortTaken:
+            return False
+        return True
+
+    async def main() -> list[np.ndarray]:
+        await sessions.open()
+        for t in range(3):
+            await sessions.step(t)
+        per_worker = [active(w["metrics_port"]) for w in a.ready_info()["workers"]]
+        assert all(n > 0 for n in per_worker), per_worker
+        a.proc.kill()
+        a.proc.wait(10)
+        killed = time.monotonic()
+        drained = []
+        for call in sessions.calls:  # each orphan drains the sessions it holds: a token for each
+            draining = await asyncio.wait_for(call.read(), 30)
+            assert draining.WhichOneof("kind") == "draining", draining
+            drained.append(draining.draining.resume_token)
+        await wait_until.aio(port_free, timeout_s=10, what="the orphaned workers to stop listening")
+        print(f"killed supervisor: port free {time.monotonic() - killed:.2f} s after")
+        assert all(_alive(pid) for pid in orphans), "the workers are still in their 60 s grace period"
+        b = spawn_server("--port", str(a.port), "--token-keys", KEYS)  # the replacement binds the same port now
+        assert b.port == a.port
+        results = []
+        async with grpc.aio.insecure_channel(b.address) as ch_b:
+            for i, token in enumerate(drained):
+                resumed = pb_grpc.CellServeStub(ch_b).Stream()
+                await resumed.write(pb.StreamRequest(open=pb.Open(model="tiny", resume_token=token)))
+                assert (await resumed.read()).opened.steps == 3
+                await resumed.write(pb.StreamRequest(step=pb.Step(seq=3, input=to_proto(tokens[i][3:]))))
+                rest = to_numpy((await resumed.read()).output.output)
+                await resumed.done_writing()
+                results.append(np.concatenate([*sessions.outputs[i], rest]))
+        await sessions.close()
+        return results
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for i, got in enumerate(results):
+        np.testing.assert_allclose(got, tiny_oracle.sequence(tokens[i]), atol=1e-5, rtol=0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
