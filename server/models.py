@@ -106,6 +106,7 @@ class ModelRepository:
                 max_wait_us=settings.max_wait_us,
                 max_queued=settings.max_queued_steps,
                 mode=settings.engine_mode,
+                max_batch_steps=settings.max_batch_steps,
                 live_sessions=lambda pool=pool: pool.used,
             )
             max_steps = min(settings.max_chunk_steps, output_steps)

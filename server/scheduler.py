@@ -2,7 +2,8 @@
 
 A batch closes when it holds ``max_batch`` steps, when every live session of the model is in it
 (nobody else can arrive), or ``max_wait_us`` after its first step. Steps of equal length T run in
-one engine call; a batch with several lengths makes one call per length. Each session has at most
+one engine call, at most ``max_batch_steps`` rows x steps per call (more rows run as further calls,
+so the engine's memory is bounded); a batch with several lengths makes one call per length. Each session has at most
 one step in flight (the session layer guarantees it), so its steps stay in order.
 
 Per message the cost is an append and a comparison: ``enqueue`` itself decides when a batch is
@@ -76,6 +77,7 @@ class Scheduler:
         max_wait_us: int,
         max_queued: int,
         mode: str = "inline",
+        max_batch_steps: int = 1 << 62,
         live_sessions: Callable[[], int] | None = None,
     ) -> None:
         self.engine = engine
@@ -83,6 +85,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_wait = max_wait_us / 1e6
         self.max_queued = max_queued
+        self.max_batch_steps = max_batch_steps
         self.mode = mode
         self._live_sessions = live_sessions or (lambda: max_batch)
         self._queue: deque[_Request] = deque()
@@ -249,7 +252,8 @@ class Scheduler:
             self._settle(t, await self._loop.run_in_executor(self._executor, self._isolate, t, group, failure))
 
     def _prepare(self, batch: list[_Request]) -> list[tuple[int, list[_Request]]]:
-        """The steps still wanted, grouped by chunk length T; their time in the queue is observed here."""
+        """The steps still wanted, as engine calls: grouped by chunk length T, split to fit ``max_batch_steps``.
+        Their time in the queue is observed here."""
         start = time.perf_counter()
         live: list[_Request] = []
         for req in batch:
@@ -261,7 +265,11 @@ class Scheduler:
         groups: dict[int, list[_Request]] = {}
         for req in live:
             groups.setdefault(req.x.shape[0], []).append(req)
-        return list(groups.items())
+        calls = []
+        for t, group in groups.items():  # at most max_batch_steps rows x steps per call: bounded engine memory
+            rows = max(1, self.max_batch_steps // t)
+            calls += [(t, group[i : i + rows]) for i in range(0, len(group), rows)]
+        return calls
 
     def _deliver(self, t: int, group: list[_Request], y: np.ndarray, engine_s: float) -> None:
         """Hand each step its row of y; then the group's metrics (latency: queued until its output is ready)."""

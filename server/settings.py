@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     """Longest a batch waits for more sessions after its first step arrives, in microseconds."""
     engine_mode: Literal["inline", "thread"] = "inline"
     """Run onnxruntime on the event loop (inline) or in a worker thread (thread); see README Performance."""
+    max_batch_steps: int = Field(4096, ge=1)
+    """Most rows x time steps (B x T) in one engine call; a batch past it runs as several calls. It bounds the
+    engine's working memory (onnxruntime keeps its peak), whatever the chunk lengths and the number of streams."""
     max_chunk_steps: int = Field(2048, ge=1)
     """Most time steps (T) one Step message may carry; also capped so its output fits max_message_bytes."""
     max_queued_steps: int = Field(8192, ge=1)

@@ -33,13 +33,14 @@ class Harness:
 
     def __init__(
         self, *, max_batch: int = 64, live: int = 64, max_wait_us: int = LONG_WAIT_US, max_queued: int = 1024,
-        mode: str = "inline",
+        mode: str = "inline", max_batch_steps: int = 1 << 30,
     ) -> None:  # fmt: skip
         self.engine = FakeEngine()
         self.registry = CollectorRegistry()
         self.live = live
         self.scheduler = Scheduler(self.engine, Metrics(self.registry), max_batch=max_batch, max_wait_us=max_wait_us,
-                                   max_queued=max_queued, mode=mode, live_sessions=lambda: self.live)  # fmt: skip
+                                   max_queued=max_queued, mode=mode, live_sessions=lambda: self.live,
+                                   max_batch_steps=max_batch_steps)  # fmt: skip
         self.finished: dict[int, list[int]] = defaultdict(list)
 
     def step(self, slot: int, t: int = 1) -> asyncio.Future[np.ndarray]:
@@ -82,6 +83,21 @@ def test_a_full_batch_of_max_batch_runs_inside_the_enqueue_that_completes_it():
     run(h, body)
     assert h.metric("cellserve_batch_size_count") == 1 and h.metric("cellserve_batch_size_sum") == 4
     assert h.metric("cellserve_steps_total") == 4
+
+
+@pytest.mark.parametrize("mode", ["inline", "thread"])
+def test_a_batch_past_max_batch_steps_runs_as_several_calls_each_within_it(mode):
+    h = Harness(max_batch=8, live=8, max_batch_steps=10, mode=mode)
+
+    async def body(h: Harness) -> None:
+        futures = [h.step(slot, t=4 if slot < 5 else 1) for slot in range(8)]  # 5 steps of T=4, 3 of T=1
+        await asyncio.wait_for(asyncio.gather(*futures), 10)
+        for slot, f in enumerate(futures):
+            np.testing.assert_array_equal(f.result(), expected_row(slot, h.x(slot, 4 if slot < 5 else 1)))
+
+    run(h, body)
+    # rows x T <= 10: two rows of T=4 per call, all three T=1 rows in one
+    assert h.engine.calls == [([0, 1], 4), ([2, 3], 4), ([4], 4), ([5, 6, 7], 1)]
 
 
 def test_a_batch_closes_once_every_live_session_is_in():
