@@ -14,13 +14,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import operator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 MANIFEST_FILE = "manifest.json"
-FORMAT = "cellserve-manifest/1"
+FORMAT_1 = "cellserve-manifest/1"
+FORMAT = "cellserve-manifest/2"
 
 Role = Literal["input", "state_h", "state_c", "output", "next_state_h", "next_state_c"]
 INPUT_ROLES: tuple[Role, ...] = ("input", "state_h", "state_c")
@@ -82,7 +84,7 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class TensorNames:
-    """The graph's tensor names by role: ``(x, h0, c0) -> (y, hn, cn)``."""
+    """An LSTM-shaped model's tensor names by role: ``(x, h0, c0) -> (y, hn, cn)``."""
 
     x: str
     h0: str
@@ -92,21 +94,95 @@ class TensorNames:
     cn: str
 
 
+Frame = tuple[int | None, ...]  # one step's dims after the batch (and time) axis; None: dynamic
+X_DTYPES = ("int64", "float32", "float16")
+STATE_DTYPES = ("float32", "float16")
+CONST_DTYPES = ("int64", "int32", "float32", "float16", "bool")
+MAX_SESSION_STATE = 2**28  # elements of one session's state, all tensors: a resume token fits one 2 GiB message
+MAX_CONST_VALUES = 4096  # a constant input is a scalar or a short list (a sample rate, a threshold)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The per-step input ``x``: ``[B, T, *frame]`` (time axis) or ``[B, *frame]`` (a per-frame model).
+
+    A step always carries ``[T, *frame]``; a per-frame model runs its T frames one after another.
+    """
+
+    name: str
+    dtype: str  # int64 (token ids, checked against vocab) | float32 | float16 (finite)
+    time_axis: bool
+    frame: Frame = ()
+    vocab: int | None = None  # int64 inputs: ids in [0, vocab)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """The per-step output ``y``: ``[B, T, *frame]`` or ``[B, *frame]``; served as float32 ``[T, *frame]``."""
+
+    name: str
+    dtype: str
+    frame: Frame = ()
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One state pair: graph input ``input`` is fed the session's state, graph output ``output`` is its next state.
+
+    ``shape`` is the graph's, with ``"B"`` at the batch axis (any position) and fixed sizes elsewhere.
+    """
+
+    input: str
+    output: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @property
+    def batch_axis(self) -> int:
+        return self.shape.index("B")
+
+    @property
+    def session_shape(self) -> tuple[int, ...]:
+        """One session's state: the graph shape without its batch axis."""
+        return tuple(int(d) for d in self.shape if d != "B")
+
+    def graph_shape(self, batch: int) -> tuple[int, ...]:
+        return tuple(batch if d == "B" else int(d) for d in self.shape)
+
+
+@dataclass(frozen=True)
+class ConstSpec:
+    """A graph input fixed when the model was imported (e.g. a sample rate), fed on every call."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    value: tuple[float, ...]  # row-major
+
+
+def _frame(dims: Any) -> Frame:
+    return tuple(None if d is None else int(d) for d in dims)
+
+
 @dataclass(frozen=True)
 class Manifest:
-    """Everything a server needs to know about one exported model."""
+    """Everything a server needs to know about one exported model (format 2; format-1 files still load).
+
+    The contract: one per-step input ``x``, one or more state pairs (in -> out, each with its own shape,
+    dtype and batch axis), constant inputs, one output ``y``. Our own LSTM is the case of two float32
+    ``[L, B, H]`` states with a time axis; ``lstm`` then keeps its sizes (for the numpy oracle).
+    """
 
     name: str
     version: str
     onnx_file: str
     sha256: str
-    input_kind: InputKind
-    input_size: int  # vocabulary size (tokens) or feature width (features)
-    output_size: int  # logits width (tokens) or output width (features)
-    layers: int
-    hidden: int
-    inputs: list[TensorInfo]
-    outputs: list[TensorInfo]
+    input: InputSpec
+    output: OutputSpec
+    states: tuple[StateSpec, ...]
+    consts: tuple[ConstSpec, ...] = ()
+    fixed_batch: int | None = None  # 1: the graph's batch is fixed at 1 (served by batch-1 calls); None: dynamic
+    lstm: dict[str, int] | None = None  # {"layers": L, "hidden": H}: our own LSTM (model/), None for others
     training: dict[str, Any] = field(default_factory=dict)  # data hashes, held-out bits/byte, ...
     versions: dict[str, str] = field(default_factory=dict)  # library versions at export
     created_at: str = ""
@@ -115,97 +191,272 @@ class Manifest:
     # source file's name and sha256 (instead of training data hashes). Absent ({}) in older manifests.
     provenance: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def for_lstm(cls, *, name: str, version: str, onnx_file: str, sha256: str, roles: TensorNames,
+                 input_kind: InputKind, input_size: int, output_size: int, layers: int, hidden: int,
+                 **extra: Any) -> Manifest:  # fmt: skip
+        """Our LSTM contract ``(x, h0, c0) -> (y, hn, cn)``: h and c float32 ``[L, B, H]``, x with a time axis."""
+        if input_kind not in ("tokens", "features"):
+            raise ManifestError(f"input_kind must be 'tokens' or 'features', got {input_kind!r}")
+        tokens = input_kind == "tokens"
+        state = (layers, "B", hidden)
+        return cls(
+            name=name, version=version, onnx_file=onnx_file, sha256=sha256,
+            input=InputSpec(roles.x, "int64" if tokens else "float32", True, () if tokens else (input_size,),
+                            input_size if tokens else None),
+            output=OutputSpec(roles.y, "float32", (output_size,)),
+            states=(StateSpec(roles.h0, roles.hn, "float32", state), StateSpec(roles.c0, roles.cn, "float32", state)),
+            lstm={"layers": layers, "hidden": hidden}, **extra,
+        )  # fmt: skip
+
+    # -- what the contract means for a step --------------------------------------------------------
+
+    @property
+    def step_dims(self) -> Frame:
+        """One step of input, after the time axis: ``()`` for a token id, ``(I,)`` for a feature vector."""
+        return self.input.frame
+
+    @property
+    def vocab(self) -> int | None:
+        """Token models: ids must be in ``[0, vocab)``. None for float inputs (values must be finite)."""
+        return self.input.vocab
+
+    @property
+    def input_dtype(self) -> str:
+        return self.input.dtype
+
+    def describe_input(self, max_steps: int) -> str:
+        """What one session's step input must be, for error messages."""
+        frame = ", ".join("N" if d is None else str(d) for d in self.input.frame)
+        shape = f"[T, {frame}]" if frame else "[T]"
+        what = "token ids" if self.vocab is not None else ("frames" if not self.input.time_axis else "features")
+        return f"model {self.name!r} expects {self.input.dtype} {what} of shape {shape} with 1 <= T <= {max_steps}"
+
+    @property
+    def state_elements(self) -> int:
+        """Elements of one session's state, every tensor."""
+        return sum(math.prod(s.session_shape) for s in self.states)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of one session's state, every tensor."""
+        return sum(math.prod(s.session_shape) * _itemsize(s.dtype) for s in self.states)
+
+    @property
+    def output_elements(self) -> int | None:
+        """Elements of one step's output; None when the output has a dynamic dim."""
+        if any(d is None for d in self.output.frame):
+            return None
+        return math.prod(self.output.frame)  # type: ignore[arg-type]
+
+    # -- ModelSummary's scalar fields (the native API's ModelInfo) ----------------------------------
+
+    @property
+    def input_kind(self) -> str:
+        return "tokens" if self.vocab is not None else "features"
+
+    @property
+    def input_size(self) -> int:
+        """Vocabulary (tokens), or the width of a one-dim frame; 0 for other frames."""
+        frame = self.input.frame
+        return self.vocab if self.vocab is not None else (frame[0] or 0) if len(frame) == 1 else 0
+
+    @property
+    def output_size(self) -> int:
+        """Elements of one step's output (its width for a one-dim output); 0 when dynamic."""
+        return self.output_elements or 0
+
+    @property
+    def layers(self) -> int:
+        return (self.lstm or {}).get("layers", 0)
+
+    @property
+    def hidden(self) -> int:
+        return (self.lstm or {}).get("hidden", 0)
+
+    @functools.cached_property
+    def names(self) -> TensorNames:
+        """Graph tensor names of an LSTM-shaped model (h and c paired by order, never by name)."""
+        if len(self.states) != 2:
+            raise ManifestError(f"model {self.name!r} has {len(self.states)} state pairs, not an LSTM's h and c")
+        h, c = self.states
+        return TensorNames(self.input.name, h.input, c.input, self.output.name, h.output, c.output)
+
+    # -- the graph's tensors as role-tagged descriptions (ModelInfo, model/) -------------------------
+
+    @functools.cached_property
+    def inputs(self) -> list[TensorInfo]:
+        x = self.input
+        dims: list[int | str] = ["B", *(["T"] if x.time_axis else []), *_named(x.frame, "F")]
+        out = [TensorInfo(x.name, "input", x.dtype, dims)]
+        for role, s in zip(self._state_roles("state"), self.states, strict=True):
+            out.append(TensorInfo(s.input, role, s.dtype, list(s.shape)))
+        out += [TensorInfo(c.name, "const", c.dtype, list(c.shape)) for c in self.consts]  # type: ignore[arg-type]
+        return out
+
+    @functools.cached_property
+    def outputs(self) -> list[TensorInfo]:
+        y = self.output
+        dims: list[int | str] = ["B", *(["T"] if self.input.time_axis else []), *_named(y.frame, "O")]
+        out = [TensorInfo(y.name, "output", y.dtype, dims)]
+        for role, s in zip(self._state_roles("next_state"), self.states, strict=True):
+            out.append(TensorInfo(s.output, role, s.dtype, list(s.shape)))
+        return out
+
+    def _state_roles(self, prefix: str) -> list[Any]:
+        if self.lstm is not None and len(self.states) == 2:
+            return [f"{prefix}_h", f"{prefix}_c"]
+        return [prefix] * len(self.states)
+
     def tensor(self, role: Role) -> TensorInfo:
-        """The graph input or output playing ``role`` (pairs h and c by role, never by name)."""
+        """The graph input or output playing ``role``."""
         for t in (*self.inputs, *self.outputs):
             if t.role == role:
                 return t
         raise ManifestError(f"manifest of model {self.name!r} has no tensor with role {role!r}")
 
-    @functools.cached_property
-    def names(self) -> TensorNames:
-        """Graph tensor names by role (h and c paired by role, never by name)."""
-        t = self.tensor
-        return TensorNames(
-            t("input").name, t("state_h").name, t("state_c").name,
-            t("output").name, t("next_state_h").name, t("next_state_c").name,
-        )  # fmt: skip
-
-    @functools.cached_property
-    def input_dtype(self) -> str:
-        return self.tensor("input").dtype
-
-    # -- what the input kind means: the only place that compares input_kind ----------------------
-
-    @functools.cached_property
-    def step_dims(self) -> tuple[int, ...]:
-        """One step of input, after the time axis: ``()`` for a token id, ``(I,)`` for a feature vector."""
-        return () if self.input_kind == "tokens" else (self.input_size,)
-
-    @functools.cached_property
-    def vocab(self) -> int | None:
-        """Token models: ids must be in ``[0, vocab)``. None for feature models (values must be finite)."""
-        return self.input_size if self.input_kind == "tokens" else None
-
-    def describe_input(self, max_steps: int) -> str:
-        """What one session's step input must be, for error messages."""
-        what = "token ids of shape [T]" if self.vocab is not None else f"features of shape [T, {self.input_size}]"
-        return f"model {self.name!r} expects {self.input_dtype} {what} with 1 <= T <= {max_steps}"
-
-    # -- shapes of a batch --------------------------------------------------------------------------
+    # -- shapes of a batch (our own LSTM's tools) ---------------------------------------------------
 
     def input_shape(self, batch: int, steps: int) -> tuple[int, ...]:
-        """x: ``[B, T]`` (tokens) or ``[B, T, I]`` (features)."""
-        return (batch, steps, *self.step_dims)
+        """x: ``[B, T, *frame]`` (dynamic frame dims as 1) or ``[B, *frame]``."""
+        frame = tuple(d or 1 for d in self.input.frame)
+        return (batch, steps, *frame) if self.input.time_axis else (batch, *frame)
 
     def output_shape(self, batch: int, steps: int) -> tuple[int, ...]:
         """y: ``[B, T, O]``."""
         return (batch, steps, self.output_size)
 
     def state_shape(self, batch: int) -> tuple[int, ...]:
-        """h and c (in and out): ``[L, B, H]``."""
+        """h and c (in and out) of our LSTM: ``[L, B, H]``."""
         return (self.layers, batch, self.hidden)
 
+    # -- (de)serialisation ---------------------------------------------------------------------------
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        d = asdict(self)
+        d["format"] = FORMAT
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Manifest:
-        if d.get("format") != FORMAT:
-            raise ManifestError(f"unsupported manifest format {d.get('format')!r}; expected {FORMAT!r}")
+        fmt = d.get("format")
+        if fmt not in (FORMAT, FORMAT_1):
+            raise ManifestError(f"unsupported manifest format {fmt!r}; expected {FORMAT!r} (or {FORMAT_1!r})")
         try:
-            fields = dict(d)
-            fields["inputs"] = [TensorInfo(**t) for t in d["inputs"]]
-            fields["outputs"] = [TensorInfo(**t) for t in d["outputs"]]
-            m = Manifest(**fields)
-        except (KeyError, TypeError) as e:
-            raise ManifestError(f"malformed manifest: {e}") from e
+            m = _from_v1(d) if fmt == FORMAT_1 else _from_v2(d)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, ManifestError):
+                raise
+            raise ManifestError(f"malformed manifest: {type(e).__name__}: {e}") from e
         m.validate()
         return m
 
     def validate(self) -> None:
-        """Check internal consistency: every role present once, sizes positive, kind known."""
-        roles = [t.role for t in self.inputs] + [t.role for t in self.outputs]
-        for role in (*INPUT_ROLES, *OUTPUT_ROLES):
-            if roles.count(role) != 1:
-                raise ManifestError(f"manifest of model {self.name!r} must have exactly one {role!r} tensor")
-        if self.input_kind not in ("tokens", "features"):
-            raise ManifestError(f"input_kind must be 'tokens' or 'features', got {self.input_kind!r}")
-        for key, most in DIM_LIMITS.items():
-            value = getattr(self, key)
-            if not _is_int(value) or not 1 <= value <= most:
+        """Check internal consistency: names unique, dtypes known, sizes positive and bounded."""
+        x, y = self.input, self.output
+        _check(x.dtype in X_DTYPES, f"input {x.name!r} has dtype {x.dtype!r}; x must be one of {X_DTYPES}")
+        _check(isinstance(x.time_axis, bool), "input.time_axis must be true or false")
+        for what, frame in (("input", x.frame), ("output", y.frame)):
+            bad = f"manifest {what} frame dims {list(frame)}: each must be null (dynamic) or in 1..2**29"
+            for d in frame:
+                _check(d is None or (_is_int(d) and 1 <= d <= 2**29), bad)
+        _check(len(x.frame) <= 6 and len(y.frame) <= 6, "a frame has at most 6 dims")
+        if x.vocab is not None:
+            _check(x.dtype == "int64", f"input {x.name!r}: a vocabulary needs int64 token ids, not {x.dtype}")
+            most = DIM_LIMITS["input_size"]
+            _check(_is_int(x.vocab) and 1 <= x.vocab <= most,
+                   f"manifest field vocab is {x.vocab!r}; it must be an integer in 1..{most}")  # fmt: skip
+        _check(bool(self.states), f"model {self.name!r} has no state pair; cellserve serves stateful models")
+        for s in self.states:
+            _check(s.dtype in STATE_DTYPES, f"state {s.input!r} has dtype {s.dtype!r}; states are {STATE_DTYPES}")
+            shape = list(s.shape)
+            _check(shape.count("B") == 1, f"state {s.input!r} has shape {shape}; it needs exactly one batch axis 'B'")
+            _check(all(d == "B" or (_is_int(d) and d >= 1) for d in shape),
+                   f"state {s.input!r} has shape {shape}; every dim but 'B' must be a fixed size >= 1")  # fmt: skip
+        _check(self.state_elements <= MAX_SESSION_STATE,
+               f"one session's state would be {self.state_elements} elements; at most {MAX_SESSION_STATE} fit a "
+               "resume token (one gRPC message, 2 GiB)")  # fmt: skip
+        for c in self.consts:
+            _check(c.dtype in CONST_DTYPES, f"constant {c.name!r} has dtype {c.dtype!r}; one of {CONST_DTYPES}")
+            _check(all(_is_int(d) and d >= 0 for d in c.shape) and len(c.value) == math.prod(c.shape)
+                   and len(c.value) <= MAX_CONST_VALUES,
+                   f"constant {c.name!r}: shape {list(c.shape)} and {len(c.value)} values disagree (at most "
+                   f"{MAX_CONST_VALUES} values)")  # fmt: skip
+        names = [x.name, y.name, *(s.input for s in self.states), *(s.output for s in self.states),
+                 *(c.name for c in self.consts)]  # fmt: skip
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _check(not dup, f"manifest of model {self.name!r} names {dup} twice; every graph tensor has one role")
+        _check(self.fixed_batch in (None, 1), f"fixed_batch is {self.fixed_batch!r}; null (dynamic) or 1")
+        if self.lstm is not None:
+            for key in ("layers", "hidden"):
+                value = self.lstm.get(key)
+                most = DIM_LIMITS[key]
+                _check(_is_int(value) and 1 <= value <= most, _bad_size(key, value))  # type: ignore[operator]
+            if self.layers * self.hidden > MAX_STATE_FLOATS:
                 raise ManifestError(
-                    f"manifest field {key} is {value!r}; it must be an integer in 1..{most} ({DIM_REASONS[key]})"
+                    f"manifest fields layers × hidden are {self.layers} × {self.hidden}; a session's h and c would "
+                    f"be {8 * self.layers * self.hidden} bytes, and a resume token carrying them must fit one gRPC "
+                    f"message (at most 2 GiB): layers × hidden must be at most {MAX_STATE_FLOATS}"
                 )
-        if self.layers * self.hidden > MAX_STATE_FLOATS:
-            raise ManifestError(
-                f"manifest fields layers × hidden are {self.layers} × {self.hidden}; a session's h and c would be "
-                f"{8 * self.layers * self.hidden} bytes, and a resume token carrying them must fit one gRPC message "
-                f"(at most 2 GiB): layers × hidden must be at most {MAX_STATE_FLOATS}"
-            )
         check_onnx_file(self.onnx_file)
         if not isinstance(self.provenance, dict) or not isinstance(self.provenance.get("kind", ""), str):
             raise ManifestError("manifest field provenance must be an object with a string 'kind'")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ManifestError(message)
+
+
+def _bad_size(key: str, value: object) -> str:
+    return f"manifest field {key} is {value!r}; it must be an integer in 1..{DIM_LIMITS[key]} ({DIM_REASONS[key]})"
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "bool": 1}[dtype]
+
+
+def _named(frame: Frame, prefix: str) -> list[int | str]:
+    return [f"{prefix}{i}" if d is None else d for i, d in enumerate(frame)]
+
+
+_COMMON = ("name", "version", "onnx_file", "sha256", "training", "versions", "created_at", "provenance")
+
+
+def _from_v2(d: dict[str, Any]) -> Manifest:
+    x, y = d["input"], d["output"]
+    return Manifest(
+        **{k: d[k] for k in _COMMON if k in d},
+        input=InputSpec(x["name"], x["dtype"], x["time_axis"], _frame(x.get("frame", ())), x.get("vocab")),
+        output=OutputSpec(y["name"], y.get("dtype", "float32"), _frame(y.get("frame", ()))),
+        states=tuple(StateSpec(s["input"], s["output"], s["dtype"], tuple(s["shape"])) for s in d["states"]),
+        consts=tuple(
+            ConstSpec(c["name"], c["dtype"], tuple(c["shape"]), tuple(c["value"])) for c in d.get("consts", ())
+        ),
+        fixed_batch=d.get("fixed_batch"),
+        lstm=d.get("lstm"),
+    )
+
+
+def _from_v1(d: dict[str, Any]) -> Manifest:
+    """A format-1 manifest (our LSTM contract, roles per tensor) as format 2."""
+    roles: dict[str, str] = {}
+    for t in (*d["inputs"], *d["outputs"]):
+        TensorInfo(**t)  # the fields a format-1 tensor must have
+        once = f"manifest of model {d.get('name')!r} must have exactly one {t['role']!r} tensor"
+        _check(t["role"] not in roles, once)
+        roles[t["role"]] = t["name"]
+    for role in (*INPUT_ROLES, *OUTPUT_ROLES):
+        _check(role in roles, f"manifest of model {d.get('name')!r} must have exactly one {role!r} tensor")
+    for key in ("layers", "hidden", "input_size", "output_size"):
+        value, most = d[key], DIM_LIMITS[key]
+        _check(_is_int(value) and 1 <= value <= most, _bad_size(key, value))
+    names = TensorNames(roles["input"], roles["state_h"], roles["state_c"], roles["output"], roles["next_state_h"],
+                        roles["next_state_c"])  # fmt: skip
+    return Manifest.for_lstm(
+        **{k: d[k] for k in _COMMON if k in d}, roles=names, input_kind=d["input_kind"], input_size=d["input_size"],
+        output_size=d["output_size"], layers=d["layers"], hidden=d["hidden"],
+    )  # fmt: skip
 
 
 def sha256_file(path: Path) -> str:
