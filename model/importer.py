@@ -23,8 +23,8 @@ import onnxruntime as ort
 
 import cellserve
 from cellserve.model.conformance import CheckedGraph, check_graph, open_session
-from cellserve.model.contract import ContractError, RoleHints, Roles, manifest_tensors
-from cellserve.model.manifest import InputKind, Manifest, save_manifest, sha256_file
+from cellserve.model.contract import ContractError, RoleHints, Roles
+from cellserve.model.manifest import InputKind, Manifest, TensorNames, save_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +53,24 @@ def check_name(name: str) -> str:
     return name
 
 
+ROLE_FIELDS = ("input", "state_h", "state_c", "output", "next_state_h", "next_state_c")  # TensorNames' order
+
+
 def new_manifest(onnx_file: Path, *, name: str, version: str, roles: Roles, input_kind: InputKind, input_size: int,
                  output_size: int, layers: int, hidden: int, provenance: dict[str, Any], versions: dict[str, str],
                  training: dict[str, Any] | None = None) -> Manifest:  # fmt: skip
     """The manifest of a graph keeping the contract, stamped with ``onnx_file``'s sha256 and the time."""
-    inputs, outputs = manifest_tensors(roles, input_kind, input_size, output_size, layers, hidden)
-    return Manifest(
+    return Manifest.for_lstm(
         name=check_name(name),
         version=str(version),
         onnx_file=ONNX_FILE,
         sha256=sha256_file(onnx_file),
+        roles=TensorNames(*(getattr(roles, f) for f in ROLE_FIELDS)),
         input_kind=input_kind,
         input_size=input_size,
         output_size=output_size,
         layers=layers,
         hidden=hidden,
-        inputs=inputs,
-        outputs=outputs,
         training=training or {},
         versions=versions,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -366,6 +366,17 @@ class Manifest:
             most = DIM_LIMITS["input_size"]
             _check(_is_int(x.vocab) and 1 <= x.vocab <= most,
                    f"manifest field vocab is {x.vocab!r}; it must be an integer in 1..{most}")  # fmt: skip
+        if self.lstm is not None:
+            for key in ("layers", "hidden"):
+                value = self.lstm.get(key)
+                most = DIM_LIMITS[key]
+                _check(_is_int(value) and 1 <= value <= most, _bad_size(key, value))  # type: ignore[operator]
+            if self.layers * self.hidden > MAX_STATE_FLOATS:
+                raise ManifestError(
+                    f"manifest fields layers × hidden are {self.layers} × {self.hidden}; a session's h and c would "
+                    f"be {8 * self.layers * self.hidden} bytes, and a resume token carrying them must fit one gRPC "
+                    f"message (at most 2 GiB): layers × hidden must be at most {MAX_STATE_FLOATS}"
+                )
         _check(bool(self.states), f"model {self.name!r} has no state pair; cellserve serves stateful models")
         for s in self.states:
             _check(s.dtype in STATE_DTYPES, f"state {s.input!r} has dtype {s.dtype!r}; states are {STATE_DTYPES}")
@@ -387,17 +398,6 @@ class Manifest:
         dup = sorted({n for n in names if names.count(n) > 1})
         _check(not dup, f"manifest of model {self.name!r} names {dup} twice; every graph tensor has one role")
         _check(self.fixed_batch in (None, 1), f"fixed_batch is {self.fixed_batch!r}; null (dynamic) or 1")
-        if self.lstm is not None:
-            for key in ("layers", "hidden"):
-                value = self.lstm.get(key)
-                most = DIM_LIMITS[key]
-                _check(_is_int(value) and 1 <= value <= most, _bad_size(key, value))  # type: ignore[operator]
-            if self.layers * self.hidden > MAX_STATE_FLOATS:
-                raise ManifestError(
-                    f"manifest fields layers × hidden are {self.layers} × {self.hidden}; a session's h and c would "
-                    f"be {8 * self.layers * self.hidden} bytes, and a resume token carrying them must fit one gRPC "
-                    f"message (at most 2 GiB): layers × hidden must be at most {MAX_STATE_FLOATS}"
-                )
         check_onnx_file(self.onnx_file)
         if not isinstance(self.provenance, dict) or not isinstance(self.provenance.get("kind", ""), str):
             raise ManifestError("manifest field provenance must be an object with a string 'kind'")

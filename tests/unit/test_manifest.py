@@ -7,8 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from manifest_helpers import format1_dict
 
-from cellserve.model.manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest, save_manifest
+from cellserve.model.manifest import FORMAT_1, MANIFEST_FILE, Manifest, ManifestError, load_manifest, save_manifest
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -53,15 +54,23 @@ def test_invalid_json_and_unknown_format_are_refused(tiny_model, tmp_path: Path)
         load_manifest(tmp_path)
 
 
+def test_a_format_1_manifest_still_loads_as_the_lstm_case(tiny_model) -> None:
+    d = format1_dict(tiny_model.manifest)
+    assert d["format"] == FORMAT_1 and "states" not in d
+    m = Manifest.from_dict(d)
+    assert m.states == tiny_model.manifest.states and m.input == tiny_model.manifest.input
+    assert m.output == tiny_model.manifest.output and (m.layers, m.hidden) == (2, 32)
+
+
 def test_a_missing_role_is_refused(tiny_model) -> None:
-    d = json.loads(tiny_model.manifest.to_json())
+    d = format1_dict(tiny_model.manifest)
     d["outputs"] = [t for t in d["outputs"] if t["role"] != "next_state_c"]
     with pytest.raises(ManifestError, match="exactly one 'next_state_c'"):
         Manifest.from_dict(d)
 
 
 def test_tensors_are_found_by_role_not_name(tiny_model) -> None:
-    d = json.loads(tiny_model.manifest.to_json())
+    d = format1_dict(tiny_model.manifest)
     for t in d["inputs"]:  # rename so that sorting names would pair h and c wrongly
         t["name"] = {"h0": "zz_hidden", "c0": "aa_cell"}.get(t["name"], t["name"])
     m = Manifest.from_dict(d)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from manifest_helpers import format1_dict
 
 from cellserve.model.manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest
 from cellserve.server.errors import CellserveError
@@ -26,7 +27,7 @@ def _model_dir(src: Path, dst: Path, **edits: Any) -> Path:
     """A copy of the model at ``src`` in ``dst`` whose manifest has ``edits`` (the ONNX file is untouched)."""
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "model.onnx").write_bytes((src / "model.onnx").read_bytes())
-    d = json.loads((src / MANIFEST_FILE).read_text())
+    d = format1_dict(load_manifest(src))  # the edits name format-1 fields
     d.update(edits)
     (dst / MANIFEST_FILE).write_text(json.dumps(d))
     return dst
@@ -60,7 +61,7 @@ def _serve_error(model_dir: Path, tmp_path: Path, *args: str) -> list[str]:
 
 
 def _manifest(tiny_model: Any, **edits: Any) -> dict[str, Any]:
-    d = json.loads(tiny_model.manifest.to_json())
+    d = format1_dict(tiny_model.manifest)
     d.update(edits)
     return d
 
