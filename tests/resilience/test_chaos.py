@@ -144,11 +144,12 @@ def test_100_sessions_survive_a_minute_of_killed_and_stopped_workers(spawn_serve
     until = started + DURATION_S
     done = threading.Event()
     injector = Injector(server.ready_info, started, done)
-    threads = [
-        threading.Thread(target=_sync_thread, args=(server.address, sync_runs[k::SYNC_THREADS], until))
+    threads = [  # daemons: a failed run must not hold the test process open
+        threading.Thread(target=_sync_thread, args=(server.address, sync_runs[k::SYNC_THREADS], until), daemon=True)
         for k in range(SYNC_THREADS)
     ]
-    threads.append(threading.Thread(target=lambda: asyncio.run(_aio_sessions(server.address, aio_runs, until))))
+    aio_main = lambda: asyncio.run(_aio_sessions(server.address, aio_runs, until))  # noqa: E731
+    threads.append(threading.Thread(target=aio_main, daemon=True))
     try:
         injector.start()
         for t in threads:
