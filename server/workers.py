@@ -264,6 +264,7 @@ class Supervisor:
         )
         worker.process.kill()  # SIGKILL ends a stopped process too
         worker.process.join(5)
+        worker.heard_at = time.monotonic()  # one that does not die at once (uninterruptible I/O) is not counted twice
         self._m_hangs.inc()
         return True
 
