@@ -114,6 +114,12 @@ class InputSpec:
     time_axis: bool
     frame: Frame = ()
     vocab: int | None = None  # int64 inputs: ids in [0, vocab)
+    example: tuple[int, ...] | None = None  # a frame the graph runs (import's probe), for a frame with dynamic dims
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        """A concrete frame shape: the example, else the frame with dynamic dims as 1."""
+        return self.example if self.example is not None else tuple(d or 1 for d in self.frame)
 
 
 @dataclass(frozen=True)
@@ -427,7 +433,8 @@ def _from_v2(d: dict[str, Any]) -> Manifest:
     x, y = d["input"], d["output"]
     return Manifest(
         **{k: d[k] for k in _COMMON if k in d},
-        input=InputSpec(x["name"], x["dtype"], x["time_axis"], _frame(x.get("frame", ())), x.get("vocab")),
+        input=InputSpec(x["name"], x["dtype"], x["time_axis"], _frame(x.get("frame", ())), x.get("vocab"),
+                        None if x.get("example") is None else tuple(int(d) for d in x["example"])),
         output=OutputSpec(y["name"], y.get("dtype", "float32"), _frame(y.get("frame", ()))),
         states=tuple(StateSpec(s["input"], s["output"], s["dtype"], tuple(s["shape"])) for s in d["states"]),
         consts=tuple(

@@ -137,7 +137,7 @@ class CellServer:
             self.port = self._bind(server)
         await self.health.not_serving()  # the servicer's default for "" would be SERVING
         for model in self.models:  # every batch size the scheduler can form at T=1: no binding on the hot path
-            model.engine.warmup(list(range(1, s.max_batch + 1)))
+            model.engine.warmup(list(range(1, model.scheduler.max_batch + 1)))
             model.scheduler.start()
         self.sessions.start()
         add_native_service(self.servicer, server)

@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from cellserve.model.manifest import Manifest
 from cellserve.server.errors import EngineUnavailable
-from cellserve.server.state_pool import DTYPE, StatePool
+from cellserve.server.state_pool import StatePool
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +86,17 @@ def out_of_memory(error: BaseException) -> bool:
     return any(marker in text for marker in OUT_OF_MEMORY)
 
 
-MAX_BUCKETS = 256  # IO bindings kept (one per batch size × chunk length seen), least recently used dropped
+MAX_BUCKETS = 256  # IO bindings kept (one per batch size × step shape seen), least recently used dropped
 
 
 @dataclass
 class _Bucket:
-    """One (batch size, steps) shape: views of the engine's fixed buffers, bound once in an IO binding."""
+    """One (batch size, step shape): views of the engine's fixed buffers, bound once in an IO binding."""
 
-    x: Any  # [B, T] or [B, T, I]
-    y: Any  # [B, T, O]
-    h_in: Any  # [L, B, H]
-    c_in: Any
-    h_out: Any
-    c_out: Any
+    x: Any  # graph layout: [B, T, *frame], or [B, *frame] (a per-frame model: one frame)
+    y: Any | None  # [B, T, *out] or [B, *out]; None when its shape is dynamic (onnxruntime allocates it)
+    states_in: list[Any]  # each state's graph layout, batch at its own axis
+    states_out: list[Any]
     binding: ort.IOBinding
 
 
@@ -120,7 +118,11 @@ class _Flat:
 
 
 class Engine:
-    """Runs batches of sessions through the ONNX graph ``(x, h0, c0) -> (y, hn, cn)``."""
+    """Runs batches of sessions through the model's ONNX graph: x and every state in, y and every next state out.
+
+    A model with a time axis runs a step of T in one call; a per-frame model (no time axis) runs its T
+    frames one after another inside the same turn, each frame's next state fed to the next frame.
+    """
 
     def __init__(
         self,
@@ -168,32 +170,43 @@ class Engine:
                 "device=cuda but onnxruntime could not load its CUDA execution provider "
                 f"(available: {ort.get_available_providers()}); install onnxruntime-gpu and the CUDA libraries"
             )
-        self.names = manifest.names
-        self.x_dtype = np.dtype(manifest.input_dtype)
+        m = manifest
+        self.time_axis = m.input.time_axis
+        self.x_dtype = np.dtype(m.input.dtype)
+        self.y_dtype = np.dtype(m.output.dtype)
+        self.y_dynamic = any(d is None for d in m.output.frame)
+        self.states = m.states
+        # Constant inputs: device copies made once, bound in every bucket.
+        self._consts = []
+        for c in m.consts:
+            host = np.array(c.value, dtype=np.dtype(c.dtype)).reshape(c.shape)
+            dev = self.ops.zeros(c.shape, host.dtype)
+            self.ops.copy_in(dev, host)
+            self._consts.append((c.name, dev))
         # Fixed-address device buffers sized for the largest shape seen; every bucket binds views of them.
-        self._flat = {
-            "x": _Flat(self.ops, self.x_dtype),
-            "y": _Flat(self.ops, np.float32),
-            **{k: _Flat(self.ops, DTYPE) for k in ("h_in", "c_in", "h_out", "c_out")},
-        }
-        self._buckets: OrderedDict[tuple[int, int], _Bucket] = OrderedDict()
+        self._flat = {"x": _Flat(self.ops, self.x_dtype), "y": _Flat(self.ops, self.y_dtype)}
+        for i, spec in enumerate(self.states):
+            self._flat[f"in{i}"] = _Flat(self.ops, np.dtype(spec.dtype))
+            self._flat[f"out{i}"] = _Flat(self.ops, np.dtype(spec.dtype))
+        self._buckets: OrderedDict[tuple[int, tuple[int, ...]], _Bucket] = OrderedDict()
 
-    def _shapes(self, batch: int, steps: int) -> dict[str, tuple[int, ...]]:
-        m = self.manifest
-        state = m.state_shape(batch)  # [L, B, H]
-        return {
-            "x": m.input_shape(batch, steps),  # [B, T] or [B, T, I]
-            "y": m.output_shape(batch, steps),  # [B, T, O]
-            **dict.fromkeys(("h_in", "c_in", "h_out", "c_out"), state),
-        }
+    def _shapes(self, batch: int, step: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Graph shapes of one call: ``step`` is x's per-row shape ([T, *frame], or one [*frame])."""
+        out = self.manifest.output.frame
+        shapes = {"x": (batch, *step)}
+        if not self.y_dynamic:
+            shapes["y"] = (batch, step[0], *out) if self.time_axis else (batch, *out)  # type: ignore[arg-type]
+        for i, spec in enumerate(self.states):
+            shapes[f"in{i}"] = shapes[f"out{i}"] = spec.graph_shape(batch)
+        return shapes
 
-    def _bucket(self, batch: int, steps: int) -> _Bucket:
-        key = (batch, steps)
+    def _bucket(self, batch: int, step: tuple[int, ...]) -> _Bucket:
+        key = (batch, step)
         bucket = self._buckets.get(key)
         if bucket is not None:
             self._buckets.move_to_end(key)
             return bucket
-        shapes = self._shapes(batch, steps)
+        shapes = self._shapes(batch, step)
         for name, shape in shapes.items():
             flat = self._flat[name]
             if not flat.fits(int(np.prod(shape))):
@@ -201,17 +214,25 @@ class Engine:
                 self._buckets.clear()  # their views point at the old buffer
         views = {name: self._flat[name].view(shape) for name, shape in shapes.items()}
         binding = self.session.io_binding()
-        n = self.names
-        for name, tensor, output in (
-            (n.x, views["x"], False),
-            (n.h0, views["h_in"], False),
-            (n.c0, views["c_in"], False),
-            (n.y, views["y"], True),
-            (n.hn, views["h_out"], True),
-            (n.cn, views["c_out"], True),
-        ):
-            self._bind(binding, name, tensor, output)
-        bucket = _Bucket(binding=binding, **views)
+        m = self.manifest
+        self._bind(binding, m.input.name, views["x"], output=False)
+        if self.y_dynamic:
+            binding.bind_output(m.output.name, self.ops.device_type, self.ops.device_id)
+        else:
+            self._bind(binding, m.output.name, views["y"], output=True)
+        for i, spec in enumerate(self.states):
+            self._bind(binding, spec.input, views[f"in{i}"], output=False)
+            self._bind(binding, spec.output, views[f"out{i}"], output=True)
+        for name, value in self._consts:
+            self._bind(binding, name, value, output=False)
+        n = len(self.states)
+        bucket = _Bucket(
+            x=views["x"],
+            y=views.get("y"),
+            states_in=[views[f"in{i}"] for i in range(n)],
+            states_out=[views[f"out{i}"] for i in range(n)],
+            binding=binding,
+        )
         self._buckets[key] = bucket
         if len(self._buckets) > MAX_BUCKETS:
             self._buckets.popitem(last=False)
@@ -225,58 +246,92 @@ class Engine:
         else:
             binding.bind_input(*args)
 
+    def _run(self, bucket: _Bucket) -> np.ndarray:
+        """One graph call on the bucket's buffers; y on the host (a copy: the buffers are reused next call)."""
+        self.session.run_with_iobinding(bucket.binding, self.run_options)
+        return self._download_y(bucket)
+
     def run_slots(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Advance the sessions in ``slots`` by ``x`` ([B, T] or [B, T, I]); returns y [B, T, O] on the host.
+        """Advance the sessions in ``slots`` by ``x`` ([B, T, *frame]); returns y [B, T, *out] on the host.
 
         Only the B rows of ``slots`` are gathered and scattered. On CUDA the host sends the slot ids
-        and x and receives y; h and c stay in device memory.
+        and x and receives y; the state stays in device memory.
         """
-        bucket = self._bucket(x.shape[0], x.shape[1])
         rows = self.ops.index(slots)
-        self.pool.gather(rows, bucket.h_in, bucket.c_in)
-        self.ops.copy_in(bucket.x, x)
-        self.session.run_with_iobinding(bucket.binding, self.run_options)
+        if self.time_axis:
+            bucket = self._bucket(x.shape[0], x.shape[1:])
+            self.pool.gather(rows, bucket.states_in)
+            self.ops.copy_in(bucket.x, x)
+            self.session.run_with_iobinding(bucket.binding, self.run_options)
+            return self._finish(rows, bucket, lambda: self._download_y(bucket))
+        bucket = self._bucket(x.shape[0], x.shape[2:])
+        self.pool.gather(rows, bucket.states_in)
+        ys = []
+        for t in range(x.shape[1]):  # a per-frame model: one call per frame, the state carried on the device
+            if t:
+                for state_in, state_out in zip(bucket.states_in, bucket.states_out, strict=True):
+                    self.ops.copy(state_in, state_out)
+            self.ops.copy_in(bucket.x, np.ascontiguousarray(x[:, t]))
+            ys.append(self._run(bucket))  # a failure here leaves the pool as it was: it is written only below
+        return self._finish(rows, bucket, lambda: np.stack(ys, axis=1))
+
+    def _download_y(self, bucket: _Bucket) -> np.ndarray:
+        """y of the last call on the host (a copy: the buffers are reused next call)."""
+        if bucket.y is not None:
+            return self.ops.download(bucket.y)  # on CUDA it waits for the stream: the only host sync
+        return np.array(bucket.binding.get_outputs()[0].numpy(), copy=True)  # a dynamic shape: ORT allocated it
+
+    def _finish(self, rows: Any, bucket: _Bucket, y: Any) -> np.ndarray:
+        """Scatter the next state and return y; a failure leaves the slots as they were."""
         try:
-            self.pool.scatter(rows, bucket.h_out, bucket.c_out)
-            return self.ops.download(bucket.y)  # a host copy; on CUDA it waits for the stream: the only host sync
+            self.pool.scatter(rows, bucket.states_out)
+            return y()
         except BaseException:
             # A failed call must leave its slots as they were (the scheduler retries its innocent steps): y never
             # reached the host (the download's buffer could not be allocated, a stream error surfaced), so the
-            # state gathered into h_in/c_in, untouched by the run, is written back. Costs nothing unless it fails.
-            self.pool.scatter(rows, bucket.h_in, bucket.c_in)
+            # state gathered into states_in, untouched by the run, is written back. Costs nothing unless it fails.
+            self.pool.scatter(rows, bucket.states_in)
             raise
 
-    def run_stateless(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Run with caller-held state (host arrays); returns (y, hn, cn). The pool is not touched."""
-        n = self.names
-        feeds = {n.x: x, n.h0: h0.astype(DTYPE, copy=False), n.c0: c0.astype(DTYPE, copy=False)}
-        y, hn, cn = self.session.run([n.y, n.hn, n.cn], feeds)
-        return y, hn, cn
+    def run_stateless(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One graph call with caller-held state (host arrays in graph layout); returns (y, next states).
+        The pool is not touched."""
+        feeds: dict[str, Any] = {self.manifest.input.name: x}
+        for spec, state in zip(self.states, states, strict=True):
+            feeds[spec.input] = state.astype(np.dtype(spec.dtype), copy=False)
+        for c in self.manifest.consts:
+            feeds[c.name] = np.array(c.value, dtype=np.dtype(c.dtype)).reshape(c.shape)
+        outputs = [self.manifest.output.name, *(spec.output for spec in self.states)]
+        y, *next_states = self.session.run(outputs, feeds)
+        return y, next_states
+
+    def zero_states(self, batch: int) -> list[np.ndarray]:
+        """Zero state of ``batch`` rows, graph layout, on the host."""
+        return [np.zeros(spec.graph_shape(batch), np.dtype(spec.dtype)) for spec in self.states]
 
     def warmup(self, batch_sizes: list[int]) -> None:
-        """Run every batch size (T=1) once through the pool path so the first real step pays no set-up cost.
+        """Run every batch size (one step of the smallest shape) once through the pool path, so the first real
+        step pays no set-up cost.
 
         It gathers slot 0 into every row and scatters the gathered state back unchanged, so the
         gather/scatter kernels are compiled (CuPy) without changing any slot.
         """
-        layers, hidden = self.pool.layers, self.pool.hidden
         for b in sorted(batch_sizes, reverse=True):  # the largest first: buffers are sized once
             x = self.example_input(b, 1)
-            zeros = np.zeros((layers, b, hidden), DTYPE)
+            graph_x = x if self.time_axis else x[:, 0]
             try:
-                self.run_stateless(x, zeros, zeros)
+                self.run_stateless(graph_x, self.zero_states(b))
             except Exception as e:  # e.g. a library the provider loads only at its first run
                 raise EngineUnavailable(
                     f"model {self.manifest.name!r} failed its first run on {self.ops.device_type}: {e}"
                     + (f"; {CUDA_HINT}" if self.ops.device_type == "cuda" else "")
                 ) from e
-            bucket = self._bucket(b, 1)
+            bucket = self._bucket(b, graph_x.shape[1:])
             rows = self.ops.index(np.zeros(b, dtype=np.int64))
-            self.pool.gather(rows, bucket.h_in, bucket.c_in)
-            self.ops.copy_in(bucket.x, x)
-            self.session.run_with_iobinding(bucket.binding, self.run_options)
-            self.pool.scatter(rows, bucket.h_in, bucket.c_in)
-            self.ops.download(bucket.y)
+            self.pool.gather(rows, bucket.states_in)
+            self.ops.copy_in(bucket.x, graph_x)
+            self._run(bucket)
+            self.pool.scatter(rows, bucket.states_in)
         log.info("engine warmed", extra={"model": self.manifest.name, "batch_sizes": batch_sizes})
 
     def end_profiling(self) -> str:
@@ -284,5 +339,6 @@ class Engine:
         return str(self.session.end_profiling())
 
     def example_input(self, batch: int, steps: int) -> np.ndarray:
-        """Zeros of x's shape: ``[B, T]`` or ``[B, T, I]``."""
-        return np.zeros(self.manifest.input_shape(batch, steps), dtype=self.x_dtype)
+        """Zeros of a step's batch: ``[B, T, *frame]`` (dynamic frame dims as in the manifest's example frame)."""
+        frame = self.manifest.input.example_shape
+        return np.zeros((batch, steps, *frame), dtype=self.x_dtype)

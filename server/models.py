@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from cellserve.server.errors import InvalidArgument, NotFound
 from cellserve.server.metrics import Metrics
 from cellserve.server.scheduler import Scheduler
 from cellserve.server.settings import Settings
-from cellserve.server.state_pool import DTYPE, StatePool
+from cellserve.server.state_pool import StatePool
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class LoadedModel:
         m = self.manifest
         self.input_dtype = np.dtype(m.input_dtype)
         self._step_dims = m.step_dims
+        self._dynamic = any(d is None for d in m.step_dims)  # frame dims any size: checked one by one
         self._vocab = m.vocab
         # ids of a chunk of up to this many steps are checked in Python (cheaper than two numpy reductions)
         self._small = 64 if not m.step_dims else 0
@@ -49,10 +51,19 @@ class LoadedModel:
     def name(self) -> str:
         return self.manifest.name
 
+    def _frame_fits(self, frame: tuple[int, ...]) -> bool:
+        """A frame with dynamic dims: the fixed ones equal, the dynamic ones at least 1."""
+        want = self._step_dims
+        return (
+            self._dynamic
+            and len(frame) == len(want)
+            and all(d >= 1 if w is None else d == w for d, w in zip(frame, want, strict=True))
+        )
+
     def check_input(self, x: np.ndarray) -> np.ndarray:
         """Validate one session's step input; returns it ready for the engine or raises InvalidArgument."""
         shape = x.shape
-        if not shape or shape[1:] != self._step_dims:
+        if not shape or (shape[1:] != self._step_dims and not self._frame_fits(shape[1:])):
             raise InvalidArgument(f"input has shape {list(shape)}; {self.manifest.describe_input(self.max_steps)}")
         if x.dtype != self.input_dtype:
             raise InvalidArgument(f"input has dtype {x.dtype}; {self.manifest.describe_input(self.max_steps)}")
@@ -88,13 +99,15 @@ class ModelRepository:
                 raise ManifestError(f"cannot serve {model_dir}: {e}") from e
             if manifest.name in models:
                 raise ManifestError(f"two model directories are both named {manifest.name!r}")
-            # An output may carry a checkpoint resume token (h and c as float32, plus its header): keep room for it.
-            reserve = RESPONSE_OVERHEAD + 2 * 4 * manifest.layers * manifest.hidden
-            output_steps = (settings.max_message_bytes - reserve) // (4 * manifest.output_size)
+            # An output may carry a checkpoint resume token (every state tensor, plus its header): keep room for it.
+            reserve = RESPONSE_OVERHEAD + manifest.state_bytes
+            # y is served as float32; an output with a dynamic dim is sized by its fixed dims only
+            step_bytes = 4 * (manifest.output_elements or max(1, math.prod(d or 1 for d in manifest.output.frame)))
+            output_steps = (settings.max_message_bytes - reserve) // step_bytes
             if output_steps < 1:
                 raise ManifestError(
-                    f"cannot serve {model_dir}: one step's output ({4 * manifest.output_size} bytes) and a resume "
-                    f"token ({reserve} bytes, from layers × hidden) do not fit max_message_bytes "
+                    f"cannot serve {model_dir}: one step's output ({step_bytes} bytes) and a resume "
+                    f"token ({reserve} bytes, from the state's size) do not fit max_message_bytes "
                     f"({settings.max_message_bytes}); raise --max-message-bytes or check the manifest's sizes"
                 )
             pool = _state_pool(manifest, Path(model_dir), settings, ops)
@@ -102,7 +115,7 @@ class ModelRepository:
             scheduler = Scheduler(
                 engine,
                 metrics,
-                max_batch=settings.max_batch,
+                max_batch=min(settings.max_batch, manifest.fixed_batch or settings.max_batch),
                 max_wait_us=settings.max_wait_us,
                 max_queued=settings.max_queued_steps,
                 mode=settings.engine_mode,
@@ -141,16 +154,16 @@ class ModelRepository:
 
 def _state_pool(manifest: Manifest, model_dir: Path, settings: Settings, ops: ArrayOps) -> StatePool:
     """The model's state pool, or one line saying why it cannot have one (never a MemoryError's traceback)."""
-    need = 2 * manifest.layers * settings.capacity * manifest.hidden * np.dtype(DTYPE).itemsize  # StatePool.nbytes
+    need = StatePool.bytes_needed(manifest.states, settings.capacity)
     why = (
-        f"cannot serve {model_dir}: its state pool would need {need} bytes (h and c: 2 × layers {manifest.layers} "
-        f"× capacity {settings.capacity} × hidden {manifest.hidden} × 4)"
+        f"cannot serve {model_dir}: its state pool would need {need} bytes (capacity {settings.capacity} × "
+        f"{manifest.state_bytes} bytes of state per session)"
     )
     have = _host_memory() if ops.device_type == "cpu" else None
     if have is not None and need > have:
         raise ManifestError(f"{why}, more than this machine's {have} bytes of memory; lower --capacity")
     try:
-        return StatePool(manifest.layers, manifest.hidden, settings.capacity, ops)
+        return StatePool(manifest.states, settings.capacity, ops)
     except MemoryError as e:  # numpy's, and CuPy's OutOfMemoryError (a MemoryError)
         raise ManifestError(f"{why}, which could not be allocated ({type(e).__name__}); lower --capacity") from None
 

@@ -9,10 +9,11 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ResumeState:
-    """One session's model, model file, step count and recurrent state (host copies)."""
+    """One session's model, model file, step count and state: one host array per state tensor, in the
+    manifest's order, each of its session shape (the graph's without the batch axis)."""
 
     model: str
     model_sha256: str
     steps: int
-    h: np.ndarray  # [L, H] float32
-    c: np.ndarray  # [L, H] float32
+    states: tuple[np.ndarray, ...]
+    names: tuple[str, ...] = ()  # each state's graph input name; empty from a version-1 token (h, c by position)

@@ -262,11 +262,12 @@ class Scheduler:
             else:
                 live.append(req)
         self._m_wait.observe_elapsed(start, [r.queued_at for r in live])
-        groups: dict[int, list[_Request]] = {}
-        for req in live:
-            groups.setdefault(req.x.shape[0], []).append(req)
+        by_shape: dict[tuple[int, ...], list[_Request]] = {}
+        for req in live:  # equal T and frame shape (a dynamic frame dim may differ between sessions)
+            by_shape.setdefault(req.x.shape, []).append(req)
         calls = []
-        for t, group in groups.items():  # at most max_batch_steps rows x steps per call: bounded engine memory
+        for shape, group in by_shape.items():  # at most max_batch_steps rows x steps per call: bounded memory
+            t = shape[0]
             rows = max(1, self.max_batch_steps // t)
             calls += [(t, group[i : i + rows]) for i in range(0, len(group), rows)]
         return calls

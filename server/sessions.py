@@ -76,10 +76,16 @@ class Session:
         self.final_state: ResumeState | None = None  # kept when a drain closes it: the last resume token
         if resume is not None:
             try:
-                model.pool.write(self.slot, resume.h, resume.c)
+                names = tuple(spec.input for spec in model.pool.specs)
+                if resume.names and resume.names != names:
+                    raise ValueError(f"it holds states {list(resume.names)}, the model keeps {list(names)}")
+                model.pool.write(self.slot, resume.states)
             except ValueError as e:
                 model.pool.release(self.slot, self)
-                raise InvalidArgument(f"resume state does not fit model {model.name!r}: {e}") from e
+                raise FailedPrecondition(
+                    f"resume token's state layout does not match model {model.name!r}: {e}; resume on a server "
+                    "that imported the model the same way"
+                ) from e
             self.steps = resume.steps
 
     def touch(self) -> None:
@@ -141,8 +147,9 @@ class Session:
         return self._read_state()
 
     def _read_state(self) -> ResumeState:
-        h, c = self.model.pool.read(self.slot)
-        return ResumeState(self.model.name, self.model.manifest.sha256, self.steps, h, c)
+        pool = self.model.pool
+        names = tuple(spec.input for spec in pool.specs)
+        return ResumeState(self.model.name, self.model.manifest.sha256, self.steps, pool.read(self.slot), names)
 
     def _release(self) -> None:
         if self.close_reason == "drain":  # the grace ended: its stream still gets a current token
