@@ -11,16 +11,15 @@
 Shape convention (Triton's ``max_batch_size > 0`` form: every tensor starts with a batch dimension
 that the config's ``dims`` leave out):
 
-- ``x``: ``[B, T]`` token ids (INT64) or ``[B, T, I]`` features (FP32); ``T`` ≥ 1 steps per request.
-- ``y``: ``[B, T, O]`` FP32.
+- ``x``: ``[B, T, *frame]`` for a model with a time axis (``T`` ≥ 1 steps per request), ``[B, *frame]``
+  for a per-frame model (one frame per request); its datatype is the model's (INT64 token ids, FP32, FP16).
+- ``y``: ``[B, T, *out]`` or ``[B, *out]``, as the graph gives it.
 - A sequence request (one with a ``sequence_id``) has ``B = 1``, like every request Triton's
-  sequence batcher takes; it sends ``x`` only and gets ``y`` back (``hn``/``cn`` too if it asks for
-  them by name).
-- Extension, stateless (no ``sequence_id``): the state tensors may be sent and asked for explicitly:
-  ``h0``, ``c0`` inputs (zeros if absent) and ``hn``, ``cn`` outputs, ``[B, L, H]`` FP32, batch first;
-  row ``b`` is ``h[:, b, :]`` of the ONNX graph's ``[L, B, H]``. The config's ``parameters`` name them
-  (``explicit_state_inputs``, ``explicit_state_outputs``).
+  sequence batcher takes; it sends ``x`` only and gets ``y`` back (the next states too if it asks
+  for them by name).
+- Extension, stateless (no ``sequence_id``): every state tensor may be sent and asked for explicitly,
+  ``[B, *state]`` batch first (the graph's own batch axis removed; zeros if absent). The config's
+  ``parameters`` name them (``explicit_state_inputs``, ``explicit_state_outputs``).
 
-Tensor names are the manifest's (the graph's), paired with their meaning by manifest role
-(:attr:`cellserve.model.manifest.Manifest.names`).
+Tensor names are the manifest's (the graph's); state pairs come from the manifest, never from names.
 """

@@ -6,6 +6,8 @@ described in :mod:`cellserve.server.oip`.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from cellserve.model.manifest import Manifest
@@ -14,61 +16,76 @@ from cellserve.server.models import LoadedModel
 from cellserve.server.oip.tensors import datatype_of, tensor_datatype
 
 
+def x_dims(m: Manifest) -> list[int]:
+    """x's per-request dims after the batch: ``[T, *frame]`` (time axis) or ``[*frame]``; -1 where dynamic."""
+    frame = [-1 if d is None else d for d in m.input.frame]
+    return [-1, *frame] if m.input.time_axis else frame
+
+
+def y_dims(m: Manifest) -> list[int]:
+    frame = [-1 if d is None else d for d in m.output.frame]
+    return [-1, *frame] if m.input.time_axis else frame
+
+
 def split_inputs(
     model: LoadedModel, tensors: dict[str, np.ndarray], *, max_batch: int, sequence: bool
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Check a request's inputs against the model; returns (x, h0, c0) with batch first.
-
-    ``x`` is ``[B, T]`` or ``[B, T, I]``; ``h0``/``c0`` are ``[B, L, H]`` float32 or None.
+) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """Check a request's inputs against the model; returns x ``[B, T, *frame]`` (a per-frame model's one frame
+    as T=1) and each state's explicit value ``[B, *state]`` (batch first) or None.
     """
     m = model.manifest
-    n = m.names
+    state_names = [s.input for s in m.states]
     for name in tensors:
-        if name not in (n.x, n.h0, n.c0):
-            raise InvalidArgument(
-                f"unexpected inference input '{name}' for model '{m.name}'; inputs are {n.x}, {n.h0}, {n.c0}"
-            )
-    x = tensors.get(n.x)
+        if name != m.input.name and name not in state_names:
+            known = ", ".join([m.input.name, *state_names])
+            raise InvalidArgument(f"unexpected inference input '{name}' for model '{m.name}'; inputs are {known}")
+    x = tensors.get(m.input.name)
     if x is None:
-        raise InvalidArgument(f"expected input '{n.x}' for model '{m.name}' is missing")
-    _check_dtype(m, n.x, x)
-    want = [-1, -1, *m.step_dims]
+        raise InvalidArgument(f"expected input '{m.input.name}' for model '{m.name}' is missing")
+    _check_dtype(m, m.input.name, x)
+    want = [-1, *x_dims(m)]
     batch_ok = 1 <= (x.shape[0] if x.ndim else 0) <= (1 if sequence else max_batch)
     if x.ndim != len(want) or any(w not in (-1, d) for w, d in zip(want, x.shape, strict=True)) or not batch_ok:
         batch = "1 (a sequence request carries one sequence)" if sequence else f"1..{max_batch} (max_batch_size)"
+        then = ", then T steps" if m.input.time_axis else ", then one frame"
         raise InvalidArgument(
-            f"unexpected shape for input '{n.x}' for model '{m.name}'. Expected {want}, got {list(x.shape)}; "
-            f"the first dimension is the batch ({batch}), then T steps"
+            f"unexpected shape for input '{m.input.name}' for model '{m.name}'. Expected {want}, got "
+            f"{list(x.shape)}; the first dimension is the batch ({batch}){then}"
         )
+    if not m.input.time_axis:
+        x = x[:, None]  # one frame: T=1
     if not 1 <= x.shape[1] <= model.max_steps:
-        raise InvalidArgument(f"input '{n.x}' has T={x.shape[1]} steps; model '{m.name}' takes 1..{model.max_steps}")
-    batch, steps = x.shape[:2]
-    reply_floats = batch * (steps * m.output_size + (0 if sequence else 2 * m.layers * m.hidden))  # y (+ hn, cn)
-    if reply_floats > model.max_output_steps * m.output_size:  # what fits one message (max_message_bytes)
         raise InvalidArgument(
-            f"the reply to {batch} row(s) of T={steps} steps would be {4 * reply_floats} bytes of float32 outputs, "
+            f"input '{m.input.name}' has T={x.shape[1]} steps; model '{m.name}' takes 1..{model.max_steps}"
+        )
+    batch, steps = x.shape[:2]
+    state_floats = 0 if sequence else m.state_elements
+    reply_floats = batch * (steps * (m.output_elements or 1) + state_floats)  # y (+ every state)
+    if reply_floats > model.max_output_steps * (m.output_elements or 1):  # what fits one message
+        raise InvalidArgument(
+            f"the reply to {batch} row(s) of T={steps} steps would be {4 * reply_floats} bytes of outputs, "
             f"over the server's max_message_bytes; send fewer rows or steps per request"
         )
     states: list[np.ndarray | None] = []
-    for name in (n.h0, n.c0):
-        s = tensors.get(name)
+    for spec in m.states:
+        s = tensors.get(spec.input)
         if s is not None:
             if sequence:
                 raise InvalidArgument(
-                    f"input '{name}' is implicit state in a sequence; the server keeps it. Leave it out, "
+                    f"input '{spec.input}' is implicit state in a sequence; the server keeps it. Leave it out, "
                     "or send it without a sequence_id for stateless inference"
                 )
-            _check_dtype(m, name, s)
-            expect = [x.shape[0], m.layers, m.hidden]
+            _check_dtype(m, spec.input, s)
+            expect = [batch, *spec.session_shape]
             if list(s.shape) != expect:
                 raise InvalidArgument(
-                    f"unexpected shape for input '{name}' for model '{m.name}'. Expected {expect} "
-                    f"([batch, layers, hidden], batch as in '{n.x}'), got {list(s.shape)}"
+                    f"unexpected shape for input '{spec.input}' for model '{m.name}'. Expected {expect} "
+                    f"(batch first, as in '{m.input.name}', then the state's own dims), got {list(s.shape)}"
                 )
             if not np.isfinite(s).all():
-                raise InvalidArgument(f"input '{name}' contains NaN or Inf; state must be finite")
+                raise InvalidArgument(f"input '{spec.input}' contains NaN or Inf; state must be finite")
         states.append(s)
-    return x, states[0], states[1]
+    return x, states
 
 
 def _check_dtype(m: Manifest, name: str, a: np.ndarray) -> None:
@@ -80,8 +97,8 @@ def _check_dtype(m: Manifest, name: str, a: np.ndarray) -> None:
 
 def output_names(model: LoadedModel, requested: list[str], *, sequence: bool) -> list[str]:
     """Outputs to return: those requested by name, else all (stateless) or just ``y`` (sequence)."""
-    n = model.manifest.names
-    known = (n.y, n.hn, n.cn)
+    m = model.manifest
+    known = (m.output.name, *(s.output for s in m.states))
     for name in requested:
         if name not in known:
             raise InvalidArgument(
@@ -89,4 +106,10 @@ def output_names(model: LoadedModel, requested: list[str], *, sequence: bool) ->
             )
     if requested:
         return list(dict.fromkeys(requested))
-    return [n.y] if sequence else list(known)
+    return [m.output.name] if sequence else list(known)
+
+
+def answer_bytes(m: Manifest, rows: int, steps: int) -> int:
+    """An upper bound of a request's answer: y ``[rows, steps, *out]`` as float32 and every state."""
+    out = m.output_elements or max(1, math.prod(d or 1 for d in m.output.frame))
+    return rows * (4 * steps * out + m.state_bytes)

@@ -1,8 +1,9 @@
 """How a cellserve model looks through the Open Inference Protocol: model lookup, metadata, config.
 
 Triton's view is a sequence-batched model with **implicit state**: ModelMetadata and ModelConfig list
-one input ``x`` and one output ``y``; the LSTM's h and c are declared only under
-``sequence_batching.state`` (h0→hn, c0→cn), as a Triton model with implicit state does. So tools that
+one input ``x`` and one output ``y``; every state pair (an LSTM's h0→hn and c0→cn, a GRU's one
+state, a conv cache …) is declared only under ``sequence_batching.state``, as a Triton model with
+implicit state does. So tools that
 build requests from the metadata (``perf_analyzer``) send ``x`` alone, and the server keeps the state.
 Shapes: see :mod:`cellserve.server.oip`.
 """
@@ -10,11 +11,11 @@ Shapes: see :mod:`cellserve.server.oip`.
 from __future__ import annotations
 
 from cellserve import __version__
-from cellserve.model.manifest import Manifest
 from cellserve.oip import grpc_service_pb2 as oip
 from cellserve.oip import model_config_pb2 as cfg
 from cellserve.server.errors import NotFound
 from cellserve.server.models import LoadedModel, ModelRepository
+from cellserve.server.oip.inputs import x_dims, y_dims
 from cellserve.server.oip.tensors import tensor_datatype
 from cellserve.server.settings import Settings
 
@@ -22,7 +23,7 @@ PLATFORM = "onnxruntime_onnx"
 SERVER_NAME = "cellserve"
 # Protocol extensions this server implements (names as Triton's ServerMetadata reports them).
 EXTENSIONS = ("model_configuration", "sequence")
-_CONFIG_TYPES = {"INT64": cfg.TYPE_INT64, "FP32": cfg.TYPE_FP32}
+_CONFIG_TYPES = {"INT64": cfg.TYPE_INT64, "FP32": cfg.TYPE_FP32, "FP16": cfg.TYPE_FP16}
 _Control = cfg.ModelSequenceBatching.Control
 
 
@@ -41,37 +42,29 @@ def find_model(models: ModelRepository, name: str, version: str) -> LoadedModel:
     return model
 
 
-def _dims(m: Manifest) -> dict[str, list[int]]:
-    """Per-request dims (batch dimension excluded, T dynamic) of every tensor, by graph name."""
-    n = m.names
-    state = [m.layers, m.hidden]
-    return {n.x: [-1, *m.step_dims], n.h0: state, n.c0: state, n.y: [-1, m.output_size], n.hn: state, n.cn: state}
-
-
 def model_metadata(model: LoadedModel) -> oip.ModelMetadataResponse:
     m = model.manifest
-    dims = _dims(m)
 
-    def meta(name: str) -> oip.ModelMetadataResponse.TensorMetadata:
-        return oip.ModelMetadataResponse.TensorMetadata(
-            name=name, datatype=tensor_datatype(m, name), shape=[-1, *dims[name]]
-        )
+    def meta(name: str, dims: list[int]) -> oip.ModelMetadataResponse.TensorMetadata:
+        return oip.ModelMetadataResponse.TensorMetadata(name=name, datatype=tensor_datatype(m, name), shape=[-1, *dims])
 
-    n = m.names
     return oip.ModelMetadataResponse(
-        name=m.name, versions=[m.version], platform=PLATFORM, inputs=[meta(n.x)], outputs=[meta(n.y)]
+        name=m.name,
+        versions=[m.version],
+        platform=PLATFORM,
+        inputs=[meta(m.input.name, x_dims(m))],
+        outputs=[meta(m.output.name, y_dims(m))],
     )
 
 
 def model_config(model: LoadedModel, settings: Settings) -> cfg.ModelConfig:
-    """Triton's view of the model: a sequence-batched model with implicit h/c state."""
+    """Triton's view of the model: a sequence-batched model whose every state pair is implicit state."""
     m = model.manifest
-    n = m.names
-    dims = _dims(m)
-    config = cfg.ModelConfig(name=m.name, platform=PLATFORM, backend="onnxruntime", max_batch_size=settings.max_batch)
-    # Only x and y: h and c are implicit state (below), never model inputs/outputs in Triton's view.
-    config.input.add(name=n.x, data_type=_CONFIG_TYPES[tensor_datatype(m, n.x)], dims=dims[n.x])
-    config.output.add(name=n.y, data_type=_CONFIG_TYPES[tensor_datatype(m, n.y)], dims=dims[n.y])
+    max_batch = model.scheduler.max_batch
+    config = cfg.ModelConfig(name=m.name, platform=PLATFORM, backend="onnxruntime", max_batch_size=max_batch)
+    # Only x and y: the states are implicit state (below), never model inputs/outputs in Triton's view.
+    config.input.add(name=m.input.name, data_type=_CONFIG_TYPES[tensor_datatype(m, m.input.name)], dims=x_dims(m))
+    config.output.add(name=m.output.name, data_type=_CONFIG_TYPES[tensor_datatype(m, m.output.name)], dims=y_dims(m))
     gpu = settings.device == "cuda"
     config.instance_group.add(
         name=m.name,
@@ -88,8 +81,13 @@ def model_config(model: LoadedModel, settings: Settings) -> cfg.ModelConfig:
     ):
         seq.control_input.add(name=name).control.add(kind=kind, int32_false_true=[0, 1])
     seq.control_input.add(name="CORRID").control.add(kind=_Control.CONTROL_SEQUENCE_CORRID, data_type=cfg.TYPE_UINT64)
-    seq.state.add(input_name=n.h0, output_name=n.hn, data_type=cfg.TYPE_FP32, dims=dims[n.h0])
-    seq.state.add(input_name=n.c0, output_name=n.cn, data_type=cfg.TYPE_FP32, dims=dims[n.c0])
+    for spec in m.states:
+        seq.state.add(
+            input_name=spec.input,
+            output_name=spec.output,
+            data_type=_CONFIG_TYPES[tensor_datatype(m, spec.input)],
+            dims=list(spec.session_shape),
+        )
     seq.oldest.max_candidate_sequences = settings.capacity
     seq.oldest.max_queue_delay_microseconds = settings.max_wait_us
     seq.oldest.preserve_ordering = True
@@ -97,14 +95,16 @@ def model_config(model: LoadedModel, settings: Settings) -> cfg.ModelConfig:
         "cellserve_version": __version__,
         "model_sha256": m.sha256,
         "input_kind": m.input_kind,
-        "layers": str(m.layers),
-        "hidden": str(m.hidden),
-        "state_layout": "[batch, layers, hidden]",
+        "time_axis": str(m.input.time_axis).lower(),
+        "state_layout": "[batch, *state dims] (batch first, the graph's own batch axis removed)",
         "sequence_id_scope": "stream",
-        # The stateless extension (no sequence_id): state sent and returned explicitly, [batch, layers, hidden].
-        "explicit_state_inputs": f"{n.h0},{n.c0}",
-        "explicit_state_outputs": f"{n.hn},{n.cn}",
+        # The stateless extension (no sequence_id): every state sent and returned explicitly, batch first.
+        "explicit_state_inputs": ",".join(spec.input for spec in m.states),
+        "explicit_state_outputs": ",".join(spec.output for spec in m.states),
+        "constant_inputs": ",".join(f"{c.name}={list(c.value)}" for c in m.consts),
     }
+    if m.lstm is not None:
+        info.update(layers=str(m.layers), hidden=str(m.hidden))
     for key, value in info.items():
         config.parameters[key].string_value = value
     return config

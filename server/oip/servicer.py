@@ -177,10 +177,12 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             raise Unavailable("server is draining and accepts no new requests; retry on another replica")
         model = find_model(self.models, request.model_name, request.model_version)
         outputs = output_names(model, [o.name for o in request.outputs], sequence=False)
-        x, h0, c0 = split_inputs(model, decode_inputs(request), max_batch=self.settings.max_batch, sequence=False)
-        y, hn, cn = await run_stateless(model, x, h0, c0)
-        n, m = model.manifest.names, model.manifest
-        return infer_response(request, m.name, m.version, outputs, {n.y: y, n.hn: hn, n.cn: cn})
+        x, states = split_inputs(model, decode_inputs(request), max_batch=model.scheduler.max_batch, sequence=False)
+        y, next_states = await run_stateless(model, x, states)
+        m = model.manifest
+        tensors = {m.output.name: y if m.input.time_axis else y[:, 0]}  # a per-frame model's one frame: [B, *out]
+        tensors.update((spec.output, value) for spec, value in zip(m.states, next_states, strict=True))
+        return infer_response(request, m.name, m.version, outputs, tensors)
 
     @rpc
     async def ModelStreamInfer(  # type: ignore[override]
@@ -190,12 +192,12 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             await OipStream(self.sessions, self.errors, context, self._sequence_request, self._stateless).run()
 
     def _sequence_request(self, request: oip.ModelInferRequest) -> tuple[LoadedModel, list[str], np.ndarray]:
-        """A sequence request's model, outputs to return, and x ``[1, T]`` / ``[1, T, I]`` (checked)."""
+        """A sequence request's model, outputs to return, and x ``[1, T, *frame]`` (checked)."""
         # No drain check here: running sequences go on through the grace period; starts are
         # refused by SessionManager.open while draining.
         model = find_model(self.models, request.model_name, request.model_version)
         outputs = output_names(model, [o.name for o in request.outputs], sequence=True)
-        x, _, _ = split_inputs(model, decode_inputs(request), max_batch=1, sequence=True)
+        x, _ = split_inputs(model, decode_inputs(request), max_batch=1, sequence=True)
         return model, outputs, x
 
     def unserved(self, advice: str) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[NoReturn]]:

@@ -1,4 +1,4 @@
-"""Stateless inference (OIP ``ModelInfer``): the caller sends h0/c0 and gets hn/cn back.
+"""Stateless inference (OIP ``ModelInfer``): the caller sends every state tensor and gets the next ones back.
 
 It runs through the same state pool and scheduler as streaming sessions, so stateless rows are
 batched with session steps and bounded by the same limits: each row borrows a pool slot for one
@@ -17,11 +17,11 @@ from cellserve.server.models import LoadedModel
 
 
 async def run_stateless(
-    model: LoadedModel, x: np.ndarray, h0: np.ndarray | None, c0: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x [B, T] or [B, T, I]; h0, c0 [B, L, H] or None (zeros) → (y [B, T, O], hn [B, L, H], cn [B, L, H])."""
+    model: LoadedModel, x: np.ndarray, states: list[np.ndarray | None]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """x ``[B, T, *frame]``; each state ``[B, *state]`` or None (zeros) → (y ``[B, T, *out]``, next states)."""
     rows = [model.check_input(x[b]) for b in range(x.shape[0])]  # InvalidArgument before any slot
-    task = asyncio.ensure_future(_run_rows(model, rows, h0, c0))
+    task = asyncio.ensure_future(_run_rows(model, rows, states))
     task.add_done_callback(_retrieve)  # nobody may be left to read its outcome
     return await asyncio.shield(task)  # a cancelled caller leaves the task to finish and free its slots
 
@@ -36,8 +36,8 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 
 async def _run_rows(
-    model: LoadedModel, rows: list[np.ndarray], h0: np.ndarray | None, c0: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    model: LoadedModel, rows: list[np.ndarray], given: list[np.ndarray | None]
+) -> tuple[np.ndarray, list[np.ndarray]]:
     pool = model.pool
     owner = object()
     slots: list[int] = []
@@ -45,9 +45,9 @@ async def _run_rows(
         for b in range(len(rows)):
             slot = pool.allocate(owner)  # zeroed; RESOURCE_EXHAUSTED when the pool is full
             slots.append(slot)
-            if h0 is not None or c0 is not None:
-                h, c = pool.read(slot)
-                pool.write(slot, h if h0 is None else h0[b], c if c0 is None else c0[b])
+            if any(s is not None for s in given):
+                zeros = pool.read(slot)
+                pool.write(slot, [z if s is None else s[b].astype(z.dtype) for z, s in zip(zeros, given, strict=True)])
         futures: list[asyncio.Future[np.ndarray]] = []
         refused: BaseException | None = None
         for slot, row in zip(slots, rows, strict=True):
@@ -68,7 +68,5 @@ async def _run_rows(
     finally:
         for slot in slots:
             pool.release(slot, owner)
-    y = np.stack(ys)  # [B, T, O]
-    hn = np.stack([h for h, _ in states])  # [B, L, H]
-    cn = np.stack([c for _, c in states])  # [B, L, H]
-    return y, hn, cn
+    y = np.stack(ys)  # [B, T, *out]
+    return y, [np.stack(per_state) for per_state in zip(*states, strict=True)]  # each [B, *state]

@@ -42,6 +42,7 @@ from cellserve.server.errors import (
     ResourceExhausted,
 )
 from cellserve.server.models import LoadedModel
+from cellserve.server.oip.inputs import answer_bytes
 from cellserve.server.oip.sequences import SequenceFlags, SequenceKey, sequence_flags
 from cellserve.server.oip.tensors import infer_response, parameters
 from cellserve.server.sessions import Session, SessionClosed, SessionEvent, SessionManager
@@ -178,8 +179,8 @@ class OipStream:
             self._paused.dec()
 
     def _charge(self, request: Any) -> int:
-        """The size of ``request``'s answer, from its shape: y ``[B, T, O]`` float32 and the state it may return.
-        At most one message; 0 for a request no model can answer (its error answer is small)."""
+        """The size of ``request``'s answer, from its shape (y and the state it may return); at most one message,
+        0 for a request no model can answer (its error answer is small)."""
         if type(request) is BadRequest:
             return 0
         try:
@@ -187,12 +188,12 @@ class OipStream:
         except Exception:
             return 0
         for tensor in request.inputs:
-            if tensor.name == manifest.names.x and len(tensor.shape) >= 2:
-                rows, steps = tensor.shape[0], tensor.shape[1]
+            if tensor.name == manifest.input.name and tensor.shape:
+                rows = tensor.shape[0]
+                steps = tensor.shape[1] if manifest.input.time_axis and len(tensor.shape) > 1 else 1
                 if rows <= 0 or steps <= 0:
                     return 0
-                row = 4 * (steps * manifest.output_size + 2 * manifest.layers * manifest.hidden)
-                return min(rows * row, self._max_message)
+                return min(answer_bytes(manifest, rows, steps), self._max_message)
         return 0
 
     # -- requests ---------------------------------------------------------------------------------
@@ -290,14 +291,13 @@ class OipStream:
         future: asyncio.Future[np.ndarray],
     ) -> None:
         try:
-            y = future.result()  # [T, O]
+            y = future.result()  # [T, *out]
             m = model.manifest
-            n = m.names
-            tensors = {n.y: y[None]}  # [1, T, O]
-            if n.hn in outputs or n.cn in outputs:
+            tensors = {m.output.name: y[None] if m.input.time_axis else y}  # [1, T, *out], or one frame [1, *out]
+            if len(outputs) > 1 or outputs[0] != m.output.name:  # next states asked for by name
                 # a drain that closed the session while this step ran kept the state after it
                 state = session.final_state if session.closed and session.final_state else session.state()
-                tensors[n.hn], tensors[n.cn] = state.h[None], state.c[None]  # [1, L, H]
+                tensors.update((spec.output, value[None]) for spec, value in zip(m.states, state.states, strict=True))
             response = Response(infer_response=infer_response(request, m.name, m.version, outputs, tensors))
         except BaseException as e:  # CancelledError too: every request read gets exactly one answer
             if flags.start or flags.end:  # a failed start or end leaves no sequence
