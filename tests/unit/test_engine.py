@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,8 +18,14 @@ TOL = 1e-5  # float32 engine vs float64 oracle on the tiny model
 
 def make_engine(model_dir: Path, capacity: int) -> Engine:
     manifest = load_manifest(model_dir)
-    pool = StatePool(manifest.layers, manifest.hidden, capacity)
+    pool = StatePool(manifest.states, capacity)
     return Engine(manifest, model_dir, pool, intra_op_threads=1)
+
+
+def hc(pool: StatePool, slots: object) -> tuple[np.ndarray, np.ndarray]:
+    """Copies of the h and c of ``slots`` in the graph's layout ``[L, B, H]`` (the pool is ``[S, L, H]``)."""
+    h, c = pool.tensors
+    return np.moveaxis(h[slots], 0, 1).copy(), np.moveaxis(c[slots], 0, 1).copy()
 
 
 def fill_random(pool: StatePool, rng: np.random.Generator) -> list[int]:
@@ -26,8 +33,7 @@ def fill_random(pool: StatePool, rng: np.random.Generator) -> list[int]:
     slots = []
     for _ in range(pool.capacity):
         slot = pool.allocate(object())
-        shape = (pool.layers, pool.hidden)
-        pool.write(slot, rng.standard_normal(shape), rng.standard_normal(shape))
+        pool.write(slot, [rng.standard_normal(shape).astype(np.float32) for shape in pool.shapes])
         slots.append(slot)
     return slots
 
@@ -46,30 +52,33 @@ def test_run_slots_equals_a_plain_onnxruntime_run_and_the_oracle(engine, tiny_or
     fill_random(engine.pool, rng)
     slots = np.array([11, 2, 7], dtype=np.int64)
     x = tokens(rng, 3, 5)
-    h0, c0 = engine.pool.h[:, slots, :].copy(), engine.pool.c[:, slots, :].copy()  # [L, B, H]
+    h0, c0 = hc(engine.pool, slots)  # [L, B, H]
 
     y = engine.run_slots(slots, x)
 
     y_plain, hn_plain, cn_plain = engine.session.run(None, {"x": x, "h0": h0, "c0": c0})
+    hn, cn = hc(engine.pool, slots)
     np.testing.assert_array_equal(y, y_plain)
-    np.testing.assert_array_equal(engine.pool.h[:, slots, :], hn_plain)
-    np.testing.assert_array_equal(engine.pool.c[:, slots, :], cn_plain)
+    np.testing.assert_array_equal(hn, hn_plain)
+    np.testing.assert_array_equal(cn, cn_plain)
     y_ref, hn_ref, cn_ref = tiny_oracle.run(x, h0, c0)
     np.testing.assert_allclose(y, y_ref, atol=TOL, rtol=0)
-    np.testing.assert_allclose(engine.pool.h[:, slots, :], hn_ref, atol=TOL, rtol=0)
-    np.testing.assert_allclose(engine.pool.c[:, slots, :], cn_ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(hn, hn_ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(cn, cn_ref, atol=TOL, rtol=0)
 
 
 def test_rows_outside_the_batch_are_untouched(engine):
     rng = np.random.default_rng(2)
     fill_random(engine.pool, rng)
     slots = np.array([0, 15, 8, 3], dtype=np.int64)
-    before_h, before_c = engine.pool.h.copy(), engine.pool.c.copy()
+    before_h, before_c = (t.copy() for t in engine.pool.tensors)  # [S, L, H]
     engine.run_slots(slots, tokens(rng, 4, 3))
+    h, c = engine.pool.tensors
     others = np.setdiff1d(np.arange(16), slots)
-    np.testing.assert_array_equal(engine.pool.h[:, others, :], before_h[:, others, :])
-    np.testing.assert_array_equal(engine.pool.c[:, others, :], before_c[:, others, :])
-    assert not np.array_equal(engine.pool.h[:, slots, :], before_h[:, slots, :])  # the batch did move
+    np.testing.assert_array_equal(h[others], before_h[others])
+    np.testing.assert_array_equal(c[others], before_c[others])
+    assert not np.array_equal(h[slots], before_h[slots])  # the batch did move
+    assert not np.array_equal(c[slots], before_c[slots])
 
 
 def test_chunked_steps_across_batches_match_the_oracle_sequence(engine, tiny_oracle):
@@ -90,34 +99,41 @@ def test_chunked_steps_across_batches_match_the_oracle_sequence(engine, tiny_ora
             done[s] += t
     for s in slots:
         assert done[s] == 12
-        y_ref, hn_ref, _ = tiny_oracle.run(seqs[s][None, :])
+        y_ref, hn_ref, cn_ref = tiny_oracle.run(seqs[s][None, :])
         np.testing.assert_allclose(np.concatenate(outputs[s]), y_ref[0], atol=TOL, rtol=0)
-        np.testing.assert_allclose(engine.pool.h[:, s, :], hn_ref[:, 0, :], atol=TOL, rtol=0)
+        h, c = engine.pool.read(s)  # [L, H]
+        np.testing.assert_allclose(h, hn_ref[:, 0, :], atol=TOL, rtol=0)
+        np.testing.assert_allclose(c, cn_ref[:, 0, :], atol=TOL, rtol=0)
 
 
 def test_buffers_and_binding_are_reused_per_shape_with_fixed_addresses(engine):
     rng = np.random.default_rng(4)
     fill_random(engine.pool, rng)
     engine.run_slots(np.array([1, 2, 3]), tokens(rng, 3, 2))
-    first = engine._buckets[(3, 2)]
-    names = ("x", "y", "h_in", "c_in", "h_out", "c_out")
-    ptrs = [engine.ops.ptr(getattr(first, n)) for n in names]
+    first = engine._buckets[(3, (2,))]  # (batch, step shape [T])
+
+    def buffers(bucket: Any) -> list[Any]:
+        return [bucket.x, bucket.y, *bucket.states_in, *bucket.states_out]
+
+    ptrs = [engine.ops.ptr(b) for b in buffers(first)]
+    assert len(ptrs) == 6 and len(set(ptrs)) == 6
     engine.run_slots(np.array([4, 5, 6]), tokens(rng, 3, 2))
-    again = engine._buckets[(3, 2)]
+    again = engine._buckets[(3, (2,))]
     assert again is first and again.binding is first.binding
-    assert [engine.ops.ptr(getattr(again, n)) for n in names] == ptrs
+    assert [engine.ops.ptr(b) for b in buffers(again)] == ptrs
     engine.run_slots(np.array([7]), tokens(rng, 1, 1))
-    one = engine._buckets[(1, 1)]
-    assert one.binding is not first.binding and one.h_out.shape == (2, 1, 32) and one.y.shape == (1, 1, 256)
+    one = engine._buckets[(1, (1,))]
+    assert one.binding is not first.binding and one.y.shape == (1, 1, 256)
+    assert [s.shape for s in (*one.states_in, *one.states_out)] == [(2, 1, 32)] * 4
     # Views of the same fixed buffers: a smaller shape starts at the same address.
-    assert engine.ops.ptr(one.h_out) == engine.ops.ptr(first.h_out)
+    assert [engine.ops.ptr(b) for b in buffers(one)] == ptrs
 
 
 def test_returned_outputs_are_copies_that_later_calls_do_not_overwrite(engine, tiny_oracle):
     rng = np.random.default_rng(9)
     fill_random(engine.pool, rng)
     x1, x2 = tokens(rng, 2, 3), tokens(rng, 2, 3)
-    h0, c0 = engine.pool.h[:, [4, 5], :].copy(), engine.pool.c[:, [4, 5], :].copy()
+    h0, c0 = hc(engine.pool, [4, 5])
     y1 = engine.run_slots(np.array([4, 5]), x1)
     kept = y1.copy()
     engine.run_slots(np.array([6, 7]), x2)
@@ -131,12 +147,13 @@ def test_a_larger_batch_regrows_the_buffers_and_smaller_ones_stay_correct(engine
     for batch, steps in ((3, 2), (9, 1), (3, 2), (16, 4), (2, 7), (3, 2)):
         slots = rng.choice(16, size=batch, replace=False).astype(np.int64)
         x = tokens(rng, batch, steps)
-        h0, c0 = engine.pool.h[:, slots, :].copy(), engine.pool.c[:, slots, :].copy()
+        h0, c0 = hc(engine.pool, slots)
         y = engine.run_slots(slots, x)
         y_ref, hn_ref, cn_ref = tiny_oracle.run(x, h0, c0)
+        hn, cn = hc(engine.pool, slots)
         np.testing.assert_allclose(y, y_ref, atol=TOL, rtol=0)
-        np.testing.assert_allclose(engine.pool.h[:, slots, :], hn_ref, atol=TOL, rtol=0)
-        np.testing.assert_allclose(engine.pool.c[:, slots, :], cn_ref, atol=TOL, rtol=0)
+        np.testing.assert_allclose(hn, hn_ref, atol=TOL, rtol=0)
+        np.testing.assert_allclose(cn, cn_ref, atol=TOL, rtol=0)
 
 
 def test_onnxruntime_writes_into_our_buffers_and_reads_h0_c0_from_them(engine, tiny_oracle):
@@ -144,32 +161,34 @@ def test_onnxruntime_writes_into_our_buffers_and_reads_h0_c0_from_them(engine, t
     rng = np.random.default_rng(6)
     fill_random(engine.pool, rng)
     y = engine.run_slots(np.array([3, 9]), tokens(rng, 2, 4))
-    bucket = engine._buckets[(2, 4)]
+    bucket = engine._buckets[(2, (4,))]
+    h_in, c_in = bucket.states_in
+    h_out, c_out = bucket.states_out
     got = [v.data_ptr() for v in bucket.binding.get_outputs()]  # in binding order: y, hn, cn
-    assert got == [engine.ops.ptr(bucket.y), engine.ops.ptr(bucket.h_out), engine.ops.ptr(bucket.c_out)]
+    assert got == [engine.ops.ptr(bucket.y), engine.ops.ptr(h_out), engine.ops.ptr(c_out)]
     np.testing.assert_array_equal(y, bucket.y)
 
     # Write x and a state straight into the bound memory and run the binding as it is: the outputs
     # follow them, so onnxruntime read our buffers and took no copy at bind time.
-    h_new = rng.standard_normal(bucket.h_in.shape).astype(np.float32)
-    c_new = rng.standard_normal(bucket.c_in.shape).astype(np.float32)
+    h_new = rng.standard_normal(h_in.shape).astype(np.float32)
+    c_new = rng.standard_normal(c_in.shape).astype(np.float32)
     x = tokens(rng, 2, 4)
-    bucket.h_in[...], bucket.c_in[...], bucket.x[...] = h_new, c_new, x
+    h_in[...], c_in[...], bucket.x[...] = h_new, c_new, x
     engine.session.run_with_iobinding(bucket.binding)
     y_ref, hn_ref, cn_ref = tiny_oracle.run(x, h_new, c_new)
     np.testing.assert_allclose(bucket.y, y_ref, atol=TOL, rtol=0)
-    np.testing.assert_allclose(bucket.h_out, hn_ref, atol=TOL, rtol=0)
-    np.testing.assert_allclose(bucket.c_out, cn_ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(h_out, hn_ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(c_out, cn_ref, atol=TOL, rtol=0)
 
 
 def test_warmup_leaves_every_slot_unchanged(engine):
     rng = np.random.default_rng(7)
     fill_random(engine.pool, rng)
-    before_h, before_c = engine.pool.h.copy(), engine.pool.c.copy()
+    before_h, before_c = (t.copy() for t in engine.pool.tensors)
     engine.warmup([1, 4, 16])
-    np.testing.assert_array_equal(engine.pool.h, before_h)
-    np.testing.assert_array_equal(engine.pool.c, before_c)
-    assert set(engine._buckets) >= {(1, 1), (4, 1), (16, 1)}
+    np.testing.assert_array_equal(engine.pool.tensors[0], before_h)
+    np.testing.assert_array_equal(engine.pool.tensors[1], before_c)
+    assert set(engine._buckets) >= {(1, (1,)), (4, (1,)), (16, (1,))}
 
 
 def test_engine_thread_and_pool_calls_from_another_thread_do_not_interfere(tiny_model_dir, tiny_oracle):
@@ -199,8 +218,8 @@ def test_engine_thread_and_pool_calls_from_another_thread_do_not_interfere(tiny_
         owner = object()
         slot = pool.allocate(owner)
         assert slot not in stepped
-        h = np.full((pool.layers, pool.hidden), float(i), np.float32)
-        pool.write(slot, h, -h)
+        h = np.full(pool.shapes[0], float(i), np.float32)
+        pool.write(slot, [h, -h])
         got_h, got_c = pool.read(slot)
         np.testing.assert_array_equal(got_h, h)
         np.testing.assert_array_equal(got_c, -h)
@@ -214,7 +233,9 @@ def test_engine_thread_and_pool_calls_from_another_thread_do_not_interfere(tiny_
     assert not thread.is_alive() and not failure, failure
     y_ref, hn_ref, cn_ref = tiny_oracle.run(seqs)
     np.testing.assert_allclose(np.concatenate(ys, axis=1), y_ref, atol=TOL, rtol=0)
-    np.testing.assert_allclose(pool.h[:, stepped, :], hn_ref, atol=TOL, rtol=0)
-    np.testing.assert_allclose(pool.c[:, stepped, :], cn_ref, atol=TOL, rtol=0)
+    hn, cn = hc(pool, stepped)
+    np.testing.assert_allclose(hn, hn_ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(cn, cn_ref, atol=TOL, rtol=0)
     for slot, h in expected.items():
-        np.testing.assert_array_equal(pool.h[:, slot, :], h)
+        np.testing.assert_array_equal(pool.tensors[0][slot], h)
+        np.testing.assert_array_equal(pool.tensors[1][slot], -h)

@@ -28,12 +28,11 @@ class _Failing:
 
 def make_engine(model_dir: Path) -> Engine:
     manifest = load_manifest(model_dir)
-    pool = StatePool(manifest.layers, manifest.hidden, 4)
+    pool = StatePool(manifest.states, 4)
     rng = np.random.default_rng(3)
     for _ in range(4):
         slot = pool.allocate(object())
-        shape = (pool.layers, pool.hidden)
-        pool.write(slot, rng.standard_normal(shape), rng.standard_normal(shape))
+        pool.write(slot, [rng.standard_normal(shape).astype(np.float32) for shape in pool.shapes])
     return Engine(manifest, model_dir, pool, intra_op_threads=1)
 
 
@@ -43,34 +42,35 @@ def test_a_call_that_fails_after_onnxruntime_ran_leaves_the_slots_unchanged(tiny
     pool = engine.pool
     slots = np.array([2, 0], dtype=np.int64)
     x = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64)  # [B, T]
-    h, c = pool.h.copy(), pool.c.copy()
+    h, c = (t.copy() for t in pool.tensors)  # [S, L, H]
     ops = engine.ops
     if where == "download":
         engine.ops = _Failing(ops, "download")  # y cannot come down after the scatter
     else:
         scatters: list[int] = []
 
-        def half_a_scatter(rows: Any, h_new: Any, c_new: Any) -> None:
+        def half_a_scatter(rows: Any, news: list[Any]) -> None:
             """The first scatter writes h, then fails before c; later ones (the restore) are real."""
             scatters.append(1)
-            pool.ops.put_rows(pool.h, rows, h_new)
+            h_new, c_new = news
+            pool.ops.put_rows(pool.tensors[0], rows, h_new, pool.axes[0])
             if len(scatters) == 1:
                 raise MemoryError("cannot allocate in put_rows")
-            pool.ops.put_rows(pool.c, rows, c_new)
+            pool.ops.put_rows(pool.tensors[1], rows, c_new, pool.axes[1])
 
         pool.scatter = half_a_scatter  # type: ignore[method-assign]
 
     with pytest.raises(MemoryError):
         engine.run_slots(slots, x)
 
-    np.testing.assert_array_equal(pool.h, h)
-    np.testing.assert_array_equal(pool.c, c)
+    np.testing.assert_array_equal(pool.tensors[0], h)
+    np.testing.assert_array_equal(pool.tensors[1], c)
     engine.ops = ops
     y = engine.run_slots(slots, x)  # and the next call starts from that unchanged state
     fresh = make_engine(tiny_model_dir)
     np.testing.assert_array_equal(y, fresh.run_slots(slots, x))
-    np.testing.assert_array_equal(pool.h, fresh.pool.h)
-    np.testing.assert_array_equal(pool.c, fresh.pool.c)
+    np.testing.assert_array_equal(pool.tensors[0], fresh.pool.tensors[0])
+    np.testing.assert_array_equal(pool.tensors[1], fresh.pool.tensors[1])
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ def shapes(event: dict[str, Any], key: str) -> list[list[int]]:
 def test_profiled_run_slots_has_no_memcpy_and_computes_state_in_place(tiny_model_dir: Path, tmp_path: Path):
     manifest = load_manifest(tiny_model_dir)
     layers, hidden = manifest.layers, manifest.hidden
-    pool = StatePool(layers, hidden, capacity=16)
+    pool = StatePool(manifest.states, capacity=16)
     for _ in range(16):
         pool.allocate(object())
     engine = Engine(manifest, tiny_model_dir, pool, intra_op_threads=1, profile_prefix=str(tmp_path / "ort"))

@@ -26,7 +26,7 @@ def test_a_missing_cudnn_is_named_before_warm_up():
 
 def test_a_failing_first_run_is_a_startup_error_naming_its_cause(tiny_model_dir: Path, monkeypatch):
     manifest = load_manifest(tiny_model_dir)
-    engine = Engine(manifest, tiny_model_dir, StatePool(manifest.layers, manifest.hidden, 4), intra_op_threads=1)
+    engine = Engine(manifest, tiny_model_dir, StatePool(manifest.states, 4), intra_op_threads=1)
 
     def broken(*args: object) -> None:
         raise RuntimeError("Error in execution: libcudnn_ops.so.9: cannot open shared object file")

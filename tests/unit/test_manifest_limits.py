@@ -156,7 +156,8 @@ KEYS = TokenKeys({"main": b"k" * 32}, "main")
 
 
 def _state() -> ResumeState:
-    return ResumeState("tiny", "ab" * 32, 3, np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32))
+    zeros = np.zeros((2, 4), np.float32)
+    return ResumeState("tiny", "ab" * 32, 3, (zeros, zeros), ("h0", "c0"))
 
 
 def _decode_error(token: bytes) -> CellserveError:

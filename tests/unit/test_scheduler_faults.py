@@ -263,7 +263,7 @@ class FailingOnMarker:
 @pytest.mark.parametrize("mode", MODES)
 def test_a_failed_step_leaves_its_session_as_if_it_was_never_sent(mode, tiny_model_dir: Path, tiny_oracle):
     manifest = load_manifest(tiny_model_dir)
-    pool = StatePool(manifest.layers, manifest.hidden, 4)
+    pool = StatePool(manifest.states, 4)
     engine = FailingOnMarker(Engine(manifest, tiny_model_dir, pool, intra_op_threads=1))
     slots = [pool.allocate(object()) for _ in range(3)]
     rng = np.random.default_rng(7)
