@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import time
 
 import grpc
 import numpy as np
 import pytest
 from stream_helpers import TOL, open_msg, run_session, step_msg
+from token_helpers import v1_token
 
+from cellserve.server.resume_token import TokenCodec, TokenKeys
 from cellserve.server.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
@@ -107,3 +111,45 @@ def test_a_checkpoint_step_carries_a_token_that_resumes_exactly_after_it(running
     want = tiny_oracle.sequence(tokens)
     np.testing.assert_allclose(middle, want[10:20], atol=TOL, rtol=0)
     np.testing.assert_allclose(rest, want[20:], atol=TOL, rtol=0)
+
+
+def test_a_version_1_token_from_an_older_server_still_resumes_and_its_snapshot_is_version_2(
+    running_server, tiny_model, tiny_oracle
+):
+    """A token an older server issued (version 1: h and c by position) continues the session exactly; a snapshot
+    of the resumed session is a version-2 token carrying both states by name."""
+    tokens = np.random.default_rng(11).integers(0, 256, size=30, dtype=np.int64)
+    _, h, c = tiny_oracle.run(tokens[None, :20])  # the state after 20 steps, [L, 1, H]
+    key = b"v" * 32
+    now_ms = int(time.time() * 1000)
+    token = v1_token("old", key, model="tiny", sha256=tiny_model.manifest.sha256, steps=20,
+                     h=h[:, 0].astype(np.float32), c=c[:, 0].astype(np.float32), issued_ms=now_ms,
+                     expires_ms=now_ms + 600_000)  # fmt: skip
+    keys_json = json.dumps({"active": "old", "keys": {"old": key.hex()}})
+
+    async def main(address: str) -> tuple[np.ndarray, bytes]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = pb_grpc.CellServeStub(channel).Stream()
+            await call.write(open_msg(resume_token=token))
+            opened = await call.read()
+            assert opened.WhichOneof("kind") == "opened", opened
+            assert opened.opened.steps == 20
+            await call.write(step_msg(0, tokens[20:]))
+            rest = await call.read()
+            assert rest.WhichOneof("kind") == "output", rest
+            await call.write(pb.StreamRequest(snapshot=pb.Snapshot()))
+            snap = await call.read()
+            await call.write(pb.StreamRequest(close=pb.Close()))
+            await call.done_writing()
+            return to_numpy(rest.output.output), snap.snapshot.token
+
+    with running_server(token_keys=keys_json) as srv:
+        rest, again = asyncio.run(main(srv.address))
+    np.testing.assert_allclose(rest, tiny_oracle.sequence(tokens)[20:], atol=TOL, rtol=0)
+    state, _ = TokenCodec(TokenKeys.from_json(keys_json), ttl_s=60).decode(
+        again, model="tiny", model_sha256=tiny_model.manifest.sha256
+    )
+    assert again[4] == 2 and state.steps == 30 and state.names == ("h0", "c0")
+    _, hn, cn = tiny_oracle.run(tokens[None])
+    np.testing.assert_allclose(state.states[0], hn[:, 0], atol=TOL, rtol=0)
+    np.testing.assert_allclose(state.states[1], cn[:, 0], atol=TOL, rtol=0)

@@ -60,9 +60,11 @@ class Corpus:
     """Each probe returns the gRPC code the server answered with (in-stream error or stream status)."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, address: str, feature_token: bytes, registry: Any, wait_until: Any
-    ) -> None:
+        self, channel: grpc.aio.Channel, address: str, feature_token: bytes, registry: Any, wait_until: Any,
+        tiny_sha256: str,
+    ) -> None:  # fmt: skip
         self.wait_until = wait_until
+        self.tiny_sha256 = tiny_sha256
         self.ch = channel
         self.address = address
         self.registry = registry
@@ -233,8 +235,15 @@ def build_cases(c: Corpus) -> list[tuple[str, Callable[[], Awaitable[grpc.Status
     feats = np.ones((2, 4), dtype=np.float32)
     nan, inf = feats.copy(), feats.copy()
     nan[0, 1], inf[1, 3] = np.nan, np.inf
-    good_state = ResumeState("tiny", "00" * 32, 0, np.zeros((2, 32), np.float32), np.zeros((2, 32), np.float32))
+    hc = (np.zeros((2, 32), np.float32), np.zeros((2, 32), np.float32))  # the tiny model's h and c, [L, H]
+    good_state = ResumeState("tiny", "00" * 32, 0, hc, ("h0", "c0"))
     main = TokenCodec(TokenKeys({"main": KEY}, "main"), ttl_s=60)
+
+    def layout(states: tuple[np.ndarray, ...], names: tuple[str, ...]) -> bytes:
+        """A valid token for this server's tiny model whose state does not match the model's."""
+        return main.encode(ResumeState("tiny", c.tiny_sha256, 0, states, names))[0]
+
+    h33 = np.zeros((2, 33), np.float32)
     expired = main.encode(good_state, now_ms=int(time.time() * 1000) - 3_600_000)[0]
     forged = TokenCodec(TokenKeys({"main": b"f" * 32}, "main"), ttl_s=60).encode(good_state)[0]
     unknown_kid = TokenCodec(TokenKeys({"old": KEY}, "old"), ttl_s=60).encode(good_state)[0]
@@ -280,6 +289,14 @@ def build_cases(c: Corpus) -> list[tuple[str, Callable[[], Awaitable[grpc.Status
         ("resume token of another model", lambda: c.resume(c.feature_token), PRECONDITION),
         ("resume token for a model file that changed", lambda: c.resume(main.encode(good_state)[0]), PRECONDITION),
         ("resume token with unknown key id", lambda: c.resume(unknown_kid), UNAUTH),
+        ("resume token whose state has another shape", lambda: c.resume(layout((h33, h33), ("h0", "c0"))),
+         PRECONDITION),
+        ("resume token whose state has another dtype",
+         lambda: c.resume(layout(tuple(a.astype(np.float16) for a in hc), ("h0", "c0"))), PRECONDITION),
+        ("resume token whose states have other names", lambda: c.resume(layout(hc, ("c0", "h0"))), PRECONDITION),
+        ("resume token with three states", lambda: c.resume(layout((*hc, hc[0]), ("h0", "c0", "x0"))),
+         PRECONDITION),
+        ("resume token with one state", lambda: c.resume(layout(hc[:1], ("h0",))), PRECONDITION),
         ("resume token on an unknown model", lambda: c.resume(expired, model="nope"), NOT_FOUND),
         ("ModelInfo of unknown model", lambda: c.unary_status(c.stub.ModelInfo(pb.ModelInfoRequest(model="x"))),
          NOT_FOUND),
@@ -325,7 +342,8 @@ def test_bad_input_corpus_gets_exact_codes_and_a_healthy_session_is_untouched(
                 await feature.write(CLOSE)
                 await feature.done_writing()
                 await read_rest(feature)
-                corpus = Corpus(ch, srv.address, feature_token, srv.registry, wait_until)
+                tiny_sha256 = srv.server.models.get("tiny").manifest.sha256
+                corpus = Corpus(ch, srv.address, feature_token, srv.registry, wait_until, tiny_sha256)
                 results = []
                 for name, probe, want in build_cases(corpus):
                     try:

@@ -6,6 +6,7 @@ import hashlib
 
 import numpy as np
 import pytest
+from token_helpers import v1_token
 
 from cellserve.server.errors import FailedPrecondition, InvalidArgument, Unauthenticated
 from cellserve.server.resume_state import ResumeState
@@ -19,7 +20,7 @@ def state(seed: int = 0) -> ResumeState:
     rng = np.random.default_rng(seed)
     h = rng.standard_normal((2, 8)).astype(np.float32)
     c = rng.standard_normal((2, 8)).astype(np.float32)
-    return ResumeState("tiny", SHA, 123, h, c)
+    return ResumeState("tiny", SHA, 123, (h, c), ("h0", "c0"))
 
 
 def decode(codec: TokenCodec, token: bytes, **kw):
@@ -34,8 +35,48 @@ def test_round_trip_is_bit_identical():
     got, info = decode(codec, token)
     assert expires == 11_000 and info.expires_at_ms == 11_000 and info.key_id == "k2"
     assert got.steps == 123 and got.model == "tiny" and got.model_sha256 == SHA
-    assert got.h.tobytes() == s.h.tobytes() and got.c.tobytes() == s.c.tobytes()
-    assert token.startswith(MAGIC)
+    assert got.names == ("h0", "c0") and len(got.states) == 2
+    for mine, back in zip(s.states, got.states, strict=True):
+        assert back.dtype == mine.dtype and back.shape == mine.shape and back.tobytes() == mine.tobytes()
+    assert token.startswith(MAGIC) and token[4] == 2  # version 2
+
+
+def test_states_of_different_shapes_and_dtypes_round_trip_bit_identically_by_name():
+    rng = np.random.default_rng(5)
+    states = (
+        rng.standard_normal((2, 8)).astype(np.float32),  # h of [L, B, H]
+        rng.standard_normal((3, 4, 5)).astype(np.float16),  # a float16 cache [B, 3, 4, 5]
+        np.array([-0.0, np.inf, -np.inf, 65504, 6e-8], np.float16),  # float16's edges survive
+        np.array(1.5, np.float32),  # a state of shape [B]: one scalar per session
+        rng.standard_normal((1, 1, 1, 7)).astype(np.float32),
+    )
+    names = ("h", "conv_cache", "edges", "gain", "stacked ünï")
+    s = ResumeState("tiny", SHA, 7, states, names)
+    codec = TokenCodec(KEYS, ttl_s=10)
+    got, _ = decode(codec, codec.encode(s, now_ms=1_000)[0])
+    assert got.names == names and got.steps == 7
+    assert len(got.states) == len(states)
+    for mine, back in zip(states, got.states, strict=True):
+        assert back.dtype == mine.dtype and back.shape == mine.shape
+        assert back.tobytes() == mine.tobytes()  # bit-identical, -0.0 and infinities too
+        assert back.dtype.byteorder in ("=", "|") and back.flags.writeable  # native order, an array of its own
+
+
+def test_a_version_1_token_still_decodes_to_h_and_c_by_position():
+    rng = np.random.default_rng(6)
+    h, c = rng.standard_normal((2, 8)).astype(np.float32), rng.standard_normal((2, 8)).astype(np.float32)
+    token = v1_token("k1", b"1" * 32, model="tiny", sha256=SHA, steps=99, h=h, c=c, issued_ms=1_000,
+                     expires_ms=11_000)  # fmt: skip
+    got, info = decode(TokenCodec(KEYS, ttl_s=10), token)
+    assert (got.model, got.model_sha256, got.steps, got.names) == ("tiny", SHA, 99, ())
+    assert info.key_id == "k1" and info.issued_at_ms == 1_000 and info.expires_at_ms == 11_000
+    assert len(got.states) == 2
+    for mine, back in zip((h, c), got.states, strict=True):
+        assert back.dtype == np.float32 and back.shape == (2, 8) and back.tobytes() == mine.tobytes()
+    with pytest.raises(Unauthenticated, match="signature"):  # a version-1 token is checked like any other
+        decode(TokenCodec(KEYS, ttl_s=10), token[:-1] + bytes((token[-1] ^ 1,)))
+    with pytest.raises(FailedPrecondition, match="expired"):
+        decode(TokenCodec(KEYS, ttl_s=10), token, now_ms=12_000)
 
 
 def test_rotation_old_key_still_verifies_new_key_signs():

@@ -1,6 +1,7 @@
 """The SessionManager's idle expiry on a fake engine (no gRPC server, no onnxruntime): sessions expire at
 their deadline and not before, touched or busy ones are re-queued, and closed sessions' heap entries are
-compacted away."""
+compacted away. And resume: a state that fits the model (by name, or by position from a version-1 token) is
+written into the new slot; one whose names, count, shapes or dtypes do not is FAILED_PRECONDITION."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ import numpy as np
 import pytest
 from fake_engine import FakeEngine
 from prometheus_client import CollectorRegistry
+from token_helpers import v1_token
 
+from cellserve.server.errors import FailedPrecondition
 from cellserve.server.metrics import Metrics
 from cellserve.server.models import ModelRepository
+from cellserve.server.resume_state import ResumeState
+from cellserve.server.resume_token import TokenCodec, TokenKeys
 from cellserve.server.scheduler import Scheduler
 from cellserve.server.sessions import SessionClosed, SessionManager
 from cellserve.server.settings import Settings
@@ -106,3 +111,79 @@ def test_closed_sessions_do_not_pile_up_in_the_idle_heap(served):
     assert all(not s.closed for s in keep)
     assert mgr.expire_idle(time.monotonic() + 7200) == 10  # the live ones still expire
     assert peak <= 2 * 11 + 1024 + 1 and len(mgr.sessions) == 0
+
+
+# -- resume: the state a token carries must match the model's layout ----------------------------------------
+
+
+def _lstm_state(s: Served, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal(shape).astype(np.float32) for shape in s.pool.shapes)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("names", [("h0", "c0"), ()], ids=["version-2-names", "version-1-by-position"])
+def test_a_resume_state_that_fits_the_model_is_written_into_the_new_slot(served, names):
+    s = served()
+    h, c = _lstm_state(s, 1)
+    resume = ResumeState("tiny", s.model.manifest.sha256, 17, (h, c), names)
+    session = s.manager.open("tiny", resume=resume)
+    assert session.steps == 17
+    got_h, got_c = s.pool.read(session.slot)
+    np.testing.assert_array_equal(got_h, h)
+    np.testing.assert_array_equal(got_c, c)
+    state = session.state()  # what its next snapshot carries: every state by the model's names
+    assert state.names == ("h0", "c0") and state.steps == 17
+    np.testing.assert_array_equal(state.states[0], h)
+    np.testing.assert_array_equal(state.states[1], c)
+
+
+def test_a_version_1_token_resumes_an_lstm_session(served):
+    s = served()
+    h, c = _lstm_state(s, 2)
+    key, now_ms = b"1" * 32, int(time.time() * 1000)
+    token = v1_token("k1", key, model="tiny", sha256=s.model.manifest.sha256, steps=42, h=h, c=c, issued_ms=now_ms,
+                     expires_ms=now_ms + 60_000)  # fmt: skip
+    resume, _ = TokenCodec(TokenKeys({"k1": key}, "k1"), ttl_s=60).decode(
+        token, model="tiny", model_sha256=s.model.manifest.sha256
+    )
+    assert resume.names == ()
+    session = s.manager.open("tiny", resume=resume)
+    assert session.steps == 42
+    got_h, got_c = s.pool.read(session.slot)
+    np.testing.assert_array_equal(got_h, h)
+    np.testing.assert_array_equal(got_c, c)
+
+
+def _misfits(h: np.ndarray, c: np.ndarray) -> dict[str, tuple[tuple[np.ndarray, ...], tuple[str, ...]]]:
+    wide = np.zeros((h.shape[0], h.shape[1] + 1), np.float32)
+    return {
+        "names swapped": ((h, c), ("c0", "h0")),
+        "other names": ((h, c), ("state", "cache")),
+        "h of another shape": ((wide, c), ("h0", "c0")),
+        "c of another shape": ((h, wide), ("h0", "c0")),
+        "both of another shape, version 1": ((wide, wide), ()),
+        "float16": ((h.astype(np.float16), c.astype(np.float16)), ("h0", "c0")),
+        "one state": ((h,), ("h0",)),
+        "one state, version 1": ((h,), ()),
+        "three states": ((h, c, h), ("h0", "c0", "x0")),
+        "a scalar state": ((h, np.zeros((), np.float32)), ("h0", "c0")),
+    }
+
+
+@pytest.mark.parametrize("case", list(_misfits(np.zeros((2, 32), np.float32), np.zeros((2, 32), np.float32))))
+def test_a_resume_state_with_the_wrong_names_or_shapes_is_failed_precondition(served, case):
+    s = served(capacity=2)
+    other = s.manager.open("tiny")  # a live neighbour, whose slot must stay as it is
+    h, c = _lstm_state(s, 3)
+    s.pool.write(other.slot, [h, c])
+    states, names = _misfits(h, c)[case]
+    resume = ResumeState("tiny", s.model.manifest.sha256, 5, states, names)
+    with pytest.raises(FailedPrecondition, match="state layout does not match model 'tiny'") as e:
+        s.manager.open("tiny", resume=resume)
+    assert e.value.code.name == "FAILED_PRECONDITION"
+    assert s.pool.used == 1 and len(s.manager.sessions) == 1  # the refused session's slot was freed
+    got_h, got_c = s.pool.read(other.slot)
+    np.testing.assert_array_equal(got_h, h)
+    np.testing.assert_array_equal(got_c, c)
+    fresh = s.manager.open("tiny")  # and a new session gets that slot, zeroed
+    assert not any(a.any() for a in s.pool.read(fresh.slot))
