@@ -47,7 +47,7 @@ def cuda_engine(model_dir: Path, capacity: int, device_id: int = 0, **kwargs: An
     from cellserve.server.arrays import CupyOps
 
     manifest = load_manifest(model_dir)
-    pool = StatePool(manifest.layers, manifest.hidden, capacity, CupyOps(device_id))
+    pool = StatePool(manifest.states, capacity, CupyOps(device_id))
     return Engine(manifest, model_dir, pool, intra_op_threads=1, **kwargs)
 
 
@@ -59,6 +59,12 @@ def host(pool: StatePool, arr: Any) -> np.ndarray:
     return pool.ops.to_host(arr)
 
 
+def host_hc(pool: StatePool) -> tuple[np.ndarray, np.ndarray]:
+    """Host copies of the whole pool's h and c, slot-major ``[S, L, H]``."""
+    h, c = pool.tensors
+    return host(pool, h), host(pool, c)
+
+
 def tokens(rng: np.random.Generator, batch: int, steps: int) -> np.ndarray:
     return rng.integers(0, 256, size=(batch, steps), dtype=np.int64)
 
@@ -66,8 +72,7 @@ def tokens(rng: np.random.Generator, batch: int, steps: int) -> np.ndarray:
 def fill_random(pool: StatePool, rng: np.random.Generator) -> None:
     for _ in range(pool.capacity):
         slot = pool.allocate(object())
-        shape = (pool.layers, pool.hidden)
-        pool.write(slot, rng.standard_normal(shape), rng.standard_normal(shape))
+        pool.write(slot, [rng.standard_normal(shape).astype(np.float32) for shape in pool.shapes])
 
 
 @pytest.mark.parametrize("ort_sync", [False, True])
@@ -101,13 +106,15 @@ def test_rows_outside_the_batch_are_untouched_on_the_device(tiny_model_dir):
     engine = cuda_engine(tiny_model_dir, capacity=16)
     rng = np.random.default_rng(1)
     fill_random(engine.pool, rng)
-    before_h, before_c = host(engine.pool, engine.pool.h), host(engine.pool, engine.pool.c)
+    before_h, before_c = host_hc(engine.pool)  # [S, L, H]
     rows = np.array([0, 15, 8, 3], np.int64)
     engine.run_slots(rows, tokens(rng, 4, 3))
+    after_h, after_c = host_hc(engine.pool)
     others = np.setdiff1d(np.arange(16), rows)
-    np.testing.assert_array_equal(host(engine.pool, engine.pool.h)[:, others, :], before_h[:, others, :])
-    np.testing.assert_array_equal(host(engine.pool, engine.pool.c)[:, others, :], before_c[:, others, :])
-    assert not np.array_equal(host(engine.pool, engine.pool.h)[:, rows, :], before_h[:, rows, :])
+    np.testing.assert_array_equal(after_h[others], before_h[others])
+    np.testing.assert_array_equal(after_c[others], before_c[others])
+    assert not np.array_equal(after_h[rows], before_h[rows])  # the batch did move
+    assert not np.array_equal(after_c[rows], before_c[rows])
 
 
 def test_onnxruntime_runs_on_the_pools_stream_and_device(tiny_model_dir):
@@ -118,10 +125,11 @@ def test_onnxruntime_runs_on_the_pools_stream_and_device(tiny_model_dir):
     options = engine.session.get_provider_options()["CUDAExecutionProvider"]
     assert options["device_id"] == str(last)
     assert int(options["user_compute_stream"], 0) == engine.ops.stream_ptr != 0
-    assert engine.pool.h.device.id == last and engine.pool.c.device.id == last
+    assert len(engine.pool.tensors) == 2 and {t.device.id for t in engine.pool.tensors} == {last}
     engine.run_slots(np.array([0, 1]), tokens(np.random.default_rng(2), 2, 2))
-    bucket = engine._buckets[(2, 2)]
-    assert {b.device.id for b in (bucket.x, bucket.y, bucket.h_in, bucket.c_in, bucket.h_out, bucket.c_out)} == {last}
+    bucket = engine._buckets[(2, (2,))]  # (batch, step shape [T])
+    buffers = (bucket.x, bucket.y, *bucket.states_in, *bucket.states_out)
+    assert len(buffers) == 6 and {b.device.id for b in buffers} == {last}
 
 
 def test_engine_thread_and_event_loop_thread_share_device_and_stream(tiny_model_dir, tiny_oracle):
@@ -147,8 +155,8 @@ def test_engine_thread_and_event_loop_thread_share_device_and_stream(tiny_model_
     for i in range(300):
         owner = object()
         slot = pool.allocate(owner)
-        h = np.full((pool.layers, pool.hidden), float(i), np.float32)
-        pool.write(slot, h, -h)
+        h = np.full(pool.shapes[0], float(i), np.float32)
+        pool.write(slot, [h, -h])
         got_h, got_c = pool.read(slot)
         np.testing.assert_array_equal(got_h, h)
         np.testing.assert_array_equal(got_c, -h)
@@ -158,17 +166,21 @@ def test_engine_thread_and_event_loop_thread_share_device_and_stream(tiny_model_
             kept[slot] = h
     thread.join(120)
     assert not thread.is_alive() and not failure, failure
-    y_ref, hn_ref, _ = tiny_oracle.run(seqs)
+    y_ref, hn_ref, cn_ref = tiny_oracle.run(seqs)
     np.testing.assert_allclose(np.concatenate(ys, axis=1), y_ref, atol=GPU_TOL, rtol=0)
-    np.testing.assert_allclose(host(pool, pool.h)[:, stepped, :], hn_ref, atol=GPU_TOL, rtol=0)
+    all_h, all_c = host_hc(pool)  # [S, L, H]; the oracle's are [L, B, H]
+    np.testing.assert_allclose(np.moveaxis(all_h[stepped], 0, 1), hn_ref, atol=GPU_TOL, rtol=0)
+    np.testing.assert_allclose(np.moveaxis(all_c[stepped], 0, 1), cn_ref, atol=GPU_TOL, rtol=0)
     for slot, h in kept.items():
-        np.testing.assert_array_equal(pool.read(slot)[0], h)
+        got_h, got_c = pool.read(slot)
+        np.testing.assert_array_equal(got_h, h)
+        np.testing.assert_array_equal(got_c, -h)
 
 
 def test_onnxruntime_profile_has_no_copy_of_h_or_c(tiny_model_dir, tmp_path):
     batch, steps = 16, 3  # shapes distinct from L=2, H=32, vocab 256
     engine = cuda_engine(tiny_model_dir, capacity=64, profile_prefix=str(tmp_path / "ort"))
-    layers, hidden = engine.pool.layers, engine.pool.hidden
+    layers, hidden = engine.manifest.layers, engine.manifest.hidden
     rng = np.random.default_rng(4)
     for _ in range(3):
         engine.run_slots(rng.choice(64, size=batch, replace=False).astype(np.int64), tokens(rng, batch, steps))
@@ -224,7 +236,8 @@ def test_per_step_device_host_traffic_is_slot_ids_x_and_y_only(tiny_model_dir, t
     down = [int(e["args"]["bytes"]) for e in copies if "DtoH" in e["name"]]
     y_bytes = batch * steps * 256 * 4
     x_bytes, slot_bytes = batch * steps * 8, batch * 8
-    state_sizes = {batch * engine.pool.hidden * 4, engine.pool.layers * batch * engine.pool.hidden * 4}
+    layers, hidden = engine.manifest.layers, engine.manifest.hidden
+    state_sizes = {batch * hidden * 4, layers * batch * hidden * 4}
     assert not state_sizes & set(up + down), (up, down)  # no copy the size of a layer's or the batch's h/c
     slack = 1024  # per step: small control transfers (e.g. sequence lengths for cuDNN)
     assert runs * y_bytes <= sum(down) <= runs * (y_bytes + slack), down
