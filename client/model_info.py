@@ -34,6 +34,19 @@ class ModelInfo:
     output_size: int
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    input_dtype: str = ""  # a step's dtype: int64 (tokens), float32 or float16 ("": from input_kind)
+    frame: tuple[int, ...] | None = None  # a step's dims after T, -1 dynamic (None: from input_kind, input_size)
+    time_axis: bool = True  # False: a per-frame model (the server runs a step's T frames in order)
+    output_frame: tuple[int, ...] | None = None  # an output step's dims after T (None: [output_size])
+
+    def __post_init__(self) -> None:  # an older server's summary, or a hand-made ModelInfo: tokens [T] or [T, I]
+        tokens = self.input_kind == "tokens"
+        if not self.input_dtype:
+            object.__setattr__(self, "input_dtype", "int64" if tokens else "float32")
+        if self.frame is None:
+            object.__setattr__(self, "frame", () if tokens else (self.input_size,))
+        if self.output_frame is None:
+            object.__setattr__(self, "output_frame", (self.output_size,))
 
     @classmethod
     def from_proto(cls, m: pb.ModelSummary) -> ModelInfo:
@@ -41,16 +54,22 @@ class ModelInfo:
             dtype = DTYPES[t.dtype].name if t.dtype in DTYPES else "unspecified"
             return TensorSpec(t.name, t.role, dtype, tuple(int(d) for d in t.shape))
 
+        new = m.input_dtype in DTYPES  # an older server sends no frame fields (tokens [T] or features [T, I])
         return cls(
             **{f: getattr(m, f) for f in SUMMARY_FIELDS},
             inputs=tuple(spec(t) for t in m.inputs),
             outputs=tuple(spec(t) for t in m.outputs),
+            input_dtype=DTYPES[m.input_dtype].name if new else "",
+            frame=tuple(int(d) for d in m.frame) if new else None,
+            time_axis=m.time_axis if new else True,
+            output_frame=tuple(int(d) for d in m.output_frame) if new else None,
         )
 
     def check_input(self, x: object) -> np.ndarray:
-        """Return ``x`` as the array a step sends ([T] int64 or [T, I] float32); InvalidInputError if it can't be.
+        """Return ``x`` as the array a step sends ([T] int64 token ids, or [T, *frame] of the model's dtype);
+        InvalidInputError if it can't be.
 
-        A single step may be given without its T axis (a scalar token id, or an [I] feature vector). A token
+        A single step may be given without its T axis (a scalar token id, or one [*frame]). A token
         model also takes ``bytes``/``bytearray``: each byte is one token id (``b"def "`` = ``list(b"def ")``).
         """
         if self.input_kind == "tokens" and isinstance(x, (bytes, bytearray)):
@@ -75,7 +94,12 @@ class ModelInfo:
         """What a step of this model takes, for error messages (built only when one is raised)."""
         if self.input_kind == "tokens":
             return f"model {self.name!r} expects integer token ids in [0, {self.input_size}), int64 [T] with T >= 1"
-        return f"model {self.name!r} expects finite float32 features [T, {self.input_size}] with T >= 1"
+        dims = "".join(f", {'N' if d < 0 else d}" for d in self.frame or ())
+        what = "features" if self.time_axis else "frames"
+        return f"model {self.name!r} expects finite {self.input_dtype} {what} [T{dims}] with T >= 1"
+
+    def _fits(self, dims: tuple[int, ...]) -> bool:
+        return all(d >= 1 if w < 0 else d == w for d, w in zip(dims, self.frame or (), strict=True))
 
     def _refuse(self, what: str) -> InvalidInputError:
         """``what`` was wrong, and what the model expects (built only when a step is refused)."""
@@ -106,14 +130,15 @@ class ModelInfo:
     def _check_features(self, a: np.ndarray) -> np.ndarray:
         if a.dtype.kind not in "fiu":
             raise self._refuse(f"input has dtype {a.dtype}")
-        if a.ndim == 1 and a.shape[0] != self.input_size:
-            raise self._refuse(f"input has shape {list(a.shape)} (a 1-D input is read as one step of "
-                                    f"{a.shape[0]} features)")  # fmt: skip
-        if a.ndim == 1:
-            a = a.reshape(1, -1)
-        if a.ndim != 2 or a.shape[1] != self.input_size:
+        frame = self.frame or ()
+        if a.ndim == len(frame):  # one step without its T axis
+            if not self._fits(a.shape):
+                raise self._refuse(f"input has shape {list(a.shape)} (a {a.ndim}-D input is read as one step of "
+                                   f"{a.shape[0] if a.ndim == 1 else list(a.shape)} features)")  # fmt: skip
+            a = a.reshape(1, *a.shape)
+        if a.ndim != len(frame) + 1 or not self._fits(a.shape[1:]):
             raise self._refuse(f"input has shape {list(a.shape)}")
-        a = a.astype(np.float32, copy=False)
+        a = a.astype(self.input_dtype, copy=False)
         if not np.isfinite(a).all():
             raise self._refuse("input has NaN or infinite values")
         return a

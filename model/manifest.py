@@ -238,6 +238,10 @@ class Manifest:
         what = "token ids" if self.vocab is not None else ("frames" if not self.input.time_axis else "features")
         return f"model {self.name!r} expects {self.input.dtype} {what} of shape {shape} with 1 <= T <= {max_steps}"
 
+    def describe_output(self) -> str:
+        frame = ", ".join("N" if d is None else str(d) for d in self.output.frame)
+        return f"float32 [{frame}]"
+
     @property
     def state_elements(self) -> int:
         """Elements of one session's state, every tensor."""

@@ -22,7 +22,7 @@ from cellserve.server.settings import Settings
 from cellserve.server.stream import StreamHandler
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
-from cellserve.wire import SUMMARY_FIELDS, tensor_spec
+from cellserve.wire import PB_DTYPES, SUMMARY_FIELDS, tensor_spec
 
 SERVICE = pb.DESCRIPTOR.services_by_name["CellServe"].full_name
 
@@ -120,6 +120,10 @@ def _check_generate(request: pb.GenerateRequest, model: LoadedModel, max_tokens:
     m = model.manifest
     if m.vocab is None:
         raise FailedPrecondition(f"model {m.name!r} takes features, not tokens; Generate needs a token model")
+    if len(m.output.frame) != 1 or m.output.frame[0] is None:
+        raise FailedPrecondition(
+            f"model {m.name!r} outputs {m.describe_output()} per step; Generate needs one logit per token id [V]"
+        )
     if not request.prompt:
         raise InvalidArgument("prompt is empty; Generate needs at least one byte of prompt")
     if not 1 <= request.max_tokens <= max_tokens:
@@ -136,4 +140,8 @@ def model_summary(model: LoadedModel) -> pb.ModelSummary:
         **{f: getattr(m, f) for f in SUMMARY_FIELDS},
         inputs=[tensor_spec(t.name, t.role, t.dtype, t.shape) for t in m.inputs],
         outputs=[tensor_spec(t.name, t.role, t.dtype, t.shape) for t in m.outputs],
+        input_dtype=PB_DTYPES[m.input.dtype],
+        frame=[-1 if d is None else d for d in m.input.frame],
+        time_axis=m.input.time_axis,
+        output_frame=[-1 if d is None else d for d in m.output.frame],
     )

@@ -37,16 +37,17 @@ class OnnxModel:
         session = ort.InferenceSession(
             str(model_dir / manifest["onnx_file"]), sess_options=opts, providers=["CPUExecutionProvider"]
         )
-        names = {t["role"]: t["name"] for t in manifest["inputs"] + manifest["outputs"]}
-        return cls(
-            session,
-            names,
-            manifest["input_kind"],
-            int(manifest["input_size"]),
-            int(manifest["output_size"]),
-            int(manifest["layers"]),
-            int(manifest["hidden"]),
-        )
+        if "states" not in manifest:  # format 1: every tensor with its role
+            names = {t["role"]: t["name"] for t in manifest["inputs"] + manifest["outputs"]}
+            return cls(session, names, manifest["input_kind"], int(manifest["input_size"]),
+                       int(manifest["output_size"]), int(manifest["layers"]), int(manifest["hidden"]))  # fmt: skip
+        x, y, (h, c) = manifest["input"], manifest["output"], manifest["states"]
+        names = {"input": x["name"], "state_h": h["input"], "state_c": c["input"], "output": y["name"],
+                 "next_state_h": h["output"], "next_state_c": c["output"]}  # fmt: skip
+        tokens = x.get("vocab") is not None
+        return cls(session, names, "tokens" if tokens else "features",
+                   int(x["vocab"] if tokens else x["frame"][0]), int(y["frame"][0]),
+                   int(manifest["lstm"]["layers"]), int(manifest["lstm"]["hidden"]))  # fmt: skip
 
     def sample_input(self, rng: np.random.Generator, batch: int, t: int) -> np.ndarray:
         """Random x: [B, T] int64 ids or [B, T, I] float32 features."""

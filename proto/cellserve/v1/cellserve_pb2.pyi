@@ -222,7 +222,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "version", "sha256", "input_kind", "layers", "hidden", "input_size", "output_size", "inputs", "outputs")
+    __slots__ = ("name", "version", "sha256", "input_kind", "layers", "hidden", "input_size", "output_size", "inputs", "outputs", "input_dtype", "frame", "time_axis", "output_frame")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +233,10 @@ class ModelSummary(_message.Message):
     OUTPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    TIME_AXIS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FRAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     sha256: str
@@ -243,4 +247,8 @@ class ModelSummary(_message.Message):
     output_size: int
     inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., input_kind: _Optional[str] = ..., layers: _Optional[int] = ..., hidden: _Optional[int] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    input_dtype: DType
+    frame: _containers.RepeatedScalarFieldContainer[int]
+    time_axis: bool
+    output_frame: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., input_kind: _Optional[str] = ..., layers: _Optional[int] = ..., hidden: _Optional[int] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., frame: _Optional[_Iterable[int]] = ..., time_axis: _Optional[bool] = ..., output_frame: _Optional[_Iterable[int]] = ...) -> None: ...
