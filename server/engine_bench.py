@@ -4,10 +4,10 @@ For every pool capacity (e.g. 1k and 1M slots) it fills the pool (every slot all
 memory is really committed), then times ``Engine.run_slots`` per batch size on random slots spread
 over the whole pool. In the same run, on the same pool, it times the *host round trip* that a
 server keeping state in host memory pays (Triton's ORT path without CUDA shared memory): gather →
-copy h/c to the host → ``session.run`` with host state → copy hn/cn back → scatter. Also in the same
-run: *raw onnxruntime* — ``session.run`` of the same session on host arrays with the state fed back,
-the ceiling an engine call is held to (``res/raw``). It prints a table with ratios and writes
-``engine_bench.json`` (+ ``engine_bench.png`` when matplotlib is there).
+copy every state tensor to the host → ``session.run`` with host state → copy the next state back →
+scatter. Also in the same run: *raw onnxruntime* — ``session.run`` of the same session on host
+arrays with the state fed back, the ceiling an engine call is held to (``res/raw``). It prints a
+table with ratios and writes ``engine_bench.json`` (+ ``engine_bench.png`` when matplotlib is there).
 
 Flat per-step time across capacities is the O(batch) evidence; on the CPU the round trip costs
 only extra host copies, on CUDA it adds PCIe transfers and syncs: run it with ``--device cuda``.
@@ -66,39 +66,73 @@ def rss_bytes() -> int:
         return 0
 
 
+def graph_calls(engine: Any, x: np.ndarray) -> tuple[tuple[int, ...], list[np.ndarray]]:
+    """A step's batch ``x`` ([B, T, *frame]) as the engine runs it: its bucket's step shape and the graph's x of
+    each call (the whole step with a time axis; one frame per call for a per-frame model)."""
+    if engine.time_axis:
+        return tuple(x.shape[1:]), [x]
+    return tuple(x.shape[2:]), [np.ascontiguousarray(x[:, t]) for t in range(x.shape[1])]
+
+
 def round_trip_step(engine: Any, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The baseline: the batch's state goes to the host and back every step, beside the pool."""
     ops, pool = engine.ops, engine.pool
-    bucket = engine._bucket(x.shape[0], x.shape[1])  # its [L, B, H] device buffers, allocated once
+    step, calls = graph_calls(engine, x)
+    bucket = engine._bucket(x.shape[0], step)  # its graph-layout device buffers, allocated once
     rows = ops.index(slots)
-    pool.gather(rows, bucket.h_in, bucket.c_in)
-    y, hn, cn = engine.run_stateless(x, ops.download(bucket.h_in), ops.download(bucket.c_in))  # device → host → ORT
-    ops.copy_in(bucket.h_out, hn)  # host → device
-    ops.copy_in(bucket.c_out, cn)
-    pool.scatter(rows, bucket.h_out, bucket.c_out)
+    pool.gather(rows, bucket.states_in)
+    states = [ops.download(s) for s in bucket.states_in]  # device → host
+    ys = []
+    for graph_x in calls:  # → ORT on host arrays, the state carried on the host
+        y, states = engine.run_stateless(graph_x, states)
+        ys.append(y)
+    for out, state in zip(bucket.states_out, states, strict=True):
+        ops.copy_in(out, np.ascontiguousarray(state))  # host → device
+    pool.scatter(rows, bucket.states_out)
     ops.synchronize()
-    return y
+    return ys[0] if engine.time_axis else np.stack(ys, axis=1)
 
 
 class RawOrt:
     """The baseline an engine call is held to: ``session.run`` of the same session on host arrays, state fed back."""
 
     def __init__(self, engine: Any, batch: int) -> None:
-        shape = (engine.pool.layers, batch, engine.pool.hidden)  # [L, B, H]
-        self.h, self.c = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        self.states = engine.zero_states(batch)  # every state, graph layout
 
     def __call__(self, engine: Any, slots: np.ndarray, x: np.ndarray) -> None:
-        _, self.h, self.c = engine.run_stateless(x, self.h, self.c)
+        for graph_x in graph_calls(engine, x)[1]:
+            _, self.states = engine.run_stateless(graph_x, self.states)
 
 
 def gather_scatter_step(engine: Any, slots: np.ndarray, x: np.ndarray) -> None:
     """The pool's share of a step alone: gather the batch's state and scatter it back (the O(batch) part)."""
     ops, pool = engine.ops, engine.pool
-    bucket = engine._bucket(x.shape[0], x.shape[1])
+    bucket = engine._bucket(x.shape[0], graph_calls(engine, x)[0])
     rows = ops.index(slots)
-    pool.gather(rows, bucket.h_in, bucket.c_in)
-    pool.scatter(rows, bucket.h_in, bucket.c_in)
+    pool.gather(rows, bucket.states_in)
+    pool.scatter(rows, bucket.states_in)
     ops.synchronize()
+
+
+def describe_model(model: dict[str, Any]) -> str:
+    """The report's model in a few words: an LSTM's sizes, else its state tensors."""
+    if model.get("layers"):
+        return f"L={model['layers']} H={model['hidden']}"
+    states = ", ".join(
+        f"{s['name']} {s['dtype']} [{', '.join(str(d) for d in s['shape'])}]" for s in model.get("states", [])
+    )
+    return f"states {states}"
+
+
+def model_report(manifest: Any) -> dict[str, Any]:
+    """What a report says about the model (``layers``/``hidden`` 0 for a model that is not our LSTM)."""
+    return {
+        "name": manifest.name,
+        "layers": manifest.layers,
+        "hidden": manifest.hidden,
+        "states": [{"name": s.input, "dtype": s.dtype, "shape": list(s.shape)} for s in manifest.states],
+        "state_bytes": manifest.state_bytes,
+    }
 
 
 def random_inputs(engine: Any, batch: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -169,10 +203,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     ops = array_ops(args.device, args.device_id)
     rng = np.random.default_rng(args.seed)
     batch_sizes = _ints(args.batch_sizes)
+    if manifest.fixed_batch is not None and max(batch_sizes) > manifest.fixed_batch:
+        raise SystemExit(
+            f"model {manifest.name!r} runs at batch {manifest.fixed_batch} only (its graph's batch is fixed); "
+            f"pass --batch-sizes {manifest.fixed_batch}"
+        )
     report: dict[str, Any] = {
         "device": args.device if args.device == "cpu" else f"cuda:{args.device_id}",
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
-        "model": {"name": manifest.name, "layers": manifest.layers, "hidden": manifest.hidden},
+        "model": model_report(manifest),
         "steps": args.steps,
         "iters": args.iters,
         "capacities": [],
@@ -182,7 +221,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if max(batch_sizes) > capacity:
             raise SystemExit(f"batch size {max(batch_sizes)} exceeds capacity {capacity}")
         rss_before = rss_bytes()
-        pool = StatePool(manifest.layers, manifest.hidden, capacity, ops)
+        pool = StatePool(manifest.states, capacity, ops)
         t0 = time.perf_counter()
         owner = object()
         for _ in range(capacity):  # every slot allocated (and zeroed): the pool's memory is really in use
@@ -243,7 +282,7 @@ def table(report: dict[str, Any], stat: str = "median_us") -> str:
         f"{'round-trip µs':>13} {'rt/resident':>11} | {'raw ORT µs':>10} {'res/raw':>7} | {'steps/s':>9}"
     )
     lines = [
-        f"device {report['device']}, model L={report['model']['layers']} H={report['model']['hidden']}, "
+        f"device {report['device']}, model {describe_model(report['model'])}, "
         f"T={report['steps']}, {stat[:-3]} of {report['iters']} calls (resident = Engine.run_slots)",
         head,
         "-" * len(head),

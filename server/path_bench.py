@@ -129,7 +129,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     manager = SessionManager(models, settings, metrics)
 
     async def main() -> list[dict[str, Any]]:
-        model.engine.warmup(list(range(1, settings.max_batch + 1)))
+        model.engine.warmup(list(range(1, model.scheduler.max_batch + 1)))  # a fixed-batch graph: 1
         model.scheduler.start()
         try:
             return [await _measure(manager, model, n, args) for n in counts]
@@ -156,7 +156,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 "path_over_raw_ort": path / raw,
             }
         )
-    m = model.manifest
+    from cellserve.server.engine_bench import model_report
+
     return {
         "meta": {
             "command": (
@@ -167,19 +168,21 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_count": os.cpu_count(),
             "loadavg": os.getloadavg(),
         },
-        "model": {"name": m.name, "sha256": m.sha256, "layers": m.layers, "hidden": m.hidden},
+        "model": {**model_report(model.manifest), "sha256": model.manifest.sha256},
         "steps": args.steps,
         "points": points,
     }
 
 
 def table(report: dict[str, Any]) -> str:
-    m = report["model"]
+    from cellserve.server.engine_bench import describe_model
+
     head = (
         f"{'sessions':>8} {'batch':>6} | {'path µs/msg':>11} {'engine':>8} {'rest':>8} | "
         f"{'raw ORT µs/msg':>14} {'path/raw':>8}"
     )
-    lines = [f"model L={m['layers']} H={m['hidden']}, T={report['steps']}, in-process (no gRPC)", head, "-" * len(head)]
+    title = f"model {describe_model(report['model'])}, T={report['steps']}, in-process (no gRPC)"
+    lines = [title, head, "-" * len(head)]
     for p in report["points"]:
         lines.append(
             f"{p['sessions']:>8} {p['mean_batch']:>6.1f} | {p['path_us_per_msg']:>11.1f} "
