@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import multiprocessing as mp
@@ -393,6 +394,20 @@ def _die_with_parent(supervisor: int) -> None:
         sys.exit(0)
 
 
+def _supervisor_gone(supervisor: int) -> bool:
+    """Whether the supervisor died or is dying: this worker was reparented, or the supervisor's main thread
+    has exited. The death signal comes as soon as the thread that spawned the worker exits; the worker may
+    stay the child of the supervisor's other threads a moment longer."""
+    if os.getppid() != supervisor:
+        return True
+    try:
+        with open(f"/proc/{supervisor}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]  # after "pid (comm)"
+    except (OSError, IndexError):
+        return True
+    return state in (b"Z", b"X")  # a zombie main thread: the process is exiting
+
+
 class _WorkerField(logging.Filter):
     def __init__(self, index: int) -> None:
         super().__init__()
@@ -421,10 +436,8 @@ def worker_main(settings: Settings, index: int, ready: Connection, log_level: in
     def on_ready(port: int, metrics_port: int) -> None:
         heartbeat.on_loop({"pid": os.getpid(), "port": port, "metrics_port": metrics_port})
 
-    def orphaned() -> bool:
-        return os.getppid() != supervisor  # the kernel reparents before it sends the death signal
-
     try:
+        orphaned = functools.partial(_supervisor_gone, supervisor)
         asyncio.run(run_until_signal(settings, reuse_port=True, on_ready=on_ready, orphaned=orphaned))
     except (OSError, ValueError, EngineUnavailable) as e:
         print(f"cellserve serve: error: worker {index}: {e}", file=sys.stderr)
