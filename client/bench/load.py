@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 PROGRESS_EVERY = 32  # messages between progress-counter updates
+DYNAMIC_DIM = 64  # a frame dim the model leaves dynamic is sent at this size (ModelSummary has no example frame)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,13 @@ class LoadSpec:
     messages_per_stream: int
     seed: int
     checkpoint_every: int = 0  # sdk: the sessions' checkpoint_every (0 = checkpointing off)
+    input_dtype: str = ""  # a step's dtype: int64, float32 or float16 ("": from input_kind)
+    frame: tuple[int, ...] | None = None  # a step's dims after T, -1 dynamic (None: from input_kind, input_size)
+
+    def step_shape(self) -> tuple[int, ...]:
+        """One message's input: ``[T, *frame]``, a dynamic frame dim at DYNAMIC_DIM."""
+        frame = self.frame if self.frame is not None else (() if self.input_kind == "tokens" else (self.input_size,))
+        return (self.t, *(DYNAMIC_DIM if d < 0 else d for d in frame))
 
 
 @dataclass(frozen=True)
@@ -51,9 +59,12 @@ class Window:
 
 
 def _inputs(spec: LoadSpec, rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    """``n`` valid messages' inputs: token ids in the vocabulary, or normal values of the model's float dtype."""
+    shape = spec.step_shape()
     if spec.input_kind == "tokens":
-        return [rng.integers(0, spec.input_size, size=spec.t, dtype=np.int64) for _ in range(n)]
-    return [rng.standard_normal((spec.t, spec.input_size), dtype=np.float32) for _ in range(n)]
+        return [rng.integers(0, spec.input_size, size=shape, dtype=np.int64) for _ in range(n)]
+    dtype = np.dtype(spec.input_dtype or "float32")
+    return [rng.standard_normal(shape, dtype=np.float32).astype(dtype) for _ in range(n)]
 
 
 async def _closed_loop(spec: LoadSpec, w: Window, roundtrip: Any, progress: Synchronized) -> tuple[list[float], int]:

@@ -157,6 +157,7 @@ def run_load(
             layers=info.layers, hidden=info.hidden,
             warmup_s=plan.warmup_s, duration_s=plan.duration_s if not plan.messages else 0.0,
             messages_per_stream=per_stream, seed=plan.seed * 1000 + i, checkpoint_every=plan.checkpoint_every,
+            input_dtype=getattr(info, "input_dtype", ""), frame=getattr(info, "frame", None),
         )  # fmt: skip
         p = ctx.Process(target=worker, args=(spec, sync, progress, results), daemon=True)
         p.start()
