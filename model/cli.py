@@ -76,31 +76,66 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="pychar", help="model name (what clients ask for)")
     p.add_argument("--version", dest="model_version", default="1", help="model version")
 
-    summary = "check any ONNX LSTM against the serving contract and write a model directory (no torch needed)"
+    summary = "check a stateful ONNX model against the serving contract and write a model directory (no torch)"
     p = add_command(
         subparsers,
         "import-onnx",
         _import_onnx,
         summary,
-        formatter_class=argparse.HelpFormatter,  # its flags state their own defaults
-        epilog="Exit status: 0 when the model directory is written; 2 when the graph is refused, with one line on "
-        "stderr naming the problem and how to re-export (nothing is written then). Needs onnxruntime and numpy "
-        "only (no torch, no onnx package).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # its flags state their own defaults
+        epilog="Exit status: 0 when the model directory is written; 2 when the graph is refused, with one line on\n"
+        "stderr naming the problem and what to do (nothing is written then). Needs onnxruntime and numpy only\n"
+        "(no torch, no onnx package).",
     )
     p.add_argument("model", type=Path, metavar="MODEL.onnx", help="the ONNX file to import")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="model directory to write (made if missing)")
     p.add_argument("--name", required=True, help="model name (what clients ask for)")
     p.add_argument("--version", dest="model_version", default="1", help="model version (default: %(default)s)")
-    p.add_argument("--input", default=None, metavar="NAME", help="graph input that is x (default: detected)")
+    p.add_argument(
+        "--input", default=None, metavar="NAME", help="graph input that is x, the per-step input (default: detected)"
+    )
     p.add_argument(
         "--state",
         action="append",
         default=None,
-        metavar="IN:OUT",
-        help="a state input and the output that is its next value; give it twice, h first (--state h0:hn "
-        "--state c0:cn); default: detected",
+        metavar="IN:OUT[:BATCH_AXIS]",
+        help="a state input, the graph output that is its next value, and optionally the state's batch axis; "
+        "repeat once per state (--state h0:hn --state c0:cn); default: paired by name (h0->hn, state->stateN, "
+        "cache->new_cache, *_in->*_out, past_*->present_* ...) or by a unique matching shape, the batch axis being "
+        "the dynamic axis the state shares with x's batch",
     )
-    p.add_argument("--output", default=None, metavar="NAME", help="graph output that is y (default: detected)")
+    p.add_argument(
+        "--output", default=None, metavar="NAME", help="graph output that is y (default: detected; other graph "
+        "outputs that are not a next state are not returned)",
+    )  # fmt: skip
+    p.add_argument(
+        "--const",
+        action="append",
+        default=None,
+        metavar="NAME=VALUE",
+        help="a constant input's value, fed on every call: a scalar or a short comma list typed by the input's "
+        "dtype (--const sr=16000); every graph input that is neither x nor a state needs one",
+    )
+    p.add_argument(
+        "--batch-axis",
+        type=int,
+        default=None,
+        metavar="AXIS",
+        help="batch axis of every state whose batch axis cannot be told (no dynamic axis shared with x's batch, "
+        "and more than one open dim); --state IN:OUT:AXIS sets one state's",
+    )
+    frame = p.add_mutually_exclusive_group()
+    frame.add_argument(
+        "--per-frame",
+        dest="per_frame",
+        action="store_const",
+        const=True,
+        default=None,
+        help="x has no time axis: one frame [B, *frame] per call (default: detected from x's and y's axis 1)",
+    )
+    frame.add_argument(
+        "--time-axis", dest="per_frame", action="store_const", const=False, help="x's axis 1 is time: [B, T, *frame]"
+    )
     p.add_argument(
         "--vocab",
         type=int,
@@ -191,19 +226,29 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import_onnx(args: argparse.Namespace) -> int:
-    """Check MODEL.onnx against the contract (x, h0, c0) -> (y, hn, cn): x int64 [B, T] tokens or float32 [B, T, I]
-    features, state float32 [L, B, H], y float32 [B, T, O], B and T dynamic. It runs the graph at B in {1, 3} and
-    several T and checks that a sequence run in random chunks, state carried, equals the sequence run whole. Only
-    then it writes DIR/model.onnx and DIR/manifest.json for `cellserve serve --model-dirs DIR`. Roles not given by
-    flags are detected from conventional names and shapes, and printed."""
+    """Check MODEL.onnx against the serving contract and write DIR/model.onnx and DIR/manifest.json for
+    `cellserve serve --model-dirs DIR`.
+
+    The contract: one per-step input x (int64 token ids, float32 or float16), [B, T, *frame] with a time axis or
+    [B, *frame] for a per-frame model; one or more state pairs IN -> OUT (float32 or float16, any fixed shape with
+    one batch axis anywhere, zeros to start); constant inputs, given with --const; one output y, [B, T, *out] or
+    [B, *out]. A graph whose batch is fixed at 1 is served with batch-1 calls.
+
+    What the flags do not say is detected and printed: state pairs by name and shape, each state's batch axis,
+    whether x has a time axis, and dims the graph leaves undeclared (learned by running it; a frame dim it leaves
+    dynamic stays dynamic). Before writing, it runs the graph at B in {1, 3} (and several T), checks that every
+    state is used, that rows of a batch are independent (per-frame models: frames run one by one equal them
+    interleaved with other sessions'), and, with a time axis, that a sequence run in random chunks, state carried,
+    equals it run whole."""
     # A refusal is one line on stderr and exit status 2, never a traceback.
     try:
         from cellserve.model.contract import ContractError, RoleHints
         from cellserve.model.importer import import_onnx
     except ImportError as e:
         return fail("import-onnx", f"needs onnxruntime and numpy ({e}); install cellserve[serve]")
-    hints = RoleHints(args.input, tuple(args.state or ()), args.output)
     try:
+        consts = tuple(RoleHints.parse_const(c) for c in args.const or ())
+        hints = RoleHints(args.input, tuple(args.state or ()), args.output, consts, args.batch_axis, args.per_frame)
         manifest, checked = import_onnx(
             args.model, args.out, name=args.name, hints=hints, vocab=args.vocab, version=args.model_version
         )
@@ -216,26 +261,58 @@ def _import_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dims(shape: tuple[int | str | None, ...], prefix: str) -> list[str]:
+    return [prefix + (str(i) if sum(d is None for d in shape) > 1 else "") if d is None else str(d)
+            for i, d in enumerate(shape)]  # fmt: skip
+
+
 def describe_import(manifest: Manifest, checked: CheckedGraph, out_dir: Path) -> list[str]:
-    """What ``import-onnx`` chose and checked, for people: roles (and how each was chosen), checks, result."""
-    r, how = checked.roles, checked.detected
-    flagged = all(v == "flag" for v in how.values())
-    state = f"float32 [{checked.layers}, B, {checked.hidden}]"
-    if checked.input_kind == "tokens":
-        x = f"int64 [B, T] tokens, vocabulary {checked.input_size} ({checked.vocab_source})"
+    """What ``import-onnx`` found and checked, for people: each role (and how it was found), the checks, result."""
+    r, how, x = checked.roles, checked.detected, checked.input
+    flagged = all(how.get(k) == "flag" for k in ("input", "output", *(i for i, _ in r.states)))
+    lead = ["B", "T"] if x.time_axis else ["B"]
+    shape = "[" + ", ".join([*lead, *_dims(x.frame, "N")]) + "]"
+    if x.vocab is not None:
+        what = f"token ids, vocabulary {x.vocab} ({checked.vocab_source})"
     else:
-        x = f"float32 [B, T, {checked.input_size}] features"
-    report = checked.report
+        what = "time axis" if x.time_axis else "one frame per call, no time axis"
+    notes = [how["time_axis"], *([how["frame"]] if "frame" in how else [])]
+    y = checked.output
+    y_shape = "[" + ", ".join([*lead, *_dims(y.frame, "M")]) + "]"
     lines = [
-        "roles " + ("(from flags):" if flagged else "(detected; set them with --input/--state/--output):"),
-        f"  input    {r.input}: {x}  [{how['input']}]",
-        f"  state h  {r.state_h} -> {r.next_state_h}: {state}  [{how['state_h']}/{how['next_state_h']}]",
-        f"  state c  {r.state_c} -> {r.next_state_c}: {state}  [{how['state_c']}/{how['next_state_c']}]",
-        f"  output   {r.output}: float32 [B, T, {checked.output_size}]  [{how['output']}]",
-        "checks passed: signature; runs at (B, T) in "
-        + " ".join(f"({b},{t})" for b, t in report["runs"])
-        + f"; batch rows independent; state used; chunked == whole (chunks {report['chunks']}, max scaled diff "
-        f"{report['chunked_max_scaled_diff']:.2g} <= {report['tolerance']:g})",
+        "roles (from flags):"
+        if flagged
+        else "detected (set any of it with --input/--state/--output/--const/--batch-axis/--per-frame):",
+        f"  input    {x.name}: {x.dtype} {shape}, {what}  [{how['input']}; {'; '.join(notes)}]",
+    ]
+    for s in checked.states:
+        dims = "[" + ", ".join(str(d) for d in s.shape) + "]"
+        lines.append(f"  state    {s.input} -> {s.output}: {s.dtype} {dims}, batch axis {s.batch_axis}  "
+                     f"[{how[s.input]}; axis: {how['axis:' + s.input]}]")  # fmt: skip
+    for c in checked.consts:
+        value = c.value[0] if not c.shape else list(c.value)
+        lines.append(f"  const    {c.name}: {c.dtype} {list(c.shape)} = {value}  [flag]")
+    lines.append(f"  output   {y.name}: {y.dtype} {y_shape}  [{how['output']}]")
+    lines += [f"  ignored  {n}: a graph output that is neither y nor a next state, not returned" for n in r.ignored]
+    fixed = checked.fixed_batch == 1
+    lines.append("  batch    " + ("fixed at 1: served by batch-1 calls, one session per call" if fixed else
+                                  "dynamic: sessions share batched calls"))  # fmt: skip
+    report = checked.report
+    tol = f"{report['tolerance']:g}"
+    runs = " ".join("(" + ",".join(map(str, run)) + ")" for run in report["runs"])
+    checks = [f"runs at {'(B, T)' if x.time_axis else 'B'} in {runs}", "every state used"]
+    if fixed:
+        checks.append("batch checks skipped (batch fixed at 1)")
+    elif x.time_axis:
+        checks.append(f"batch rows independent (max scaled diff {report['batch_rows_max_scaled_diff']:.2g})")
+    else:
+        checks.append(f"frames one by one == interleaved with other sessions at B=3 (max scaled diff "
+                      f"{report['interleaved_max_scaled_diff']:.2g})")  # fmt: skip
+    if x.time_axis:
+        checks.append(f"chunked == whole (chunks {report['chunks']}, max scaled diff "
+                      f"{report['chunked_max_scaled_diff']:.2g})")  # fmt: skip
+    lines += [
+        f"checks passed (tolerance {tol}): " + "; ".join(checks),
         f"wrote model {manifest.name!r} to {out_dir}/ ({manifest.onnx_file} sha256 {manifest.sha256[:16]}…, "
         f"manifest.json); serve it with: cellserve serve --model-dirs {out_dir}",
     ]

@@ -1,33 +1,36 @@
-"""The LSTM graph contract cellserve serves, and which graph tensor plays which role in it.
+"""The stateful-model contract cellserve serves, and which graph tensor plays which role in it.
 
-Contract: ``(x, h0, c0) -> (y, hn, cn)``, with
+Contract (manifest format 2): one per-step input ``x`` (int64, float32 or float16; ``[B, T, *frame]`` with a
+time axis or ``[B, *frame]`` for a per-frame model), one or more state pairs ``in -> out`` (float32 or
+float16, any fixed shape with one batch axis anywhere, zeros to start), constant inputs fixed at import, and
+one output ``y`` (``[B, T, *out]`` or ``[B, *out]``); other graph outputs are not returned.
 
-- ``x``: int64 token ids ``[B, T]`` or float32 features ``[B, T, I]`` (batch first, then time);
-- ``h0``, ``c0`` and ``hn``, ``cn``: float32 ``[L, B, H]`` (layers first, as ``torch.nn.LSTM``'s state),
-  one h/c pair of the same shape, ``hn``/``cn`` the state after the last step of ``x``;
-- ``y``: float32 ``[B, T, O]``;
-- ``B`` and ``T`` dynamic; ``L``, ``H``, ``I``, ``O`` fixed.
-
-Tensor names are free: :class:`Roles` maps each role to the graph's name, from the user's flags
-(:class:`RoleHints`) or detected from conventional names and shapes. Graph signatures come from
-onnxruntime's session metadata (:class:`GraphTensor`), so nothing here needs the ``onnx`` package or torch.
-The checks themselves are :func:`cellserve.model.conformance.check_graph`.
+This module is the static half: the graph's signature as onnxruntime reports it (:class:`GraphTensor`, no
+``onnx`` package, no torch), the user's flags (:class:`RoleHints`), and :func:`resolve_roles`, which picks x,
+the state pairs (flags, then common naming — ``h0→hn``, ``state→stateN``, ``cache→new_cache``,
+``past_*→present_*`` … — then a unique matching shape), the constants and y. What needs a run of the graph
+(undeclared dims, the time axis, the checks) is :mod:`cellserve.model.graph_probe` and
+:mod:`cellserve.model.conformance`.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import astuple, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from cellserve.model.manifest import InputKind, TensorInfo
+from cellserve.model.manifest import TensorNames
 
-Dim = int | str | None  # a fixed size, a named dynamic axis, or an unnamed one
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64"}
+Dim = int | str | None  # a fixed size, a named dynamic axis, or an undeclared one
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32",
+    "tensor(bool)": "bool", "tensor(double)": "float64",
+}  # fmt: skip
 
 
 class ContractError(ValueError):
-    """The graph breaks the contract. ``str(e)`` is one line: the problem, then how to re-export."""
+    """The graph breaks the contract. ``str(e)`` is one line: the problem, then what to do."""
 
     def __init__(self, problem: str, fix: str) -> None:
         self.problem, self.fix = one_line(problem), one_line(fix)
@@ -40,43 +43,6 @@ def one_line(text: object) -> str:
 
 
 @dataclass(frozen=True)
-class Roles:
-    """Graph tensor names by role."""
-
-    input: str
-    state_h: str
-    state_c: str
-    output: str
-    next_state_h: str
-    next_state_c: str
-
-    def describe(self) -> str:
-        return (
-            f"input {self.input}, state h {self.state_h} -> {self.next_state_h}, "
-            f"state c {self.state_c} -> {self.next_state_c}, output {self.output}"
-        )
-
-
-@dataclass(frozen=True)
-class RoleHints:
-    """Roles the user gave (``--input``, ``--state IN:OUT`` up to twice, h first, ``--output``).
-
-    ``states`` holds the raw ``IN:OUT`` strings: they are split against the graph's names, since ONNX
-    names may themselves contain ``:``. Roles not given are detected.
-    """
-
-    input: str | None = None
-    states: tuple[str, ...] = ()
-    output: str | None = None
-
-    @staticmethod
-    def of(roles: Roles) -> RoleHints:
-        """Every role given, as the flags would give it."""
-        pairs = (f"{roles.state_h}:{roles.next_state_h}", f"{roles.state_c}:{roles.next_state_c}")
-        return RoleHints(roles.input, pairs, roles.output)
-
-
-@dataclass(frozen=True)
 class GraphTensor:
     """One graph input or output as onnxruntime reports it."""
 
@@ -86,12 +52,16 @@ class GraphTensor:
 
     @property
     def dtype(self) -> str | None:
-        """numpy dtype name for the types the contract allows (float32, int64), else None."""
+        """numpy dtype name (float32, float16, int64, ...), None for types cellserve never feeds."""
         return _ORT_TYPES.get(self.ort_type)
 
     def show(self) -> str:
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"'{self.name}' {self.dtype or self.ort_type} [{dims}]"
+        return f"'{self.name}' {self.dtype or self.ort_type} {show_shape(self.shape)}"
+
+
+def show_shape(shape: tuple[Any, ...] | list[Any]) -> str:
+    """``[2, batch, ?]``: undeclared dims as ``?``."""
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def signature(session: Any) -> tuple[list[GraphTensor], list[GraphTensor]]:
@@ -107,63 +77,128 @@ def dynamic(d: Dim) -> bool:
     return not isinstance(d, int)
 
 
-DEFAULT_ROLES = Roles("x", "h0", "c0", "y", "hn", "cn")  # the names cellserve's own exports use
+DEFAULT_ROLES = TensorNames("x", "h0", "c0", "y", "hn", "cn")  # the names cellserve's own LSTM exports use
 
 
-def manifest_tensors(
-    roles: Roles, kind: InputKind, input_size: int, output_size: int, layers: int, hidden: int
-) -> tuple[list[TensorInfo], list[TensorInfo]]:
-    """The manifest's inputs and outputs for a graph keeping the contract ("B"/"T" mark the dynamic axes)."""
-    r, state = roles, [layers, "B", hidden]
-    if kind == "tokens":
-        x = TensorInfo(r.input, "input", "int64", ["B", "T"])
-    else:
-        x = TensorInfo(r.input, "input", "float32", ["B", "T", input_size])
-    inputs = [x, TensorInfo(r.state_h, "state_h", "float32", state), TensorInfo(r.state_c, "state_c", "float32", state)]
-    outputs = [
-        TensorInfo(r.output, "output", "float32", ["B", "T", output_size]),
-        TensorInfo(r.next_state_h, "next_state_h", "float32", state),
-        TensorInfo(r.next_state_c, "next_state_c", "float32", state),
-    ]
-    return inputs, outputs
+@dataclass(frozen=True)
+class RoleHints:
+    """What the user said (``--input``, ``--state IN:OUT[:AXIS]`` any number of times, ``--output``,
+    ``--const NAME=VALUE``, ``--batch-axis``, ``--per-frame``); everything not given is detected.
+
+    ``states`` holds the raw ``IN:OUT[:AXIS]`` strings: they are split against the graph's names, since ONNX
+    names may themselves contain ``:``. ``consts`` maps a graph input to its value as text (``"16000"``,
+    ``"1,2,3"``), typed later by the input's dtype.
+    """
+
+    input: str | None = None
+    states: tuple[str, ...] = ()
+    output: str | None = None
+    consts: tuple[tuple[str, str], ...] = ()
+    batch_axis: int | None = None  # the batch axis of every state whose batch axis cannot be told
+    per_frame: bool | None = None  # True: x has no time axis; False: x's axis 1 is time; None: detect
+
+    def with_consts(self, consts: Mapping[str, object] | None) -> RoleHints:
+        """These hints plus constants given as values (``{"sr": 16000}``, ``{"w": [1, 2]}``) or text."""
+        if not consts:
+            return self
+        text = tuple((k, ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)) for k, v in consts.items())
+        return RoleHints(self.input, self.states, self.output, (*self.consts, *text), self.batch_axis, self.per_frame)
+
+    @staticmethod
+    def parse_const(raw: str) -> tuple[str, str]:
+        """``NAME=VALUE`` (split at the last ``=``, so names may hold one) → (NAME, VALUE)."""
+        name, sep, value = raw.rpartition("=")
+        if not sep or not name or not value.strip():
+            raise ContractError(f"--const {raw!r} is not NAME=VALUE", "e.g. --const sr=16000 or --const w=0.5,1.5")
+        return name, value.strip()
 
 
-def reexport_hint(names: tuple[str, ...] = astuple(DEFAULT_ROLES)) -> str:
-    """The torch.onnx.export ``dynamic_axes`` that give the contract's dynamic axes, with the graph's names."""
-    x, h0, c0, y, hn, cn = names
-    axes = (
-        f"{{'{x}': {{0: 'B', 1: 'T'}}, '{h0}': {{1: 'B'}}, '{c0}': {{1: 'B'}}, "
-        f"'{y}': {{0: 'B', 1: 'T'}}, '{hn}': {{1: 'B'}}, '{cn}': {{1: 'B'}}}}"
-    )
-    return f"re-export with torch.onnx.export(..., dynamic_axes={axes})"
+@dataclass(frozen=True)
+class Roles:
+    """Graph tensor names by role, and how each was chosen (flag, name, shape, dtype, order, rest)."""
+
+    input: str
+    output: str
+    states: tuple[tuple[str, str], ...]  # (in, out) pairs
+    consts: tuple[str, ...]
+    how: Mapping[str, str]  # "input", "output", each state input's name, each const -> how it was chosen
+    state_axes: Mapping[str, int | None]  # state input -> batch axis given by a flag (None: detect)
+    ignored: tuple[str, ...] = ()  # graph outputs that are neither y nor a next state: not returned
+
+    def describe(self) -> str:
+        pairs = ", ".join(f"state {i} -> {o}" for i, o in self.states)
+        consts = "".join(f", const {c}" for c in self.consts)
+        return f"input {self.input}, {pairs}{consts}, output {self.output}"
 
 
-# -- roles ---------------------------------------------------------------------------------------------
+# -- naming: which output is a state input's next value ----------------------------------------------------
 
-_H_WORDS = {"h", "hn", "hx", "hy", "ht", "hidden", "hid"}
-_C_WORDS = {"c", "cn", "cx", "cy", "ct", "cell"}
-_X_WORDS = {"x", "inp", "input", "inputs", "tokens", "token", "ids", "features", "feature", "feats", "src", "obs"}
+# Affixes a state input's name carries (h0, state_in, past_key, prev_h) and its next value's (hn, stateN,
+# state_out, present_key, new_cache, h_n). A name minus one affix is its stem; a pair shares a stem.
+_IN_PREFIXES = (
+    "past_key_values.",
+    "past_",
+    "prev_",
+    "previous_",
+    "in_",
+    "input_",
+    "old_",
+    "init_",
+    "initial_",
+    "last_",
+)
+_IN_SUFFIXES = ("_in", "_input", "_prev", "_past", "_old", "_init", "_0", "0", "in", "_i", "x")
+_OUT_PREFIXES = ("present.", "present_", "next_", "new_", "out_", "output_", "updated_", "upd_")
+_OUT_SUFFIXES = ("_out", "_output", "_next", "_new", "_updated", "_n", "n", "_1", "1", "out", "_o", "y")
+_X_WORDS = {"x", "inp", "input", "inputs", "tokens", "token", "ids", "features", "feature", "feats", "src", "obs",
+            "audio", "samples", "sample", "frame", "frames", "wav", "signal", "data", "chunk", "speech"}  # fmt: skip
+_Y_WORDS = {"y", "out", "output", "outputs", "logits", "logit", "probs", "prob", "scores", "score", "pred",
+            "preds", "prediction", "predictions", "speech_prob"}  # fmt: skip
+
+
+def _stems(name: str, prefixes: tuple[str, ...], suffixes: tuple[str, ...]) -> set[str]:
+    low = name.lower()
+    out = {low[len(p) :] for p in prefixes if low.startswith(p)}
+    out |= {low[: -len(s)] for s in suffixes if low.endswith(s)}
+    return {s.strip("_.:/") for s in out} - {""}
+
+
+def name_pairs(state_in: str, outputs: list[str]) -> list[str]:
+    """Outputs whose name says it is ``state_in``'s next value (a shared stem, at least one affix dropped)."""
+    ins = _stems(state_in, _IN_PREFIXES, _IN_SUFFIXES)
+    mine = state_in.lower()
+    found = []
+    for out in outputs:
+        outs = _stems(out, _OUT_PREFIXES, _OUT_SUFFIXES)
+        if (ins | {mine}) & outs or ins & {out.lower()}:
+            found.append(out)
+    return found
 
 
 def _words(name: str) -> set[str]:
     spaced = re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
-    return set(re.findall(r"[a-z]+|[0-9]+", spaced))
+    return {*re.findall(r"[a-z]+|[0-9]+", spaced), spaced}
 
 
-def state_letter(name: str) -> str | None:
-    """Which LSTM state a tensor's name says it is (h0, h_out, hidden → "h"; c_in, cell → "c"), else None."""
-    words = _words(name)
-    h, c = bool(words & _H_WORDS), bool(words & _C_WORDS)
-    return "h" if h and not c else "c" if c and not h else None
+def compatible(a: tuple[Dim, ...], b: tuple[Dim, ...]) -> bool:
+    """Declared shapes that may be equal: same rank, fixed sizes equal where both are fixed."""
+    return len(a) == len(b) and all(dynamic(x) or dynamic(y) or x == y for x, y in zip(a, b, strict=True))
 
 
-def _split_pair(raw: str, inputs: list[str], outputs: list[str]) -> tuple[str, str]:
-    """``IN:OUT`` → (IN, OUT), trying every ``:`` so that names containing one still work."""
-    for i, ch in enumerate(raw):
-        if ch == ":" and raw[:i] in inputs and raw[i + 1 :] in outputs:
-            return raw[:i], raw[i + 1 :]
+# -- resolving the roles -------------------------------------------------------------------------------------
+
+
+def _split_pair(raw: str, inputs: list[str], outputs: list[str]) -> tuple[str, str, int | None]:
+    """``IN:OUT[:AXIS]`` → (IN, OUT, AXIS), trying every ``:`` so that names containing one still work."""
+    body, axis = raw, None
+    head, sep, tail = raw.rpartition(":")
+    if sep and re.fullmatch(r"-?\d+", tail) and tail not in outputs:
+        body, axis = head, int(tail)
+    for i, ch in enumerate(body):
+        if ch == ":" and body[:i] in inputs and body[i + 1 :] in outputs:
+            return body[:i], body[i + 1 :], axis
     raise ContractError(
-        f"--state {raw!r} does not name a graph input and a graph output as IN:OUT",
+        f"--state {raw!r} does not name a graph input and a graph output as IN:OUT[:BATCH_AXIS]",
         f"the graph's inputs are {', '.join(inputs)}; its outputs are {', '.join(outputs)}",
     )
 
@@ -176,144 +211,140 @@ def _need(name: str, names: list[str], what: str, flag: str) -> str:
     return name
 
 
-def resolve_input_roles(
-    inputs: list[GraphTensor], outputs: list[GraphTensor], hints: RoleHints
-) -> tuple[str, str, str, list[tuple[str, str]], dict[str, str]]:
-    """Pick x, h0, c0 (and any flagged state pairs); returns (x, h0, c0, flagged pairs, how)."""
+def resolve_roles(inputs: list[GraphTensor], outputs: list[GraphTensor], hints: RoleHints) -> Roles:
+    """x, the state pairs, the constants and y: flags first, then names, then shapes; refuses what stays open."""
     in_names, out_names = [t.name for t in inputs], [t.name for t in outputs]
-    if len(hints.states) > 2:
-        raise ContractError(
-            f"{len(hints.states)} --state pairs given", "an LSTM has two: --state H_IN:H_OUT --state C_IN:C_OUT"
-        )
-    pairs = [_split_pair(s, in_names, out_names) for s in hints.states]
+    ins, outs = {t.name: t for t in inputs}, {t.name: t for t in outputs}
     how: dict[str, str] = {}
+    pairs: dict[str, str] = {}
+    axes: dict[str, int | None] = {}
+    for raw in hints.states:
+        i, o, axis = _split_pair(raw, in_names, out_names)
+        if i in pairs or o in pairs.values():
+            raise ContractError(f"--state {raw!r} names a tensor another --state names", "give each pair once")
+        pairs[i], axes[i], how[i] = o, axis, "flag"
+    consts = [_need(n, in_names, "input", "--const") for n, _ in hints.consts]
+    how.update(dict.fromkeys(consts, "flag"))
     x = _need(hints.input, in_names, "input", "--input") if hints.input else None
-    if x:
-        how["input"] = "flag"
-    taken = {x, *(p[0] for p in pairs)}
-    free = [t for t in inputs if t.name not in taken]
-    n_state = len(inputs) - 1
-    if len(inputs) == 1:
+    y = _need(hints.output, out_names, "output", "--output") if hints.output else None
+    taken = {*pairs, *consts, x}
+    if len(taken - {None}) < len(pairs) + len(consts) + (x is not None):
+        raise ContractError("--input, --state and --const name the same graph input", "give each input one role")
+    if y is not None and y in pairs.values():
+        raise ContractError(f"--output {y!r} is also named as a next state by --state", "give each output one role")
+    if len(inputs) < 2:
         raise ContractError(
-            f"the graph takes one input ({inputs[0].show()}) and no state inputs",
-            "cellserve carries the state between steps: export forward(x, h0, c0) -> (y, hn, cn) with h0 and c0 "
-            "as graph inputs and hn, cn as outputs",
+            f"the graph takes one input ({inputs[0].show() if inputs else 'none'}) and no state",
+            "cellserve carries the state between steps: export forward(x, state...) -> (y, next_state...) with each "
+            "state as a graph input and its next value as a graph output",
         )
-    if n_state == 1:
-        state = next(t for t in inputs if t.name != (x or _guess_x(inputs)[0]))
-        raise ContractError(
-            f"the graph has a single state input ({state.show()}), like a GRU; cellserve serves an LSTM's two "
-            "states, h and c, of the same shape [L, B, H]",
-            "export an LSTM whose forward(x, h0, c0) returns (y, hn, cn)",
-        )
-    if n_state > 2:
-        raise ContractError(
-            f"the graph has {len(inputs)} inputs ({', '.join(in_names)}); cellserve feeds exactly three: x, h0, c0",
-            "export forward(x, h0, c0) -> (y, hn, cn), or name the roles with --input and --state",
-        )
+
+    # Names: a state input pairs with the one free output its name says is its next value.
+    free_out = [n for n in out_names if n not in pairs.values() and n != y]
+    for name in in_names:
+        if name in taken:
+            continue
+        found = [o for o in name_pairs(name, free_out) if o not in pairs.values()]
+        if len(found) > 1:
+            found = [
+                o
+                for o in found
+                if outs[o].ort_type == ins[name].ort_type and compatible(outs[o].shape, ins[name].shape)
+            ]
+        if len(found) > 1:
+            raise ContractError(
+                f"state input '{name}' pairs by name with {', '.join(found)}: which is its next value is ambiguous",
+                f"name the pair with --state {name}:OUT",
+            )
+        if found:
+            pairs[name], axes[name], how[name] = found[0], None, "name"
+    free_out = [n for n in out_names if n not in pairs.values() and n != y]
+
+    # x: the flag, else the one input left, else by name, else the one no output is shaped like, else the first.
+    rest = [t for t in inputs if t.name not in pairs and t.name not in consts]
     if x is None:
-        x, how["input"] = _guess_x(free)
-        free = [t for t in free if t.name != x]
-    if len(pairs) == 2:
-        h0, c0 = pairs[0][0], pairs[1][0]
-        how["state_h"] = how["state_c"] = "flag"
-    elif len(pairs) == 1:
-        h0, c0 = pairs[0][0], free[0].name
-        how["state_h"], how["state_c"] = "flag", "order"
+        if not rest:
+            raise ContractError(
+                f"every graph input ({', '.join(in_names)}) is a state or a constant; none is left for x",
+                "name x with --input NAME",
+            )
+        x, how["input"] = _guess_x(rest, [outs[n] for n in free_out])
     else:
-        a, b = free[0].name, free[1].name
-        la, lb = state_letter(a), state_letter(b)
-        if {la, lb} == {"h", "c"}:
-            h0, c0 = (a, b) if la == "h" else (b, a)
-            how["state_h"] = how["state_c"] = "name"
-        else:
-            h0, c0 = a, b  # graph order, as torch.nn.LSTM's (h0, c0)
-            how["state_h"] = how["state_c"] = "order"
-    if x in (h0, c0) or h0 == c0:
-        raise ContractError("--input and --state name the same tensor", "give each role its own graph input")
-    return x, h0, c0, pairs, how
+        how["input"] = "flag"
+
+    # Shapes: each input left pairs with the one free output of its dtype and declared shape.
+    for t in rest:
+        if t.name == x:
+            continue
+        found = [o for o in free_out if outs[o].ort_type == t.ort_type and compatible(outs[o].shape, t.shape)
+                 and o not in pairs.values()]  # fmt: skip
+        if len(found) > 1:
+            others = [r.name for r in rest if r.name != x and r.name != t.name]
+            raise ContractError(
+                f"state input {t.show()} could pair with outputs {', '.join(found)} (same dtype and shape), and no "
+                f"name says which is its next value{' (nor for ' + ', '.join(others) + ')' if others else ''}",
+                f"name every pair: --state {t.name}:OUT (once per state, e.g. --state h0:hn --state c0:cn)",
+            )
+        if found and y is None and len(free_out) == 1:
+            found = []  # the only free output is y, not a next state
+        if found:
+            pairs[t.name], axes[t.name], how[t.name] = found[0], None, "shape"
+    unpaired = [ins[n] for n in in_names if n not in pairs and n not in consts and n != x]
+    if unpaired:
+        _refuse_unpaired(unpaired)
+
+    # y: the flag, else the one output left, else by name, else the first left.
+    left = [n for n in out_names if n not in pairs.values()]
+    if y is None:
+        if not left:
+            raise ContractError(
+                f"every graph output ({', '.join(out_names)}) is a next state; none is left for y",
+                "export forward to return y as well, or name it with --output NAME",
+            )
+        y, how["output"] = _guess_y(left)
+    else:
+        how["output"] = "flag"
+    states = tuple((i, pairs[i]) for i in in_names if i in pairs)
+    ignored = tuple(n for n in left if n != y)
+    return Roles(x, y, states, tuple(consts), how, axes, ignored)
 
 
-def _guess_x(candidates: list[GraphTensor]) -> tuple[str, str]:
-    """The input that is x: the int64 one, then by name, then the one whose shape the other two don't share."""
+def _refuse_unpaired(unpaired: list[GraphTensor]) -> None:
+    names = ", ".join(t.show() for t in unpaired)
+    if any(any(dynamic(d) for d in t.shape) for t in unpaired):  # shaped by the batch: a state without a next value
+        raise ContractError(
+            f"the graph returns no next state for {' and '.join(t.name for t in unpaired)}: no graph output pairs "
+            f"with {names} by name or by shape",
+            "export forward to return each state's next value as a graph output (e.g. h0 -> hn), name pairs with "
+            "--state IN:OUT, or give a constant input its value with --const NAME=VALUE",
+        )
+    flags = " ".join(f"--const {t.name}=VALUE" for t in unpaired)
+    raise ContractError(
+        f"graph input{'s' if len(unpaired) > 1 else ''} {names} {'are' if len(unpaired) > 1 else 'is'} neither x "
+        "nor a state, and cellserve feeds a constant input only the value given at import",
+        f"give {'their values' if len(unpaired) > 1 else 'its value'}: {flags} (a scalar or a short list, e.g. "
+        "--const sr=16000), or name a state pair with --state IN:OUT",
+    )
+
+
+def _guess_x(candidates: list[GraphTensor], free_out: list[GraphTensor]) -> tuple[str, str]:
+    """The input that is x: the one left, then by name, then the one no output is shaped like, then the first."""
     if len(candidates) == 1:
         return candidates[0].name, "rest"
-    ints = [t for t in candidates if t.dtype == "int64"]
-    if len(ints) == 1:
-        return ints[0].name, "dtype"
-    named = [t for t in candidates if _words(t.name) & _X_WORDS and state_letter(t.name) is None]
+    named = [t for t in candidates if _words(t.name) & _X_WORDS]
     if len(named) == 1:
         return named[0].name, "name"
-    lettered = [t for t in candidates if state_letter(t.name) is not None]
-    if len(candidates) == 3 and len(lettered) == 2 and {state_letter(t.name) for t in lettered} == {"h", "c"}:
-        return next(t.name for t in candidates if t not in lettered), "name"
-    for t in candidates:
-        others = [o.shape for o in candidates if o is not t]
-        if len(others) == 2 and others[0] == others[1] and t.shape != others[0]:
-            return t.name, "shape"
+    unlike = [t for t in candidates if not any(o.ort_type == t.ort_type and compatible(o.shape, t.shape)
+                                               for o in free_out)]  # fmt: skip
+    if len(unlike) == 1:
+        return unlike[0].name, "shape"
     return candidates[0].name, "order"
 
 
-def resolve_output_roles(
-    outputs: list[GraphTensor],
-    probe: dict[str, tuple[int, ...]],
-    state_shape: tuple[int, int, int],
-    h0: str,
-    c0: str,
-    pairs: list[tuple[str, str]],
-    hints: RoleHints,
-) -> tuple[str, str, str, dict[str, str]]:
-    """Pick y, hn, cn: flags, then outputs shaped like the state (seen in a probe run), paired by name or order."""
-    out_names = [t.name for t in outputs]
-    how: dict[str, str] = {}
-    flagged = dict(pairs)  # input name -> output name
-    y = _need(hints.output, out_names, "output", "--output") if hints.output else None
-    if y:
-        how["output"] = "flag"
-    state_like = [n for n in out_names if probe[n] == state_shape and n != y and n not in flagged.values()]
-    other = [n for n in out_names if n not in state_like and n != y and n not in flagged.values()]
-    hn, cn = flagged.get(h0), flagged.get(c0)
-    if hn:
-        how["next_state_h"] = "flag"
-    if cn:
-        how["next_state_c"] = "flag"
-    missing = [s for s, n in ((h0, hn), (c0, cn)) if n is None]
-    if len(state_like) < len(missing):
-        found = f"only {', '.join(state_like)} is" if state_like else "none is"
-        shapes = ", ".join(f"{n} {list(probe[n])}" for n in out_names)
-        raise ContractError(
-            f"the graph returns no next state for {' and '.join(missing)}: of its outputs ({shapes}) {found} "
-            f"shaped like the state {list(state_shape)}",
-            "export forward(x, h0, c0) to return (y, hn, cn), the state after the last step, as graph outputs",
-        )
-    if len(missing) == 2:
-        a, b = state_like[0], state_like[1]
-        la, lb = state_letter(a), state_letter(b)
-        by_name = {la, lb} == {"h", "c"}
-        hn, cn = (a, b) if not by_name or la == "h" else (b, a)
-        how["next_state_h"] = how["next_state_c"] = "name" if by_name else "order"
-        state_like = state_like[2:]
-    elif len(missing) == 1:
-        pick = next((n for n in state_like if state_letter(n) == ("h" if hn is None else "c")), state_like[0])
-        if hn is None:
-            hn, how["next_state_h"] = pick, "name" if state_letter(pick) == "h" else "order"
-        else:
-            cn, how["next_state_c"] = pick, "name" if state_letter(pick) == "c" else "order"
-        state_like = [n for n in state_like if n != pick]
-    rest = other + state_like
-    if y is None:
-        if not rest:
-            raise ContractError(
-                f"the graph's outputs ({', '.join(out_names)}) are all state; it returns no y",
-                "export forward(x, h0, c0) to return (y, hn, cn)",
-            )
-        y, how["output"] = rest[0], "shape" if other else "order"
-        rest = rest[1:]
-    if rest:
-        raise ContractError(
-            f"the graph has {len(outputs)} outputs ({', '.join(out_names)}); {', '.join(rest)} has no role "
-            "and cellserve returns exactly three: y, hn, cn",
-            "export forward(x, h0, c0) -> (y, hn, cn) only, or name the roles with --output and --state",
-        )
-    assert hn is not None and cn is not None
-    return y, hn, cn, how
+def _guess_y(left: list[str]) -> tuple[str, str]:
+    if len(left) == 1:
+        return left[0], "rest"
+    named = [n for n in left if _words(n) & _Y_WORDS]
+    if len(named) == 1:
+        return named[0], "name"
+    return left[0], "order"

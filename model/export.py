@@ -15,7 +15,7 @@ import logging
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from cellserve.model.contract import DEFAULT_ROLES, ContractError, RoleHints
 from cellserve.model.importer import ONNX_FILE, check_name, new_manifest, runtime_versions, write_model_dir
 from cellserve.model.manifest import InputKind, Manifest, save_manifest
 from cellserve.model.model import LSTMConfig, LSTMModel, save_checkpoint
+from cellserve.model.state_layouts import LayoutError, concrete, infer_layout
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,12 @@ def check_parity(model: LSTMModel, onnx_path: Path, *, seed: int = 0) -> float:
     """
     rng = np.random.default_rng(seed)
     cases = ((b, t, example_inputs(model.cfg, b, t, rng)) for b, t in PARITY_GRID)
-    return _torch_parity(_Graph(model), onnx_path, cases, model.cfg.input_kind)
+    return _torch_parity(_Graph(model), onnx_path, cases)
 
 
-def _torch_parity(
-    graph: nn.Module, onnx_path: Path, cases: Iterable[tuple[int, int, dict[str, np.ndarray]]], kind: InputKind
-) -> float:
-    """onnxruntime against torch for ``graph(x, h0, c0) -> (y, hn, cn)`` on each (B, T, feeds) case."""
+def _torch_parity(graph: nn.Module, onnx_path: Path, cases: Iterable[tuple[int, int, dict[str, np.ndarray]]],
+                  outputs: Sequence[str] = ("y", "hn", "cn")) -> float:  # fmt: skip
+    """onnxruntime against torch for ``graph(*feeds) -> outputs`` on each (B, T, feeds) case (feeds in graph order)."""
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     try:
         exact: nn.Module | None = copy.deepcopy(graph).double()
@@ -82,18 +82,18 @@ def _torch_parity(
         exact = None
     worst = 0.0
     for batch, steps, feeds in cases:
-        x, h0, c0 = (torch.from_numpy(feeds[k]) for k in ("x", "h0", "c0"))
+        args = [torch.from_numpy(a) for a in feeds.values()]
         with torch.no_grad():
-            want = graph(x, h0, c0)
-            truth = _run64(exact, x if kind == "tokens" else x.double(), h0.double(), c0.double())
-        got = sess.run(["y", "hn", "cn"], feeds)
-        for i, (name, have) in enumerate(zip(("y", "hn", "cn"), got, strict=True)):
+            want = graph(*args)
+            truth = _run64(exact, *(a.double() if a.dtype == torch.float32 else a for a in args))
+        got = sess.run(list(outputs), feeds)
+        for i, (name, have) in enumerate(zip(outputs, got, strict=True)):
             ref = want[i].numpy()
             if have.shape != ref.shape:
                 raise ExportError(f"parity: {name} has shape {have.shape} in onnxruntime, {ref.shape} in torch")
             diff = scaled_max(have, ref)
             worst = max(worst, diff)
-            if diff <= PARITY_ATOL:
+            if diff <= PARITY_ATOL * (1000 if ref.dtype == np.float16 else 1):
                 continue
             # Over long sequences a trained model's float32 rounding compounds; then onnxruntime passes only
             # if it is no further from the float64 result than torch's own float32 run is (x2).
@@ -107,7 +107,7 @@ def _torch_parity(
 
 
 def _run64(exact: nn.Module | None, *args: torch.Tensor) -> list[np.ndarray] | None:
-    """The float64 copy's (y, hn, cn), or None where there is none or it cannot run in float64."""
+    """The float64 copy's outputs, or None where there is none or it cannot run in float64."""
     if exact is None:
         return None
     try:
@@ -116,30 +116,24 @@ def _run64(exact: nn.Module | None, *args: torch.Tensor) -> list[np.ndarray] | N
         return None
 
 
-def _export(graph: nn.Module, args: tuple[torch.Tensor, ...], onnx_path: Path, opset: int = OPSET) -> None:
-    """``torch.onnx.export`` of ``graph(x, h0, c0) -> (y, hn, cn)`` with the contract's names and dynamic axes."""
+def _export(graph: nn.Module, args: tuple[torch.Tensor, ...], onnx_path: Path, opset: int = OPSET,
+            names: tuple[list[str], list[str]] | None = None,
+            dynamic_axes: dict[str, dict[int, str]] | None = None) -> None:  # fmt: skip
+    """``torch.onnx.export`` with the contract's names and dynamic axes (default: our LSTM's)."""
     r = DEFAULT_ROLES
-    x_axes, state_axes = {0: "B", 1: "T"}, {1: "B"}
+    if names is None:
+        names = [r.x, r.h0, r.c0], [r.y, r.hn, r.cn]
+        x_axes, state_axes = {0: "B", 1: "T"}, {1: "B"}
+        dynamic_axes = {**{r.x: x_axes, r.y: x_axes}, **dict.fromkeys((r.h0, r.c0, r.hn, r.cn), state_axes)}
     # The TorchScript exporter (dynamo=False): 0.4 s for the tiny model here vs 6.5 s with dynamo=True, and
-    # one ONNX LSTM node per layer. Its warning about batch sizes does not apply: h0/c0 are graph inputs.
+    # one ONNX LSTM node per layer. Its warning about batch sizes does not apply: the state is a graph input.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
         # Chosen knowingly (see above); the tracer's shape warnings are covered by the parity checks.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            graph,
-            args,
-            str(onnx_path),
-            input_names=[r.input, r.state_h, r.state_c],
-            output_names=[r.output, r.next_state_h, r.next_state_c],
-            dynamic_axes={
-                **{r.input: x_axes, r.output: x_axes},
-                **dict.fromkeys((r.state_h, r.state_c, r.next_state_h, r.next_state_c), state_axes),
-            },
-            opset_version=opset,
-            dynamo=False,
-        )
+        torch.onnx.export(graph, args, str(onnx_path), input_names=names[0], output_names=names[1],
+                          dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)  # fmt: skip
 
 
 def library_versions() -> dict[str, str]:
@@ -226,58 +220,25 @@ def export_random_model(
     return export_onnx(model, out_dir, name=name, training={"random_weights": True, "seed": seed})
 
 
-def _lstm_sizes(module: nn.Module, layers: int | None, hidden: int | None) -> tuple[int, int]:
-    """(L, H): as given, else from the module's one ``nn.LSTM``."""
-    if layers is not None and hidden is not None:
-        return layers, hidden
-    lstms = [m for m in module.modules() if isinstance(m, nn.LSTM)]
-    if len(lstms) != 1:
-        raise ExportError(
-            f"{type(module).__name__} holds {len(lstms)} nn.LSTM modules, so the state shape [L, B, H] is not "
-            "known; pass layers= and hidden="
-        )
-    lstm = lstms[0]
-    if lstm.bidirectional:
-        raise ExportError(
-            f"{type(module).__name__}'s nn.LSTM is bidirectional: its backward direction needs the whole sequence, "
-            "so its state cannot be carried from one chunk to the next; serve a unidirectional LSTM"
-        )
-    if lstm.proj_size:
-        raise ExportError(
-            f"{type(module).__name__}'s nn.LSTM has proj_size={lstm.proj_size}: h and c differ in size, and cellserve "
-            "keeps one h/c pair of the same shape [L, B, H]; export an LSTM without proj_size"
-        )
-    return (layers or lstm.num_layers), (hidden or lstm.hidden_size)
+def _example_x(input_kind: InputKind, input_size: int | None, time_axis: bool, batch: int,
+               steps: int) -> torch.Tensor:  # fmt: skip
+    """A random x of the contract: token ids ``[B, T]`` or features ``[B, T, I]`` (``[B]`` / ``[B, I]`` per frame)."""
+    if input_kind not in ("tokens", "features"):
+        raise ExportError(f"input_kind must be 'tokens' or 'features', got {input_kind!r}")
+    if input_size is None or input_size < 1:
+        raise ExportError(f"input_size must be >= 1 (vocabulary or feature width), got {input_size}; or pass example=")
+    lead = (batch, steps) if time_axis else (batch,)
+    if input_kind == "tokens":
+        return torch.randint(0, input_size, lead, dtype=torch.int64)
+    return torch.randn(*lead, input_size)
 
 
-def _example_output(graph: nn.Module, args: tuple[torch.Tensor, ...], name: str) -> None:
-    """One torch forward on the example: it must return (y [B, T, O], hn, cn) shaped like the contract."""
-    x, h0, _ = args
-    try:
-        with torch.no_grad():
-            out = graph(*args)
-    except Exception as e:  # whatever the user's forward raises
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(
-            f"{name}.forward(x, h0, c0) failed on example inputs x {list(x.shape)}, h0 and c0 {list(h0.shape)} "
-            f"([layers, B, hidden]): {first}"
-        ) from e
-    ok = isinstance(out, tuple | list) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)
-    if not ok:
-        got = type(out).__name__ + (f" of {len(out)}" if isinstance(out, tuple | list) else "")
-        raise ExportError(f"{name}.forward(x, h0, c0) must return a tuple (y, hn, cn) of tensors; it returned {got}")
-    y, hn, cn = out
-    if y.dim() != 3 or tuple(y.shape[:2]) != tuple(x.shape[:2]):
-        raise ExportError(
-            f"{name}.forward returned y of shape {list(y.shape)} for x of shape {list(x.shape)}; y must be "
-            "[B, T, O], batch first, then time"
-        )
-    for label, t in (("hn", hn), ("cn", cn)):
-        if tuple(t.shape) != tuple(h0.shape):
-            raise ExportError(
-                f"{name}.forward returned {label} of shape {list(t.shape)}; the next state must have h0's shape "
-                f"[L, B, H] = {list(h0.shape)}"
-            )
+def _resize(example: torch.Tensor, batch: int, steps: int | None) -> torch.Tensor:
+    """``example`` repeated or cut to ``batch`` rows (and ``steps`` along axis 1)."""
+    x = example[torch.arange(batch) % example.shape[0]]
+    if steps is not None:
+        x = x[:, torch.arange(steps) % example.shape[1]]
+    return x.contiguous()
 
 
 def export_module(
@@ -285,52 +246,80 @@ def export_module(
     out_dir: Path | str,
     *,
     name: str,
-    input_size: int,
+    input_size: int | None = None,
     input_kind: InputKind = "features",
     layers: int | None = None,
     hidden: int | None = None,
+    states: Sequence[Sequence[int | str]] | None = None,
+    example: torch.Tensor | None = None,
+    time_axis: bool = True,
     version: str = "1",
     opset: int = OPSET,
 ) -> Manifest:
-    """Export your own LSTM module to a model directory ``cellserve serve`` serves (``model.onnx`` + manifest).
+    """Export your own stateful module to a model directory ``cellserve serve`` serves (``model.onnx`` + manifest).
 
-    ``module.forward(x, h0, c0)`` must return ``(y, hn, cn)``: ``x`` is ``[B, T, input_size]`` float32 features
-    (``input_kind="features"``) or ``[B, T]`` int64 token ids in ``[0, input_size)`` (``"tokens"``); ``h0``,
-    ``c0``, ``hn``, ``cn`` are ``[layers, B, hidden]``; ``y`` is ``[B, T, O]``. ``layers`` and ``hidden``
-    default to those of the module's one ``nn.LSTM``. The module itself is not changed (a float32 CPU copy is
-    exported). Checks: torch vs onnxruntime on B ∈ {1, 3} × T ∈ {1, 7, 32}, then every ``cellserve import-onnx``
-    check (:func:`cellserve.model.conformance.check_graph`). :class:`ExportError` on failure, and then nothing is
-    written to ``out_dir``.
+    ``module.forward(x, *states)`` returns ``(y, *next_states)``, one next state per state, each of its state's
+    shape. ``x`` is ``[B, T, input_size]`` float32 features (``input_kind="features"``) or ``[B, T]`` int64 ids in
+    ``[0, input_size)`` (``"tokens"``); ``time_axis=False`` drops T (a per-frame module: ``[B, input_size]``);
+    ``example`` gives any other x (``[B, T, *frame]`` or ``[B, *frame]``). ``y`` is ``[B, T, *out]`` (``[B, *out]``).
+
+    The state shapes come from ``states`` (one shape per state, ``"B"`` at the batch axis, e.g. ``[(2, "B", 64)]``),
+    else ``[layers, B, hidden]`` each, else from the module's one recurrent layer (``nn.LSTM``, ``nn.GRU``,
+    ``nn.RNN`` or their cells): h and c ``[L, B, H]`` or batch first ``[B, L, H]``, an LSTM's h and c stacked as
+    ``[2, L, B, H]``, a GRU's one ``[L, B, H]`` — the first layout forward accepts and returns in the same shape.
+    The module itself is not changed (a float32 CPU copy is exported). Checks: torch vs onnxruntime on B ∈ {1, 3}
+    × T ∈ {1, 7, 32}, then every ``cellserve import-onnx`` check. :class:`ExportError` on failure, and then
+    nothing is written to ``out_dir``.
     """
     check_name(name)
-    if input_kind not in ("tokens", "features"):
-        raise ExportError(f"input_kind must be 'tokens' or 'features', got {input_kind!r}")
-    if input_size < 1:
-        raise ExportError(f"input_size must be >= 1 (vocabulary or feature width), got {input_size}")
     label = type(module).__name__
-    layers, hidden = _lstm_sizes(module, layers, hidden)
     graph = copy.deepcopy(module).float().cpu().eval()
-    rng = np.random.default_rng(0)
-    args = tuple(torch.from_numpy(a) for a in random_feeds(input_kind, input_size, layers, hidden, 2, 3, rng))
-    _example_output(graph, args, label)
+    torch.manual_seed(0)
+    given = example is not None
+    if example is None:
+        example = _example_x(input_kind, input_size, time_axis, 3, 4)
+    elif example.dim() < (2 if time_axis else 1):
+        raise ExportError(f"example x has shape {list(example.shape)}; it must be [B, T, *frame] (or [B, *frame])")
+    x = _resize(example.float() if example.is_floating_point() else example, 3, 4 if time_axis else None)
+    try:
+        layout = infer_layout(graph, x, label, states=states, layers=layers, hidden=hidden)
+    except LayoutError as e:
+        raise ExportError(f"{label}: {e}" if not str(e).startswith(label) else str(e)) from None
+    ins, outs = ["x", *layout.inputs], ["y", *layout.outputs]
+    axes = {0: "B", 1: "T"} if time_axis else {0: "B"}
+    dynamic = {"x": axes, "y": axes}
+    for i, o, shape in zip(layout.inputs, layout.outputs, layout.states, strict=True):
+        dynamic[i] = dynamic[o] = {shape.index("B"): "B"}
+
+    def feeds(batch: int, steps: int | None) -> dict[str, np.ndarray]:
+        xb = _resize(x, batch, steps)
+        if x.is_floating_point():
+            xb = xb + 0.1 * torch.randn(xb.shape)
+        st = [0.5 * torch.randn(concrete(s, batch)) for s in layout.states]
+        return dict(zip(ins, (t.numpy() for t in (xb, *st)), strict=True))
+
     with tempfile.TemporaryDirectory(prefix="cellserve-export-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        _export(graph, args, onnx_path, opset)
+        args = tuple(torch.from_numpy(a) for a in feeds(3, 4 if time_axis else None).values())
+        _export(graph, args, onnx_path, opset, (ins, outs), dynamic)
         _onnx_check(onnx_path)
-        cases = ((b, t, dict(zip(("x", "h0", "c0"), random_feeds(input_kind, input_size, layers, hidden, b, t, rng),
-                                 strict=True))) for b, t in MODULE_PARITY_GRID)  # fmt: skip
-        worst = _torch_parity(graph, onnx_path, cases, input_kind)
+        grid = MODULE_PARITY_GRID if time_axis else tuple((b, 0) for b in (1, 3))
+        cases = ((b, t, feeds(b, t or None)) for b, t in grid)
+        worst = _torch_parity(graph, onnx_path, cases, outs)
+        pairs = tuple(f"{i}:{o}:{s.index('B')}" for i, o, s in zip(layout.inputs, layout.outputs, layout.states,
+                                                                    strict=True))  # fmt: skip
+        hints = RoleHints(input="x", states=pairs, output="y", per_frame=not time_axis)
         try:
-            vocab = input_size if input_kind == "tokens" else None
-            checked = check_graph(onnx_path, RoleHints.of(DEFAULT_ROLES), vocab=vocab)
+            vocab = input_size if input_kind == "tokens" and not given else None
+            checked = check_graph(onnx_path, hints, vocab=vocab)
         except ContractError as e:
             raise ExportError(f"the exported graph of {label} breaks the serving contract: {e}") from None
-        if checked.input_size != input_size:
+        if input_kind == "features" and not given and checked.input_size != input_size:
             raise ExportError(
                 f"the exported graph of {label} takes features of width {checked.input_size}, not input_size="
                 f"{input_size}"
             )
-        provenance = {"kind": "exported_module", "module": _qualname(module), "opset": opset,
+        provenance = {"kind": "exported_module", "module": _qualname(module), "opset": opset, "states": layout.how,
                       "parity_max_scaled_diff": worst, **checked.provenance()}  # fmt: skip
         manifest = write_model_dir(onnx_path, out_dir, checked, name=name, version=version, provenance=provenance,
                                    versions=library_versions())  # fmt: skip

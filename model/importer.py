@@ -1,4 +1,4 @@
-"""``cellserve import-onnx``: check an ONNX LSTM against the contract, then write a servable model directory.
+"""``cellserve import-onnx``: check a stateful ONNX model against the contract, then write a servable model directory.
 
 The checks are :func:`cellserve.model.conformance.check_graph`; every one runs before anything is written.
 :func:`import_onnx` then copies the file and writes ``manifest.json`` with ``provenance.kind = "imported"``
@@ -14,6 +14,7 @@ import platform
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import onnxruntime as ort
 
 import cellserve
 from cellserve.model.conformance import CheckedGraph, check_graph, open_session
-from cellserve.model.contract import ContractError, RoleHints, Roles
+from cellserve.model.contract import ContractError, RoleHints
 from cellserve.model.manifest import InputKind, Manifest, TensorNames, save_manifest, sha256_file
 
 log = logging.getLogger(__name__)
@@ -53,19 +54,16 @@ def check_name(name: str) -> str:
     return name
 
 
-ROLE_FIELDS = ("input", "state_h", "state_c", "output", "next_state_h", "next_state_c")  # TensorNames' order
-
-
-def new_manifest(onnx_file: Path, *, name: str, version: str, roles: Roles, input_kind: InputKind, input_size: int,
-                 output_size: int, layers: int, hidden: int, provenance: dict[str, Any], versions: dict[str, str],
-                 training: dict[str, Any] | None = None) -> Manifest:  # fmt: skip
-    """The manifest of a graph keeping the contract, stamped with ``onnx_file``'s sha256 and the time."""
+def new_manifest(onnx_file: Path, *, name: str, version: str, roles: TensorNames, input_kind: InputKind,
+                 input_size: int, output_size: int, layers: int, hidden: int, provenance: dict[str, Any],
+                 versions: dict[str, str], training: dict[str, Any] | None = None) -> Manifest:  # fmt: skip
+    """Our own LSTM's manifest (``Manifest.for_lstm``), stamped with ``onnx_file``'s sha256 and the time."""
     return Manifest.for_lstm(
         name=check_name(name),
         version=str(version),
         onnx_file=ONNX_FILE,
         sha256=sha256_file(onnx_file),
-        roles=TensorNames(*(getattr(roles, f) for f in ROLE_FIELDS)),
+        roles=roles,
         input_kind=input_kind,
         input_size=input_size,
         output_size=output_size,
@@ -78,14 +76,27 @@ def new_manifest(onnx_file: Path, *, name: str, version: str, roles: Roles, inpu
     )
 
 
+def checked_manifest(onnx_file: Path, checked: CheckedGraph, *, name: str, version: str,
+                     provenance: dict[str, Any], versions: dict[str, str]) -> Manifest:  # fmt: skip
+    """The format-2 manifest of a checked graph, stamped with ``onnx_file``'s sha256 and the time.
+
+    The LSTM case (h and c float32 ``[L, B, H]``, a time axis) keeps ``lstm={"layers", "hidden"}`` as our own
+    exports do, so ModelInfo and the benches report its sizes.
+    """
+    c = checked
+    return Manifest(
+        name=check_name(name), version=str(version), onnx_file=ONNX_FILE, sha256=sha256_file(onnx_file),
+        input=c.input, output=c.output, states=c.states, consts=c.consts, fixed_batch=c.fixed_batch, lstm=c.lstm,
+        versions=versions, created_at=datetime.now(UTC).isoformat(timespec="seconds"), provenance=provenance,
+    )  # fmt: skip
+
+
 def write_model_dir(onnx_file: Path, out_dir: Path | str, checked: CheckedGraph, *, name: str, version: str,
                     provenance: dict[str, Any], versions: dict[str, str]) -> Manifest:  # fmt: skip
     """Copy a checked ONNX file to ``out_dir/model.onnx`` and write its manifest beside it."""
     out_dir = Path(out_dir)
-    c = checked
-    manifest = new_manifest(onnx_file, name=name, version=version, roles=c.roles, input_kind=c.input_kind,
-                            input_size=c.input_size, output_size=c.output_size, layers=c.layers, hidden=c.hidden,
-                            provenance=provenance, versions=versions)  # fmt: skip
+    manifest = checked_manifest(onnx_file, checked, name=name, version=version, provenance=provenance,
+                                versions=versions)  # fmt: skip
     manifest.validate()
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / ONNX_FILE
@@ -98,14 +109,19 @@ def write_model_dir(onnx_file: Path, out_dir: Path | str, checked: CheckedGraph,
 
 
 def import_onnx(src: Path | str, out_dir: Path | str, *, name: str, hints: RoleHints | None = None,
-                vocab: int | None = None, version: str = "1") -> tuple[Manifest, CheckedGraph]:  # fmt: skip
+                consts: Mapping[str, object] | None = None, vocab: int | None = None,
+                version: str = "1") -> tuple[Manifest, CheckedGraph]:  # fmt: skip
     """Check ``src`` and write ``out_dir`` (``model.onnx`` + ``manifest.json``); nothing is written on refusal.
+
+    ``hints`` names roles the detection cannot tell; ``consts`` gives constant inputs their values
+    (``{"sr": 16000}``, as ``--const sr=16000``).
 
     The checks run on a private copy of the file, so a model whose weights live in external data files
     (which a copy would leave behind) is refused rather than written half.
     """
     src = Path(src)
     check_name(name)
+    hints = (hints or RoleHints()).with_consts(consts)
     with tempfile.TemporaryDirectory(prefix="cellserve-import-") as tmp:
         staged = Path(tmp) / ONNX_FILE
         if src.is_file():
