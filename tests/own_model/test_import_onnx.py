@@ -35,15 +35,20 @@ def test_detects_unusual_names_prints_the_roles_and_writes_a_model_directory(sen
     out_dir = tmp_path / "sensor"
     rc, out, err = cli(capsys, sensor_onnx, "--out", out_dir, "--name", "sensor")
     assert rc == 0, err
-    assert "roles (detected" in out
-    assert "input    inp: float32 [B, T, 5] features" in out
-    assert "state h  h_in -> h_out: float32 [2, B, 16]" in out and "state c  c_in -> c_out" in out
-    assert "output   out: float32 [B, T, 3]" in out
-    assert "chunked == whole" in out and f"--model-dirs {out_dir}" in out
+    assert out.startswith("detected (set any of it with --input/--state/--output/--const/--batch-axis/--per-frame)")
+    assert "  input    inp: float32 [B, T, 5], time axis  [rest; x and y share axis 1 ('time')]" in out
+    assert "  state    h_in -> h_out: float32 [2, B, 16], batch axis 1  [name; axis: x's batch]" in out
+    assert "  state    c_in -> c_out: float32 [2, B, 16], batch axis 1  [name; axis: x's batch]" in out
+    assert "  output   out: float32 [B, T, 3]  [rest]" in out
+    assert "  batch    dynamic: sessions share batched calls" in out
+    assert "batch rows independent" in out and "chunked == whole" in out and f"--model-dirs {out_dir}" in out
 
     m = load_manifest(out_dir)  # sha-checked against the copy
     sizes = (m.input_kind, m.input_size, m.output_size, m.layers, m.hidden)
     assert m.name == "sensor" and sizes == ("features", 5, 3, 2, 16)
+    assert m.format == "cellserve-manifest/2" and m.lstm == {"layers": 2, "hidden": 16}  # the LSTM case
+    assert [(s.input, s.output, s.shape) for s in m.states] == [("h_in", "h_out", (2, "B", 16)),
+                                                                ("c_in", "c_out", (2, "B", 16))]  # fmt: skip
     assert [(t.name, t.role) for t in m.inputs] == [("inp", "input"), ("h_in", "state_h"), ("c_in", "state_c")]
     assert [(t.name, t.role) for t in m.outputs] == [
         ("out", "output"),
@@ -56,33 +61,45 @@ def test_detects_unusual_names_prints_the_roles_and_writes_a_model_directory(sen
     p = m.provenance
     assert p["kind"] == "imported" and p["source_file"] == "sensor.onnx"
     assert p["source_sha256"] == sha256_file(sensor_onnx) == m.sha256
-    assert p["producer"] == "pytorch" and p["roles"]["input"] == "name"
+    assert p["producer"] == "pytorch" and p["roles"]["input"] == "rest" and p["roles"]["h_in"] == "name"
     assert p["checks"]["chunked_max_scaled_diff"] <= 1e-5 and len(p["checks"]["chunks"]) == 5
     assert m.training == {} and "torch" not in m.versions
 
 
-def test_wrongly_paired_state_is_caught_by_chunked_parity_and_fixed_with_flags(tmp_path, capsys):
-    """Meaningless names and outputs in (y, c, h) order: detection pairs by order, chunked == whole refuses it."""
-    names = {"inputs": ["i1", "i2", "i3"], "outputs": ["o1", "o2", "o3"]}
-    axes = {"i1": {0: "b", 1: "t"}, "o1": {0: "b", 1: "t"}, **{k: {1: "b"} for k in ("i2", "i3", "o2", "o3")}}
-    src = um.export(um.SwappedOutputs(), tmp_path / "swapped.onnx", dynamic_axes=axes, **names)
+SWAPPED = {"inputs": ["i1", "i2", "i3"], "outputs": ["o1", "o2", "o3"]}
+SWAPPED_AXES = {"i1": {0: "b", 1: "t"}, "o1": {0: "b", 1: "t"}, **{k: {1: "b"} for k in ("i2", "i3", "o2", "o3")}}
+
+
+def test_same_shaped_states_with_meaningless_names_are_refused_as_ambiguous_and_paired_with_flags(tmp_path, capsys):
+    """Outputs in (y, c, h) order and names that say nothing: detection cannot pair them, so it asks."""
+    src = um.export(um.SwappedOutputs(), tmp_path / "swapped.onnx", dynamic_axes=SWAPPED_AXES, **SWAPPED)
 
     rc, _, err = cli(capsys, src, "--out", tmp_path / "bad", "--name", "swapped")
     assert rc == 2 and err.count("\n") == 1
-    assert "chunked != whole" in err and "--state H_IN:H_OUT --state C_IN:C_OUT" in err
+    assert "state input 'i2' float32 [2, b, 16] could pair with outputs o2, o3" in err
+    assert "(nor for i3)" in err and "--state i2:OUT" in err
     assert not (tmp_path / "bad").exists()
 
     rc, out, err = cli(capsys, src, "--out", tmp_path / "good", "--name", "swapped", "--input", "i1",
-                       "--state", "i2:o3", "--state", "i3:o2", "--output", "o1")  # fmt: skip
+                       "--state", "i2:o3", "--state", "i3:o2:1", "--output", "o1")  # fmt: skip
     assert rc == 0, err
-    assert "roles (from flags)" in out and "i2 -> o3" in out and "i3 -> o2" in out
+    assert "roles (from flags)" in out and "i2 -> o3" in out and "i3 -> o2" in out and "[flag; axis: flag]" in out
     m = load_manifest(tmp_path / "good")
     assert (m.tensor("next_state_h").name, m.tensor("next_state_c").name) == ("o3", "o2")
 
 
+def test_states_paired_wrongly_by_flags_are_caught_by_chunked_parity(tmp_path, capsys):
+    src = um.export(um.SwappedOutputs(), tmp_path / "swapped.onnx", dynamic_axes=SWAPPED_AXES, **SWAPPED)
+    rc, _, err = cli(capsys, src, "--out", tmp_path / "bad", "--name", "swapped", "--state", "i2:o2", "--state",
+                     "i3:o3")  # fmt: skip
+    assert rc == 2 and err.count("\n") == 1
+    assert "chunked != whole" in err and "(i2 -> o2, i3 -> o3)" in err and "--state IN:OUT" in err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_flags_that_name_no_graph_tensor_are_refused_with_the_graph_names(sensor_onnx, tmp_path, capsys):
     rc, _, err = cli(capsys, sensor_onnx, "--out", tmp_path / "o", "--name", "s", "--state", "h_in:nope")
-    assert rc == 2 and "does not name a graph input and a graph output" in err
+    assert rc == 2 and "does not name a graph input and a graph output as IN:OUT[:BATCH_AXIS]" in err
     assert "outputs are out, h_out, c_out" in err
     rc, _, err = cli(capsys, sensor_onnx, "--out", tmp_path / "o", "--name", "s", "--input", "x")
     assert rc == 2 and "--input 'x' is not an input of the graph" in err and "inp, h_in, c_in" in err
@@ -95,7 +112,7 @@ def test_token_model_vocabulary_is_probed_or_taken_from_the_flag(tiny_model_dir,
     src = tiny_model_dir / "model.onnx"
     rc, out, err = cli(capsys, src, "--out", tmp_path / "a", "--name", "tok")
     assert rc == 0, err
-    assert "input    x: int64 [B, T] tokens, vocabulary 256 (probed)" in out
+    assert "  input    x: int64 [B, T], token ids, vocabulary 256 (probed)  [rest; x and y share axis 1 ('T')]" in out
     m = load_manifest(tmp_path / "a")
     assert (m.input_kind, m.input_size, m.output_size) == ("tokens", 256, 256)
     assert m.provenance["vocab"] == "probed"
@@ -107,35 +124,37 @@ def test_token_model_vocabulary_is_probed_or_taken_from_the_flag(tiny_model_dir,
     assert load_manifest(tmp_path / "c").input_size == 100  # the server then refuses ids >= 100
 
 
+class MixesRows(um.SensorLSTM):
+    """Adds the batch mean to y: a session's output depends on who else is in its batch."""
+
+    def forward(self, inp, h_in, c_in):
+        y, h, c = super().forward(inp, h_in, c_in)
+        return y + y.mean(0, keepdim=True), h, c
+
+
+class ShortNextState(um.SensorLSTM):
+    """Returns only half of h as its next value: h_in [2, B, 16] -> h_out [2, B, 8]."""
+
+    def forward(self, inp, h_in, c_in):
+        y, h, c = super().forward(inp, h_in, c_in)
+        return y, h[:, :, :8], c
+
+
 REFUSALS = {
-    "batch-first state": (
-        um.BatchFirstState(),
-        {"state_batch_first": True, "dynamic_axes": um.axes(state_axis=0)},
-        "is batch-first ([B, L, H]); cellserve keeps state as [L, B, H]",
-    ),
     "static batch": (um.SensorLSTM(), {"dynamic_axes": None}, "the graph has a static batch: input 'inp'"),
-    "GRU-style single state": (
-        um.SensorGRU(),
-        {
-            "inputs": ["inp", "h_in"],
-            "outputs": ["out", "h_out"],
-            "dynamic_axes": um.axes(inputs=["inp", "h_in"], outputs=["out", "h_out"]),
-        },
-        "single state input ('h_in' float32 [2, batch, 16]), like a GRU",
-    ),
     "missing state outputs": (
         um.NoStateOut(),
         {"outputs": ["out"], "dynamic_axes": um.axes(outputs=["out"])},
         "the graph returns no next state for h_in and c_in",
     ),
-    "no time axis": (
-        um.OneStep(),
-        {"one_step": True, "layers": 1, "dynamic_axes": um.axes(time=False)},
-        "input 'inp' float32 [batch, 5] has no time axis",
-    ),
-    "fixed time": (um.SensorLSTM(), {"dynamic_axes": um.axes(time=False)}, "has no time axis: T is fixed at 4"),
     "bidirectional": (um.Bidirectional(), {}, "chunked != whole"),
     "state ignored": (um.IgnoresState(), {}, "the graph ignores its state input 'h_in'"),
+    "rows mixed": (MixesRows(), {}, "rows of a batch are not independent: row 0 of a B=3 run differs"),
+    "state shapes disagree": (
+        ShortNextState(),
+        {},
+        "state pair h_in -> h_out: shapes disagree ([2, batch, 16] vs [2, batch, 8])",
+    ),
 }
 
 
@@ -148,7 +167,7 @@ def test_a_graph_that_breaks_the_contract_is_refused_in_one_line_and_nothing_is_
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith(f"cellserve import-onnx: error: cannot import {src}: "), err
     assert problem in err
-    assert "export" in err.split(problem, 1)[1], "the message says how to re-export"
+    assert any(w in err.split(problem, 1)[1] for w in ("export", "--state", "--const")), "it says what to do"
     assert not out_dir.exists()
 
 
@@ -198,22 +217,21 @@ def test_import_onnx_runs_without_torch_and_refuses_without_a_traceback(sensor_o
     assert ok.returncode == 0, ok.stderr
     assert "chunked == whole" in ok.stdout and load_manifest(tmp_path / "ok").provenance["kind"] == "imported"
 
-    bad = um.export(um.BatchFirstState(), tmp_path / "bf.onnx", state_batch_first=True,
-                    dynamic_axes=um.axes(state_axis=0))  # fmt: skip
+    bad = um.export(um.SensorLSTM(), tmp_path / "static.onnx", dynamic_axes=None)
     refused = subprocess.run([sys.executable, "-c", NO_TORCH, "import-onnx", str(bad), "--out", str(tmp_path / "bf"),
                               "--name", "bf"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert refused.returncode == 2 and refused.stdout == ""
     lines = refused.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in refused.stderr and "batch-first" in lines[0], refused.stderr
+    assert len(lines) == 1 and "Traceback" not in refused.stderr and "static batch" in lines[0], refused.stderr
 
 
 def test_check_graph_is_usable_as_a_library(sensor_onnx):
     checked = check_graph(sensor_onnx, RoleHints(output="out"))
-    assert checked.roles.describe() == "input inp, state h h_in -> h_out, state c c_in -> c_out, output out"
-    assert checked.detected["output"] == "flag" and checked.detected["state_h"] == "name"
+    assert checked.roles.describe() == "input inp, state h_in -> h_out, state c_in -> c_out, output out"
+    assert checked.detected["output"] == "flag" and checked.detected["h_in"] == "name"
     assert checked.report["runs"] == [[1, 1], [1, 2], [1, 7], [3, 1], [3, 2], [3, 7]]
     with pytest.raises(ContractError) as e:
         import_onnx(sensor_onnx, Path("unused"), name="s", hints=RoleHints(states=("h_in:out", "c_in:c_out")))
-    assert "next state 'out' has shape [3, " in str(e.value) and "[L, B, H] = [2, 3, 16]" in str(e.value)
+    assert "state pair h_in -> out: shapes disagree ([2, batch, 16] vs [batch, time, 3])" in str(e.value)
     assert json.loads(json.dumps(checked.provenance()))["checks"] == checked.report
     assert np.isfinite(checked.report["batch_rows_max_scaled_diff"])
