@@ -229,7 +229,9 @@ def _search(runner: GraphRunner, x: GraphTensor, batch: int, open_axes: list[int
             states: list[np.ndarray]) -> tuple[dict[int, int], list[np.ndarray]] | Exception:  # fmt: skip
     """The first sizes for x's open axes (at most two) that run; small sizes first."""
     last: Exception = ContractError("no run", "")
-    order = sorted(itertools.product(range(len(CANDIDATES)), repeat=len(open_axes)), key=lambda ix: (max(ix), ix))
+    order = sorted(
+        itertools.product(range(len(CANDIDATES)), repeat=len(open_axes)), key=lambda ix: (max(ix, default=0), ix)
+    )
     for ix in order[:4000]:
         sizes = dict(zip(open_axes, (CANDIDATES[i] for i in ix), strict=True))
         shape = [batch, *(sizes.get(k, d) for k, d in enumerate(x.shape) if k > 0)]
