@@ -1,10 +1,11 @@
-"""export_module: a user's own torch module (forward(x, h0, c0) -> (y, hn, cn)) to a servable model directory."""
+"""export_module: a user's own torch module (forward(x, *states) -> (y, *next_states)) to a servable model dir."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+import state_models as sm
 import torch
 import user_models as um
 from torch import nn
@@ -66,9 +67,14 @@ class TwoLSTMs(nn.Module):
 @pytest.mark.parametrize(
     ("module", "kwargs", "message"),
     [
-        (um.NoStateOut(), {}, r"must return a tuple \(y, hn, cn\) of tensors; it returned Tensor"),
+        (um.NoStateOut(), {}, r"states \[2, B, 16\] \[2, B, 16\]: returned Tensor.*must return a tuple \(y, hn, cn\)"),
         (um.Bidirectional(), {}, "is bidirectional: its backward direction needs the whole sequence"),
-        (TwoLSTMs(), {}, r"holds 2 nn.LSTM modules, so the state shape \[L, B, H\] is not known"),
+        (
+            TwoLSTMs(),
+            {},
+            r"holds 2 recurrent modules \(nn.LSTM, nn.GRU, .*\), so its state shapes are not known; pass "
+            r"states=\[shape, ...\]",
+        ),
         (um.IgnoresState(), {}, "breaks the serving contract: the graph ignores its state input 'h0'"),
         (um.SensorLSTM(), {"name": "no spaces please"}, "model name 'no spaces please' is not allowed"),
     ],
@@ -89,5 +95,71 @@ def test_state_the_module_keeps_to_itself_is_caught_by_chunked_parity(tmp_path):
 def test_sizes_given_explicitly_are_used_and_wrong_ones_refused(tmp_path):
     m = export_module(um.SensorLSTM(), tmp_path / "s", name="s", input_size=5, layers=2, hidden=16)
     assert (m.layers, m.hidden) == (2, 16)
-    with pytest.raises(ExportError, match=r"SensorLSTM.forward\(x, h0, c0\) failed on example inputs .* \[3, 2, 16\]"):
+    with pytest.raises(
+        ExportError,
+        match=r"SensorLSTM.forward\(x, h0, c0\) failed on example inputs x \[3, 4, 5\] "
+        r"with every state layout tried \(states \[3, B, 16\] \[3, B, 16\]: Expected hidden",
+    ):
         export_module(um.SensorLSTM(), tmp_path / "bad", name="s", input_size=5, layers=3, hidden=16)
+
+
+def _states(m) -> list[tuple]:
+    return [(s.input, s.output, s.dtype, s.shape) for s in m.states]
+
+
+def _matches_torch(module: nn.Module, model_dir, x: torch.Tensor, states: list[torch.Tensor]) -> None:
+    """The exported graph equals the module on fresh inputs, every output (y and each next state)."""
+    m = load_manifest(model_dir)
+    feeds = {m.input.name: x.numpy(), **{s.input: t.numpy() for s, t in zip(m.states, states, strict=True)}}
+    got = _ort(model_dir, [m.output.name, *(s.output for s in m.states)], feeds)
+    with torch.no_grad():
+        want = module.eval()(x, *states)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w.numpy(), atol=1e-5, rtol=0)
+
+
+def test_a_gru_exports_with_its_one_state(tmp_path):
+    """Issue 25: a GRU got "holds 0 nn.LSTM modules ... pass layers= and hidden=", advice that then failed."""
+    module = sm.GRUNet()
+    m = export_module(module, tmp_path / "gru", name="gru", input_size=sm.FEATURES)
+    assert _states(m) == [("h0", "hn", "float32", (sm.LAYERS, "B", sm.HIDDEN))] and m.lstm is None
+    assert m.input.time_axis and m.output.frame == (sm.OUT,) and m.provenance["states"] == "nn.GRU"
+    _matches_torch(module, tmp_path / "gru", torch.randn(2, 9, sm.FEATURES), [torch.randn(2, 2, 16)])
+
+
+def test_an_lstm_with_stacked_state_exports_as_one_state(tmp_path):
+    """Issue 25: a stacked-state LSTM was called "like a GRU"."""
+    torch.manual_seed(1)
+    module = sm.StackedLSTM()
+    m = export_module(module, tmp_path / "st", name="st", input_size=sm.FEATURES)
+    assert _states(m) == [("state", "next_state", "float32", (2, sm.LAYERS, "B", sm.HIDDEN))]
+    _matches_torch(module, tmp_path / "st", torch.randn(3, 6, sm.FEATURES), [torch.randn(2, 2, 3, 16)])
+
+
+def test_an_lstm_with_batch_first_state_exports_with_batch_axis_0(tmp_path):
+    torch.manual_seed(2)
+    module = sm.BatchFirstLSTM()
+    m = export_module(module, tmp_path / "bf", name="bf", input_size=sm.FEATURES)
+    assert _states(m) == [("h0", "hn", "float32", ("B", sm.LAYERS, sm.HIDDEN)),
+                          ("c0", "cn", "float32", ("B", sm.LAYERS, sm.HIDDEN))]  # fmt: skip
+    assert m.lstm is None  # not [L, B, H]
+    _matches_torch(module, tmp_path / "bf", torch.randn(4, 5, sm.FEATURES), [torch.randn(4, 2, 16)] * 2)
+
+
+def test_a_per_frame_cell_module_exports_without_a_time_axis(tmp_path):
+    torch.manual_seed(3)
+    module = um.OneStep()  # LSTMCell; takes h and c as [1, B, H]
+    m = export_module(module, tmp_path / "cell", name="cell", input_size=um.FEATURES, time_axis=False)
+    assert not m.input.time_axis and m.input.frame == (um.FEATURES,) and m.output.frame == (um.OUT,)
+    assert _states(m) == [("h0", "hn", "float32", (1, "B", um.HIDDEN)), ("c0", "cn", "float32", (1, "B", um.HIDDEN))]
+    assert "interleaved_max_scaled_diff" in m.provenance["checks"]
+    _matches_torch(module, tmp_path / "cell", torch.randn(2, um.FEATURES), [torch.randn(1, 2, 16)] * 2)
+
+
+def test_state_shapes_given_explicitly_override_inference(tmp_path):
+    m = export_module(sm.StackedLSTM(), tmp_path / "st", name="st", input_size=sm.FEATURES,
+                      states=[(2, sm.LAYERS, "B", sm.HIDDEN)])  # fmt: skip
+    assert m.provenance["states"] == "given" and m.states[0].shape == (2, 2, "B", 16)
+    with pytest.raises(ExportError, match=r"states= shape \[2, 2, 16\] needs exactly one 'B'"):
+        export_module(sm.StackedLSTM(), tmp_path / "bad", name="st", input_size=sm.FEATURES, states=[(2, 2, 16)])
+    assert not (tmp_path / "bad").exists()
