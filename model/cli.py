@@ -299,8 +299,11 @@ def describe_import(manifest: Manifest, checked: CheckedGraph, out_dir: Path) ->
                                   "dynamic: sessions share batched calls"))  # fmt: skip
     report = checked.report
     tol = f"{report['tolerance']:g}"
-    runs = " ".join("(" + ",".join(map(str, run)) + ")" for run in report["runs"])
-    checks = [f"runs at {'(B, T)' if x.time_axis else 'B'} in {runs}", "every state used"]
+    if x.time_axis:
+        runs = "(B, T) in " + " ".join("(" + ",".join(map(str, run)) + ")" for run in report["runs"])
+    else:
+        runs = "B = " + ", ".join(str(run[0]) for run in report["runs"])
+    checks = [f"runs at {runs}", "every state used"]
     if fixed:
         checks.append("batch checks skipped (batch fixed at 1)")
     elif x.time_axis:
