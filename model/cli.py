@@ -270,7 +270,7 @@ def describe_import(manifest: Manifest, checked: CheckedGraph, out_dir: Path) ->
     """What ``import-onnx`` found and checked, for people: each role (and how it was found), the checks, result."""
     r, how, x = checked.roles, checked.detected, checked.input
     flagged = all(how.get(k) == "flag" for k in ("input", "output", *(i for i, _ in r.states)))
-    lead = ["B", "T"] if x.time_axis else ["B"]
+    lead = ["1" if checked.fixed_batch == 1 else "B", *(["T"] if x.time_axis else [])]
     shape = "[" + ", ".join([*lead, *_dims(x.frame, "N")]) + "]"
     if x.vocab is not None:
         what = f"token ids, vocabulary {x.vocab} ({checked.vocab_source})"
