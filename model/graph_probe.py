@@ -272,6 +272,13 @@ def learn_contract(runner: GraphRunner, tensors: dict[str, GraphTensor], hints: 
     states, axis_how = state_specs(roles, tensors, x, fixed, hints)
     how.update(axis_how)
     runner.states, runner.x_dtype, runner.fixed_batch = tuple(states), x.dtype, 1 if fixed else None
+    batch_names = {tensors[s.input].shape[s.batch_axis] for s in states} - {None}
+    if b0 not in batch_names and any(d in batch_names for d in x.shape[1:]):
+        raise ContractError(
+            f"input {x.show()} is time-first: its batch axis is not axis 0 (the states' batch is "
+            f"{', '.join(map(repr, sorted(map(str, batch_names))))}); cellserve sends x batch first",
+            "use nn.LSTM(..., batch_first=True) or transpose x inside forward, then re-export",
+        )
     batch = 1 if fixed else PROBE_BATCH
 
     # Which of x's axes are open, and sizes that run.

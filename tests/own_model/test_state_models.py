@@ -171,3 +171,24 @@ def test_ambiguous_pairs_without_flags_are_refused_and_flags_resolve_them(tmp_pa
                                                                  ("c", "r", ("B", 4))]  # fmt: skip
     assert not m.input.time_axis and m.input.frame == (4,) and m.output.frame == (3,)
     assert checked.detected["time_axis"] == "x's axis 1 is fixed at 4: per-frame"
+
+
+class TimeFirst(nn.Module):
+    """An LSTM without batch_first: x is [T, B, 5]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(sm.FEATURES, sm.HIDDEN, num_layers=sm.LAYERS)
+        self.head = nn.Linear(sm.HIDDEN, sm.OUT)
+
+    def forward(self, x, h0, c0):
+        seq, (hn, cn) = self.lstm(x, (h0, c0))  # seq [T, B, H]
+        return self.head(seq), hn, cn
+
+
+def test_a_time_first_x_is_refused_with_how_to_fix_it(tmp_path):
+    args = (torch.randn(4, 2, sm.FEATURES), torch.zeros(2, 2, sm.HIDDEN), torch.zeros(2, 2, sm.HIDDEN))
+    axes = {"x": {0: "T", 1: "B"}, "y": {0: "T", 1: "B"}, **{n: {1: "B"} for n in ("h0", "c0", "hn", "cn")}}
+    src = sm._export(TimeFirst(), args, tmp_path / "tf.onnx", ["x", "h0", "c0"], ["y", "hn", "cn"], axes)
+    with pytest.raises(ContractError, match=r"input 'x' float32 \[T, B, 5\] is time-first: .* batch_first=True"):
+        import_onnx(src, tmp_path / "o", name="tf")
