@@ -18,9 +18,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerHandle, serve_in_thread
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from server_helpers import ServerHandle, serve_in_thread
 
 from cellserve.oip import grpc_service_pb2 as oip
 from cellserve.oip import grpc_service_pb2_grpc as oip_grpc

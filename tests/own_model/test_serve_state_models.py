@@ -1,0 +1,331 @@
+"""Every stateful class of issue 25, imported with ``import_onnx``, served, streamed, and checked against a
+batch-1 onnxruntime run of the same file with the state carried by hand (the oracle for foreign models).
+
+One server serves all seven models at once, so sessions interleave across models as well as within one.
+Covered: SDK sessions (asyncio and sync) stepping random chunks; a SIGKILL of the server mid-run, resumed
+on a second one; OIP sequences and stateless inference through the unmodified ``tritonclient``; the
+models' Triton config; bad steps answered in-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as tc
+from state_models import MODELS
+from stream_helpers import open_msg, read_rest, step_msg
+
+from cellserve.client import AsyncClient, Client
+from cellserve.model.importer import import_onnx
+from cellserve.model.manifest import Manifest, load_manifest
+from cellserve.v1 import cellserve_pb2 as pb
+from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+
+KEYS = '{"active": "k1", "keys": {"k1": "' + "5a" * 32 + '"}}'
+WAIT_S = 90
+FRAME_SIZES = (64, 80)  # the per-frame model's frame length is dynamic: sessions pick one of these
+
+
+def tolerance(name: str) -> float:
+    """Batched and batch-1 runs differ by float rounding; a float16 state rounds coarser."""
+    return 2e-3 if name == "fp16_state" else 1e-4
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each class built, exported and imported as a user would: name -> model directory."""
+    dirs = {}
+    for name, spec in MODELS.items():
+        tmp = tmp_path_factory.mktemp(name)
+        import_onnx(spec.build(tmp), tmp / "model", name=name, **spec.import_kwargs)
+        dirs[name] = tmp / "model"
+    return dirs
+
+
+class Batch1:
+    """The oracle: the model's ONNX file at batch 1, its state carried by hand from call to call."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.m: Manifest = load_manifest(model_dir)
+        self.session = ort.InferenceSession(str(model_dir / self.m.onnx_file), providers=["CPUExecutionProvider"])
+        self.consts = {c.name: np.array(c.value, dtype=c.dtype).reshape(c.shape) for c in self.m.consts}
+
+    def run(self, chunks: list[np.ndarray]) -> np.ndarray:
+        """y for the chunks ([T, *frame] each) of one session, from zero state: [sum T, *out]."""
+        m = self.m
+        states = [np.zeros(s.graph_shape(1), s.dtype) for s in m.states]
+        outputs = [m.output.name, *(s.output for s in m.states)]
+        ys = []
+        for chunk in chunks:
+            for x in [chunk] if m.input.time_axis else list(chunk):  # a per-frame model: frame by frame
+                feeds = {m.input.name: x[None], **self.consts}
+                feeds.update((s.input, state) for s, state in zip(m.states, states, strict=True))
+                y, *states = self.session.run(outputs, feeds)
+                ys.append(y[0] if m.input.time_axis else y)  # [T, *out], or one frame's [1, *out]
+        return np.concatenate(ys).astype(np.float32)
+
+
+class Plan:
+    """One session's random chunks ([T, *frame] of the model's dtype) and what came back."""
+
+    def __init__(self, name: str, rng: np.random.Generator, chunks: int = 6) -> None:
+        spec = MODELS[name]
+        frame = tuple(int(rng.choice(FRAME_SIZES)) if d is None else d for d in spec.frame)
+        self.name = name
+        self.chunks = [
+            rng.standard_normal((int(rng.integers(1, 5)), *frame)).astype(spec.x_dtype) for _ in range(chunks)
+        ]
+        self.outputs: list[np.ndarray] = []
+        self.error: BaseException | None = None
+
+    def check(self, oracle: Batch1) -> None:
+        assert self.error is None, f"{self.name}: {type(self.error).__name__}: {self.error}"
+        want = oracle.run(self.chunks[: len(self.outputs)])
+        np.testing.assert_allclose(
+            np.concatenate(self.outputs), want, atol=tolerance(self.name), rtol=0, err_msg=self.name
+        )
+
+
+@pytest.fixture(scope="module")
+def oracles(model_dirs: dict[str, Path]) -> dict[str, Batch1]:
+    return {name: Batch1(d) for name, d in model_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs: dict[str, Path]) -> Iterator[Any]:
+    """One in-process server serving every class."""
+    from server_helpers import serve_in_thread
+
+    from cellserve.server.settings import Settings
+
+    settings = Settings(model_dirs=list(model_dirs.values()), host="127.0.0.1", port=0, metrics_port=0)
+    with serve_in_thread(settings) as srv:
+        yield srv
+
+
+# -- SDK sessions ------------------------------------------------------------------------------------------
+
+
+def test_asyncio_sdk_sessions_of_every_class_interleaved_equal_the_batch_1_oracle(server, oracles):
+    rng = np.random.default_rng(25)
+    plans = [Plan(name, rng) for name in MODELS for _ in range(3)]
+    random.Random(25).shuffle(plans)
+
+    async def one(client: AsyncClient, plan: Plan) -> None:
+        async with client.session(plan.name) as s:
+            for chunk in plan.chunks:
+                plan.outputs.append(await s.step(chunk))
+                await asyncio.sleep(0)  # let the other sessions in: their steps share batches
+
+    async def main() -> None:
+        async with AsyncClient(server.address) as client:
+            await asyncio.wait_for(asyncio.gather(*(one(client, p) for p in plans)), WAIT_S)
+
+    asyncio.run(main())
+    for plan in plans:
+        plan.check(oracles[plan.name])
+
+
+def test_sync_sdk_sessions_of_every_class_from_threads_equal_the_batch_1_oracle(server, oracles):
+    rng = np.random.default_rng(52)
+    plans = [Plan(name, rng) for name in MODELS for _ in range(2)]
+
+    def one(client: Client, plan: Plan) -> None:
+        try:
+            with client.session(plan.name) as s:
+                for chunk in plan.chunks:
+                    plan.outputs.append(s.step(chunk))
+        except BaseException as e:  # reported by plan.check
+            plan.error = e
+
+    with Client(server.address) as client:
+        threads = [threading.Thread(target=one, args=(client, p)) for p in plans]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT_S)
+    assert not any(t.is_alive() for t in threads)
+    for plan in plans:
+        plan.check(oracles[plan.name])
+
+
+def test_snapshot_tokens_carry_every_state_tensor_and_resume_exactly(server, oracles):
+    rng = np.random.default_rng(7)
+    with Client(server.address) as client:
+        for name in MODELS:
+            plan = Plan(name, rng)
+            with client.session(name) as s:
+                for chunk in plan.chunks[:3]:
+                    plan.outputs.append(s.step(chunk))
+                token = s.snapshot()
+            with client.session(name, resume_token=token) as s:  # a new session from the token's state
+                for chunk in plan.chunks[3:]:
+                    plan.outputs.append(s.step(chunk))
+            plan.check(oracles[name])
+
+
+# -- a server lost mid-run ---------------------------------------------------------------------------------
+
+
+def test_a_sigkilled_server_s_sessions_of_every_class_finish_on_another_equal_to_the_oracle(
+    model_dirs, oracles, tmp_path
+):
+    from server_helpers import start_server_process
+
+    dirs = list(model_dirs.values())
+    more = [arg for d in dirs[1:] for arg in ("--model-dirs", str(d))]
+    a = start_server_process(dirs[0], tmp_path, *more, "--token-keys", KEYS)
+    b = start_server_process(dirs[0], tmp_path, *more, "--token-keys", KEYS)
+    rng = np.random.default_rng(99)
+    plans = [Plan(name, rng, chunks=10) for name in MODELS for _ in range(2)]
+    under_way = threading.Event()
+    started: list[Plan] = []
+
+    async def one(client: AsyncClient, plan: Plan, killed: asyncio.Event) -> None:
+        async with client.session(plan.name, checkpoint_every=2) as s:
+            for k, chunk in enumerate(plan.chunks):
+                plan.outputs.append(await s.step(chunk))
+                if k == 3:
+                    started.append(plan)
+                    if len(started) == len(plans):
+                        under_way.set()
+                    await asyncio.wait_for(killed.wait(), WAIT_S)  # every session is mid-run when A dies
+
+    async def main() -> None:
+        killed = asyncio.Event()
+
+        async def kill_a() -> None:
+            await asyncio.get_running_loop().run_in_executor(None, under_way.wait, WAIT_S)
+            a.proc.send_signal(signal.SIGKILL)
+            a.proc.wait(30)
+            killed.set()
+
+        async with AsyncClient([a.address, b.address]) as client:
+            await asyncio.wait_for(asyncio.gather(kill_a(), *(one(client, p, killed) for p in plans)), WAIT_S)
+
+    try:
+        asyncio.run(main())
+    finally:
+        for proc in (a.proc, b.proc):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+    assert a.proc.returncode == -signal.SIGKILL
+    for plan in plans:
+        assert len(plan.outputs) == len(plan.chunks), plan.name
+        plan.check(oracles[plan.name])
+
+
+# -- OIP / Triton ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def triton(server: Any) -> Iterator[tc.InferenceServerClient]:
+    client = tc.InferenceServerClient(url=server.address)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _x_input(name: str, a: np.ndarray) -> tc.InferInput:
+    t = tc.InferInput(name, list(a.shape), {"float32": "FP32", "float16": "FP16", "int64": "INT64"}[a.dtype.name])
+    t.set_data_from_numpy(a)
+    return t
+
+
+def test_the_triton_config_lists_every_state_pair_as_implicit_state(triton, model_dirs):
+    for name, spec in MODELS.items():
+        config = triton.get_model_config(name).config
+        states = [(s.input_name, s.output_name, list(s.dims)) for s in config.sequence_batching.state]
+        want = [(i, o, [d for d in shape if d != "B"]) for i, o, _, shape in spec.states]
+        assert states == want, name
+        assert [t.name for t in config.input] == [spec.x] and [t.name for t in config.output] == [spec.y]
+        assert config.max_batch_size == (1 if spec.fixed_batch == 1 else config.max_batch_size)
+
+
+def test_oip_sequences_of_every_class_on_one_stream_equal_the_batch_1_oracle(triton, oracles):
+    rng = np.random.default_rng(3)
+    plans = {name: Plan(name, rng, chunks=4) for name in MODELS}
+    replies: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    triton.start_stream(callback=lambda result, error: replies.put((result, error)))
+    sent = 0
+    for sid, (name, plan) in enumerate(plans.items(), start=1):
+        time_axis = MODELS[name].time_axis
+        requests = plan.chunks if time_axis else [frame[None] for chunk in plan.chunks for frame in chunk]
+        for k, x in enumerate(requests):  # a per-frame model takes one frame [1, N] per request
+            triton.async_stream_infer(
+                name, [_x_input(MODELS[name].x, x[None] if time_axis else x)], request_id=f"{name}#{k}",
+                sequence_id=sid, sequence_start=k == 0, sequence_end=k == len(requests) - 1,
+            )  # fmt: skip
+            sent += 1
+    got: dict[str, np.ndarray] = {}
+    for _ in range(sent):
+        result, error = replies.get(timeout=WAIT_S)
+        assert error is None, error.message()
+        response = result.get_response()
+        name = response.model_name
+        got[response.id] = result.as_numpy(MODELS[name].y)
+    triton.stop_stream()
+    for name, plan in plans.items():
+        keys = sorted((r for r in got if r.split("#")[0] == name), key=lambda r: int(r.split("#")[1]))
+        ys = [got[k] for k in keys]
+        y = np.concatenate([y[0] for y in ys]) if MODELS[name].time_axis else np.concatenate(ys)
+        np.testing.assert_allclose(y, oracles[name].run(plan.chunks), atol=tolerance(name), rtol=0, err_msg=name)
+
+
+def test_stateless_infer_takes_and_returns_every_state_tensor_batch_first(triton, oracles):
+    rng = np.random.default_rng(11)
+    for name in ("three_state", "lstm_stacked", "gru"):
+        spec, oracle = MODELS[name], oracles[name]
+        first, second = (rng.standard_normal((2, 3, *spec.frame)).astype(np.float32) for _ in range(2))
+        out_names = [tc.InferRequestedOutput(spec.y), *(tc.InferRequestedOutput(o) for _, o, _, _ in spec.states)]
+        a = triton.infer(name, [_x_input(spec.x, first)], outputs=out_names)
+        states = [a.as_numpy(o) for _, o, _, _ in spec.states]  # [B, *state] each
+        b = triton.infer(
+            name,
+            [_x_input(spec.x, second), *(_x_input(i, s) for (i, _, _, _), s in zip(spec.states, states, strict=True))],
+            outputs=out_names,
+        )
+        for row in range(2):  # each row: one session of two chunks
+            want = oracle.run([first[row], second[row]])
+            np.testing.assert_allclose(b.as_numpy(spec.y)[row], want[3:], atol=1e-4, rtol=0, err_msg=name)
+
+
+# -- bad steps ---------------------------------------------------------------------------------------------
+
+
+def test_a_step_of_the_wrong_frame_or_dtype_is_answered_in_stream_naming_the_model_and_shape(server):
+    async def main() -> list[tuple[str, str]]:
+        out = []
+        async with grpc.aio.insecure_channel(server.address) as ch:
+            for name in ("per_frame", "three_state"):
+                spec = MODELS[name]
+                call = pb_grpc.CellServeStub(ch).Stream()
+                await call.write(open_msg(name))
+                assert (await call.read()).WhichOneof("kind") == "opened"
+                good = np.zeros((2, *(64 if d is None else d for d in spec.frame)), np.float32)
+                for bad in (np.zeros((2, 3, 3), np.float32), good.astype(np.float64)):
+                    await call.write(step_msg(1, bad))
+                    reply = await call.read()
+                    assert reply.WhichOneof("kind") == "error", reply
+                    out.append((name, reply.error.message))
+                await call.write(step_msg(2, good))  # the session goes on
+                assert (await call.read()).WhichOneof("kind") == "output"
+                await call.write(pb.StreamRequest(close=pb.Close()))
+                await read_rest(call)
+        return out
+
+    for name, message in asyncio.run(asyncio.wait_for(main(), WAIT_S)):
+        assert repr(name) in message and "[T, " in message, message
