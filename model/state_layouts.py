@@ -68,7 +68,7 @@ def candidates(recurrent: nn.Module, count: int) -> list[tuple[Shape, ...]]:
                 f"[L, B, {recurrent.hidden_size}]; pass states=[(L, 'B', {recurrent.proj_size}), (L, 'B', "
                 f"{recurrent.hidden_size})]"
             )
-        n, h = recurrent.num_layers, recurrent.hidden_size
+        n, h = int(recurrent.num_layers), int(recurrent.hidden_size)
         lstm = isinstance(recurrent, nn.LSTM)
         if count == 2 and lstm:
             return [((n, "B", h),) * 2, (("B", n, h),) * 2]
@@ -77,7 +77,7 @@ def candidates(recurrent: nn.Module, count: int) -> list[tuple[Shape, ...]]:
         if count == 1:
             return [((n, "B", h),), (("B", n, h),)]
     else:
-        h = recurrent.hidden_size
+        h = int(recurrent.hidden_size)
         lstm = isinstance(recurrent, nn.LSTMCell)
         if count == 2 and lstm:
             return [(("B", h),) * 2, ((1, "B", h),) * 2]
