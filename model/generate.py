@@ -1,8 +1,9 @@
 """Offline generation: run an exported byte-level model with onnxruntime (no torch, no server).
 
-The prompt's UTF-8 bytes go through the graph in one call; then one byte at a time is sampled with
-:class:`cellserve.model.sampling.Sampler` (the same sampler the server's Generate RPC uses) and fed back,
-carrying ``hn``/``cn`` as the next ``h0``/``c0``.
+The prompt's UTF-8 bytes go through the graph in one call (a per-frame model: one byte per call); then
+one byte at a time is sampled with :class:`cellserve.model.sampling.Sampler` (the same sampler the
+server's Generate RPC uses) and fed back, carrying every next state as the next call's state (any token
+model of the general contract: an LSTM's h and c, a GRU's one state, …).
 """
 
 from __future__ import annotations
@@ -32,14 +33,24 @@ class Generator:
         self.session = ort.InferenceSession(
             str(self.model_dir / self.manifest.onnx_file), opts, providers=["CPUExecutionProvider"]
         )
-        self.names = {role: self.manifest.tensor(role).name for role in ("input", "state_h", "state_c")}
-        self.out_names = [self.manifest.tensor(r).name for r in ("output", "next_state_h", "next_state_c")]
+        m = self.manifest
+        if len(m.output.frame) != 1 or m.output.frame[0] is None:
+            raise ValueError(f"model {m.name!r} outputs {m.describe_output()} per step; generate needs logits [V]")
+        self.consts = {c.name: np.array(c.value, dtype=c.dtype).reshape(c.shape) for c in m.consts}
+        self.outputs = [m.output.name, *(s.output for s in m.states)]
 
-    def step(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """tokens [T] int64, h/c [L, 1, H] -> (logits of the last step [V], hn, cn)."""
-        feeds = {self.names["input"]: tokens.reshape(1, -1), self.names["state_h"]: h, self.names["state_c"]: c}
-        y, hn, cn = self.session.run(self.out_names, feeds)  # y [1, T, V]; hn, cn [L, 1, H]
-        return y[0, -1], hn, cn
+    def zero_state(self) -> list[np.ndarray]:
+        """Every state tensor at batch 1, zeros (the graph's layout)."""
+        return [np.zeros(s.graph_shape(1), s.dtype) for s in self.manifest.states]
+
+    def step(self, tokens: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """tokens [T] int64 and the state -> (logits of the last step [V], the next state)."""
+        m = self.manifest
+        for token in [tokens] if m.input.time_axis else [t for t in tokens]:  # a per-frame model: one per call
+            feeds = {m.input.name: token.reshape(1, -1) if m.input.time_axis else token.reshape(1), **self.consts}
+            feeds.update((s.input, state) for s, state in zip(m.states, states, strict=True))
+            y, *states = self.session.run(self.outputs, feeds)  # y [1, T, V] or [1, V]
+        return y.reshape(-1, y.shape[-1])[-1], states
 
     def generate(
         self, prompt: str, *, max_bytes: int = 200, temperature: float = 0.8, top_k: int = 0, seed: int | None = None
@@ -50,16 +61,13 @@ class Generator:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         sampler = Sampler(temperature, top_k, seed)
-        shape = (self.manifest.layers, 1, self.manifest.hidden)  # [L, 1, H]
-        h = np.zeros(shape, np.float32)
-        c = np.zeros(shape, np.float32)
         tokens = np.frombuffer(prompt.encode("utf-8"), dtype=np.uint8).astype(np.int64)  # [T]
-        logits, h, c = self.step(tokens, h, c)  # [V]
+        logits, states = self.step(tokens, self.zero_state())  # [V]
         for i in range(max_bytes):
             token = sampler.next_token(logits)
             yield token
             if i + 1 < max_bytes:
-                logits, h, c = self.step(np.array([token], dtype=np.int64), h, c)
+                logits, states = self.step(np.array([token], dtype=np.int64), states)
 
 
 def generate_text(model_dir: Path | str, prompt: str, **kwargs: object) -> bytes:

@@ -14,6 +14,7 @@ import queue
 import random
 import signal
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 import tritonclient.grpc as tc
 from state_models import MODELS
 from stream_helpers import open_msg, read_rest, step_msg
@@ -329,3 +331,39 @@ def test_a_step_of_the_wrong_frame_or_dtype_is_answered_in_stream_naming_the_mod
 
     for name, message in asyncio.run(asyncio.wait_for(main(), WAIT_S)):
         assert repr(name) in message and "[T, " in message, message
+
+
+# -- generate, for any token model -------------------------------------------------------------------------
+
+
+class ByteGRU(torch.nn.Module):
+    """A byte-level GRU language model: ids [B, T] -> logits [B, T, 256]; one state h [1, B, 24]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.embed = torch.nn.Embedding(256, 12)
+        self.gru = torch.nn.GRU(12, 24, batch_first=True)
+        self.head = torch.nn.Linear(24, 256)
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seq, hn = self.gru(self.embed(x), h0)
+        return self.head(seq), hn
+
+
+def test_a_gru_token_model_generates_the_same_bytes_offline_and_through_the_server(tmp_path, running_server):
+    from cellserve.model.generate import Generator
+
+    onnx_file = tmp_path / "bytegru.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ByteGRU().eval(), (torch.zeros(1, 3, dtype=torch.int64), torch.zeros(1, 1, 24)),
+                          str(onnx_file), input_names=["x", "h0"], output_names=["y", "hn"], dynamo=False,
+                          dynamic_axes={"x": {0: "B", 1: "T"}, "h0": {1: "B"}, "y": {0: "B", 1: "T"},
+                                        "hn": {1: "B"}})  # fmt: skip
+    manifest, _ = import_onnx(onnx_file, tmp_path / "model", name="bytegru", vocab=256)
+    assert manifest.vocab == 256 and [s.input for s in manifest.states] == ["h0"]
+    offline = bytes(Generator(tmp_path / "model").generate("the ", max_bytes=40, temperature=0.7, seed=3))
+    with running_server(model_dirs=[tmp_path / "model"]) as srv, Client(srv.address) as client:
+        served = b"".join(g.text for g in client.generate("the ", 40, temperature=0.7, seed=3, model="bytegru"))
+    assert served == offline and len(served) == 40
