@@ -130,7 +130,7 @@ def test_hadolint_rejects_shell_form_entrypoint(tool, deploy_copy):
 def test_dockerfile_contract_rejects_root_user_and_torch(deploy_copy):
     dockerfile = deploy_copy / "Dockerfile"
     edit(dockerfile, "USER 10001:10001", "USER root")
-    edit(dockerfile, "COPY --from=venv /models /models", "COPY --from=venv /models /models\nRUN pip install torch")
+    edit(dockerfile, "COPY --from=app /stage/ /", "COPY --from=app /stage/ /\nRUN pip install torch")
     problems = dockerfile_problems(dockerfile)
     assert "Dockerfile: missing non-root USER" in problems
     assert "Dockerfile: runtime stage mentions torch or a compiler" in problems
