@@ -239,3 +239,24 @@ def test_engine_thread_and_pool_calls_from_another_thread_do_not_interfere(tiny_
     for slot, h in expected.items():
         np.testing.assert_array_equal(pool.tensors[0][slot], h)
         np.testing.assert_array_equal(pool.tensors[1][slot], -h)
+
+
+def test_run_stateless_takes_and_returns_every_state_in_graph_layout_and_leaves_the_pool_alone(engine, tiny_oracle):
+    rng = np.random.default_rng(10)
+    fill_random(engine.pool, rng)
+    before = [t.copy() for t in engine.pool.tensors]
+    zeros = engine.zero_states(3)
+    assert [(s.shape, s.dtype) for s in zeros] == [((2, 3, 32), np.float32)] * 2 and not any(s.any() for s in zeros)
+    x = tokens(rng, 3, 4)
+    h0, c0 = hc(engine.pool, [5, 1, 12])
+    y, (hn, cn) = engine.run_stateless(x, [h0, c0])
+    y_ref, hn_ref, cn_ref = tiny_oracle.run(x, h0, c0)
+    np.testing.assert_allclose(y, y_ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(hn, hn_ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(cn, cn_ref, atol=TOL, rtol=0)
+    for tensor, old in zip(engine.pool.tensors, before, strict=True):
+        np.testing.assert_array_equal(tensor, old)
+    y_zero, (hz, cz) = engine.run_stateless(x, zeros)  # the state carried on by the caller
+    y_two, _ = engine.run_stateless(x[:, 2:], [hz, cz])
+    y_whole = engine.run_stateless(np.concatenate([x, x[:, 2:]], axis=1), engine.zero_states(3))[0]
+    np.testing.assert_allclose(np.concatenate([y_zero, y_two], axis=1), y_whole, atol=TOL, rtol=0)
