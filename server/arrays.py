@@ -108,9 +108,16 @@ class CupyOps:
         self._cpx = cupyx
         self.device_id = device_id
         self._device = cupy.cuda.Device(device_id)
-        with self._device:
-            # Non-blocking: it never waits on the legacy default stream other libraries may use.
-            self._stream = cupy.cuda.Stream(non_blocking=True)
+        try:
+            with self._device:
+                # Non-blocking: it never waits on the legacy default stream other libraries may use.
+                self._stream = cupy.cuda.Stream(non_blocking=True)
+        except cupy.cuda.runtime.CUDARuntimeError as e:  # no GPU, no driver, or another ordinal: one line
+            raise EngineUnavailable(
+                f"device=cuda:{device_id}: no usable CUDA device is visible to this process ({e}); a container "
+                "needs the GPU passed in (--gpus / --device nvidia.com/gpu=all / the nvidia.com/gpu resource), "
+                "or serve with --device cpu"
+            ) from None
         self.stream_ptr = int(self._stream.ptr)
         self._staged: deque[tuple[Any, Any]] = deque()  # (event, pinned buffer) until its copy has run
         self._staged_lock = threading.Lock()
