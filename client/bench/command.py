@@ -77,13 +77,15 @@ def bench_target(
     name: str = "cellserve",
     log_level: str | None = None,
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    pythonpath: Path | None = None,
 ) -> Iterator[Target]:
     """``--server``, or ``cellserve serve`` started on free loopback ports (see ``cellserve_process``) and
     stopped on exit; ``model`` ('' = the server's default) is looked up once the server is ready."""
     if server is not None:
         yield Target(server, None, metrics_url, model_info(server, model, connect_timeout_s))
         return
-    with cellserve_process(model_dir, serve_args, max_streams, name=name, log_level=log_level) as proc:
+    with cellserve_process(model_dir, serve_args, max_streams, name=name, log_level=log_level,
+                           pythonpath=pythonpath) as proc:  # fmt: skip
         url = metrics_url or f"http://127.0.0.1:{proc.info['metrics_port']}/metrics"
         yield Target(proc.address, proc.pid, url, model_info(proc.address, model, connect_timeout_s))
 

@@ -118,6 +118,15 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
         "--compare-serve-arg=--workers=2 (not with --server)",
     )
     p.add_argument(
+        "--compare-pythonpath",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the compare server (as with --compare-serve-arg, which it implies) from the cellserve package "
+        "found in DIR, e.g. an older commit's checkout laid out as a package: the same run then measures a change "
+        "against the code before it (README Performance)",
+    )
+    p.add_argument(
         "--intra-op-threads",
         type=int,
         default=1,

@@ -43,7 +43,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
-    if args.compare_serve_arg and args.server is not None:
+    if (args.compare_serve_arg or args.compare_pythonpath) and args.server is not None:
         raise BenchError("--compare-serve-arg starts a second server next to the one the bench starts; "
                          "it cannot be used with --server")  # fmt: skip
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
@@ -76,11 +76,12 @@ def _run(
     ):  # fmt: skip
         info = cs.info
         compare = None
-        if args.compare_serve_arg:
+        if args.compare_serve_arg or args.compare_pythonpath:
             compare_args = [*serve_args, *args.compare_serve_arg]
             compare = stack.enter_context(bench_target(None, args.model, model_dir, compare_args, name="compare",
                                                        max_streams=max_streams,
-                                                       connect_timeout_s=args.connect_timeout))  # fmt: skip
+                                                       connect_timeout_s=args.connect_timeout,
+                                                       pythonpath=args.compare_pythonpath))  # fmt: skip
             if compare.info.sha256 != info.sha256:
                 raise BenchError("the compare server serves another model file than the first; compare flags "
                                  "must not change the model")  # fmt: skip
@@ -125,6 +126,7 @@ def _run(
             "warmup_s": args.warmup,
             "rounds": args.rounds,
             "compare_serve_args": args.compare_serve_arg,
+            "compare_pythonpath": str(args.compare_pythonpath) if args.compare_pythonpath else None,
             "client_procs": args.procs or "min(streams, 2)",
             "baselines": baselines,
         },

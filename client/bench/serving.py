@@ -33,8 +33,12 @@ async def serve_until_signal(started: Awaitable[tuple[grpc.aio.Server, int]], re
 class ServerProcess:
     """A server started as a subprocess that writes a ready file; stopped with SIGTERM on exit."""
 
-    def __init__(self, argv: Sequence[str], name: str, timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, argv: Sequence[str], name: str, timeout_s: float = 120.0, env: dict[str, str] | None = None
+    ) -> None:
+        """``env``: variables set for the server on top of this process's environment."""
         self.argv = list(argv)
+        self.env = env
         self.name = name
         self.timeout_s = timeout_s
         self.info: dict = {}
@@ -54,7 +58,8 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         log = self.log_file.open("wb")
         argv = [a.replace("{ready_file}", str(self.ready_file)) for a in self.argv]
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.timeout_s
         while not self.ready_file.exists():
             if self.proc.poll() is not None:
@@ -89,10 +94,12 @@ def cellserve_process(
     *,
     name: str = "cellserve",
     log_level: str | None = None,
+    pythonpath: Path | None = None,
 ) -> ServerProcess:
     """``cellserve serve`` on free ports (loopback) for a bench: enter it to start, exit to stop.
 
-    ``max_streams`` None keeps the server's default; ``log_level`` goes before ``serve`` (e.g. "WARNING").
+    ``max_streams`` None keeps the server's default; ``log_level`` goes before ``serve`` (e.g. "WARNING");
+    ``pythonpath`` runs the cellserve package found there (e.g. an older checkout's) instead of this one.
     """
     argv = ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "auto", "--metrics-host", "127.0.0.1",
             "--ready-file", "{ready_file}"]  # fmt: skip
@@ -103,4 +110,5 @@ def cellserve_process(
         argv += ["--model-dirs", str(model_dir)]
     if log_level is not None:
         argv = ["--log-level", log_level, *argv]
-    return ServerProcess(python_module("cellserve.server.cli", *argv), name)
+    env = {"PYTHONPATH": str(pythonpath)} if pythonpath is not None else None
+    return ServerProcess(python_module("cellserve.server.cli", *argv), name, env=env)
