@@ -38,6 +38,7 @@ class ModelInfo:
     frame: tuple[int, ...] | None = None  # a step's dims after T, -1 dynamic (None: from input_kind, input_size)
     time_axis: bool = True  # False: a per-frame model (the server runs a step's T frames in order)
     output_frame: tuple[int, ...] | None = None  # an output step's dims after T (None: [output_size])
+    example_frame: tuple[int, ...] | None = None  # a frame the model runs: dynamic dims filled in (None: frame)
 
     def __post_init__(self) -> None:  # an older server's summary, or a hand-made ModelInfo: tokens [T] or [T, I]
         tokens = self.input_kind == "tokens"
@@ -47,6 +48,8 @@ class ModelInfo:
             object.__setattr__(self, "frame", () if tokens else (self.input_size,))
         if self.output_frame is None:
             object.__setattr__(self, "output_frame", (self.output_size,))
+        if self.example_frame is None:
+            object.__setattr__(self, "example_frame", tuple(d if d > 0 else 64 for d in self.frame or ()))
 
     @classmethod
     def from_proto(cls, m: pb.ModelSummary) -> ModelInfo:
@@ -63,6 +66,7 @@ class ModelInfo:
             frame=tuple(int(d) for d in m.frame) if new else None,
             time_axis=m.time_axis if new else True,
             output_frame=tuple(int(d) for d in m.output_frame) if new else None,
+            example_frame=tuple(int(d) for d in m.example_frame) if new and m.example_frame else None,
         )
 
     def check_input(self, x: object) -> np.ndarray:

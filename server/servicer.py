@@ -144,4 +144,5 @@ def model_summary(model: LoadedModel) -> pb.ModelSummary:
         frame=[-1 if d is None else d for d in m.input.frame],
         time_axis=m.input.time_axis,
         output_frame=[-1 if d is None else d for d in m.output.frame],
+        example_frame=list(m.input.example_shape),
     )

@@ -222,7 +222,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "version", "sha256", "input_kind", "layers", "hidden", "input_size", "output_size", "inputs", "outputs", "input_dtype", "frame", "time_axis", "output_frame")
+    __slots__ = ("name", "version", "sha256", "input_kind", "layers", "hidden", "input_size", "output_size", "inputs", "outputs", "input_dtype", "frame", "time_axis", "output_frame", "example_frame")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +237,7 @@ class ModelSummary(_message.Message):
     FRAME_FIELD_NUMBER: _ClassVar[int]
     TIME_AXIS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FRAME_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_FRAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     sha256: str
@@ -251,4 +252,5 @@ class ModelSummary(_message.Message):
     frame: _containers.RepeatedScalarFieldContainer[int]
     time_axis: bool
     output_frame: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., input_kind: _Optional[str] = ..., layers: _Optional[int] = ..., hidden: _Optional[int] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., frame: _Optional[_Iterable[int]] = ..., time_axis: _Optional[bool] = ..., output_frame: _Optional[_Iterable[int]] = ...) -> None: ...
+    example_frame: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., input_kind: _Optional[str] = ..., layers: _Optional[int] = ..., hidden: _Optional[int] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., frame: _Optional[_Iterable[int]] = ..., time_axis: _Optional[bool] = ..., output_frame: _Optional[_Iterable[int]] = ..., example_frame: _Optional[_Iterable[int]] = ...) -> None: ...
