@@ -1,10 +1,11 @@
 """Cross-session batching: each model's scheduler turns queued steps into engine calls.
 
 A batch closes when it holds ``max_batch`` steps, when every live session of the model is in it
-(nobody else can arrive), or ``max_wait_us`` after its first step. Steps of equal length T run in
-one engine call, at most ``max_batch_steps`` rows x steps per call (more rows run as further calls,
-so the engine's memory is bounded); a batch with several lengths makes one call per length. Each session has at most
-one step in flight (the session layer guarantees it), so its steps stay in order.
+(nobody else can arrive), or ``max_wait_us`` after its first step. Steps of equal shape (length T,
+and frame dims where the model leaves them dynamic) run in one engine call, at most
+``max_batch_steps`` rows x steps per call (more rows run as further calls, so the engine's memory
+is bounded); a batch with several shapes makes one call per shape. Each session has at most one
+step in flight (the session layer guarantees it), so its steps stay in order.
 
 Per message the cost is an append and a comparison: ``enqueue`` itself decides when a batch is
 due. Inline (the default), the step that completes a batch runs it right there, or a timer does
@@ -44,7 +45,7 @@ class _Request:
 
     def __init__(self, slot: int, x: np.ndarray, future: asyncio.Future[np.ndarray], finished: Finished) -> None:
         self.slot = slot
-        self.x = x  # [T] or [T, I]
+        self.x = x  # [T, *frame]
         self.future = future
         self._finished: Finished | None = finished
         self.queued_at = time.perf_counter()
@@ -222,7 +223,7 @@ class Scheduler:
     # -- running a batch --------------------------------------------------------------------------
 
     def _run_inline(self, batch: list[_Request]) -> None:
-        """One engine call per chunk length T, on the event loop; then the batch's metrics, once."""
+        """One engine call per step shape, on the event loop; then the batch's metrics, once."""
         for t, group in self._prepare(batch):
             slots, x = _inputs(group)
             try:
@@ -252,7 +253,7 @@ class Scheduler:
             self._settle(t, await self._loop.run_in_executor(self._executor, self._isolate, t, group, failure))
 
     def _prepare(self, batch: list[_Request]) -> list[tuple[int, list[_Request]]]:
-        """The steps still wanted, as engine calls: grouped by chunk length T, split to fit ``max_batch_steps``.
+        """The steps still wanted, as engine calls: grouped by step shape, split to fit ``max_batch_steps``.
         Their time in the queue is observed here."""
         start = time.perf_counter()
         live: list[_Request] = []
@@ -354,7 +355,7 @@ def _describe(error: BaseException) -> str:
 
 
 def _inputs(group: list[_Request]) -> tuple[np.ndarray, np.ndarray]:
-    """The engine's inputs for one group of equal T: slot ids [B] and x [B, T] or [B, T, I]."""
+    """The engine's inputs for one group of equal step shape: slot ids [B] and x [B, T, *frame]."""
     slots = np.array([r.slot for r in group], dtype=np.int64)
     x = np.concatenate([r.x for r in group]).reshape(len(group), *group[0].x.shape)
     return slots, x

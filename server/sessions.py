@@ -92,7 +92,7 @@ class Session:
         self.deadline = time.monotonic() + self.idle_timeout_s
 
     async def step(self, x: np.ndarray) -> np.ndarray:
-        """Run ``x`` ([T] or [T, I]) through the model from this session's state; returns y [T, O].
+        """Run ``x`` ([T, *frame]) through the model from this session's state; returns y [T, *out].
 
         If the caller is cancelled, a step the scheduler has not started is dropped; one it has
         started still finishes, and the slot stays in flight (never freed) until it has.
