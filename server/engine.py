@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from cellserve.model.manifest import Manifest
+from cellserve.model.manifest import Manifest, ManifestError
 from cellserve.server.errors import EngineUnavailable
 from cellserve.server.state_pool import StatePool
 
@@ -84,6 +84,39 @@ def out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error).lower()
     return any(marker in text for marker in OUT_OF_MEMORY)
+
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+               "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(double)": "float64"}  # fmt: skip
+
+
+def check_graph(m: Manifest, session: ort.InferenceSession, model_dir: Path) -> None:
+    """ManifestError (one line, naming the directory) where the manifest contradicts the graph it describes:
+    a tensor the graph does not have, another dtype, or a fixed dim that differs from the graph's."""
+    graph = {t.name: t for t in (*session.get_inputs(), *session.get_outputs())}
+    wanted = [(m.input.name, m.input.dtype, None), (m.output.name, m.output.dtype, None)]
+    wanted += [(s.input, s.dtype, s.shape) for s in m.states] + [(s.output, s.dtype, s.shape) for s in m.states]
+    wanted += [(c.name, c.dtype, c.shape) for c in m.consts]
+    for name, dtype, shape in wanted:
+        where = f"cannot serve {model_dir}: manifest tensor {name!r}"
+        t = graph.get(name)
+        if t is None:
+            raise ManifestError(f"{where} is not in the graph (it has {sorted(graph)}); re-import the model")
+        if _ORT_DTYPES.get(t.type, t.type) != dtype:
+            raise ManifestError(f"{where} is {dtype}, the graph's is {t.type}; re-import the model")
+        if shape is not None and len(t.shape) == len(shape):
+            for want, have in zip(shape, t.shape, strict=True):
+                if isinstance(want, int) and isinstance(have, int) and want != have:
+                    raise ManifestError(
+                        f"{where} has shape {list(shape)}, the graph's is {list(t.shape)}; re-import the model"
+                    )
+        elif shape is not None and t.shape and all(isinstance(d, (int, str)) for d in t.shape):
+            raise ManifestError(f"{where} has rank {len(shape)}, the graph's {len(t.shape)}; re-import the model")
+    declared = {m.input.name, *(s.input for s in m.states), *(c.name for c in m.consts)}
+    missing = sorted(t.name for t in session.get_inputs() if t.name not in declared)
+    if missing:
+        raise ManifestError(f"cannot serve {model_dir}: graph inputs {missing} have no role in the manifest; "
+                            "re-import the model (a constant input needs --const NAME=VALUE)")  # fmt: skip
 
 
 MAX_BUCKETS = 256  # IO bindings kept (one per batch size × step shape seen), least recently used dropped
@@ -171,6 +204,7 @@ class Engine:
                 f"(available: {ort.get_available_providers()}); install onnxruntime-gpu and the CUDA libraries"
             )
         m = manifest
+        check_graph(m, self.session, model_dir)
         self.time_axis = m.input.time_axis
         self.x_dtype = np.dtype(m.input.dtype)
         self.y_dtype = np.dtype(m.output.dtype)

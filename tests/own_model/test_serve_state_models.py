@@ -367,3 +367,37 @@ def test_a_gru_token_model_generates_the_same_bytes_offline_and_through_the_serv
     with running_server(model_dirs=[tmp_path / "model"]) as srv, Client(srv.address) as client:
         served = b"".join(g.text for g in client.generate("the ", 40, temperature=0.7, seed=3, model="bytegru"))
     assert served == offline and len(served) == 40
+
+
+# -- a manifest that contradicts its graph -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (lambda d: d["states"][0].update(input="h_zero"), "'h_zero' is not in the graph"),
+        (lambda d: d["states"][0].update(shape=[3, "B", 16]), "has shape [3, 'B', 16], the graph's is"),
+        (lambda d: d["states"][0].update(dtype="float16"), "is float16, the graph's is tensor(float)"),
+        (lambda d: d["states"].append({"input": "x", "output": "y", "dtype": "float32", "shape": ["B"]}), "twice"),
+    ],
+    ids=["unknown-state", "state-shape", "state-dtype", "x-as-state"],
+)
+def test_a_manifest_whose_states_contradict_the_graph_fails_at_startup_in_one_line(model_dirs, tmp_path, edit, says):
+    import json
+    import shutil
+
+    from prometheus_client import CollectorRegistry
+
+    from cellserve.model.manifest import ManifestError
+    from cellserve.server.metrics import Metrics
+    from cellserve.server.models import ModelRepository
+    from cellserve.server.settings import Settings
+
+    d = tmp_path / "gru"
+    shutil.copytree(model_dirs["gru"], d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    edit(manifest)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError) as e:
+        ModelRepository.load(Settings(model_dirs=[d], metrics_port=0), Metrics(CollectorRegistry()))
+    assert says in str(e.value) and str(d) in str(e.value) and "\n" not in str(e.value), str(e.value)
