@@ -43,11 +43,29 @@ class LoadSpec:
     checkpoint_every: int = 0  # sdk: the sessions' checkpoint_every (0 = checkpointing off)
     input_dtype: str = ""  # a step's dtype: int64, float32 or float16 ("": from input_kind)
     frame: tuple[int, ...] | None = None  # a step's dims after T, -1 dynamic (None: from input_kind, input_size)
+    output_frame: tuple[int, ...] | None = None  # an output step's dims after T, -1 dynamic (None: [output_size])
+    state_bytes: int = 0  # one session's state, every tensor (the naive client carries it; 0: our LSTM's h and c)
+    example: tuple[int, ...] | None = None  # a frame the model runs (its manifest's): sizes of the dynamic dims
 
     def step_shape(self) -> tuple[int, ...]:
-        """One message's input: ``[T, *frame]``, a dynamic frame dim at DYNAMIC_DIM."""
+        """One message's input: ``[T, *frame]``, a dynamic frame dim at the example's size, else DYNAMIC_DIM."""
         frame = self.frame if self.frame is not None else (() if self.input_kind == "tokens" else (self.input_size,))
+        example = self.example if self.example is not None and len(self.example) == len(frame) else None
+        return (self.t, *(d if d >= 0 else example[i] if example else DYNAMIC_DIM for i, d in enumerate(frame)))
+
+    def output_shape(self) -> tuple[int, ...]:
+        """One reply's output: ``[T, *output_frame]``, a dynamic dim at DYNAMIC_DIM (a guess: only its size matters,
+        for the echo baseline's replies)."""
+        frame = self.output_frame if self.output_frame is not None else (self.output_size,)
         return (self.t, *(DYNAMIC_DIM if d < 0 else d for d in frame))
+
+    @property
+    def x_dtype(self) -> np.dtype:
+        return np.dtype(self.input_dtype or ("int64" if self.input_kind == "tokens" else "float32"))
+
+    @property
+    def session_state_bytes(self) -> int:
+        return self.state_bytes or 2 * self.layers * self.hidden * 4  # an older caller's LSTM: h and c float32
 
 
 @dataclass(frozen=True)
@@ -63,8 +81,7 @@ def _inputs(spec: LoadSpec, rng: np.random.Generator, n: int) -> list[np.ndarray
     shape = spec.step_shape()
     if spec.input_kind == "tokens":
         return [rng.integers(0, spec.input_size, size=shape, dtype=np.int64) for _ in range(n)]
-    dtype = np.dtype(spec.input_dtype or "float32")
-    return [rng.standard_normal(shape, dtype=np.float32).astype(dtype) for _ in range(n)]
+    return [rng.standard_normal(shape, dtype=np.float32).astype(spec.x_dtype) for _ in range(n)]
 
 
 async def _closed_loop(spec: LoadSpec, w: Window, roundtrip: Any, progress: Synchronized) -> tuple[list[float], int]:
@@ -180,18 +197,18 @@ async def _open_echo(spec: LoadSpec, channel: Any, seed: int) -> tuple[Roundtrip
 
 
 async def _open_naive(spec: LoadSpec, channel: Any, seed: int) -> tuple[Roundtrip, Close]:
-    from cellserve.client.bench.baselines.naive import METHOD, decode_reply, encode_request
+    """A session of the naive server: every step sends x and the whole state, and keeps the state it gets back."""
+    from cellserve.client.bench.baselines.naive import METHOD, decode_reply, dynamic_axes, encode_request
 
     method = channel.unary_unary(METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
-    xs = [x[None] for x in _inputs(spec, np.random.default_rng(seed), 16)]  # [1, T] / [1, T, I]
-    n_state = spec.layers * spec.hidden
-    shape = (spec.layers, 1, spec.hidden)
-    state = [np.zeros(shape, np.float32), np.zeros(shape, np.float32)]
+    xs = [x[None] for x in _inputs(spec, np.random.default_rng(seed), 16)]  # [1, T, *frame]
+    dynamic = dynamic_axes(spec.frame or ())
+    n_state = spec.session_state_bytes
+    state = [bytes(n_state)]  # zeros: every state starts at zero, whatever its dtype
 
     async def roundtrip(i: int) -> None:
-        reply = await method(encode_request(xs[i % 16], state[0], state[1]))  # x, h, c every step
-        _, h, c = decode_reply(reply, n_state)
-        state[0], state[1] = h.reshape(shape), c.reshape(shape)
+        reply = await method(encode_request(xs[i % 16], state[0], dynamic))  # x and every state, every step
+        _, state[0] = decode_reply(reply, n_state)
 
     async def close() -> None:
         return None

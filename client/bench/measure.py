@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from cellserve.client.bench.baselines.sizes import session_state_bytes
 from cellserve.client.bench.load import LoadSpec, StartSync, WorkerResult, worker
 from cellserve.client.bench.metrics_scrape import ServerCounters
 from cellserve.client.bench.procfs import TreeUsage, tree_usage
@@ -105,6 +106,7 @@ class LoadPlan:
     procs: int
     seed: int
     checkpoint_every: int = 0  # the sdk target's sessions
+    example: tuple[int, ...] | None = None  # the frame sent where the model's is dynamic (None: DYNAMIC_DIM)
 
 
 def round_order(names: list[str], r: int) -> list[str]:
@@ -158,6 +160,8 @@ def run_load(
             warmup_s=plan.warmup_s, duration_s=plan.duration_s if not plan.messages else 0.0,
             messages_per_stream=per_stream, seed=plan.seed * 1000 + i, checkpoint_every=plan.checkpoint_every,
             input_dtype=getattr(info, "input_dtype", ""), frame=getattr(info, "frame", None),
+            output_frame=getattr(info, "output_frame", None), state_bytes=session_state_bytes(info),
+            example=plan.example,
         )  # fmt: skip
         p = ctx.Process(target=worker, args=(spec, sync, progress, results), daemon=True)
         p.start()

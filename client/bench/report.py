@@ -113,8 +113,9 @@ def table(configs: list[dict[str, Any]]) -> str:
             )
         ort = c["baselines"].get("ort")
         if ort:
+            fixed = " (the graph's batch is fixed at 1: raw ORT runs batch-1 calls)" if ort.get("fixed_batch") else ""
             lines.append(f"{'raw ORT':>9} {'':>7} {c['t']:>3} {'':>10} {ort['steps_per_s']:>11,.0f} "
-                         f"{ort['ms_per_call']:>8.3f} ms/call at batch {ort['batch']}")  # fmt: skip
+                         f"{ort['ms_per_call']:>8.3f} ms/call at batch {ort['batch']}{fixed}")  # fmt: skip
         r = c["ratios"]
         lines.append(
             f"{'ratios':>9}  msgs/echo {_fmt(r['msgs_vs_echo'])}  p50/echo {_fmt(r['p50_vs_echo'])}  "
@@ -153,6 +154,16 @@ def run_meta(info: ModelInfo, server: str, default_command: str) -> dict[str, An
             "input_kind": info.input_kind,
             "input_size": info.input_size,
             "output_size": info.output_size,
+            # the general contract (issue 25): what a step is, and every state a session carries
+            "input_dtype": info.input_dtype,
+            "frame": list(info.frame or ()),  # -1: dynamic
+            "time_axis": info.time_axis,
+            "output_frame": list(info.output_frame or ()),
+            "states": [
+                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+                for t in info.inputs
+                if t.role.startswith("state")
+            ],
         },
         "server": server,
         "cpu_count": os.cpu_count(),

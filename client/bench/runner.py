@@ -2,7 +2,9 @@
 
 For each configuration (streams, T) the targets run one after another under the same load
 pattern: the bare echo server, cellserve, the naive stateless server; then raw onnxruntime
-in-process at the mean batch size cellserve's scheduler formed in that run, at the same T.
+in-process at the mean batch size cellserve's scheduler formed in that run (batch 1 for a graph whose
+batch is fixed at 1: all it can run), at the same T, every state fed back. Inputs for every target
+come from the model's description: its dtype and frame, a dynamic frame dim at the manifest's example.
 With ``--rounds K`` that sequence runs K times in a changing order (``round_order``); each ratio to
 echo, naive or the compare server is the median of the K same-round ratios (``report.config_entry``).
 ``--compare-serve-arg`` adds a second cellserve server with other flags as one more target
@@ -17,7 +19,7 @@ import logging
 from contextlib import ExitStack
 from pathlib import Path
 
-from cellserve.client.bench.baselines.onnx_model import OnnxModel
+from cellserve.client.bench.baselines.onnx_model import OnnxModel, manifest_step_frame
 from cellserve.client.bench.baselines.ort import ort_ceiling
 from cellserve.client.bench.command import BenchError, Target, bench_target, model_dir, run_command
 from cellserve.client.bench.measure import LoadPlan, Result, round_order, run_load
@@ -92,6 +94,9 @@ def _run(
                     f"the server serves {info.name!r} sha256 {info.sha256[:12]}…, but --model-dir {model_dir} holds "
                     f"sha256 {str(local)[:12]}…; the baselines must run the same model file"
                 )
+        example = None  # the served model's file (checked above): its frame, dynamic dims at its example's sizes
+        if model_dir is not None and (args.server is None or {"naive", "ort"} & set(baselines)):
+            example = manifest_step_frame(model_dir)
         targets = {"cellserve": cs, **_start_baselines(stack, args, baselines, model_dir, cs)}
         if compare is not None:
             targets["compare"] = compare
@@ -100,7 +105,7 @@ def _run(
         entries = []
         for streams, t in configs:
             plan = LoadPlan(streams, t, args.duration, args.messages, args.warmup,
-                            args.procs or min(streams, 2), args.seed)  # fmt: skip
+                            args.procs or min(streams, 2), args.seed, example=example)  # fmt: skip
             names = [n for n in ("echo", "cellserve", "compare", "naive") if n in targets]
             rounds: list[dict[str, Result]] = []
             for r in range(args.rounds):
@@ -129,6 +134,8 @@ def _run(
             "compare_pythonpath": str(args.compare_pythonpath) if args.compare_pythonpath else None,
             "client_procs": args.procs or "min(streams, 2)",
             "baselines": baselines,
+            "frame_sent": list(example) if example is not None else None,  # None: dynamic dims at DYNAMIC_DIM
+            "onnx_model": ort_model.describe() if ort_model is not None else None,
         },
         "configs": entries,
     }

@@ -1,9 +1,15 @@
 """Baseline (b), what a user builds without cellserve: a stateless unary RPC.
 
-The client keeps h and c and sends x, h, c with every step; the server runs onnxruntime at batch 1
-and returns y, h', c'. Wire format (raw little-endian, no protobuf): request = uint32 T, then x
-([1, T] int64 or [1, T, I] float32), h [L, 1, H] float32, c [L, 1, H] float32; reply = y
-[1, T, O] float32, h', c'.
+The client keeps the session's state and sends it with every step; the server runs onnxruntime at
+batch 1 and returns y and the next state. Wire format (raw little-endian, no protobuf):
+
+- request = uint32 T, one uint32 per frame dim the model leaves dynamic (its size this step), x
+  ([1, T, *frame] in x's dtype), then every state tensor in graph layout at batch 1, in manifest order,
+  each in its own dtype;
+- reply = y ([1, T, *out] float32, as cellserve serves it), then the next states in the same layout.
+
+For our LSTM that is uint32 T, x, h [L, 1, H], c [L, 1, H] -> y, h', c', as it has always been. The
+client carries the state as the bytes it got (``decode_reply``): it never needs to know the layout.
 
 Run: ``python -m cellserve.client.bench.baselines.naive --model-dir D --ready-file F``.
 """
@@ -12,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -25,33 +33,52 @@ SERVICE = "cellserve.bench.Naive"
 METHOD = f"/{SERVICE}/Step"
 
 
-def encode_request(x: np.ndarray, h: np.ndarray, c: np.ndarray) -> bytes:
-    return struct.pack("<I", x.shape[1]) + x.tobytes() + h.tobytes() + c.tobytes()
+def dynamic_axes(frame: Sequence[int | None]) -> tuple[int, ...]:
+    """Indices of ``frame``'s dynamic dims (None or -1): their sizes travel in a request's header."""
+    return tuple(i for i, d in enumerate(frame) if d is None or d < 0)
 
 
-def decode_reply(reply: bytes, state_floats: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(y flat, h flat, c flat) as float32 views of the reply."""
-    a = np.frombuffer(reply, dtype="<f4")
-    n = len(a) - 2 * state_floats
-    return a[:n], a[n : n + state_floats], a[n + state_floats :]
+def encode_request(x: np.ndarray, state: bytes, dynamic: Sequence[int] = ()) -> bytes:
+    """One step of one session: ``x`` [1, T, *frame], the session's state as the last reply returned it (zeros
+    at the start), ``dynamic`` the frame's dynamic dims (:func:`dynamic_axes`)."""
+    dims = (x.shape[1], *(x.shape[2 + i] for i in dynamic))
+    return struct.pack(f"<{len(dims)}I", *dims) + x.tobytes() + state
+
+
+def decode_reply(reply: bytes, state_bytes: int) -> tuple[np.ndarray, bytes]:
+    """(y flat as a float32 view of the reply, the next state's bytes to send with the next step)."""
+    n = len(reply) - state_bytes
+    return np.frombuffer(reply, dtype="<f4", count=n // 4), reply[n:]
 
 
 class NaiveServicer:
+    """Runs one session's step at batch 1 from the state the request carries."""
+
     def __init__(self, model: OnnxModel) -> None:
         self.model = model
-        self.x_dtype = np.dtype("<i8") if model.input_kind == "tokens" else np.dtype("<f4")
-        self.state_shape = (model.layers, 1, model.hidden)
+        self.x_dtype = np.dtype(model.x_dtype).newbyteorder("<")
+        self.dynamic = dynamic_axes(model.frame)
+        self.header = struct.Struct(f"<{1 + len(self.dynamic)}I")
+        self.states = [(np.dtype(s.dtype).newbyteorder("<"), s.graph_shape(1)) for s in model.states]
 
     def step(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        m = self.model
-        t = struct.unpack_from("<I", request)[0]
-        width = 1 if m.input_kind == "tokens" else m.input_size
-        x_bytes = t * width * self.x_dtype.itemsize
-        x = np.frombuffer(request, self.x_dtype, count=t * width, offset=4)
-        x = x.reshape((1, t) if m.input_kind == "tokens" else (1, t, width))
-        state = np.frombuffer(request, "<f4", offset=4 + x_bytes).reshape(2, *self.state_shape)
-        y, hn, cn = m.run(x, np.ascontiguousarray(state[0]), np.ascontiguousarray(state[1]))
-        return y.tobytes() + hn.tobytes() + cn.tobytes()
+        t, *sizes = self.header.unpack_from(request)
+        frame = list(self.model.frame)
+        for axis, size in zip(self.dynamic, sizes, strict=True):
+            frame[axis] = size
+        shape = (1, t, *frame)
+        offset = self.header.size
+        x = np.frombuffer(request, self.x_dtype, count=math.prod(shape), offset=offset).reshape(shape)
+        offset += x.nbytes
+        states = []
+        for dtype, state_shape in self.states:
+            state = np.frombuffer(request, dtype, count=math.prod(state_shape), offset=offset)
+            states.append(state.reshape(state_shape))
+            offset += state.nbytes
+        if offset != len(request):
+            raise ValueError(f"request has {len(request)} bytes; T={t} and the model's state take {offset}")
+        y, next_states = self.model.run(x, states)
+        return y.astype("<f4", copy=False).tobytes() + b"".join(s.tobytes() for s in next_states)
 
 
 async def start(

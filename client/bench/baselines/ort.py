@@ -15,8 +15,9 @@ from cellserve.client.bench.baselines.onnx_model import OnnxModel
 class OrtResult:
     batch: int
     t: int
-    calls: int
+    calls: int  # steps of ``batch`` rows (a per-frame model's step is T graph calls)
     s_per_call: float
+    fixed_batch: int | None = None  # the graph's batch is fixed (1): it ran at that batch, whatever was asked
 
     @property
     def steps_per_s(self) -> float:
@@ -24,19 +25,27 @@ class OrtResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"batch": self.batch, "t": self.t, "calls": self.calls, "ms_per_call": self.s_per_call * 1e3,
-                "steps_per_s": self.steps_per_s}  # fmt: skip
+                "steps_per_s": self.steps_per_s, "fixed_batch": self.fixed_batch}  # fmt: skip
 
 
 def ort_ceiling(model: OnnxModel, batch: int, t: int, seconds: float, seed: int = 0) -> OrtResult:
-    """Baseline (c): onnxruntime in-process at ``batch`` rows of ``t`` steps, state fed back each call."""
+    """Baseline (c): onnxruntime in-process at ``batch`` rows of ``t`` steps, every state fed back each call.
+
+    A "call" is one step as cellserve's engine runs it (``OnnxModel.run``: one graph call with a time axis,
+    T graph calls of one frame for a per-frame model), so its time compares with the engine's time per call.
+    A graph whose batch is fixed at 1 runs at batch 1 whatever ``batch`` is: that is all it can do, and the
+    server serves it the same way.
+    """
+    if model.fixed_batch is not None:
+        batch = min(batch, model.fixed_batch)
     rng = np.random.default_rng(seed)
     xs = [model.sample_input(rng, batch, t) for _ in range(8)]
-    h, c = model.zero_state(batch)
+    states = model.zero_states(batch)
     for x in xs[:2]:  # warm-up
-        _, h, c = model.run(x, h, c)
+        _, states = model.run(x, states)
     calls = 0
     start = time.perf_counter()
     while calls < 5 or time.perf_counter() - start < seconds:
-        _, h, c = model.run(xs[calls % 8], h, c)
+        _, states = model.run(xs[calls % 8], states)
         calls += 1
-    return OrtResult(batch, t, calls, (time.perf_counter() - start) / calls)
+    return OrtResult(batch, t, calls, (time.perf_counter() - start) / calls, model.fixed_batch)

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 
 from cellserve.client.aio import AsyncClient, AsyncSession
-from cellserve.client.bench.soak.inputs import UncheckedInfo, bad_step, good_step
+from cellserve.client.bench.soak.inputs import UncheckedInfo, bad_step, good_step, output_fits
 from cellserve.client.bench.soak.plan import SoakPlan
 from cellserve.client.errors import CellserveClientError, StepRejected
 from cellserve.client.model_info import ModelInfo
@@ -124,7 +124,7 @@ class Churn:
             return
         self.tally.window.append(time.perf_counter() - t0)
         self.tally.counts.update(messages=1, steps=t)
-        if y.shape != (t, self.info.output_size) or not np.isfinite(y).all():
+        if not output_fits(y, self.info, t) or not np.isfinite(y).all():
             self.tally.error("bad_output", f"output shape {list(y.shape)} for T={t}, or not finite")
 
     async def _bad_step(self, session: AsyncSession, rng: np.random.Generator) -> None:
