@@ -8,7 +8,7 @@ PROTOS := $(shell find proto -name '*.proto' | sort)
 # Extra flags for `make serve`, e.g. make serve ARGS="--port 50052 --device cuda"
 ARGS   ?=
 
-.PHONY: serve test lint proto proto-check pytest install-serve install-dev clean
+.PHONY: serve test lint proto proto-check pytest install-serve install-dev images image-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,14 @@ proto-check: install-dev
 
 pytest: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## images: build cellserve:<version>-cpu and -gpu with podman on a debootstrapped Debian base (Linux, root)
+images:
+	deploy/image/build.sh
+
+## image-check: build the images (cached) and run the checks against them (part of `make test`)
+image-check: install-dev
+	$(PY) -m pytest tests/deploy/test_image.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
