@@ -124,7 +124,9 @@ def test_the_naive_baseline_gives_the_servers_outputs_for_the_same_inputs(name, 
 @pytest.mark.parametrize("name", ["gru", "per_frame", "three_state"])
 def test_bench_runs_every_baseline_against_the_model_and_reports_sane_ratios(name, model_dirs, tmp_path):
     out = tmp_path / "bench"
-    argv = ["bench", "--model-dir", str(model_dirs[name]), "--streams", "2", "-T", "3", "--messages", "60",
+    # --duration, not --messages: a count-bound window can close before the bench reads the server's metrics
+    # (a loaded machine), leaving no mean batch to run raw ORT at
+    argv = ["bench", "--model-dir", str(model_dirs[name]), "--streams", "2", "-T", "3", "--duration", "0.6",
             "--warmup", "0.1", "--procs", "1", "--no-progress", "--out", str(out)]  # fmt: skip
     assert cellserve_main(argv) == 0
     report = json.loads((out / "bench.json").read_text())
@@ -135,7 +137,7 @@ def test_bench_runs_every_baseline_against_the_model_and_reports_sane_ratios(nam
     assert meta["frame_sent"] == list(model.step_frame) and meta["onnx_model"]["fixed_batch"] is None
     for target in ("cellserve", "echo", "naive"):
         got = cfg["cellserve"] if target == "cellserve" else cfg["baselines"][target]
-        assert got["messages"] >= 60 and got["msgs_per_s"] > 0, target
+        assert got["messages"] >= 10 and got["msgs_per_s"] > 0, target
     ort = cfg["baselines"]["ort"]
     assert ort["t"] == 3 and ort["batch"] == max(1, round(cfg["cellserve"]["mean_batch"]))
     r = cfg["ratios"]
