@@ -42,7 +42,7 @@ def build_images(log: Path) -> Images | str:
     """Run build.sh (podman's output to ``log``): the images, or the one-line reason it skipped."""
     with log.open("w") as err:
         proc = subprocess.run(["bash", str(BUILD_SH)], stdout=subprocess.PIPE, stderr=err, text=True,
-                              timeout=3000, check=False)  # fmt: skip
+                              timeout=1500, check=False)  # fmt: skip
     if proc.returncode == SKIP_EXIT:
         return proc.stdout.strip().removeprefix("skip: ")
     if proc.returncode != 0:
