@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 
 PROGRESS_EVERY = 32  # messages between progress-counter updates
-DYNAMIC_DIM = 64  # a frame dim the model leaves dynamic is sent at this size (ModelSummary has no example frame)
+DYNAMIC_DIM = 64  # a dynamic frame dim is sent at this size when neither the manifest nor the server gives an example
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,9 @@ def _run(
                     f"the server serves {info.name!r} sha256 {info.sha256[:12]}…, but --model-dir {model_dir} holds "
                     f"sha256 {str(local)[:12]}…; the baselines must run the same model file"
                 )
-        example = None  # the served model's file (checked above): its frame, dynamic dims at its example's sizes
+        # the frame sent: the served model's file (checked above), its dynamic dims at its example's sizes; with a
+        # --server and no file, the server's own example frame (ModelSummary.example_frame)
+        example = tuple(info.example_frame) if info.example_frame else None
         if model_dir is not None and (args.server is None or {"naive", "ort"} & set(baselines)):
             example = manifest_step_frame(model_dir)
         targets = {"cellserve": cs, **_start_baselines(stack, args, baselines, model_dir, cs)}
