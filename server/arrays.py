@@ -36,8 +36,8 @@ class ArrayOps(Protocol):
     def put_rows(self, dst: Any, rows: Any, src: Any, axis: int) -> None: ...
     def copy(self, dst: Any, src: Any) -> None: ...
     def index(self, rows: np.ndarray) -> Any: ...
-    def write_row(self, dst: Any, row: int, value: np.ndarray | float) -> None: ...
-    def read_row(self, src: Any, row: int) -> np.ndarray: ...
+    def write_row(self, dst: Any, row: int, value: np.ndarray | float, axis: int) -> None: ...
+    def read_row(self, src: Any, row: int, axis: int) -> np.ndarray: ...
     def copy_in(self, dst: Any, src: np.ndarray) -> None: ...
     def download(self, arr: Any) -> np.ndarray: ...
     def ptr(self, arr: Any) -> int: ...
@@ -45,8 +45,8 @@ class ArrayOps(Protocol):
 
 
 class NumpyOps:
-    """Host memory. The pool is slot-major (``[slots, *state]``); ``take_rows``/``put_rows`` copy the batch's
-    rows between it and a graph-layout buffer whose batch axis is ``axis``, and touch only those rows."""
+    """Host memory. A pool tensor is the graph's layout with the slots at the batch axis ``axis``;
+    ``take_rows``/``put_rows`` copy the batch's slots to and from a graph-layout buffer, touching only those."""
 
     device_type = "cpu"
     device_id = 0
@@ -56,16 +56,12 @@ class NumpyOps:
         return np.zeros(shape, dtype=dtype)  # calloc: pages are committed when first written
 
     def take_rows(self, src: np.ndarray, rows: np.ndarray, out: np.ndarray, axis: int) -> None:
-        if not axis:  # batch first: the slots' rows are the graph's rows. "clip" skips the bounds check and its
-            np.take(src, rows, axis=0, out=out, mode="clip")  # buffering (the rows are the pool's own slot ids)
-            return
-        # Elsewhere: one contiguous gather of the slots' rows, then one copy that moves the batch axis into place
-        # (B=64, [2, B, 256]: 7.6 µs against 9.8 for a take into the transposed view; measured).
-        rows_first = src.reshape(src.shape[0], -1)[rows]  # [B, prod(state)]
-        out[...] = np.moveaxis(rows_first.reshape(len(rows), *src.shape[1:]), 0, axis)
+        # One call per tensor, straight into the contiguous graph-layout buffer; "clip" skips the bounds check and
+        # its buffering (the rows are the pool's own slot ids): 4-10x faster than mode "raise" (measured, B=1..64).
+        np.take(src, rows, axis=axis, out=out, mode="clip")
 
     def put_rows(self, dst: np.ndarray, rows: np.ndarray, src: np.ndarray, axis: int) -> None:
-        dst[rows] = np.moveaxis(src, axis, 0) if axis else src
+        dst[_at(axis, rows)] = src
 
     def copy(self, dst: np.ndarray, src: np.ndarray) -> None:
         dst[...] = src
@@ -73,11 +69,11 @@ class NumpyOps:
     def index(self, rows: np.ndarray) -> np.ndarray:
         return rows
 
-    def write_row(self, dst: np.ndarray, row: int, value: np.ndarray | float) -> None:
-        dst[row] = value
+    def write_row(self, dst: np.ndarray, row: int, value: np.ndarray | float, axis: int) -> None:
+        dst[_at(axis, row)] = value
 
-    def read_row(self, src: np.ndarray, row: int) -> np.ndarray:
-        return np.array(src[row], copy=True)
+    def read_row(self, src: np.ndarray, row: int, axis: int) -> np.ndarray:
+        return np.array(src[_at(axis, row)], copy=True)
 
     def copy_in(self, dst: np.ndarray, src: np.ndarray) -> None:
         dst[...] = src
@@ -146,14 +142,11 @@ class CupyOps:
 
     def take_rows(self, src: Any, rows: Any, out: Any, axis: int) -> None:
         with self._on():
-            if axis:
-                out[...] = self._cp.moveaxis(self._cp.take(src, rows, axis=0), 0, axis)
-            else:
-                self._cp.take(src, rows, axis=0, out=out)
+            self._cp.take(src, rows, axis=axis, out=out)
 
     def put_rows(self, dst: Any, rows: Any, src: Any, axis: int) -> None:
         with self._on():
-            dst[rows] = self._cp.moveaxis(src, axis, 0) if axis else src
+            dst[_at(axis, rows)] = src
 
     def copy(self, dst: Any, src: Any) -> None:
         with self._on():
@@ -162,15 +155,15 @@ class CupyOps:
     def index(self, rows: np.ndarray) -> Any:
         return self.upload(np.ascontiguousarray(rows, dtype=np.int64))
 
-    def write_row(self, dst: Any, row: int, value: np.ndarray | float) -> None:
+    def write_row(self, dst: Any, row: int, value: np.ndarray | float, axis: int) -> None:
         with self._on():
             if isinstance(value, np.ndarray):
-                dst[row] = self.upload(np.ascontiguousarray(value, dtype=dst.dtype))
+                dst[_at(axis, row)] = self.upload(np.ascontiguousarray(value, dtype=dst.dtype))
             else:
-                dst[row] = value
+                dst[_at(axis, row)] = value
 
-    def read_row(self, src: Any, row: int) -> np.ndarray:
-        return self.to_host(src[row])
+    def read_row(self, src: Any, row: int, axis: int) -> np.ndarray:
+        return self.to_host(src[_at(axis, row)])
 
     def upload(self, arr: np.ndarray) -> Any:
         """Stage ``arr`` in pinned host memory and copy it up asynchronously on the stream."""
@@ -207,6 +200,11 @@ class CupyOps:
 
     def synchronize(self) -> None:
         self._stream.synchronize()
+
+
+def _at(axis: int, index: Any) -> tuple[Any, ...]:
+    """An index that selects ``index`` on ``axis`` and everything on the axes before it."""
+    return (slice(None),) * axis + (index,)
 
 
 def array_ops(device: str, device_id: int = 0) -> ArrayOps:

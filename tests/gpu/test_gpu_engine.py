@@ -61,7 +61,7 @@ def host(pool: StatePool, arr: Any) -> np.ndarray:
 
 def host_hc(pool: StatePool) -> tuple[np.ndarray, np.ndarray]:
     """Host copies of the whole pool's h and c, slot-major ``[S, L, H]``."""
-    h, c = pool.tensors
+    h, c = pool.by_slot
     return host(pool, h), host(pool, c)
 
 
@@ -125,7 +125,7 @@ def test_onnxruntime_runs_on_the_pools_stream_and_device(tiny_model_dir):
     options = engine.session.get_provider_options()["CUDAExecutionProvider"]
     assert options["device_id"] == str(last)
     assert int(options["user_compute_stream"], 0) == engine.ops.stream_ptr != 0
-    assert len(engine.pool.tensors) == 2 and {t.device.id for t in engine.pool.tensors} == {last}
+    assert len(engine.pool.by_slot) == 2 and {t.device.id for t in engine.pool.by_slot} == {last}
     engine.run_slots(np.array([0, 1]), tokens(np.random.default_rng(2), 2, 2))
     bucket = engine._buckets[(2, (2,))]  # (batch, step shape [T])
     buffers = (bucket.x, bucket.y, *bucket.states_in, *bucket.states_out)

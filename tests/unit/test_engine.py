@@ -24,7 +24,7 @@ def make_engine(model_dir: Path, capacity: int) -> Engine:
 
 def hc(pool: StatePool, slots: object) -> tuple[np.ndarray, np.ndarray]:
     """Copies of the h and c of ``slots`` in the graph's layout ``[L, B, H]`` (the pool is ``[S, L, H]``)."""
-    h, c = pool.tensors
+    h, c = pool.by_slot
     return np.moveaxis(h[slots], 0, 1).copy(), np.moveaxis(c[slots], 0, 1).copy()
 
 
@@ -71,9 +71,9 @@ def test_rows_outside_the_batch_are_untouched(engine):
     rng = np.random.default_rng(2)
     fill_random(engine.pool, rng)
     slots = np.array([0, 15, 8, 3], dtype=np.int64)
-    before_h, before_c = (t.copy() for t in engine.pool.tensors)  # [S, L, H]
+    before_h, before_c = (t.copy() for t in engine.pool.by_slot)  # [S, L, H]
     engine.run_slots(slots, tokens(rng, 4, 3))
-    h, c = engine.pool.tensors
+    h, c = engine.pool.by_slot
     others = np.setdiff1d(np.arange(16), slots)
     np.testing.assert_array_equal(h[others], before_h[others])
     np.testing.assert_array_equal(c[others], before_c[others])
@@ -184,10 +184,10 @@ def test_onnxruntime_writes_into_our_buffers_and_reads_h0_c0_from_them(engine, t
 def test_warmup_leaves_every_slot_unchanged(engine):
     rng = np.random.default_rng(7)
     fill_random(engine.pool, rng)
-    before_h, before_c = (t.copy() for t in engine.pool.tensors)
+    before_h, before_c = (t.copy() for t in engine.pool.by_slot)
     engine.warmup([1, 4, 16])
-    np.testing.assert_array_equal(engine.pool.tensors[0], before_h)
-    np.testing.assert_array_equal(engine.pool.tensors[1], before_c)
+    np.testing.assert_array_equal(engine.pool.by_slot[0], before_h)
+    np.testing.assert_array_equal(engine.pool.by_slot[1], before_c)
     assert set(engine._buckets) >= {(1, (1,)), (4, (1,)), (16, (1,))}
 
 
@@ -237,14 +237,14 @@ def test_engine_thread_and_pool_calls_from_another_thread_do_not_interfere(tiny_
     np.testing.assert_allclose(hn, hn_ref, atol=TOL, rtol=0)
     np.testing.assert_allclose(cn, cn_ref, atol=TOL, rtol=0)
     for slot, h in expected.items():
-        np.testing.assert_array_equal(pool.tensors[0][slot], h)
-        np.testing.assert_array_equal(pool.tensors[1][slot], -h)
+        np.testing.assert_array_equal(pool.by_slot[0][slot], h)
+        np.testing.assert_array_equal(pool.by_slot[1][slot], -h)
 
 
 def test_run_stateless_takes_and_returns_every_state_in_graph_layout_and_leaves_the_pool_alone(engine, tiny_oracle):
     rng = np.random.default_rng(10)
     fill_random(engine.pool, rng)
-    before = [t.copy() for t in engine.pool.tensors]
+    before = [t.copy() for t in engine.pool.by_slot]
     zeros = engine.zero_states(3)
     assert [(s.shape, s.dtype) for s in zeros] == [((2, 3, 32), np.float32)] * 2 and not any(s.any() for s in zeros)
     x = tokens(rng, 3, 4)
@@ -254,7 +254,7 @@ def test_run_stateless_takes_and_returns_every_state_in_graph_layout_and_leaves_
     np.testing.assert_allclose(y, y_ref, atol=TOL, rtol=0)
     np.testing.assert_allclose(hn, hn_ref, atol=TOL, rtol=0)
     np.testing.assert_allclose(cn, cn_ref, atol=TOL, rtol=0)
-    for tensor, old in zip(engine.pool.tensors, before, strict=True):
+    for tensor, old in zip(engine.pool.by_slot, before, strict=True):
         np.testing.assert_array_equal(tensor, old)
     y_zero, (hz, cz) = engine.run_stateless(x, zeros)  # the state carried on by the caller
     y_two, _ = engine.run_stateless(x[:, 2:], [hz, cz])

@@ -42,7 +42,7 @@ def test_a_call_that_fails_after_onnxruntime_ran_leaves_the_slots_unchanged(tiny
     pool = engine.pool
     slots = np.array([2, 0], dtype=np.int64)
     x = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64)  # [B, T]
-    h, c = (t.copy() for t in pool.tensors)  # [S, L, H]
+    h, c = (t.copy() for t in pool.by_slot)  # [S, L, H]
     ops = engine.ops
     if where == "download":
         engine.ops = _Failing(ops, "download")  # y cannot come down after the scatter
@@ -63,14 +63,14 @@ def test_a_call_that_fails_after_onnxruntime_ran_leaves_the_slots_unchanged(tiny
     with pytest.raises(MemoryError):
         engine.run_slots(slots, x)
 
-    np.testing.assert_array_equal(pool.tensors[0], h)
-    np.testing.assert_array_equal(pool.tensors[1], c)
+    np.testing.assert_array_equal(pool.by_slot[0], h)
+    np.testing.assert_array_equal(pool.by_slot[1], c)
     engine.ops = ops
     y = engine.run_slots(slots, x)  # and the next call starts from that unchanged state
     fresh = make_engine(tiny_model_dir)
     np.testing.assert_array_equal(y, fresh.run_slots(slots, x))
-    np.testing.assert_array_equal(pool.tensors[0], fresh.pool.tensors[0])
-    np.testing.assert_array_equal(pool.tensors[1], fresh.pool.tensors[1])
+    np.testing.assert_array_equal(pool.by_slot[0], fresh.pool.by_slot[0])
+    np.testing.assert_array_equal(pool.by_slot[1], fresh.pool.by_slot[1])
 
 
 @pytest.mark.parametrize(

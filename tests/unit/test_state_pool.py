@@ -45,11 +45,12 @@ def test_release_is_idempotent_and_never_frees_another_owners_slot():
     assert pool.release(sb, b)
 
 
-def test_storage_is_slot_major_and_sized_by_every_state():
+def test_storage_is_the_graph_layout_with_the_slots_at_the_batch_axis_and_sized_by_every_state():
     specs = [*lstm_states(3, 5), StateSpec("cache", "new_cache", "float16", ("B", 4, 2))]
     pool = StatePool(specs, capacity=10)
-    assert [t.shape for t in pool.tensors] == [(10, 3, 5), (10, 3, 5), (10, 4, 2)]
-    assert [t.dtype for t in pool.tensors] == [np.float32, np.float32, np.float16]
+    assert [t.shape for t in pool.tensors] == [(3, 10, 5), (3, 10, 5), (10, 4, 2)]  # what gathers copy from
+    assert [t.shape for t in pool.by_slot] == [(10, 3, 5), (10, 3, 5), (10, 4, 2)]
+    assert [t.dtype for t in pool.by_slot] == [np.float32, np.float32, np.float16]
     assert pool.nbytes == StatePool.bytes_needed(specs, 10) == 10 * (2 * 3 * 5 * 4 + 4 * 2 * 2)
 
 
@@ -60,7 +61,7 @@ def test_gather_and_scatter_touch_only_the_batch_rows():
     for o in owners:
         slot = pool.allocate(o)
         pool.write(slot, [rng.standard_normal((3, 5)).astype(np.float32) for _ in range(2)])
-    before_h, before_c = pool.tensors[0].copy(), pool.tensors[1].copy()  # [S, L, H]
+    before_h, before_c = pool.by_slot[0].copy(), pool.by_slot[1].copy()  # [S, L, H]
     rows = np.array([7, 2, 5])
     h_out, c_out = np.empty((3, 3, 5), np.float32), np.empty((3, 3, 5), np.float32)  # [L, B, H]
     pool.gather(rows, [h_out, c_out])
@@ -68,10 +69,10 @@ def test_gather_and_scatter_touch_only_the_batch_rows():
     np.testing.assert_array_equal(c_out, before_c[rows].transpose(1, 0, 2))
     pool.scatter(rows, [h_out + 1, c_out - 1])
     others = np.setdiff1d(np.arange(10), rows)
-    np.testing.assert_array_equal(pool.tensors[0][others], before_h[others])
-    np.testing.assert_array_equal(pool.tensors[1][others], before_c[others])
-    np.testing.assert_array_equal(pool.tensors[0][rows], before_h[rows] + 1)
-    np.testing.assert_array_equal(pool.tensors[1][rows], before_c[rows] - 1)
+    np.testing.assert_array_equal(pool.by_slot[0][others], before_h[others])
+    np.testing.assert_array_equal(pool.by_slot[1][others], before_c[others])
+    np.testing.assert_array_equal(pool.by_slot[0][rows], before_h[rows] + 1)
+    np.testing.assert_array_equal(pool.by_slot[1][rows], before_c[rows] - 1)
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
@@ -88,7 +89,7 @@ def test_a_state_with_its_batch_axis_anywhere_is_gathered_and_scattered_at_that_
     for _ in range(capacity):
         slot = pool.allocate(object())
         pool.write(slot, [rng.standard_normal(session).astype(dtype)])
-    before = pool.tensors[0].copy()  # [S, 3, 4]
+    before = pool.by_slot[0].copy()  # [S, 3, 4]
     rows = np.array([6, 0, 3, 8])
     out = np.empty(spec.graph_shape(len(rows)), dtype)
     pool.gather(rows, [out])
@@ -98,8 +99,8 @@ def test_a_state_with_its_batch_axis_anywhere_is_gathered_and_scattered_at_that_
     new = rng.standard_normal(out.shape).astype(dtype)
     pool.scatter(rows, [new])
     others = np.setdiff1d(np.arange(capacity), rows)
-    np.testing.assert_array_equal(pool.tensors[0][others], before[others])  # only the batch's rows were touched
-    np.testing.assert_array_equal(pool.tensors[0][rows], np.moveaxis(new, axis, 0))
+    np.testing.assert_array_equal(pool.by_slot[0][others], before[others])  # only the batch's rows were touched
+    np.testing.assert_array_equal(pool.by_slot[0][rows], np.moveaxis(new, axis, 0))
     for b, slot in enumerate(rows):
         np.testing.assert_array_equal(pool.read(int(slot))[0], np.take(new, b, axis=axis))
 
@@ -115,7 +116,7 @@ def test_states_of_different_shapes_dtypes_and_batch_axes_move_together():
     for _ in range(6):
         slot = pool.allocate(object())
         pool.write(slot, [rng.standard_normal(s.session_shape).astype(s.dtype) for s in specs])
-    before = [t.copy() for t in pool.tensors]
+    before = [t.copy() for t in pool.by_slot]
     rows = np.array([4, 1])
     outs = [np.empty(s.graph_shape(2), s.dtype) for s in specs]
     pool.gather(rows, outs)
@@ -123,7 +124,7 @@ def test_states_of_different_shapes_dtypes_and_batch_axes_move_together():
         np.testing.assert_array_equal(out, np.moveaxis(old[rows], 0, spec.batch_axis))
     pool.scatter(rows, [o * 2 for o in outs])
     others = np.setdiff1d(np.arange(6), rows)
-    for tensor, old in zip(pool.tensors, before, strict=True):
+    for tensor, old in zip(pool.by_slot, before, strict=True):
         np.testing.assert_array_equal(tensor[others], old[others])
         np.testing.assert_array_equal(tensor[rows], old[rows] * 2)
 
