@@ -191,35 +191,56 @@ def test_a_killed_or_drained_server_s_sessions_of_every_class_finish_on_another_
     a = start_server_process(dirs[0], tmp_path, *more, "--token-keys", KEYS, "--grace-s", "30")
     b = start_server_process(dirs[0], tmp_path, *more, "--token-keys", KEYS)
     rng = np.random.default_rng(99)
-    plans = [Plan(name, rng, chunks=10) for name in MODELS for _ in range(2)]
-    under_way = threading.Event()
+    plans = [Plan(name, rng, chunks=10) for name in MODELS for _ in range(3)]
+    aio_plans, sync_plans = plans[0::3] + plans[1::3], plans[2::3]  # two asyncio sessions, one sync, per class
+    under_way, killed = threading.Event(), threading.Event()
     started: list[Plan] = []
+    lock = threading.Lock()
 
-    async def one(client: AsyncClient, plan: Plan, killed: asyncio.Event) -> None:
+    def mid_run(plan: Plan) -> None:
+        with lock:
+            started.append(plan)
+            if len(started) == len(plans):
+                under_way.set()
+
+    async def one(client: AsyncClient, plan: Plan) -> None:
         async with client.session(plan.name, checkpoint_every=2) as s:
             for k, chunk in enumerate(plan.chunks):
                 plan.outputs.append(await s.step(chunk))
                 if k == 3:
-                    started.append(plan)
-                    if len(started) == len(plans):
-                        under_way.set()
-                    await asyncio.wait_for(killed.wait(), WAIT_S)  # every session is mid-run when A dies
+                    mid_run(plan)  # every session is mid-run when A goes
+                    await asyncio.get_running_loop().run_in_executor(None, killed.wait, WAIT_S)
 
-    async def main() -> None:
-        killed = asyncio.Event()
+    def one_sync(client: Client, plan: Plan) -> None:
+        try:
+            with client.session(plan.name, checkpoint_every=2) as s:
+                for k, chunk in enumerate(plan.chunks):
+                    plan.outputs.append(s.step(chunk))
+                    if k == 3:
+                        mid_run(plan)
+                        killed.wait(WAIT_S)
+        except BaseException as e:  # reported by plan.check
+            plan.error = e
 
-        async def kill_a() -> None:
-            await asyncio.get_running_loop().run_in_executor(None, under_way.wait, WAIT_S)
-            a.proc.send_signal(sig)  # the sessions go on at once: a drained server leaves when they have moved
-            killed.set()
-
+    async def aio_sessions() -> None:
         async with AsyncClient([a.address, b.address]) as client:
-            await asyncio.wait_for(asyncio.gather(kill_a(), *(one(client, p, killed) for p in plans)), WAIT_S)
+            await asyncio.wait_for(asyncio.gather(*(one(client, p) for p in aio_plans)), WAIT_S)
 
     try:
-        asyncio.run(main())
+        with Client([a.address, b.address]) as client:
+            threads = [threading.Thread(target=one_sync, args=(client, p)) for p in sync_plans]
+            threads.append(threading.Thread(target=asyncio.run, args=(aio_sessions(),)))
+            for t in threads:
+                t.start()
+            assert under_way.wait(WAIT_S), f"only {len(started)} of {len(plans)} sessions got under way"
+            a.proc.send_signal(sig)  # the sessions go on at once: a drained server leaves when they have moved
+            killed.set()
+            for t in threads:
+                t.join(WAIT_S)
+        assert not any(t.is_alive() for t in threads), "sessions still running"
         assert a.proc.wait(30) == (-signal.SIGKILL if sig == signal.SIGKILL else 0)
     finally:
+        killed.set()
         for proc in (a.proc, b.proc):
             if proc.poll() is None:
                 proc.kill()
