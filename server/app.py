@@ -16,6 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from cellserve.server.dataplane import DataPlane
 from cellserve.server.errors import ErrorBoundary
 from cellserve.server.health import Health
 from cellserve.server.interceptors import RequestGuard, grpc_receive_limit
@@ -46,8 +48,24 @@ log = logging.getLogger(__name__)
 
 FLUSH_S = 1.0  # after a drain closed every session: time for final tokens to reach clients, even with grace 0
 
-# (grpc server, CellServer) -> None; returns the full service names it registered (for reflection).
-ServicerHook = Callable[[grpc.aio.Server, "CellServer"], list[str]]
+
+@dataclass(frozen=True)
+class Services:
+    """What a service on the port is handed: the dataplane, and the parts of the edge every service shares.
+
+    The whole of a servicer's dependencies (nothing else of the app): handlers translate protobuf and call
+    ``plane``; ``streams`` counts their streams against ``max_streams``; ``errors`` turns domain errors into
+    statuses; ``metrics`` is for the edge's own gauges (e.g. paused streams)."""
+
+    plane: DataPlane
+    health: Health
+    errors: ErrorBoundary
+    streams: StreamLimit
+    metrics: Metrics
+
+
+# (grpc server, Services) -> the full service names it registered (for reflection).
+ServicerHook = Callable[[grpc.aio.Server, Services], list[str]]
 
 
 class CellServer:
@@ -66,7 +84,9 @@ class CellServer:
         self.tokens = TokenCodec(keys, settings.token_ttl_s)
         self.errors = ErrorBoundary(self.metrics.errors)
         self.streams = StreamLimit(settings.max_streams)  # Stream, Generate and OIP streams together
-        self.servicer = CellServeServicer(self.sessions, settings, self.errors, self.tokens, self.streams)
+        self.plane = DataPlane(self.models, self.sessions, self.tokens, settings)
+        self.services = Services(self.plane, self.health, self.errors, self.streams, self.metrics)
+        self.servicer = CellServeServicer(self.plane, self.errors, self.streams)
         self.tls = (
             CertificateFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
             if settings.tls_cert_file is not None and settings.tls_key_file is not None
@@ -147,7 +167,7 @@ class CellServer:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         ]
         for hook in self._hooks:
-            names += hook(server, self)
+            names += hook(server, self.services)
         enable_reflection(server, names, REFLECTION_ALIASES)
         if self.reuse_port:
             self.port = self._bind(server)
@@ -211,7 +231,7 @@ class CellServer:
         """Health NOT_SERVING, refuse new sessions, give in-flight RPCs ``grace_s``, then stop."""
         grace = self.settings.grace_s if grace_s is None else grace_s
         await self.health.not_serving()
-        self.sessions.accepting = False
+        self.sessions.refuse_opens()
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None
@@ -239,11 +259,11 @@ class CellServer:
             await asyncio.sleep(0)
         started = time.monotonic()
         deadline_ms = int((time.time() + grace) * 1000)
-        held = len(self.sessions.sessions)
+        held = self.sessions.count
         told = self.sessions.begin_drain(deadline_ms)
         log.info("draining", extra={"sessions": held, "sent_resume_token": told, "grace_s": grace})
         left_in_time = await self._wait_empty_or_grace_over(grace)
-        remaining = len(self.sessions.sessions)
+        remaining = self.sessions.count
         if not left_in_time:
             self.sessions.close_all("drain", "the drain grace period ended; resume with the draining token")
         await self.stop(grace_s=FLUSH_S)  # closed streams end by themselves; this lets their last messages out
@@ -257,7 +277,6 @@ class CellServer:
                 "seconds": round(time.monotonic() - started, 3),
             },
         )
-
 
     def end_grace(self) -> None:
         """Cut a drain's grace period short: the sessions still open are closed now (they hold their token)."""

@@ -2,7 +2,7 @@
 
 For every session count N it opens N sessions and runs N closed loops on one event loop, each doing
 per message what the native ``Stream`` handler does between ``context.read()`` and ``context.write()``:
-parse the request bytes, decode the tensor, ``Session.submit`` (input check, the inline scheduler,
+parse the request bytes, decode the tensor, ``DataPlane.step`` (input check, the inline scheduler,
 the engine, delivery), and encode the output bytes. No gRPC, no client and no other process share the
 time, so the figures hold still on a noisy machine where ``cellserve bench`` does not.
 
@@ -56,7 +56,7 @@ def _counts(text: str) -> list[int]:
     return counts
 
 
-async def _measure(manager: Any, model: Any, n: int, args: argparse.Namespace) -> dict[str, Any]:
+async def _measure(plane: Any, registry: Any, model: Any, n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``n`` closed loops; per-message wall and CPU time, the engine's time and the batches formed."""
     from cellserve.client.tensors import to_proto
     from cellserve.server.engine_bench import random_inputs
@@ -65,12 +65,12 @@ async def _measure(manager: Any, model: Any, n: int, args: argparse.Namespace) -
 
     x = random_inputs(model.engine, 1, args.steps, np.random.default_rng(args.seed + n))[0][0]
     request = pb.StreamRequest(step=pb.Step(seq=1, input=to_proto(x))).SerializeToString()
-    sessions = [manager.open(model.name) for _ in range(n)]
+    sessions = [plane.open(model.name) for _ in range(n)]
 
     async def loop(session: Any, messages: int) -> None:
         for _ in range(messages):
             step = pb.StreamRequest.FromString(request).step
-            y = await session.submit(to_numpy(step.input))
+            y = await plane.step(session, to_numpy(step.input))
             encode_output(step.seq, y)
 
     async def run(total: int) -> None:
@@ -78,7 +78,7 @@ async def _measure(manager: Any, model: Any, n: int, args: argparse.Namespace) -
         await asyncio.gather(*(loop(s, per) for s in sessions))
 
     def totals() -> list[float]:  # engine seconds, messages batched, batches: as the metrics have them now
-        registry, labels = manager.metrics.registry, {"model": model.name}
+        labels = {"model": model.name}
         return [registry.get_sample_value(name, labels) or 0.0 for name in TOTALS]
 
     await run(args.warmup)
@@ -88,7 +88,7 @@ async def _measure(manager: Any, model: Any, n: int, args: argparse.Namespace) -
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     engine_s, msgs, batches = (after - b for after, b in zip(totals(), before, strict=True))
     for s in sessions:
-        manager.close(s, "client")
+        plane.close(s, "client")
     return {"wall_s": wall, "cpu_s": cpu, "engine_s": engine_s, "messages": msgs, "mean_batch": msgs / batches}
 
 
@@ -110,8 +110,10 @@ def _raw_ort_us(model: Any, batch: int, steps: int, calls: int) -> float:
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from prometheus_client import CollectorRegistry
 
+    from cellserve.server.dataplane import DataPlane
     from cellserve.server.metrics import Metrics
     from cellserve.server.models import ModelRepository
+    from cellserve.server.resume_token import TokenCodec, TokenKeys
     from cellserve.server.sessions import SessionManager
     from cellserve.server.settings import Settings
 
@@ -123,16 +125,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         capacity=max(counts),
         metrics_port=0,
     )
-    metrics = Metrics(CollectorRegistry())
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
     models = ModelRepository.load(settings, metrics)
     (model,) = list(models)
-    manager = SessionManager(models, settings, metrics)
+    sessions = SessionManager(models, settings, metrics)
+    plane = DataPlane(models, sessions, TokenCodec(TokenKeys.generate(), settings.token_ttl_s), settings)
 
     async def main() -> list[dict[str, Any]]:
         model.engine.warmup(list(range(1, model.scheduler.max_batch + 1)))  # a fixed-batch graph: 1
         model.scheduler.start()
         try:
-            return [await _measure(manager, model, n, args) for n in counts]
+            return [await _measure(plane, registry, model, n, args) for n in counts]
         finally:
             await model.scheduler.stop()
 

@@ -1,5 +1,6 @@
 """The native ``cellserve.v1.CellServe`` service: protobuf ↔ domain objects, and nothing else.
 
+Every handler works through the :class:`~cellserve.server.dataplane.DataPlane` it is given, as OIP's do.
 Each handler is a coroutine wrapped in the one error boundary (:func:`~cellserve.server.errors.rpc`).
 A ``Stream`` is served by its own :class:`~cellserve.server.stream.StreamHandler`; ``Generate``
 writes its tokens with ``context.write()``.
@@ -13,12 +14,10 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from cellserve.server.dataplane import DataPlane
 from cellserve.server.errors import ErrorBoundary, FailedPrecondition, InvalidArgument, rpc
 from cellserve.server.limits import StreamLimit
-from cellserve.server.models import LoadedModel, ModelRepository
-from cellserve.server.resume_token import TokenCodec
-from cellserve.server.sessions import Session, SessionManager
-from cellserve.server.settings import Settings
+from cellserve.server.models import LoadedModel
 from cellserve.server.stream import StreamHandler
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
@@ -63,22 +62,16 @@ def add_to_server(servicer: CellServeServicer, server: grpc.aio.Server) -> None:
 class CellServeServicer(pb_grpc.CellServeServicer):
     """Native API servicer: its dependencies, passed in by the app."""
 
-    sessions: SessionManager
-    settings: Settings
+    plane: DataPlane
     errors: ErrorBoundary
-    tokens: TokenCodec
     streams: StreamLimit
-
-    @property
-    def models(self) -> ModelRepository:
-        return self.sessions.models
 
     @rpc
     async def Stream(  # type: ignore[override]
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> None:
         with self.streams.hold():
-            await StreamHandler(self.sessions, self.tokens, self.errors, context).run()
+            await StreamHandler(self.plane, self.errors, context).run()
 
     @rpc
     async def Generate(  # type: ignore[override]
@@ -87,32 +80,33 @@ class CellServeServicer(pb_grpc.CellServeServicer):
         from cellserve.model.sampling import Sampler
 
         with self.streams.hold():
-            model = self.models.get(request.model or self.models.default_name())
-            _check_generate(request, model, self.settings.max_generate_tokens)
+            plane = self.plane
+            model = plane.model(request.model, or_default=True)
+            _check_generate(request, model, plane.settings.max_generate_tokens)
             sampler = Sampler(request.temperature, request.top_k, request.seed if request.HasField("seed") else None)
-            session: Session = self.sessions.open(model.name)
+            session = plane.open(model.name)
             try:
                 tokens = np.frombuffer(request.prompt.encode("utf-8"), dtype=np.uint8).astype(np.int64)  # [T]
                 chunk = model.max_steps
                 for start in range(0, len(tokens), chunk):
-                    y = await session.step(tokens[start : start + chunk])  # [T, V]
+                    y = await plane.step(session, tokens[start : start + chunk])  # [T, V]
                 for i in range(request.max_tokens):
                     token = sampler.next_token(y[-1])
                     await context.write(pb.GenerateResponse(token_ids=[token], text=bytes([token])))
                     if i + 1 < request.max_tokens:
-                        y = await session.step(np.array([token], dtype=np.int64))
+                        y = await plane.step(session, np.array([token], dtype=np.int64))
             finally:
-                self.sessions.close(session, "client")
+                plane.close(session, "client")
 
     @rpc
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_summary(m) for m in self.models])
+        return pb.ListModelsResponse(models=[model_summary(m) for m in self.plane.models()])
 
     @rpc
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
-        model = self.models.get(request.model)
+        model = self.plane.model(request.model)
         return pb.ModelInfoResponse(model=model_summary(model), manifest_json=model.manifest.to_json())
 
 

@@ -13,7 +13,7 @@ import heapq
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -208,6 +208,39 @@ class SessionManager:
         log.debug("session opened", extra={"model": model.name, "resumed": resume is not None})
         return session
 
+    def lend(self, model: LoadedModel, states: Sequence[np.ndarray | None]) -> Session:
+        """A session outside the registry for one stateless row (no id in ``sessions``, no idle expiry, no open or
+        close counted): its slot holds ``states`` (None: zeros) and counts in the slot gauges, as every borrow must.
+        Hand it back with :meth:`give_back`."""
+        resume = None
+        if any(s is not None for s in states):
+            pool = model.pool
+            resume = ResumeState(
+                model.name,
+                model.manifest.sha256,
+                0,
+                tuple(
+                    np.zeros(shape, dtype) if s is None else s.astype(dtype, copy=False)
+                    for s, shape, dtype in zip(states, pool.shapes, pool.dtypes, strict=True)
+                ),
+            )
+        session = Session(model, 0, None, self._slot_freed, resume)  # may raise ResourceExhausted
+        self._update_slots(model)
+        return session
+
+    def give_back(self, session: Session) -> None:
+        """End a lent session; its slot is freed (and the gauges updated) once no step of it is in the engine."""
+        session.close("stateless")
+
+    @property
+    def count(self) -> int:
+        """How many sessions are open."""
+        return len(self.sessions)
+
+    def refuse_opens(self) -> None:
+        """From now on, opens (and stateless requests) are refused UNAVAILABLE: the server drains or stops."""
+        self.accepting = False
+
     def close(self, session: Session, reason: str, *, notify: str | None = None) -> None:
         """Close ``session`` (idempotent). ``notify`` (a message) tells its stream why."""
         if not session.close(reason):
@@ -227,7 +260,7 @@ class SessionManager:
 
     def begin_drain(self, deadline_ms: int) -> int:
         """Refuse new sessions and tell every live one to leave by ``deadline_ms``; returns how many."""
-        self.accepting = False
+        self.refuse_opens()
         told = 0
         for session in list(self.sessions.values()):
             try:

@@ -22,6 +22,7 @@ from typing import Final
 
 import grpc
 
+from cellserve.server.dataplane import DataPlane
 from cellserve.server.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -31,8 +32,7 @@ from cellserve.server.errors import (
     ResourceExhausted,
     StepFailed,
 )
-from cellserve.server.resume_token import TokenCodec
-from cellserve.server.sessions import DrainNotice, Session, SessionClosed, SessionEvent, SessionManager
+from cellserve.server.sessions import DrainNotice, Session, SessionClosed, SessionEvent
 from cellserve.server.tensors import encode_output, to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 
@@ -74,13 +74,11 @@ class StreamHandler:
 
     def __init__(
         self,
-        sessions: SessionManager,
-        tokens: TokenCodec,
+        plane: DataPlane,
         errors: ErrorBoundary,
         context: grpc.aio.ServicerContext,
     ) -> None:
-        self.sessions = sessions
-        self.tokens = tokens
+        self.plane = plane
         self.errors = errors
         self.context = context
         self.session: Session | None = None
@@ -130,14 +128,14 @@ class StreamHandler:
             if self._stuck is not None:
                 self._stuck.cancel()
             if self.session is not None:
-                self.sessions.close(self.session, self.reason)
+                self.plane.close(self.session, self.reason)
 
     # -- requests ---------------------------------------------------------------------------------
 
     async def _read_first(self) -> object:
         """The first request, within ``open_timeout_s``: a stream that never opens (or stalls inside its first
         message) must not hold a ``max_streams`` slot for the life of its connection."""
-        timeout = self.sessions.settings.open_timeout_s
+        timeout = self.plane.settings.open_timeout_s
         try:
             async with asyncio.timeout(timeout):
                 return await self._read()
@@ -155,13 +153,10 @@ class StreamHandler:
         if kind != "open":
             what = kind or "an empty request"
             raise FailedPrecondition(f"{what} before open: the first message of a stream must be open{{model}}")
-        models = self.sessions.models
-        name = first.open.model or models.default_name()
-        resume = None
-        if first.open.resume_token:
-            model = models.get(name)
-            resume, _ = self.tokens.decode(first.open.resume_token, model=name, model_sha256=model.manifest.sha256)
-        return self.sessions.open(name, idle_timeout_s=first.open.idle_timeout_s, resume=resume, notify=self.notify)
+        request = first.open
+        return self.plane.open(
+            request.model, idle_timeout_s=request.idle_timeout_s, resume_token=request.resume_token, notify=self.notify
+        )
 
     async def _answer(self, session: Session, request: pb.StreamRequest) -> None:
         kind = request.WhichOneof("kind")
@@ -182,25 +177,27 @@ class StreamHandler:
         try:
             if not step.HasField("input"):
                 raise InvalidArgument(f"step seq={step.seq} has no input tensor")
-            y = await session.submit(to_numpy(step.input))  # the step's future: no coroutine frame per message
+            y = await self.plane.step(session, to_numpy(step.input))  # the scheduler's future: no coroutine per message
         except STEP_ERRORS as e:
             code, message = self.errors.status(e)
             await self._write(pb.StreamResponse(error=pb.StepError(seq=step.seq, code=code.value[0], message=message)))
             return
         # The state after this step, signed, when asked for: the client's crash checkpoint. A drain that
         # closed the session while the step ran sends that state as its final token right after.
-        token = self.tokens.encode(session.state())[0] if step.checkpoint and not session.closed else b""
+        token = self.plane.snapshot(session).token if step.checkpoint and not session.closed else b""
         await self._write(encode_output(step.seq, y, token))
 
     async def _on_snapshot(self, session: Session) -> None:
-        token, expires = self.tokens.encode(session.state())
+        snap = self.plane.snapshot(session)
         await self._write(
-            pb.StreamResponse(snapshot=pb.SnapshotTaken(token=token, steps=session.steps, expires_at_unix_ms=expires))
+            pb.StreamResponse(
+                snapshot=pb.SnapshotTaken(token=snap.token, steps=snap.steps, expires_at_unix_ms=snap.expires_at_ms)
+            )
         )
 
     async def _on_close(self, session: Session) -> None:
         self.reason = "client"
-        self.sessions.close(session, "client")
+        self.plane.close(session, "client")
         await self._write(_closed(session, "client", "closed by client"))
         await self._linger(session)
 
@@ -209,7 +206,7 @@ class StreamHandler:
         # client's close (else the session ends as a disconnect).
         await self._write(_closed(session, "client", "client half-closed the stream"))
         self.reason = "client"
-        self.sessions.close(session, "client")
+        self.plane.close(session, "client")
 
     async def _linger(self, session: Session) -> None:
         """Wait briefly for the client's half-close; anything else sent on a closed session is an error."""
@@ -264,7 +261,7 @@ class StreamHandler:
 
     async def _send_notice(self, session: Session, notice: DrainNotice) -> None:
         if not session.closed:  # the token is current: every request read before it is answered
-            token, _ = self.tokens.encode(session.state())
+            token = self.plane.snapshot(session).token
             await self._write_now(
                 pb.StreamResponse(draining=pb.Draining(resume_token=token, deadline_unix_ms=notice.deadline_ms))
             )
@@ -280,9 +277,11 @@ class StreamHandler:
                 await self._send_notice(session, event)
                 continue
             self.reason = event.reason
-            if session.final_state is not None:  # kept only when a drain closed it: the last resume token
-                token, _ = self.tokens.encode(session.final_state)
-                await self._write_now(pb.StreamResponse(draining=pb.Draining(resume_token=token, deadline_unix_ms=0)))
+            parting = self.plane.parting_snapshot(session)  # kept only when a drain closed it: the last token
+            if parting is not None:
+                await self._write_now(
+                    pb.StreamResponse(draining=pb.Draining(resume_token=parting.token, deadline_unix_ms=0))
+                )
             await self._write_now(_closed(session, event.reason, event.message))
             self._done = True
 

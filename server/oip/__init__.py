@@ -5,8 +5,10 @@
 - ``inputs``: a request's tensors checked against the model (names, dtypes, shapes, reply size);
 - ``tensors``: OIP tensors and parameters ↔ numpy and Python values;
 - ``sequences``: sequence ids and start/end flags from request parameters;
-- ``stream``: one ``ModelStreamInfer`` stream (sequences scoped to it);
-- ``stateless``: ``ModelInfer`` with explicit state (h0/c0 in, hn/cn out).
+- ``stream``: one ``ModelStreamInfer`` stream (sequences scoped to it).
+
+Every handler works through the server's :class:`~cellserve.server.dataplane.DataPlane`: a sequence is one of
+its sessions, and ``ModelInfer`` with explicit state (h0/c0 in, hn/cn out) is its stateless ``infer``.
 
 Shape convention (Triton's ``max_batch_size > 0`` form: every tensor starts with a batch dimension
 that the config's ``dims`` leave out):

@@ -13,8 +13,9 @@ from __future__ import annotations
 from cellserve import __version__
 from cellserve.oip import grpc_service_pb2 as oip
 from cellserve.oip import model_config_pb2 as cfg
+from cellserve.server.dataplane import DataPlane
 from cellserve.server.errors import NotFound
-from cellserve.server.models import LoadedModel, ModelRepository
+from cellserve.server.models import LoadedModel
 from cellserve.server.oip.inputs import x_dims, y_dims
 from cellserve.server.oip.tensors import tensor_datatype
 from cellserve.server.settings import Settings
@@ -27,12 +28,12 @@ _CONFIG_TYPES = {"INT64": cfg.TYPE_INT64, "FP32": cfg.TYPE_FP32, "FP16": cfg.TYP
 _Control = cfg.ModelSequenceBatching.Control
 
 
-def find_model(models: ModelRepository, name: str, version: str) -> LoadedModel:
+def find_model(plane: DataPlane, name: str, version: str) -> LoadedModel:
     """The model ``name`` (at ``version`` if given); NOT_FOUND in Triton's words otherwise."""
     try:
-        model = models.get(name)
+        model = plane.model(name)
     except NotFound:
-        served = ", ".join(sorted(m.name for m in models)) or "none"
+        served = ", ".join(sorted(m.name for m in plane.models())) or "none"
         raise NotFound(f"Request for unknown model: '{name}' is not found (this server serves: {served})") from None
     if version and version != model.manifest.version:
         raise NotFound(

@@ -25,21 +25,20 @@ import numpy as np
 from cellserve import __version__
 from cellserve.oip import grpc_service_pb2 as oip
 from cellserve.oip import grpc_service_pb2_grpc as oip_grpc
+from cellserve.server.dataplane import DRAINING, DataPlane
 from cellserve.server.errors import CellserveError, ErrorBoundary, Unavailable, Unimplemented, rpc
 from cellserve.server.health import Health
 from cellserve.server.limits import StreamLimit
-from cellserve.server.models import LoadedModel, ModelRepository
+from cellserve.server.metrics import Metrics
+from cellserve.server.models import LoadedModel
 from cellserve.server.oip.inputs import output_names, split_inputs
 from cellserve.server.oip.metadata import EXTENSIONS, SERVER_NAME, find_model, model_config, model_metadata
 from cellserve.server.oip.sequences import sequence_flags
-from cellserve.server.oip.stateless import run_stateless
 from cellserve.server.oip.stream import OipStream
 from cellserve.server.oip.tensors import decode_inputs, infer_response, parameters
-from cellserve.server.sessions import SessionManager
-from cellserve.server.settings import Settings
 
 if TYPE_CHECKING:
-    from cellserve.server.app import CellServer
+    from cellserve.server.app import Services
 
 log = logging.getLogger(__name__)
 
@@ -84,22 +83,18 @@ UNSERVED_RPCS = {
 
 @dataclass(eq=False)
 class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
-    """The OIP service over the server's models and sessions (the native API's own)."""
+    """The OIP service over the server's dataplane (the native API's own models and sessions)."""
 
-    sessions: SessionManager
+    plane: DataPlane
     health: Health
     streams: StreamLimit  # OIP streams count against the same max_streams as native ones
     errors: ErrorBoundary
-    settings: Settings
-
-    @property
-    def models(self) -> ModelRepository:
-        return self.sessions.models
+    metrics: Metrics  # the edge's own gauges (streams paused for their client)
 
     # -- health and metadata ----------------------------------------------------------------------
 
     def _serving(self, service: str) -> bool:
-        return self.sessions.accepting and self.health.is_serving(service)
+        return self.plane.accepting and self.health.is_serving(service)
 
     @rpc
     async def ServerLive(
@@ -118,7 +113,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelReadyResponse:
         try:
-            model = find_model(self.models, request.name, request.version)
+            model = find_model(self.plane, request.name, request.version)
         except CellserveError:
             return oip.ModelReadyResponse(ready=False)
         return oip.ModelReadyResponse(ready=self._serving(model.name))
@@ -133,21 +128,21 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
-        return model_metadata(find_model(self.models, request.name, request.version))
+        return model_metadata(find_model(self.plane, request.name, request.version))
 
     @rpc
     async def ModelConfig(
         self, request: oip.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelConfigResponse:
-        model = find_model(self.models, request.name, request.version)
-        return oip.ModelConfigResponse(config=model_config(model, self.settings))
+        model = find_model(self.plane, request.name, request.version)
+        return oip.ModelConfigResponse(config=model_config(model, self.plane.settings))
 
     @rpc
     async def RepositoryIndex(
         self, request: oip.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> oip.RepositoryIndexResponse:
         response = oip.RepositoryIndexResponse()
-        for model in self.models:
+        for model in self.plane.models():
             ready = self._serving(model.name)
             if request.ready and not ready:
                 continue
@@ -173,12 +168,12 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         return await self._stateless(request)
 
     async def _stateless(self, request: oip.ModelInferRequest) -> oip.ModelInferResponse:
-        if not self.sessions.accepting:
-            raise Unavailable("server is draining and accepts no new requests; retry on another replica")
-        model = find_model(self.models, request.model_name, request.model_version)
+        if not self.plane.accepting:  # before the model's name is looked at, as every refusal of a draining server
+            raise Unavailable(DRAINING)
+        model = find_model(self.plane, request.model_name, request.model_version)
         outputs = output_names(model, [o.name for o in request.outputs], sequence=False)
         x, states = split_inputs(model, decode_inputs(request), max_batch=model.scheduler.max_batch, sequence=False)
-        y, next_states = await run_stateless(model, x, states)
+        y, next_states = await self.plane.infer(model.name, x, states)
         m = model.manifest
         tensors = {m.output.name: y if m.input.time_axis else y[:, 0]}  # a per-frame model's one frame: [B, *out]
         tensors.update((spec.output, value) for spec, value in zip(m.states, next_states, strict=True))
@@ -189,13 +184,14 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[oip.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> None:
         with self.streams.hold():
-            await OipStream(self.sessions, self.errors, context, self._sequence_request, self._stateless).run()
+            paused = self.metrics.streams_paused
+            await OipStream(self.plane, self.errors, context, self._sequence_request, self._stateless, paused).run()
 
     def _sequence_request(self, request: oip.ModelInferRequest) -> tuple[LoadedModel, list[str], np.ndarray]:
         """A sequence request's model, outputs to return, and x ``[1, T, *frame]`` (checked)."""
         # No drain check here: running sequences go on through the grace period; starts are
-        # refused by SessionManager.open while draining.
-        model = find_model(self.models, request.model_name, request.model_version)
+        # refused by the dataplane's open while draining.
+        model = find_model(self.plane, request.model_name, request.model_version)
         outputs = output_names(model, [o.name for o in request.outputs], sequence=True)
         x, _ = split_inputs(model, decode_inputs(request), max_batch=1, sequence=True)
         return model, outputs, x
@@ -209,9 +205,10 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         return handler
 
 
-def register(grpc_server: grpc.aio.Server, server: CellServer) -> list[str]:
+def register(grpc_server: grpc.aio.Server, services: Services) -> list[str]:
     """``CellServer.add_servicer`` hook: serve OIP under Triton's and our own service name."""
-    servicer = OipServicer(server.sessions, server.health, server.streams, server.errors, server.settings)
+    s = services
+    servicer = OipServicer(s.plane, s.health, s.streams, s.errors, s.metrics)
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
     handlers = {}
     for method in oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:

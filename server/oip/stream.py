@@ -27,12 +27,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
 
 from cellserve.oip import grpc_service_pb2 as oip
+from cellserve.server.dataplane import DataPlane
 from cellserve.server.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -45,7 +46,7 @@ from cellserve.server.models import LoadedModel
 from cellserve.server.oip.inputs import answer_bytes
 from cellserve.server.oip.sequences import SequenceFlags, SequenceKey, sequence_flags
 from cellserve.server.oip.tensors import infer_response, parameters
-from cellserve.server.sessions import Session, SessionClosed, SessionEvent, SessionManager
+from cellserve.server.sessions import Session, SessionClosed, SessionEvent
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +60,28 @@ Prepare = Callable[[oip.ModelInferRequest], tuple[LoadedModel, list[str], np.nda
 Stateless = Callable[[oip.ModelInferRequest], Awaitable[oip.ModelInferResponse]]
 
 
+class Gauge(Protocol):
+    """A gauge the stream moves (``cellserve_streams_paused``)."""
+
+    def inc(self) -> None: ...
+    def dec(self) -> None: ...
+
+
 class OipStream:
     """Serves one ModelStreamInfer stream."""
 
     def __init__(
         self,
-        sessions: SessionManager,
+        plane: DataPlane,
         errors: ErrorBoundary,
         context: grpc.aio.ServicerContext,
         prepare: Prepare,
         stateless: Stateless,
+        paused: Gauge,
     ) -> None:
-        """``prepare`` checks a sequence request; ``stateless`` answers a request outside any sequence."""
-        self.sessions = sessions
+        """``prepare`` checks a sequence request; ``stateless`` answers a request outside any sequence; ``paused``
+        counts the streams whose reading is paused for a client that does not read its answers."""
+        self.plane = plane
         self.errors = errors
         self.context = context
         self._prepare, self._stateless = prepare, stateless
@@ -82,11 +92,11 @@ class OipStream:
         self._unanswered = 0
         self._owed_bytes = 0  # the answers of the unanswered requests, by their charges
         self._charges: dict[int, int] = {}  # id(request) -> its charge, until it is answered
-        settings = sessions.settings
+        settings = self._settings = plane.settings
         self._buffer_bytes = settings.max_stream_buffer_bytes
         self._max_message = settings.max_message_bytes
         self._max_sequences = settings.max_sessions_per_stream
-        self._paused = sessions.metrics.streams_paused
+        self._paused = paused
         self._task = asyncio.current_task()
         self._last_active = time.monotonic()  # the last request read or answer written
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -98,7 +108,7 @@ class OipStream:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         writer = self._writer = loop.create_task(self._write_responses())
-        self._idle_timer = loop.call_later(self.sessions.settings.idle_timeout_s, self._check_idle)
+        self._idle_timer = loop.call_later(self._settings.idle_timeout_s, self._check_idle)
         try:
             first = True
             while True:
@@ -131,7 +141,7 @@ class OipStream:
     # -- reading ----------------------------------------------------------------------------------
 
     async def _read_first(self) -> Any:
-        timeout = self.sessions.settings.open_timeout_s
+        timeout = self._settings.open_timeout_s
         try:
             async with asyncio.timeout(timeout):
                 return await self.context.read()
@@ -148,7 +158,7 @@ class OipStream:
             task = self._task
             if not self._idled_out or task is None or task.uncancel() > 0:  # a real cancel came in too
                 raise
-            timeout = self.sessions.settings.idle_timeout_s
+            timeout = self._settings.idle_timeout_s
             raise DeadlineExceeded(
                 f"stream idle for {timeout} s with no sequence running (setting idle_timeout_s); open a new stream "
                 "to start another"
@@ -159,7 +169,7 @@ class OipStream:
     def _check_idle(self) -> None:
         """A timer: a stream with no sequence and nothing owed, silent for ``idle_timeout_s``, is ended (as an idle
         session would be), so it gives its ``max_streams`` slot back. One timer per stream, re-armed as it fires."""
-        timeout = self.sessions.settings.idle_timeout_s
+        timeout = self._settings.idle_timeout_s
         now = time.monotonic()
         busy = self._live or self._unanswered
         due = now + timeout if busy else self._last_active + timeout
@@ -184,7 +194,7 @@ class OipStream:
         if type(request) is BadRequest:
             return 0
         try:
-            manifest = self.sessions.models.get(request.model_name).manifest
+            manifest = self.plane.model(request.model_name).manifest
         except Exception:
             return 0
         for tensor in request.inputs:
@@ -259,7 +269,7 @@ class OipStream:
                 # Check the input before opening, so a bad first request leaves no sequence behind.
                 model.check_input(x[0])
                 notify = functools.partial(self._server_event, flags)
-                session = opened = self._live[flags.key] = self.sessions.open(model.name, notify=notify)
+                session = opened = self._live[flags.key] = self.plane.open(model.name, notify=notify)
             elif session is None:
                 raise FailedPrecondition(
                     f"inference request for sequence {flags.label} to model '{model.name}' must specify the START "
@@ -270,7 +280,7 @@ class OipStream:
                 raise InvalidArgument(
                     f"sequence {flags.label} runs on model '{session.model.name}', not '{model.name}'"
                 )
-            future = session.submit(x[0])
+            future = self.plane.step(session, x[0])
         except Exception as e:
             if opened is not None:  # a failed start leaves no sequence
                 self._end(flags.key, opened, "error")
@@ -296,7 +306,7 @@ class OipStream:
             tensors = {m.output.name: y[None] if m.input.time_axis else y}  # [1, T, *out], or one frame [1, *out]
             if len(outputs) > 1 or outputs[0] != m.output.name:  # next states asked for by name
                 # a drain that closed the session while this step ran kept the state after it
-                state = session.final_state if session.closed and session.final_state else session.state()
+                state = self.plane.state(session)
                 tensors.update((spec.output, value[None]) for spec, value in zip(m.states, state.states, strict=True))
             response = Response(infer_response=infer_response(request, m.name, m.version, outputs, tensors))
         except BaseException as e:  # CancelledError too: every request read gets exactly one answer
@@ -313,7 +323,7 @@ class OipStream:
     def _end(self, key: SequenceKey, session: Session, reason: str) -> None:
         if self._live.get(key) is session:
             del self._live[key]
-        self.sessions.close(session, reason)
+        self.plane.close(session, reason)
 
     def _server_event(self, flags: SequenceFlags, event: SessionEvent) -> None:
         if not isinstance(event, SessionClosed):

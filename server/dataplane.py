@@ -1,0 +1,217 @@
+"""The dataplane: the one interface under every API surface (native ``Stream`` and ``Generate``, OIP, and the
+coming many-sessions-per-message gateway).
+
+Handlers translate protobuf ↔ domain objects and call this; none of them reaches into the
+:class:`~cellserve.server.sessions.SessionManager`, the model repository or the app. So every API gets the
+same admission, batching, slot accounting, idle expiry, drain and resume tokens, by construction rather
+than by each handler remembering to (MLServer's ``DataPlane``, KServe's ``data_plane``).
+
+The operations:
+
+- **models**: :meth:`DataPlane.model` (by name, "" for the default), :meth:`DataPlane.models`,
+  :attr:`DataPlane.accepting` (False once the server drains or stops);
+- **sessions**: :meth:`DataPlane.open` → a :class:`~cellserve.server.sessions.Session` handle,
+  :meth:`DataPlane.step` (the scheduler's future, nothing wrapped around it: the per-message hot path),
+  :meth:`DataPlane.step_many` (many sessions' steps, one future, entries failing alone: the gateway's shape),
+  :meth:`DataPlane.state` / :meth:`DataPlane.snapshot` / :meth:`DataPlane.parting_snapshot` (state, signed
+  resume tokens), :meth:`DataPlane.close`;
+- **stateless**: :meth:`DataPlane.infer` (x and explicit states → y and next states), whose rows borrow pool
+  slots as sessions do, so the slot gauges and the scheduler see them.
+
+A session handle's public face is ``id``, ``model``, ``idle_timeout_s``, ``steps``, ``closed`` and
+``inflight``; everything else goes through the dataplane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cellserve.server.errors import Unavailable
+from cellserve.server.models import LoadedModel, ModelRepository
+from cellserve.server.resume_state import ResumeState
+from cellserve.server.resume_token import TokenCodec
+from cellserve.server.sessions import Notify, Session, SessionManager
+from cellserve.server.settings import Settings
+
+DRAINING = "server is draining and accepts no new requests; retry on another replica"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A session's state as a signed resume token, with the step count it holds and when it expires."""
+
+    token: bytes
+    steps: int
+    expires_at_ms: int
+
+
+class DataPlane:
+    """Open, step, snapshot and close sessions, and run stateless rows, on the server's loaded models."""
+
+    def __init__(
+        self, models: ModelRepository, sessions: SessionManager, tokens: TokenCodec, settings: Settings
+    ) -> None:
+        self._models = models
+        self._sessions = sessions
+        self._tokens = tokens
+        self._settings = settings
+
+    # -- models -----------------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        """The server's settings (read-only): the limits handlers enforce at the edge (timeouts, sizes)."""
+        return self._settings
+
+    @property
+    def accepting(self) -> bool:
+        """False once the server drains or stops: new sessions and stateless requests are refused."""
+        return self._sessions.accepting
+
+    def model(self, name: str, *, or_default: bool = False) -> LoadedModel:
+        """The model ``name``, NOT_FOUND listing the loaded ones; ``or_default``: "" names the first model served
+        (a session's open and Generate; ModelInfo and OIP name their model)."""
+        return self._models.get((name or self._models.default_name()) if or_default else name)
+
+    def models(self) -> list[LoadedModel]:
+        """Every served model, in the order given at start-up."""
+        return list(self._models)
+
+    # -- sessions ---------------------------------------------------------------------------------
+
+    def open(
+        self,
+        model: str = "",
+        *,
+        idle_timeout_s: int = 0,
+        resume_token: bytes = b"",
+        resume: ResumeState | None = None,
+        notify: Notify | None = None,
+    ) -> Session:
+        """A new session on ``model`` ("" for the default): zero state, or a resume token's (checked against the
+        model and its file), or ``resume``'s. ``notify`` hears the server's events for it (idle close, drain).
+
+        Refused: UNAVAILABLE while draining, RESOURCE_EXHAUSTED at capacity; a bad token fails as the codec says.
+        """
+        name = model or self._models.default_name()
+        if resume_token:
+            loaded = self._models.get(name)
+            resume, _ = self._tokens.decode(resume_token, model=name, model_sha256=loaded.manifest.sha256)
+        return self._sessions.open(name, idle_timeout_s=idle_timeout_s, resume=resume, notify=notify)
+
+    def step(self, session: Session, x: np.ndarray) -> asyncio.Future[np.ndarray]:
+        """Queue one step ``x`` ([T, *frame]) of ``session``; the scheduler's own future resolves to y [T, *out].
+
+        Returned as is (no coroutine or task around it): a native stream's message costs one future.
+        """
+        return session.submit(x)
+
+    def step_many(self, sessions: Sequence[Session], xs: Sequence[np.ndarray]) -> asyncio.Future[list[object]]:
+        """Queue one step for each of ``sessions`` (``xs[i]`` for ``sessions[i]``, e.g. the rows of one columnar
+        ``[N, T, *frame]`` tensor); one future resolves to a list with each entry's y or its error, in order.
+
+        An entry that fails (a bad input, a closed session, one step already in flight) fails alone; the others
+        run, in the same engine batch where they fit ``max_batch``.
+        """
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[np.ndarray] | None] = []
+        errors: dict[int, BaseException] = {}
+        for i, (session, x) in enumerate(zip(sessions, xs, strict=True)):
+            try:
+                futures.append(session.submit(x))
+            except Exception as e:
+                futures.append(None)
+                errors[i] = e
+        done: asyncio.Future[list[object]] = loop.create_future()
+        waiting = [f for f in futures if f is not None]
+        if not waiting:
+            done.set_result([errors[i] for i in range(len(futures))])
+            return done
+
+        def collect(_: object) -> None:
+            if done.done():
+                return
+            results: list[object] = []
+            for i, f in enumerate(futures):
+                if f is None:
+                    results.append(errors[i])
+                elif f.cancelled():
+                    results.append(asyncio.CancelledError())
+                else:
+                    results.append(f.exception() or f.result())
+            done.set_result(results)
+
+        gathered = asyncio.gather(*waiting, return_exceptions=True)
+        gathered.add_done_callback(collect)
+        done.add_done_callback(lambda d: gathered.cancel() if d.cancelled() else None)
+        return done
+
+    def state(self, session: Session) -> ResumeState:
+        """Host copy of ``session``'s state; for a session a drain closed, the state it was closed with."""
+        if session.closed and session.final_state is not None:
+            return session.final_state
+        return session.state()
+
+    def snapshot(self, session: Session) -> Snapshot:
+        """``session``'s current state as a signed resume token (FAILED_PRECONDITION once it is closed)."""
+        token, expires = self._tokens.encode(session.state())
+        return Snapshot(token, session.steps, expires)
+
+    def parting_snapshot(self, session: Session) -> Snapshot | None:
+        """The token a drain kept when it closed ``session`` (its stream still owes it to the client), else None."""
+        state = session.final_state
+        if state is None:
+            return None
+        token, expires = self._tokens.encode(state)
+        return Snapshot(token, state.steps, expires)
+
+    def close(self, session: Session, reason: str = "client") -> None:
+        """Close ``session`` (idempotent); its slot is freed once no step of it is in the engine."""
+        self._sessions.close(session, reason)
+
+    # -- stateless --------------------------------------------------------------------------------
+
+    async def infer(
+        self, model: str, x: np.ndarray, states: Sequence[np.ndarray | None]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """x ``[B, T, *frame]`` from explicit states (each ``[B, *state]``, or None for zeros) → y ``[B, T, *out]``
+        and each next state ``[B, *state]``.
+
+        Each row borrows a pool slot for one step, as a session outside the registry would: the same admission,
+        batching and slot gauges as sessions. A cancelled caller drops the rows not yet run; every slot is freed
+        once the engine is done with it.
+        """
+        if not self.accepting:
+            raise Unavailable(DRAINING)
+        loaded = self.model(model)
+        rows = [loaded.check_input(x[b]) for b in range(x.shape[0])]  # InvalidArgument before any slot
+        lent: list[Session] = []
+        try:
+            for b in range(len(rows)):  # RESOURCE_EXHAUSTED when the pool is full
+                lent.append(self._sessions.lend(loaded, [None if s is None else s[b] for s in states]))
+            futures: list[asyncio.Future[np.ndarray]] = []
+            refused: BaseException | None = None
+            for session, row in zip(lent, rows, strict=True):
+                try:
+                    futures.append(session.submit(row))
+                except Exception as e:  # queue full: the rows already queued still run before their slots are freed
+                    refused = e
+                    break
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            ys: list[np.ndarray] = []
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+                ys.append(r)
+            if refused is not None:
+                raise refused
+            next_states = [session.state().states for session in lent]
+        finally:
+            for session in lent:
+                self._sessions.give_back(session)
+        y = np.stack(ys)  # [B, T, *out]
+        return y, [np.stack(per_state) for per_state in zip(*next_states, strict=True)]  # each [B, *state]
