@@ -45,7 +45,6 @@ from cellserve.client.ops import (
 from cellserve.client.replies import StepOutput, is_opened
 from cellserve.client.session_base import SessionBase
 from cellserve.v1 import cellserve_pb2 as pb
-from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 CORE_WRITE_RACE = "Internal error from Core"  # grpc aio's status for a write on a stream that just died
@@ -92,11 +91,9 @@ class AsyncSession(SessionBase):
     a crash of the server like the sync ``Session``. ``async with`` closes the session on the way out.
     """
 
-    def __init__(
-        self, core: SessionCore, connect: Callable[[str], pb_grpc.CellServeStub], metadata: tuple, open_timeout_s: float
-    ) -> None:
+    def __init__(self, core: SessionCore, stream: Callable[..., Any], metadata: tuple, open_timeout_s: float) -> None:
         super().__init__(core)
-        self._connect = connect
+        self._stream = stream  # starts a Stream call on a target: Channels.stream (any of its connections)
         self._metadata = metadata
         self._open_timeout_s = open_timeout_s
         self._call: grpc.aio.StreamStreamCall | None = None
@@ -110,14 +107,14 @@ class AsyncSession(SessionBase):
     async def open(
         cls,
         core: SessionCore,
-        connect: Callable[[str], pb_grpc.CellServeStub],
+        stream: Callable[..., Any],
         info_for: Callable[[str, str], Awaitable[ModelInfo]],
         metadata: tuple,
         open_timeout_s: float,
         start: int,
     ) -> AsyncSession:
         """Open on the first target from ``start`` that takes the session, and learn its model."""
-        session = cls(core, connect, metadata, open_timeout_s)
+        session = cls(core, stream, metadata, open_timeout_s)
         await session._perform(core.open(start))
         try:
             session.info = await info_for(core.model, core.target)
@@ -207,7 +204,7 @@ class AsyncSession(SessionBase):
 
     async def _open_stream(self, op: Open) -> Reply:
         target = self._core.targets[op.index]
-        call = self._connect(target).Stream(metadata=self._metadata)
+        call = self._stream(target, metadata=self._metadata)
         inbox = _Inbox(call)
         try:
             reply = await asyncio.wait_for(self._first_reply(call, inbox, op.request), self._open_timeout_s)
@@ -341,7 +338,7 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
             core = self._core(model, idle_timeout_s, resume_token, checkpoint_every)
             start = self._channels.preferred  # read now: other tasks may open sessions meanwhile
             session = await AsyncSession.open(
-                core, self._channels.stub, self._model_info, self._metadata, self.open_timeout_s, start
+                core, self._channels.stream, self._model_info, self._metadata, self.open_timeout_s, start
             )
             self._opened_on(core)
             return session

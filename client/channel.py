@@ -10,10 +10,15 @@ from typing import Any, Generic, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from cellserve.client.connection_pool import ConnectionPool
 from cellserve.client.errors import FailedPreconditionError
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
 C = TypeVar("C")  # grpc.Channel or grpc.aio.Channel
+# Connections per address (client/connection_pool.py). The kernel puts each on a worker by a hash, so N of
+# them miss one of 2 workers with probability 2^(1-N): 1 in 8 for 4, 1 in 128 for 8, 1 in 32768 for 16 (and
+# one of 4 workers: 90 %, 40 %, 4 %). They are made on first use: a client with few sessions holds few.
+DEFAULT_CONNECTIONS_PER_TARGET = 16
 
 
 def _read(source: bytes | str | Path | None) -> bytes | None:
@@ -52,6 +57,13 @@ class ChannelConfig:
     connecting included, and each of gRPC's connection attempts: a target that accepts TCP but never
     answers (a hung or stopped process; a ``--workers`` worker until its supervisor kills it) is left after
     it for the next target, or the same address again, where a new connection may reach another worker.
+
+    ``connections_per_target`` (default 16): each address gets up to this many TCP connections of its own,
+    and each new stream (a session, a resume, ``generate``) goes to the one with the fewest open streams, so
+    the sessions of one process reach every ``--workers`` process behind the address (the kernel spreads
+    connections over them, not streams). 1 is one connection per address, shared with every other client
+    in the process that has the same settings (gRPC's global subchannel pool): all their sessions on one
+    worker.
     """
 
     max_message_bytes: int = 16 * 1024 * 1024
@@ -63,10 +75,14 @@ class ChannelConfig:
     metadata: tuple[tuple[str, str], ...] = ()
     extra_options: tuple[tuple[str, Any], ...] = field(default=())
     connect_timeout_s: float = 5.0
+    connections_per_target: int = DEFAULT_CONNECTIONS_PER_TARGET
 
     def __post_init__(self) -> None:
         if not self.connect_timeout_s > 0:
             raise ValueError(f"connect_timeout_s is {self.connect_timeout_s}; use seconds > 0")
+        n = self.connections_per_target
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"connections_per_target is {n!r}; use a whole number >= 1 (1 = one shared connection)")
 
     def options(self) -> list[tuple[str, Any]]:
         opts: list[tuple[str, Any]] = [
@@ -80,6 +96,8 @@ class ChannelConfig:
             # gRPC's minimum connect timeout, whatever the name says (default 20 s): until the HTTP/2 handshake
             ("grpc.min_reconnect_backoff_ms", int(self.connect_timeout_s * 1000)),
         ]
+        if self.connections_per_target > 1:  # each channel its own connection, not the process's shared one
+            opts.append(("grpc.use_local_subchannel_pool", 1))
         if self.tls is not None and self.tls.server_name:
             opts.append(("grpc.ssl_target_name_override", self.tls.server_name))
         return opts + list(self.extra_options)
@@ -110,37 +128,44 @@ def normalize_targets(target: str | Sequence[str]) -> tuple[str, ...]:
 
 
 class Channels(Generic[C]):
-    """One channel (and its stubs) per target, made on first use and kept for the client's life, plus
-    the preferred target: where new sessions and unary calls go first."""
+    """The connections to each target (a ``ConnectionPool``, made on first use and kept for the client's
+    life), plus the preferred target: where new sessions and unary calls go first."""
 
-    def __init__(self, targets: tuple[str, ...], make: Callable[[str], C]) -> None:
+    def __init__(self, targets: tuple[str, ...], make: Callable[[str], C], connections: int = 1) -> None:
         self.targets = targets
         self.preferred = 0
         self.closed = False
         self._make = make
-        self._channels: dict[str, C] = {targets[0]: make(targets[0])}
-        self._stubs: dict[str, pb_grpc.CellServeStub] = {}
+        self._connections = connections
+        self._pools: dict[str, ConnectionPool[C]] = {targets[0]: ConnectionPool(targets[0], connections, make)}
 
-    def channel(self, target: str) -> C:
+    def pool(self, target: str) -> ConnectionPool[C]:
         if self.closed:
             raise FailedPreconditionError("the client is closed; its sessions cannot open or resume (use a new client)")
-        channel = self._channels.get(target)
-        if channel is None:
-            channel = self._channels[target] = self._make(target)
-        return channel
+        pool = self._pools.get(target)
+        if pool is None:
+            pool = self._pools[target] = ConnectionPool(target, self._connections, self._make)
+        return pool
+
+    def channel(self, target: str) -> C:
+        """The target's first connection (unary calls, readiness)."""
+        return self.pool(target).channel()
 
     def stub(self, target: str) -> pb_grpc.CellServeStub:
-        stub = self._stubs.get(target)
-        if stub is None or self.closed:
-            stub = self._stubs[target] = pb_grpc.CellServeStub(self.channel(target))
-        return stub
+        """A stub on the target's first connection, for unary calls: any worker answers them alike."""
+        return self.pool(target).stub()
+
+    def stream(self, target: str, *args: Any, **kwargs: Any) -> Any:
+        """Start a session's ``Stream`` on the target's least-loaded connection (a resume may take any)."""
+        return self.pool(target).start("Stream", *args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Start a ``Generate`` on the current target's least-loaded connection."""
+        return self.pool(self.current).start("Generate", *args, **kwargs)
 
     @property
     def current(self) -> str:
         return self.targets[self.preferred]
-
-    def current_stub(self) -> pb_grpc.CellServeStub:
-        return self.stub(self.current)
 
     def health(self) -> health_pb2_grpc.HealthStub:
         return health_pb2_grpc.HealthStub(self.channel(self.current))
@@ -148,4 +173,4 @@ class Channels(Generic[C]):
     def close(self) -> list[C]:
         """Mark the client closed (no new streams) and return its channels, for the caller to close."""
         self.closed = True
-        return list(self._channels.values())
+        return [channel for pool in self._pools.values() for channel in pool.channels()]

@@ -65,7 +65,9 @@ class ClientBase(Generic[C]):
         self.open_timeout_s = min(timeout_s, self.config.connect_timeout_s)  # one open of a stream, at most
         self.policy = policy
         self._metadata = self.config.call_metadata()
-        self._channels: Channels[C] = Channels(self.targets, lambda t: make_channel(self.config, t))
+        self._channels: Channels[C] = Channels(
+            self.targets, lambda t: make_channel(self.config, t), self.config.connections_per_target
+        )
         self._infos: dict[str, ModelInfo] = {}
 
     def _core(
@@ -77,7 +79,7 @@ class ClientBase(Generic[C]):
         )
 
     def _generate(self, request: pb.GenerateRequest) -> Any:
-        return self._channels.current_stub().Generate(request, metadata=self._metadata)
+        return self._channels.generate(request, metadata=self._metadata)
 
     def _opened_on(self, core: SessionCore) -> None:
         self._channels.preferred = core.current  # where new sessions and unary calls go first
@@ -106,7 +108,9 @@ class Client(ClientBase[grpc.Channel]):
     (README, "Crash-safe sessions"). ``config`` sets keepalive, message size, TLS and metadata (e.g. a
     bearer token). ``timeout_s`` bounds unary calls (models, health); streams are bounded by the
     session's idle timeout, each open of one by ``config.connect_timeout_s`` (5 s; or ``timeout_s`` if
-    smaller): a target that accepts TCP but never answers is then left for the next.
+    smaller): a target that accepts TCP but never answers is then left for the next. Sessions spread
+    over ``config.connections_per_target`` connections per address, and so over the ``--workers``
+    processes behind it.
     """
 
     def __init__(
@@ -146,7 +150,7 @@ class Client(ClientBase[grpc.Channel]):
         """
         core = self._core(model, idle_timeout_s, resume_token, checkpoint_every)
         session = Session.open(
-            core, self._channels.stub, self._model_info, self._metadata, self.open_timeout_s, self._channels.preferred
+            core, self._channels.stream, self._model_info, self._metadata, self.open_timeout_s, self._channels.preferred
         )
         self._opened_on(core)
         return session

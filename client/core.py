@@ -404,7 +404,12 @@ class SessionCore:
         return closed_error(self.session_id, self.closed_reason, self.closed_message)
 
     def _lose(self, error: CellserveClientError) -> CellserveClientError:
+        """Keep why the session cannot go on (raised on every later call); log it once, session and reason in
+        the text (all Python's last-resort handler prints) and as fields. An idle expiry is ordinary: INFO."""
         if self._lost is None:
             self._lost = error
-            log.warning("session cannot go on", extra={"session": self.session_id, "error": str(error)})
+            reason = error.reason if isinstance(error, SessionClosedError) else error.code.name.lower()
+            level = logging.INFO if reason == "idle" else logging.WARNING
+            fields = {"session": self.session_id, "reason": reason, "error": error.details}
+            log.log(level, "session %s cannot go on (%s): %s", self.session_id, reason, error.details, extra=fields)
         return self._lost

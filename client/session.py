@@ -23,7 +23,6 @@ from cellserve.client.model_info import ModelInfo
 from cellserve.client.ops import Ended, Finish, Open, Pause, Reply, Routine, Send
 from cellserve.client.replies import is_opened
 from cellserve.client.session_base import SessionBase
-from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 _END = object()  # half-closes a request stream
@@ -74,11 +73,9 @@ class Session(SessionBase):
     no error. Use it as a context manager: leaving the block (also by an exception) sends ``close``.
     """
 
-    def __init__(
-        self, core: SessionCore, connect: Callable[[str], pb_grpc.CellServeStub], metadata: tuple, open_timeout_s: float
-    ) -> None:
+    def __init__(self, core: SessionCore, stream: Callable[..., Any], metadata: tuple, open_timeout_s: float) -> None:
         super().__init__(core)
-        self._connect = connect
+        self._stream = stream  # starts a Stream call on a target: Channels.stream (any of its connections)
         self._metadata = metadata
         self._open_timeout_s = open_timeout_s
         self._requests: queue.Queue[object] = queue.Queue()
@@ -88,14 +85,14 @@ class Session(SessionBase):
     def open(
         cls,
         core: SessionCore,
-        connect: Callable[[str], pb_grpc.CellServeStub],
+        stream: Callable[..., Any],
         info_for: Callable[[str, str], ModelInfo],
         metadata: tuple,
         open_timeout_s: float,
         start: int,
     ) -> Session:
         """Open on the first target from ``start`` that takes the session, and learn its model."""
-        session = cls(core, connect, metadata, open_timeout_s)
+        session = cls(core, stream, metadata, open_timeout_s)
         session._perform(core.open(start))
         try:
             session.info = info_for(core.model, core.target)
@@ -146,7 +143,7 @@ class Session(SessionBase):
         requests: queue.Queue[object] = queue.Queue()
         requests.put(op.request)
         target = self._core.targets[op.index]
-        call = self._connect(target).Stream(iter(requests.get, _END), metadata=self._metadata)
+        call = self._stream(target, iter(requests.get, _END), metadata=self._metadata)
         with _Deadline(self._open_timeout_s, call) as deadline:  # a target that never answers is left
             reply = _next(call)
         if deadline.passed:  # the call was cancelled, even if its answer came in the same instant
