@@ -254,8 +254,9 @@ def _connection(spec: LoadSpec) -> Any:
     if spec.target == "sdk":
         from cellserve.client import AsyncClient, ChannelConfig
 
-        return AsyncClient(spec.address, ChannelConfig(extra_options=tuple(options)),
-                           checkpoint_every=spec.checkpoint_every)  # fmt: skip
+        # one connection per AsyncClient, as for the raw channels: the bench spreads its streams itself
+        config = ChannelConfig(extra_options=tuple(options), connections_per_target=1)
+        return AsyncClient(spec.address, config, checkpoint_every=spec.checkpoint_every)
     return grpc.aio.insecure_channel(spec.address, options=options)
 
 
