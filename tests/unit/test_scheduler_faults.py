@@ -94,6 +94,20 @@ async def run_batch(
     return dict(zip(futures, outcomes, strict=True))
 
 
+def run_one_batch(scheduler: Scheduler, steps: list[tuple[int, np.ndarray]], finished: dict[int, list[int]]
+                  ) -> dict[int, object]:  # fmt: skip
+    """Start ``scheduler`` on a fresh event loop, run ``steps`` (``run_batch``), stop it; each slot's outcome."""
+
+    async def main() -> dict[int, object]:
+        scheduler.start()
+        try:
+            return await run_batch(scheduler, steps, finished)
+        finally:
+            await scheduler.stop()
+
+    return asyncio.run(main())
+
+
 def fake_scheduler(
     engine: FakeEngine, registry: CollectorRegistry, mode: str, live: int, max_batch: int = 64,
     max_wait_us: int = LONG_WAIT_US,
@@ -109,16 +123,8 @@ def test_a_failing_step_fails_alone_and_its_call_other_lengths_and_the_queue_com
     # One batch of 4 (max_batch): T=2 first, with the bad step in it, then T=1; a fifth step waits in the queue.
     steps = [(0, x_of(0, 2, bad=True)), (1, x_of(1, 2)), (2, x_of(2, 1)), (3, x_of(3, 2)), (4, x_of(4, 1))]
     finished: dict[int, list[int]] = {}
-
-    async def main() -> dict[int, object]:
-        scheduler = fake_scheduler(engine, registry, mode, live=5, max_batch=4, max_wait_us=1000)  # for the 5th
-        scheduler.start()
-        try:
-            return await run_batch(scheduler, steps, finished)
-        finally:
-            await scheduler.stop()
-
-    outcomes = asyncio.run(main())
+    scheduler = fake_scheduler(engine, registry, mode, live=5, max_batch=4, max_wait_us=1000)  # for the 5th
+    outcomes = run_one_batch(scheduler, steps, finished)
     bad = outcomes.pop(0)
     assert isinstance(bad, StepFailed) and not isinstance(bad, StepOutOfMemory)
     assert bad.code == grpc.StatusCode.INTERNAL
@@ -154,16 +160,7 @@ def test_out_of_memory_on_a_long_chunk_is_resource_exhausted_for_that_step_only(
     engine.failure = OOM_ERRORS[kind]
     steps = [(0, x_of(0, 8)), (1, x_of(1, 2)), (2, x_of(2, 2))]
     finished: dict[int, list[int]] = {}
-
-    async def main() -> dict[int, object]:
-        scheduler = fake_scheduler(engine, registry, mode, live=3)
-        scheduler.start()
-        try:
-            return await run_batch(scheduler, steps, finished)
-        finally:
-            await scheduler.stop()
-
-    outcomes = asyncio.run(main())
+    outcomes = run_one_batch(fake_scheduler(engine, registry, mode, live=3), steps, finished)
     long = outcomes[0]
     assert isinstance(long, StepOutOfMemory) and long.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "out of memory" in long.message and "T=8" in long.message and "shorter chunks" in long.message
@@ -184,16 +181,7 @@ def test_a_batch_too_big_for_memory_runs_in_halves_and_no_step_fails(mode):
     engine.failure = lambda m: MemoryError(m)
     steps = [(slot, x_of(slot, 4)) for slot in range(4)]
     finished: dict[int, list[int]] = {}
-
-    async def main() -> dict[int, object]:
-        scheduler = fake_scheduler(engine, registry, mode, live=4)
-        scheduler.start()
-        try:
-            return await run_batch(scheduler, steps, finished)
-        finally:
-            await scheduler.stop()
-
-    outcomes = asyncio.run(main())
+    outcomes = run_one_batch(fake_scheduler(engine, registry, mode, live=4), steps, finished)
     for slot, x in steps:
         np.testing.assert_array_equal(outcomes[slot], expected_row(slot, x))
     assert engine.calls == [([0, 1, 2, 3], 4), ([0, 1], 4), ([2, 3], 4)]
@@ -209,16 +197,8 @@ def test_retries_are_bounded_when_every_step_fails(mode):
     engine.fail_on = lambda slots, x: True  # a broken engine: each step fails alone
     n = 8
     finished: dict[int, list[int]] = {}
-
-    async def main() -> dict[int, object]:
-        scheduler = fake_scheduler(engine, registry, mode, live=n)
-        scheduler.start()
-        try:
-            return await run_batch(scheduler, [(slot, x_of(slot, 1)) for slot in range(n)], finished)
-        finally:
-            await scheduler.stop()
-
-    outcomes = asyncio.run(main())
+    steps = [(slot, x_of(slot, 1)) for slot in range(n)]
+    outcomes = run_one_batch(fake_scheduler(engine, registry, mode, live=n), steps, finished)
     assert all(isinstance(o, StepFailed) for o in outcomes.values())
     assert len(engine.calls) == 1 + 2 * (n - 1)  # the call, then every split of a failed group in two
     assert finished == {slot: [0] for slot in range(n)}
