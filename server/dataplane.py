@@ -15,6 +15,7 @@ The operations:
   :meth:`DataPlane.step_many` (many sessions' steps, one future, entries failing alone: the gateway's shape),
   :meth:`DataPlane.state` / :meth:`DataPlane.snapshot` / :meth:`DataPlane.parting_snapshot` (state, signed
   resume tokens), :meth:`DataPlane.close`;
+- **generation**: :meth:`DataPlane.generate` (a token model's sampling loop over one session);
 - **stateless**: :meth:`DataPlane.infer` (x and explicit states → y and next states), whose rows borrow pool
   slots as sessions do, so the slot gauges and the scheduler see them.
 
@@ -25,7 +26,7 @@ A session handle's public face is ``id``, ``model``, ``idle_timeout_s``, ``steps
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,6 +173,26 @@ class DataPlane:
     def close(self, session: Session, reason: str = "client") -> None:
         """Close ``session`` (idempotent); its slot is freed once no step of it is in the engine."""
         self._sessions.close(session, reason)
+
+    async def generate(
+        self, model: LoadedModel, prompt: np.ndarray, max_tokens: int, next_token: Callable[[np.ndarray], int]
+    ) -> AsyncGenerator[int, None]:
+        """Token ids sampled one by one after ``prompt`` ([T] ids, fed in chunks of ``max_steps``), each fed back as
+        the next step; ``next_token`` picks a token from one step's logits [V]. One session, closed when the
+        iterator ends or is closed (use ``contextlib.aclosing``: a caller gone mid-stream frees the slot at once).
+        """
+        session = self.open(model.name)
+        try:
+            chunk = model.max_steps
+            for start in range(0, len(prompt), chunk):
+                y = await self.step(session, prompt[start : start + chunk])  # [T, V]
+            for i in range(max_tokens):
+                token = next_token(y[-1])
+                yield token
+                if i + 1 < max_tokens:
+                    y = await self.step(session, np.array([token], dtype=np.int64))
+        finally:
+            self.close(session, "client")
 
     # -- stateless --------------------------------------------------------------------------------
 

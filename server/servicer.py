@@ -9,6 +9,7 @@ writes its tokens with ``context.write()``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
@@ -84,19 +85,10 @@ class CellServeServicer(pb_grpc.CellServeServicer):
             model = plane.model(request.model, or_default=True)
             _check_generate(request, model, plane.settings.max_generate_tokens)
             sampler = Sampler(request.temperature, request.top_k, request.seed if request.HasField("seed") else None)
-            session = plane.open(model.name)
-            try:
-                tokens = np.frombuffer(request.prompt.encode("utf-8"), dtype=np.uint8).astype(np.int64)  # [T]
-                chunk = model.max_steps
-                for start in range(0, len(tokens), chunk):
-                    y = await plane.step(session, tokens[start : start + chunk])  # [T, V]
-                for i in range(request.max_tokens):
-                    token = sampler.next_token(y[-1])
+            prompt = np.frombuffer(request.prompt.encode("utf-8"), dtype=np.uint8).astype(np.int64)  # [T]
+            async with aclosing(plane.generate(model, prompt, request.max_tokens, sampler.next_token)) as tokens:
+                async for token in tokens:
                     await context.write(pb.GenerateResponse(token_ids=[token], text=bytes([token])))
-                    if i + 1 < request.max_tokens:
-                        y = await plane.step(session, np.array([token], dtype=np.int64))
-            finally:
-                plane.close(session, "client")
 
     @rpc
     async def ListModels(

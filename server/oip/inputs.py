@@ -28,12 +28,15 @@ def y_dims(m: Manifest) -> list[int]:
 
 
 def split_inputs(
-    model: LoadedModel, tensors: dict[str, np.ndarray], *, max_batch: int, sequence: bool
+    model: LoadedModel, tensors: dict[str, np.ndarray], *, sequence: bool
 ) -> tuple[np.ndarray, list[np.ndarray | None]]:
     """Check a request's inputs against the model; returns x ``[B, T, *frame]`` (a per-frame model's one frame
     as T=1) and each state's explicit value ``[B, *state]`` (batch first) or None.
+
+    B is at most the model's scheduler's ``max_batch`` (smaller for a fixed-batch graph), or 1 for a sequence.
     """
     m = model.manifest
+    max_batch = model.scheduler.max_batch
     state_names = [s.input for s in m.states]
     for name in tensors:
         if name != m.input.name and name not in state_names:

@@ -89,8 +89,9 @@ def model_config(model: LoadedModel, settings: Settings) -> cfg.ModelConfig:
             data_type=_CONFIG_TYPES[tensor_datatype(m, spec.input)],
             dims=list(spec.session_shape),
         )
-    seq.oldest.max_candidate_sequences = settings.capacity
-    seq.oldest.max_queue_delay_microseconds = settings.max_wait_us
+    # The model's own batching and pool, as its scheduler and state pool hold them (not the server's settings).
+    seq.oldest.max_candidate_sequences = model.pool.capacity
+    seq.oldest.max_queue_delay_microseconds = round(model.scheduler.max_wait * 1_000_000)
     seq.oldest.preserve_ordering = True
     info = {
         "cellserve_version": __version__,

@@ -172,7 +172,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             raise Unavailable(DRAINING)
         model = find_model(self.plane, request.model_name, request.model_version)
         outputs = output_names(model, [o.name for o in request.outputs], sequence=False)
-        x, states = split_inputs(model, decode_inputs(request), max_batch=model.scheduler.max_batch, sequence=False)
+        x, states = split_inputs(model, decode_inputs(request), sequence=False)
         y, next_states = await self.plane.infer(model.name, x, states)
         m = model.manifest
         tensors = {m.output.name: y if m.input.time_axis else y[:, 0]}  # a per-frame model's one frame: [B, *out]
@@ -193,7 +193,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         # refused by the dataplane's open while draining.
         model = find_model(self.plane, request.model_name, request.model_version)
         outputs = output_names(model, [o.name for o in request.outputs], sequence=True)
-        x, _ = split_inputs(model, decode_inputs(request), max_batch=1, sequence=True)
+        x, _ = split_inputs(model, decode_inputs(request), sequence=True)
         return model, outputs, x
 
     def unserved(self, advice: str) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[NoReturn]]:
