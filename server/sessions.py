@@ -1,7 +1,9 @@
 """Sessions: a server-issued id, a state-pool slot, a step count, and an idle deadline.
 
-Sessions know nothing of gRPC. The stream servicer opens one per stream and passes a ``notify``
-callback through which the manager tells it about server-side events (idle expiry, drain).
+Sessions know nothing of gRPC. Handlers reach them only through the
+:class:`~cellserve.server.dataplane.DataPlane`: it opens one per stream (or OIP sequence), passing the
+handler's ``notify`` callback through which the manager tells it about server-side events (idle expiry,
+drain), and lends sessions outside the registry to stateless rows, so every slot borrow is counted.
 Idle expiry uses a heap of deadlines checked lazily, so it costs O(expired), not O(sessions).
 """
 
