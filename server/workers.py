@@ -34,8 +34,6 @@ listening at once, so that a replacement server can bind the port, and drains th
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import json
 import logging
 import multiprocessing as mp
@@ -51,13 +49,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import SecretStr
 
-from cellserve.server.heartbeat import BEAT, Heartbeat
-from cellserve.server.logs import configure_logging
+from cellserve.server.heartbeat import BEAT
 from cellserve.server.metrics_http import serve_metrics
 from cellserve.server.metrics_merge import MergedMetrics
 from cellserve.server.ports import PortGuard, check_free
 from cellserve.server.resume_token import TokenKeys
 from cellserve.server.settings import Settings
+from cellserve.server.worker_process import worker_main
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +64,6 @@ SHORT_LIFE_S = 10.0  # a worker that dies sooner than this after its start is cr
 MAX_BACKOFF_S = 30.0
 STOP_MARGIN_S = 30.0  # after grace_s + this, a worker that has not drained is killed
 STARTING_SILENCE_S = 30.0  # a worker not yet serving may be silent this long (interpreter start, model load)
-BEATS_PER_TIMEOUT = 5  # heartbeats sent per worker_heartbeat_timeout_s: a late one or two is no hang
 
 
 @dataclass
@@ -379,66 +376,3 @@ def _worker_info(w: _Worker) -> dict[str, Any]:
     if not w.ready:
         return {"index": w.index, "ready": False, "restarts": w.restarts}
     return {"index": w.index, "ready": True, "pid": w.pid, "metrics_port": w.metrics_port, "restarts": w.restarts}
-
-
-def _die_with_parent(supervisor: int) -> None:
-    """Linux: if the supervisor dies (SIGKILL, OOM), this worker gets SIGTERM and drains, instead of lingering.
-
-    The signal is armed only now, a second or so after the spawn: a supervisor gone before that is caught
-    by the parent check, and the worker leaves before it binds the port.
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != supervisor:
-        sys.exit(0)
-
-
-def _supervisor_gone(supervisor: int) -> bool:
-    """Whether the supervisor died or is dying: this worker was reparented, or the supervisor's main thread
-    has exited. The death signal comes as soon as the thread that spawned the worker exits; the worker may
-    stay the child of the supervisor's other threads a moment longer."""
-    if os.getppid() != supervisor:
-        return True
-    try:
-        with open(f"/proc/{supervisor}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]  # after "pid (comm)"
-    except (OSError, IndexError):
-        return True
-    return state in (b"Z", b"X")  # a zombie main thread: the process is exiting
-
-
-class _WorkerField(logging.Filter):
-    def __init__(self, index: int) -> None:
-        super().__init__()
-        self.index = index
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.worker = self.index
-        return True
-
-
-def worker_main(settings: Settings, index: int, ready: Connection, log_level: int, supervisor: int) -> None:
-    """A worker process: serve on the shared port until SIGTERM/SIGINT; say when ready; beat meanwhile.
-
-    A SIGTERM that finds the supervisor gone (PR_SET_PDEATHSIG) frees the port before the drain.
-    """
-    heartbeat = Heartbeat(ready, settings.worker_heartbeat_timeout_s / BEATS_PER_TIMEOUT)
-    heartbeat.start()  # before the imports below, which take seconds on a busy machine
-    import asyncio
-
-    from cellserve.server.app import run_until_signal
-    from cellserve.server.errors import EngineUnavailable
-
-    _die_with_parent(supervisor)
-    configure_logging(logging.getLevelName(log_level), settings.log_format).addFilter(_WorkerField(index))
-
-    def on_ready(port: int, metrics_port: int) -> None:
-        heartbeat.on_loop({"pid": os.getpid(), "port": port, "metrics_port": metrics_port})
-
-    try:
-        orphaned = functools.partial(_supervisor_gone, supervisor)
-        asyncio.run(run_until_signal(settings, reuse_port=True, on_ready=on_ready, orphaned=orphaned))
-    except (OSError, ValueError, EngineUnavailable) as e:
-        print(f"cellserve serve: error: worker {index}: {e}", file=sys.stderr)
-        sys.exit(1)
