@@ -42,6 +42,7 @@ from cellserve.server.servicer import CellServeServicer
 from cellserve.server.servicer import add_to_server as add_native_service
 from cellserve.server.sessions import SessionManager
 from cellserve.server.settings import Settings
+from cellserve.server.trace_config import build_tracing
 from cellserve.v1 import cellserve_pb2
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class CellServer:
         self.registry = registry
         self.reuse_port = reuse_port
         self.metrics = Metrics(registry)
+        self.tracing = build_tracing(settings, self.metrics.trace_spans_dropped)  # before the models: fail fast
         self.models = ModelRepository.load(settings, self.metrics)
         self.sessions = SessionManager(self.models, settings, self.metrics)
         self.health = Health([m.name for m in self.models])
@@ -245,6 +247,9 @@ class CellServer:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+        if self.tracing is not None:  # last: the sessions' spans end above; flushing may wait for the collector
+            tracing, self.tracing = self.tracing, None
+            await asyncio.to_thread(tracing.shutdown)
 
     async def drain(self, grace_s: float | None = None, *, release_port: bool = False) -> None:
         """Zero-loss shutdown: NOT_SERVING, refuse opens (UNAVAILABLE), push every live session a

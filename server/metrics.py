@@ -82,6 +82,13 @@ class Metrics:
             "Streams not being read because their client is not reading its answers (max_stream_buffer_bytes).",
             registry=registry,
         )
+        self.trace_spans_dropped = Counter(
+            p + "trace_spans_dropped",
+            "Trace spans lost on the way to the collector, by reason: export_failed (the collector did not take "
+            "them), queue_full (spans came faster than they could be sent).",
+            ["reason"],
+            registry=registry,
+        )
         self.build_info = Gauge(p + "build_info", "Always 1; labels carry the build.", ["version"], registry=registry)
         self.build_info.labels(version=__version__).set(1)
         # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total ... (Linux /proc): the soak

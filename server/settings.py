@@ -130,6 +130,37 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     """Log lines as key=value text, or json (one object per line, for log shippers); both carry every field."""
 
+    otlp_endpoint: str | None = None
+    """OpenTelemetry collector URL for traces (http://HOST:4317 for grpc, http://HOST:4318 for http/protobuf); set,
+    it turns tracing on. Unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT, and tracing is on
+    when one of them is set or OTEL_TRACES_EXPORTER=otlp (OTEL_TRACES_EXPORTER=none or OTEL_SDK_DISABLED=true: off).
+    Off, tracing costs nothing per message."""
+    otlp_protocol: Literal["grpc", "http/protobuf"] | None = None
+    """OTLP transport for traces: grpc or http/protobuf. Unset: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or
+    OTEL_EXPORTER_OTLP_PROTOCOL, else grpc."""
+    trace_sampler: (
+        Literal[
+            "always_on",
+            "always_off",
+            "traceidratio",
+            "parentbased_always_on",
+            "parentbased_always_off",
+            "parentbased_traceidratio",
+        ]
+        | None
+    ) = None
+    """Which steps get a span (OTEL_TRACES_SAMPLER's names): the ratio samplers keep trace_sampler_ratio of them,
+    always_on every one; failed steps and steps slower than trace_slow_step_ms are kept whatever it says. Every
+    session gets a span, except under always_off, or when a parentbased sampler's caller sent an unsampled
+    traceparent. Unset: OTEL_TRACES_SAMPLER, else parentbased_always_on."""
+    trace_sampler_ratio: float | None = Field(None, ge=0, le=1)
+    """Share of steps the ratio samplers trace, 0..1. Unset: OTEL_TRACES_SAMPLER_ARG, else 1."""
+    service_name: str | None = None
+    """service.name of the traces. Unset: OTEL_SERVICE_NAME, else cellserve."""
+    trace_slow_step_ms: float = Field(100.0, ge=0)
+    """With tracing on, a step slower than this (queued until its output is ready) gets a span even when the sampler
+    would drop it, as every failed step does."""
+
     @field_validator("model_dirs", mode="before")
     @classmethod
     def _model_dirs(cls, value: object) -> object:
