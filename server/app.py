@@ -79,14 +79,14 @@ class CellServer:
         self.reuse_port = reuse_port
         self.metrics = Metrics(registry)
         self.tracing = build_tracing(settings, self.metrics.trace_spans_dropped)  # before the models: fail fast
-        self.models = ModelRepository.load(settings, self.metrics)
+        self.models = ModelRepository.load(settings, self.metrics, self.tracing)
         self.sessions = SessionManager(self.models, settings, self.metrics)
         self.health = Health([m.name for m in self.models])
         keys = TokenKeys.from_settings(settings, unset="resume tokens will only be accepted by this process")
         self.tokens = TokenCodec(keys, settings.token_ttl_s)
         self.errors = ErrorBoundary(self.metrics.errors)
         self.streams = StreamLimit(settings.max_streams)  # Stream, Generate and OIP streams together
-        self.plane = DataPlane(self.models, self.sessions, self.tokens, settings)
+        self.plane = DataPlane(self.models, self.sessions, self.tokens, settings, self.tracing)
         self.services = Services(self.plane, self.health, self.errors, self.streams, self.metrics)
         self.servicer = CellServeServicer(self.plane, self.errors, self.streams)
         self.tls = (

@@ -26,8 +26,9 @@ A session handle's public face is ``id``, ``model``, ``idle_timeout_s``, ``steps
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from cellserve.server.resume_state import ResumeState
 from cellserve.server.resume_token import TokenCodec
 from cellserve.server.sessions import Notify, Session, SessionManager
 from cellserve.server.settings import Settings
+
+if TYPE_CHECKING:
+    from cellserve.server.tracing import Tracing
 
 DRAINING = "server is draining and accepts no new requests; retry on another replica"
 
@@ -54,12 +58,19 @@ class DataPlane:
     """Open, step, snapshot and close sessions, and run stateless rows, on the server's loaded models."""
 
     def __init__(
-        self, models: ModelRepository, sessions: SessionManager, tokens: TokenCodec, settings: Settings
+        self,
+        models: ModelRepository,
+        sessions: SessionManager,
+        tokens: TokenCodec,
+        settings: Settings,
+        tracing: Tracing | None = None,
     ) -> None:
+        """``tracing``: a span per session (None: tracing is off, and nothing is done for it)."""
         self._models = models
         self._sessions = sessions
         self._tokens = tokens
         self._settings = settings
+        self._tracing = tracing
 
     # -- models -----------------------------------------------------------------------------------
 
@@ -67,6 +78,11 @@ class DataPlane:
     def settings(self) -> Settings:
         """The server's settings (read-only): the limits handlers enforce at the edge (timeouts, sizes)."""
         return self._settings
+
+    @property
+    def tracing(self) -> bool:
+        """Whether sessions are traced: only then is a caller's ``traceparent`` worth reading from its metadata."""
+        return self._tracing is not None
 
     @property
     def accepting(self) -> bool:
@@ -92,9 +108,12 @@ class DataPlane:
         resume_token: bytes = b"",
         resume: ResumeState | None = None,
         notify: Notify | None = None,
+        trace_carrier: Mapping[str, str] | None = None,
     ) -> Session:
         """A new session on ``model`` ("" for the default): zero state, or a resume token's (checked against the
         model and its file), or ``resume``'s. ``notify`` hears the server's events for it (idle close, drain).
+        ``trace_carrier``: the caller's W3C ``traceparent``/``tracestate`` (its gRPC metadata); with tracing on, the
+        session's span continues the caller's trace.
 
         Refused: UNAVAILABLE while draining, RESOURCE_EXHAUSTED at capacity; a bad token fails as the codec says.
         """
@@ -102,7 +121,17 @@ class DataPlane:
         if resume_token:
             loaded = self._models.get(name)
             resume, _ = self._tokens.decode(resume_token, model=name, model_sha256=loaded.manifest.sha256)
-        return self._sessions.open(name, idle_timeout_s=idle_timeout_s, resume=resume, notify=notify)
+        session = self._sessions.open(name, idle_timeout_s=idle_timeout_s, resume=resume, notify=notify)
+        if self._tracing is not None:
+            session.trace = self._tracing.session(
+                session.model.name, session.id, resumed=resume is not None, carrier=trace_carrier
+            )
+        return session
+
+    def log_fields(self, session: Session) -> dict[str, str]:
+        """The fields every log line inside ``session`` carries: ``session_id``, and ``trace_id``/``span_id`` when it
+        is traced (bind them with :func:`cellserve.server.logs.bind_log_fields`)."""
+        return session.log_fields()
 
     def step(self, session: Session, x: np.ndarray) -> asyncio.Future[np.ndarray]:
         """Queue one step ``x`` ([T, *frame]) of ``session``; the scheduler's own future resolves to y [T, *out].

@@ -6,6 +6,10 @@ message *and* every ``extra`` field, which a plain ``%(message)s`` format drops.
     time=2026-12-01T19:42:26.402Z level=INFO logger=cellserve.server.app msg=serving port=50051 tls=off
     {"time": "2026-12-01T19:42:26.402Z", "level": "INFO", "logger": "cellserve.server.app", "msg": "serving", ...}
 
+Lines logged inside a session also carry that session's ``session_id`` (and ``trace_id``/``span_id`` when it is
+traced): its handler binds them once with :func:`bind_log_fields`, a context variable, so that every line logged
+in the handler's task, by any module, carries them without each call passing them.
+
 Text values are quoted when they hold spaces, quotes or ``=``; lists become ``a,b``, mappings
 ``k:v,k:v`` (JSON keeps them as they are). A traceback follows a text line on its own lines and is
 the ``exc_info`` field of a JSON line.
@@ -13,11 +17,13 @@ the ``exc_info`` field of a JSON line.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime
 import json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal, TextIO
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -26,6 +32,40 @@ LogFormat = Literal["text", "json"]
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 _BASE_KEYS = ("time", "level", "logger", "msg")
+
+
+# The fields of the session whose handler logs (an asyncio task has its own copy: one stream's never leak into
+# another's). A call's own ``extra`` wins over them.
+_SESSION_FIELDS: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
+    "cellserve_session_log_fields", default=None
+)
+
+
+def bind_log_fields(fields: Mapping[str, str] | None) -> contextvars.Token[Mapping[str, str] | None]:
+    """From now on, in this task (and tasks and callbacks it starts), every log line carries ``fields``."""
+    return _SESSION_FIELDS.set(fields)
+
+
+def reset_log_fields(token: contextvars.Token[Mapping[str, str] | None]) -> None:
+    """Undo :func:`bind_log_fields`."""
+    _SESSION_FIELDS.reset(token)
+
+
+@contextlib.contextmanager
+def session_log_fields(fields: Mapping[str, str] | None) -> Iterator[None]:
+    """Log lines inside the block carry ``fields`` instead of the task's: code that works for many sessions at
+    once (the scheduler runs a batch in whichever session's task completed it) names the right one, or none."""
+    token = _SESSION_FIELDS.set(fields)
+    try:
+        yield
+    finally:
+        _SESSION_FIELDS.reset(token)
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    bound = _SESSION_FIELDS.get()
+    extra = extra_fields(record)
+    return {**bound, **extra} if bound else extra
 
 
 def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -64,7 +104,7 @@ class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         pairs = {"time": _timestamp(record), "level": record.levelname, "logger": record.name}
         pairs["msg"] = record.getMessage()
-        pairs.update(extra_fields(record))
+        pairs.update(_fields(record))
         line = " ".join(f"{key}={_text_value(value)}" for key, value in pairs.items())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
@@ -79,7 +119,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {"time": _timestamp(record), "level": record.levelname, "logger": record.name}
         fields["msg"] = record.getMessage()
-        fields.update(extra_fields(record))
+        fields.update(_fields(record))
         if record.exc_info:
             fields["exc_info"] = self.formatException(record.exc_info)
         if record.stack_info:

@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from cellserve.server.metrics import Metrics
 from cellserve.server.scheduler import Scheduler
 from cellserve.server.settings import Settings
 from cellserve.server.state_pool import StatePool
+
+if TYPE_CHECKING:
+    from cellserve.server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +93,8 @@ class ModelRepository:
         self._models = models
 
     @classmethod
-    def load(cls, settings: Settings, metrics: Metrics) -> ModelRepository:
+    def load(cls, settings: Settings, metrics: Metrics, tracing: Tracing | None = None) -> ModelRepository:
+        """Every model in ``settings``; ``tracing`` (on) gives each scheduler its step and batch spans."""
         ops = array_ops(settings.device, settings.device_id)
         models: dict[str, LoadedModel] = {}
         for model_dir in settings.model_dirs:
@@ -121,6 +126,7 @@ class ModelRepository:
                 mode=settings.engine_mode,
                 max_batch_steps=settings.max_batch_steps,
                 live_sessions=lambda pool=pool: pool.used,
+                tracer=tracing.step_tracer(manifest.name) if tracing is not None else None,
             )
             max_steps = min(settings.max_chunk_steps, output_steps)
             models[manifest.name] = LoadedModel(

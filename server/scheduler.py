@@ -28,12 +28,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cellserve.server.engine import Engine, out_of_memory
 from cellserve.server.errors import ResourceExhausted, StepFailed, StepOutOfMemory, Unavailable
+from cellserve.server.logs import session_log_fields
 from cellserve.server.metrics import Metrics
+
+if TYPE_CHECKING:
+    from cellserve.server.tracing import Owner, StepTracer
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +46,21 @@ Finished = Callable[[int], None]  # called once per step: the steps it ran (0 if
 
 
 class _Request:
-    __slots__ = ("_finished", "future", "queued_at", "slot", "x")
+    __slots__ = ("_finished", "future", "owner", "queued_at", "slot", "x")
 
-    def __init__(self, slot: int, x: np.ndarray, future: asyncio.Future[np.ndarray], finished: Finished) -> None:
+    def __init__(
+        self,
+        slot: int,
+        x: np.ndarray,
+        future: asyncio.Future[np.ndarray],
+        finished: Finished,
+        owner: Owner | None,
+    ) -> None:
         self.slot = slot
         self.x = x  # [T, *frame]
         self.future = future
         self._finished: Finished | None = finished
+        self.owner = owner  # its session (for traces and logs), if any
         self.queued_at = time.perf_counter()
 
     def finish(self, steps: int) -> None:
@@ -80,7 +93,9 @@ class Scheduler:
         mode: str = "inline",
         max_batch_steps: int = 1 << 62,
         live_sessions: Callable[[], int] | None = None,
+        tracer: StepTracer | None = None,
     ) -> None:
+        """``tracer``: step and batch spans (tracing on); None costs one check per engine call."""
         self.engine = engine
         self.model = engine.manifest.name
         self.max_batch = max_batch
@@ -105,6 +120,7 @@ class Scheduler:
         self._m_engine = metrics.engine_run.labels(model=self.model)
         self._m_steps = metrics.steps.labels(model=self.model)
         self._m_failures = metrics.engine_failures
+        self._tracer = tracer
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -131,9 +147,12 @@ class Scheduler:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
-    def enqueue(self, slot: int, x: np.ndarray, finished: Finished) -> asyncio.Future[np.ndarray]:
+    def enqueue(
+        self, slot: int, x: np.ndarray, finished: Finished, owner: Owner | None = None
+    ) -> asyncio.Future[np.ndarray]:
         """Queue one step; the future resolves to its output [T, O]. ``finished(steps)`` is called exactly
         once, when the engine is done with ``slot`` (or the step was dropped: cancelled while queued).
+        ``owner``: the session it is a step of (its trace, its id in logs).
 
         Inline, the step that completes a batch runs it before returning: its own future is then already
         done, so its caller resumes without waiting a turn of the event loop.
@@ -146,7 +165,7 @@ class Scheduler:
                 f"model {self.model!r} has {self.max_queued} steps queued (setting max_queued_steps); retry later"
             )
         future: asyncio.Future[np.ndarray] = self._loop.create_future()
-        queue.append(_Request(slot, x, future, finished))
+        queue.append(_Request(slot, x, future, finished, owner))
         if self._batch_due():
             self._dispatch()
         elif self._timer is None:
@@ -216,7 +235,8 @@ class Scheduler:
 
     def _batch_failed(self, batch: list[_Request], error: Exception) -> None:
         """Not an engine failure (those fail only their own steps): every step of the batch is answered, once."""
-        log.error("batch failed", exc_info=error, extra={"model": self.model, "steps": len(batch)})
+        with session_log_fields(None):  # many sessions' steps: the task's own session is not the one
+            log.error("batch failed", exc_info=error, extra={"model": self.model, "steps": len(batch)})
         for req in batch:
             req.fail(error)
 
@@ -279,10 +299,13 @@ class Scheduler:
             req.finish(t)
             if not req.future.done():
                 req.future.set_result(row)
-        self._m_latency.observe_elapsed(time.perf_counter(), [r.queued_at for r in group])
+        end = time.perf_counter()
+        self._m_latency.observe_elapsed(end, [r.queued_at for r in group])
         self._m_engine.observe(engine_s)
         self._m_batch.observe(len(group))
         self._m_steps.inc(len(group) * t)
+        if self._tracer is not None:
+            self._tracer.delivered(group, t, engine_s, end)
 
     # -- after a failed engine call ----------------------------------------------------------------
 
@@ -294,10 +317,11 @@ class Scheduler:
         engine whose memory grows with the batch may run every half: then nothing fails.
         """
         if len(group) > 1:  # one line per failed call; each step found failing is logged once (_settle)
-            log.warning(
-                "engine call failed; retrying its steps in halves",
-                extra={"model": self.model, "batch": len(group), "t": t, "error": _describe(error)},
-            )
+            with session_log_fields(None):  # many sessions' steps: the task's own session is not the one
+                log.warning(
+                    "engine call failed; retrying its steps in halves",
+                    extra={"model": self.model, "batch": len(group), "t": t, "error": _describe(error)},
+                )
         ran: list[Ran] = []
         failed: list[tuple[_Request, Exception]] = []
         suspects = [(group, error)]  # groups whose last call failed
@@ -325,12 +349,15 @@ class Scheduler:
             self._deliver(t, group, y, engine_s)
         for req, error in failed:
             step_error = step_failed(self.model, t, error)
-            log.error(
-                "engine failed on a step",
-                exc_info=None if isinstance(step_error, StepOutOfMemory) else error,  # a bug's traceback, not OOM's
-                extra={"model": self.model, "t": t, "code": step_error.code.name, "error": _describe(error)},
-            )
+            with session_log_fields(req.owner.log_fields() if req.owner is not None else None):  # the step's own
+                log.error(
+                    "engine failed on a step",
+                    exc_info=None if isinstance(step_error, StepOutOfMemory) else error,  # a bug's traceback, not OOM's
+                    extra={"model": self.model, "t": t, "code": step_error.code.name, "error": _describe(error)},
+                )
             self._m_failures.labels(model=self.model, code=step_error.code.name).inc()
+            if self._tracer is not None:
+                self._tracer.failed(req, step_error, t)
             req.fail(step_error)
 
 

@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +26,9 @@ from cellserve.server.metrics import Metrics
 from cellserve.server.models import LoadedModel, ModelRepository
 from cellserve.server.resume_state import ResumeState
 from cellserve.server.settings import Settings
+
+if TYPE_CHECKING:
+    from cellserve.server.tracing import SessionTrace
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,7 @@ class Session:
         self._inflight = False
         self.deadline = time.monotonic() + idle_timeout_s
         self.final_state: ResumeState | None = None  # kept when a drain closes it: the last resume token
+        self.trace: SessionTrace | None = None  # its span, when tracing is on (set by the dataplane)
         if resume is not None:
             try:
                 names = tuple(spec.input for spec in model.pool.specs)
@@ -109,12 +114,19 @@ class Session:
             raise FailedPrecondition(f"session {self.id} is closed ({self.close_reason}); open a new one")
         if self._inflight:
             raise FailedPrecondition(f"session {self.id} already has a step in flight; wait for its output")
-        x = self.model.check_input(x)
+        try:
+            x = self.model.check_input(x)
+        except Exception as e:
+            if self.trace is not None:  # a failed step is always traced
+                self.trace.step_failed(self.id, e)
+            raise
         self._inflight = True  # before enqueue: an inline scheduler may run (and finish) the step inside it
         try:
-            return self.model.scheduler.enqueue(self.slot, x, self._finished)
-        except BaseException:  # refused (queue full, stopping): nothing is in flight
+            return self.model.scheduler.enqueue(self.slot, x, self._finished, self)
+        except BaseException as e:  # refused (queue full, stopping): nothing is in flight
             self._inflight = False
+            if self.trace is not None and isinstance(e, Exception):
+                self.trace.step_failed(self.id, e)
             raise
 
     def _finished(self, steps: int) -> None:
@@ -158,6 +170,15 @@ class Session:
             self.final_state = self._read_state()
         self.model.pool.release(self.slot, self)
         self._released(self)
+        if self.trace is not None:  # ends with the last step the engine ran for it, not at the close request
+            self.trace.end(self.steps, self.close_reason)
+
+    def log_fields(self) -> dict[str, str]:
+        """What every log line inside this session carries: its id, and its trace's ids when it is traced."""
+        fields = {"session_id": self.id}
+        if self.trace is not None:
+            fields.update(self.trace.log_fields())
+        return fields
 
     @property
     def inflight(self) -> bool:
@@ -207,7 +228,9 @@ class SessionManager:
         self.metrics.sessions_opened.labels(model=model.name).inc()
         self.metrics.sessions_active.labels(model=model.name).inc()
         self._update_slots(model)
-        log.debug("session opened", extra={"model": model.name, "resumed": resume is not None})
+        log.debug(
+            "session opened", extra={"model": model.name, "resumed": resume is not None, "session_id": session.id}
+        )
         return session
 
     def lend(self, model: LoadedModel, states: Sequence[np.ndarray | None]) -> Session:
@@ -254,6 +277,7 @@ class SessionManager:
         model = session.model.name
         self.metrics.sessions_active.labels(model=model).dec()
         self.metrics.sessions_closed.labels(model=model, reason=reason).inc()
+        log.debug("session closed", extra={"model": model, "reason": reason, "steps": session.steps})
         if notify is not None:
             try:
                 session.tell(SessionClosed(reason, notify))

@@ -32,6 +32,7 @@ from cellserve.server.errors import (
     ResourceExhausted,
     StepFailed,
 )
+from cellserve.server.logs import bind_log_fields
 from cellserve.server.sessions import DrainNotice, Session, SessionClosed, SessionEvent
 from cellserve.server.tensors import encode_output, to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
@@ -94,6 +95,7 @@ class StreamHandler:
     async def run(self) -> None:
         try:
             session = self.session = self._open(await self._read_first())
+            bind_log_fields(self.plane.log_fields(session))  # this handler's task: every line of it names the session
             await self._write(
                 pb.StreamResponse(
                     opened=pb.Opened(
@@ -155,7 +157,11 @@ class StreamHandler:
             raise FailedPrecondition(f"{what} before open: the first message of a stream must be open{{model}}")
         request = first.open
         return self.plane.open(
-            request.model, idle_timeout_s=request.idle_timeout_s, resume_token=request.resume_token, notify=self.notify
+            request.model,
+            idle_timeout_s=request.idle_timeout_s,
+            resume_token=request.resume_token,
+            notify=self.notify,
+            trace_carrier=trace_carrier(self.context) if self.plane.tracing else None,
         )
 
     async def _answer(self, session: Session, request: pb.StreamRequest) -> None:
@@ -324,3 +330,12 @@ def _closed(session: Session, reason: str, message: str) -> pb.StreamResponse:
     return pb.StreamResponse(
         closed=pb.Closed(steps=session.steps, reason=CLOSE_REASONS.get(reason, 0), message=message)
     )
+
+
+def trace_carrier(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The caller's W3C trace context (``traceparent``, ``tracestate``) from its gRPC metadata."""
+    return {
+        key: value
+        for key, value in context.invocation_metadata() or ()
+        if key in ("traceparent", "tracestate") and isinstance(value, str)
+    }

@@ -130,6 +130,8 @@ class Owner(Protocol):
     id: str
     trace: SessionTrace | None
 
+    def log_fields(self) -> dict[str, str]: ...
+
 
 class Step(Protocol):
     """A scheduler request as the tracer reads it."""

@@ -47,6 +47,7 @@ from cellserve.server.oip.inputs import answer_bytes
 from cellserve.server.oip.sequences import SequenceFlags, SequenceKey, sequence_flags
 from cellserve.server.oip.tensors import infer_response, parameters
 from cellserve.server.sessions import Session, SessionClosed, SessionEvent
+from cellserve.server.stream import trace_carrier
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,10 @@ class OipStream:
                 # Check the input before opening, so a bad first request leaves no sequence behind.
                 model.check_input(x[0])
                 notify = functools.partial(self._server_event, flags)
-                session = opened = self._live[flags.key] = self.plane.open(model.name, notify=notify)
+                carrier = trace_carrier(self.context) if self.plane.tracing else None
+                session = opened = self._live[flags.key] = self.plane.open(
+                    model.name, notify=notify, trace_carrier=carrier
+                )
             elif session is None:
                 raise FailedPrecondition(
                     f"inference request for sequence {flags.label} to model '{model.name}' must specify the START "

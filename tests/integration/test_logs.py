@@ -21,7 +21,14 @@ from pydantic import ValidationError
 
 from cellserve.server.cli import build_parser
 from cellserve.server.cli import main as cli_main
-from cellserve.server.logs import JsonFormatter, KeyValueFormatter, configure_logging
+from cellserve.server.logs import (
+    JsonFormatter,
+    KeyValueFormatter,
+    bind_log_fields,
+    configure_logging,
+    reset_log_fields,
+    session_log_fields,
+)
 from cellserve.server.security import is_loopback
 from cellserve.server.serve import settings_from_args
 from cellserve.server.settings import Settings
@@ -80,6 +87,22 @@ def test_json_line_parses_back_with_every_extra_field_and_the_traceback():
     assert fields["port"] == 50051 and fields["models"] == {"pychar": "8a60c07a"} and fields["batch_sizes"] == [1, 64]
     assert fields["tls"] is False and fields["extra_level"] == "shadowed" and fields["path"] == "/x"
     assert "RuntimeError: boom" in fields["exc_info"]
+
+
+def test_lines_inside_a_session_carry_its_bound_ids_in_text_and_json_and_a_calls_extra_wins():
+    ids = {"session_id": "ab12", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "span_id": "00f067aa0ba902b7"}
+    token = bind_log_fields(ids)
+    try:
+        text = parse_logfmt(KeyValueFormatter().format(_record("step refused", code="INVALID_ARGUMENT")))
+        line = json.loads(JsonFormatter().format(_record("step refused", session_id="explicit")))
+        with session_log_fields(None):  # work for many sessions at once names none of them
+            outside = parse_logfmt(KeyValueFormatter().format(_record("batch failed")))
+    finally:
+        reset_log_fields(token)
+    assert {k: text[k] for k in ids} == ids and text["code"] == "INVALID_ARGUMENT"
+    assert line["session_id"] == "explicit" and line["trace_id"] == ids["trace_id"]
+    assert "session_id" not in outside
+    assert "session_id" not in parse_logfmt(KeyValueFormatter().format(_record("serving")))
 
 
 def test_text_traceback_follows_its_line():

@@ -1,0 +1,201 @@
+"""Traces reach a real OTLP/gRPC receiver (the collector's protocol, from opentelemetry-proto's generated service):
+a span per session continuing the caller's traceparent, sampled and always-kept step spans under it, batch spans
+linked to the steps they served, and log lines of the session carrying its trace id."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
+from stream_helpers import open_msg, step_msg
+
+from cellserve.server.logs import KeyValueFormatter
+from cellserve.v1 import cellserve_pb2 as pb
+from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+
+
+@dataclass
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver keeping every span it is sent."""
+
+    spans: list[trace_pb2.Span] = field(default_factory=list)
+    services: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def Export(self, request: Any, context: Any) -> Any:  # the generated service names it
+        with self.lock:
+            for resource_spans in request.resource_spans:
+                for attr in resource_spans.resource.attributes:
+                    if attr.key == "service.name":
+                        self.services.add(attr.value.string_value)
+                for scope in resource_spans.scope_spans:
+                    self.spans.extend(scope.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def named(self, name: str) -> list[trace_pb2.Span]:
+        with self.lock:
+            return [s for s in self.spans if s.name == name]
+
+
+@contextmanager
+def otlp_receiver() -> Iterator[tuple[Receiver, int]]:
+    receiver = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield receiver, port
+    finally:
+        server.stop(None)
+
+
+def attrs(span: trace_pb2.Span) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kv in span.attributes:
+        value = kv.value
+        out[kv.key] = getattr(value, value.WhichOneof("value"))
+    return out
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """Every log line of the server's process, as ``cellserve serve`` writes them (key=value text)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(KeyValueFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def run_stream(address: str, steps: int, *, bad_at: int | None = None, metadata: Any = ()) -> list[pb.StreamResponse]:
+    """One session: ``steps`` single-token steps (one of float dtype, refused in-stream, at ``bad_at``), then close."""
+    tokens = np.random.default_rng(3).integers(0, 256, size=steps, dtype=np.int64)
+
+    def requests() -> Iterator[pb.StreamRequest]:
+        yield open_msg()
+        for i, token in enumerate(tokens):
+            x = np.array([token], dtype=np.float64 if i == bad_at else np.int64)
+            yield step_msg(i, x)
+        yield pb.StreamRequest(close=pb.Close())
+
+    with grpc.insecure_channel(address) as channel:
+        return list(pb_grpc.CellServeStub(channel).Stream(requests(), metadata=metadata, timeout=60))
+
+
+def test_a_traced_session_reaches_an_otlp_receiver_with_steps_batches_links_and_the_callers_trace(
+    running_server, wait_until, captured_logs
+):
+    steps = 200
+    with otlp_receiver() as (receiver, port), running_server(
+        otlp_endpoint=f"http://127.0.0.1:{port}",
+        trace_sampler="parentbased_traceidratio",
+        trace_sampler_ratio=0.5,
+        trace_slow_step_ms=60_000,  # nothing is slow: what is kept is the sampler's choice, or an error
+        service_name="cellserve-test",
+    ) as srv:
+        traceparent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+        answers = run_stream(srv.address, steps, bad_at=7, metadata=[("traceparent", traceparent)])
+        assert [a.WhichOneof("kind") for a in answers].count("error") == 1
+        session_spans = wait_until(lambda: receiver.named("cellserve.session"), what="the session span")
+    # the server has stopped: every span was flushed
+
+    (session,) = session_spans
+    assert session.trace_id.hex() == CLIENT_TRACE and session.parent_span_id.hex() == CLIENT_SPAN
+    s = attrs(session)
+    assert s["cellserve.model"] == "tiny" and s["cellserve.session.resumed_from_token"] is False
+    assert s["cellserve.session.steps"] == steps - 1 and s["cellserve.session.close_reason"] == "client"
+    assert receiver.services == {"cellserve-test"}
+
+    step_spans = receiver.named("cellserve.step")
+    assert all(sp.trace_id == session.trace_id and sp.parent_span_id == session.span_id for sp in step_spans)
+    kept = [attrs(sp)["cellserve.step.kept"] for sp in step_spans]
+    errors = [sp for sp in step_spans if attrs(sp)["cellserve.step.kept"] == "error"]
+    assert len(errors) == 1 and errors[0].status.code == trace_pb2.Status.STATUS_CODE_ERROR
+    assert "float64" in errors[0].status.message
+    sampled = kept.count("sampled")
+    assert 0 < sampled < steps - 1, kept  # the ratio keeps some steps, not all (chance of either: 2^-198)
+    for sp in step_spans:
+        a = attrs(sp)
+        if a["cellserve.step.kept"] == "sampled":
+            assert {"cellserve.step.queue_wait_s", "cellserve.batch.id", "cellserve.engine.time_s"} <= a.keys()
+            assert a["cellserve.batch.size"] == 1 and a["cellserve.session.id"] == s["cellserve.session.id"]
+
+    batches = receiver.named("cellserve.batch")
+    assert len(batches) == sampled  # one engine call per sampled step here (one session), each linking its step
+    by_id = {sp.span_id: sp for sp in step_spans}
+    for batch in batches:
+        (link,) = batch.links
+        step = by_id[link.span_id]
+        assert link.trace_id == session.trace_id
+        assert attrs(step)["cellserve.batch.id"] == attrs(batch)["cellserve.batch.id"]
+
+    lines = [line for line in captured_logs.getvalue().splitlines() if "msg=\"session closed\"" in line]
+    assert len(lines) == 1
+    assert f"trace_id={CLIENT_TRACE}" in lines[0] and f"session_id={s['cellserve.session.id']}" in lines[0]
+    assert f"span_id={session.span_id.hex()}" in lines[0]
+
+
+def test_with_sampling_off_only_failed_and_slow_steps_are_kept(running_server, wait_until):
+    with otlp_receiver() as (receiver, port):
+        with running_server(otlp_endpoint=f"http://127.0.0.1:{port}", trace_sampler="always_on",
+                            trace_sampler_ratio=0.0) as srv:  # fmt: skip
+            run_stream(srv.address, 5)
+            wait_until(lambda: receiver.named("cellserve.session"), what="the first session span")
+        assert len(receiver.named("cellserve.step")) == 5  # always_on: every step, whatever the ratio says
+    with otlp_receiver() as (receiver, port):
+        with running_server(
+            otlp_endpoint=f"http://127.0.0.1:{port}", trace_sampler="traceidratio", trace_sampler_ratio=0.0,
+            trace_slow_step_ms=0,
+        ) as srv:  # fmt: skip
+            run_stream(srv.address, 5)
+        assert [attrs(sp)["cellserve.step.kept"] for sp in receiver.named("cellserve.step")] == ["slow"] * 5
+    with otlp_receiver() as (receiver, port):
+        with running_server(
+            otlp_endpoint=f"http://127.0.0.1:{port}", trace_sampler="traceidratio", trace_sampler_ratio=0.0
+        ) as srv:
+            run_stream(srv.address, 5, bad_at=2)
+        assert [attrs(sp)["cellserve.step.kept"] for sp in receiver.named("cellserve.step")] == ["error"]
+        assert receiver.named("cellserve.batch") == []  # no traced step ran: no batch span
+        assert len(receiver.named("cellserve.session")) == 1
+
+
+def test_an_unsampled_traceparent_leaves_the_session_untraced_under_a_parentbased_sampler(running_server):
+    with otlp_receiver() as (receiver, port):
+        with running_server(otlp_endpoint=f"http://127.0.0.1:{port}") as srv:
+            run_stream(srv.address, 3, metadata=[("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00")])
+            run_stream(srv.address, 3)  # no traceparent: a root session span
+        (session,) = receiver.named("cellserve.session")
+        assert session.trace_id.hex() != CLIENT_TRACE and not session.parent_span_id
+        assert len(receiver.named("cellserve.step")) == 3
+
+
+def test_with_tracing_off_log_lines_of_a_session_carry_its_id_and_no_trace(running_server, captured_logs):
+    with running_server() as srv:
+        srv.server.metrics  # noqa: B018 (the server is up)
+        answers = run_stream(srv.address, 2)
+        opened = answers[0].opened.session_id
+    lines = [line for line in captured_logs.getvalue().splitlines() if "msg=\"session closed\"" in line]
+    assert len(lines) == 1 and f"session_id={opened}" in lines[0] and "trace_id" not in lines[0]
+    assert srv.server.tracing is None
