@@ -20,6 +20,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.trace.v1 import trace_pb2
 from stream_helpers import open_msg, step_msg
 
+from cellserve.oip import grpc_service_pb2 as oip
+from cellserve.oip import grpc_service_pb2_grpc as oip_grpc
 from cellserve.server.logs import KeyValueFormatter
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
@@ -199,3 +201,35 @@ def test_with_tracing_off_log_lines_of_a_session_carry_its_id_and_no_trace(runni
     lines = [line for line in captured_logs.getvalue().splitlines() if "msg=\"session closed\"" in line]
     assert len(lines) == 1 and f"session_id={opened}" in lines[0] and "trace_id" not in lines[0]
     assert srv.server.tracing is None
+
+
+def _sequence_request(sid: int, *, start: bool = False, end: bool = False) -> oip.ModelInferRequest:
+    req = oip.ModelInferRequest(model_name="tiny")
+    req.inputs.add(name="x", datatype="INT64", shape=[1, 1]).contents.int64_contents.append(7)
+    req.parameters["sequence_id"].int64_param = sid
+    if start:
+        req.parameters["sequence_start"].bool_param = True
+    if end:
+        req.parameters["sequence_end"].bool_param = True
+    return req
+
+
+def test_oip_sequences_get_a_session_span_each_in_the_callers_trace(running_server):
+    requests = [
+        _sequence_request(1, start=True),
+        _sequence_request(2, start=True),
+        _sequence_request(1),
+        _sequence_request(1, end=True),
+        _sequence_request(2, end=True),
+    ]
+    with otlp_receiver() as (receiver, port):
+        with running_server(otlp_endpoint=f"http://127.0.0.1:{port}") as srv, grpc.insecure_channel(srv.address) as ch:
+            metadata = [("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")]
+            stub = oip_grpc.GRPCInferenceServiceStub(ch)
+            answers = list(stub.ModelStreamInfer(iter(requests), metadata=metadata, timeout=60))
+        assert [a.error_message for a in answers] == [""] * 5
+        sessions = receiver.named("cellserve.session")
+        assert sorted(attrs(s)["cellserve.session.steps"] for s in sessions) == [2, 3]
+        assert {(s.trace_id.hex(), s.parent_span_id.hex()) for s in sessions} == {(CLIENT_TRACE, CLIENT_SPAN)}
+        assert {attrs(s)["cellserve.session.close_reason"] for s in sessions} == {"client"}
+        assert len(receiver.named("cellserve.step")) == 5
