@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import Exemplar, HistogramMetricFamily, Metric
 
 from cellserve import __version__
 
@@ -124,9 +125,15 @@ class BatchHistogram:
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
         with self._lock:
-            rows = [(value, list(accumulate(child.counts)), child.sum) for value, child in self._children.items()]
-        for value, cumulative, total in rows:
-            buckets = [(_le(b), float(n)) for b, n in zip(self.bounds, cumulative, strict=True)]
+            rows = [
+                (value, list(accumulate(child.counts)), child.sum, list(child.exemplars))
+                for value, child in self._children.items()
+            ]
+        for value, cumulative, total, exemplars in rows:
+            buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = [
+                (_le(b), float(n)) if e is None else (_le(b), float(n), e)
+                for b, n, e in zip(self.bounds, cumulative, exemplars, strict=True)
+            ]
             family.add_metric([value], buckets, total)
         yield family
 
@@ -139,6 +146,7 @@ class HistogramChild:
         self._lock = lock
         self.counts = [0] * len(bounds)
         self.sum = 0.0
+        self.exemplars: list[Exemplar | None] = [None] * len(bounds)  # the latest per bucket (OpenMetrics only)
 
     def observe_elapsed(self, now: float, starts: Sequence[float]) -> None:
         """Add ``now - start`` for every start time (seconds): each lands in the first bucket whose bound is >= it.
@@ -153,6 +161,14 @@ class HistogramChild:
             for b in buckets:
                 counts[b] += 1
             self.sum += sum(values)
+
+    def exemplar(self, value: float, labels: dict[str, str]) -> None:
+        """Keep ``labels`` (a trace's ids) as the exemplar of ``value``'s bucket, already counted by
+        ``observe_elapsed``: a dashboard's slow bucket then links to one trace that landed in it. Called only for
+        traced steps, so it costs nothing with tracing off."""
+        bucket = bisect_left(self._bounds, value)
+        with self._lock:
+            self.exemplars[bucket] = Exemplar(labels, value, time.time())
 
 
 def _le(bound: float) -> str:

@@ -126,7 +126,11 @@ class ModelRepository:
                 mode=settings.engine_mode,
                 max_batch_steps=settings.max_batch_steps,
                 live_sessions=lambda pool=pool: pool.used,
-                tracer=tracing.step_tracer(manifest.name) if tracing is not None else None,
+                tracer=(
+                    tracing.step_tracer(manifest.name, metrics.step_latency.labels(manifest.name))
+                    if tracing is not None
+                    else None
+                ),
             )
             max_steps = min(settings.max_chunk_steps, output_steps)
             models[manifest.name] = LoadedModel(

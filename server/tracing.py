@@ -39,6 +39,7 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import Counter
 
+from cellserve.server.metrics import HistogramChild
 from cellserve.server.trace_config import TraceConfig
 
 log = logging.getLogger(__name__)
@@ -216,8 +217,9 @@ class Tracing:
             return None
         return SessionTrace(self, span)
 
-    def step_tracer(self, model: str) -> StepTracer:
-        return StepTracer(self, model)
+    def step_tracer(self, model: str, latency: HistogramChild | None = None) -> StepTracer:
+        """``latency``: the model's step-latency histogram, whose buckets get the traced steps as exemplars."""
+        return StepTracer(self, model, latency)
 
     def error_span(
         self, session: SessionTrace, session_id: str, error: BaseException, start_ns: int, end_ns: int, **attrs: Any
@@ -241,9 +243,10 @@ class Tracing:
 class StepTracer:
     """One model's step and batch spans, made once per engine call from what the scheduler already measured."""
 
-    def __init__(self, tracing: Tracing, model: str) -> None:
+    def __init__(self, tracing: Tracing, model: str, latency: HistogramChild | None = None) -> None:
         self.tracing = tracing
         self.model = model
+        self._latency = latency
         self._tracer = tracing.tracer
         self._ratio = tracing.step_ratio
         self._slow = tracing.slow_step_s
@@ -294,7 +297,11 @@ class StepTracer:
                 },
             )
             span.end(end_time=end_ns)
-            links.append(Link(span.get_span_context()))
+            context = span.get_span_context()
+            links.append(Link(context))
+            if self._latency is not None:
+                ids = {"trace_id": format(context.trace_id, "032x"), "span_id": format(context.span_id, "016x")}
+                self._latency.exemplar(end - req.queued_at, ids)
         batch = self._tracer.start_span(
             "cellserve.batch",
             context=Context(),  # a root: it serves many sessions' traces, tied to them by links

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -110,13 +111,16 @@ def test_a_traced_session_reaches_an_otlp_receiver_with_steps_batches_links_and_
     running_server, wait_until, captured_logs
 ):
     steps = 200
-    with otlp_receiver() as (receiver, port), running_server(
-        otlp_endpoint=f"http://127.0.0.1:{port}",
-        trace_sampler="parentbased_traceidratio",
-        trace_sampler_ratio=0.5,
-        trace_slow_step_ms=60_000,  # nothing is slow: what is kept is the sampler's choice, or an error
-        service_name="cellserve-test",
-    ) as srv:
+    with (
+        otlp_receiver() as (receiver, port),
+        running_server(
+            otlp_endpoint=f"http://127.0.0.1:{port}",
+            trace_sampler="parentbased_traceidratio",
+            trace_sampler_ratio=0.5,
+            trace_slow_step_ms=60_000,  # nothing is slow: what is kept is the sampler's choice, or an error
+            service_name="cellserve-test",
+        ) as srv,
+    ):
         traceparent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
         answers = run_stream(srv.address, steps, bad_at=7, metadata=[("traceparent", traceparent)])
         assert [a.WhichOneof("kind") for a in answers].count("error") == 1
@@ -153,7 +157,7 @@ def test_a_traced_session_reaches_an_otlp_receiver_with_steps_batches_links_and_
         assert link.trace_id == session.trace_id
         assert attrs(step)["cellserve.batch.id"] == attrs(batch)["cellserve.batch.id"]
 
-    lines = [line for line in captured_logs.getvalue().splitlines() if "msg=\"session closed\"" in line]
+    lines = [line for line in captured_logs.getvalue().splitlines() if 'msg="session closed"' in line]
     assert len(lines) == 1
     assert f"trace_id={CLIENT_TRACE}" in lines[0] and f"session_id={s['cellserve.session.id']}" in lines[0]
     assert f"span_id={session.span_id.hex()}" in lines[0]
@@ -198,7 +202,7 @@ def test_with_tracing_off_log_lines_of_a_session_carry_its_id_and_no_trace(runni
         srv.server.metrics  # noqa: B018 (the server is up)
         answers = run_stream(srv.address, 2)
         opened = answers[0].opened.session_id
-    lines = [line for line in captured_logs.getvalue().splitlines() if "msg=\"session closed\"" in line]
+    lines = [line for line in captured_logs.getvalue().splitlines() if 'msg="session closed"' in line]
     assert len(lines) == 1 and f"session_id={opened}" in lines[0] and "trace_id" not in lines[0]
     assert srv.server.tracing is None
 
@@ -233,3 +237,24 @@ def test_oip_sequences_get_a_session_span_each_in_the_callers_trace(running_serv
         assert {(s.trace_id.hex(), s.parent_span_id.hex()) for s in sessions} == {(CLIENT_TRACE, CLIENT_SPAN)}
         assert {attrs(s)["cellserve.session.close_reason"] for s in sessions} == {"client"}
         assert len(receiver.named("cellserve.step")) == 5
+
+
+def test_an_openmetrics_scrape_shows_traced_steps_as_exemplars_of_the_step_latency_buckets(running_server):
+    with otlp_receiver() as (receiver, port):
+        with running_server(otlp_endpoint=f"http://127.0.0.1:{port}") as srv:
+            run_stream(srv.address, 4)
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{srv.metrics_port}/metrics", headers={"Accept": "application/openmetrics-text"}
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                text = response.read().decode()
+            plain = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+        (session,) = receiver.named("cellserve.session")
+    exemplars = [
+        line for line in text.splitlines() if line.startswith("cellserve_step_latency_seconds_bucket") and " # " in line
+    ]
+    assert exemplars, text
+    assert all(f'trace_id="{session.trace_id.hex()}"' in line for line in exemplars)
+    step_ids = {sp.span_id.hex() for sp in receiver.named("cellserve.step")}
+    assert all(any(f'span_id="{i}"' in line for i in step_ids) for line in exemplars)
+    assert " # {" not in plain  # the classic text format carries none
