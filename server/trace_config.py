@@ -61,12 +61,12 @@ class TraceConfig:
         if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
             return None
         endpoint, where = settings.otlp_endpoint, "otlp_endpoint / CELLSERVE_OTLP_ENDPOINT"
-        protocol = settings.otlp_protocol or _env(
-            env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"
-        )
+        protocol, protocol_from = settings.otlp_protocol, "otlp_protocol"
+        if protocol is None:
+            protocol_from, protocol = _env(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
         protocol = protocol or "grpc"
         if protocol not in PROTOCOLS:
-            raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+            raise ValueError(f"{protocol_from}: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
         if endpoint is None:
             exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
             if exporter in ("none", ""):
@@ -99,12 +99,13 @@ class TraceConfig:
         return cls(endpoint.strip(), protocol, sampler, ratio, service, settings.trace_slow_step_ms / 1000)
 
 
-def _env(env: Mapping[str, str], *names: str) -> str | None:
+def _env(env: Mapping[str, str], *names: str) -> tuple[str, str | None]:
+    """The first of ``names`` set (lower case), and which it was."""
     for name in names:
         value = env.get(name, "").strip().lower()
         if value:
-            return value
-    return None
+            return name, value
+    return names[-1], None
 
 
 def _ratio(text: str) -> float:
