@@ -38,6 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--messages", type=int, default=2000, help="timed messages per N, over all sessions (default: 2000)")
     p.add_argument("--warmup", type=int, default=200, help="untimed messages per N first (default: 200)")
     p.add_argument("--intra-op-threads", type=int, default=1, help="onnxruntime threads (default: 1)")
+    p.add_argument(
+        "--trace-ratio",
+        type=float,
+        default=None,
+        help="trace with OpenTelemetry, keeping this share of steps: spans are built and batched as a server does, "
+        "then discarded instead of sent (the server's side of tracing's cost); default: tracing off",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/bench-path"), help="directory for path_bench.json")
     p.set_defaults(func=_main)
@@ -127,10 +134,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     )
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    models = ModelRepository.load(settings, metrics)
+    discarded: list[int] = []
+    tracing = _tracing(args.trace_ratio, metrics, discarded) if args.trace_ratio is not None else None
+    models = ModelRepository.load(settings, metrics, tracing)
     (model,) = list(models)
     sessions = SessionManager(models, settings, metrics)
-    plane = DataPlane(models, sessions, TokenCodec(TokenKeys.generate(), settings.token_ttl_s), settings)
+    plane = DataPlane(models, sessions, TokenCodec(TokenKeys.generate(), settings.token_ttl_s), settings, tracing)
 
     async def main() -> list[dict[str, Any]]:
         model.engine.warmup(list(range(1, model.scheduler.max_batch + 1)))  # a fixed-batch graph: 1
@@ -139,6 +148,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             return [await _measure(plane, registry, model, n, args) for n in counts]
         finally:
             await model.scheduler.stop()
+            if tracing is not None:
+                tracing.shutdown()
 
     points = []
     for n, r in zip(counts, asyncio.run(main()), strict=True):
@@ -167,6 +178,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "command": (
                 f"cellserve bench-path --model-dir {args.model_dir} --sessions {args.sessions} --steps {args.steps} "
                 f"--messages {args.messages} --warmup {args.warmup} --intra-op-threads {args.intra_op_threads}"
+                + (f" --trace-ratio {args.trace_ratio}" if args.trace_ratio is not None else "")
             ),
             "unix_time": time.time(),
             "cpu_count": os.cpu_count(),
@@ -175,6 +187,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "model": {**model_report(model.manifest), "sha256": model.manifest.sha256},
         "steps": args.steps,
         "points": points,
+        **({"tracing": {"step_ratio": args.trace_ratio, "spans": sum(discarded)}} if tracing is not None else {}),
     }
 
 
@@ -194,6 +207,26 @@ def table(report: dict[str, Any]) -> str:
             f"{p['raw_ort_us_per_msg']:>14.1f} {p['path_over_raw_ort']:>8.2f}"
         )
     return "\n".join(lines)
+
+
+def _tracing(ratio: float, metrics: Any, discarded: list[int]) -> Any:
+    """A server's tracing at ``ratio`` of steps, whose exporter takes every batch of spans and drops it (its size
+    appended to ``discarded``)."""
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from cellserve.server.settings import Settings
+    from cellserve.server.trace_config import TraceConfig
+    from cellserve.server.tracing import Tracing
+
+    class Discard(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            discarded.append(len(spans))
+            return SpanExportResult.SUCCESS
+
+    settings = Settings(otlp_endpoint="http://127.0.0.1:4317", trace_sampler="traceidratio", trace_sampler_ratio=ratio)
+    config = TraceConfig.resolve(settings, {})
+    assert config is not None
+    return Tracing(config, metrics.trace_spans_dropped, exporter=Discard())
 
 
 def _main(args: argparse.Namespace) -> int:

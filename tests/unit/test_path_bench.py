@@ -30,3 +30,12 @@ def test_bench_path_refuses_a_bad_session_list(tiny_model_dir: Path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench-path", "--model-dir", str(tiny_model_dir), "--sessions", "0,x"])
     assert "give session counts like 1,8,64" in str(exit_.value)
+
+
+def test_bench_path_with_tracing_builds_and_batches_the_spans_a_traced_server_would(tiny_model_dir: Path, tmp_path):
+    assert main(["bench-path", "--model-dir", str(tiny_model_dir), "--sessions", "2", "--messages", "40",
+                 "--warmup", "8", "--trace-ratio", "1", "--out", str(tmp_path)]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "path_bench.json").read_text())
+    # every step (48) and its batch span (one per 2 steps: 24), and the 2 sessions' spans
+    assert report["tracing"] == {"step_ratio": 1.0, "spans": 48 + 24 + 2}
+    assert report["meta"]["command"].endswith("--trace-ratio 1.0")
