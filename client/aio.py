@@ -44,6 +44,7 @@ from cellserve.client.ops import (
 )
 from cellserve.client.replies import StepOutput, is_opened
 from cellserve.client.session_base import SessionBase
+from cellserve.client.trace_context import trace_metadata
 from cellserve.v1 import cellserve_pb2 as pb
 
 T = TypeVar("T")
@@ -94,7 +95,7 @@ class AsyncSession(SessionBase):
     def __init__(self, core: SessionCore, stream: Callable[..., Any], metadata: tuple, open_timeout_s: float) -> None:
         super().__init__(core)
         self._stream = stream  # starts a Stream call on a target: Channels.stream (any of its connections)
-        self._metadata = metadata
+        self._metadata = metadata + trace_metadata()  # the caller's span, as the session opens: its stream's parent
         self._open_timeout_s = open_timeout_s
         self._call: grpc.aio.StreamStreamCall | None = None
         self._inbox: _Inbox | None = None

@@ -23,6 +23,7 @@ from cellserve.client.model_info import ModelInfo
 from cellserve.client.ops import Ended, Finish, Open, Pause, Reply, Routine, Send
 from cellserve.client.replies import is_opened
 from cellserve.client.session_base import SessionBase
+from cellserve.client.trace_context import trace_metadata
 
 T = TypeVar("T")
 _END = object()  # half-closes a request stream
@@ -76,7 +77,7 @@ class Session(SessionBase):
     def __init__(self, core: SessionCore, stream: Callable[..., Any], metadata: tuple, open_timeout_s: float) -> None:
         super().__init__(core)
         self._stream = stream  # starts a Stream call on a target: Channels.stream (any of its connections)
-        self._metadata = metadata
+        self._metadata = metadata + trace_metadata()  # the caller's span, as the session opens: its stream's parent
         self._open_timeout_s = open_timeout_s
         self._requests: queue.Queue[object] = queue.Queue()
         self._call: Any = None

@@ -4,6 +4,7 @@ linked to the steps they served, and log lines of the session carrying its trace
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import threading
@@ -258,3 +259,30 @@ def test_an_openmetrics_scrape_shows_traced_steps_as_exemplars_of_the_step_laten
     step_ids = {sp.span_id.hex() for sp in receiver.named("cellserve.step")}
     assert all(any(f'span_id="{i}"' in line for i in step_ids) for line in exemplars)
     assert " # {" not in plain  # the classic text format carries none
+
+
+def test_the_sdk_sends_the_callers_span_so_server_sessions_continue_its_trace(running_server):
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from cellserve.client import AsyncClient, Client
+
+    tracer = TracerProvider().get_tracer("the caller")  # the caller's own provider: no global is set
+
+    async def in_async_span(address: str) -> str:
+        with tracer.start_as_current_span("async caller") as span:
+            async with AsyncClient(address) as client, await client.session("tiny") as s:
+                await s.step([1])
+        return format(span.get_span_context().span_id, "016x")
+
+    with otlp_receiver() as (receiver, port):
+        with running_server(otlp_endpoint=f"http://127.0.0.1:{port}") as srv, Client(srv.address) as client:
+            with tracer.start_as_current_span("caller") as span, client.session("tiny") as s:
+                s.step([1])
+            with client.session("tiny") as s:  # no current span: a root session span
+                s.step([1])
+            caller = span.get_span_context()
+            async_caller = asyncio.run(in_async_span(srv.address))
+        parents = sorted((s.trace_id.hex(), s.parent_span_id.hex()) for s in receiver.named("cellserve.session"))
+    assert (format(caller.trace_id, "032x"), format(caller.span_id, "016x")) in parents
+    assert async_caller in {parent for _, parent in parents}
+    assert sum(1 for _, parent in parents if parent == "") == 1
