@@ -301,11 +301,11 @@ class Scheduler:
                 req.future.set_result(row)
         end = time.perf_counter()
         self._m_latency.observe_elapsed(end, [r.queued_at for r in group])
-        self._m_engine.observe(engine_s)
-        self._m_batch.observe(len(group))
+        # tracing on: a batch span when a step of it was kept, whose ids are this call's exemplar
+        exemplar = self._tracer.delivered(group, t, engine_s, end) if self._tracer is not None else None
+        self._m_engine.observe(engine_s, exemplar)
+        self._m_batch.observe(len(group), exemplar)
         self._m_steps.inc(len(group) * t)
-        if self._tracer is not None:
-            self._tracer.delivered(group, t, engine_s, end)
 
     # -- after a failed engine call ----------------------------------------------------------------
 

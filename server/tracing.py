@@ -252,10 +252,11 @@ class StepTracer:
         self._slow = tracing.slow_step_s
         self._batches = 0
 
-    def delivered(self, group: Sequence[Step], t: int, engine_s: float, end: float) -> None:
+    def delivered(self, group: Sequence[Step], t: int, engine_s: float, end: float) -> dict[str, str] | None:
         """One engine call served ``group`` (``t`` steps each, ``engine_s`` long, outputs ready at ``end``,
         perf_counter). Each step is kept by the sampler's ratio or for its slowness, decided before anything is
-        built; a batch span linking the kept steps follows, if any was kept."""
+        built; a batch span linking the kept steps follows, if any was kept. Returns its ids (the batch and engine
+        histograms' exemplar), or None."""
         self._batches += 1
         kept: list[tuple[Step, SessionTrace, str]] | None = None
         ratio, slow, rnd = self._ratio, self._slow, random.random
@@ -273,7 +274,7 @@ class StepTracer:
                 kept = []
             kept.append((req, owner.trace, why))
         if kept is None:
-            return
+            return None
         offset = time.time_ns() - int(time.perf_counter() * 1e9)  # perf_counter -> epoch ns, once per call
         end_ns = offset + int(end * 1e9)
         start_ns = end_ns - int(engine_s * 1e9)
@@ -316,6 +317,8 @@ class StepTracer:
             },
         )
         batch.end(end_time=end_ns)
+        context = batch.get_span_context()
+        return {"trace_id": format(context.trace_id, "032x"), "span_id": format(context.span_id, "016x")}
 
     def failed(self, req: Step, error: BaseException, t: int) -> None:
         """A step the engine failed on alone: always kept."""

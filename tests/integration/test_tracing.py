@@ -258,6 +258,10 @@ def test_an_openmetrics_scrape_shows_traced_steps_as_exemplars_of_the_step_laten
     assert all(f'trace_id="{session.trace_id.hex()}"' in line for line in exemplars)
     step_ids = {sp.span_id.hex() for sp in receiver.named("cellserve.step")}
     assert all(any(f'span_id="{i}"' in line for i in step_ids) for line in exemplars)
+    batch_ids = {sp.span_id.hex() for sp in receiver.named("cellserve.batch")}
+    for family in ("cellserve_batch_size_bucket", "cellserve_engine_run_seconds_bucket"):
+        marked = [line for line in text.splitlines() if line.startswith(family) and " # " in line]
+        assert marked and all(any(f'span_id="{i}"' in line for i in batch_ids) for line in marked), family
     assert " # {" not in plain  # the classic text format carries none
 
 
