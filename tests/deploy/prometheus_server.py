@@ -43,7 +43,9 @@ def unless_exited(proc: subprocess.Popen, condition: Callable[[], Any], what: st
 
 
 @contextmanager
-def prometheus_process(prometheus: str, metrics_port: int, tmp: Path, wait_until: Any) -> Iterator[str]:
+def prometheus_process(
+    prometheus: str, metrics_port: int, tmp: Path, wait_until: Any, extra_args: tuple[str, ...] = ()
+) -> Iterator[str]:
     config = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(DEPLOY / "prometheus" / f) for f in config["rule_files"]]
@@ -53,7 +55,7 @@ def prometheus_process(prometheus: str, metrics_port: int, tmp: Path, wait_until
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     cmd = [prometheus, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-           f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+           f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn", *extra_args]
     log = (tmp / "prometheus.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

@@ -7,19 +7,15 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import threading
 import urllib.request
 from collections.abc import Iterator
-from concurrent import futures
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
+from otlp_helpers import otlp_receiver
 from stream_helpers import open_msg, step_msg
 
 from cellserve.oip import grpc_service_pb2 as oip
@@ -30,42 +26,6 @@ from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
-
-
-@dataclass
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP/gRPC trace receiver keeping every span it is sent."""
-
-    spans: list[trace_pb2.Span] = field(default_factory=list)
-    services: set[str] = field(default_factory=set)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def Export(self, request: Any, context: Any) -> Any:  # the generated service names it
-        with self.lock:
-            for resource_spans in request.resource_spans:
-                for attr in resource_spans.resource.attributes:
-                    if attr.key == "service.name":
-                        self.services.add(attr.value.string_value)
-                for scope in resource_spans.scope_spans:
-                    self.spans.extend(scope.spans)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def named(self, name: str) -> list[trace_pb2.Span]:
-        with self.lock:
-            return [s for s in self.spans if s.name == name]
-
-
-@contextmanager
-def otlp_receiver() -> Iterator[tuple[Receiver, int]]:
-    receiver = Receiver()
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield receiver, port
-    finally:
-        server.stop(None)
 
 
 def attrs(span: trace_pb2.Span) -> dict[str, Any]:
