@@ -277,7 +277,9 @@ class SessionManager:
         model = session.model.name
         self.metrics.sessions_active.labels(model=model).dec()
         self.metrics.sessions_closed.labels(model=model, reason=reason).inc()
-        log.debug("session closed", extra={"model": model, "reason": reason, "steps": session.steps})
+        if log.isEnabledFor(logging.DEBUG):  # its own ids, not the task's: an OIP stream serves many sequences
+            fields = {"model": model, "reason": reason, "steps": session.steps, **session.log_fields()}
+            log.debug("session closed", extra=fields)
         if notify is not None:
             try:
                 session.tell(SessionClosed(reason, notify))

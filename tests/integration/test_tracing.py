@@ -179,7 +179,7 @@ def _sequence_request(sid: int, *, start: bool = False, end: bool = False) -> oi
     return req
 
 
-def test_oip_sequences_get_a_session_span_each_in_the_callers_trace(running_server):
+def test_oip_sequences_get_a_session_span_each_in_the_callers_trace(running_server, captured_logs):
     requests = [
         _sequence_request(1, start=True),
         _sequence_request(2, start=True),
@@ -198,6 +198,14 @@ def test_oip_sequences_get_a_session_span_each_in_the_callers_trace(running_serv
         assert {(s.trace_id.hex(), s.parent_span_id.hex()) for s in sessions} == {(CLIENT_TRACE, CLIENT_SPAN)}
         assert {attrs(s)["cellserve.session.close_reason"] for s in sessions} == {"client"}
         assert len(receiver.named("cellserve.step")) == 5
+    closed = [line for line in captured_logs.getvalue().splitlines() if 'msg="session closed"' in line]
+    ids = {(attrs(s)["cellserve.session.id"], s.span_id.hex()) for s in sessions}
+    assert {(parse(line)["session_id"], parse(line)["span_id"]) for line in closed} == ids
+    assert all(parse(line)["trace_id"] == CLIENT_TRACE for line in closed)
+
+
+def parse(line: str) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in line.split() if "=" in pair)
 
 
 def test_an_openmetrics_scrape_shows_traced_steps_as_exemplars_of_the_step_latency_buckets(running_server):
