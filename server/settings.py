@@ -15,6 +15,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cellserve.server.logs import check_level
 
+# OTEL_TRACES_SAMPLER's and OTEL_EXPORTER_OTLP_PROTOCOL's names (trace_config checks the variables against them too)
+TraceSampler = Literal[
+    "always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
+    "parentbased_traceidratio",
+]  # fmt: skip
+OtlpProtocol = Literal["grpc", "http/protobuf"]
+
 
 def default_model_dir() -> Path:
     """The model shipped inside the package (``cellserve/model/default``)."""
@@ -135,20 +142,10 @@ class Settings(BaseSettings):
     it turns tracing on. Unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT, and tracing is on
     when one of them is set or OTEL_TRACES_EXPORTER=otlp (OTEL_TRACES_EXPORTER=none or OTEL_SDK_DISABLED=true: off).
     Off, tracing costs nothing per message."""
-    otlp_protocol: Literal["grpc", "http/protobuf"] | None = None
+    otlp_protocol: OtlpProtocol | None = None
     """OTLP transport for traces: grpc or http/protobuf. Unset: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or
     OTEL_EXPORTER_OTLP_PROTOCOL, else grpc."""
-    trace_sampler: (
-        Literal[
-            "always_on",
-            "always_off",
-            "traceidratio",
-            "parentbased_always_on",
-            "parentbased_always_off",
-            "parentbased_traceidratio",
-        ]
-        | None
-    ) = None
+    trace_sampler: TraceSampler | None = None
     """Which steps get a span (OTEL_TRACES_SAMPLER's names): the ratio samplers keep trace_sampler_ratio of them,
     always_on every one; failed steps and steps slower than trace_slow_step_ms are kept whatever it says. Every
     session gets a span, except under always_off, or when a parentbased sampler's caller sent an unsampled

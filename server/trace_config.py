@@ -11,10 +11,10 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 from urllib.parse import urlsplit
 
-from cellserve.server.settings import Settings
+from cellserve.server.settings import OtlpProtocol, Settings, TraceSampler
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -23,15 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = (
-    "always_on",
-    "always_off",
-    "traceidratio",
-    "parentbased_always_on",
-    "parentbased_always_off",
-    "parentbased_traceidratio",
-)
-PROTOCOLS = ("grpc", "http/protobuf")
+SAMPLERS: tuple[str, ...] = get_args(TraceSampler)
+PROTOCOLS: tuple[str, ...] = get_args(OtlpProtocol)
 
 
 @dataclass(frozen=True)
