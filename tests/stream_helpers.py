@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from cellserve.oip import grpc_service_pb2 as oip
 from cellserve.server.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
@@ -27,6 +28,20 @@ async def read_rest(call: Any) -> list[pb.StreamResponse]:
     except grpc.aio.AioRpcError:
         pass  # the stream ended with a non-OK status; callers check call.code()
     return out
+
+
+def oip_sequence_request(
+    sid: int, steps: int = 1, *, start: bool = False, end: bool = False, model: str = "tiny"
+) -> oip.ModelInferRequest:
+    """An OIP ``ModelStreamInfer`` request of sequence ``sid``: ``steps`` token ids (7) as x ``[1, steps]``."""
+    req = oip.ModelInferRequest(model_name=model)
+    req.inputs.add(name="x", datatype="INT64", shape=[1, steps]).contents.int64_contents.extend([7] * steps)
+    req.parameters["sequence_id"].int64_param = sid
+    if start:
+        req.parameters["sequence_start"].bool_param = True
+    if end:
+        req.parameters["sequence_end"].bool_param = True
+    return req
 
 
 def step_msg(seq: int, x: np.ndarray) -> pb.StreamRequest:

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 from opentelemetry.proto.trace.v1 import trace_pb2
 from otlp_helpers import otlp_receiver
-from stream_helpers import open_msg, step_msg
+from stream_helpers import oip_sequence_request, open_msg, step_msg
 
-from cellserve.oip import grpc_service_pb2 as oip
 from cellserve.oip import grpc_service_pb2_grpc as oip_grpc
 from cellserve.server.logs import KeyValueFormatter
 from cellserve.v1 import cellserve_pb2 as pb
@@ -168,24 +167,13 @@ def test_with_tracing_off_log_lines_of_a_session_carry_its_id_and_no_trace(runni
     assert srv.server.tracing is None
 
 
-def _sequence_request(sid: int, *, start: bool = False, end: bool = False) -> oip.ModelInferRequest:
-    req = oip.ModelInferRequest(model_name="tiny")
-    req.inputs.add(name="x", datatype="INT64", shape=[1, 1]).contents.int64_contents.append(7)
-    req.parameters["sequence_id"].int64_param = sid
-    if start:
-        req.parameters["sequence_start"].bool_param = True
-    if end:
-        req.parameters["sequence_end"].bool_param = True
-    return req
-
-
 def test_oip_sequences_get_a_session_span_each_in_the_callers_trace(running_server, captured_logs):
     requests = [
-        _sequence_request(1, start=True),
-        _sequence_request(2, start=True),
-        _sequence_request(1),
-        _sequence_request(1, end=True),
-        _sequence_request(2, end=True),
+        oip_sequence_request(1, start=True),
+        oip_sequence_request(2, start=True),
+        oip_sequence_request(1),
+        oip_sequence_request(1, end=True),
+        oip_sequence_request(2, end=True),
     ]
     with otlp_receiver() as (receiver, port):
         with running_server(otlp_endpoint=f"http://127.0.0.1:{port}") as srv, grpc.insecure_channel(srv.address) as ch:

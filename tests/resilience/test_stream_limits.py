@@ -16,22 +16,11 @@ from typing import Any
 
 import grpc
 import numpy as np
-from stream_helpers import open_msg, read_rest, step_msg
+from stream_helpers import oip_sequence_request, open_msg, read_rest, step_msg
 
 from cellserve.oip import grpc_service_pb2 as oip
 from cellserve.oip import grpc_service_pb2_grpc as oip_grpc
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
-
-
-def _sequence_request(sid: int, steps: int, *, start: bool = False, end: bool = False) -> oip.ModelInferRequest:
-    req = oip.ModelInferRequest(model_name="tiny")
-    req.inputs.add(name="x", datatype="INT64", shape=[1, steps]).contents.int64_contents.extend([7] * steps)
-    req.parameters["sequence_id"].int64_param = sid
-    if start:
-        req.parameters["sequence_start"].bool_param = True
-    if end:
-        req.parameters["sequence_end"].bool_param = True
-    return req
 
 
 def test_a_stream_that_never_opens_ends_deadline_exceeded_and_frees_its_stream_slot(running_server):
@@ -73,7 +62,7 @@ def test_an_oip_stream_idle_with_no_sequence_ends_and_frees_its_slot(running_ser
         async def main() -> tuple[Any, str, list]:
             async with grpc.aio.insecure_channel(srv.address) as ch:
                 call = oip_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer()
-                await call.write(_sequence_request(1, 2, start=True, end=True))  # one whole sequence
+                await call.write(oip_sequence_request(1, 2, start=True, end=True))  # one whole sequence
                 answers = [await call.read()]
                 answers += await read_rest(call)  # then silence: the stream ends by itself
                 return await call.code(), await call.details(), answers
@@ -92,11 +81,11 @@ def test_one_oip_stream_cannot_start_more_sequences_than_max_sessions_per_stream
                 call = oip_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer()
                 answers = []
                 for req in (
-                    _sequence_request(1, 1, start=True),
-                    _sequence_request(2, 1, start=True),
-                    _sequence_request(3, 1, start=True),  # one too many
-                    _sequence_request(1, 1, end=True),
-                    _sequence_request(3, 1, start=True),  # fits again
+                    oip_sequence_request(1, 1, start=True),
+                    oip_sequence_request(2, 1, start=True),
+                    oip_sequence_request(3, 1, start=True),  # one too many
+                    oip_sequence_request(1, 1, end=True),
+                    oip_sequence_request(3, 1, start=True),  # fits again
                 ):
                     await call.write(req)
                     answers.append(await call.read())
@@ -122,7 +111,7 @@ def test_an_oip_client_that_stops_reading_is_not_read_past_max_stream_buffer_byt
             async with grpc.aio.insecure_channel(srv.address, options=[("grpc.http2.bdp_probe", 0)]) as ch:
                 call = oip_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer()
                 for i in range(sent):
-                    await call.write(_sequence_request(i + 1, 16, start=True, end=True))
+                    await call.write(oip_sequence_request(i + 1, 16, start=True, end=True))
                 await wait_until.aio(lambda: paused() == 1, 20, what="the server to stop reading the stream")
                 steps = srv.registry.get_sample_value("cellserve_steps_total", {"model": "tiny"}) or 0.0
                 call.cancel()
@@ -224,14 +213,14 @@ def test_a_failed_sequence_end_still_ends_its_sequence_and_frees_its_slot(runnin
         async def main() -> tuple[list[str], int]:
             async with grpc.aio.insecure_channel(srv.address) as ch:
                 call = oip_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer()
-                bad_end = _sequence_request(5, 1, end=True)
+                bad_end = oip_sequence_request(5, 1, end=True)
                 bad_end.inputs[0].datatype = "FP64"  # the tiny model takes INT64 tokens
                 errors = []
-                for req in (_sequence_request(5, 1, start=True), bad_end):
+                for req in (oip_sequence_request(5, 1, start=True), bad_end):
                     await call.write(req)
                     errors.append((await call.read()).error_message)
                 held = len(srv.server.sessions.sessions)
-                await call.write(_sequence_request(5, 1, start=True, end=True))  # the id is free to start again
+                await call.write(oip_sequence_request(5, 1, start=True, end=True))  # the id is free to start again
                 errors.append((await call.read()).error_message)
                 call.cancel()
                 return errors, held
