@@ -5,7 +5,6 @@ up no logging); an ordinary idle expiry at INFO, a session lost for good at WARN
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 from replica_helpers import token_keys
@@ -19,12 +18,14 @@ def _lost_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == LOGGER and "cannot go on" in r.msg]
 
 
-def test_an_idle_expiry_is_logged_at_info_with_the_session_and_reason(sdk, running_server, caplog):
+def test_an_idle_expiry_is_logged_at_info_with_the_session_and_reason(sdk, running_server, caplog, wait_until):
     caplog.set_level(logging.DEBUG, logger="cellserve.client")
     with running_server() as srv, sdk.client(srv.address) as client, client.session("tiny", idle_timeout_s=1) as s:
         s.step([1])
         session_id = s.session_id
-        time.sleep(1.5)  # the server's own idle timeout runs out
+        idle = {"model": "tiny", "reason": "idle"}  # the server's own idle timeout runs out
+        wait_until(lambda: srv.registry.get_sample_value("cellserve_sessions_closed_total", idle), 10,
+                   what="the server to expire the idle session")  # fmt: skip
         with pytest.raises(SessionClosedError) as closed:
             s.step([2])
         assert closed.value.reason == "idle"
