@@ -20,11 +20,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
+from cellserve.model.tensor_specs import (
+    CONST_DTYPES,
+    MAX_CONST_VALUES,
+    MAX_SESSION_STATE,
+    STATE_DTYPES,
+    X_DTYPES,
+    ConstSpec,
+    Frame,
+    InputSpec,
+    OutputSpec,
+    Role,
+    StateSpec,
+    TensorInfo,
+    TensorNames,
+    frame_of,
+)  # the tensor descriptions (importable from here too)
+
 MANIFEST_FILE = "manifest.json"
 FORMAT_1 = "cellserve-manifest/1"
 FORMAT = "cellserve-manifest/2"
 
-Role = Literal["input", "state_h", "state_c", "output", "next_state_h", "next_state_c"]
 INPUT_ROLES: tuple[Role, ...] = ("input", "state_h", "state_c")
 OUTPUT_ROLES: tuple[Role, ...] = ("output", "next_state_h", "next_state_c")
 InputKind = Literal["tokens", "features"]
@@ -70,104 +86,6 @@ def check_onnx_file(onnx_file: object) -> None:
             f"manifest field onnx_file is {onnx_file!r}; it must be a relative path inside the model directory "
             "(no '..', not absolute), e.g. 'model.onnx'"
         )
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One ONNX graph input or output. ``shape`` uses strings for dynamic axes ("B", "T")."""
-
-    name: str
-    role: Role
-    dtype: str  # numpy dtype name: "int64", "float32"
-    shape: list[int | str]
-
-
-@dataclass(frozen=True)
-class TensorNames:
-    """An LSTM-shaped model's tensor names by role: ``(x, h0, c0) -> (y, hn, cn)``."""
-
-    x: str
-    h0: str
-    c0: str
-    y: str
-    hn: str
-    cn: str
-
-
-Frame = tuple[int | None, ...]  # one step's dims after the batch (and time) axis; None: dynamic
-X_DTYPES = ("int64", "float32", "float16")
-STATE_DTYPES = ("float32", "float16")
-CONST_DTYPES = ("int64", "int32", "float32", "float16", "bool")
-MAX_SESSION_STATE = 2**28  # elements of one session's state, all tensors: a resume token fits one 2 GiB message
-MAX_CONST_VALUES = 4096  # a constant input is a scalar or a short list (a sample rate, a threshold)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """The per-step input ``x``: ``[B, T, *frame]`` (time axis) or ``[B, *frame]`` (a per-frame model).
-
-    A step always carries ``[T, *frame]``; a per-frame model runs its T frames one after another.
-    """
-
-    name: str
-    dtype: str  # int64 (token ids, checked against vocab) | float32 | float16 (finite)
-    time_axis: bool
-    frame: Frame = ()
-    vocab: int | None = None  # int64 inputs: ids in [0, vocab)
-    example: tuple[int, ...] | None = None  # a frame the graph runs (import's probe), for a frame with dynamic dims
-
-    @property
-    def example_shape(self) -> tuple[int, ...]:
-        """A concrete frame shape: the example, else the frame with dynamic dims as 1."""
-        return self.example if self.example is not None else tuple(d or 1 for d in self.frame)
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """The per-step output ``y``: ``[B, T, *frame]`` or ``[B, *frame]``; served as float32 ``[T, *frame]``."""
-
-    name: str
-    dtype: str
-    frame: Frame = ()
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """One state pair: graph input ``input`` is fed the session's state, graph output ``output`` is its next state.
-
-    ``shape`` is the graph's, with ``"B"`` at the batch axis (any position) and fixed sizes elsewhere.
-    """
-
-    input: str
-    output: str
-    dtype: str
-    shape: tuple[int | str, ...]
-
-    @property
-    def batch_axis(self) -> int:
-        return self.shape.index("B")
-
-    @property
-    def session_shape(self) -> tuple[int, ...]:
-        """One session's state: the graph shape without its batch axis."""
-        return tuple(int(d) for d in self.shape if d != "B")
-
-    def graph_shape(self, batch: int) -> tuple[int, ...]:
-        return tuple(batch if d == "B" else int(d) for d in self.shape)
-
-
-@dataclass(frozen=True)
-class ConstSpec:
-    """A graph input fixed when the model was imported (e.g. a sample rate), fed on every call."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    value: tuple[float, ...]  # row-major
-
-
-def _frame(dims: Any) -> Frame:
-    return tuple(None if d is None else int(d) for d in dims)
 
 
 @dataclass(frozen=True)
@@ -437,9 +355,9 @@ def _from_v2(d: dict[str, Any]) -> Manifest:
     x, y = d["input"], d["output"]
     return Manifest(
         **{k: d[k] for k in _COMMON if k in d},
-        input=InputSpec(x["name"], x["dtype"], x["time_axis"], _frame(x.get("frame", ())), x.get("vocab"),
+        input=InputSpec(x["name"], x["dtype"], x["time_axis"], frame_of(x.get("frame", ())), x.get("vocab"),
                         None if x.get("example") is None else tuple(int(d) for d in x["example"])),
-        output=OutputSpec(y["name"], y.get("dtype", "float32"), _frame(y.get("frame", ()))),
+        output=OutputSpec(y["name"], y.get("dtype", "float32"), frame_of(y.get("frame", ()))),
         states=tuple(StateSpec(s["input"], s["output"], s["dtype"], tuple(s["shape"])) for s in d["states"]),
         consts=tuple(
             ConstSpec(c["name"], c["dtype"], tuple(c["shape"]), tuple(c["value"])) for c in d.get("consts", ())
