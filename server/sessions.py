@@ -98,16 +98,12 @@ class Session:
     def touch(self) -> None:
         self.deadline = time.monotonic() + self.idle_timeout_s
 
-    async def step(self, x: np.ndarray) -> np.ndarray:
-        """Run ``x`` ([T, *frame]) through the model from this session's state; returns y [T, *out].
-
-        If the caller is cancelled, a step the scheduler has not started is dropped; one it has
-        started still finishes, and the slot stays in flight (never freed) until it has.
-        """
-        return await self.submit(x)
-
     def submit(self, x: np.ndarray) -> asyncio.Future[np.ndarray]:
-        """Check ``x`` and queue it; the future resolves to y [T, O] (for callers that wait by callback)."""
+        """Check ``x`` ([T, *frame]) and queue it; the future resolves to y [T, *out].
+
+        If the caller stops waiting, a step the scheduler has not started is dropped; one it has started
+        still finishes, and the slot stays in flight (never freed) until it has.
+        """
         if self.closed:
             if self.close_reason == "drain":  # as every refusal of a draining server: go elsewhere
                 raise Unavailable(f"session {self.id} was closed by a drain; resume on another replica")
