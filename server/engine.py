@@ -297,7 +297,7 @@ class Engine:
             self.pool.gather(rows, bucket.states_in)
             self.ops.copy_in(bucket.x, x)
             self.session.run_with_iobinding(bucket.binding, self.run_options)
-            return self._finish(rows, bucket, lambda: self._download_y(bucket))
+            return self._finish(rows, bucket, None)
         bucket = self._bucket(x.shape[0], x.shape[2:])
         self.pool.gather(rows, bucket.states_in)
         ys = []
@@ -307,7 +307,7 @@ class Engine:
                     self.ops.copy(state_in, state_out)
             self.ops.copy_in(bucket.x, np.ascontiguousarray(x[:, t]))
             ys.append(self._run(bucket))  # a failure here leaves the pool as it was: it is written only below
-        return self._finish(rows, bucket, lambda: np.stack(ys, axis=1))
+        return self._finish(rows, bucket, ys)
 
     def _download_y(self, bucket: _Bucket) -> np.ndarray:
         """y of the last call on the host (a copy: the buffers are reused next call)."""
@@ -315,16 +315,20 @@ class Engine:
             return self.ops.download(bucket.y)  # on CUDA it waits for the stream: the only host sync
         return np.array(bucket.binding.get_outputs()[0].numpy(), copy=True)  # a dynamic shape: ORT allocated it
 
-    def _finish(self, rows: Any, bucket: _Bucket, y: Any) -> np.ndarray:
-        """Scatter the next state and return y; a failure leaves the slots as they were."""
+    def _finish(self, rows: Any, bucket: _Bucket, frames: list[np.ndarray] | None) -> np.ndarray:
+        """Scatter the next state and return y (downloaded, or the per-frame ``frames`` stacked); a failure leaves
+        the slots as they were."""
         try:
             self.pool.scatter(rows, bucket.states_out)
-            return y()
+            return self._download_y(bucket) if frames is None else np.stack(frames, axis=1)
         except BaseException:
             # A failed call must leave its slots as they were (the scheduler retries its innocent steps): y never
             # reached the host (the download's buffer could not be allocated, a stream error surfaced), so the
-            # state gathered into states_in, untouched by the run, is written back. Costs nothing unless it fails.
-            self.pool.scatter(rows, bucket.states_in)
+            # gathered state, which states_in still holds, is written back. Costs nothing unless it fails. After
+            # several frames states_in holds a later state, so nothing is written back: there y is already on the
+            # host and only the scatter itself could fail.
+            if frames is None or len(frames) == 1:
+                self.pool.scatter(rows, bucket.states_in)
             raise
 
     def run_stateless(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
