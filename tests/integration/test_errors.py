@@ -179,7 +179,7 @@ def test_session_step_after_close_raises_failed_precondition(running_server):
             s = srv.server.sessions.open("tiny")
             srv.server.sessions.close(s, "client")
             with pytest.raises(FailedPrecondition, match="closed"):
-                await s.step(np.array([1], dtype=np.int64))
+                s.submit(np.array([1], dtype=np.int64))
 
         srv.call(main())
 

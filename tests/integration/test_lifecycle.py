@@ -126,7 +126,7 @@ def test_a_cancelled_step_keeps_its_slot_until_the_engine_is_done(running_server
             mgr = srv.server.sessions
             a = mgr.open("tiny")
             model.engine.run_slots = slow_run
-            step = asyncio.ensure_future(a.step(np.array([1, 2, 3], dtype=np.int64)))
+            step = a.submit(np.array([1, 2, 3], dtype=np.int64))  # the scheduler's future
             await asyncio.get_running_loop().run_in_executor(None, engine_entered.wait, 30)
             step.cancel()
             mgr.close(a, "disconnect")
