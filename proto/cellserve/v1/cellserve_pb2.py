@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x65llserve/v1/cellserve.proto\x12\x0c\x63\x65llserve.v1\"H\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.cellserve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\"\xb1\x01\n\rStreamRequest\x12\"\n\x04open\x18\x01 \x01(\x0b\x32\x12.cellserve.v1.OpenH\x00\x12\"\n\x04step\x18\x02 \x01(\x0b\x32\x12.cellserve.v1.StepH\x00\x12*\n\x08snapshot\x18\x03 \x01(\x0b\x32\x16.cellserve.v1.SnapshotH\x00\x12$\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x13.cellserve.v1.CloseH\x00\x42\x06\n\x04kind\"C\n\x04Open\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\x0c\x12\x16\n\x0eidle_timeout_s\x18\x03 \x01(\r\"L\n\x04Step\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12#\n\x05input\x18\x02 \x01(\x0b\x32\x14.cellserve.v1.Tensor\x12\x12\n\ncheckpoint\x18\x03 \x01(\x08\"\n\n\x08Snapshot\"\x07\n\x05\x43lose\"\x97\x02\n\x0eStreamResponse\x12&\n\x06opened\x18\x01 \x01(\x0b\x32\x14.cellserve.v1.OpenedH\x00\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x14.cellserve.v1.OutputH\x00\x12/\n\x08snapshot\x18\x03 \x01(\x0b\x32\x1b.cellserve.v1.SnapshotTakenH\x00\x12&\n\x06\x63losed\x18\x04 \x01(\x0b\x32\x14.cellserve.v1.ClosedH\x00\x12(\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.cellserve.v1.StepErrorH\x00\x12*\n\x08\x64raining\x18\x06 \x01(\x0b\x32\x16.cellserve.v1.DrainingH\x00\x42\x06\n\x04kind\"h\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0eidle_timeout_s\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x14\n\x0cmodel_sha256\x18\x05 \x01(\t\"Q\n\x06Output\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x14.cellserve.v1.Tensor\x12\x14\n\x0cresume_token\x18\x03 \x01(\x0c\"I\n\rSnapshotTaken\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x03 \x01(\x03\"S\n\x06\x43losed\x12\r\n\x05steps\x18\x01 \x01(\x04\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.cellserve.v1.CloseReason\x12\x0f\n\x07message\x18\x03 \x01(\t\"7\n\tStepError\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\":\n\x08\x44raining\x12\x14\n\x0cresume_token\x18\x01 \x01(\x0c\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x02 \x01(\x03\"\x84\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"3\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\x0c\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.cellserve.v1.ModelSummary\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"U\n\x11ModelInfoResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.cellserve.v1.ModelSummary\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\"[\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.cellserve.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x03\"\xe8\x02\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\ninput_kind\x18\x04 \x01(\t\x12\x0e\n\x06layers\x18\x05 \x01(\r\x12\x0e\n\x06hidden\x18\x06 \x01(\r\x12\x12\n\ninput_size\x18\x07 \x01(\r\x12\x13\n\x0boutput_size\x18\x08 \x01(\r\x12(\n\x06inputs\x18\t \x03(\x0b\x32\x18.cellserve.v1.TensorSpec\x12)\n\x07outputs\x18\n \x03(\x0b\x32\x18.cellserve.v1.TensorSpec\x12(\n\x0binput_dtype\x18\x0b \x01(\x0e\x32\x13.cellserve.v1.DType\x12\r\n\x05\x66rame\x18\x0c \x03(\x03\x12\x11\n\ttime_axis\x18\r \x01(\x08\x12\x14\n\x0coutput_frame\x18\x0e \x03(\x03\x12\x15\n\rexample_frame\x18\x0f \x03(\x03*y\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x11\n\rDTYPE_FLOAT16\x10\x05*s\n\x0b\x43loseReason\x12\x1c\n\x18\x43LOSE_REASON_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43LOSE_REASON_CLIENT\x10\x01\x12\x15\n\x11\x43LOSE_REASON_IDLE\x10\x02\x12\x16\n\x12\x43LOSE_REASON_DRAIN\x10\x03\x32\xc0\x02\n\tCellServe\x12G\n\x06Stream\x12\x1b.cellserve.v1.StreamRequest\x1a\x1c.cellserve.v1.StreamResponse(\x01\x30\x01\x12K\n\x08Generate\x12\x1d.cellserve.v1.GenerateRequest\x1a\x1e.cellserve.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.cellserve.v1.ListModelsRequest\x1a .cellserve.v1.ListModelsResponse\x12L\n\tModelInfo\x12\x1e.cellserve.v1.ModelInfoRequest\x1a\x1f.cellserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x65llserve/v1/cellserve.proto\x12\x0c\x63\x65llserve.v1\"H\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.cellserve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\"\xb1\x01\n\rStreamRequest\x12\"\n\x04open\x18\x01 \x01(\x0b\x32\x12.cellserve.v1.OpenH\x00\x12\"\n\x04step\x18\x02 \x01(\x0b\x32\x12.cellserve.v1.StepH\x00\x12*\n\x08snapshot\x18\x03 \x01(\x0b\x32\x16.cellserve.v1.SnapshotH\x00\x12$\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x13.cellserve.v1.CloseH\x00\x42\x06\n\x04kind\"C\n\x04Open\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\x0c\x12\x16\n\x0eidle_timeout_s\x18\x03 \x01(\r\"L\n\x04Step\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12#\n\x05input\x18\x02 \x01(\x0b\x32\x14.cellserve.v1.Tensor\x12\x12\n\ncheckpoint\x18\x03 \x01(\x08\"\n\n\x08Snapshot\"\x07\n\x05\x43lose\"\x97\x02\n\x0eStreamResponse\x12&\n\x06opened\x18\x01 \x01(\x0b\x32\x14.cellserve.v1.OpenedH\x00\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x14.cellserve.v1.OutputH\x00\x12/\n\x08snapshot\x18\x03 \x01(\x0b\x32\x1b.cellserve.v1.SnapshotTakenH\x00\x12&\n\x06\x63losed\x18\x04 \x01(\x0b\x32\x14.cellserve.v1.ClosedH\x00\x12(\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.cellserve.v1.StepErrorH\x00\x12*\n\x08\x64raining\x18\x06 \x01(\x0b\x32\x16.cellserve.v1.DrainingH\x00\x42\x06\n\x04kind\"h\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0eidle_timeout_s\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x14\n\x0cmodel_sha256\x18\x05 \x01(\t\"Q\n\x06Output\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x14.cellserve.v1.Tensor\x12\x14\n\x0cresume_token\x18\x03 \x01(\x0c\"I\n\rSnapshotTaken\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x03 \x01(\x03\"S\n\x06\x43losed\x12\r\n\x05steps\x18\x01 \x01(\x04\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.cellserve.v1.CloseReason\x12\x0f\n\x07message\x18\x03 \x01(\t\"7\n\tStepError\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\":\n\x08\x44raining\x12\x14\n\x0cresume_token\x18\x01 \x01(\x0c\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x02 \x01(\x03\"\xe1\x01\n\x10MultiplexRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12*\n\x04open\x18\x02 \x01(\x0b\x32\x1a.cellserve.v1.OpenSessionsH\x00\x12*\n\x04step\x18\x03 \x01(\x0b\x32\x1a.cellserve.v1.StepSessionsH\x00\x12\x32\n\x08snapshot\x18\x04 \x01(\x0b\x32\x1e.cellserve.v1.SnapshotSessionsH\x00\x12,\n\x05\x63lose\x18\x05 \x01(\x0b\x32\x1b.cellserve.v1.CloseSessionsH\x00\x42\x06\n\x04kind\";\n\x0cOpenSessions\x12+\n\x08sessions\x18\x01 \x03(\x0b\x32\x19.cellserve.v1.SessionOpen\"W\n\x0bSessionOpen\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\x0c\x12\x16\n\x0eidle_timeout_s\x18\x03 \x01(\r\x12\x0b\n\x03key\x18\x04 \x01(\t\"X\n\x0cStepSessions\x12\x0f\n\x07handles\x18\x01 \x03(\r\x12#\n\x05input\x18\x02 \x01(\x0b\x32\x14.cellserve.v1.Tensor\x12\x12\n\ncheckpoint\x18\x03 \x01(\x08\"#\n\x10SnapshotSessions\x12\x0f\n\x07handles\x18\x01 \x03(\r\" \n\rCloseSessions\x12\x0f\n\x07handles\x18\x01 \x03(\r\"\xf4\x02\n\x11MultiplexResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12.\n\x06opened\x18\x02 \x01(\x0b\x32\x1c.cellserve.v1.SessionsOpenedH\x00\x12.\n\x06output\x18\x03 \x01(\x0b\x32\x1c.cellserve.v1.SessionsOutputH\x00\x12\x32\n\x08snapshot\x18\x04 \x01(\x0b\x32\x1e.cellserve.v1.SessionsSnapshotH\x00\x12.\n\x06\x63losed\x18\x05 \x01(\x0b\x32\x1c.cellserve.v1.SessionsClosedH\x00\x12\x32\n\x08\x64raining\x18\x06 \x01(\x0b\x32\x1e.cellserve.v1.SessionsDrainingH\x00\x12(\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x17.cellserve.v1.StepErrorH\x00\x12(\n\x06\x65rrors\x18\x08 \x03(\x0b\x32\x18.cellserve.v1.EntryErrorB\x06\n\x04kind\":\n\nEntryError\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"?\n\x0eSessionsOpened\x12-\n\x08sessions\x18\x01 \x03(\x0b\x32\x1b.cellserve.v1.OpenedSession\"\x8c\x01\n\rOpenedSession\x12\x0e\n\x06handle\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x16\n\x0eidle_timeout_s\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\x04\x12\x14\n\x0cmodel_sha256\x18\x07 \x01(\t\"M\n\x0eSessionsOutput\x12$\n\x06output\x18\x01 \x01(\x0b\x32\x14.cellserve.v1.Tensor\x12\x15\n\rresume_tokens\x18\x02 \x03(\x0c\"M\n\x10SessionsSnapshot\x12\x0e\n\x06tokens\x18\x01 \x03(\x0c\x12\r\n\x05steps\x18\x02 \x03(\x04\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x03 \x01(\x03\"l\n\x0eSessionsClosed\x12\x0f\n\x07handles\x18\x01 \x03(\r\x12\r\n\x05steps\x18\x02 \x03(\x04\x12)\n\x06reason\x18\x03 \x01(\x0e\x32\x19.cellserve.v1.CloseReason\x12\x0f\n\x07message\x18\x04 \x01(\t\"T\n\x10SessionsDraining\x12\x0f\n\x07handles\x18\x01 \x03(\r\x12\x15\n\rresume_tokens\x18\x02 \x03(\x0c\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x03 \x01(\x03\"\x84\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"3\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\x0c\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.cellserve.v1.ModelSummary\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"U\n\x11ModelInfoResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.cellserve.v1.ModelSummary\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\"[\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.cellserve.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x03\"\xe8\x02\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\ninput_kind\x18\x04 \x01(\t\x12\x0e\n\x06layers\x18\x05 \x01(\r\x12\x0e\n\x06hidden\x18\x06 \x01(\r\x12\x12\n\ninput_size\x18\x07 \x01(\r\x12\x13\n\x0boutput_size\x18\x08 \x01(\r\x12(\n\x06inputs\x18\t \x03(\x0b\x32\x18.cellserve.v1.TensorSpec\x12)\n\x07outputs\x18\n \x03(\x0b\x32\x18.cellserve.v1.TensorSpec\x12(\n\x0binput_dtype\x18\x0b \x01(\x0e\x32\x13.cellserve.v1.DType\x12\r\n\x05\x66rame\x18\x0c \x03(\x03\x12\x11\n\ttime_axis\x18\r \x01(\x08\x12\x14\n\x0coutput_frame\x18\x0e \x03(\x03\x12\x15\n\rexample_frame\x18\x0f \x03(\x03*y\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x11\n\rDTYPE_FLOAT16\x10\x05*s\n\x0b\x43loseReason\x12\x1c\n\x18\x43LOSE_REASON_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43LOSE_REASON_CLIENT\x10\x01\x12\x15\n\x11\x43LOSE_REASON_IDLE\x10\x02\x12\x16\n\x12\x43LOSE_REASON_DRAIN\x10\x03\x32\x92\x03\n\tCellServe\x12G\n\x06Stream\x12\x1b.cellserve.v1.StreamRequest\x1a\x1c.cellserve.v1.StreamResponse(\x01\x30\x01\x12P\n\tMultiplex\x12\x1e.cellserve.v1.MultiplexRequest\x1a\x1f.cellserve.v1.MultiplexResponse(\x01\x30\x01\x12K\n\x08Generate\x12\x1d.cellserve.v1.GenerateRequest\x1a\x1e.cellserve.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.cellserve.v1.ListModelsRequest\x1a .cellserve.v1.ListModelsResponse\x12L\n\tModelInfo\x12\x1e.cellserve.v1.ModelInfoRequest\x1a\x1f.cellserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cellserve.v1.cellserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2069
-  _globals['_DTYPE']._serialized_end=2190
-  _globals['_CLOSEREASON']._serialized_start=2192
-  _globals['_CLOSEREASON']._serialized_end=2307
+  _globals['_DTYPE']._serialized_start=3605
+  _globals['_DTYPE']._serialized_end=3726
+  _globals['_CLOSEREASON']._serialized_start=3728
+  _globals['_CLOSEREASON']._serialized_end=3843
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=118
   _globals['_STREAMREQUEST']._serialized_start=121
@@ -61,22 +61,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPERROR']._serialized_end=1154
   _globals['_DRAINING']._serialized_start=1156
   _globals['_DRAINING']._serialized_end=1214
-  _globals['_GENERATEREQUEST']._serialized_start=1217
-  _globals['_GENERATEREQUEST']._serialized_end=1349
-  _globals['_GENERATERESPONSE']._serialized_start=1351
-  _globals['_GENERATERESPONSE']._serialized_end=1402
-  _globals['_LISTMODELSREQUEST']._serialized_start=1404
-  _globals['_LISTMODELSREQUEST']._serialized_end=1423
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1425
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1489
-  _globals['_MODELINFOREQUEST']._serialized_start=1491
-  _globals['_MODELINFOREQUEST']._serialized_end=1524
-  _globals['_MODELINFORESPONSE']._serialized_start=1526
-  _globals['_MODELINFORESPONSE']._serialized_end=1611
-  _globals['_TENSORSPEC']._serialized_start=1613
-  _globals['_TENSORSPEC']._serialized_end=1704
-  _globals['_MODELSUMMARY']._serialized_start=1707
-  _globals['_MODELSUMMARY']._serialized_end=2067
-  _globals['_CELLSERVE']._serialized_start=2310
-  _globals['_CELLSERVE']._serialized_end=2630
+  _globals['_MULTIPLEXREQUEST']._serialized_start=1217
+  _globals['_MULTIPLEXREQUEST']._serialized_end=1442
+  _globals['_OPENSESSIONS']._serialized_start=1444
+  _globals['_OPENSESSIONS']._serialized_end=1503
+  _globals['_SESSIONOPEN']._serialized_start=1505
+  _globals['_SESSIONOPEN']._serialized_end=1592
+  _globals['_STEPSESSIONS']._serialized_start=1594
+  _globals['_STEPSESSIONS']._serialized_end=1682
+  _globals['_SNAPSHOTSESSIONS']._serialized_start=1684
+  _globals['_SNAPSHOTSESSIONS']._serialized_end=1719
+  _globals['_CLOSESESSIONS']._serialized_start=1721
+  _globals['_CLOSESESSIONS']._serialized_end=1753
+  _globals['_MULTIPLEXRESPONSE']._serialized_start=1756
+  _globals['_MULTIPLEXRESPONSE']._serialized_end=2128
+  _globals['_ENTRYERROR']._serialized_start=2130
+  _globals['_ENTRYERROR']._serialized_end=2188
+  _globals['_SESSIONSOPENED']._serialized_start=2190
+  _globals['_SESSIONSOPENED']._serialized_end=2253
+  _globals['_OPENEDSESSION']._serialized_start=2256
+  _globals['_OPENEDSESSION']._serialized_end=2396
+  _globals['_SESSIONSOUTPUT']._serialized_start=2398
+  _globals['_SESSIONSOUTPUT']._serialized_end=2475
+  _globals['_SESSIONSSNAPSHOT']._serialized_start=2477
+  _globals['_SESSIONSSNAPSHOT']._serialized_end=2554
+  _globals['_SESSIONSCLOSED']._serialized_start=2556
+  _globals['_SESSIONSCLOSED']._serialized_end=2664
+  _globals['_SESSIONSDRAINING']._serialized_start=2666
+  _globals['_SESSIONSDRAINING']._serialized_end=2750
+  _globals['_GENERATEREQUEST']._serialized_start=2753
+  _globals['_GENERATEREQUEST']._serialized_end=2885
+  _globals['_GENERATERESPONSE']._serialized_start=2887
+  _globals['_GENERATERESPONSE']._serialized_end=2938
+  _globals['_LISTMODELSREQUEST']._serialized_start=2940
+  _globals['_LISTMODELSREQUEST']._serialized_end=2959
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2961
+  _globals['_LISTMODELSRESPONSE']._serialized_end=3025
+  _globals['_MODELINFOREQUEST']._serialized_start=3027
+  _globals['_MODELINFOREQUEST']._serialized_end=3060
+  _globals['_MODELINFORESPONSE']._serialized_start=3062
+  _globals['_MODELINFORESPONSE']._serialized_end=3147
+  _globals['_TENSORSPEC']._serialized_start=3149
+  _globals['_TENSORSPEC']._serialized_end=3240
+  _globals['_MODELSUMMARY']._serialized_start=3243
+  _globals['_MODELSUMMARY']._serialized_end=3603
+  _globals['_CELLSERVE']._serialized_start=3846
+  _globals['_CELLSERVE']._serialized_end=4248
 # @@protoc_insertion_point(module_scope)

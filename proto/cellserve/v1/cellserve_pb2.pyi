@@ -161,6 +161,154 @@ class Draining(_message.Message):
     deadline_unix_ms: int
     def __init__(self, resume_token: _Optional[bytes] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
+class MultiplexRequest(_message.Message):
+    __slots__ = ("seq", "open", "step", "snapshot", "close")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    open: OpenSessions
+    step: StepSessions
+    snapshot: SnapshotSessions
+    close: CloseSessions
+    def __init__(self, seq: _Optional[int] = ..., open: _Optional[_Union[OpenSessions, _Mapping]] = ..., step: _Optional[_Union[StepSessions, _Mapping]] = ..., snapshot: _Optional[_Union[SnapshotSessions, _Mapping]] = ..., close: _Optional[_Union[CloseSessions, _Mapping]] = ...) -> None: ...
+
+class OpenSessions(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionOpen]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionOpen, _Mapping]]] = ...) -> None: ...
+
+class SessionOpen(_message.Message):
+    __slots__ = ("model", "resume_token", "idle_timeout_s", "key")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    resume_token: bytes
+    idle_timeout_s: int
+    key: str
+    def __init__(self, model: _Optional[str] = ..., resume_token: _Optional[bytes] = ..., idle_timeout_s: _Optional[int] = ..., key: _Optional[str] = ...) -> None: ...
+
+class StepSessions(_message.Message):
+    __slots__ = ("handles", "input", "checkpoint")
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    handles: _containers.RepeatedScalarFieldContainer[int]
+    input: Tensor
+    checkpoint: bool
+    def __init__(self, handles: _Optional[_Iterable[int]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., checkpoint: _Optional[bool] = ...) -> None: ...
+
+class SnapshotSessions(_message.Message):
+    __slots__ = ("handles",)
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    handles: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, handles: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CloseSessions(_message.Message):
+    __slots__ = ("handles",)
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    handles: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, handles: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class MultiplexResponse(_message.Message):
+    __slots__ = ("seq", "opened", "output", "snapshot", "closed", "draining", "error", "errors")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    opened: SessionsOpened
+    output: SessionsOutput
+    snapshot: SessionsSnapshot
+    closed: SessionsClosed
+    draining: SessionsDraining
+    error: StepError
+    errors: _containers.RepeatedCompositeFieldContainer[EntryError]
+    def __init__(self, seq: _Optional[int] = ..., opened: _Optional[_Union[SessionsOpened, _Mapping]] = ..., output: _Optional[_Union[SessionsOutput, _Mapping]] = ..., snapshot: _Optional[_Union[SessionsSnapshot, _Mapping]] = ..., closed: _Optional[_Union[SessionsClosed, _Mapping]] = ..., draining: _Optional[_Union[SessionsDraining, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., errors: _Optional[_Iterable[_Union[EntryError, _Mapping]]] = ...) -> None: ...
+
+class EntryError(_message.Message):
+    __slots__ = ("index", "code", "message")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    code: int
+    message: str
+    def __init__(self, index: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SessionsOpened(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[OpenedSession]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[OpenedSession, _Mapping]]] = ...) -> None: ...
+
+class OpenedSession(_message.Message):
+    __slots__ = ("handle", "key", "session_id", "model", "idle_timeout_s", "steps", "model_sha256")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    handle: int
+    key: str
+    session_id: str
+    model: str
+    idle_timeout_s: int
+    steps: int
+    model_sha256: str
+    def __init__(self, handle: _Optional[int] = ..., key: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[str] = ..., idle_timeout_s: _Optional[int] = ..., steps: _Optional[int] = ..., model_sha256: _Optional[str] = ...) -> None: ...
+
+class SessionsOutput(_message.Message):
+    __slots__ = ("output", "resume_tokens")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    output: Tensor
+    resume_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., resume_tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class SessionsSnapshot(_message.Message):
+    __slots__ = ("tokens", "steps", "expires_at_unix_ms")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    expires_at_unix_ms: int
+    def __init__(self, tokens: _Optional[_Iterable[bytes]] = ..., steps: _Optional[_Iterable[int]] = ..., expires_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class SessionsClosed(_message.Message):
+    __slots__ = ("handles", "steps", "reason", "message")
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    handles: _containers.RepeatedScalarFieldContainer[int]
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    reason: CloseReason
+    message: str
+    def __init__(self, handles: _Optional[_Iterable[int]] = ..., steps: _Optional[_Iterable[int]] = ..., reason: _Optional[_Union[CloseReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SessionsDraining(_message.Message):
+    __slots__ = ("handles", "resume_tokens", "deadline_unix_ms")
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    handles: _containers.RepeatedScalarFieldContainer[int]
+    resume_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    deadline_unix_ms: int
+    def __init__(self, handles: _Optional[_Iterable[int]] = ..., resume_tokens: _Optional[_Iterable[bytes]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "prompt", "max_tokens", "temperature", "top_k", "seed")
     MODEL_FIELD_NUMBER: _ClassVar[int]

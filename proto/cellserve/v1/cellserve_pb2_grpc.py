@@ -39,6 +39,11 @@ class CellServeStub:
                 request_serializer=cellserve_dot_v1_dot_cellserve__pb2.StreamRequest.SerializeToString,
                 response_deserializer=cellserve_dot_v1_dot_cellserve__pb2.StreamResponse.FromString,
                 _registered_method=True)
+        self.Multiplex = channel.stream_stream(
+                '/cellserve.v1.CellServe/Multiplex',
+                request_serializer=cellserve_dot_v1_dot_cellserve__pb2.MultiplexRequest.SerializeToString,
+                response_deserializer=cellserve_dot_v1_dot_cellserve__pb2.MultiplexResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/cellserve.v1.CellServe/Generate',
                 request_serializer=cellserve_dot_v1_dot_cellserve__pb2.GenerateRequest.SerializeToString,
@@ -61,6 +66,13 @@ class CellServeServicer:
 
     def Stream(self, request_iterator, context):
         """One stateful session per stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Multiplex(self, request_iterator, context):
+        """Many sessions per stream, many sessions per message (a gateway's API): see "Multiplex" below.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +106,11 @@ def add_CellServeServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=cellserve_dot_v1_dot_cellserve__pb2.StreamRequest.FromString,
                     response_serializer=cellserve_dot_v1_dot_cellserve__pb2.StreamResponse.SerializeToString,
+            ),
+            'Multiplex': grpc.stream_stream_rpc_method_handler(
+                    servicer.Multiplex,
+                    request_deserializer=cellserve_dot_v1_dot_cellserve__pb2.MultiplexRequest.FromString,
+                    response_serializer=cellserve_dot_v1_dot_cellserve__pb2.MultiplexResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
@@ -138,6 +155,33 @@ class CellServe:
             '/cellserve.v1.CellServe/Stream',
             cellserve_dot_v1_dot_cellserve__pb2.StreamRequest.SerializeToString,
             cellserve_dot_v1_dot_cellserve__pb2.StreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Multiplex(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cellserve.v1.CellServe/Multiplex',
+            cellserve_dot_v1_dot_cellserve__pb2.MultiplexRequest.SerializeToString,
+            cellserve_dot_v1_dot_cellserve__pb2.MultiplexResponse.FromString,
             options,
             channel_credentials,
             insecure,
