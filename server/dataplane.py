@@ -204,13 +204,20 @@ class DataPlane:
         self._sessions.close(session, reason)
 
     async def generate(
-        self, model: LoadedModel, prompt: np.ndarray, max_tokens: int, next_token: Callable[[np.ndarray], int]
+        self,
+        model: LoadedModel,
+        prompt: np.ndarray,
+        max_tokens: int,
+        next_token: Callable[[np.ndarray], int],
+        *,
+        trace_carrier: Mapping[str, str] | None = None,
     ) -> AsyncGenerator[int, None]:
         """Token ids sampled one by one after ``prompt`` ([T] ids, fed in chunks of ``max_steps``), each fed back as
         the next step; ``next_token`` picks a token from one step's logits [V]. One session, closed when the
         iterator ends or is closed (use ``contextlib.aclosing``: a caller gone mid-stream frees the slot at once).
+        ``trace_carrier``: the caller's W3C trace context, as for :meth:`open`.
         """
-        session = self.open(model.name)
+        session = self.open(model.name, trace_carrier=trace_carrier)
         try:
             chunk = model.max_steps
             for start in range(0, len(prompt), chunk):

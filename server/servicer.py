@@ -19,7 +19,7 @@ from cellserve.server.dataplane import DataPlane
 from cellserve.server.errors import ErrorBoundary, FailedPrecondition, InvalidArgument, rpc
 from cellserve.server.limits import StreamLimit
 from cellserve.server.models import LoadedModel
-from cellserve.server.stream import StreamHandler
+from cellserve.server.stream import StreamHandler, trace_carrier
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 from cellserve.wire import PB_DTYPES, SUMMARY_FIELDS, tensor_spec
@@ -86,7 +86,9 @@ class CellServeServicer(pb_grpc.CellServeServicer):
             _check_generate(request, model, plane.settings.max_generate_tokens)
             sampler = Sampler(request.temperature, request.top_k, request.seed if request.HasField("seed") else None)
             prompt = np.frombuffer(request.prompt.encode("utf-8"), dtype=np.uint8).astype(np.int64)  # [T]
-            async with aclosing(plane.generate(model, prompt, request.max_tokens, sampler.next_token)) as tokens:
+            carrier = trace_carrier(context) if plane.tracing else None
+            generated = plane.generate(model, prompt, request.max_tokens, sampler.next_token, trace_carrier=carrier)
+            async with aclosing(generated) as tokens:
                 async for token in tokens:
                     await context.write(pb.GenerateResponse(token_ids=[token], text=bytes([token])))
 

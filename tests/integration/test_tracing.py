@@ -192,6 +192,21 @@ def test_oip_sequences_get_a_session_span_each_in_the_callers_trace(running_serv
     assert all(parse(line)["trace_id"] == CLIENT_TRACE for line in closed)
 
 
+def test_a_generate_session_span_continues_the_callers_traceparent(running_server, wait_until):
+    request = pb.GenerateRequest(model="tiny", prompt="def f(x):", max_tokens=3, seed=1)
+    metadata = [("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")]
+    with otlp_receiver() as (receiver, port):
+        with running_server(otlp_endpoint=f"http://127.0.0.1:{port}") as srv, grpc.insecure_channel(srv.address) as ch:
+            answers = list(pb_grpc.CellServeStub(ch).Generate(request, metadata=metadata, timeout=60))
+            wait_until(lambda: receiver.named("cellserve.session"), what="the Generate session span")
+        (session,) = receiver.named("cellserve.session")
+    assert len(answers) == 3
+    assert (session.trace_id.hex(), session.parent_span_id.hex()) == (CLIENT_TRACE, CLIENT_SPAN)
+    assert attrs(session)["cellserve.session.close_reason"] == "client"
+    steps = receiver.named("cellserve.step")
+    assert steps and all(sp.trace_id == session.trace_id and sp.parent_span_id == session.span_id for sp in steps)
+
+
 def parse(line: str) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in line.split() if "=" in pair)
 
