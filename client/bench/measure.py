@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -177,6 +178,15 @@ def run_load(
                 p.terminate()
 
 
+def terminal_bar(total: int | None, desc: str, wanted: bool) -> Any:
+    """A tqdm bar on stderr, drawn only when ``wanted`` (no ``--no-progress``) and stderr is a terminal: piped or
+    redirected output (a log, CI, ``| tee``) gets no carriage-return clutter."""
+    from tqdm import tqdm
+
+    shown = wanted and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="msg", disable=not shown, leave=False, file=sys.stderr)
+
+
 def _collect(
     target: str,
     plan: LoadPlan,
@@ -190,15 +200,12 @@ def _collect(
     info: Any,
     progress_bar: bool,
 ) -> Result:
-    from tqdm import tqdm
-
     try:
         window = sync.publish(plan.warmup_s, 0.0 if plan.messages else plan.duration_s)
     except Exception as e:  # a broken barrier: some worker failed while opening its streams
         raise RuntimeError(f"{target}: load workers failed to start: {_first_error(results)}") from e
     total = per_stream * plan.streams if plan.messages else None
-    bar = tqdm(total=total, desc=f"{target:>9} s={plan.streams} T={plan.t}", unit="msg", disable=not progress_bar,
-               leave=False)  # fmt: skip
+    bar = terminal_bar(total, f"{target:>9} s={plan.streams} T={plan.t}", wanted=progress_bar)
     time.sleep(max(0.0, window.start_at - time.time()))  # warm-up runs; the window opens
     before = ServerSnapshot.take(server_pid, metrics_url, info.name)
     after: ServerSnapshot | None = None

@@ -133,7 +133,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
         help="onnxruntime threads of the started server (a --serve-arg may override it) and of the naive and "
         "raw-ORT baselines: the same for all",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (none anyway when stderr is not a terminal)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
 
 
@@ -190,5 +192,7 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--procs", type=int, default=0, help="client processes (0 = min(streams, 2))")
     p.add_argument("--out", type=Path, default=Path("runs/bench-checkpoint"), help="directory for checkpoint.json")
     p.add_argument("--serve-arg", action="append", default=[], metavar="FLAG", help="extra flag for the started server")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (none anyway when stderr is not a terminal)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")

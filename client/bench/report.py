@@ -53,9 +53,7 @@ def pooled(rounds: list[dict[str, Result]]) -> dict[str, Result]:
     return {name: Result.pooled([r[name] for r in rounds]) for name in rounds[0]}
 
 
-def config_entry(
-    rounds: list[dict[str, Result]], results: dict[str, Result], ort: OrtResult | None
-) -> dict[str, Any]:
+def config_entry(rounds: list[dict[str, Result]], results: dict[str, Result], ort: OrtResult | None) -> dict[str, Any]:
     """One configuration: cellserve, the baselines, and the ratios the README quotes.
 
     ``results`` are the targets' pooled rounds (:func:`pooled`). A ratio against echo, naive or the
@@ -208,26 +206,9 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
         ax.set_title(f"Latency CDF, T={t} steps per message")
         ax.legend(fontsize=6, ncol=2)
         ax.grid(alpha=0.3)
-    ax_tp = axes[len(ts)]  # throughput: colour = target, style = T
     target_colors = {"cellserve": colors[0], "echo": colors[1], "naive": colors[2], "raw ORT": colors[3],
                      "compare": colors[4]}  # fmt: skip
-    t_styles = ["o-", "s--", "^:", "d-."]
-    for i, t in enumerate(ts):
-        cs = sorted((c for c in configs if c["t"] == t), key=lambda c: c["streams"])
-        streams = [c["streams"] for c in cs]
-        series = {"cellserve": [c["cellserve"]["steps_per_s"] for c in cs]}
-        for name, key in (("echo", "echo"), ("naive", "naive"), ("raw ORT", "ort"), ("compare", "compare")):
-            if all(key in c["baselines"] for c in cs):
-                series[name] = [c["baselines"][key]["steps_per_s"] for c in cs]
-        for name, vals in series.items():
-            ax_tp.plot(streams, vals, t_styles[i % len(t_styles)], color=target_colors[name], label=f"{name} T={t}")
-    ax_tp.set_xscale("log", base=2)
-    ax_tp.set_yscale("log")
-    ax_tp.set_xlabel("concurrent streams")
-    ax_tp.set_ylabel("steps/s (messages/s × T)")
-    ax_tp.set_title("Throughput vs concurrency")
-    ax_tp.legend(fontsize=7)
-    ax_tp.grid(alpha=0.3, which="both")
+    throughput_panel(axes[len(ts)], configs, target_colors)
     if by_round:
         _rounds_panel(axes[-1], by_round, {"echo": colors[1], "naive": colors[2], "compare": colors[4]})
     fig.tight_layout()
@@ -235,6 +216,48 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _throughput_series(configs: list[dict[str, Any]], t: int) -> tuple[list[int], dict[str, list[float]]]:
+    """The streams run at ``t``, and each target's steps/s at them (a baseline only where every one has it)."""
+    cs = sorted((c for c in configs if c["t"] == t), key=lambda c: c["streams"])
+    series = {"cellserve": [c["cellserve"]["steps_per_s"] for c in cs]}
+    for name, key in (("echo", "echo"), ("naive", "naive"), ("raw ORT", "ort"), ("compare", "compare")):
+        if all(key in c["baselines"] for c in cs):
+            series[name] = [c["baselines"][key]["steps_per_s"] for c in cs]
+    return [c["streams"] for c in cs], series
+
+
+def throughput_panel(ax: Any, configs: list[dict[str, Any]], colors: dict[str, str]) -> None:
+    """Steps/s against concurrency: a curve per target and T where the run has several stream counts; bars (one
+    group per T) where it has one, since a single x-value makes no curve."""
+    ts = sorted({c["t"] for c in configs})
+    if len({c["streams"] for c in configs}) == 1:
+        labelled: set[str] = set()
+        for i, t in enumerate(ts):
+            _, series = _throughput_series(configs, t)
+            width = 0.8 / len(series)
+            for j, (name, vals) in enumerate(series.items()):
+                x = i + (j - (len(series) - 1) / 2) * width
+                ax.bar(x, vals[0], width, color=colors[name], label=None if name in labelled else name)
+                ax.annotate(f"{vals[0]:,.0f}", (x, vals[0]), ha="center", va="bottom", fontsize=7)
+                labelled.add(name)
+        ax.set_xticks(range(len(ts)), [f"T={t}" for t in ts])
+        ax.set_xlabel(f"{configs[0]['streams']} concurrent streams")
+        ax.set_title("Throughput, one concurrency")
+    else:
+        t_styles = ["o-", "s--", "^:", "d-."]
+        for i, t in enumerate(ts):
+            streams, series = _throughput_series(configs, t)
+            for name, vals in series.items():
+                ax.plot(streams, vals, t_styles[i % len(t_styles)], color=colors[name], label=f"{name} T={t}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_title("Throughput vs concurrency")
+    ax.set_yscale("log")
+    ax.set_ylabel("steps/s (messages/s × T)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
 
 
 def _rounds_panel(ax: Any, configs: list[dict[str, Any]], colors: dict[str, str]) -> None:

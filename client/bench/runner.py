@@ -22,6 +22,7 @@ from pathlib import Path
 from cellserve.client.bench.baselines.onnx_model import OnnxModel, manifest_step_frame
 from cellserve.client.bench.baselines.ort import ort_ceiling
 from cellserve.client.bench.command import BenchError, Target, bench_target, model_dir, run_command
+from cellserve.client.bench.legend import legend
 from cellserve.client.bench.measure import LoadPlan, Result, round_order, run_load
 from cellserve.client.bench.options import DEFAULT_STREAMS, DEFAULT_T, SWEEP_STREAMS, SWEEP_T
 from cellserve.client.bench.report import config_entry, pooled, run_meta, table, write_json, write_png
@@ -59,6 +60,7 @@ def _command(args: argparse.Namespace) -> int:
     report = _run(args, configs, baselines, model_dir(args.model_dir, needed=needed,
                                                       why=": the baselines run the same ONNX file"))  # fmt: skip
     print(table(report["configs"]))
+    print(legend(report["configs"]))
     out: Path = args.out
     write_json(report, out / "bench.json")
     png = write_png(report["configs"], out / "bench.png")

@@ -132,7 +132,8 @@ def test_a_report_with_rounds_draws_the_same_round_ratio_panel(tmp_path):
 
 
 def test_compare_runs_a_second_server_with_its_flags_in_every_round(tiny_model_dir, tmp_path):
-    """`--compare-serve-arg` starts a second cellserve with the extra flag; both run in each round."""
+    """`--compare-serve-arg` starts a second cellserve with the extra flag; both run in each round. Its output
+    is piped: the table has its legend, and no progress bar clutters stderr (no --no-progress needed)."""
     import json
     import subprocess
     import sys
@@ -140,10 +141,12 @@ def test_compare_runs_a_second_server_with_its_flags_in_every_round(tiny_model_d
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "cellserve.server.cli", "--log-level", "WARNING", "bench", "--model-dir",
            str(tiny_model_dir), "--streams", "3", "-T", "1", "--messages", "90", "--warmup", "0.1", "--rounds", "2",
-           "--baselines", "echo", "--compare-serve-arg=--max-batch=1", "--no-progress", "--out", str(out)]  # fmt: skip
+           "--baselines", "echo", "--compare-serve-arg=--max-batch=1", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compare/cellserve: msgs" in proc.stdout
+    assert "Legend" in proc.stdout and "compare/cellserve" in proc.stdout.split("Legend")[1]
+    assert "msg/s]" not in proc.stderr and "\r" not in proc.stderr  # tqdm's rate and redraws: no bar
     report = json.loads((out / "bench.json").read_text())
     assert report["meta"]["compare_serve_args"] == ["--max-batch=1"]
     (cfg,) = report["configs"]
