@@ -12,6 +12,10 @@ them all and merges series with the same name and labels:
 A worker that does not answer one scrape contributes its last values. The workers are read in parallel,
 each for at most ``SCRAPE_TIMEOUT_S``: a hung worker (until the supervisor kills it) delays a scrape by
 that much, never by more, however many hang.
+
+Workers are read in the OpenMetrics format, so their exemplars (a traced step's ``trace_id``/``span_id`` on its
+histogram bucket) survive: each merged series keeps the newest exemplar any live worker has for it, and the
+public endpoint shows it to a scrape that asks for OpenMetrics. A dead worker's exemplars go with it.
 """
 
 from __future__ import annotations
@@ -22,15 +26,17 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from http.client import HTTPException
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
+from prometheus_client.samples import Exemplar, Sample
 
 log = logging.getLogger(__name__)
 
 SCRAPE_TIMEOUT_S = 0.5  # a worker answers on loopback in milliseconds; one that does not is busy or hung
+ACCEPT = "application/openmetrics-text; version=1.0.0"  # what a worker is asked for: exemplars included
 MONOTONIC = ("counter", "histogram", "summary")
 
 Key = tuple[str, tuple[tuple[str, str], ...]]  # sample name, sorted labels
@@ -42,6 +48,7 @@ class _Family:
     documentation: str
     type: str
     samples: dict[Key, float] = field(default_factory=dict)
+    exemplars: dict[Key, Exemplar] = field(default_factory=dict)
 
 
 def _merge_rule(family_type: str, sample_name: str) -> Callable[[float, float], float]:
@@ -55,13 +62,23 @@ def _merge_rule(family_type: str, sample_name: str) -> Callable[[float, float], 
 
 
 def parse(text: str) -> dict[str, _Family]:
-    """Prometheus text exposition → families by name (each sample keyed by name and labels)."""
+    """OpenMetrics exposition → families by name (each sample, and its exemplar if any, keyed by name and labels)."""
     out: dict[str, _Family] = {}
     for metric in text_string_to_metric_families(text):
         fam = out.setdefault(metric.name, _Family(metric.name, metric.documentation, metric.type))
         for s in metric.samples:
-            fam.samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            key = (s.name, tuple(sorted(s.labels.items())))
+            fam.samples[key] = s.value
+            if s.exemplar is not None:
+                fam.exemplars[key] = s.exemplar
     return out
+
+
+def _newer(a: Exemplar | None, b: Exemplar) -> Exemplar:
+    """The more recent of two exemplars of one series (``b`` when neither has a timestamp)."""
+    if a is None or float(a.timestamp or 0.0) <= float(b.timestamp or 0.0):  # the parser's Timestamp, or None
+        return b
+    return a
 
 
 class MergedMetrics(Collector):
@@ -104,10 +121,11 @@ class MergedMetrics(Collector):
 
 def _read(worker: tuple[int, str]) -> dict[str, _Family] | None:
     pid, url = worker
+    request = urllib.request.Request(url, headers={"Accept": ACCEPT})
     try:
-        with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as reply:  # a loopback URL of our own worker
+        with urllib.request.urlopen(request, timeout=SCRAPE_TIMEOUT_S) as reply:  # a loopback URL of our own worker
             return parse(reply.read().decode())
-    except OSError as e:
+    except (OSError, HTTPException, ValueError) as e:  # unreachable, cut off mid-answer (died), or not parsable
         log.debug("worker metrics not read", extra={"pid": pid, "error": str(e)})
         return None
 
@@ -121,7 +139,12 @@ def merge(sources: list[dict[str, _Family]]) -> Iterator[Metric]:
             for key, value in fam.samples.items():
                 have = into.samples.get(key)
                 into.samples[key] = value if have is None else _merge_rule(fam.type, key[0])(have, value)
+            for key, exemplar in fam.exemplars.items():
+                into.exemplars[key] = _newer(into.exemplars.get(key), exemplar)
     for fam in merged.values():
         metric = Metric(fam.name, fam.documentation, fam.type)
-        metric.samples = [Sample(name, dict(labels), value) for (name, labels), value in fam.samples.items()]
+        metric.samples = [
+            Sample(name, dict(labels), value, exemplar=fam.exemplars.get((name, labels)))
+            for (name, labels), value in fam.samples.items()
+        ]
         yield metric

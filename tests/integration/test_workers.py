@@ -1,6 +1,6 @@
 """``cellserve serve --workers N``: one port, N processes, one /metrics; restarts and drains; taken ports;
 a hung (SIGSTOPped) worker killed and restarted; a killed supervisor's port free at once; the SDK's sessions
-from one process on every worker."""
+from one process on every worker; every worker's trace exemplars in the merged OpenMetrics scrape."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from otlp_helpers import otlp_receiver
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from cellserve.client import AsyncClient, ChannelConfig, Client
@@ -123,6 +125,48 @@ def test_connections_land_on_every_worker_and_metrics_are_their_sums(spawn_serve
     assert value(total, "cellserve_build_info", version=__import__("cellserve").__version__) == 1  # not summed
     for i, got in enumerate(sessions.outputs):
         np.testing.assert_allclose(np.concatenate(got), tiny_oracle.sequence(tokens[i]), atol=1e-5, rtol=0)
+
+
+def openmetrics(port: int) -> dict[tuple[str, tuple], Any]:
+    """An OpenMetrics scrape (what carries exemplars), parsed strictly: samples by name and labels."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics", headers={"Accept": "application/openmetrics-text"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s for family in openmetrics_families(text) for s in family.samples
+    }
+
+
+def test_every_workers_exemplars_reach_the_merged_openmetrics_scrape(spawn_server):
+    with otlp_receiver() as (_, otlp_port):
+        server = spawn_server("--workers", "2", "--otlp-endpoint", f"http://127.0.0.1:{otlp_port}")
+        workers = server.ready_info()["workers"]
+        sessions = Sessions(server.address, [np.arange(3, dtype=np.int64)] * CONNECTIONS)
+
+        async def main() -> None:
+            await sessions.open()
+            for t in range(3):
+                await sessions.step(t)
+            await sessions.close()
+
+        asyncio.run(main())
+        own = [openmetrics(w["metrics_port"]) for w in workers]
+        total = openmetrics(server.metrics_port)
+
+    def exemplars(samples: dict, family: str) -> dict[tuple, Any]:
+        return {k: s.exemplar for k, s in samples.items() if k[0] == family and s.exemplar is not None}
+
+    for family in ("cellserve_step_latency_seconds_bucket", "cellserve_batch_size_bucket"):
+        per_worker = [exemplars(samples, family) for samples in own]
+        assert all(per_worker), f"every worker traces steps of its own sessions: {per_worker}"
+        merged = exemplars(total, family)
+        assert merged.keys() == per_worker[0].keys() | per_worker[1].keys(), family
+        for key, exemplar in merged.items():  # each bucket's newest exemplar, whichever worker has it
+            newest = max((w[key] for w in per_worker if key in w), key=lambda e: float(e.timestamp))
+            assert exemplar.labels == newest.labels, key
+    assert total[("cellserve_steps_total", (("model", "tiny"),))].value == 3 * CONNECTIONS
 
 
 def test_a_killed_worker_is_restarted_and_counters_keep_counting(spawn_server, wait_until):
