@@ -12,7 +12,7 @@ The operations:
   :attr:`DataPlane.accepting` (False once the server drains or stops);
 - **sessions**: :meth:`DataPlane.open` → a :class:`~cellserve.server.sessions.Session` handle,
   :meth:`DataPlane.step` (the scheduler's future, nothing wrapped around it: the per-message hot path),
-  :meth:`DataPlane.step_many` (many sessions' steps, one future, entries failing alone: the gateway's shape),
+  :meth:`DataPlane.step_many` (many sessions' steps as one scheduler entry, entries failing alone: the gateway's),
   :meth:`DataPlane.state` / :meth:`DataPlane.snapshot` / :meth:`DataPlane.parting_snapshot` (state, signed
   resume tokens), :meth:`DataPlane.close`;
 - **generation**: :meth:`DataPlane.generate` (a token model's sampling loop over one session);
@@ -32,17 +32,27 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cellserve.server.errors import Unavailable
+from cellserve.server.batching import GroupResult
+from cellserve.server.errors import InvalidArgument, Unavailable
 from cellserve.server.models import LoadedModel, ModelRepository
 from cellserve.server.resume_state import ResumeState
 from cellserve.server.resume_token import TokenCodec
-from cellserve.server.sessions import Notify, Session, SessionManager
+from cellserve.server.sessions import Notify, Session, SessionManager, submit_many
 from cellserve.server.settings import Settings
 
 if TYPE_CHECKING:
     from cellserve.server.tracing import Tracing
 
 DRAINING = "server is draining and accepts no new requests; retry on another replica"
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What :meth:`DataPlane.step_many` returns: y ``[N, T, *out]`` in the request's row order (zero rows where an entry
+    failed; None when every entry did) and each failed entry's error by its index."""
+
+    y: np.ndarray | None
+    errors: dict[int, Exception]
 
 
 @dataclass(frozen=True)
@@ -140,45 +150,85 @@ class DataPlane:
         """
         return session.submit(x)
 
-    def step_many(self, sessions: Sequence[Session], xs: Sequence[np.ndarray]) -> asyncio.Future[list[object]]:
-        """Queue one step for each of ``sessions`` (``xs[i]`` for ``sessions[i]``, e.g. the rows of one columnar
-        ``[N, T, *frame]`` tensor); one future resolves to a list with each entry's y or its error, in order.
+    async def step_many(
+        self, sessions: Sequence[Session | None], x: np.ndarray, errors: dict[int, Exception] | None = None
+    ) -> Steps:
+        """One step for each of ``sessions`` of one model: row i of ``x`` ([N, T, *frame]) for ``sessions[i]`` (None:
+        an entry ``errors`` already explains). The rows go to the scheduler as one entry (several when N passes
+        ``max_batch`` or ``max_batch_steps``), without a future or task per row, merging with other steps.
 
-        An entry that fails (a bad input, a closed session, one step already in flight) fails alone; the others
-        run, in the same engine batch where they fit ``max_batch``.
+        A bad row, a closed or busy session, a session of another model or the same session twice fails alone,
+        in the result's ``errors``; the others run. A problem of the whole message raises InvalidArgument.
         """
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[np.ndarray] | None] = []
-        errors: dict[int, BaseException] = {}
-        for i, (session, x) in enumerate(zip(sessions, xs, strict=True)):
+        errors = {} if errors is None else errors
+        model = next((s.model for s in sessions if s is not None), None)
+        if model is None:
+            return Steps(None, errors)
+        for i, e in model.check_rows(x).items():
+            errors.setdefault(i, e)
+        chosen: list[Session] = []
+        rows: list[int] = []
+        seen: set[int] = set()
+        for i, session in enumerate(sessions):
+            if session is None or i in errors:
+                continue
+            refused = session.refusal()
+            if refused is None and session.model is not model:
+                refused = InvalidArgument(
+                    f"session {session.id} is on model {session.model.name!r}; one message steps sessions of one "
+                    f"model ({model.name!r} here)"
+                )
+            if refused is None and id(session) in seen:
+                refused = InvalidArgument(f"session {session.id} appears twice; step a session once per message")
+            if refused is not None:
+                errors[i] = refused
+                continue
+            seen.add(id(session))
+            chosen.append(session)
+            rows.append(i)
+        if self._tracing is not None:  # a step refused before the engine is always traced
+            for i, e in errors.items():
+                traced = sessions[i]
+                if traced is not None and traced.trace is not None:
+                    traced.trace.step_failed(traced.id, e)
+        if not chosen:
+            return Steps(None, errors)
+        xs = x if len(rows) == len(x) else x[rows]
+        scheduler = model.scheduler
+        per_call = max(1, min(scheduler.max_batch, scheduler.max_batch_steps // x.shape[1]))
+        parts: list[tuple[int, asyncio.Future[GroupResult] | BaseException]] = []
+        for start in range(0, len(chosen), per_call):
             try:
-                futures.append(session.submit(x))
-            except Exception as e:
-                futures.append(None)
-                errors[i] = e
-        done: asyncio.Future[list[object]] = loop.create_future()
-        waiting = [f for f in futures if f is not None]
-        if not waiting:
-            done.set_result([errors[i] for i in range(len(futures))])
-            return done
-
-        def collect(_: object) -> None:
-            if done.done():
-                return
-            results: list[object] = []
-            for i, f in enumerate(futures):
-                if f is None:
-                    results.append(errors[i])
-                elif f.cancelled():
-                    results.append(asyncio.CancelledError())
-                else:
-                    results.append(f.exception() or f.result())
-            done.set_result(results)
-
-        gathered = asyncio.gather(*waiting, return_exceptions=True)
-        gathered.add_done_callback(collect)
-        done.add_done_callback(lambda d: gathered.cancel() if d.cancelled() else None)
-        return done
+                part: asyncio.Future[GroupResult] | BaseException = submit_many(
+                    model, chosen[start : start + per_call], xs[start : start + per_call]
+                )
+            except Exception as e:  # the queue is full, the model stopping: these rows fail, the others run
+                part = e
+            parts.append((start, part))
+        try:
+            results = [(start, part if isinstance(part, BaseException) else await part) for start, part in parts]
+        except asyncio.CancelledError:
+            for _, part in parts:
+                if isinstance(part, asyncio.Future):
+                    part.cancel()
+            raise
+        if len(results) == 1 and len(chosen) == len(x) and isinstance(results[0][1], GroupResult):
+            only = results[0][1]
+            if not only.failed:  # the common case: every row ran, in one scheduler entry
+                return Steps(only.y, errors)
+        y: np.ndarray | None = None
+        for start, result in results:
+            count = min(per_call, len(chosen) - start)
+            if isinstance(result, BaseException) or result.y is None:
+                for k in range(count):
+                    errors[rows[start + k]] = result if isinstance(result, BaseException) else result.failed[k]
+                continue
+            if y is None:
+                y = np.zeros((len(x), *result.y.shape[1:]), result.y.dtype)
+            y[rows[start : start + count]] = result.y
+            for k, e in result.failed.items():
+                errors[rows[start + k]] = e
+        return Steps(y, errors)
 
     def state(self, session: Session) -> ResumeState:
         """Host copy of ``session``'s state; for a session a drain closed, the state it was closed with."""

@@ -85,6 +85,33 @@ class LoadedModel:
             raise InvalidArgument(f"input contains NaN or Inf; model {self.name!r} needs finite features")
         return x
 
+    def check_rows(self, x: np.ndarray) -> dict[int, Exception]:
+        """Validate a gateway message's steps x ``[N, T, *frame]`` (row i: one session's step). A problem of the
+        whole message (shape, dtype, T) raises InvalidArgument; rows with bad values (token ids out of range,
+        NaN or Inf) are returned, each with its own error, so the others can run."""
+        shape = x.shape
+        describe = f"row i of [N, T, *frame] is one session's step: {self.manifest.describe_input(self.max_steps)}"
+        if len(shape) < 2 or (shape[2:] != self._step_dims and not self._frame_fits(shape[2:])):
+            raise InvalidArgument(f"input has shape {list(shape)}; {describe}")
+        if x.dtype != self.input_dtype:
+            raise InvalidArgument(f"input has dtype {x.dtype}; {describe}")
+        if not 1 <= shape[1] <= self.max_steps:
+            raise InvalidArgument(f"input has T={shape[1]} steps; {describe}")
+        flat = x.reshape(shape[0], -1)
+        vocab = self._vocab
+        if vocab is not None:
+            lo, hi = flat.min(axis=1), flat.max(axis=1)
+            return {
+                int(i): InvalidArgument(
+                    f"token id {int(lo[i]) if lo[i] < 0 else int(hi[i])} is out of range; model {self.name!r} has "
+                    f"vocabulary [0, {vocab})"
+                )
+                for i in np.flatnonzero((lo < 0) | (hi >= vocab))
+            }
+        bad = np.flatnonzero(~np.isfinite(flat).all(axis=1))
+        message = f"input contains NaN or Inf; model {self.name!r} needs finite features"
+        return {int(i): InvalidArgument(message) for i in bad}
+
 
 class ModelRepository:
     """Name → LoadedModel for every model directory in the settings."""

@@ -7,6 +7,11 @@ and frame dims where the model leaves them dynamic) run in one engine call, at m
 is bounded); a batch with several shapes makes one call per shape. Each session has at most one
 step in flight (the session layer guarantees it), so its steps stay in order.
 
+A gateway's message of many sessions' steps (``enqueue_many``) is one queue entry with one future: its
+rows count towards ``max_batch`` like as many single steps, run in one engine call with whatever else is
+queued, and are answered together (a :class:`GroupResult`). No object per row is made unless an engine
+call fails and its rows are retried alone.
+
 Per message the cost is an append and a comparison: ``enqueue`` itself decides when a batch is
 due. Inline (the default), the step that completes a batch runs it right there, or a timer does
 ``max_wait_us`` after the oldest step: no task and no extra turn of the event loop. With
@@ -26,14 +31,28 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cellserve.server.engine import Engine, out_of_memory
-from cellserve.server.errors import ResourceExhausted, StepFailed, StepOutOfMemory, Unavailable
+from cellserve.server.batching import (
+    Entry,
+    Finished,
+    FinishedMany,
+    Group,
+    GroupResult,
+    Request,
+    Row,
+    Unit,
+    alone,
+    describe_error,
+    inputs,
+    step_failed,
+)
+from cellserve.server.engine import Engine
+from cellserve.server.errors import ResourceExhausted, StepOutOfMemory, Unavailable
 from cellserve.server.logs import session_log_fields
 from cellserve.server.metrics import Metrics
 
@@ -42,41 +61,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Finished = Callable[[int], None]  # called once per step: the steps it ran (0 if it never ran)
-
-
-class _Request:
-    __slots__ = ("_finished", "future", "owner", "queued_at", "slot", "x")
-
-    def __init__(
-        self,
-        slot: int,
-        x: np.ndarray,
-        future: asyncio.Future[np.ndarray],
-        finished: Finished,
-        owner: Owner | None,
-    ) -> None:
-        self.slot = slot
-        self.x = x  # [T, *frame]
-        self.future = future
-        self._finished: Finished | None = finished
-        self.owner = owner  # its session (for traces and logs), if any
-        self.queued_at = time.perf_counter()
-
-    def finish(self, steps: int) -> None:
-        """Tell the session the engine is done with its slot (``steps`` run): once, whatever happens after."""
-        finished, self._finished = self._finished, None
-        if finished is not None:
-            finished(steps)
-
-    def fail(self, error: BaseException) -> None:
-        self.finish(0)
-        if not self.future.done():
-            self.future.set_exception(error)
-
-
-Ran = tuple[list[_Request], np.ndarray, float]  # steps of one engine call that succeeded, their y, its seconds
-Isolated = tuple[list[Ran], list[tuple[_Request, Exception]]]  # after a failed call: what ran, what failed alone
+Ran = tuple[list[Unit], np.ndarray, float]  # steps of one engine call that succeeded, their y, its seconds
+Isolated = tuple[list[Ran], list[tuple[Unit, Exception]]]  # after a failed call: what ran, what failed alone
 
 
 class Scheduler:
@@ -104,7 +90,8 @@ class Scheduler:
         self.max_batch_steps = max_batch_steps
         self.mode = mode
         self._live_sessions = live_sessions or (lambda: max_batch)
-        self._queue: deque[_Request] = deque()
+        self._queue: deque[Entry] = deque()
+        self._queued_rows = 0  # sessions' steps in the queue (a group counts its rows)
         self._timer: asyncio.TimerHandle | None = None  # fires max_wait_us after the oldest queued step
         self._waited = False  # the oldest queued step has waited max_wait_us
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -113,7 +100,7 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{self.model}") if mode == "thread" else None
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
-        self._in_flight: list[_Request] = []  # thread mode: the batch the engine thread is running
+        self._in_flight: list[Entry] = []  # thread mode: the batch the engine thread is running
         self._m_batch = metrics.batch_size.labels(model=self.model)
         self._m_wait = metrics.queue_wait.labels(self.model)
         self._m_latency = metrics.step_latency.labels(self.model)
@@ -143,7 +130,7 @@ class Scheduler:
         stopping = Unavailable("server is shutting down; resume on another replica")
         for req in [*self._in_flight, *self._queue]:
             req.fail(stopping)
-        self._in_flight, self._queue = [], deque()
+        self._in_flight, self._queue, self._queued_rows = [], deque(), 0
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
@@ -157,26 +144,49 @@ class Scheduler:
         Inline, the step that completes a batch runs it before returning: its own future is then already
         done, so its caller resumes without waiting a turn of the event loop.
         """
+        future: asyncio.Future[np.ndarray] = self._admit(1).create_future()
+        self._queue.append(Request(slot, x, future, finished, owner))
+        self._queued_rows += 1
+        self._queued()
+        return future
+
+    def enqueue_many(
+        self, slots: np.ndarray, x: np.ndarray, finished: FinishedMany, owners: Sequence[Owner | None]
+    ) -> asyncio.Future[GroupResult]:
+        """Queue one step for each of many sessions: row i of ``x`` ([n, T, *frame]) for slot ``slots[i]``, at most
+        ``max_batch`` rows and ``max_batch_steps`` rows x steps (the caller splits larger messages). One future
+        resolves to a :class:`GroupResult`; ``finished(steps, failed)`` is called once, when the engine is done
+        with every slot. ``owners[i]``: row i's session (its trace, its id in logs)."""
+        rows = len(slots)
+        assert 0 < rows <= self.max_batch and rows * x.shape[1] <= max(self.max_batch_steps, x.shape[1])
+        future: asyncio.Future[GroupResult] = self._admit(rows).create_future()
+        self._queue.append(Group(slots, x, future, finished, owners))
+        self._queued_rows += rows
+        self._queued()
+        return future
+
+    def _admit(self, rows: int) -> asyncio.AbstractEventLoop:
+        """The loop to make the future on, if ``rows`` more steps may queue (else UNAVAILABLE or RESOURCE_EXHAUSTED)."""
         if not self._running or self._loop is None:
             raise Unavailable(f"model {self.model!r} is not running; the server is starting or stopping")
-        queue = self._queue
-        if len(queue) >= self.max_queued:
+        if self._queued_rows + rows > self.max_queued:
             raise ResourceExhausted(
-                f"model {self.model!r} has {self.max_queued} steps queued (setting max_queued_steps); retry later"
+                f"model {self.model!r} has {self._queued_rows} steps queued and takes at most {self.max_queued} "
+                "(setting max_queued_steps); retry later"
             )
-        future: asyncio.Future[np.ndarray] = self._loop.create_future()
-        queue.append(_Request(slot, x, future, finished, owner))
+        return self._loop
+
+    def _queued(self) -> None:
+        """After an enqueue: run the batch if it is due, else make sure the max-wait timer runs."""
         if self._batch_due():
             self._dispatch()
         elif self._timer is None:
             self._arm_timer()
-        return future
 
     # -- when a batch runs ------------------------------------------------------------------------
 
     def _batch_due(self) -> bool:
-        queue = self._queue
-        return bool(queue) and (self._waited or len(queue) >= min(self.max_batch, self._live_sessions()))
+        return bool(self._queue) and (self._waited or self._queued_rows >= min(self.max_batch, self._live_sessions()))
 
     def _arm_timer(self) -> None:
         assert self._loop is not None
@@ -203,14 +213,19 @@ class Scheduler:
         if self._queue and self._timer is None:
             self._arm_timer()
 
-    def _take(self) -> list[_Request]:
-        """The next batch off the queue (at most max_batch, oldest first); the wait starts again for the rest."""
+    def _take(self) -> list[Entry]:
+        """The next batch off the queue (at most max_batch rows, oldest first); the wait starts again for the rest."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._waited = False
-        queue, n = self._queue, min(self.max_batch, len(self._queue))
-        return [queue.popleft() for _ in range(n)]
+        queue, batch, rows, most = self._queue, [], 0, self.max_batch
+        while queue and rows + queue[0].rows <= most:  # an entry has at most max_batch rows: one always fits
+            entry = queue.popleft()
+            batch.append(entry)
+            rows += entry.rows
+        self._queued_rows -= rows
+        return batch
 
     async def _run_threaded_forever(self) -> None:
         assert self._loop is not None
@@ -233,7 +248,7 @@ class Scheduler:
             if self._queue and self._timer is None:
                 self._arm_timer()
 
-    def _batch_failed(self, batch: list[_Request], error: Exception) -> None:
+    def _batch_failed(self, batch: list[Entry], error: Exception) -> None:
         """Not an engine failure (those fail only their own steps): every step of the batch is answered, once."""
         with session_log_fields(None):  # many sessions' steps: the task's own session is not the one
             log.error("batch failed", exc_info=error, extra={"model": self.model, "steps": len(batch)})
@@ -242,10 +257,10 @@ class Scheduler:
 
     # -- running a batch --------------------------------------------------------------------------
 
-    def _run_inline(self, batch: list[_Request]) -> None:
+    def _run_inline(self, batch: list[Entry]) -> None:
         """One engine call per step shape, on the event loop; then the batch's metrics, once."""
         for t, group in self._prepare(batch):
-            slots, x = _inputs(group)
+            slots, x = inputs(group)
             try:
                 t0 = time.perf_counter()
                 y = self.engine.run_slots(slots, x)
@@ -256,11 +271,11 @@ class Scheduler:
                 continue
             self._settle(t, self._isolate(t, group, failure))  # outside `except`: no chained tracebacks
 
-    async def _run_threaded(self, batch: list[_Request]) -> None:
+    async def _run_threaded(self, batch: list[Entry]) -> None:
         """As ``_run_inline``, with each engine call in the worker thread (the event loop goes on meanwhile)."""
         assert self._loop is not None
         for t, group in self._prepare(batch):
-            slots, x = _inputs(group)
+            slots, x = inputs(group)
             try:
                 t0 = time.perf_counter()
                 y = await self._loop.run_in_executor(self._executor, self.engine.run_slots, slots, x)
@@ -272,44 +287,61 @@ class Scheduler:
             # The retries run in the worker thread too; the futures are settled here, on the loop.
             self._settle(t, await self._loop.run_in_executor(self._executor, self._isolate, t, group, failure))
 
-    def _prepare(self, batch: list[_Request]) -> list[tuple[int, list[_Request]]]:
-        """The steps still wanted, as engine calls: grouped by step shape, split to fit ``max_batch_steps``.
-        Their time in the queue is observed here."""
+    def _prepare(self, batch: list[Entry]) -> list[tuple[int, list[Unit]]]:
+        """The steps still wanted, as engine calls: grouped by step shape, split to fit ``max_batch_steps``
+        (a group's rows stay in one call). Their time in the queue is observed here."""
         start = time.perf_counter()
-        live: list[_Request] = []
+        live: list[Entry] = []
+        waits: list[float] = []
         for req in batch:
             if req.future.cancelled():  # the caller went away while it was queued: never run
                 req.finish(0)
             else:
                 live.append(req)
-        self._m_wait.observe_elapsed(start, [r.queued_at for r in live])
-        by_shape: dict[tuple[int, ...], list[_Request]] = {}
+                waits += [req.queued_at] * req.rows
+        self._m_wait.observe_elapsed(start, waits)
+        by_shape: dict[tuple[int, ...], list[Entry]] = {}
         for req in live:  # equal T and frame shape (a dynamic frame dim may differ between sessions)
-            by_shape.setdefault(req.x.shape, []).append(req)
-        calls = []
+            by_shape.setdefault(req.step_shape(), []).append(req)
+        calls: list[tuple[int, list[Unit]]] = []
         for shape, group in by_shape.items():  # at most max_batch_steps rows x steps per call: bounded memory
             t = shape[0]
-            rows = max(1, self.max_batch_steps // t)
-            calls += [(t, group[i : i + rows]) for i in range(0, len(group), rows)]
+            most = max(1, self.max_batch_steps // t)
+            call: list[Unit] = []
+            rows = 0
+            for req in group:
+                if call and rows + req.rows > most:
+                    calls.append((t, call))
+                    call, rows = [], 0
+                call.append(req)
+                rows += req.rows
+            calls.append((t, call))
         return calls
 
-    def _deliver(self, t: int, group: list[_Request], y: np.ndarray, engine_s: float) -> None:
-        """Hand each step its row of y; then the group's metrics (latency: queued until its output is ready)."""
-        for req, row in zip(group, y, strict=True):  # rows of y: [T, O] views
-            req.finish(t)
-            if not req.future.done():
-                req.future.set_result(row)
+    def _deliver(self, t: int, group: list[Unit], y: np.ndarray, engine_s: float) -> None:
+        """Hand each step its rows of y; then the group's metrics (latency: queued until its output is ready)."""
+        if all(type(r) is not Group for r in group):  # a row per entry: each gets a [T, *out] view
+            for req, row in zip(group, y, strict=True):
+                req.complete(t, row)
+            starts = [r.queued_at for r in group]
+        else:
+            offset, starts = 0, []
+            for req in group:
+                n = req.rows
+                req.complete(t, y[offset] if type(req) is not Group else y[offset : offset + n])
+                offset += n
+                starts += [req.queued_at] * n
         end = time.perf_counter()
-        self._m_latency.observe_elapsed(end, [r.queued_at for r in group])
+        self._m_latency.observe_elapsed(end, starts)
         # tracing on: a batch span when a step of it was kept, whose ids are this call's exemplar
-        exemplar = self._tracer.delivered(group, t, engine_s, end) if self._tracer is not None else None
+        exemplar = self._tracer.delivered(alone(group), t, engine_s, end) if self._tracer is not None else None
         self._m_engine.observe(engine_s, exemplar)
-        self._m_batch.observe(len(group), exemplar)
-        self._m_steps.inc(len(group) * t)
+        self._m_batch.observe(len(y), exemplar)
+        self._m_steps.inc(len(y) * t)
 
     # -- after a failed engine call ----------------------------------------------------------------
 
-    def _isolate(self, t: int, group: list[_Request], error: Exception) -> Isolated:
+    def _isolate(self, t: int, group: list[Unit], error: Exception) -> Isolated:
         """Retry a failed group in halves until each failing step stands alone; returns the calls that ran and
         the steps that failed alone, with their errors. Touches no future (it may run in the worker thread).
 
@@ -320,10 +352,11 @@ class Scheduler:
             with session_log_fields(None):  # many sessions' steps: the task's own session is not the one
                 log.warning(
                     "engine call failed; retrying its steps in halves",
-                    extra={"model": self.model, "batch": len(group), "t": t, "error": _describe(error)},
+                    extra={"model": self.model, "batch": len(group), "t": t, "error": describe_error(error)},
                 )
         ran: list[Ran] = []
-        failed: list[tuple[_Request, Exception]] = []
+        failed: list[tuple[Unit, Exception]] = []
+        group = alone(group)  # a gateway's rows are retried one by one, like single steps
         suspects = [(group, error)]  # groups whose last call failed
         while suspects:
             group, error = suspects.pop()
@@ -332,7 +365,7 @@ class Scheduler:
                 continue
             mid = len(group) // 2
             for half in (group[:mid], group[mid:]):
-                slots, x = _inputs(half)
+                slots, x = inputs(half)
                 try:
                     t0 = time.perf_counter()
                     y = self.engine.run_slots(slots, x)
@@ -347,42 +380,21 @@ class Scheduler:
         ran, failed = isolated
         for group, y, engine_s in ran:
             self._deliver(t, group, y, engine_s)
+        groups: dict[int, Group] = {}  # the gateway groups whose rows were retried: answered once all are settled
+        for group, _, _ in ran:
+            groups.update((id(r.group), r.group) for r in group if type(r) is Row)
+        groups.update((id(r.group), r.group) for r, _ in failed if type(r) is Row)
         for req, error in failed:
             step_error = step_failed(self.model, t, error)
             with session_log_fields(req.owner.log_fields() if req.owner is not None else None):  # the step's own
                 log.error(
                     "engine failed on a step",
                     exc_info=None if isinstance(step_error, StepOutOfMemory) else error,  # a bug's traceback, not OOM's
-                    extra={"model": self.model, "t": t, "code": step_error.code.name, "error": _describe(error)},
+                    extra={"model": self.model, "t": t, "code": step_error.code.name, "error": describe_error(error)},
                 )
             self._m_failures.labels(model=self.model, code=step_error.code.name).inc()
             if self._tracer is not None:
                 self._tracer.failed(req, step_error, t)
             req.fail(step_error)
-
-
-def step_failed(model: str, t: int, error: Exception) -> StepFailed:
-    """The client's answer for a step the engine failed on alone: what happened and what to do, no internals."""
-    if out_of_memory(error):
-        failure: StepFailed = StepOutOfMemory(
-            f"model {model!r} ran out of memory on this step (T={t}) and did not apply it; send shorter chunks"
-        )
-    else:  # "not applied": true on every API (a session's or sequence's state is unchanged, a stateless row got none)
-        failure = StepFailed(
-            f"model {model!r} failed on this step (T={t}) and did not apply it; the server log has the details"
-        )
-    failure.__cause__ = error
-    return failure
-
-
-def _describe(error: BaseException) -> str:
-    """An engine error in one line for the log: its type and its first line."""
-    first = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {first[0] if first else ''}"
-
-
-def _inputs(group: list[_Request]) -> tuple[np.ndarray, np.ndarray]:
-    """The engine's inputs for one group of equal step shape: slot ids [B] and x [B, T, *frame]."""
-    slots = np.array([r.slot for r in group], dtype=np.int64)
-    x = np.concatenate([r.x for r in group]).reshape(len(group), *group[0].x.shape)
-    return slots, x
+        for gateway_group in groups.values():
+            gateway_group.settled(t)

@@ -15,7 +15,7 @@ import heapq
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ from cellserve.server.resume_state import ResumeState
 from cellserve.server.settings import Settings
 
 if TYPE_CHECKING:
+    from cellserve.server.batching import GroupResult
     from cellserve.server.tracing import SessionTrace
 
 log = logging.getLogger(__name__)
@@ -104,12 +105,8 @@ class Session:
         If the caller stops waiting, a step the scheduler has not started is dropped; one it has started
         still finishes, and the slot stays in flight (never freed) until it has.
         """
-        if self.closed:
-            if self.close_reason == "drain":  # as every refusal of a draining server: go elsewhere
-                raise Unavailable(f"session {self.id} was closed by a drain; resume on another replica")
-            raise FailedPrecondition(f"session {self.id} is closed ({self.close_reason}); open a new one")
-        if self._inflight:
-            raise FailedPrecondition(f"session {self.id} already has a step in flight; wait for its output")
+        if self.closed or self._inflight:
+            raise self.refusal()  # type: ignore[misc]
         try:
             x = self.model.check_input(x)
         except Exception as e:
@@ -124,6 +121,16 @@ class Session:
             if self.trace is not None and isinstance(e, Exception):
                 self.trace.step_failed(self.id, e)
             raise
+
+    def refusal(self) -> Exception | None:
+        """Why a step cannot be taken now (closed, or one already in flight), or None."""
+        if self.closed:
+            if self.close_reason == "drain":  # as every refusal of a draining server: go elsewhere
+                return Unavailable(f"session {self.id} was closed by a drain; resume on another replica")
+            return FailedPrecondition(f"session {self.id} is closed ({self.close_reason}); open a new one")
+        if self._inflight:
+            return FailedPrecondition(f"session {self.id} already has a step in flight; wait for its output")
+        return None
 
     def _finished(self, steps: int) -> None:
         """The scheduler is done with this session's step (``steps`` taken; 0 if it never ran)."""
@@ -179,6 +186,26 @@ class Session:
     @property
     def inflight(self) -> bool:
         return self._inflight
+
+
+def submit_many(model: LoadedModel, sessions: Sequence[Session], x: np.ndarray) -> asyncio.Future[GroupResult]:
+    """Queue one step for each of ``sessions`` (open sessions of ``model``, none in flight, each once; row i of
+    ``x`` [n, T, *frame], already checked, for ``sessions[i]``): one future for all, as one scheduler entry.
+    Each session is in flight until the engine is done with its slot; a row that failed alone takes no step."""
+    for session in sessions:
+        session._inflight = True
+
+    def finished(steps: int, failed: Mapping[int, Exception]) -> None:
+        for i, session in enumerate(sessions):
+            session._finished(0 if failed and i in failed else steps)
+
+    slots = np.fromiter((s.slot for s in sessions), np.int64, len(sessions))
+    try:
+        return model.scheduler.enqueue_many(slots, x, finished, sessions)
+    except BaseException:  # refused (queue full, stopping): nothing is in flight
+        for session in sessions:
+            session._inflight = False
+        raise
 
 
 class SessionManager:

@@ -61,16 +61,52 @@ def tokens(seed: int, t: int = 4) -> np.ndarray:
 def test_step_many_answers_each_entry_and_a_bad_entry_fails_alone(on_plane):
     async def test(plane: Plane) -> None:
         p = plane.plane
-        a, b, c, ref = (p.open("tiny") for _ in range(4))
+        a, b, c, d, ref = (p.open("tiny") for _ in range(5))
         p.close(c)
-        bad = tokens(1).astype(np.int32)
-        results = await p.step_many([a, b, c], [tokens(1), bad, tokens(2)])
-        assert isinstance(results[1], InvalidArgument) and "dtype int32" in str(results[1])
-        assert isinstance(results[2], FailedPrecondition) and "closed" in str(results[2])
-        np.testing.assert_allclose(results[0], await p.step(ref, tokens(1)), atol=1e-6)
-        assert (a.steps, b.steps) == (4, 0)  # the failed entry's session goes on with its state unchanged
+        x = np.stack([tokens(1), tokens(2), tokens(3), tokens(4), tokens(5)])  # [N, T]
+        x[1, 2] = 999  # out of the vocabulary: row 1 alone fails
+        result = await p.step_many([a, b, c, a, None], x, {4: FailedPrecondition("no such handle")})
+        assert set(result.errors) == {1, 2, 3, 4}
+        assert isinstance(result.errors[1], InvalidArgument) and "token id 999" in str(result.errors[1])
+        assert isinstance(result.errors[2], FailedPrecondition) and "closed" in str(result.errors[2])
+        assert "appears twice" in str(result.errors[3])
+        assert result.y is not None and result.y.shape[:2] == (5, 4)
+        np.testing.assert_allclose(result.y[0], await p.step(ref, tokens(1)), atol=1e-6)
+        assert not result.y[1:].any()  # failed rows are zeros
+        assert (a.steps, b.steps, d.steps) == (4, 0, 0)  # the failed entry's session goes on with its state unchanged
+        assert not a.inflight and not b.inflight
+        with pytest.raises(InvalidArgument, match="dtype int32"):  # the whole message is wrong: nothing runs
+            await p.step_many([d], x[:1].astype(np.int32))
 
     on_plane(test)
+
+
+def test_step_many_past_max_batch_runs_as_several_entries_equal_to_single_steps(tiny_model):
+    """More rows than max_batch (3 here): split into scheduler entries, each row equal to a session stepped alone."""
+
+    async def main() -> None:
+        settings = Settings(model_dirs=[tiny_model.dir], metrics_port=0, capacity=16, max_batch=3)
+        metrics = Metrics(CollectorRegistry())
+        models = ModelRepository.load(settings, metrics)
+        sessions = SessionManager(models, settings, metrics)
+        p = DataPlane(models, sessions, TokenCodec(TokenKeys.generate(), 60), settings)
+        for model in models:
+            model.scheduler.start()
+        try:
+            many = [p.open("tiny") for _ in range(7)]
+            alone = [p.open("tiny") for _ in range(7)]
+            for step in range(3):
+                x = np.stack([tokens(10 * step + i) for i in range(7)])
+                result = await p.step_many(many, x)
+                assert not result.errors and result.y is not None
+                for i, session in enumerate(alone):
+                    np.testing.assert_allclose(result.y[i], await p.step(session, x[i]), atol=1e-6)
+            assert [s.steps for s in many] == [12] * 7
+        finally:
+            for model in models:
+                await model.scheduler.stop()
+
+    asyncio.run(main())
 
 
 def test_a_snapshot_token_opens_a_session_with_the_same_state(on_plane):
