@@ -40,6 +40,18 @@ class Metrics:
             registry=registry,
         )
         self.steps = Counter(p + "steps", "Time steps computed (a chunk of T counts T).", ["model"], registry=registry)
+        self.session_steps = Counter(
+            p + "session_steps",
+            "Sessions' steps computed: a Multiplex message stepping N sessions counts N, a chunk of T counts 1.",
+            ["model"],
+            registry=registry,
+        )
+        self.step_messages = Counter(
+            p + "step_messages",
+            "Step messages batched: a Stream step, an OIP row, a Multiplex message of many sessions' steps counts 1.",
+            ["model"],
+            registry=registry,
+        )
         # Observed once per batch for all of its messages (observe_elapsed): per-message values, per-batch cost.
         self.step_latency = BatchHistogram(
             p + "step_latency_seconds",

@@ -1,16 +1,13 @@
 """Cross-session batching: each model's scheduler turns queued steps into engine calls.
 
-A batch closes when it holds ``max_batch`` steps, when every live session of the model is in it
-(nobody else can arrive), or ``max_wait_us`` after its first step. Steps of equal shape (length T,
-and frame dims where the model leaves them dynamic) run in one engine call, at most
-``max_batch_steps`` rows x steps per call (more rows run as further calls, so the engine's memory
-is bounded); a batch with several shapes makes one call per shape. Each session has at most one
-step in flight (the session layer guarantees it), so its steps stay in order.
+A batch closes when it holds ``max_batch`` steps, when every live session of the model is in it (nobody
+else can arrive), or ``max_wait_us`` after its first step. Steps of equal shape (length T, and frame dims
+where the model leaves them dynamic) run in one engine call, at most ``max_batch_steps`` rows x steps per
+call (more run as further calls: the engine's memory is bounded); a batch with several shapes makes one call
+per shape. Each session has at most one step in flight (the session layer sees to it): its steps stay in order.
 
-A gateway's message of many sessions' steps (``enqueue_many``) is one queue entry with one future: its
-rows count towards ``max_batch`` like as many single steps, run in one engine call with whatever else is
-queued, and are answered together (a :class:`GroupResult`). No object per row is made unless an engine
-call fails and its rows are retried alone.
+A gateway's message of many sessions' steps (``enqueue_many``) is one queue entry with one future; its rows
+count towards ``max_batch``, share engine calls with other steps, and are answered together (``GroupResult``).
 
 Per message the cost is an append and a comparison: ``enqueue`` itself decides when a batch is
 due. Inline (the default), the step that completes a batch runs it right there, or a timer does
@@ -18,11 +15,10 @@ due. Inline (the default), the step that completes a batch runs it right there, 
 ``engine_mode=thread`` a task runs due batches in a worker thread. Everything else — metrics
 included — is done once per batch.
 
-A failed engine call fails only steps that were in it. Its group is retried in halves until the
-failing steps stand alone (at most 2(n-1) more calls for a group of n, O(k log n) for k bad steps);
-the others complete. A failed call leaves its slots' state as it was (``Engine.run_slots``), so each
-failing step is answered ``StepFailed`` (``StepOutOfMemory`` when memory ran out) and its session
-may step again. This runs only after a failure: the per-message path is unchanged.
+A failed engine call fails only steps that were in it. Its group is retried in halves until the failing
+steps stand alone (at most 2(n-1) more calls for a group of n, O(k log n) for k bad steps); the others
+complete. A failed call leaves its slots' state as it was (``Engine.run_slots``), so each failing step is
+answered ``StepFailed`` (``StepOutOfMemory`` when memory ran out) and its session may step again.
 """
 
 from __future__ import annotations
@@ -106,6 +102,8 @@ class Scheduler:
         self._m_latency = metrics.step_latency.labels(self.model)
         self._m_engine = metrics.engine_run.labels(model=self.model)
         self._m_steps = metrics.steps.labels(model=self.model)
+        self._m_session_steps = metrics.session_steps.labels(model=self.model)
+        self._m_messages = metrics.step_messages.labels(model=self.model)
         self._m_failures = metrics.engine_failures
         self._tracer = tracer
 
@@ -300,6 +298,7 @@ class Scheduler:
                 live.append(req)
                 waits += [req.queued_at] * req.rows
         self._m_wait.observe_elapsed(start, waits)
+        self._m_messages.inc(len(live))
         by_shape: dict[tuple[int, ...], list[Entry]] = {}
         for req in live:  # equal T and frame shape (a dynamic frame dim may differ between sessions)
             by_shape.setdefault(req.step_shape(), []).append(req)
@@ -338,6 +337,7 @@ class Scheduler:
         self._m_engine.observe(engine_s, exemplar)
         self._m_batch.observe(len(y), exemplar)
         self._m_steps.inc(len(y) * t)
+        self._m_session_steps.inc(len(y))
 
     # -- after a failed engine call ----------------------------------------------------------------
 

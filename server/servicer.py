@@ -2,7 +2,8 @@
 
 Every handler works through the :class:`~cellserve.server.dataplane.DataPlane` it is given, as OIP's do.
 Each handler is a coroutine wrapped in the one error boundary (:func:`~cellserve.server.errors.rpc`).
-A ``Stream`` is served by its own :class:`~cellserve.server.stream.StreamHandler`; ``Generate``
+A ``Stream`` is served by its own :class:`~cellserve.server.stream.StreamHandler`, a ``Multiplex`` (a gateway's
+many sessions) by its :class:`~cellserve.server.multiplex.MultiplexHandler`; ``Generate``
 writes its tokens with ``context.write()``.
 """
 
@@ -19,6 +20,7 @@ from cellserve.server.dataplane import DataPlane
 from cellserve.server.errors import ErrorBoundary, FailedPrecondition, InvalidArgument, rpc
 from cellserve.server.limits import StreamLimit
 from cellserve.server.models import LoadedModel
+from cellserve.server.multiplex import MultiplexHandler
 from cellserve.server.stream import StreamHandler, trace_carrier
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
@@ -38,6 +40,11 @@ def add_to_server(servicer: CellServeServicer, server: grpc.aio.Server) -> None:
     handlers = {
         "Stream": grpc.stream_stream_rpc_method_handler(
             servicer.Stream, request_deserializer=pb.StreamRequest.FromString, response_serializer=serialize_response
+        ),
+        "Multiplex": grpc.stream_stream_rpc_method_handler(
+            servicer.Multiplex,
+            request_deserializer=pb.MultiplexRequest.FromString,
+            response_serializer=pb.MultiplexResponse.SerializeToString,
         ),
         "Generate": grpc.unary_stream_rpc_method_handler(
             servicer.Generate,
@@ -73,6 +80,13 @@ class CellServeServicer(pb_grpc.CellServeServicer):
     ) -> None:
         with self.streams.hold():
             await StreamHandler(self.plane, self.errors, context).run()
+
+    @rpc
+    async def Multiplex(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.MultiplexRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        with self.streams.hold():
+            await MultiplexHandler(self.plane, self.errors, context).run()
 
     @rpc
     async def Generate(  # type: ignore[override]
