@@ -10,6 +10,8 @@
 #     onnxruntime-gpu names in its `cuda` and `cudnn` extras (onnxruntime-gpu[cuda,cudnn]).
 #   CPU:           docker build --build-arg VARIANT=cpu -t cellserve:0.1.0-cpu .
 #     runtime on PYTHON_IMAGE, the `serve` extra.
+# Every variant also installs the `otel` extra (OpenTelemetry SDK and OTLP exporters): tracing stays off until the
+# OTEL_* variables or the otlp_* settings switch it on (README "Observability: traces"), and then it can export.
 #
 # PYTHON_IMAGE may be any Debian or Ubuntu image with python3 (3.11+) and python3-venv: every pip runs
 # from a venv of its own (no root pip, PEP 668 respected). deploy/image/build.sh builds both images on a
@@ -64,16 +66,19 @@ FROM ${PYTHON_IMAGE} AS base-cpu
 ENV SERVING_EXTRA=serve \
     CELLSERVE_DEVICE=cpu
 
-# ---- deps: the extra's third-party packages, in a venv without pip --------------------------------
+# ---- deps: the extras' third-party packages, in a venv without pip --------------------------------
 # Read from pyproject.toml, not from the wheel, so this (large) layer is rebuilt only when pyproject.toml
-# changes, not with every code change. pip runs from its own venv (/opt/pip) with --python.
+# changes, not with every code change. pip runs from its own venv (/opt/pip) with --python. The variant's
+# serving extra plus TRACING_EXTRA (`otel`).
 # hadolint ignore=DL3006
 FROM base-${VARIANT} AS deps
+ENV TRACING_EXTRA=otel
 COPY pyproject.toml /src/pyproject.toml
 RUN python3 -m venv /opt/pip \
     && python3 -m venv --without-pip /opt/cellserve \
     && python3 -c 'import os, re, tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; \
-extras = os.environ.get("CUDA_WHEELS"); reqs = p["dependencies"] + p["optional-dependencies"][os.environ["SERVING_EXTRA"]]; \
+extras = os.environ.get("CUDA_WHEELS"); opt = p["optional-dependencies"]; \
+reqs = p["dependencies"] + opt[os.environ["SERVING_EXTRA"]] + opt[os.environ["TRACING_EXTRA"]]; \
 print("\n".join(re.sub(r"^onnxruntime-gpu\b", f"onnxruntime-gpu[{extras}]", r) if extras else r for r in reqs))' \
        > /src/requirements.txt \
     && /opt/pip/bin/pip --python /opt/cellserve/bin/python install --no-cache-dir -r /src/requirements.txt \
