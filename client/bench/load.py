@@ -46,6 +46,9 @@ class LoadSpec:
     output_frame: tuple[int, ...] | None = None  # an output step's dims after T, -1 dynamic (None: [output_size])
     state_bytes: int = 0  # one session's state, every tensor (the naive client carries it; 0: our LSTM's h and c)
     example: tuple[int, ...] | None = None  # a frame the model runs (its manifest's): sizes of the dynamic dims
+    sessions: int = 1  # sessions one message steps (multiplex: [sessions, T, *frame] per message)
+    inflight: int = 1  # messages a stream keeps in flight (multiplex and its echo; answers come in order)
+    multiplex: bool = False  # Multiplex-sized messages: the multiplex target, or echo of its sizes
 
     def step_shape(self) -> tuple[int, ...]:
         """One message's input: ``[T, *frame]``, a dynamic frame dim at the example's size, else DYNAMIC_DIM."""
@@ -232,13 +235,22 @@ async def _run(spec: LoadSpec, sync: Any, progress: Synchronized) -> WorkerResul
     # One channel (HTTP/2 connection) per 16 streams: like many clients, not one multiplexed pipe.
     channels = [_connection(spec) for _ in range(max(1, (spec.streams + 15) // 16))]
     try:
-        opener = OPENERS[spec.target]
-        streams = await asyncio.gather(
-            *(opener(spec, channels[i % len(channels)], spec.seed * 100_003 + i) for i in range(spec.streams))
-        )
-        window = sync.wait_window()  # blocks until every worker has its streams open
-        cpu0 = time.process_time()
-        loops = await asyncio.gather(*(_closed_loop(spec, window, rt, progress) for rt, _ in streams))
+        if spec.multiplex:  # pipes: one message in flight, or several (--inflight)
+            from cellserve.client.bench.multiplex_load import open_pipes, pipe_loop
+
+            pipes = await open_pipes(spec, channels)
+            streams = [(p.roundtrip, p.close) for p in pipes]
+            window = sync.wait_window()
+            cpu0 = time.process_time()
+            loops = await asyncio.gather(*(pipe_loop(spec, window, p, progress) for p in pipes))
+        else:
+            opener = OPENERS[spec.target]
+            streams = await asyncio.gather(
+                *(opener(spec, channels[i % len(channels)], spec.seed * 100_003 + i) for i in range(spec.streams))
+            )
+            window = sync.wait_window()  # blocks until every worker has its streams open
+            cpu0 = time.process_time()
+            loops = await asyncio.gather(*(_closed_loop(spec, window, rt, progress) for rt, _ in streams))
         cpu, finished = time.process_time() - cpu0, time.time()
         await asyncio.gather(*(close() for _, close in streams))
         lat = np.concatenate([np.asarray(lat, np.float64) for lat, _ in loops])

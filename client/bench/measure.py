@@ -34,6 +34,7 @@ class Result:
     client_cpu_s_per_msg: float | None = None  # load generator CPU per message (all workers)
     server_cpu_s_per_msg: float | None = None  # server process tree's CPU per message in the window (bench-started)
     server_loop_cpu_s_per_msg: float | None = None  # of that, its main threads' (the event loops) alone
+    rows: int = 1  # sessions each message steps (Multiplex: --sessions-per-message)
 
     @property
     def msgs_per_s(self) -> float:
@@ -41,7 +42,8 @@ class Result:
 
     @property
     def steps_per_s(self) -> float:
-        return self.msgs_per_s * self.t
+        """Session-steps per second: messages × sessions per message × T."""
+        return self.msgs_per_s * self.t * self.rows
 
     def percentiles_ms(self) -> dict[str, float]:
         q = np.percentile(self.latencies_s, PERCENTILES) * 1e3
@@ -74,6 +76,7 @@ class Result:
             client_cpu_s_per_msg=weighted("client_cpu_s_per_msg"),
             server_cpu_s_per_msg=weighted("server_cpu_s_per_msg"),
             server_loop_cpu_s_per_msg=weighted("server_loop_cpu_s_per_msg"),
+            rows=first.rows,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -108,6 +111,9 @@ class LoadPlan:
     seed: int
     checkpoint_every: int = 0  # the sdk target's sessions
     example: tuple[int, ...] | None = None  # the frame sent where the model's is dynamic (None: DYNAMIC_DIM)
+    sessions: int = 1  # sessions stepped per message (Multiplex); 1 with multiplex False: one Stream session each
+    inflight: int = 1  # messages each stream keeps in flight (Multiplex and its echo only)
+    multiplex: bool = False  # Multiplex messages (cellserve's Multiplex RPC, or echo of their sizes)
 
 
 def round_order(names: list[str], r: int) -> list[str]:
@@ -162,7 +168,7 @@ def run_load(
             messages_per_stream=per_stream, seed=plan.seed * 1000 + i, checkpoint_every=plan.checkpoint_every,
             input_dtype=getattr(info, "input_dtype", ""), frame=getattr(info, "frame", None),
             output_frame=getattr(info, "output_frame", None), state_bytes=session_state_bytes(info),
-            example=plan.example,
+            example=plan.example, sessions=plan.sessions, inflight=plan.inflight, multiplex=plan.multiplex,
         )  # fmt: skip
         p = ctx.Process(target=worker, args=(spec, sync, progress, results), daemon=True)
         p.start()
@@ -229,7 +235,7 @@ def _collect(
         after = ServerSnapshot.take(server_pid, metrics_url, info.name)
     lat = np.concatenate([np.frombuffer(r.latencies, np.float64) for r in got])
     end = window.end_at or max(r.finished for r in got)
-    result = Result(target, plan.streams, plan.t, len(lat), max(end - window.start_at, 1e-9), lat)
+    result = Result(target, plan.streams, plan.t, len(lat), max(end - window.start_at, 1e-9), lat, rows=plan.sessions)
     result.client_cpu_s_per_msg = sum(r.cpu_s for r in got) / max(1, sum(r.sent for r in got))
     if before.usage is not None and after.usage is not None:
         result.server_cpu_s_per_msg, result.server_loop_cpu_s_per_msg = server_cpu_per_msg(

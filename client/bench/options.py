@@ -99,7 +99,36 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"streams in {list(SWEEP_STREAMS)} x T in {list(SWEEP_T)}; one report (instead of --streams/-T)",
     )
-    p.add_argument("--baselines", default="echo,naive,ort", help="comma-separated baselines to run (echo,naive,ort)")
+    p.add_argument(
+        "--baselines",
+        default=None,
+        help="comma-separated baselines to run (default: echo,naive,ort; with --sessions-per-message: echo,ort)",
+    )
+    p.add_argument(
+        "--sessions-per-message",
+        type=_counts,
+        default=None,
+        metavar="K",
+        help="a gateway's load instead: each --streams stream is a Multiplex stream holding K sessions and every "
+        "message steps all K ([K, T, *frame]); reports session-steps/s against raw onnxruntime at batch K and echo's "
+        "msgs/s at --echo-streams (a list like 1,64 runs each; default: one session per Stream message)",
+    )
+    p.add_argument(
+        "--inflight",
+        type=int,
+        default=1,
+        metavar="D",
+        help="with --sessions-per-message: messages each stream keeps in flight, the server answering in order "
+        "(default: %(default)s, closed loop)",
+    )
+    p.add_argument(
+        "--echo-streams",
+        type=int,
+        default=64,
+        metavar="N",
+        help="with --sessions-per-message: streams of the echo baseline sending one session's Stream step per "
+        "message, whose msgs/s the session-steps/s are divided by (steps_vs_echo_msgs; default: %(default)s)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="directory for bench.json and bench.png")
     p.add_argument(
         "--serve-arg",

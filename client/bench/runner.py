@@ -16,8 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cellserve.client.bench.baselines.onnx_model import OnnxModel, manifest_step_frame
 from cellserve.client.bench.baselines.ort import ort_ceiling
@@ -49,7 +52,9 @@ def _command(args: argparse.Namespace) -> int:
     if (args.compare_serve_arg or args.compare_pythonpath) and args.server is not None:
         raise BenchError("--compare-serve-arg starts a second server next to the one the bench starts; "
                          "it cannot be used with --server")  # fmt: skip
-    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    multiplex = args.sessions_per_message is not None
+    default = "echo,ort" if multiplex else "echo,naive,ort"
+    baselines = [b.strip() for b in (args.baselines or default).split(",") if b.strip()]
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
         raise BenchError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
@@ -57,8 +62,12 @@ def _command(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise BenchError(f"--rounds is {args.rounds}; it must be >= 1")
     needed = args.server is None or bool({"naive", "ort"} & set(baselines))
-    report = _run(args, configs, baselines, model_dir(args.model_dir, needed=needed,
-                                                      why=": the baselines run the same ONNX file"))  # fmt: skip
+    found = model_dir(args.model_dir, needed=needed, why=": the baselines run the same ONNX file")
+    if multiplex:
+        from cellserve.client.bench.multiplex import run_multiplex
+
+        return run_multiplex(args, configs, baselines, found)
+    report = _run(args, configs, baselines, found)
     print(table(report["configs"]))
     print(legend(report["configs"]))
     out: Path = args.out
@@ -68,10 +77,22 @@ def _command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(
-    args: argparse.Namespace, configs: list[tuple[int, int]], baselines: list[str], model_dir: Path | None
-) -> dict:
-    max_streams = max(1024, 2 * max(s for s, _ in configs))
+@dataclass(frozen=True)
+class Setup:
+    """What every configuration of a run drives: cellserve, the baseline servers and the compare server (by
+    name), the frame sent, and raw onnxruntime's session (None without the ort baseline)."""
+
+    cs: Target
+    targets: dict[str, Target]
+    example: tuple[int, ...] | None
+    ort_model: OnnxModel | None
+
+
+@contextmanager
+def started(
+    args: argparse.Namespace, baselines: list[str], model_dir: Path | None, max_streams: int
+) -> Iterator[Setup]:
+    """Start (or reach) cellserve, the compare server and the baseline servers; stop them on exit."""
     serve_args = ["--intra-op-threads", str(args.intra_op_threads), *args.serve_arg]
     with (
         bench_target(args.server, args.model, model_dir, serve_args, metrics_url=args.metrics_url,
@@ -106,6 +127,16 @@ def _run(
             targets["compare"] = compare
         threads = args.intra_op_threads  # the server's engine options, so raw ORT is like against like
         ort_model = OnnxModel.load(model_dir, threads) if "ort" in baselines and model_dir is not None else None
+        yield Setup(cs, targets, example, ort_model)
+
+
+def _run(
+    args: argparse.Namespace, configs: list[tuple[int, int]], baselines: list[str], model_dir: Path | None
+) -> dict:
+    max_streams = max(1024, 2 * max(s for s, _ in configs))
+    with started(args, baselines, model_dir, max_streams) as setup:
+        cs, targets, example, ort_model = setup.cs, setup.targets, setup.example, setup.ort_model
+        info = cs.info
         entries = []
         for streams, t in configs:
             plan = LoadPlan(streams, t, args.duration, args.messages, args.warmup,
@@ -127,21 +158,23 @@ def _run(
                 ort = ort_ceiling(ort_model, batch, t, seconds=min(2.0, max(0.2, args.duration / 2)), seed=args.seed)
             entries.append(config_entry(rounds, results, ort))
             log.info("bench configuration done", extra={"streams": streams, "t": t})
+    return {"meta": meta(args, setup, baselines), "configs": entries}
+
+
+def meta(args: argparse.Namespace, setup: Setup, baselines: list[str]) -> dict[str, Any]:
+    """The report's ``meta``: the run's command, model, server, machine, and how it was measured."""
     return {
-        "meta": {
-            **run_meta(info, cs.describe("started by the bench"), "cellserve bench"),
-            "duration_s": args.duration,
-            "messages": args.messages,
-            "warmup_s": args.warmup,
-            "rounds": args.rounds,
-            "compare_serve_args": args.compare_serve_arg,
-            "compare_pythonpath": str(args.compare_pythonpath) if args.compare_pythonpath else None,
-            "client_procs": args.procs or "min(streams, 2)",
-            "baselines": baselines,
-            "frame_sent": list(example) if example is not None else None,  # None: dynamic dims at DYNAMIC_DIM
-            "onnx_model": ort_model.describe() if ort_model is not None else None,
-        },
-        "configs": entries,
+        **run_meta(setup.cs.info, setup.cs.describe("started by the bench"), "cellserve bench"),
+        "duration_s": args.duration,
+        "messages": args.messages,
+        "warmup_s": args.warmup,
+        "rounds": args.rounds,
+        "compare_serve_args": args.compare_serve_arg,
+        "compare_pythonpath": str(args.compare_pythonpath) if args.compare_pythonpath else None,
+        "client_procs": args.procs or "min(streams, 2)",
+        "baselines": baselines,
+        "frame_sent": list(setup.example) if setup.example is not None else None,  # None: dynamic dims at DYNAMIC_DIM
+        "onnx_model": setup.ort_model.describe() if setup.ort_model is not None else None,
     }
 
 

@@ -1,4 +1,5 @@
-"""Wire sizes of one cellserve step message and its reply, so baselines carry the same bytes."""
+"""Wire sizes of one cellserve step message and its reply (a Stream step, or a Multiplex step of many sessions),
+so baselines carry the same bytes."""
 
 from __future__ import annotations
 
@@ -31,3 +32,15 @@ def session_state_bytes(info: ModelInfo) -> int:
         if t.role.startswith("state"):
             total += int(np.prod([d for d in t.shape if d >= 0])) * np.dtype(t.dtype).itemsize
     return total
+
+
+def multiplex_sizes(spec: LoadSpec) -> tuple[int, int]:
+    """(request bytes, reply bytes) of a Multiplex step of ``spec.sessions`` sessions and its answer: x
+    ``[K, T, *frame]`` with K handles, y ``[K, T, *out]`` float32 (the handles sized as a busy server's)."""
+    k = spec.sessions
+    handles = [1000 + i for i in range(k)]
+    x = to_proto(np.zeros((k, *spec.step_shape()), spec.x_dtype))
+    req = pb.MultiplexRequest(seq=1 << 20, step=pb.StepSessions(handles=handles, input=x))
+    y = to_proto(np.zeros((k, *spec.output_shape()), np.float32))
+    reply = pb.MultiplexResponse(seq=1 << 20, output=pb.SessionsOutput(output=y))
+    return req.ByteSize(), reply.ByteSize()

@@ -1,0 +1,150 @@
+"""`cellserve bench --sessions-per-message K`: a gateway's load over Multiplex streams, its same-run baselines
+(raw onnxruntime at batch K, echo of the same messages, echo at --echo-streams single-session streams), the JSON
+ratios the issue asks for and the PNG. No timing is asserted: only that every figure is measured and reported."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from multiprocessing import Value
+
+import numpy as np
+import pytest
+
+from cellserve.client.bench.baselines.sizes import message_sizes, multiplex_sizes
+from cellserve.client.bench.load import LoadSpec, Window, _closed_loop
+from cellserve.client.bench.multiplex_load import Pipe, pipe_loop, step_field, step_request, varint
+from cellserve.client.tensors import to_proto
+from cellserve.server.cli import main as cellserve_main
+from cellserve.v1 import cellserve_pb2 as pb
+
+
+def _spec(**overrides: object) -> LoadSpec:
+    fields: dict = {"target": "multiplex", "address": "", "model": "m", "streams": 1, "t": 1, "input_kind": "tokens",
+                    "input_size": 256, "output_size": 256, "layers": 2, "hidden": 32, "warmup_s": 0.0,
+                    "duration_s": 0.0, "messages_per_stream": 1, "seed": 0, "sessions": 64,
+                    "multiplex": True}  # fmt: skip
+    return LoadSpec(**{**fields, **overrides})
+
+
+def test_the_bench_runs_a_multiplex_load_and_writes_the_acceptance_ratios_and_a_png(tiny_model_dir, tmp_path):
+    """A short count-bound run against a started server: every target measured, both ratios the issue names in
+    bench.json, a PNG; piped output gets the legend and no progress bar."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "cellserve.server.cli", "--log-level", "WARNING", "bench", "--model-dir",
+           str(tiny_model_dir), "--sessions-per-message", "3", "--streams", "2", "-T", "2", "--inflight", "2",
+           "--echo-streams", "4", "--messages", "40", "--warmup", "0.1", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    meta = report["meta"]
+    assert (meta["mode"], meta["inflight"], meta["echo_streams"], meta["baselines"]) == ("multiplex", 2, 4,
+                                                                                         ["echo", "ort"])  # fmt: skip
+    (cfg,) = report["configs"]
+    assert (cfg["streams"], cfg["t"], cfg["sessions_per_message"], cfg["inflight"]) == (2, 2, 3, 2)
+    cs = cfg["cellserve"]
+    assert cs["messages"] == 40 and cs["sessions_per_message"] == 3
+    assert cs["steps_per_s"] == pytest.approx(cs["msgs_per_s"] * 3 * 2)  # session-steps: K rows of T each
+    assert cs["mean_batch"] >= 3  # the server's batches hold whole messages of 3 sessions (or more, merged)
+    assert cs["server_cpu_us_per_session_step"] > 0 and cs["latency_ms"]["p99"] > 0
+    echo, single, ort = (cfg["baselines"][k] for k in ("echo", "echo_single", "ort"))
+    assert (echo["streams"], echo["sessions_per_message"], echo["messages"]) == (2, 3, 40)
+    assert (single["streams"], single["sessions_per_message"]) == (4, 1)
+    assert (ort["batch"], ort["t"]) == (3, 2)
+    r = cfg["ratios"]
+    assert r["steps_vs_raw_ort"] == pytest.approx(cs["steps_per_s"] / ort["steps_per_s"])
+    assert r["steps_vs_echo_msgs"] == pytest.approx(cs["steps_per_s"] / (single["msgs_per_s"] * 2))  # one round
+    assert r["msgs_vs_echo"] == pytest.approx(cs["msgs_per_s"] / echo["msgs_per_s"])
+    assert r["engine_vs_ort"] > 0
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "steps/raw ORT" in proc.stdout and "Legend" in proc.stdout and "echo_single" in proc.stdout
+    assert "msg/s]" not in proc.stderr and "\r" not in proc.stderr  # no progress bar in piped output
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--baselines", "naive"], "the naive baseline steps one session per message"),
+        (["--sweep"], "--sweep is the single-session grid"),
+        (["--inflight", "0"], "--inflight is 0"),
+    ],
+)
+def test_multiplex_flags_that_cannot_work_are_refused_in_one_line(argv, says, capsys):
+    assert cellserve_main(["bench", "--server", "127.0.0.1:1", "--sessions-per-message", "8", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("cellserve bench: error: ") and says in err
+
+
+def test_a_step_request_is_a_multiplex_request_with_its_seq_and_columns():
+    x = np.arange(6, dtype=np.int64).reshape(3, 2)  # [K=3, T=2]
+    field = step_field(pb.StepSessions(handles=[7, 300, 70_000], input=to_proto(x)).SerializeToString())
+    for seq in (2, 127, 128, 1 << 40):
+        req = pb.MultiplexRequest.FromString(step_request(seq, field))
+        assert req.seq == seq and req.WhichOneof("kind") == "step"
+        assert list(req.step.handles) == [7, 300, 70_000] and req.step.input.raw == x.tobytes()
+    assert varint(300) == pb.MultiplexRequest(seq=300).SerializeToString()[1:]
+
+
+def test_multiplex_sizes_are_k_sessions_of_stream_steps():
+    (req1, reply1), (req64, reply64) = message_sizes(_spec(sessions=1)), multiplex_sizes(_spec())
+    assert 64 * 256 * 4 < reply64 < 64 * 256 * 4 + 64  # y [64, 1, 256] float32 and a header
+    assert reply64 == pytest.approx(64 * reply1, rel=0.05)
+    assert 64 * 8 < req64 < 64 * req1 + 64 * 3  # x [64, 1] int64 and 64 handles
+
+
+def test_a_pipelined_stream_keeps_at_most_d_in_flight_and_counts_exactly_its_messages():
+    """The writer runs D messages ahead of the reader, answers are matched to writes in order, and a count-bound
+    run ends with exactly its messages timed (the window open from the start)."""
+    depth, n = 3, 50
+    in_flight, most, answered = [], [0], []
+
+    async def main() -> tuple[list[float], int]:
+        ready = asyncio.Queue()
+
+        async def send(i: int) -> None:
+            in_flight.append(i)
+            most[0] = max(most[0], len(in_flight))
+            await ready.put(i)
+
+        async def recv() -> None:
+            i = await ready.get()
+            await asyncio.sleep(0)  # the answer takes a turn of the loop
+            assert in_flight.pop(0) == i
+            answered.append(i)
+
+        async def close() -> None:
+            return None
+
+        spec = _spec(inflight=depth, messages_per_stream=n)
+        return await pipe_loop(spec, Window(0.0, 0.0), Pipe(send, recv, close), Value("q", 0))
+
+    lat, sent = asyncio.run(main())
+    assert len(lat) == sent == n and answered == list(range(n))
+    assert most[0] == depth
+    assert all(x >= 0 for x in lat)
+
+
+def test_one_message_in_flight_is_the_plain_closed_loop():
+    calls: list[str] = []
+
+    async def main() -> tuple[list[float], int]:
+        async def send(i: int) -> None:
+            calls.append(f"send {i}")
+
+        async def recv() -> None:
+            calls.append("recv")
+
+        async def close() -> None:
+            return None
+
+        spec = _spec(inflight=1, messages_per_stream=3)
+        pipe = Pipe(send, recv, close)
+        got = await pipe_loop(spec, Window(0.0, 0.0), pipe, Value("q", 0))
+        assert got[1] == (await _closed_loop(spec, Window(0.0, 0.0), pipe.roundtrip, Value("q", 0)))[1]
+        return got
+
+    lat, sent = asyncio.run(main())
+    assert (len(lat), sent) == (3, 3)
+    assert calls[:6] == ["send 0", "recv", "send 1", "recv", "send 2", "recv"]
