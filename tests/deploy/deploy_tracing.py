@@ -237,10 +237,7 @@ def compose_tracing_problems(compose_file: Path) -> list[str]:
     config = yaml.safe_load(config_file.read_text())
     problems += collector_problems(config)
     receivers = otlp_protocols(config)
-    names = {name for name, svc in services.items()} | {
-        alias for svc in services.values() for net in (svc.get("networks") or {}).values() or []
-        for alias in (net or {}).get("aliases", [])
-    }  # fmt: skip
+    names = set(services) | {alias for svc in services.values() for alias in _aliases(svc)}
     for exporter, body in (config.get("exporters") or {}).items():
         host = str((body or {}).get("endpoint", "")).rpartition(":")[0]
         if host and host not in names:
@@ -255,6 +252,14 @@ def compose_tracing_problems(compose_file: Path) -> list[str]:
     if "--enable-feature=exemplar-storage" not in prometheus:
         problems.append("compose: prometheus needs --enable-feature=exemplar-storage to keep cellserve's exemplars")
     return problems + _grafana_problems(compose_file.parent.parent / "grafana/provisioning/datasources", names)
+
+
+def _aliases(service: dict[str, Any]) -> list[str]:
+    """A compose service's network aliases (``networks`` as a mapping; its list form has none)."""
+    networks = service.get("networks") or {}
+    return (
+        [a for net in networks.values() for a in (net or {}).get("aliases", [])] if isinstance(networks, dict) else []
+    )
 
 
 def _endpoint_problems(
