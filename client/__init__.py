@@ -3,6 +3,8 @@
     from cellserve.client import Client
     with Client(["a:50051", "b:50051"]) as client, client.session("pychar") as s:
         y = s.step([104, 105])  # [T=2, 256] logits; survives a drain or a crash of its server
+    with Client("a:50051") as client, client.gateway("pychar", keys=["c1", "c2"]) as gw:
+        ys = gw.step({"c1": [104], "c2": [33, 34]})  # many sessions per message: {key: [T, 256]}
 
 Depends only on the generated ``cellserve.v1`` stubs, grpcio and numpy (never on server or model).
 """
@@ -26,6 +28,10 @@ from cellserve.client.errors import (
     UnavailableError,
     UnimplementedError,
 )
+from cellserve.client.gateway import Gateway
+from cellserve.client.gateway_aio import AsyncGateway
+from cellserve.client.gateway_errors import GatewayError
+from cellserve.client.gateway_ops import GatewaySession
 from cellserve.client.model_info import ModelInfo
 from cellserve.client.ops import SessionPolicy
 from cellserve.client.replies import StepOutput
@@ -34,6 +40,7 @@ from cellserve.client.session import Session
 __all__ = [
     "TLS",
     "AsyncClient",
+    "AsyncGateway",
     "AsyncSession",
     "CellserveClientError",
     "ChannelConfig",
@@ -41,6 +48,9 @@ __all__ = [
     "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",
+    "Gateway",
+    "GatewayError",
+    "GatewaySession",
     "Generated",
     "InternalError",
     "InvalidArgumentError",

@@ -8,7 +8,7 @@ pushed to an idle session is already in hand when the next call looks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -26,6 +26,7 @@ from cellserve.client.errors import (
     error_class,
     from_rpc_error,
 )
+from cellserve.client.gateway_aio import DEFAULT_SESSIONS_PER_STREAM, OpeningGateway, opening_gateway
 from cellserve.client.model_info import ModelInfo
 from cellserve.client.ops import (
     DEFAULT_CHECKPOINT_EVERY,
@@ -345,6 +346,14 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
             return session
 
         return _OpeningSession(opening)
+
+    def gateway(
+        self, model: str | None = None, *, keys: Iterable[str] = (), idle_timeout_s: int = 0,
+        checkpoint_every: int | None = None, sessions_per_stream: int = DEFAULT_SESSIONS_PER_STREAM, streams: int = 1,
+    ) -> OpeningGateway:  # fmt: skip
+        """As ``Client.gateway``: ``async with client.gateway("m", keys=...) as gw`` (or ``gw = await ...``)."""
+        options = {"idle_timeout_s": idle_timeout_s, "checkpoint_every": checkpoint_every, "streams": streams}
+        return opening_gateway(self, model, list(keys), sessions_per_stream=sessions_per_stream, **options)
 
     async def generate(
         self, prompt: str, max_tokens: int = 200, *, temperature: float = 0.8, top_k: int = 0,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -13,6 +13,8 @@ from grpc_health.v1 import health_pb2
 from cellserve.client.channel import ChannelConfig, Channels, normalize_targets
 from cellserve.client.core import SessionCore
 from cellserve.client.errors import NotFoundError, UnavailableError, from_rpc_error
+from cellserve.client.gateway import Gateway, multiplex_on, new_core
+from cellserve.client.gateway_ops import DEFAULT_SESSIONS_PER_STREAM
 from cellserve.client.model_info import ModelInfo
 from cellserve.client.ops import DEFAULT_CHECKPOINT_EVERY, DEFAULT_RESUME_TIMEOUT_S, SessionPolicy
 from cellserve.client.session import Session
@@ -154,6 +156,29 @@ class Client(ClientBase[grpc.Channel]):
         )
         self._opened_on(core)
         return session
+
+    def gateway(
+        self, model: str | None = None, *, keys: Iterable[str] = (), idle_timeout_s: int = 0,
+        checkpoint_every: int | None = None, sessions_per_stream: int = DEFAULT_SESSIONS_PER_STREAM, streams: int = 1,
+    ) -> Gateway:  # fmt: skip
+        """Many sessions of one model (``None`` = the server's default) by key, stepped many per message over a
+        few ``Multiplex`` streams; opens ``keys`` now. Use it in a ``with`` block (``cellserve.client.gateway``).
+
+        ``sessions_per_stream`` (at most the server's ``max_sessions_per_stream``) and ``streams`` (at least this
+        many: one per ``--workers`` process to use them all) shape its streams; ``checkpoint_every`` overrides the
+        client's. Crash-safe as sessions are: drained or crashed servers cost the caller nothing.
+        """
+        core = new_core(self, model, idle_timeout_s=idle_timeout_s, checkpoint_every=checkpoint_every,
+                        sessions_per_stream=sessions_per_stream, streams=streams)  # fmt: skip
+        gateway = Gateway(core, multiplex_on(self), self._model_info, self._metadata)
+        keys = list(keys)
+        if keys:
+            try:
+                gateway.open(keys)
+            except BaseException:
+                gateway.__exit__(None, None, None)
+                raise
+        return gateway
 
     def generate(
         self, prompt: str, max_tokens: int = 200, *, temperature: float = 0.8, top_k: int = 0,
