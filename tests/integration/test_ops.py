@@ -162,8 +162,12 @@ def test_grpcurl_lists_describes_checks_health_and_streams(running_server, tiny_
         tokens = np.array([72, 105, 33], dtype=np.int64)
         requests = [
             {"open": {"model": "tiny"}},
-            {"step": {"seq": 1, "input": {"dtype": "DTYPE_INT64", "shape": [3],
-                                          "raw": base64.b64encode(tokens.tobytes()).decode()}}},
+            {
+                "step": {
+                    "seq": 1,
+                    "input": {"dtype": "DTYPE_INT64", "shape": [3], "raw": base64.b64encode(tokens.tobytes()).decode()},
+                }
+            },
             {"close": {}},
         ]
         stdin = "\n".join(map(json.dumps, requests))
@@ -175,3 +179,34 @@ def test_grpcurl_lists_describes_checks_health_and_streams(running_server, tiny_
     h, c = tiny_oracle.init_state(1)
     want, _, _ = tiny_oracle.run(tokens[None], h, c)
     np.testing.assert_allclose(y, want[0], atol=1e-5, rtol=0)
+
+
+def readme_multiplex_example() -> str:
+    """The JSON lines of README's grpcurl Multiplex example (between its heredoc's EOF markers)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- multiplex-grpcurl")[1]
+    return block.split("<<'EOF'\n")[1].split("\nEOF\n")[0]
+
+
+@pytest.mark.skipif(not Path(GRPCURL).exists(), reason="grpcurl binary not installed (dev extra)")
+def test_grpcurl_runs_the_readme_multiplex_example(running_server, tiny_oracle):
+    stdin = readme_multiplex_example()
+    assert '"model"' not in stdin  # the example uses the server's default model: here tiny
+    with running_server() as srv:
+        out = _grpcurl(srv.address, "cellserve.v1.CellServe/Multiplex", flags=("-d", "@"), stdin=stdin)
+    answers = [json.loads(chunk) for chunk in out.replace("}\n{", "}\x00{").split("\x00")]
+    assert [a["seq"] for a in answers] == ["1", "2", "3", "4"]
+    assert [s["handle"] for s in answers[0]["opened"]["sessions"]] == [1, 2]
+    ys = []
+    for answer in answers[1:3]:
+        tensor = answer["output"]["output"]
+        ys.append(np.frombuffer(base64.b64decode(tensor["raw"]), "<f4").reshape([int(d) for d in tensor["shape"]]))
+    # message 2: session 1 takes "h", session 2 "i"; message 3: session 2 takes "h" (its second step)
+    np.testing.assert_allclose(ys[0][0], tiny_oracle.sequence([104]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ys[0][1], tiny_oracle.sequence([105]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ys[1][0], tiny_oracle.sequence([105, 104])[1:], atol=1e-5, rtol=0)
+    assert not ys[1][1].any()  # handle 7's row: it failed
+    assert answers[2]["errors"] == [
+        {"index": 1, "code": 9, "message": "handle 7 names no open session on this stream (never opened, or closed)"}
+    ]
+    assert answers[3]["closed"]["handles"] == [1, 2] and answers[3]["closed"]["steps"] == ["1", "2"]
