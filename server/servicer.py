@@ -29,14 +29,15 @@ from cellserve.wire import PB_DTYPES, SUMMARY_FIELDS, tensor_spec
 SERVICE = pb.DESCRIPTOR.services_by_name["CellServe"].full_name
 
 
-def serialize_response(response: pb.StreamResponse | bytes) -> bytes:
-    """Stream's responses: a message, or an output already serialized by ``tensors.encode_output``."""
+def serialize_response(response: pb.StreamResponse | pb.MultiplexResponse | bytes) -> bytes:
+    """Stream's and Multiplex's responses: a message, or an output already serialized (``tensors.encode_output``,
+    ``encode_sessions_output``)."""
     return response if type(response) is bytes else response.SerializeToString()
 
 
 def add_to_server(servicer: CellServeServicer, server: grpc.aio.Server) -> None:
-    """Register the native service (as the generated ``add_CellServeServicer_to_server``, but Stream
-    writes pre-serialized outputs)."""
+    """Register the native service (as the generated ``add_CellServeServicer_to_server``, but Stream and
+    Multiplex write pre-serialized outputs)."""
     handlers = {
         "Stream": grpc.stream_stream_rpc_method_handler(
             servicer.Stream, request_deserializer=pb.StreamRequest.FromString, response_serializer=serialize_response
@@ -44,7 +45,7 @@ def add_to_server(servicer: CellServeServicer, server: grpc.aio.Server) -> None:
         "Multiplex": grpc.stream_stream_rpc_method_handler(
             servicer.Multiplex,
             request_deserializer=pb.MultiplexRequest.FromString,
-            response_serializer=pb.MultiplexResponse.SerializeToString,
+            response_serializer=serialize_response,
         ),
         "Generate": grpc.unary_stream_rpc_method_handler(
             servicer.Generate,

@@ -57,6 +57,17 @@ def encode_output(seq: int, y: np.ndarray, resume_token: bytes = b"") -> bytes:
     return b"".join((b"\x12", _varint(length), seq_field, tensor, raw, token))
 
 
+def encode_sessions_output(seq: int, y: np.ndarray) -> bytes:
+    """``MultiplexResponse{seq, output{output: y}}`` serialized (a gateway's answer with no failed entry and no
+    tokens), byte-identical to protobuf's, as ``encode_output`` is: ``seq`` is field 1, ``output`` field 3, and the
+    tensor is ``SessionsOutput``'s field 1."""
+    raw = y.astype(_F32, copy=False).tobytes()
+    tensor = b"\x0a" + _tensor_prefix(y.shape)[1:]  # the same Tensor, as SessionsOutput.output (field 1)
+    body_length = len(tensor) + len(raw)
+    seq_field = b"\x08" + _varint(seq) if seq else b""
+    return b"".join((seq_field, b"\x1a", _varint(body_length), tensor, raw))
+
+
 @functools.lru_cache(maxsize=256)
 def _tensor_prefix(shape: tuple[int, ...]) -> bytes:
     dims = b"".join(_varint(d) for d in shape)

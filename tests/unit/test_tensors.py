@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cellserve.server.errors import InvalidArgument
-from cellserve.server.tensors import encode_output, to_numpy
+from cellserve.server.tensors import encode_output, encode_sessions_output, to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.wire import to_proto
 
@@ -56,3 +56,13 @@ def test_a_tensor_without_a_dtype_is_told_the_enum_names_to_write():
         to_numpy(pb.Tensor(shape=[1], raw=bytes(8)))  # grpcurl JSON without "dtype"
     assert "DTYPE_UNSPECIFIED (0) is not supported" in e.value.message
     assert "DTYPE_INT64 (int64)" in e.value.message and "DTYPE_FLOAT32 (float32)" in e.value.message
+
+
+@pytest.mark.parametrize(("seq", "n", "t", "o"), [(0, 1, 1, 1), (1, 64, 1, 256), (300, 3, 7, 5), (2**40, 2, 2, 2)])
+def test_encode_sessions_output_is_byte_identical_to_protobuf(seq: int, n: int, t: int, o: int) -> None:
+    y = np.random.default_rng(seq % 97).standard_normal((n, t, o)).astype(np.float32)
+    want = pb.MultiplexResponse(
+        seq=seq,
+        output=pb.SessionsOutput(output=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=y.shape, raw=y.tobytes())),
+    ).SerializeToString()
+    assert encode_sessions_output(seq, y) == want
