@@ -240,3 +240,42 @@ def test_session_steps_and_messages_are_counted_apart(running_server):
         assert value("cellserve_session_steps_total", {"model": "tiny"}) == 48
         assert value("cellserve_steps_total", {"model": "tiny"}) == 96
         assert value("cellserve_step_messages_total", {"model": "tiny"}) == 3
+
+
+def test_bearer_tokens_guard_multiplex_as_every_rpc(running_server, tiny_oracle):
+    with running_server(auth_tokens="s3cret") as srv:
+
+        async def main() -> None:
+            async with grpc.aio.insecure_channel(srv.address) as channel:
+                try:
+                    await Gateway(channel).open(1)
+                except grpc.aio.AioRpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+                else:
+                    raise AssertionError("Multiplex served a caller without a bearer token")
+                gw = Gateway(channel, metadata=(("authorization", "Bearer s3cret"),))
+                handles = await gw.open(2)
+                x = token_block(2, 3)
+                y = output(await gw.step(handles, x))
+                for i in range(2):
+                    np.testing.assert_allclose(y[i], tiny_oracle.sequence(x[i]), atol=TOL, rtol=0)
+
+        asyncio.run(main())
+
+
+def test_an_answer_over_max_message_bytes_is_refused_with_its_numbers(running_server):
+    with running_server(max_message_bytes=64 * 1024) as srv:
+
+        async def main() -> None:
+            async with grpc.aio.insecure_channel(srv.address) as channel:
+                gw = Gateway(channel)
+                handles = await gw.open(40)
+                answer = await gw.step(handles, token_block(40, 2))  # 40 x 2 x 256 x 4 bytes = 80 KiB
+                assert answer.WhichOneof("kind") == "error"
+                assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                assert (
+                    "max_message_bytes (65536)" in answer.error.message and "40 sessions x T=2" in answer.error.message
+                )
+                assert not (await gw.step(handles[:10], token_block(10, 2))).errors  # the stream goes on
+
+        asyncio.run(main())
