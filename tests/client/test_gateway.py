@@ -1,0 +1,321 @@
+"""Gateways against real servers, through the sync ``Client`` and the ``AsyncClient`` alike (the ``gsdk`` fixture):
+mapping and array layouts equal the numpy oracle, a bad entry fails alone, opens beyond capacity, idle expiry per
+key, snapshots and resume tokens, the streams a gateway opens, and a drain that moves every session."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from replica_helpers import drain, token_keys
+
+from cellserve.client import (
+    AsyncClient,
+    Client,
+    GatewayError,
+    InvalidInputError,
+    ResourceExhaustedError,
+    SessionClosedError,
+)
+from cellserve.client.errors import AlreadyExistsError
+
+KEYS = token_keys("5a", key_id="g")
+TOL = 1e-5
+CALL_TIMEOUT_S = 60.0  # bound on any one SDK call of a test
+
+
+class _Loop:
+    """An event loop in a daemon thread; ``run(coro)`` blocks for its result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="gateway-test-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(CALL_TIMEOUT_S)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class _BlockingAsyncGateway:
+    """The ``AsyncGateway`` seen through the sync ``Gateway``'s shape."""
+
+    def __init__(self, loop: _Loop, gateway: Any) -> None:
+        self._loop, self.aio = loop, gateway
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        return self._loop.run(self.aio.open(*args, **kwargs))
+
+    def step(self, *args: Any) -> Any:
+        return self._loop.run(self.aio.step(*args))
+
+    def step_arrays(self, *args: Any) -> Any:
+        return self._loop.run(self.aio.step_arrays(*args))
+
+    def snapshot(self, *args: Any) -> Any:
+        return self._loop.run(self.aio.snapshot(*args))
+
+    def close(self, *args: Any) -> Any:
+        return self._loop.run(self.aio.close(*args))
+
+    def __getattr__(self, name: str) -> Any:  # keys, session, streams, info, ...
+        return getattr(self.aio, name)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.aio
+
+    def __len__(self) -> int:
+        return len(self.aio)
+
+    def __enter__(self) -> _BlockingAsyncGateway:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._loop.run(self.aio.__aexit__(*exc))
+
+
+class _BlockingAsyncClient:
+    def __init__(self, loop: _Loop, *args: Any, **kwargs: Any) -> None:
+        self._loop = loop
+
+        async def make() -> AsyncClient:
+            return AsyncClient(*args, **kwargs)  # grpc.aio channels belong to the loop they are made on
+
+        self.aio = loop.run(make())
+
+    def gateway(self, *args: Any, **kwargs: Any) -> _BlockingAsyncGateway:
+        async def opening() -> Any:
+            return await self.aio.gateway(*args, **kwargs)
+
+        return _BlockingAsyncGateway(self._loop, self._loop.run(opening()))
+
+    def __enter__(self) -> _BlockingAsyncClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._loop.run(self.aio.close())
+
+
+class GatewaySdk:
+    """``gsdk.client(targets, **options)``: a ``Client``, or a blocking view of an ``AsyncClient``."""
+
+    def __init__(self, api: str) -> None:
+        self.api = api
+        self._loop: _Loop | None = None
+
+    def client(self, *args: Any, **kwargs: Any) -> Any:
+        if self.api == "sync":
+            return Client(*args, **kwargs)
+        if self._loop is None:
+            self._loop = _Loop()
+        return _BlockingAsyncClient(self._loop, *args, **kwargs)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.stop()
+
+
+@pytest.fixture(params=["sync", "async"])
+def gsdk(request: pytest.FixtureRequest) -> Iterator[GatewaySdk]:
+    s = GatewaySdk(request.param)
+    yield s
+    s.close()
+
+
+def tokens_of(seed: int, *shape: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.int64)
+
+
+def test_mapping_and_arrays_come_back_in_their_layout_equal_to_the_oracle(gsdk, running_server, tiny_oracle):
+    keys = [f"call-{i}" for i in range(6)]
+    sent: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    got: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    with running_server() as srv, gsdk.client(srv.address) as client, client.gateway("tiny", keys=keys) as gw:
+        assert gw.keys == keys and len(gw) == 6 and "call-0" in gw
+        for r, t in enumerate([3, 1, 4]):  # columnar: [N, T] in, [N, T, 256] out, row i for keys[i]
+            order = keys[r:] + keys[:r]
+            x = tokens_of(r, len(order), t)
+            y = gw.step_arrays(order, x)
+            assert y.shape == (6, t, 256) and y.dtype == np.float32
+            for i, key in enumerate(order):
+                sent[key].append(x[i])
+                got[key].append(y[i])
+        chunks = {k: tokens_of(10 + i, 1 + i % 3) for i, k in enumerate(keys[:4])}  # each key its own T
+        chunks["call-4"] = np.int64(7)  # one step without its T axis
+        ys = gw.step(chunks)
+        assert list(ys) == list(chunks)
+        for key, x in chunks.items():
+            x = np.atleast_1d(x)
+            assert ys[key].shape == (len(x), 256)
+            sent[key].append(x)
+            got[key].append(ys[key])
+        assert gw.session("call-2").steps == 8 + 3 and gw.session("call-5").steps == 8
+        assert gw.streams == [srv.address]
+    for key in keys:
+        want = tiny_oracle.sequence(np.concatenate(sent[key]))
+        np.testing.assert_allclose(np.concatenate(got[key]), want, atol=TOL, rtol=0, err_msg=key)
+
+
+def test_a_bad_row_fails_alone_and_its_session_goes_on_unchanged(gsdk, running_server, tiny_oracle):
+    keys = ["a", "b", "c"]
+    with running_server() as srv, gsdk.client(srv.address) as client, client.gateway("tiny", keys=keys) as gw:
+        first = gw.step_arrays(keys, [[1, 2], [3, 4], [5, 6]])
+        x = np.array([[7, 8], [9, 300], [11, 12]])  # b's row: a token id out of range
+        with pytest.raises(GatewayError) as failed:
+            gw.step_arrays(keys, x)
+        (error,) = failed.value.errors.values()
+        assert list(failed.value.errors) == ["b"] and isinstance(error, InvalidInputError)
+        assert "token id 300 is out of range" in error.details and "'b'" in str(failed.value)
+        partial = failed.value.result
+        assert partial.shape == (3, 2, 256) and not partial[1].any()
+        with pytest.raises(GatewayError) as failed:  # the mapping layout: the others' outputs by key
+            gw.step({"a": [13], "b": [-1], "c": [14]})
+        assert list(failed.value.errors) == ["b"] and sorted(failed.value.result) == ["a", "c"]
+        last = gw.step({"a": [15], "b": [16], "c": [17]})
+        assert gw.session("b").steps == 3  # the refused rows left no trace
+    np.testing.assert_allclose(first[1], tiny_oracle.sequence([3, 4]), atol=TOL, rtol=0)
+    np.testing.assert_allclose(last["b"][0], tiny_oracle.sequence([3, 4, 16])[-1], atol=TOL, rtol=0)
+    np.testing.assert_allclose(partial[0], tiny_oracle.sequence([1, 2, 7, 8])[2:], atol=TOL, rtol=0)
+    np.testing.assert_allclose(failed.value.result["c"][0], tiny_oracle.sequence([5, 6, 11, 12, 14])[-1], atol=TOL,
+                               rtol=0)  # fmt: skip
+
+
+def test_opens_beyond_capacity_fail_per_key_and_the_others_open(gsdk, running_server):
+    with running_server(capacity=3) as srv, gsdk.client(srv.address) as client, client.gateway("tiny") as gw:
+        with pytest.raises(GatewayError) as failed:
+            gw.open(["k0", "k1", "k2", "k3", "k4"])
+        assert failed.value.result == ["k0", "k1", "k2"] and gw.keys == ["k0", "k1", "k2"]
+        assert list(failed.value.errors) == ["k3", "k4"]
+        assert all(isinstance(e, ResourceExhaustedError) for e in failed.value.errors.values())
+        assert gw.step({k: [1] for k in gw.keys}).keys() == {"k0", "k1", "k2"}
+        gw.close(["k2"])
+        assert gw.open(["k3"]) == ["k3"]  # the slot k2 freed
+        with pytest.raises(GatewayError) as again:
+            gw.open(["k3"])
+        assert isinstance(again.value.errors["k3"], AlreadyExistsError)
+
+
+def test_an_idle_expiry_fails_that_key_alone_and_is_logged_with_the_key(gsdk, running_server, caplog, wait_until):
+    caplog.set_level(logging.INFO, logger="cellserve.client")
+    with (
+        running_server() as srv,
+        gsdk.client(srv.address) as client,
+        client.gateway("tiny", keys=["busy", "quiet"], idle_timeout_s=1) as gw,
+    ):
+        gw.step({"busy": [1], "quiet": [2]})
+        idle = {"model": "tiny", "reason": "idle"}
+
+        def quiet_expired() -> bool:  # busy keeps stepping, quiet runs out its idle timeout
+            gw.step({"busy": [3]})
+            return bool(srv.registry.get_sample_value("cellserve_sessions_closed_total", idle))
+
+        wait_until(quiet_expired, 15, poll_s=0.2, what="the server to expire the quiet session")
+        with pytest.raises(GatewayError) as failed:
+            gw.step({"busy": [4], "quiet": [5]})
+        closed = failed.value.errors["quiet"]
+        assert isinstance(closed, SessionClosedError) and closed.reason == "idle"
+        assert list(failed.value.result) == ["busy"]
+        assert gw.keys == ["busy"] and gw.session("quiet").error is closed
+        with pytest.raises(GatewayError):  # and on every later use
+            gw.snapshot(["quiet"])
+        gw.close(["quiet"])
+        assert gw.open(["quiet"]) == ["quiet"]  # a new session under the same key
+    (record,) = [r for r in caplog.records if "cannot go on" in r.getMessage()]
+    assert record.levelno == logging.INFO and record.key == "quiet" and record.reason == "idle"
+
+
+def test_snapshot_tokens_resume_in_another_gateway(gsdk, running_server, tiny_oracle):
+    x = tokens_of(3, 4, 5)
+    with (
+        running_server(token_keys=KEYS) as a,
+        running_server(token_keys=KEYS) as b,
+        gsdk.client(a.address) as ca,
+        gsdk.client(b.address) as cb,
+    ):
+        with ca.gateway("tiny", keys=["w", "x", "y", "z"]) as gw:
+            gw.step_arrays(["w", "x", "y", "z"], x[:, :3])
+            tokens = gw.snapshot()
+            assert list(tokens) == ["w", "x", "y", "z"] and gw.session("x").resume_token == tokens["x"]
+        with cb.gateway("tiny") as gw:
+            assert gw.open(["z", "x"], resume_tokens=tokens) == ["z", "x"]
+            assert gw.session("z").steps == 3
+            y = gw.step_arrays(["x", "z"], x[[1, 3], 3:])
+    np.testing.assert_allclose(y[0], tiny_oracle.sequence(x[1])[3:], atol=TOL, rtol=0)
+    np.testing.assert_allclose(y[1], tiny_oracle.sequence(x[3])[3:], atol=TOL, rtol=0)
+
+
+def test_sessions_past_a_streams_limit_go_on_more_streams(gsdk, running_server, tiny_oracle):
+    keys = [f"d{i}" for i in range(10)]
+    with (
+        running_server() as srv,
+        gsdk.client(srv.address) as client,
+        client.gateway("tiny", keys=keys, sessions_per_stream=4) as gw,
+    ):
+        assert len(gw.streams) == 3  # 4 + 4 + 2
+        x = tokens_of(5, 10, 2)
+        y = gw.step_arrays(keys[::-1], x)
+        gw.close(keys[:4])
+        gw.open(["e0", "e1"])  # into the room the closes left, no new stream
+        assert len(gw.streams) == 3
+    for i, key in enumerate(keys[::-1]):
+        np.testing.assert_allclose(y[i], tiny_oracle.sequence(x[i]), atol=TOL, rtol=0, err_msg=key)
+
+
+def test_calls_name_sessions_by_known_distinct_keys(gsdk, running_server):
+    with running_server() as srv, gsdk.client(srv.address) as client, client.gateway("tiny", keys=["a"]) as gw:
+        with pytest.raises(KeyError, match="no session 'nope' in this gateway"):
+            gw.step({"nope": [1]})
+        with pytest.raises(ValueError, match="key 'a' is given twice"):
+            gw.step_arrays(["a", "a"], [[1], [2]])
+        with pytest.raises(InvalidInputError, match=r"inputs have shape \[2, 1\]; 1 keys take one \[1, T\]"):
+            gw.step_arrays(["a"], [[1], [2]])
+        assert gw.step({"a": [1]})["a"].shape == (1, 256)
+
+
+def test_a_drain_moves_every_session_to_the_other_server(gsdk, running_server, tiny_oracle, caplog):
+    caplog.set_level(logging.INFO, logger="cellserve.client")
+    keys = [f"m{i}" for i in range(20)]
+    x = tokens_of(9, 20, 9)
+    with (
+        running_server(token_keys=KEYS) as a,
+        running_server(token_keys=KEYS) as b,
+        gsdk.client([a.address, b.address], checkpoint_every=2) as client,
+        client.gateway("tiny", keys=keys, sessions_per_stream=8) as gw,
+    ):
+        ys = [gw.step_arrays(keys, x[:, :3])]
+        drained = drain(a)
+        ys.append(gw.step_arrays(keys, x[:, 3:5]))  # A answers, or the streams move first: the same either way
+        ys.append(gw.step_arrays(keys, x[:, 5:]))
+        assert {gw.session(k).target for k in keys} == {b.address} and gw.streams == [b.address] * 3
+        drained.result(30)  # A finished its drain early: no session left on it
+        assert len(b.server.sessions.sessions) == 20 and not a.server.sessions.sessions
+    assert len([r for r in caplog.records if r.getMessage() == "gateway stream moved off a draining server"]) == 3
+    want = tiny_oracle.run(x)[0]
+    np.testing.assert_allclose(np.concatenate(ys, axis=1), want, atol=TOL, rtol=0)
+
+
+def test_an_asyncio_caller_cancelled_mid_step_leaves_the_gateway_exact(running_server, tiny_oracle):
+    async def main(address: str) -> tuple[np.ndarray, np.ndarray]:
+        async with AsyncClient(address) as client, client.gateway("tiny", keys=["p", "q"]) as gw:
+            first = asyncio.create_task(gw.step_arrays(["p", "q"], [[1, 2], [3, 4]]))
+            second = asyncio.create_task(gw.step_arrays(["p", "q"], [[5], [6]]))  # queued behind the first
+            await asyncio.sleep(0)
+            first.cancel()  # the caller stops waiting; the step itself still runs, once
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            y = await second
+            return y, (await gw.step({"p": [7]}))["p"]
+
+    with running_server() as srv:
+        y, last = asyncio.run(main(srv.address))
+    np.testing.assert_allclose(y[1], tiny_oracle.sequence([3, 4, 6])[2:], atol=TOL, rtol=0)
+    np.testing.assert_allclose(last, tiny_oracle.sequence([1, 2, 5, 7])[3:], atol=TOL, rtol=0)
