@@ -164,6 +164,19 @@ def alone(group: list[Unit]) -> list[Unit]:
     return [row for r in group for row in (r.rows_alone() if type(r) is Group else (r,))]
 
 
+def pack(entries: list[Entry], most: int) -> list[list[Unit]]:
+    """``entries`` in order, as engine calls of at most ``most`` rows each; an entry is never split."""
+    calls: list[list[Unit]] = [[]]
+    rows = 0
+    for entry in entries:
+        if calls[-1] and rows + entry.rows > most:
+            calls.append([])
+            rows = 0
+        calls[-1].append(entry)
+        rows += entry.rows
+    return calls
+
+
 def inputs(group: list[Unit]) -> tuple[np.ndarray, np.ndarray]:
     """The engine's inputs for one call of equal step shape: slot ids [B] and x [B, T, *frame]."""
     if all(type(r) is not Group for r in group):  # single steps (or rows retried alone)

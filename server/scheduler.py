@@ -45,6 +45,7 @@ from cellserve.server.batching import (
     alone,
     describe_error,
     inputs,
+    pack,
     step_failed,
 )
 from cellserve.server.engine import Engine
@@ -296,7 +297,10 @@ class Scheduler:
                 req.finish(0)
             else:
                 live.append(req)
-                waits += [req.queued_at] * req.rows
+                if type(req) is Request:
+                    waits.append(req.queued_at)
+                else:
+                    waits += [req.queued_at] * req.rows
         self._m_wait.observe_elapsed(start, waits)
         self._m_messages.inc(len(live))
         by_shape: dict[tuple[int, ...], list[Entry]] = {}
@@ -305,16 +309,7 @@ class Scheduler:
         calls: list[tuple[int, list[Unit]]] = []
         for shape, group in by_shape.items():  # at most max_batch_steps rows x steps per call: bounded memory
             t = shape[0]
-            most = max(1, self.max_batch_steps // t)
-            call: list[Unit] = []
-            rows = 0
-            for req in group:
-                if call and rows + req.rows > most:
-                    calls.append((t, call))
-                    call, rows = [], 0
-                call.append(req)
-                rows += req.rows
-            calls.append((t, call))
+            calls += [(t, call) for call in pack(group, max(1, self.max_batch_steps // t))]
         return calls
 
     def _deliver(self, t: int, group: list[Unit], y: np.ndarray, engine_s: float) -> None:
