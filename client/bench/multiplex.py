@@ -9,8 +9,10 @@ and in a changing order (``measure.round_order``), run:
 - ``echo_single``: the echo server at ``--echo-streams`` (64) streams of one session's Stream step and output each,
   the figure the issue's "≥ 5× echo's msgs/s at 64 streams" divides by (``steps_vs_echo_msgs``);
 - ``compare``: a second cellserve server (``--compare-serve-arg``/``--compare-pythonpath``), the same load.
-Then raw onnxruntime in-process at batch K and the same T (``steps_vs_raw_ort``), and at the batch the server
-formed when that differs from K by more than a tenth (``steps_vs_raw_ort_formed``).
+- ``ort``: raw onnxruntime in-process at batch K and the same T (``steps_vs_raw_ort``, a median of same-round ratios
+  like the echo ones).
+After the rounds, raw onnxruntime runs again at the batch the server formed when that differs from K by more than a
+tenth (``steps_vs_raw_ort_formed``).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def run_multiplex(
 
 
 def _configuration(args: argparse.Namespace, setup: Setup, streams: int, t: int, k: int) -> dict:
-    """One (streams, T, K): every target in every round, then raw onnxruntime; its report entry."""
+    """One (streams, T, K): every target and raw onnxruntime at batch K in every round (then raw onnxruntime at the
+    batch the server formed, where that is not K); its report entry."""
     info = setup.cs.info
     mux = LoadPlan(streams, t, args.duration, args.messages, args.warmup, args.procs or min(streams, 2), args.seed,
                    example=setup.example, sessions=k, inflight=args.inflight, multiplex=True)  # fmt: skip
@@ -74,11 +77,17 @@ def _configuration(args: argparse.Namespace, setup: Setup, streams: int, t: int,
     # target -> (server, load, how the load talks to it)
     runs = {"cellserve": ("cellserve", mux, "multiplex"), "compare": ("compare", mux, "multiplex"),
             "echo": ("echo", mux, "echo"), "echo_single": ("echo", single, "echo")}  # fmt: skip
-    names = [n for n in TARGETS if runs[n][0] in setup.targets]
+    names = [n for n in TARGETS if runs[n][0] in setup.targets] + (["ort"] if setup.ort_model is not None else [])
+    seconds = min(2.0, max(0.2, args.duration / 2))  # raw ORT's share of a round
     rounds: list[dict[str, Result]] = []
+    ort_rounds: list[OrtResult] = []
     for r in range(args.rounds):
         measured: dict[str, Result] = {}
         for name in round_order(names, r):
+            if name == "ort":  # in the round, like the others: a box whose load drifts moves both sides of a ratio
+                assert setup.ort_model is not None
+                ort_rounds.append(ort_ceiling(setup.ort_model, k, t, seconds=seconds, seed=args.seed))
+                continue
             server, plan, protocol = runs[name]
             target = setup.targets[server]
             measured[name] = run_load(name, target.address, info, plan, metrics_url=target.metrics_url,
@@ -86,13 +95,14 @@ def _configuration(args: argparse.Namespace, setup: Setup, streams: int, t: int,
                                       protocol=protocol)  # fmt: skip
         rounds.append(measured)
     results = pooled(rounds)
-    ort: OrtResult | None = None
     formed: OrtResult | None = None
-    if setup.ort_model is not None:
-        seconds = min(2.0, max(0.2, args.duration / 2))
-        ort = ort_ceiling(setup.ort_model, k, t, seconds=seconds, seed=args.seed)
-        batch = results["cellserve"].mean_batch
-        if batch is not None and abs(round(batch) - ort.batch) > FORMED_OFF_BY * ort.batch:
-            formed = ort_ceiling(setup.ort_model, max(1, round(batch)), t, seconds=seconds, seed=args.seed)
+    batch = results["cellserve"].mean_batch
+    if (
+        ort_rounds
+        and batch is not None
+        and abs(round(batch) - ort_rounds[0].batch) > FORMED_OFF_BY * ort_rounds[0].batch
+    ):
+        assert setup.ort_model is not None
+        formed = ort_ceiling(setup.ort_model, max(1, round(batch)), t, seconds=seconds, seed=args.seed)
     log.info("bench configuration done", extra={"streams": streams, "t": t, "sessions_per_message": k})
-    return config_entry(rounds, results, ort, formed, inflight=args.inflight)
+    return config_entry(rounds, results, ort_rounds, formed, inflight=args.inflight)

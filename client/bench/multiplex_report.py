@@ -53,23 +53,27 @@ def _figures(r: Result, rounds: list[dict[str, Result]], name: str) -> dict[str,
 def config_entry(
     rounds: list[dict[str, Result]],
     results: dict[str, Result],
-    ort: OrtResult | None,
+    ort_rounds: list[OrtResult],
     formed: OrtResult | None = None,
     *,
     inflight: int = 1,
 ) -> dict[str, Any]:
     """One configuration: cellserve, the baselines, and the ratios (``steps_vs_raw_ort`` and
-    ``steps_vs_echo_msgs`` are the issue's acceptance figures)."""
+    ``steps_vs_echo_msgs`` are the issue's acceptance figures). ``ort_rounds``: raw ORT at batch K, one per round
+    (or none)."""
     cs = results["cellserve"]
     per_round = [same_round_ratios(r) for r in rounds]
+    for i, ratios_r in enumerate(per_round):  # each round's cellserve over that round's raw ORT
+        ort_r = ort_rounds[i] if i < len(ort_rounds) else None
+        ratios_r["steps_vs_raw_ort"] = _ratio(rounds[i]["cellserve"].steps_per_s, ort_r.steps_per_s) if ort_r else None
     ratios: dict[str, float | None] = {k: _median([r[k] for r in per_round]) for k in per_round[0]}
-    ratios["steps_vs_raw_ort"] = _ratio(cs.steps_per_s, ort.steps_per_s) if ort else None
+    ort = OrtResult.pooled(ort_rounds) if ort_rounds else None
     ratios["steps_vs_raw_ort_formed"] = _ratio(cs.steps_per_s, formed.steps_per_s) if formed else None
     nearest = formed or ort
     ratios["engine_vs_ort"] = _ratio(cs.engine_s_per_call, nearest.s_per_call) if nearest else None
     baselines: dict[str, Any] = {k: _figures(v, rounds, k) for k, v in results.items() if k != "cellserve"}
     if ort is not None:
-        baselines["ort"] = ort.to_json()
+        baselines["ort"] = {**ort.to_json(), "steps_per_s_rounds": [o.steps_per_s for o in ort_rounds]}
     if formed is not None:
         baselines["ort_formed"] = formed.to_json()
     return {
@@ -124,7 +128,7 @@ def table(configs: list[dict[str, Any]]) -> str:
                          f"p99 {_fmt(r['compare_p99_vs_cellserve'])}  "
                          f"server CPU {_fmt(r['compare_server_cpu_vs_cellserve'])}")  # fmt: skip
         rounds = c["round_ratios"]
-        for key in ("steps_vs_echo_msgs", "msgs_vs_echo", "compare_steps_vs_cellserve"):
+        for key in ("steps_vs_raw_ort", "steps_vs_echo_msgs", "msgs_vs_echo", "compare_steps_vs_cellserve"):
             if len(rounds) > 1 and rounds[0].get(key) is not None:
                 each = " ".join(_fmt(x[key]) for x in rounds)
                 lines.append(f"{'':>11}  {key} per round: {each} (above: the median)")

@@ -13,9 +13,13 @@ from multiprocessing import Value
 import numpy as np
 import pytest
 
+from cellserve.client.bench.baselines.ort import OrtResult
 from cellserve.client.bench.baselines.sizes import message_sizes, multiplex_sizes
 from cellserve.client.bench.load import LoadSpec, Window, _closed_loop
+from cellserve.client.bench.measure import Result
 from cellserve.client.bench.multiplex_load import Pipe, pipe_loop, step_field, step_request, varint
+from cellserve.client.bench.multiplex_report import config_entry, legend, table
+from cellserve.client.bench.report import pooled
 from cellserve.client.tensors import to_proto
 from cellserve.server.cli import main as cellserve_main
 from cellserve.v1 import cellserve_pb2 as pb
@@ -54,13 +58,40 @@ def test_the_bench_runs_a_multiplex_load_and_writes_the_acceptance_ratios_and_a_
     assert (single["streams"], single["sessions_per_message"]) == (4, 1)
     assert (ort["batch"], ort["t"]) == (3, 2)
     r = cfg["ratios"]
-    assert r["steps_vs_raw_ort"] == pytest.approx(cs["steps_per_s"] / ort["steps_per_s"])
+    assert r["steps_vs_raw_ort"] == pytest.approx(cs["steps_per_s"] / ort["steps_per_s"])  # one round
+    assert len(ort["steps_per_s_rounds"]) == 1 and cfg["round_ratios"][0]["steps_vs_raw_ort"] == r["steps_vs_raw_ort"]
     assert r["steps_vs_echo_msgs"] == pytest.approx(cs["steps_per_s"] / (single["msgs_per_s"] * 2))  # one round
     assert r["msgs_vs_echo"] == pytest.approx(cs["msgs_per_s"] / echo["msgs_per_s"])
     assert r["engine_vs_ort"] > 0
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "steps/raw ORT" in proc.stdout and "Legend" in proc.stdout and "echo_single" in proc.stdout
     assert "msg/s]" not in proc.stderr and "\r" not in proc.stderr  # no progress bar in piped output
+
+
+def _round(msgs_per_s: float, echo_single: float, n: int = 100) -> dict[str, Result]:
+    lat = np.linspace(1e-3, 2e-3, n)
+    return {"cellserve": Result("cellserve", 4, 1, n, n / msgs_per_s, lat, rows=64),
+            "echo_single": Result("echo_single", 64, 1, n, n / echo_single, lat)}  # fmt: skip
+
+
+def test_raw_ort_runs_in_every_round_and_its_ratio_is_the_median_of_same_round_ratios():
+    """A box whose load drifts between rounds moves cellserve and raw ORT together: each round's ratio is taken
+    within the round, as the echo ratios are, and the table shows them all."""
+    rounds = [_round(500.0, 4000.0), _round(150.0, 3000.0), _round(600.0, 5000.0)]  # round 2: a busy box
+    orts = [OrtResult(64, 1, 100, 64 / 40_000), OrtResult(64, 1, 100, 64 / 12_000), OrtResult(64, 1, 100, 64 / 48_000)]
+    entry = config_entry(rounds, pooled(rounds), orts, inflight=2)
+    per_round = [r["steps_vs_raw_ort"] for r in entry["round_ratios"]]
+    assert per_round == pytest.approx([0.8, 0.8, 0.8])
+    assert entry["ratios"]["steps_vs_raw_ort"] == pytest.approx(0.8)  # a pooled ratio would not be
+    assert entry["ratios"]["steps_vs_echo_msgs"] == pytest.approx(7.68)  # of 8.0, 3.2 and 38,400 / 5,000
+    assert entry["baselines"]["ort"]["steps_per_s_rounds"] == pytest.approx([40_000, 12_000, 48_000])
+    assert entry["ratios"]["steps_vs_raw_ort_formed"] is None and entry["inflight"] == 2
+    text = table([entry])
+    assert "steps_vs_raw_ort per round: 0.80 0.80 0.80" in text and "steps/echo msgs 7.68 (echo at 64 streams)" in text
+    assert "steps/raw ORT" in legend([entry]) and "steps_vs_echo_msgs" in legend([entry])
+    bare = config_entry(rounds[:1], pooled(rounds[:1]), [])  # --baselines echo: no raw ORT
+    assert bare["ratios"]["steps_vs_raw_ort"] is None and "ort" not in bare["baselines"]
+    assert "steps/raw ORT -" in table([bare])
 
 
 @pytest.mark.parametrize(

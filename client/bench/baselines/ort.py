@@ -23,6 +23,13 @@ class OrtResult:
     def steps_per_s(self) -> float:
         return self.batch * self.t / self.s_per_call
 
+    @classmethod
+    def pooled(cls, rounds: list[OrtResult]) -> OrtResult:
+        """Several measurements of one batch and T as one: every call over all their time."""
+        calls = sum(r.calls for r in rounds)
+        first = rounds[0]
+        return cls(first.batch, first.t, calls, sum(r.calls * r.s_per_call for r in rounds) / calls, first.fixed_batch)
+
     def to_json(self) -> dict[str, Any]:
         return {"batch": self.batch, "t": self.t, "calls": self.calls, "ms_per_call": self.s_per_call * 1e3,
                 "steps_per_s": self.steps_per_s, "fixed_batch": self.fixed_batch}  # fmt: skip
