@@ -1,7 +1,7 @@
 """``cellserve bench --sessions-per-message K``: a gateway's load over the Multiplex RPC, and its same-run baselines.
 
 Each of the ``--streams`` S streams is one Multiplex stream holding K sessions; every message steps all K of them
-(``[K, T, *frame]``), closed-loop or ``--inflight`` D messages ahead. Per configuration (S, T, K), in every round
+(``[K, T, *frame]``), closed-loop or ``--inflight`` D messages ahead. Per configuration (S, T, K, D), in every round
 and in a changing order (``measure.round_order``), run:
 - ``cellserve``: that load (session-steps/s = msgs/s × K × T; latency per message);
 - ``echo``: the bare echo server with the same streams, in-flight depth and message sizes (``sizes.multiplex_sizes``):
@@ -42,12 +42,12 @@ def run_multiplex(
     if "naive" in baselines:
         raise BenchError("the naive baseline steps one session per message; with --sessions-per-message choose "
                          "from echo,ort")  # fmt: skip
-    if args.inflight < 1 or args.echo_streams < 1:
-        raise BenchError(f"--inflight is {args.inflight} and --echo-streams {args.echo_streams}; both must be >= 1")
-    runs = [(s, t, k) for s, t in configs for k in args.sessions_per_message]
-    max_streams = max(1024, 2 * max(args.echo_streams, *(s for s, _, _ in runs)))
+    if args.echo_streams < 1:
+        raise BenchError(f"--echo-streams is {args.echo_streams}; it must be >= 1")
+    runs = [(s, t, k, d) for s, t in configs for k in args.sessions_per_message for d in args.inflight]
+    max_streams = max(1024, 2 * max(args.echo_streams, *(s for s, _, _, _ in runs)))
     with started(args, baselines, model_dir, max_streams) as setup:
-        entries = [_configuration(args, setup, s, t, k) for s, t, k in runs]
+        entries = [_configuration(args, setup, s, t, k, d) for s, t, k, d in runs]
     report = {
         "meta": {
             **meta(args, setup, baselines),
@@ -66,12 +66,12 @@ def run_multiplex(
     return 0
 
 
-def _configuration(args: argparse.Namespace, setup: Setup, streams: int, t: int, k: int) -> dict:
-    """One (streams, T, K): every target and raw onnxruntime at batch K in every round (then raw onnxruntime at the
-    batch the server formed, where that is not K); its report entry."""
+def _configuration(args: argparse.Namespace, setup: Setup, streams: int, t: int, k: int, inflight: int) -> dict:
+    """One (streams, T, K, in flight): every target and raw onnxruntime at batch K in every round (then raw
+    onnxruntime at the batch the server formed, where that is not K); its report entry."""
     info = setup.cs.info
     mux = LoadPlan(streams, t, args.duration, args.messages, args.warmup, args.procs or min(streams, 2), args.seed,
-                   example=setup.example, sessions=k, inflight=args.inflight, multiplex=True)  # fmt: skip
+                   example=setup.example, sessions=k, inflight=inflight, multiplex=True)  # fmt: skip
     single = LoadPlan(args.echo_streams, t, args.duration, args.messages, args.warmup,
                       args.procs or min(args.echo_streams, 2), args.seed, example=setup.example)  # fmt: skip
     # target -> (server, load, how the load talks to it)
@@ -105,4 +105,4 @@ def _configuration(args: argparse.Namespace, setup: Setup, streams: int, t: int,
         assert setup.ort_model is not None
         formed = ort_ceiling(setup.ort_model, max(1, round(batch)), t, seconds=seconds, seed=args.seed)
     log.info("bench configuration done", extra={"streams": streams, "t": t, "sessions_per_message": k})
-    return config_entry(rounds, results, ort_rounds, formed, inflight=args.inflight)
+    return config_entry(rounds, results, ort_rounds, formed, inflight=inflight)

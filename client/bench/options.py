@@ -115,11 +115,11 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--inflight",
-        type=int,
-        default=1,
+        type=_counts,
+        default=[1],
         metavar="D",
         help="with --sessions-per-message: messages each stream keeps in flight, the server answering in order "
-        "(default: %(default)s, closed loop)",
+        "(default: 1, closed loop; a list like 1,2 runs each)",
     )
     p.add_argument(
         "--echo-streams",

@@ -44,7 +44,7 @@ def test_the_bench_runs_a_multiplex_load_and_writes_the_acceptance_ratios_and_a_
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     meta = report["meta"]
-    assert (meta["mode"], meta["inflight"], meta["echo_streams"], meta["baselines"]) == ("multiplex", 2, 4,
+    assert (meta["mode"], meta["inflight"], meta["echo_streams"], meta["baselines"]) == ("multiplex", [2], 4,
                                                                                          ["echo", "ort"])  # fmt: skip
     (cfg,) = report["configs"]
     assert (cfg["streams"], cfg["t"], cfg["sessions_per_message"], cfg["inflight"]) == (2, 2, 3, 2)
@@ -99,7 +99,7 @@ def test_raw_ort_runs_in_every_round_and_its_ratio_is_the_median_of_same_round_r
     [
         (["--baselines", "naive"], "the naive baseline steps one session per message"),
         (["--sweep"], "--sweep is the single-session grid"),
-        (["--inflight", "0"], "--inflight is 0"),
+        (["--echo-streams", "0"], "--echo-streams is 0"),
     ],
 )
 def test_multiplex_flags_that_cannot_work_are_refused_in_one_line(argv, says, capsys):
