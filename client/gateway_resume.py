@@ -20,7 +20,7 @@ from cellserve.client.errors import CellserveClientError, DataLossError, Unavail
 from cellserve.client.gateway_errors import entry_error, request_error
 from cellserve.client.gateway_lanes import Lanes
 from cellserve.client.gateway_ops import Ended, EndLane, GatewayRoutine, Lane, Member, Pause, Pending, ReceiveOn, SendOn
-from cellserve.client.recovery import Recovery, candidates, replay_gap
+from cellserve.client.recovery import REFUSALS, Recovery, candidates, replay_gap
 from cellserve.v1 import cellserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class ResumingLanes(Lanes):
         ]
         for i, m in enumerate(movers):
             if i in problems:
-                self._lose(m, problems[i])
+                self._lose(m, self._refusal(index, m, problems[i]))
             else:
                 self._place(new, m, opened[i])
         for m in [m for m in old.members.values() if m.lane is old]:
@@ -115,6 +115,14 @@ class ResumingLanes(Lanes):
         fields = {"target": self.targets[index], "sessions": len(movers) - len(problems)}
         log.info("gateway sessions resumed", extra={**fields, "replayed": sum(len(p.members) for p in replay)})
         return True
+
+    def _refusal(self, index: int, m: Member, problem: CellserveClientError) -> CellserveClientError:
+        """Why ``m`` cannot go on after ``targets[index]`` took its stream's other sessions and not it: a refusal
+        of its state (token, model file) is data loss, as for a single session; anything else keeps its class."""
+        if isinstance(problem, DataLossError) or problem.code in REFUSALS:
+            return DataLossError(f"{self.targets[index]} could not continue session {m.key!r}: {problem}")
+        return type(problem)(f"{self.targets[index]} could not take session {m.key!r} back: {problem.details}",
+                             problem.code)  # fmt: skip
 
     def _resume_problems(
         self, reply: object, movers: list[Member], index: int

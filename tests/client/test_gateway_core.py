@@ -1,0 +1,315 @@
+"""The gateway core's decisions, driven without I/O: a scripted cluster of toy Multiplex servers performs its
+operations.
+
+The toy model's output for a session's step is the step's position in the session (``[n, n+1, ...]``, [T, 1]) and
+its token is the step count, so a resume from the wrong state, a lost or repeated step, or an output handed out
+twice shows in the outputs themselves: a key's outputs, concatenated, must be ``0, 1, 2, ...``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from cellserve.client.errors import (
+    DataLossError,
+    FailedPreconditionError,
+    SessionClosedError,
+    StepRejected,
+    UnavailableError,
+)
+from cellserve.client.gateway_core import GatewayCore
+from cellserve.client.gateway_errors import GatewayError
+from cellserve.client.gateway_ops import Describe, EndLane, PollOn, ReceiveOn, SendOn, StartLane
+from cellserve.client.model_info import ModelInfo
+from cellserve.client.ops import Ended, Pause, SessionPolicy
+from cellserve.client.tensors import to_numpy, to_proto
+from cellserve.v1 import cellserve_pb2 as pb
+
+SHA = "7" * 64
+INFO = ModelInfo("toy", "1", SHA, "tokens", 1, 4, 256, 1)
+FORBIDDEN = 255  # a token id the toy server refuses (the client's check lets it through)
+
+
+@dataclass
+class _Stream:
+    target: int
+    alive: bool = True
+    sessions: dict[int, int] = field(default_factory=dict)  # handle -> steps
+    responses: deque = field(default_factory=deque)
+    next_handle: int = 1
+
+
+class Cluster:
+    """Toy servers t0, t1, ... that can be killed, restarted, drained, or made to refuse some tokens."""
+
+    def __init__(self, n: int = 2) -> None:
+        self.targets = tuple(f"t{i}:1" for i in range(n))
+        self.up = [True] * n
+        self.refuse_tokens: set[bytes] = set()  # tokens every target refuses (an expired one, say)
+        self.streams: dict[int, _Stream] = {}
+        self.rows: list[tuple[int, bool]] = []  # (target, checkpoint) of every step row a live server ran
+        self.on_send: Callable[[pb.MultiplexRequest], None] | None = None
+        self.now = 0.0
+
+    def core(self, **options: Any) -> GatewayCore:
+        policy = SessionPolicy(**{k: options.pop(k) for k in list(options) if k in SessionPolicy.__dataclass_fields__})
+        return GatewayCore(self.targets, policy, model="toy", clock=lambda: self.now, **options)
+
+    def run(self, routine: Any) -> Any:
+        reply = None
+        try:
+            while True:
+                reply = self.perform(routine.send(reply))
+        except StopIteration as done:
+            return done.value
+
+    def outcome(self, routine: Any) -> tuple[Any, dict]:
+        """A call's result and its failed keys' errors (a GatewayError's)."""
+        try:
+            return self.run(routine), {}
+        except GatewayError as e:
+            return e.result, e.errors
+
+    def perform(self, op: Any) -> Any:
+        if isinstance(op, StartLane):
+            self.streams[op.lane] = _Stream(self.targets.index(op.target), alive=self.up[self.targets.index(op.target)])
+        elif isinstance(op, SendOn):
+            s = self.streams[op.lane]
+            if s.alive:
+                s.responses.append(self._answer(s, op.request))
+            if self.on_send is not None:
+                self.on_send(op.request)
+        elif isinstance(op, (ReceiveOn, PollOn)):
+            s = self.streams[op.lane]
+            if s.responses:
+                return s.responses.popleft()
+            if not s.alive:
+                return Ended(UnavailableError("Socket closed"))
+            assert isinstance(op, PollOn), "the core waits for an answer that never comes"
+        elif isinstance(op, EndLane):
+            self.streams[op.lane].alive = False
+            self.streams[op.lane].responses.clear()
+        elif isinstance(op, Describe):
+            return INFO
+        elif isinstance(op, Pause):
+            self.now += op.seconds
+        return None
+
+    def kill(self, target: int) -> None:
+        """SIGKILL: every stream on it ends, its unsent answers lost."""
+        self.up[target] = False
+        for s in self.streams.values():
+            if s.target == target:
+                s.alive = False
+                s.responses.clear()
+
+    def push(self, target: int, event: Callable[[_Stream], pb.MultiplexResponse]) -> None:
+        for s in self.streams.values():
+            if s.target == target and s.alive:
+                s.responses.append(event(s))
+
+    def _answer(self, s: _Stream, req: pb.MultiplexRequest) -> pb.MultiplexResponse:
+        kind = req.WhichOneof("kind")
+        if kind == "open":
+            opened, errors = [], []
+            for i, want in enumerate(req.open.sessions):
+                if want.resume_token in self.refuse_tokens:
+                    errors.append(pb.EntryError(index=i, code=3, message="token refused"))
+                    opened.append(pb.OpenedSession(key=want.key))
+                    continue
+                handle, s.next_handle = s.next_handle, s.next_handle + 1
+                steps = int(want.resume_token.decode()) if want.resume_token else 0
+                s.sessions[handle] = steps
+                opened.append(pb.OpenedSession(handle=handle, key=want.key, session_id=f"s{handle}", model="toy",
+                                               steps=steps, model_sha256=SHA))  # fmt: skip
+            return pb.MultiplexResponse(seq=req.seq, opened=pb.SessionsOpened(sessions=opened), errors=errors)
+        if kind == "step":
+            x = to_numpy(req.step.input)  # [N, T]
+            y = np.zeros((len(x), x.shape[1], 1), np.float32)
+            tokens, errors = [], []
+            for i, handle in enumerate(req.step.handles):
+                steps = s.sessions.get(handle)
+                if steps is None or (x[i] == FORBIDDEN).any():
+                    code = 9 if steps is None else 3
+                    errors.append(pb.EntryError(index=i, code=code, message=f"row {i} refused"))
+                    tokens.append(b"")
+                    continue
+                y[i, :, 0] = np.arange(steps, steps + x.shape[1])
+                s.sessions[handle] = steps + x.shape[1]
+                tokens.append(str(s.sessions[handle]).encode())
+                self.rows.append((s.target, req.step.checkpoint))
+            out = pb.SessionsOutput(output=to_proto(y), resume_tokens=tokens if req.step.checkpoint else [])
+            return pb.MultiplexResponse(seq=req.seq, output=out, errors=errors)
+        if kind == "snapshot":
+            tokens = [str(s.sessions[h]).encode() for h in req.snapshot.handles]
+            steps = [s.sessions[h] for h in req.snapshot.handles]
+            return pb.MultiplexResponse(seq=req.seq, snapshot=pb.SessionsSnapshot(tokens=tokens, steps=steps))
+        for h in req.close.handles:
+            s.sessions.pop(h, None)
+        return pb.MultiplexResponse(seq=req.seq, closed=pb.SessionsClosed(handles=req.close.handles))
+
+
+def positions(outputs: list[np.ndarray]) -> list[int]:
+    return [int(v) for y in outputs for v in np.asarray(y).reshape(-1)]
+
+
+def test_a_step_in_flight_when_the_server_dies_is_answered_once_on_the_other(caplog):
+    caplog.set_level(logging.INFO, logger="cellserve.client")
+    c = Cluster()
+    core = c.core(checkpoint_every=2)
+    keys = ["a", "b", "c"]
+    assert c.run(core.open(keys, {})) == keys
+    ys = [c.run(core.step_arrays(keys, np.ones((3, 2), np.int64))) for _ in range(3)]  # a token after 4 steps
+    c.on_send = lambda req: c.kill(0) if req.WhichOneof("kind") == "step" else None  # dies under the next step
+    ys.append(c.run(core.step_arrays(keys, np.ones((3, 3), np.int64))))
+    c.on_send = None
+    ys.append(c.run(core.step({"a": [1], "c": [2, 3]}))["a"][None])
+    for i in range(3):
+        assert positions([y[i] for y in ys[:4]]) == list(range(9)), keys[i]
+    assert positions([ys[4][0]]) == [9]
+    assert {core.session(k).target for k in keys} == {"t1:1"} and core.session("c").steps == 11
+    assert [r[0] for r in c.rows].count(1) == 3 + 3 + 2  # rows: the replayed ones since the token, the rest
+    resumed = [r for r in caplog.records if r.getMessage() == "gateway sessions resumed"]
+    assert len(resumed) == 1 and resumed[0].replayed == 3
+
+
+def test_with_one_target_a_restarted_server_takes_the_sessions_back():
+    c = Cluster(1)
+    core = c.core(checkpoint_every=1)
+    c.run(core.open(["a"], {}))
+    c.run(core.step({"a": [1, 2]}))
+    c.kill(0)
+    c.up[0] = True  # restarted at the same address
+    assert positions([c.run(core.step({"a": [3]}))["a"]]) == [2]
+
+
+def test_an_answer_out_of_order_is_a_broken_stream_and_the_sessions_resume():
+    c = Cluster()
+    core = c.core()
+    c.run(core.open(["a", "b"], {}))
+    c.run(core.step({"a": [1]}))
+    c.push(0, lambda s: pb.MultiplexResponse(seq=99, snapshot=pb.SessionsSnapshot()))
+    y = c.run(core.step({"a": [1], "b": [2]}))
+    assert positions([y["a"], y["b"]]) == [1, 0] and core.session("a").target == "t1:1"
+
+
+def test_no_server_within_the_resume_timeout_fails_only_that_streams_keys():
+    c = Cluster()
+    core = c.core(resume_timeout_s=1, sessions_per_stream=2)
+    c.run(core.open(["a", "b"], {}))  # a stream on t0, full
+    c.up[0] = False
+    c.run(core.open(["d"], {}))  # t0 takes no new stream: d's goes to t1
+    assert core.open_streams() == ["t0:1", "t1:1"]
+    c.kill(0)
+    c.up[1] = False  # t1 takes no new stream either; d's stays
+    result, errors = c.outcome(core.step({"a": [1], "b": [2], "d": [3]}))
+    assert list(result) == ["d"] and set(errors) == {"a", "b"}
+    assert all(isinstance(e, UnavailableError) and "within 1 s" in e.details for e in errors.values())
+    assert c.now >= 1  # rounds of attempts, paused in between
+    assert core.keys == ["d"] and core.session("a").error is errors["a"] and core.open_streams() == ["t1:1"]
+
+
+def test_a_session_whose_token_the_new_server_refuses_fails_alone(caplog):
+    c = Cluster()
+    core = c.core(checkpoint_every=1)
+    c.run(core.open(["a", "b"], {}))
+    c.run(core.step({"a": [1], "b": [1, 2]}))
+    c.refuse_tokens.add(b"2")  # b's token (2 steps)
+    c.kill(0)
+    result, errors = c.outcome(core.step({"a": [5], "b": [6]}))
+    assert positions([result["a"]]) == [1] and list(errors) == ["b"]
+    assert isinstance(errors["b"], DataLossError) and "t1:1 could not continue session 'b'" in errors["b"].details
+    (lost,) = [r for r in caplog.records if "cannot go on" in r.getMessage()]
+    assert lost.key == "b" and lost.levelno == logging.WARNING
+
+
+def test_a_row_the_server_refuses_fails_alone_and_is_not_replayed():
+    c = Cluster()
+    core = c.core(checkpoint_every=8)
+    c.run(core.open(["a", "b"], {}))
+    result, errors = c.outcome(core.step_arrays(["a", "b"], [[1, 2], [3, FORBIDDEN]]))
+    assert isinstance(errors["b"], StepRejected) and errors["b"].code == grpc.StatusCode.INVALID_ARGUMENT
+    assert positions([result[0]]) == [0, 1] and not result[1].any()
+    c.kill(0)
+    y = c.run(core.step_arrays(["a", "b"], [[1], [2]]))
+    assert positions([y[0], y[1]]) == [2, 0]  # b's refused row left no trace, here or in the replay
+
+
+def test_every_checkpoint_every_steps_of_a_session_a_request_asks_for_tokens():
+    c = Cluster()
+    core = c.core(checkpoint_every=3)
+    c.run(core.open(["a"], {}))
+    for _ in range(7):
+        c.run(core.step({"a": [1]}))
+    assert [cp for _, cp in c.rows] == [False, False, True, False, False, True, False]
+    assert core.session("a").resume_token == b"6"
+    c.now += 301  # the newest token is too old: it might expire
+    c.run(core.step({"a": [1]}))
+    assert c.rows[-1] == (0, True)
+
+
+def test_a_drain_notice_moves_the_stream_and_a_drain_close_resumes_it():
+    c = Cluster()
+    core = c.core()
+    c.run(core.open(["a", "b"], {}))
+    c.run(core.step({"a": [1], "b": [2]}))
+
+    def draining(s: _Stream, deadline: int = 1) -> pb.MultiplexResponse:
+        handles = list(s.sessions)
+        tokens = [str(s.sessions[h]).encode() for h in handles]
+        return pb.MultiplexResponse(draining=pb.SessionsDraining(handles=handles, resume_tokens=tokens,
+                                                                 deadline_unix_ms=deadline))  # fmt: skip
+
+    c.push(0, draining)
+    y = c.run(core.step({"a": [1], "b": [2]}))  # moved first: t1 answers
+    assert positions([y["a"], y["b"]]) == [1, 1] and core.open_streams() == ["t1:1"]
+    c.push(1, lambda s: draining(s, 0))  # t1 closed them for its drain, with their final tokens
+    c.push(1, lambda s: pb.MultiplexResponse(closed=pb.SessionsClosed(handles=list(s.sessions),
+                                                                       reason=pb.CLOSE_REASON_DRAIN)))  # fmt: skip
+    y = c.run(core.step({"a": [1]}))
+    assert positions([y["a"]]) == [2] and core.open_streams() == ["t0:1"]
+
+
+def test_an_idle_close_fails_that_key_on_its_next_use_and_is_logged(caplog):
+    caplog.set_level(logging.INFO, logger="cellserve.client")
+    c = Cluster()
+    core = c.core()
+    c.run(core.open(["a", "b"], {}))
+    closed = pb.SessionsClosed(handles=[2], steps=[0], reason=pb.CLOSE_REASON_IDLE, message="idle for 1 s")
+    c.push(0, lambda s: pb.MultiplexResponse(closed=closed))
+    result, errors = c.outcome(core.step({"a": [1], "b": [1]}))
+    assert list(result) == ["a"] and isinstance(errors["b"], SessionClosedError) and errors["b"].reason == "idle"
+    assert "idle for 1 s" in errors["b"].details and core.keys == ["a"]
+    (record,) = [r for r in caplog.records if "cannot go on" in r.getMessage()]
+    assert record.levelno == logging.INFO and record.key == "b" and "'b'" in record.getMessage()
+
+
+def test_with_checkpointing_off_steps_since_the_last_token_are_data_loss_on_a_crash():
+    c = Cluster()
+    core = c.core(checkpoint_every=0)
+    c.run(core.open(["a", "b"], {}))
+    c.run(core.step({"a": [1], "b": [1]}))
+    c.run(core.snapshot(["a"]))  # a's token is current; b's steps since its (no) token were not kept
+    c.kill(0)
+    result, errors = c.outcome(core.step({"a": [1], "b": [1]}))
+    assert positions([result["a"]]) == [1] and isinstance(errors["b"], DataLossError)
+    assert "checkpointing off" in errors["b"].details
+
+
+def test_a_closed_gateway_takes_no_calls_and_closing_twice_is_fine():
+    c = Cluster()
+    core = c.core()
+    c.run(core.open(["a"], {}))
+    c.run(core.shutdown())
+    c.run(core.shutdown())
+    assert not [s for s in c.streams.values() if s.sessions]  # closed on the server
+    with pytest.raises(FailedPreconditionError, match="the gateway is closed"):
+        c.run(core.step({"a": [1]}))
