@@ -7,15 +7,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from replica_helpers import drain, token_keys
 
 from cellserve.client import (
     AsyncClient,
+    ChannelConfig,
     Client,
     GatewayError,
     InvalidInputError,
@@ -319,3 +322,39 @@ def test_an_asyncio_caller_cancelled_mid_step_leaves_the_gateway_exact(running_s
         y, last = asyncio.run(main(srv.address))
     np.testing.assert_allclose(y[1], tiny_oracle.sequence([3, 4, 6])[2:], atol=TOL, rtol=0)
     np.testing.assert_allclose(last, tiny_oracle.sequence([1, 2, 5, 7])[3:], atol=TOL, rtol=0)
+
+
+def test_a_gateways_streams_spread_over_the_clients_connections(gsdk, running_server, tiny_oracle):
+    keys = [f"s{i}" for i in range(12)]
+    with (
+        running_server() as srv,
+        gsdk.client(srv.address, ChannelConfig(connections_per_target=4)) as client,
+        client.gateway("tiny", keys=keys, streams=4) as gw,
+    ):
+        inner = getattr(client, "aio", client)
+        assert inner._channels.pool(srv.address).open_streams() == [1, 1, 1, 1]  # a stream on each connection
+        assert [len(lane.members) for lane in gw._core.lanes] == [3, 3, 3, 3]  # the sessions spread over them
+        y = gw.step_arrays(keys, np.arange(24).reshape(12, 2))  # one request per stream, the answer in key order
+    for i in (0, 5, 11):
+        np.testing.assert_allclose(y[i], tiny_oracle.sequence([2 * i, 2 * i + 1]), atol=TOL, rtol=0)
+
+
+def _sessions_on(metrics_port: int) -> float:
+    """``cellserve_sessions_active`` of one worker (its own metrics port, from the ready file)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "cellserve_sessions_active")  # fmt: skip
+
+
+def test_one_gateways_sessions_reach_every_worker_behind_an_address(gsdk, spawn_server):
+    """``serve --workers 2``: 16 streams take 16 connections of the pool, which the kernel spreads over both
+    workers (all on one: probability 2^-15)."""
+    server = spawn_server("--workers", "2")
+    workers = server.ready_info()["workers"]
+    keys = [f"w{i}" for i in range(32)]
+    with gsdk.client(server.address) as client, client.gateway("tiny", keys=keys, streams=16) as gw:
+        assert len(gw.streams) == 16
+        gw.step_arrays(keys, np.ones((32, 1), np.int64))
+        per_worker = [_sessions_on(w["metrics_port"]) for w in workers]
+    assert sum(per_worker) == 32 and min(per_worker) > 0, per_worker
