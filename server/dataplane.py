@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cellserve.server.batching import GroupResult
-from cellserve.server.errors import InvalidArgument, Unavailable
+from cellserve.server.errors import Unavailable
 from cellserve.server.models import LoadedModel, ModelRepository
 from cellserve.server.resume_state import ResumeState
 from cellserve.server.resume_token import TokenCodec
-from cellserve.server.sessions import Notify, Session, SessionManager, submit_many
+from cellserve.server.session_groups import choose, submit_many
+from cellserve.server.sessions import Notify, Session, SessionManager
 from cellserve.server.settings import Settings
 
 if TYPE_CHECKING:
@@ -166,26 +167,8 @@ class DataPlane:
             return Steps(None, errors)
         for i, e in model.check_rows(x).items():
             errors.setdefault(i, e)
-        chosen: list[Session] = []
-        rows: list[int] = []
-        seen: set[int] = set()
-        for i, session in enumerate(sessions):
-            if session is None or i in errors:
-                continue
-            refused = session.refusal()
-            if refused is None and session.model is not model:
-                refused = InvalidArgument(
-                    f"session {session.id} is on model {session.model.name!r}; one message steps sessions of one "
-                    f"model ({model.name!r} here)"
-                )
-            if refused is None and id(session) in seen:
-                refused = InvalidArgument(f"session {session.id} appears twice; step a session once per message")
-            if refused is not None:
-                errors[i] = refused
-                continue
-            seen.add(id(session))
-            chosen.append(session)
-            rows.append(i)
+        rows = choose(sessions, model, errors)
+        chosen: list[Session] = [sessions[i] for i in rows]  # type: ignore[misc]
         if self._tracing is not None:  # a step refused before the engine is always traced
             for i, e in errors.items():
                 traced = sessions[i]

@@ -160,8 +160,9 @@ class HistogramChild:
         self.sum = 0.0
         self.exemplars: list[Exemplar | None] = [None] * len(bounds)  # the latest per bucket (OpenMetrics only)
 
-    def observe_elapsed(self, now: float, starts: Sequence[float]) -> None:
-        """Add ``now - start`` for every start time (seconds): each lands in the first bucket whose bound is >= it.
+    def observe_elapsed(self, now: float, starts: Sequence[float], times: Sequence[int] | None = None) -> None:
+        """Add ``now - start`` for every start time (seconds): each lands in the first bucket whose bound is >= it;
+        ``times[i]``: start i counts that many times (a gateway message's rows share their start).
 
         A bisect per value: ~0.25 µs each, where one numpy call costs ~8 µs whatever the batch (measured), so
         this is cheaper up to a few dozen values and within ~0.1 µs per value above.
@@ -170,9 +171,14 @@ class HistogramChild:
         buckets = [bisect_left(self._bounds, v) for v in values]
         with self._lock:
             counts = self.counts
-            for b in buckets:
-                counts[b] += 1
-            self.sum += sum(values)
+            if times is None:
+                for b in buckets:
+                    counts[b] += 1
+                self.sum += sum(values)
+            else:
+                for b, n in zip(buckets, times, strict=True):
+                    counts[b] += n
+                self.sum += sum(v * n for v, n in zip(values, times, strict=True))
 
     def exemplar(self, value: float, labels: dict[str, str]) -> None:
         """Keep ``labels`` (a trace's ids) as the exemplar of ``value``'s bucket, already counted by

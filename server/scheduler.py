@@ -291,17 +291,12 @@ class Scheduler:
         (a group's rows stay in one call). Their time in the queue is observed here."""
         start = time.perf_counter()
         live: list[Entry] = []
-        waits: list[float] = []
         for req in batch:
             if req.future.cancelled():  # the caller went away while it was queued: never run
                 req.finish(0)
             else:
                 live.append(req)
-                if type(req) is Request:
-                    waits.append(req.queued_at)
-                else:
-                    waits += [req.queued_at] * req.rows
-        self._m_wait.observe_elapsed(start, waits)
+        self._m_wait.observe_elapsed(start, [r.queued_at for r in live], _rows(live))
         self._m_messages.inc(len(live))
         by_shape: dict[tuple[int, ...], list[Entry]] = {}
         for req in live:  # equal T and frame shape (a dynamic frame dim may differ between sessions)
@@ -314,19 +309,17 @@ class Scheduler:
 
     def _deliver(self, t: int, group: list[Unit], y: np.ndarray, engine_s: float) -> None:
         """Hand each step its rows of y; then the group's metrics (latency: queued until its output is ready)."""
-        if all(type(r) is not Group for r in group):  # a row per entry: each gets a [T, *out] view
+        rows = _rows(group)
+        if rows is None:  # a row per entry: each gets a [T, *out] view
             for req, row in zip(group, y, strict=True):
                 req.complete(t, row)
-            starts = [r.queued_at for r in group]
         else:
-            offset, starts = 0, []
-            for req in group:
-                n = req.rows
+            offset = 0
+            for req, n in zip(group, rows, strict=True):
                 req.complete(t, y[offset] if type(req) is not Group else y[offset : offset + n])
                 offset += n
-                starts += [req.queued_at] * n
         end = time.perf_counter()
-        self._m_latency.observe_elapsed(end, starts)
+        self._m_latency.observe_elapsed(end, [r.queued_at for r in group], rows)
         # tracing on: a batch span when a step of it was kept, whose ids are this call's exemplar
         exemplar = self._tracer.delivered(alone(group), t, engine_s, end) if self._tracer is not None else None
         self._m_engine.observe(engine_s, exemplar)
@@ -393,3 +386,10 @@ class Scheduler:
             req.fail(step_error)
         for gateway_group in groups.values():
             gateway_group.settled(t)
+
+
+def _rows(entries: Sequence[Unit]) -> list[int] | None:
+    """Each entry's rows, or None when every entry is one session's step (no gateway group among them)."""
+    if all(type(r) is not Group for r in entries):
+        return None
+    return [r.rows for r in entries]

@@ -15,7 +15,7 @@ import heapq
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,7 +28,6 @@ from cellserve.server.resume_state import ResumeState
 from cellserve.server.settings import Settings
 
 if TYPE_CHECKING:
-    from cellserve.server.batching import GroupResult
     from cellserve.server.tracing import SessionTrace
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ class Session:
         self.slot = model.pool.allocate(self)
         self._notify = notify
         self._released = released
-        self._inflight = False
+        self.inflight = False  # a step of it is queued or in the engine (set here, and by session_groups)
         self.deadline = time.monotonic() + idle_timeout_s
         self.final_state: ResumeState | None = None  # kept when a drain closes it: the last resume token
         self.trace: SessionTrace | None = None  # its span, when tracing is on (set by the dataplane)
@@ -105,7 +104,7 @@ class Session:
         If the caller stops waiting, a step the scheduler has not started is dropped; one it has started
         still finishes, and the slot stays in flight (never freed) until it has.
         """
-        if self.closed or self._inflight:
+        if self.closed or self.inflight:
             raise self.refusal()  # type: ignore[misc]
         try:
             x = self.model.check_input(x)
@@ -113,11 +112,11 @@ class Session:
             if self.trace is not None:  # a failed step is always traced
                 self.trace.step_failed(self.id, e)
             raise
-        self._inflight = True  # before enqueue: an inline scheduler may run (and finish) the step inside it
+        self.inflight = True  # before enqueue: an inline scheduler may run (and finish) the step inside it
         try:
-            return self.model.scheduler.enqueue(self.slot, x, self._finished, self)
+            return self.model.scheduler.enqueue(self.slot, x, self.step_done, self)
         except BaseException as e:  # refused (queue full, stopping): nothing is in flight
-            self._inflight = False
+            self.inflight = False
             if self.trace is not None and isinstance(e, Exception):
                 self.trace.step_failed(self.id, e)
             raise
@@ -128,13 +127,13 @@ class Session:
             if self.close_reason == "drain":  # as every refusal of a draining server: go elsewhere
                 return Unavailable(f"session {self.id} was closed by a drain; resume on another replica")
             return FailedPrecondition(f"session {self.id} is closed ({self.close_reason}); open a new one")
-        if self._inflight:
+        if self.inflight:
             return FailedPrecondition(f"session {self.id} already has a step in flight; wait for its output")
         return None
 
-    def _finished(self, steps: int) -> None:
+    def step_done(self, steps: int) -> None:
         """The scheduler is done with this session's step (``steps`` taken; 0 if it never ran)."""
-        self._inflight = False
+        self.inflight = False
         self.steps += steps  # before the slot can be released: a drain's final state includes it
         self.touch()
         if self.closed:  # closed while the step ran: the slot was kept for the engine until now
@@ -146,7 +145,7 @@ class Session:
             return False
         self.closed = True
         self.close_reason = reason
-        if not self._inflight:  # else _finished releases when the engine is done with the slot
+        if not self.inflight:  # else step_done releases when the engine is done with the slot
             self._release()
         return True
 
@@ -182,30 +181,6 @@ class Session:
         if self.trace is not None:
             fields.update(self.trace.log_fields())
         return fields
-
-    @property
-    def inflight(self) -> bool:
-        return self._inflight
-
-
-def submit_many(model: LoadedModel, sessions: Sequence[Session], x: np.ndarray) -> asyncio.Future[GroupResult]:
-    """Queue one step for each of ``sessions`` (open sessions of ``model``, none in flight, each once; row i of
-    ``x`` [n, T, *frame], already checked, for ``sessions[i]``): one future for all, as one scheduler entry.
-    Each session is in flight until the engine is done with its slot; a row that failed alone takes no step."""
-    for session in sessions:
-        session._inflight = True
-
-    def finished(steps: int, failed: Mapping[int, Exception]) -> None:
-        for i, session in enumerate(sessions):
-            session._finished(0 if failed and i in failed else steps)
-
-    slots = np.fromiter((s.slot for s in sessions), np.int64, len(sessions))
-    try:
-        return model.scheduler.enqueue_many(slots, x, finished, sessions)
-    except BaseException:  # refused (queue full, stopping): nothing is in flight
-        for session in sessions:
-            session._inflight = False
-        raise
 
 
 class SessionManager:
