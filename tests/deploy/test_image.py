@@ -11,8 +11,8 @@ read-only root, a tmpfs /tmp, no capabilities, ports on loopback only:
   still equals the oracle;
 
 the GPU image (CUDA from NVIDIA's wheels) serves with --device cpu, its CUDA libraries are all there, and
---device cuda on this GPU-less machine fails with one line naming the device; and no image carries the
-host's CA bundle, pip configuration or mirror names.
+--device cuda on this GPU-less machine fails with one line naming the device; both images export a span to an
+OTLP receiver (the `otel` extra); and no image carries the host's CA bundle, pip configuration or mirror names.
 
 Where build.sh cannot run (not Linux, not root, no podman) the tests skip with its one-line reason; under
 CI they fail instead (.ci/run installs podman, runc and debootstrap).
@@ -261,6 +261,53 @@ def test_gpu_image_with_device_cuda_and_no_gpu_fails_in_one_line_naming_the_devi
     assert not re.search(r"\.so\b|cannot open shared object|needs (cuDNN|cuBLAS|CuPy)", error), error
 
 
+# -- tracing: the OpenTelemetry SDK and OTLP exporters in both images --------------------------------------
+
+# Run with the image's own Python: an OTLP/gRPC receiver (opentelemetry-proto's service, which the exporter brings)
+# on the container's loopback, the server's Tracing built from settings as `serve` builds it, one session span
+# exported to the receiver; the OTLP/HTTP exporter builds too; and the installed versions of the otel extra.
+OTEL_PROBE = """
+import importlib.metadata, json, sys
+from concurrent import futures
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from prometheus_client import CollectorRegistry
+from cellserve.server.metrics import Metrics
+from cellserve.server.settings import Settings
+from cellserve.server.trace_config import build_tracing
+spans = []
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def Export(self, request, context):
+        spans.extend(s.name for r in request.resource_spans for ss in r.scope_spans for s in ss.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+server = grpc.server(futures.ThreadPoolExecutor(1))
+trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(), server)
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+dropped = Metrics(CollectorRegistry()).trace_spans_dropped
+tracing = build_tracing(Settings(otlp_endpoint=f"http://127.0.0.1:{port}"), dropped, {})
+tracing.session("pychar", "s1", resumed=False, carrier=None).end(1, "client")
+tracing.shutdown()
+server.stop(None)
+http = build_tracing(Settings(otlp_endpoint="http://127.0.0.1:9", otlp_protocol="http/protobuf"), dropped, {})
+http.shutdown()
+names = [n.split("==")[0] for n in json.loads(sys.argv[1])]
+print(json.dumps({"spans": spans, "versions": {n: importlib.metadata.version(n) for n in names}}))
+"""
+
+
+@pytest.mark.parametrize("which", ["cpu", "gpu"])
+def test_image_exports_traces_with_the_otel_extra(images, podman, which):
+    import tomllib
+
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["otel"]
+    image = getattr(images, which)
+    run = podman("run", "--rm", *RUN_SECURE, "--entrypoint", "python3", image, "-c", OTEL_PROBE, json.dumps(pins))
+    probe = json.loads(run.stdout.strip().splitlines()[-1])
+    assert probe["spans"] == ["cellserve.session"], run.stderr
+    assert probe["versions"] == dict(pin.split("==") for pin in pins)
+
+
 # -- what the images carry -----------------------------------------------------------------------------
 
 
@@ -293,8 +340,13 @@ def _host_pip_and_mirror_values() -> list[str]:
     """Index, find-links and constraint values of the host's pip configuration and PIP_* variables, and the
     host names of its apt and pip mirrors (Debian's and PyPI's public names aside)."""
     values: list[str] = []
-    files = [Path("/etc/pip.conf"), *Path("/etc/xdg/pip").glob("*.conf"), Path.home() / ".config/pip/pip.conf",
-             Path.home() / ".pip/pip.conf", *(Path(p) for p in [os.environ.get("PIP_CONFIG_FILE", "")] if p)]
+    files = [
+        Path("/etc/pip.conf"),
+        *Path("/etc/xdg/pip").glob("*.conf"),
+        Path.home() / ".config/pip/pip.conf",
+        Path.home() / ".pip/pip.conf",
+        *(Path(p) for p in [os.environ.get("PIP_CONFIG_FILE", "")] if p),
+    ]
     for f in [f for f in files if f.is_file()]:
         parser = configparser.ConfigParser()
         parser.read(f)
@@ -360,4 +412,3 @@ def test_host_scan_finds_a_planted_host_certificate(tmp_path):
     (tmp_path / "etc/ssl").mkdir(parents=True)
     shutil.copy2("/etc/ssl/certs/ca-certificates.crt", tmp_path / "etc/ssl/cert.pem")
     assert set(_files_containing(tmp_path, [n.encode() for n in needles]).values()) == {"etc/ssl/cert.pem"}
-
