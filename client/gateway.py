@@ -129,12 +129,15 @@ class GatewayBase:
         return self._core.session(key)
 
     def __contains__(self, key: object) -> bool:
+        """Whether the gateway holds a session of this key (one that cannot go on included, until closed)."""
         return isinstance(key, str) and key in self._core.members
 
     def __len__(self) -> int:
+        """Sessions held (those that cannot go on included, until closed); ``len(gw.keys)``: those that can."""
         return len(self._core.members)
 
     def __iter__(self) -> Iterator[str]:
+        """The keys held, in the order they were opened (those that cannot go on included)."""
         return iter(list(self._core.members))
 
 

@@ -161,7 +161,7 @@ class AsyncGateway(GatewayBase):
 
     async def _run(self, routine: GatewayRoutine[T]) -> T:
         """Run a call in a task of its own, after the calls before it; a cancelled caller leaves it running."""
-        task = asyncio.ensure_future(self._locked(routine))
+        task: asyncio.Future[T] = asyncio.ensure_future(self._locked(routine))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a caller that left: nobody asks
         return await asyncio.shield(task)
 

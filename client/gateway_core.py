@@ -38,6 +38,7 @@ from cellserve.client.gateway_ops import (
     SendOn,
 )
 from cellserve.client.gateway_resume import ResumingLanes
+from cellserve.client.model_info import ModelInfo
 from cellserve.client.ops import Ended, SessionPolicy
 from cellserve.client.recovery import candidates
 from cellserve.v1 import cellserve_pb2 as pb
@@ -119,6 +120,7 @@ class GatewayCore(ResumingLanes):
     def step(self, inputs: Mapping[str, object]) -> GatewayRoutine[dict[str, np.ndarray]]:
         """One step per key: ``inputs[key]`` is [T, *frame] (or one step without T); returns {key: [T, *out]}."""
         self._check_usable()
+        yield from self._describe()
         outcome = Outcome()
         by_shape: dict[tuple, tuple[list[Member], list[np.ndarray]]] = {}
         for key, x in inputs.items():
@@ -144,6 +146,7 @@ class GatewayCore(ResumingLanes):
         self._check_usable()
         keys = self._distinct(keys)
         members = [self._member(key) for key in keys]
+        yield from self._describe()
         if self.info is None or not keys:  # no session was ever open: no key can be
             return np.zeros((0, *np.shape(x)[1:2]), np.float32)
         a, bad = check_columns(self.info, x, len(keys))
@@ -231,9 +234,13 @@ class GatewayCore(ResumingLanes):
                 yield from self._open_stream(group, outcome)
         for p in pendings:
             yield from self._wait(p)
+        yield from self._describe()
+
+    def _describe(self) -> GatewayRoutine[None]:
+        """Learn the model's description once a session is open (its input check, its output's shape)."""
         if self.info is None and self.lanes:
             info = yield Describe(self.model, self.targets[self.lanes[0].target])
-            assert not isinstance(info, (pb.MultiplexResponse, Ended)) and info is not None
+            assert isinstance(info, ModelInfo), info
             self.info = info
 
     def _plan(self, fresh: list[Member]) -> list[tuple[Lane | None, list[Member]]]:
