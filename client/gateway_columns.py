@@ -4,7 +4,7 @@ how many rows one message may carry, and the ``[N, T, *out]`` answer assembled i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -72,18 +72,19 @@ def token_bytes(info: ModelInfo) -> int:
 
 
 def assemble(
-    keys: Sequence[str], values: dict[str, np.ndarray], blocks: list[tuple[list[str], np.ndarray]], shape: tuple
+    keys: Sequence[str], blocks: list[tuple[list[str], np.ndarray]], failed: Mapping[str, object], shape: tuple
 ) -> np.ndarray:
-    """``[N, T, *out]`` in the order of ``keys``: an answer that already is that (one message, every row in
-    order) as it came, else the rows gathered, zeros where a key has no output."""
-    if len(blocks) == 1 and blocks[0][0] == list(keys) and len(values) == len(keys):
+    """``[N, T, *out]`` in the order of ``keys`` from the answered blocks (each ``[n, T, *out]`` with its keys): an
+    answer that already is that (one message, every row in order, none failed) as it came, else the rows
+    gathered, zeros for the ``failed`` keys."""
+    if len(blocks) == 1 and not failed and blocks[0][0] == list(keys):
         return blocks[0][1]
-    y: np.ndarray | None = None
-    for i, key in enumerate(keys):
-        row = values.get(key)
-        if row is None:
-            continue
-        if y is None:
-            y = np.zeros((len(keys), *row.shape), row.dtype)
-        y[i] = row
-    return y if y is not None else np.zeros(shape, np.float32)
+    if not blocks:
+        return np.zeros(shape, np.float32)
+    row = {key: i for i, key in enumerate(keys)}
+    y = np.zeros((len(keys), *blocks[0][1].shape[1:]), blocks[0][1].dtype)
+    for block_keys, block in blocks:
+        for j, key in enumerate(block_keys):
+            if key not in failed:
+                y[row[key]] = block[j]
+    return y

@@ -150,7 +150,7 @@ class GatewayCore(ResumingLanes):
         if self.info is None or not keys:  # no session was ever open: no key can be
             return np.zeros((0, *np.shape(x)[1:2]), np.float32)
         a, bad = check_columns(self.info, x, len(keys))
-        outcome = Outcome()
+        outcome = Outcome(keyed=False)
         outcome.errors.update((keys[i], e) for i, e in bad.items())
         outcome.errors.update((m.key, m.error) for m in members if m.error is not None and m.key not in bad)
         rows = [i for i, m in enumerate(members) if m.key not in outcome.errors]
@@ -158,7 +158,7 @@ class GatewayCore(ResumingLanes):
             block = a if len(rows) == len(keys) else a[rows]
             yield from self._step_blocks([([members[i] for i in rows], block)], outcome)
         out = tuple(d if d > 0 else 0 for d in self.info.output_frame or ())
-        y = assemble(keys, outcome.values, outcome.blocks, (len(keys), a.shape[1], *out))
+        y = assemble(keys, outcome.blocks, outcome.errors, (len(keys), a.shape[1], *out))
         return self._finish(outcome, keys, y)
 
     def snapshot(self, keys: Iterable[str] | None) -> GatewayRoutine[dict[str, bytes]]:

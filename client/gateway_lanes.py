@@ -228,7 +228,7 @@ class Lanes:
                     m.here += 1
                 else:
                     m.gap += t
-                if p.outcome is not None:
+                if p.outcome is not None and p.outcome.keyed:
                     p.outcome.values[m.key] = y[i]
             if i < len(tokens) and tokens[i]:
                 self._absorb(m, tokens[i])

@@ -122,6 +122,7 @@ class Outcome:
     values: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, CellserveClientError] = field(default_factory=dict)
     blocks: list[tuple[list[str], np.ndarray]] = field(default_factory=list)  # answered [n, T, *out] and keys
+    keyed: bool = True  # outputs wanted by key (``values``); else from ``blocks`` only (a columnar step)
     retry: list[Member] = field(default_factory=list)  # opens whose stream broke before they were answered
 
 
