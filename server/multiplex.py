@@ -26,7 +26,6 @@ from cellserve.server.dataplane import DataPlane
 from cellserve.server.errors import (
     BadRequest,
     CellserveError,
-    DeadlineExceeded,
     ErrorBoundary,
     FailedPrecondition,
     InvalidArgument,
@@ -34,7 +33,7 @@ from cellserve.server.errors import (
 )
 from cellserve.server.models import RESPONSE_OVERHEAD, LoadedModel
 from cellserve.server.sessions import DrainNotice, Session, SessionClosed, SessionEvent
-from cellserve.server.stream import CLOSE_LINGER_S, CLOSE_REASONS, trace_carrier
+from cellserve.server.stream import CLOSE_LINGER_S, CLOSE_REASONS, first_request, trace_carrier
 from cellserve.server.tensors import encode_sessions_output, to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
 
@@ -330,15 +329,7 @@ class MultiplexHandler:
     # -- I/O --------------------------------------------------------------------------------------
 
     async def _read_first(self) -> object:
-        """The first request, within ``open_timeout_s`` (a stream that never opens must not hold a stream slot)."""
-        timeout = self.plane.settings.open_timeout_s
-        try:
-            async with asyncio.timeout(timeout):
-                return await self._read()
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"no request within {timeout:g} s of the stream's start (setting open_timeout_s); send open first"
-            ) from None
+        return await first_request(self._read(), self.plane.settings.open_timeout_s, "request (open{sessions})")
 
     async def _read(self) -> object:
         self._reading = True

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Awaitable
 from typing import Final
 
 import grpc
@@ -135,17 +136,7 @@ class StreamHandler:
     # -- requests ---------------------------------------------------------------------------------
 
     async def _read_first(self) -> object:
-        """The first request, within ``open_timeout_s``: a stream that never opens (or stalls inside its first
-        message) must not hold a ``max_streams`` slot for the life of its connection."""
-        timeout = self.plane.settings.open_timeout_s
-        try:
-            async with asyncio.timeout(timeout):
-                return await self._read()
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"no open{{model}} within {timeout:g} s of the stream's start (setting open_timeout_s); "
-                "send open as the stream's first message"
-            ) from None
+        return await first_request(self._read(), self.plane.settings.open_timeout_s, "an open{model}")
 
     def _open(self, first: object) -> Session:
         if first is EOF or first is INTERRUPTED:
@@ -339,3 +330,16 @@ def trace_carrier(context: grpc.aio.ServicerContext) -> dict[str, str]:
         for key, value in context.invocation_metadata() or ()
         if key in ("traceparent", "tracestate") and isinstance(value, str)
     }
+
+
+async def first_request(read: Awaitable[object], timeout: float, what: str) -> object:
+    """A stream's first request (``read``), within ``open_timeout_s`` (``timeout``): a stream that never opens (or
+    stalls inside its first message) must not hold a ``max_streams`` slot for the life of its connection."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await read
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"no {what} within {timeout:g} s of the stream's start (setting open_timeout_s); send it as the "
+            "stream's first message"
+        ) from None

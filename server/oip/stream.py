@@ -47,7 +47,7 @@ from cellserve.server.oip.inputs import answer_bytes
 from cellserve.server.oip.sequences import SequenceFlags, SequenceKey, sequence_flags
 from cellserve.server.oip.tensors import infer_response, parameters
 from cellserve.server.sessions import Session, SessionClosed, SessionEvent
-from cellserve.server.stream import trace_carrier
+from cellserve.server.stream import first_request, trace_carrier
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +142,7 @@ class OipStream:
     # -- reading ----------------------------------------------------------------------------------
 
     async def _read_first(self) -> Any:
-        timeout = self._settings.open_timeout_s
-        try:
-            async with asyncio.timeout(timeout):
-                return await self.context.read()
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"no request within {timeout:g} s of the stream's start (setting open_timeout_s)"
-            ) from None
+        return await first_request(self.context.read(), self._settings.open_timeout_s, "ModelInferRequest")
 
     async def _read(self) -> Any:
         """The next request; DEADLINE_EXCEEDED once the stream has idled out (see ``_check_idle``)."""
