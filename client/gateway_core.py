@@ -100,7 +100,7 @@ class GatewayCore(ResumingLanes):
         self._check_usable()
         keys = self._distinct(keys)
         outcome = Outcome()
-        yield from self._settle()
+        yield from self._settle()  # an idle close not yet taken in: its key may be opened again
         fresh = []
         for key in keys:
             old = self.members.get(key)
@@ -108,13 +108,14 @@ class GatewayCore(ResumingLanes):
                 outcome.errors[key] = AlreadyExistsError(f"session {key!r} is already open in this gateway")
             else:
                 fresh.append(Member(key, self.idle_timeout_s, token=tokens.get(key, b"")))
-        for _ in range(OPEN_ROUNDS):
+        for _ in range(OPEN_ROUNDS):  # an open whose stream broke, or whose server began a drain, goes elsewhere
+            yield from self._open_round(fresh, outcome)
+            fresh = [Member(m.key, self.idle_timeout_s, token=m.token) for m, _ in outcome.retry]
             if not fresh:
                 break
-            yield from self._open_round(fresh, outcome)
-            fresh, outcome.retry = outcome.retry, []
-        gone = UnavailableError(f"the stream broke before the open was answered, {OPEN_ROUNDS} times")
-        outcome.errors.update((m.key, gone) for m in fresh)
+            last, outcome.retry = outcome.retry, []
+        else:
+            outcome.errors.update((m.key, error) for m, error in last)
         return self._finish(outcome, keys, [key for key in keys if key in outcome.values])
 
     def step(self, inputs: Mapping[str, object]) -> GatewayRoutine[dict[str, np.ndarray]]:
@@ -222,6 +223,7 @@ class GatewayCore(ResumingLanes):
     # -- opening ----------------------------------------------------------------------------------
 
     def _open_round(self, fresh: list[Member], outcome: Outcome) -> GatewayRoutine[None]:
+        yield from self._settle()  # drain notices and broken streams first: opens go elsewhere
         pendings = []
         plan = self._plan(fresh)
         for lane, group in plan:

@@ -191,7 +191,12 @@ class Lanes:
         errors = {e.index: e for e in resp.errors}
         for i, (m, o) in enumerate(zip(members, resp.opened.sessions, strict=True)):
             if i in errors:
-                outcome.errors[m.key] = entry_error(errors[i])
+                error = entry_error(errors[i])
+                if isinstance(error, UnavailableError):  # its server began a drain: another may take it
+                    outcome.retry.append((m, error))
+                    lane.draining = True  # no more opens here (its drain notice may still be on its way)
+                else:
+                    outcome.errors[m.key] = error
                 continue
             self._place(lane, m, o)
             m.steps = m.base_steps = o.steps
@@ -320,7 +325,8 @@ class Lanes:
                 if p.outcome is not None:
                     p.outcome.values[m.key] = None
         elif p.kind == "open" and p.outcome is not None:
-            p.outcome.retry.extend(p.members)
+            broke = UnavailableError("its stream ended before the open was answered")
+            p.outcome.retry.extend((m, broke) for m in p.members)
         elif p.kind in ("step", "snapshot") and p.outcome is not None:
             why = error or UnavailableError("its stream ended before the request was answered")
             p.outcome.errors.update((m.key, m.error or why) for m in p.members)

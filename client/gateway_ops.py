@@ -123,7 +123,7 @@ class Outcome:
     errors: dict[str, CellserveClientError] = field(default_factory=dict)
     blocks: list[tuple[list[str], np.ndarray]] = field(default_factory=list)  # answered [n, T, *out] and keys
     keyed: bool = True  # outputs wanted by key (``values``); else from ``blocks`` only (a columnar step)
-    retry: list[Member] = field(default_factory=list)  # opens whose stream broke before they were answered
+    retry: list[tuple[Member, CellserveClientError]] = field(default_factory=list)  # opens to try elsewhere, why
 
 
 @dataclass(eq=False)

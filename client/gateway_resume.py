@@ -88,8 +88,8 @@ class ResumingLanes(Lanes):
         yield SendOn(new.id, self._request(opening))
         reply = yield ReceiveOn(new.id, self.open_timeout_s)
         whole, problems = self._resume_problems(reply, movers, index)
-        if whole is not None or len(problems) == len(movers):
-            recovery.answered(index, whole or next(iter(problems.values())))
+        if whole is not None or len(problems) == len(movers) or (problems and not old.broken):
+            recovery.answered(index, whole or next(iter(problems.values())))  # a move takes all or none: they stay
             yield EndLane(new.id)
             return False
         assert isinstance(reply, pb.MultiplexResponse)

@@ -313,3 +313,39 @@ def test_a_closed_gateway_takes_no_calls_and_closing_twice_is_fine():
     assert not [s for s in c.streams.values() if s.sessions]  # closed on the server
     with pytest.raises(FailedPreconditionError, match="the gateway is closed"):
         c.run(core.step({"a": [1]}))
+
+
+def _draining(s: _Stream) -> pb.MultiplexResponse:
+    handles = list(s.sessions)
+    tokens = [str(s.sessions[h]).encode() for h in handles]
+    return pb.MultiplexResponse(draining=pb.SessionsDraining(handles=handles, resume_tokens=tokens, deadline_unix_ms=1))
+
+
+def test_a_move_the_other_server_takes_only_in_part_leaves_every_session_on_the_draining_one():
+    c = Cluster()
+    core = c.core()
+    c.run(core.open(["a", "b"], {}))
+    c.run(core.step({"a": [1], "b": [1, 2]}))
+    c.refuse_tokens.add(b"2")  # t1 would not take b's state
+    c.push(0, _draining)
+    y = c.run(core.step({"a": [1], "b": [1]}))  # no move: both still on t0, which serves them in its grace
+    assert positions([y["a"], y["b"]]) == [1, 2] and core.open_streams() == ["t0:1"]
+    assert core.session("b").error is None
+
+
+def test_an_open_refused_unavailable_on_a_draining_stream_goes_to_another_target():
+    c = Cluster()
+    core = c.core()
+    c.run(core.open(["a"], {}))
+    real = c._answer
+
+    def draining_t0(s: _Stream, req: pb.MultiplexRequest) -> pb.MultiplexResponse:
+        if s.target == 0 and req.WhichOneof("kind") == "open":  # t0 drains: it refuses opens, notice not yet sent
+            opened = [pb.OpenedSession(key=o.key) for o in req.open.sessions]
+            refused = [pb.EntryError(index=i, code=14, message="server is draining") for i in range(len(opened))]
+            return pb.MultiplexResponse(seq=req.seq, opened=pb.SessionsOpened(sessions=opened), errors=refused)
+        return real(s, req)
+
+    c._answer = draining_t0  # type: ignore[method-assign]
+    assert c.run(core.open(["b", "c"], {})) == ["b", "c"]
+    assert core.session("b").target == "t1:1" and core.session("a").target == "t0:1"
