@@ -43,7 +43,7 @@ from cellserve.client.ops import Ended, SessionPolicy
 from cellserve.client.recovery import candidates
 from cellserve.v1 import cellserve_pb2 as pb
 
-OPEN_ROUNDS = 3  # an open whose stream breaks before it is answered is tried again, this many times in all
+OPEN_ROUNDS = 3  # opens that go elsewhere (a stream broke, drains, is full) stop after this many rounds opening none
 
 
 class GatewayCore(ResumingLanes):
@@ -108,13 +108,14 @@ class GatewayCore(ResumingLanes):
                 outcome.errors[key] = AlreadyExistsError(f"session {key!r} is already open in this gateway")
             else:
                 fresh.append(Member(key, self.idle_timeout_s, token=tokens.get(key, b"")))
-        for _ in range(OPEN_ROUNDS):  # an open whose stream broke, or whose server began a drain, goes elsewhere
+        idle_rounds = 0  # rounds in a row that opened nothing
+        while fresh and idle_rounds < OPEN_ROUNDS:  # a stream that broke, drains or is full: the rest go elsewhere
+            opened = len(outcome.values)
             yield from self._open_round(fresh, outcome)
+            idle_rounds = 0 if len(outcome.values) > opened else idle_rounds + 1
             fresh = [Member(m.key, self.idle_timeout_s, token=m.token) for m, _ in outcome.retry]
-            if not fresh:
-                break
             last, outcome.retry = outcome.retry, []
-        else:
+        if fresh:
             outcome.errors.update((m.key, error) for m, error in last)
         return self._finish(outcome, keys, [key for key in keys if key in outcome.values])
 
@@ -249,7 +250,7 @@ class GatewayCore(ResumingLanes):
         """Where each new session goes: the least-loaded stream with room (at least ``streams`` of them; new ones
         as needed, ``None`` in the plan), so that sessions spread over streams, hence connections and workers."""
         cap = self.sessions_per_stream
-        usable = [lane for lane in self.lanes if not lane.broken and not lane.draining]
+        usable = [lane for lane in self.lanes if not lane.broken and not lane.draining and not lane.full]
         slots: list[list[Any]] = [[lane, lane.load(), []] for lane in usable if lane.load() < cap]
         slots += [[None, 0, []] for _ in range(self.streams - len(usable))]
         for m in fresh:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from cellserve.client.errors import (
     CellserveClientError,
     DataLossError,
+    ResourceExhaustedError,
     SessionClosedError,
     UnavailableError,
     UnknownError,
@@ -195,6 +196,9 @@ class Lanes:
                 if isinstance(error, UnavailableError):  # its server began a drain: another may take it
                     outcome.retry.append((m, error))
                     lane.draining = True  # no more opens here (its drain notice may still be on its way)
+                elif isinstance(error, ResourceExhaustedError):  # no room: the stream's limit, or the server's
+                    outcome.retry.append((m, error))
+                    lane.full = True  # a new stream is tried (until a session of this one closes)
                 else:
                     outcome.errors[m.key] = error
                 continue
@@ -285,6 +289,7 @@ class Lanes:
     def _detach(self, m: Member) -> None:
         if m.lane is not None and m.lane.members.get(m.handle) is m:
             del m.lane.members[m.handle]
+            m.lane.full = False
         m.lane = None
 
     def _forget(self, m: Member) -> None:

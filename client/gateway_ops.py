@@ -154,6 +154,7 @@ class Lane:
     next_seq: int = 1  # 0 marks the server's own events
     broken: str = ""  # why its stream cannot go on ("": it can); its sessions resume on their next use
     draining: bool = False
+    full: bool = False  # its server refused an open for lack of room (its own or the stream's limit)
     move_wanted: bool = False  # draining, and another target may take its sessions
     recovery: Recovery | None = None  # from a failure until the replay on the new stream is answered
     checkpoint_at: float = 0.0  # when a step of it last asked for tokens

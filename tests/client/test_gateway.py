@@ -358,3 +358,15 @@ def test_one_gateways_sessions_reach_every_worker_behind_an_address(gsdk, spawn_
         gw.step_arrays(keys, np.ones((32, 1), np.int64))
         per_worker = [_sessions_on(w["metrics_port"]) for w in workers]
     assert sum(per_worker) == 32 and min(per_worker) > 0, per_worker
+
+
+def test_a_server_whose_streams_hold_fewer_sessions_gets_more_streams(gsdk, running_server, tiny_oracle):
+    keys = [f"f{i}" for i in range(11)]
+    with (
+        running_server(max_sessions_per_stream=3) as srv,
+        gsdk.client(srv.address) as client,
+        client.gateway("tiny", keys=keys) as gw,  # sessions_per_stream 256: the server's limit decides
+    ):
+        assert len(gw.streams) == 4 and gw.keys == keys
+        y = gw.step_arrays(keys, np.arange(11).reshape(11, 1))
+    np.testing.assert_allclose(y[10], tiny_oracle.sequence([10]), atol=TOL, rtol=0)
