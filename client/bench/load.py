@@ -232,8 +232,10 @@ class WorkerResult:
 
 
 async def _run(spec: LoadSpec, sync: Any, progress: Synchronized) -> WorkerResult:
-    # One channel (HTTP/2 connection) per 16 streams: like many clients, not one multiplexed pipe.
-    channels = [_connection(spec) for _ in range(max(1, (spec.streams + 15) // 16))]
+    # One channel (HTTP/2 connection) per 16 streams: like many clients, not one multiplexed pipe. A Multiplex
+    # stream gets its own, as the SDK's gateway spreads its streams over its connections (and so over --workers).
+    per_channel = 1 if spec.multiplex else 16
+    channels = [_connection(spec) for _ in range(max(1, -(-spec.streams // per_channel)))]
     try:
         if spec.multiplex:  # pipes: one message in flight, or several (--inflight)
             from cellserve.client.bench.multiplex_load import open_pipes, pipe_loop

@@ -66,6 +66,12 @@ def config_entry(
     for i, ratios_r in enumerate(per_round):  # each round's cellserve over that round's raw ORT
         ort_r = ort_rounds[i] if i < len(ort_rounds) else None
         ratios_r["steps_vs_raw_ort"] = _ratio(rounds[i]["cellserve"].steps_per_s, ort_r.steps_per_s) if ort_r else None
+        compare, single = rounds[i].get("compare"), rounds[i].get("echo_single")
+        if compare is not None:  # the compare server against the same baselines (e.g. --workers=2)
+            ratios_r["compare_steps_vs_raw_ort"] = _ratio(compare.steps_per_s, ort_r.steps_per_s) if ort_r else None
+            ratios_r["compare_steps_vs_echo_msgs"] = (
+                _ratio(compare.steps_per_s, single.msgs_per_s * single.t) if single else None
+            )
     ratios: dict[str, float | None] = {k: _median([r[k] for r in per_round]) for k in per_round[0]}
     ort = OrtResult.pooled(ort_rounds) if ort_rounds else None
     ratios["steps_vs_raw_ort_formed"] = _ratio(cs.steps_per_s, formed.steps_per_s) if formed else None
@@ -126,9 +132,11 @@ def table(configs: list[dict[str, Any]]) -> str:
         if "compare_steps_vs_cellserve" in r:
             lines.append(f"{'':>11}  compare/cellserve: steps {_fmt(r['compare_steps_vs_cellserve'])}  "
                          f"p99 {_fmt(r['compare_p99_vs_cellserve'])}  "
-                         f"server CPU {_fmt(r['compare_server_cpu_vs_cellserve'])}")  # fmt: skip
+                         f"server CPU {_fmt(r['compare_server_cpu_vs_cellserve'])}; compare's steps/raw ORT "
+                         f"{_fmt(r['compare_steps_vs_raw_ort'])}  steps/echo msgs "
+                         f"{_fmt(r['compare_steps_vs_echo_msgs'])}")  # fmt: skip
         rounds = c["round_ratios"]
-        for key in ("steps_vs_raw_ort", "steps_vs_echo_msgs", "msgs_vs_echo", "compare_steps_vs_cellserve"):
+        for key in ("steps_vs_raw_ort", "steps_vs_echo_msgs", "msgs_vs_echo", "compare_steps_vs_raw_ort"):
             if len(rounds) > 1 and rounds[0].get(key) is not None:
                 each = " ".join(_fmt(x[key]) for x in rounds)
                 lines.append(f"{'':>11}  {key} per round: {each} (above: the median)")

@@ -94,6 +94,21 @@ def test_raw_ort_runs_in_every_round_and_its_ratio_is_the_median_of_same_round_r
     assert "steps/raw ORT -" in table([bare])
 
 
+def test_a_compare_server_is_held_to_the_same_baselines():
+    """--compare-serve-arg=--workers=2 beside the default server: its session-steps against the same round's raw ORT
+    and single-session echo, as cellserve's are."""
+    rounds = [_round(500.0, 4000.0), _round(400.0, 4000.0)]
+    for r, rate in zip(rounds, (900.0, 600.0), strict=True):
+        r["compare"] = Result("compare", 4, 1, 100, 100 / rate, np.linspace(1e-3, 2e-3, 100), rows=64)
+    orts = [OrtResult(64, 1, 100, 64 / 64_000), OrtResult(64, 1, 100, 64 / 32_000)]
+    entry = config_entry(rounds, pooled(rounds), orts)
+    assert [r["compare_steps_vs_raw_ort"] for r in entry["round_ratios"]] == pytest.approx([0.9, 1.2])
+    assert entry["ratios"]["compare_steps_vs_raw_ort"] == pytest.approx(1.05)  # the median of two
+    assert entry["ratios"]["compare_steps_vs_echo_msgs"] == pytest.approx((14.4 + 9.6) / 2)
+    assert entry["ratios"]["compare_steps_vs_cellserve"] == pytest.approx((1.8 + 1.5) / 2)
+    assert "compare's steps/raw ORT 1.05" in table([entry])
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
