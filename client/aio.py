@@ -8,7 +8,7 @@ pushed to an idle session is already in hand when the next call looks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -16,18 +16,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
+from cellserve.client.aio_inbox import Inbox
 from cellserve.client.channel import ChannelConfig
 from cellserve.client.client import ClientBase, Generated, generate_request, health_name, unknown_health_service
 from cellserve.client.core import SessionCore
-from cellserve.client.errors import (
-    CellserveClientError,
-    NotFoundError,
-    UnavailableError,
-    error_class,
-    from_rpc_error,
-)
-from cellserve.client.gateway_aio import DEFAULT_SESSIONS_PER_STREAM, OpeningGateway, opening_gateway
+from cellserve.client.errors import NotFoundError, UnavailableError, from_rpc_error
+from cellserve.client.gateway_aio import DEFAULT_SESSIONS_PER_STREAM, AsyncGateway, opening_gateway
 from cellserve.client.model_info import ModelInfo
+from cellserve.client.opening import Opening
 from cellserve.client.ops import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_MAX_IN_FLIGHT,
@@ -42,6 +38,7 @@ from cellserve.client.ops import (
     Routine,
     Send,
     SessionPolicy,
+    leave_async,
 )
 from cellserve.client.replies import StepOutput, is_opened
 from cellserve.client.session_base import SessionBase
@@ -49,38 +46,6 @@ from cellserve.client.trace_context import trace_metadata
 from cellserve.v1 import cellserve_pb2 as pb
 
 T = TypeVar("T")
-CORE_WRITE_RACE = "Internal error from Core"  # grpc aio's status for a write on a stream that just died
-
-
-class _Inbox:
-    """A stream's responses, read by a task as they arrive (a failed write would discard grpc's own
-    buffer, and with it a `draining` pushed to an idle session); then how the stream ended."""
-
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
-        self._queue: asyncio.Queue[pb.StreamResponse | grpc.RpcError | None] = asyncio.Queue()
-        self._end: grpc.RpcError | None = None
-        self._ended = False
-        self._task = asyncio.get_running_loop().create_task(self._pump(call), name="cellserve-session-reader")
-
-    async def _pump(self, call: grpc.aio.StreamStreamCall) -> None:
-        end: grpc.RpcError | None = None
-        try:
-            while (resp := await call.read()) is not grpc.aio.EOF:
-                self._queue.put_nowait(resp)
-        except grpc.RpcError as e:
-            end = e
-        except (grpc.aio.UsageError, asyncio.InvalidStateError, asyncio.CancelledError):
-            pass  # the call was cancelled (by us, or the loop is closing): the status says the rest
-        self._queue.put_nowait(end)
-
-    async def get(self) -> pb.StreamResponse | grpc.RpcError | None:
-        """The next response; then, for ever, how the stream ended (None: without an error status)."""
-        if self._ended:
-            return self._end
-        item = await self._queue.get()
-        if not isinstance(item, pb.StreamResponse):
-            self._ended, self._end = True, item
-        return item
 
 
 class AsyncSession(SessionBase):
@@ -99,7 +64,7 @@ class AsyncSession(SessionBase):
         self._metadata = metadata + trace_metadata()  # the caller's span, as the session opens: its stream's parent
         self._open_timeout_s = open_timeout_s
         self._call: grpc.aio.StreamStreamCall | None = None
-        self._inbox: _Inbox | None = None
+        self._inbox: Inbox[pb.StreamResponse] | None = None
         self._generation = 0  # of the current stream (see ops.Send)
         self._lock = asyncio.Lock()  # held while performing anything but a wait: writes never interleave
         self._writing: asyncio.Future | None = None  # a shielded write that may outlive a cancelled caller
@@ -165,12 +130,7 @@ class AsyncSession(SessionBase):
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        try:  # never mask the exception that left the block
-            await self.close()
-        except CellserveClientError:
-            self._cancel()
-            if exc is None:
-                raise
+        await leave_async(self.close, self._cancel, exc)
 
     # -- performing the core's operations ---------------------------------------------------------
 
@@ -207,7 +167,7 @@ class AsyncSession(SessionBase):
     async def _open_stream(self, op: Open) -> Reply:
         target = self._core.targets[op.index]
         call = self._stream(target, metadata=self._metadata)
-        inbox = _Inbox(call)
+        inbox = Inbox[pb.StreamResponse](call, "cellserve-session-reader")
         try:
             reply = await asyncio.wait_for(self._first_reply(call, inbox, op.request), self._open_timeout_s)
         except TimeoutError:
@@ -222,12 +182,14 @@ class AsyncSession(SessionBase):
         self._call, self._inbox, self._generation = call, inbox, op.generation
         return reply
 
-    async def _first_reply(self, call: grpc.aio.StreamStreamCall, inbox: _Inbox, request: pb.StreamRequest) -> Reply:
+    async def _first_reply(
+        self, call: grpc.aio.StreamStreamCall, inbox: Inbox[pb.StreamResponse], request: pb.StreamRequest
+    ) -> Reply:
         try:
             await call.write(request)
         except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             pass  # the status comes through the inbox
-        return await self._reply(call, await inbox.get())
+        return await inbox.get()
 
     async def _send(self, op: Send) -> None:
         if op.generation != self._generation or self._call is None or self._call.done():
@@ -240,7 +202,7 @@ class AsyncSession(SessionBase):
 
     async def _receive(self, op: Receive) -> Reply:
         assert self._inbox is not None and self._call is not None
-        reply = await self._reply(self._call, await self._inbox.get())
+        reply = await self._inbox.get()
         self._room.set()
         return reply
 
@@ -258,48 +220,9 @@ class AsyncSession(SessionBase):
             except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                 pass
 
-    @staticmethod
-    async def _reply(call: grpc.aio.StreamStreamCall, item: pb.StreamResponse | grpc.RpcError | None) -> Reply:
-        """A response, or how the stream ended (its status, read from the call when the reader saw none)."""
-        if isinstance(item, pb.StreamResponse):
-            return item
-        if isinstance(item, grpc.RpcError):
-            error = from_rpc_error(item)
-        else:
-            code = await call.code()
-            if code is None or code == grpc.StatusCode.OK:
-                return Ended()
-            error = error_class(code)((await call.details()) or "", code)
-        if error.code == grpc.StatusCode.INTERNAL and error.details == CORE_WRITE_RACE:
-            # grpc aio's status for a write that raced the end of the stream (grpc/grpc#36066); never a
-            # server's: the stream died under the write, i.e. the server is gone
-            error = UnavailableError("the stream ended while a request was being written (server gone?)")
-        return Ended(error)
-
     def _cancel(self) -> None:
         if self._call is not None:
             self._call.cancel()
-
-
-class _OpeningSession:
-    """What ``AsyncClient.session()`` returns: ``await`` it for the session, or ``async with`` it."""
-
-    def __init__(self, opening: Callable[[], Awaitable[AsyncSession]]) -> None:
-        self._opening = opening
-        self._session: AsyncSession | None = None
-
-    def __await__(self) -> Generator[Any, None, AsyncSession]:
-        return self._opening().__await__()
-
-    async def __aenter__(self) -> AsyncSession:
-        self._session = await self._opening()
-        return self._session
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._session is not None
-        await self._session.__aexit__(exc_type, exc, tb)
 
 
 class AsyncClient(ClientBase[grpc.aio.Channel]):
@@ -329,7 +252,7 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
     def session(
         self, model: str | None = None, *, idle_timeout_s: int = 0, resume_token: bytes = b"",
         checkpoint_every: int | None = None,
-    ) -> _OpeningSession:  # fmt: skip
+    ) -> Opening[AsyncSession]:  # fmt: skip
         """Open a session: ``async with client.session("m") as s`` (or ``s = await client.session("m")``).
 
         Skips UNAVAILABLE targets, as ``Client.session`` does; an open waits at most ``open_timeout_s``
@@ -345,12 +268,12 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
             self._opened_on(core)
             return session
 
-        return _OpeningSession(opening)
+        return Opening(opening)
 
     def gateway(
         self, model: str | None = None, *, keys: Iterable[str] = (), idle_timeout_s: int = 0,
         checkpoint_every: int | None = None, sessions_per_stream: int = DEFAULT_SESSIONS_PER_STREAM, streams: int = 1,
-    ) -> OpeningGateway:  # fmt: skip
+    ) -> Opening[AsyncGateway]:  # fmt: skip
         """As ``Client.gateway``: ``async with client.gateway("m", keys=...) as gw`` (or ``gw = await ...``)."""
         options = {"idle_timeout_s": idle_timeout_s, "checkpoint_every": checkpoint_every, "streams": streams}
         return opening_gateway(self, model, list(keys), sessions_per_stream=sessions_per_stream, **options)

@@ -16,7 +16,7 @@ from cellserve.client.errors import NotFoundError, UnavailableError, from_rpc_er
 from cellserve.client.gateway import Gateway, multiplex_on, new_core
 from cellserve.client.gateway_ops import DEFAULT_SESSIONS_PER_STREAM
 from cellserve.client.model_info import ModelInfo
-from cellserve.client.ops import DEFAULT_CHECKPOINT_EVERY, DEFAULT_RESUME_TIMEOUT_S, SessionPolicy
+from cellserve.client.ops import DEFAULT_CHECKPOINT_EVERY, DEFAULT_RESUME_TIMEOUT_S, SessionPolicy, whole_seconds
 from cellserve.client.session import Session
 from cellserve.v1 import cellserve_pb2 as pb
 
@@ -76,6 +76,7 @@ class ClientBase(Generic[C]):
         self, model: str | None, idle_timeout_s: int, resume_token: bytes, checkpoint_every: int | None
     ) -> SessionCore:
         policy = self.policy if checkpoint_every is None else replace(self.policy, checkpoint_every=checkpoint_every)
+        idle_timeout_s = whole_seconds(idle_timeout_s)
         return SessionCore(
             self.targets, policy, model=model or "", idle_timeout_s=idle_timeout_s, resume_token=resume_token
         )

@@ -20,7 +20,6 @@ there is another target. Nothing reaches the caller unless no server takes the s
 from __future__ import annotations
 
 import logging
-import numbers
 import time
 from collections.abc import Callable
 
@@ -68,16 +67,10 @@ class SessionCore:
         resume_token: bytes = b"",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        whole = isinstance(idle_timeout_s, numbers.Integral) and not isinstance(idle_timeout_s, bool)
-        if not whole or not 0 <= idle_timeout_s < 2**32:
-            raise ValueError(
-                f"idle_timeout_s is {idle_timeout_s!r}; use whole seconds >= 0 (0 = the server's default; "
-                "the server grants at most its --max-idle-timeout-s)"
-            )
         self.targets = targets
         self.policy = policy
         self.model = model  # as asked; the server's name for it once opened
-        self.idle_timeout_s = int(idle_timeout_s)  # as asked; what the server granted once opened
+        self.idle_timeout_s = idle_timeout_s  # as asked (ops.whole_seconds); what the server granted once opened
         self.session_id = ""
         self.model_sha256 = ""
         self.current = 0  # index in targets of the server holding the session

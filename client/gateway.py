@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import numpy as np
 
-from cellserve.client.errors import CellserveClientError, UnavailableError, from_rpc_error
+from cellserve.client.errors import UnavailableError, from_rpc_error
 from cellserve.client.gateway_core import GatewayCore
 from cellserve.client.gateway_errors import GatewayError
 from cellserve.client.gateway_ops import (
@@ -66,6 +66,7 @@ from cellserve.client.gateway_ops import (
     StartLane,
 )
 from cellserve.client.model_info import ModelInfo
+from cellserve.client.ops import leave, perform, whole_seconds
 from cellserve.client.trace_context import trace_metadata
 from cellserve.v1 import cellserve_pb2 as pb
 
@@ -85,7 +86,7 @@ def new_core(
     """A gateway core with ``client``'s targets, session policy, open timeout and message size."""
     policy = client.policy if checkpoint_every is None else replace(client.policy, checkpoint_every=checkpoint_every)
     return GatewayCore(
-        client.targets, policy, model=model or "", idle_timeout_s=idle_timeout_s,
+        client.targets, policy, model=model or "", idle_timeout_s=whole_seconds(idle_timeout_s),
         sessions_per_stream=sessions_per_stream, streams=streams, open_timeout_s=client.open_timeout_s,
         max_message_bytes=client.config.max_message_bytes, start=client._channels.preferred,
     )  # fmt: skip
@@ -103,6 +104,7 @@ class GatewayBase:
         self._core = core
         self._start = start  # starts a Multiplex call on a target (multiplex_on)
         self._metadata = metadata + trace_metadata()  # the caller's span as the gateway opens: its streams' parent
+        self._streams: dict[int, Any] = {}  # lane id -> the shell's _Stream of that lane
 
     @property
     def keys(self) -> list[str]:
@@ -140,6 +142,20 @@ class GatewayBase:
         """The keys held, in the order they were opened (those that cannot go on included)."""
         return iter(list(self._core.members))
 
+    # -- the shell's streams ----------------------------------------------------------------------
+
+    def _prune(self) -> None:
+        """Cancel the streams the core no longer holds (a call that failed before it let go of one)."""
+        held = {lane.id for lane in self._core.lanes}
+        for lane in [lane for lane in self._streams if lane not in held]:
+            self._streams.pop(lane).cancel()
+
+    def _abandon(self) -> None:
+        """Cancel every stream (a close that failed)."""
+        for stream in self._streams.values():
+            stream.cancel()
+        self._streams.clear()
+
 
 class _Stream:
     """One lane's blocking ``Multiplex`` call: requests from a queue, responses read by a thread into an inbox."""
@@ -175,6 +191,9 @@ class _Stream:
         if not graceful:
             self.call.cancel()
 
+    def cancel(self) -> None:
+        self.end(graceful=False)
+
 
 class Gateway(GatewayBase):
     """Many sessions of one model by key, over a few streams (see the module docstring). ``with`` closes them."""
@@ -184,7 +203,6 @@ class Gateway(GatewayBase):
     ) -> None:
         super().__init__(core, start, metadata)
         self._info_for = info_for
-        self._streams: dict[int, _Stream] = {}
 
     def open(self, keys: Iterable[str], *, resume_tokens: Mapping[str, bytes] | None = None) -> list[str]:
         """Open a session per key (zero state, or from ``resume_tokens[key]``); returns the keys opened.
@@ -216,25 +234,14 @@ class Gateway(GatewayBase):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        try:  # never mask the exception that left the block
-            self.close()
-        except CellserveClientError:
-            self._drop_all()
-            if exc is None:
-                raise
+        leave(self.close, self._abandon, exc)
 
     # -- performing the core's operations ---------------------------------------------------------
 
     def _perform(self, routine: GatewayRoutine[T]) -> T:
-        reply: GatewayReply = None
         try:
-            while True:
-                op = routine.send(reply)
-                reply = getattr(self, op.handler)(op)
-        except StopIteration as done:
-            return done.value
+            return perform(routine, self)
         finally:
-            routine.close()
             self._prune()
 
     def _start_lane(self, op: StartLane) -> None:
@@ -251,7 +258,7 @@ class Gateway(GatewayBase):
         stream = self._streams[op.lane]
         reply = stream.get(op.timeout_s)
         if reply is None:  # no answer in time: the target accepted the connection and hangs
-            stream.end(graceful=False)
+            stream.cancel()
             return Ended(UnavailableError(f"{stream.target} did not answer within {op.timeout_s:g} s"))
         return reply
 
@@ -268,14 +275,3 @@ class Gateway(GatewayBase):
 
     def _pause(self, op: Pause) -> None:
         time.sleep(op.seconds)  # backoff between resume rounds: this thread has nothing else to do
-
-    def _prune(self) -> None:
-        """Cancel the streams the core no longer holds (a call interrupted before it let go of one)."""
-        held = {lane.id for lane in self._core.lanes}
-        for lane in [lane for lane in self._streams if lane not in held]:
-            self._streams.pop(lane).end(graceful=False)
-
-    def _drop_all(self) -> None:
-        for stream in self._streams.values():
-            stream.end(graceful=False)
-        self._streams.clear()

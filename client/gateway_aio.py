@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
 
-from cellserve.client.errors import CellserveClientError, UnavailableError, error_class, from_rpc_error
+from cellserve.client.aio_inbox import Inbox
+from cellserve.client.errors import UnavailableError
 from cellserve.client.gateway import GatewayBase, multiplex_on, new_core
 from cellserve.client.gateway_core import GatewayCore
 from cellserve.client.gateway_ops import (
@@ -33,67 +34,24 @@ from cellserve.client.gateway_ops import (
     StartLane,
 )
 from cellserve.client.model_info import ModelInfo
+from cellserve.client.opening import Opening
+from cellserve.client.ops import leave_async
 from cellserve.v1 import cellserve_pb2 as pb
 
 if TYPE_CHECKING:
     from cellserve.client.aio import AsyncClient
 
 T = TypeVar("T")
-__all__ = ["DEFAULT_SESSIONS_PER_STREAM", "AsyncGateway", "OpeningGateway", "opening_gateway"]
+__all__ = ["DEFAULT_SESSIONS_PER_STREAM", "AsyncGateway", "opening_gateway"]
 _CALL_ERRORS = (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 
 
 class _Stream:
-    """One lane's ``Multiplex`` call and the task reading its responses into an inbox."""
+    """One lane's ``Multiplex`` call, and its responses as they arrive."""
 
     def __init__(self, target: str, call: grpc.aio.StreamStreamCall) -> None:
         self.target, self.call = target, call
-        self.inbox: asyncio.Queue[pb.MultiplexResponse | grpc.RpcError | None] = asyncio.Queue()
-        self.ended: Ended | None = None
-        self.task = asyncio.get_running_loop().create_task(self._pump(), name="cellserve-gateway-reader")
-
-    async def _pump(self) -> None:
-        end: grpc.RpcError | None = None
-        try:
-            while (resp := await self.call.read()) is not grpc.aio.EOF:
-                self.inbox.put_nowait(resp)
-        except grpc.RpcError as e:
-            end = e
-        except (grpc.aio.UsageError, asyncio.InvalidStateError, asyncio.CancelledError):
-            pass  # cancelled (by us, or the loop is closing): the status says the rest
-        self.inbox.put_nowait(end)
-
-    async def get(self, timeout_s: float | None, *, wait: bool = True) -> pb.MultiplexResponse | Ended | None:
-        """The next response or how the stream ended (then for ever); None if nothing came in time."""
-        if self.ended is not None:
-            return self.ended
-        try:
-            if not wait:
-                item = self.inbox.get_nowait()
-            elif timeout_s is None:
-                item = await self.inbox.get()
-            else:
-                item = await asyncio.wait_for(self.inbox.get(), timeout_s)
-        except (asyncio.QueueEmpty, TimeoutError):
-            return None
-        if isinstance(item, pb.MultiplexResponse):
-            return item
-        self.ended = await self._how_it_ended(item)
-        return self.ended
-
-    async def _how_it_ended(self, item: grpc.RpcError | None) -> Ended:
-        if isinstance(item, grpc.RpcError):
-            error = from_rpc_error(item)
-        else:
-            code = await self.call.code()
-            if code is None or code == grpc.StatusCode.OK:
-                return Ended()
-            error = error_class(code)((await self.call.details()) or "", code)
-        from cellserve.client.aio import CORE_WRITE_RACE  # (aio imports this module)
-
-        if error.code == grpc.StatusCode.INTERNAL and error.details == CORE_WRITE_RACE:
-            error = UnavailableError("the stream ended while a request was being written (server gone?)")
-        return Ended(error)
+        self.inbox = Inbox[pb.MultiplexResponse](call, "cellserve-gateway-reader")
 
     async def write(self, request: pb.MultiplexRequest) -> None:
         if self.call.done():
@@ -106,6 +64,9 @@ class _Stream:
             with contextlib.suppress(*_CALL_ERRORS):
                 await self.call.done_writing()
             return
+        self.cancel()
+
+    def cancel(self) -> None:
         self.call.cancel()
 
 
@@ -121,7 +82,6 @@ class AsyncGateway(GatewayBase):
     ) -> None:
         super().__init__(core, start, metadata)
         self._info_for = info_for
-        self._streams: dict[int, _Stream] = {}
         self._lock = asyncio.Lock()
 
     async def open(self, keys: Iterable[str], *, resume_tokens: Mapping[str, bytes] | None = None) -> list[str]:
@@ -150,12 +110,7 @@ class AsyncGateway(GatewayBase):
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        try:  # never mask the exception that left the block
-            await self.close()
-        except CellserveClientError:
-            self._drop_all()
-            if exc is None:
-                raise
+        await leave_async(self.close, self._abandon, exc)
 
     # -- performing the core's operations ---------------------------------------------------------
 
@@ -191,14 +146,14 @@ class AsyncGateway(GatewayBase):
 
     async def _receive_on(self, op: ReceiveOn) -> GatewayReply:
         stream = self._streams[op.lane]
-        reply = await stream.get(op.timeout_s)
+        reply = await stream.inbox.get(op.timeout_s)
         if reply is None:  # no answer in time: the target accepted the connection and hangs
-            stream.call.cancel()
+            stream.cancel()
             return Ended(UnavailableError(f"{stream.target} did not answer within {op.timeout_s:g} s"))
         return reply
 
     async def _poll_on(self, op: PollOn) -> GatewayReply:
-        return await self._streams[op.lane].get(None, wait=False)
+        return await self._streams[op.lane].inbox.get(wait=False)
 
     async def _end_lane(self, op: EndLane) -> None:
         stream = self._streams.pop(op.lane, None)
@@ -211,43 +166,11 @@ class AsyncGateway(GatewayBase):
     async def _pause(self, op: Pause) -> None:
         await asyncio.sleep(op.seconds)
 
-    def _prune(self) -> None:
-        """Cancel the streams the core no longer holds (a call that failed before it let go of one)."""
-        held = {lane.id for lane in self._core.lanes}
-        for lane in [lane for lane in self._streams if lane not in held]:
-            self._streams.pop(lane).call.cancel()
-
-    def _drop_all(self) -> None:
-        for stream in self._streams.values():
-            stream.call.cancel()
-        self._streams.clear()
-
-
-class OpeningGateway:
-    """What ``AsyncClient.gateway()`` returns: ``await`` it for the gateway, or ``async with`` it."""
-
-    def __init__(self, opening: Callable[[], Awaitable[AsyncGateway]]) -> None:
-        self._opening = opening
-        self._gateway: AsyncGateway | None = None
-
-    def __await__(self) -> Generator[Any, None, AsyncGateway]:
-        return self._opening().__await__()
-
-    async def __aenter__(self) -> AsyncGateway:
-        self._gateway = await self._opening()
-        return self._gateway
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._gateway is not None
-        await self._gateway.__aexit__(exc_type, exc, tb)
-
 
 def opening_gateway(
     client: AsyncClient, model: str | None, keys: list[str], *, idle_timeout_s: int, checkpoint_every: int | None,
     sessions_per_stream: int, streams: int,
-) -> OpeningGateway:  # fmt: skip
+) -> Opening[AsyncGateway]:  # fmt: skip
     """``AsyncClient.gateway``: a gateway on ``client``'s targets that opens ``keys`` as it is awaited."""
     core = new_core(client, model, idle_timeout_s=idle_timeout_s, checkpoint_every=checkpoint_every,
                     sessions_per_stream=sessions_per_stream, streams=streams)  # fmt: skip
@@ -262,4 +185,4 @@ def opening_gateway(
                 raise
         return gateway
 
-    return OpeningGateway(opening)
+    return Opening(opening)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -63,15 +63,13 @@ class GatewayCore(ResumingLanes):
         start: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if isinstance(idle_timeout_s, bool) or not isinstance(idle_timeout_s, int) or not 0 <= idle_timeout_s < 2**32:
-            raise ValueError(f"idle_timeout_s is {idle_timeout_s!r}; use whole seconds >= 0 (0 = the server's default)")
         if sessions_per_stream < 1 or streams < 1:
             raise ValueError(f"sessions_per_stream={sessions_per_stream}, streams={streams}; use 1 or more of each")
         super().__init__(
             targets, policy, model=model, open_timeout_s=open_timeout_s, max_message_bytes=max_message_bytes,
             clock=clock,
         )  # fmt: skip
-        self.idle_timeout_s = idle_timeout_s
+        self.idle_timeout_s = idle_timeout_s  # as asked (ops.whole_seconds), for every session it opens
         self.sessions_per_stream = sessions_per_stream
         self.streams = streams
         self.preferred = start  # where new streams go first: the last target that took one
@@ -176,13 +174,7 @@ class GatewayCore(ResumingLanes):
                 outcome.errors[key] = m.error
             else:
                 members.append(m)
-        pendings = []
-        for lane, group in self._by_lane(members).items():
-            p = Pending("snapshot", lane, lane.seq(), group, outcome=outcome)
-            pendings.append(p)
-            yield from self._transmit(lane, [p])
-        for p in pendings:
-            yield from self._wait(p)
+        yield from self._per_lane("snapshot", members, outcome)
         return self._finish(outcome, keys, {k: outcome.values[k] for k in keys if k in outcome.values})
 
     def close(self, keys: Iterable[str] | None) -> GatewayRoutine[None]:
@@ -202,14 +194,7 @@ class GatewayCore(ResumingLanes):
             else:
                 m.closing = True
                 members.append(m)
-        outcome = Outcome()
-        pendings = []
-        for lane, group in self._by_lane(members).items():
-            p = Pending("close", lane, lane.seq(), group, outcome=outcome)
-            pendings.append(p)
-            yield from self._transmit(lane, [p])
-        for p in pendings:
-            yield from self._wait(p)
+        yield from self._per_lane("close", members, Outcome())
 
     def shutdown(self) -> GatewayRoutine[None]:
         """Close every session, then half-close every stream (the servers end them). Idempotent."""
@@ -350,12 +335,19 @@ class GatewayCore(ResumingLanes):
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _by_lane(self, members: list[Member]) -> dict[Lane, list[Member]]:
+    def _per_lane(
+        self, kind: Literal["snapshot", "close"], members: list[Member], outcome: Outcome
+    ) -> GatewayRoutine[None]:
+        """One ``kind`` request per stream of ``members``, every one sent before any answer is awaited."""
         groups: dict[Lane, list[Member]] = {}
         for m in members:
             if m.lane is not None:
                 groups.setdefault(m.lane, []).append(m)
-        return groups
+        pendings = [Pending(kind, lane, lane.seq(), group, outcome=outcome) for lane, group in groups.items()]
+        for p in pendings:
+            yield from self._transmit(p.lane, [p])
+        for p in pendings:
+            yield from self._wait(p)
 
     def _member(self, key: str) -> Member:
         m = self.members.get(key)

@@ -17,13 +17,17 @@ Room       (asyncio) waits until the reader has taken an output                 
 Pause      sleeps ``seconds`` (backoff between resume attempts)                None
 Finish     half-closes the current stream                                      None
 =========  ==================================================================  =========================
+
+``perform`` is that loop for the blocking shells (``Session``, ``Gateway``); ``leave`` (``leave_async``) is what
+every shell's ``with`` (``async with``) does on the way out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import numbers
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from cellserve.client.errors import CellserveClientError
 from cellserve.v1 import cellserve_pb2 as pb
@@ -62,6 +66,17 @@ class SessionPolicy:
             raise ValueError(f"max_in_flight is {self.max_in_flight}; use at least 1")
         if not self.checkpoint_max_age_s > 0:
             raise ValueError(f"checkpoint_max_age_s is {self.checkpoint_max_age_s}; use seconds > 0")
+
+
+def whole_seconds(idle_timeout_s: object) -> int:
+    """An ``idle_timeout_s`` as the server takes it (``Open``, ``SessionOpen``): whole seconds, 0 to 2**32 - 1."""
+    whole = isinstance(idle_timeout_s, numbers.Integral) and not isinstance(idle_timeout_s, bool)
+    if not whole or not 0 <= idle_timeout_s < 2**32:  # type: ignore[operator]
+        raise ValueError(
+            f"idle_timeout_s is {idle_timeout_s!r}; use whole seconds >= 0 (0 = the server's default; "
+            "the server grants at most its --max-idle-timeout-s)"
+        )
+    return int(idle_timeout_s)  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
@@ -112,3 +127,40 @@ Op = Open | Send | Receive | Room | Pause | Finish
 Reply = pb.StreamResponse | Ended | None
 T = TypeVar("T")
 Routine = Generator[Op, Reply, T]  # a session call: yields operations, gets their results, returns a T
+
+
+def perform(routine: Generator[Any, Any, T], shell: object) -> T:
+    """Run a core's routine to its end, blocking: each operation it yields is performed by ``shell``'s method
+    named by the operation's ``handler``, and the result sent back in."""
+    reply = None
+    try:
+        while True:
+            op = routine.send(reply)
+            reply = getattr(shell, op.handler)(op)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    finally:
+        routine.close()
+
+
+def leave(close: Callable[[], object], abandon: Callable[[], object], exc: BaseException | None) -> None:
+    """What a shell's ``with`` does on the way out: ``close``; a close that fails ``abandon``s the streams, and
+    is raised only when no exception left the block (it never masks that one)."""
+    try:
+        close()
+    except CellserveClientError:
+        abandon()
+        if exc is None:
+            raise
+
+
+async def leave_async(
+    close: Callable[[], Awaitable[object]], abandon: Callable[[], object], exc: BaseException | None
+) -> None:
+    """``leave`` for an asyncio shell's ``async with``."""
+    try:
+        await close()
+    except CellserveClientError:
+        abandon()
+        if exc is None:
+            raise

@@ -18,9 +18,9 @@ import grpc
 import numpy as np
 
 from cellserve.client.core import SessionCore
-from cellserve.client.errors import CellserveClientError, UnavailableError, from_rpc_error
+from cellserve.client.errors import UnavailableError, from_rpc_error
 from cellserve.client.model_info import ModelInfo
-from cellserve.client.ops import Ended, Finish, Open, Pause, Reply, Routine, Send
+from cellserve.client.ops import Ended, Finish, Open, Pause, Reply, Routine, Send, leave, perform
 from cellserve.client.replies import is_opened
 from cellserve.client.session_base import SessionBase
 from cellserve.client.trace_context import trace_metadata
@@ -120,25 +120,12 @@ class Session(SessionBase):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        try:  # never mask the exception that left the block
-            self.close()
-        except CellserveClientError:
-            self._abandon()
-            if exc is None:
-                raise
+        leave(self.close, self._abandon, exc)
 
     # -- performing the core's operations ---------------------------------------------------------
 
     def _perform(self, routine: Routine[T]) -> T:
-        reply: Reply = None
-        try:
-            while True:
-                op = routine.send(reply)
-                reply = getattr(self, op.handler)(op)
-        except StopIteration as done:
-            return done.value
-        finally:
-            routine.close()
+        return perform(routine, self)
 
     def _open_stream(self, op: Open) -> Reply:
         requests: queue.Queue[object] = queue.Queue()

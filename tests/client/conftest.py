@@ -1,7 +1,8 @@
 """The ``sdk`` fixture: the same behaviour test runs through the sync ``Client`` and the ``AsyncClient``.
 
 The asyncio side runs on an event loop in a helper thread; the test calls it through a thin blocking
-view with the sync API's shape (``client.session(...)``, ``s.step(x)``, ``s.snapshot()``, ``with``).
+view with the sync API's shape (``client.session(...)``, ``s.step(x)``, ``s.snapshot()``,
+``client.gateway(...)``, ``gw.step(...)``, ``with``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,43 @@ class _BlockingAsyncSession:
         self._loop.run(self.aio.__aexit__(*exc))
 
 
+class _BlockingAsyncGateway:
+    """The ``AsyncGateway`` seen through the sync ``Gateway``'s shape."""
+
+    def __init__(self, loop: _Loop, gateway: Any) -> None:
+        self._loop, self.aio = loop, gateway
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        return self._loop.run(self.aio.open(*args, **kwargs))
+
+    def step(self, *args: Any) -> Any:
+        return self._loop.run(self.aio.step(*args))
+
+    def step_arrays(self, *args: Any) -> Any:
+        return self._loop.run(self.aio.step_arrays(*args))
+
+    def snapshot(self, *args: Any) -> Any:
+        return self._loop.run(self.aio.snapshot(*args))
+
+    def close(self, *args: Any) -> Any:
+        return self._loop.run(self.aio.close(*args))
+
+    def __getattr__(self, name: str) -> Any:  # keys, session, streams, info, ...
+        return getattr(self.aio, name)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.aio
+
+    def __len__(self) -> int:
+        return len(self.aio)
+
+    def __enter__(self) -> _BlockingAsyncGateway:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._loop.run(self.aio.__aexit__(*exc))
+
+
 class _BlockingAsyncClient:
     def __init__(self, loop: _Loop, *args: Any, **kwargs: Any) -> None:
         self._loop = loop
@@ -72,6 +110,12 @@ class _BlockingAsyncClient:
             return await self.aio.session(*args, **kwargs)
 
         return _BlockingAsyncSession(self._loop, self._loop.run(opening()))
+
+    def gateway(self, *args: Any, **kwargs: Any) -> _BlockingAsyncGateway:
+        async def opening() -> Any:
+            return await self.aio.gateway(*args, **kwargs)
+
+        return _BlockingAsyncGateway(self._loop, self._loop.run(opening()))
 
     def __enter__(self) -> _BlockingAsyncClient:
         return self

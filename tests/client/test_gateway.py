@@ -1,4 +1,4 @@
-"""Gateways against real servers, through the sync ``Client`` and the ``AsyncClient`` alike (the ``gsdk`` fixture):
+"""Gateways against real servers, through the sync ``Client`` and the ``AsyncClient`` alike (the ``sdk`` fixture):
 mapping and array layouts equal the numpy oracle, a bad entry fails alone, opens beyond capacity, idle expiry per
 key, snapshots and resume tokens, the streams a gateway opens, and a drain that moves every session."""
 
@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import urllib.request
-from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +16,6 @@ from replica_helpers import drain, token_keys
 from cellserve.client import (
     AsyncClient,
     ChannelConfig,
-    Client,
     GatewayError,
     InvalidInputError,
     ResourceExhaustedError,
@@ -29,120 +25,17 @@ from cellserve.client.errors import AlreadyExistsError
 
 KEYS = token_keys("5a", key_id="g")
 TOL = 1e-5
-CALL_TIMEOUT_S = 60.0  # bound on any one SDK call of a test
-
-
-class _Loop:
-    """An event loop in a daemon thread; ``run(coro)`` blocks for its result."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="gateway-test-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(CALL_TIMEOUT_S)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-class _BlockingAsyncGateway:
-    """The ``AsyncGateway`` seen through the sync ``Gateway``'s shape."""
-
-    def __init__(self, loop: _Loop, gateway: Any) -> None:
-        self._loop, self.aio = loop, gateway
-
-    def open(self, *args: Any, **kwargs: Any) -> Any:
-        return self._loop.run(self.aio.open(*args, **kwargs))
-
-    def step(self, *args: Any) -> Any:
-        return self._loop.run(self.aio.step(*args))
-
-    def step_arrays(self, *args: Any) -> Any:
-        return self._loop.run(self.aio.step_arrays(*args))
-
-    def snapshot(self, *args: Any) -> Any:
-        return self._loop.run(self.aio.snapshot(*args))
-
-    def close(self, *args: Any) -> Any:
-        return self._loop.run(self.aio.close(*args))
-
-    def __getattr__(self, name: str) -> Any:  # keys, session, streams, info, ...
-        return getattr(self.aio, name)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.aio
-
-    def __len__(self) -> int:
-        return len(self.aio)
-
-    def __enter__(self) -> _BlockingAsyncGateway:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._loop.run(self.aio.__aexit__(*exc))
-
-
-class _BlockingAsyncClient:
-    def __init__(self, loop: _Loop, *args: Any, **kwargs: Any) -> None:
-        self._loop = loop
-
-        async def make() -> AsyncClient:
-            return AsyncClient(*args, **kwargs)  # grpc.aio channels belong to the loop they are made on
-
-        self.aio = loop.run(make())
-
-    def gateway(self, *args: Any, **kwargs: Any) -> _BlockingAsyncGateway:
-        async def opening() -> Any:
-            return await self.aio.gateway(*args, **kwargs)
-
-        return _BlockingAsyncGateway(self._loop, self._loop.run(opening()))
-
-    def __enter__(self) -> _BlockingAsyncClient:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._loop.run(self.aio.close())
-
-
-class GatewaySdk:
-    """``gsdk.client(targets, **options)``: a ``Client``, or a blocking view of an ``AsyncClient``."""
-
-    def __init__(self, api: str) -> None:
-        self.api = api
-        self._loop: _Loop | None = None
-
-    def client(self, *args: Any, **kwargs: Any) -> Any:
-        if self.api == "sync":
-            return Client(*args, **kwargs)
-        if self._loop is None:
-            self._loop = _Loop()
-        return _BlockingAsyncClient(self._loop, *args, **kwargs)
-
-    def close(self) -> None:
-        if self._loop is not None:
-            self._loop.stop()
-
-
-@pytest.fixture(params=["sync", "async"])
-def gsdk(request: pytest.FixtureRequest) -> Iterator[GatewaySdk]:
-    s = GatewaySdk(request.param)
-    yield s
-    s.close()
 
 
 def tokens_of(seed: int, *shape: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.int64)
 
 
-def test_mapping_and_arrays_come_back_in_their_layout_equal_to_the_oracle(gsdk, running_server, tiny_oracle):
+def test_mapping_and_arrays_come_back_in_their_layout_equal_to_the_oracle(sdk, running_server, tiny_oracle):
     keys = [f"call-{i}" for i in range(6)]
     sent: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     got: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    with running_server() as srv, gsdk.client(srv.address) as client, client.gateway("tiny", keys=keys) as gw:
+    with running_server() as srv, sdk.client(srv.address) as client, client.gateway("tiny", keys=keys) as gw:
         assert gw.keys == keys and len(gw) == 6 and "call-0" in gw
         for r, t in enumerate([3, 1, 4]):  # columnar: [N, T] in, [N, T, 256] out, row i for keys[i]
             order = keys[r:] + keys[:r]
@@ -168,9 +61,9 @@ def test_mapping_and_arrays_come_back_in_their_layout_equal_to_the_oracle(gsdk, 
         np.testing.assert_allclose(np.concatenate(got[key]), want, atol=TOL, rtol=0, err_msg=key)
 
 
-def test_a_bad_row_fails_alone_and_its_session_goes_on_unchanged(gsdk, running_server, tiny_oracle):
+def test_a_bad_row_fails_alone_and_its_session_goes_on_unchanged(sdk, running_server, tiny_oracle):
     keys = ["a", "b", "c"]
-    with running_server() as srv, gsdk.client(srv.address) as client, client.gateway("tiny", keys=keys) as gw:
+    with running_server() as srv, sdk.client(srv.address) as client, client.gateway("tiny", keys=keys) as gw:
         first = gw.step_arrays(keys, [[1, 2], [3, 4], [5, 6]])
         x = np.array([[7, 8], [9, 300], [11, 12]])  # b's row: a token id out of range
         with pytest.raises(GatewayError) as failed:
@@ -192,8 +85,8 @@ def test_a_bad_row_fails_alone_and_its_session_goes_on_unchanged(gsdk, running_s
                                rtol=0)  # fmt: skip
 
 
-def test_opens_beyond_capacity_fail_per_key_and_the_others_open(gsdk, running_server):
-    with running_server(capacity=3) as srv, gsdk.client(srv.address) as client, client.gateway("tiny") as gw:
+def test_opens_beyond_capacity_fail_per_key_and_the_others_open(sdk, running_server):
+    with running_server(capacity=3) as srv, sdk.client(srv.address) as client, client.gateway("tiny") as gw:
         with pytest.raises(GatewayError) as failed:
             gw.open(["k0", "k1", "k2", "k3", "k4"])
         assert failed.value.result == ["k0", "k1", "k2"] and gw.keys == ["k0", "k1", "k2"]
@@ -207,11 +100,11 @@ def test_opens_beyond_capacity_fail_per_key_and_the_others_open(gsdk, running_se
         assert isinstance(again.value.errors["k3"], AlreadyExistsError)
 
 
-def test_an_idle_expiry_fails_that_key_alone_and_is_logged_with_the_key(gsdk, running_server, caplog, wait_until):
+def test_an_idle_expiry_fails_that_key_alone_and_is_logged_with_the_key(sdk, running_server, caplog, wait_until):
     caplog.set_level(logging.INFO, logger="cellserve.client")
     with (
         running_server() as srv,
-        gsdk.client(srv.address) as client,
+        sdk.client(srv.address) as client,
         client.gateway("tiny", keys=["busy", "quiet"], idle_timeout_s=1) as gw,
     ):
         gw.step({"busy": [1], "quiet": [2]})
@@ -236,13 +129,13 @@ def test_an_idle_expiry_fails_that_key_alone_and_is_logged_with_the_key(gsdk, ru
     assert record.levelno == logging.INFO and record.key == "quiet" and record.reason == "idle"
 
 
-def test_snapshot_tokens_resume_in_another_gateway(gsdk, running_server, tiny_oracle):
+def test_snapshot_tokens_resume_in_another_gateway(sdk, running_server, tiny_oracle):
     x = tokens_of(3, 4, 5)
     with (
         running_server(token_keys=KEYS) as a,
         running_server(token_keys=KEYS) as b,
-        gsdk.client(a.address) as ca,
-        gsdk.client(b.address) as cb,
+        sdk.client(a.address) as ca,
+        sdk.client(b.address) as cb,
     ):
         with ca.gateway("tiny", keys=["w", "x", "y", "z"]) as gw:
             gw.step_arrays(["w", "x", "y", "z"], x[:, :3])
@@ -256,11 +149,11 @@ def test_snapshot_tokens_resume_in_another_gateway(gsdk, running_server, tiny_or
     np.testing.assert_allclose(y[1], tiny_oracle.sequence(x[3])[3:], atol=TOL, rtol=0)
 
 
-def test_sessions_past_a_streams_limit_go_on_more_streams(gsdk, running_server, tiny_oracle):
+def test_sessions_past_a_streams_limit_go_on_more_streams(sdk, running_server, tiny_oracle):
     keys = [f"d{i}" for i in range(10)]
     with (
         running_server() as srv,
-        gsdk.client(srv.address) as client,
+        sdk.client(srv.address) as client,
         client.gateway("tiny", keys=keys, sessions_per_stream=4) as gw,
     ):
         assert len(gw.streams) == 3  # 4 + 4 + 2
@@ -273,8 +166,8 @@ def test_sessions_past_a_streams_limit_go_on_more_streams(gsdk, running_server, 
         np.testing.assert_allclose(y[i], tiny_oracle.sequence(x[i]), atol=TOL, rtol=0, err_msg=key)
 
 
-def test_calls_name_sessions_by_known_distinct_keys(gsdk, running_server):
-    with running_server() as srv, gsdk.client(srv.address) as client, client.gateway("tiny", keys=["a"]) as gw:
+def test_calls_name_sessions_by_known_distinct_keys(sdk, running_server):
+    with running_server() as srv, sdk.client(srv.address) as client, client.gateway("tiny", keys=["a"]) as gw:
         with pytest.raises(KeyError, match="no session 'nope' in this gateway"):
             gw.step({"nope": [1]})
         with pytest.raises(ValueError, match="key 'a' is given twice"):
@@ -284,14 +177,14 @@ def test_calls_name_sessions_by_known_distinct_keys(gsdk, running_server):
         assert gw.step({"a": [1]})["a"].shape == (1, 256)
 
 
-def test_a_drain_moves_every_session_to_the_other_server(gsdk, running_server, tiny_oracle, caplog):
+def test_a_drain_moves_every_session_to_the_other_server(sdk, running_server, tiny_oracle, caplog):
     caplog.set_level(logging.INFO, logger="cellserve.client")
     keys = [f"m{i}" for i in range(20)]
     x = tokens_of(9, 20, 9)
     with (
         running_server(token_keys=KEYS) as a,
         running_server(token_keys=KEYS) as b,
-        gsdk.client([a.address, b.address], checkpoint_every=2) as client,
+        sdk.client([a.address, b.address], checkpoint_every=2) as client,
         client.gateway("tiny", keys=keys, sessions_per_stream=8) as gw,
     ):
         ys = [gw.step_arrays(keys, x[:, :3])]
@@ -324,11 +217,11 @@ def test_an_asyncio_caller_cancelled_mid_step_leaves_the_gateway_exact(running_s
     np.testing.assert_allclose(last, tiny_oracle.sequence([1, 2, 5, 7])[3:], atol=TOL, rtol=0)
 
 
-def test_a_gateways_streams_spread_over_the_clients_connections(gsdk, running_server, tiny_oracle):
+def test_a_gateways_streams_spread_over_the_clients_connections(sdk, running_server, tiny_oracle):
     keys = [f"s{i}" for i in range(12)]
     with (
         running_server() as srv,
-        gsdk.client(srv.address, ChannelConfig(connections_per_target=4)) as client,
+        sdk.client(srv.address, ChannelConfig(connections_per_target=4)) as client,
         client.gateway("tiny", keys=keys, streams=4) as gw,
     ):
         inner = getattr(client, "aio", client)
@@ -347,24 +240,24 @@ def _sessions_on(metrics_port: int) -> float:
                if s.name == "cellserve_sessions_active")  # fmt: skip
 
 
-def test_one_gateways_sessions_reach_every_worker_behind_an_address(gsdk, spawn_server):
+def test_one_gateways_sessions_reach_every_worker_behind_an_address(sdk, spawn_server):
     """``serve --workers 2``: 16 streams take 16 connections of the pool, which the kernel spreads over both
     workers (all on one: probability 2^-15)."""
     server = spawn_server("--workers", "2")
     workers = server.ready_info()["workers"]
     keys = [f"w{i}" for i in range(32)]
-    with gsdk.client(server.address) as client, client.gateway("tiny", keys=keys, streams=16) as gw:
+    with sdk.client(server.address) as client, client.gateway("tiny", keys=keys, streams=16) as gw:
         assert len(gw.streams) == 16
         gw.step_arrays(keys, np.ones((32, 1), np.int64))
         per_worker = [_sessions_on(w["metrics_port"]) for w in workers]
     assert sum(per_worker) == 32 and min(per_worker) > 0, per_worker
 
 
-def test_a_server_whose_streams_hold_fewer_sessions_gets_more_streams(gsdk, running_server, tiny_oracle):
+def test_a_server_whose_streams_hold_fewer_sessions_gets_more_streams(sdk, running_server, tiny_oracle):
     keys = [f"f{i}" for i in range(11)]
     with (
         running_server(max_sessions_per_stream=3) as srv,
-        gsdk.client(srv.address) as client,
+        sdk.client(srv.address) as client,
         client.gateway("tiny", keys=keys) as gw,  # sessions_per_stream 256: the server's limit decides
     ):
         assert len(gw.streams) == 4 and gw.keys == keys
