@@ -213,6 +213,9 @@ class Lanes:
     def _answer_step(self, lane: Lane, p: Pending, resp: pb.MultiplexResponse) -> None:
         kind = resp.WhichOneof("kind")
         assert p.xs is not None
+        replay = p.kind == "replay"
+        if replay and not any(q.kind == "replay" for q in lane.inflight):
+            lane.recovery = None  # the replay is answered (its refused rows' sessions lost): the episode is over
         if kind != "output":
             error = request_error(resp.error, step=True) if kind == "error" else UnknownError(
                 f"the server answered a step with {kind!r}")  # fmt: skip
@@ -222,7 +225,7 @@ class Lanes:
         y = to_numpy(resp.output.output)  # [n, T, *out]
         tokens = resp.output.resume_tokens
         errors = {e.index: e for e in resp.errors}
-        t, replay = int(p.xs.shape[1]), p.kind == "replay"
+        t = int(p.xs.shape[1])
         for i, m in enumerate(p.members):
             if i in errors or m.error is not None or m.lane is not lane:
                 self._step_failed(lane, p, m, entry_error(errors[i], step=p.seq) if i in errors else None)
@@ -245,8 +248,6 @@ class Lanes:
             p.outcome.blocks.append(([m.key for m in p.members], y))
         if p.checkpoint:
             lane.checkpoint_at = self._clock()
-        if replay and not any(q.kind == "replay" for q in lane.inflight):
-            lane.recovery = None  # the replay has caught up: the sessions are back
 
     def _step_failed(self, lane: Lane, p: Pending, m: Member, error: CellserveClientError | None) -> None:
         error = m.error or error or UnavailableError(f"session {m.key!r} left its stream before the step was answered")

@@ -68,9 +68,16 @@ class ResumingLanes(Lanes):
                     return
 
     def _move(self, lane: Lane) -> GatewayRoutine[None]:
-        """The server drains: reopen the stream's sessions elsewhere now, from its tokens; else they stay."""
+        """The server drains: reopen the stream's sessions elsewhere now, from its tokens; else (no target takes
+        them all, or a step answered since a token was not kept) they stay, and go on its drain's final tokens."""
         lane.move_wanted = False
-        if not self._movers(lane):
+        movers = self._movers(lane)
+        if not movers:
+            return
+        if any(m.gap for m in movers):  # checkpointing off: steps answered since their token are in no token
+            log.info(
+                "a draining gateway stream stays: steps since its tokens were not kept", extra={"sessions": len(movers)}
+            )
             return
         recovery = Recovery(self.targets, self.policy.resume_timeout_s, self._clock())
         for index in candidates(len(self.targets), lane.target, include_current=False):

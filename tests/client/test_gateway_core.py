@@ -349,3 +349,48 @@ def test_an_open_refused_unavailable_on_a_draining_stream_goes_to_another_target
     c._answer = draining_t0  # type: ignore[method-assign]
     assert c.run(core.open(["b", "c"], {})) == ["b", "c"]
     assert core.session("b").target == "t1:1" and core.session("a").target == "t0:1"
+
+
+def test_a_replay_answered_error_as_a_whole_ends_the_recovery_so_a_later_break_resumes_afresh():
+    c = Cluster()
+    core = c.core(checkpoint_every=8, resume_timeout_s=30)
+    c.run(core.open(["a", "c"], {}))
+    c.run(core.step({"a": [1], "c": [1]}))
+    c.run(core.snapshot(["c"]))  # c has nothing to replay; a one step
+    real = c._answer
+    failed: list[int] = []
+
+    def refuse_the_replay(s: _Stream, req: pb.MultiplexRequest) -> pb.MultiplexResponse:
+        if s.target == 1 and req.WhichOneof("kind") == "step" and not failed:  # t1's first step: a's replay
+            failed.append(req.seq)
+            return pb.MultiplexResponse(seq=req.seq, error=pb.StepError(seq=req.seq, code=3, message="too big"))
+        return real(s, req)
+
+    c._answer = refuse_the_replay  # type: ignore[method-assign]
+    c.kill(0)
+    y = c.run(core.step({"c": [2]}))  # resumed on t1: a is lost with its replay, c goes on
+    assert failed and positions([y["c"]]) == [1] and isinstance(core.session("a").error, DataLossError)
+    c.now += 3600  # long after that resume's deadline
+    c.up[0] = True
+    c.kill(1)
+    y = c.run(core.step({"c": [3]}))  # a new episode: t0 takes c back
+    assert positions([y["c"]]) == [2] and core.session("c").target == "t0:1"
+
+
+def test_a_drain_notice_moves_no_session_whose_steps_since_its_token_were_not_kept():
+    """Checkpointing off: a step answered after the notice's token (a call interrupted before it read its answer)
+    is in no token; a move would drop it, so the sessions stay on the draining server (which serves them)."""
+    c = Cluster()
+    core = c.core(checkpoint_every=0)
+    c.run(core.open(["a"], {}))
+    c.run(core.step({"a": [1]}))
+    interrupted = core.step({"a": [2]})
+    op = interrupted.send(None)
+    while not isinstance(op, SendOn):
+        op = interrupted.send(c.perform(op))
+    c.push(0, _draining)  # t0 drains between its answers: a's token (1 step), then the answer to [2]
+    c.perform(op)
+    assert isinstance(interrupted.send(None), ReceiveOn)
+    interrupted.close()  # the caller left while it waited for the answer (KeyboardInterrupt, say)
+    y = c.run(core.step({"a": [3]}))
+    assert positions([y["a"]]) == [2] and core.open_streams() == ["t0:1"]
