@@ -33,7 +33,7 @@ on another target (the others first, then the same address again), replay the in
 what was unanswered; on a ``draining`` notice they move at once. Every output reaches the caller exactly once,
 and no exception does unless no server takes a session within ``resume_timeout_s`` (then its key fails alone).
 
-One call at a time per gateway (the asyncio one queues concurrent calls).
+One call at a time per gateway: a call from another thread (asyncio: task) waits for the one in progress.
 """
 
 from __future__ import annotations
@@ -203,6 +203,7 @@ class Gateway(GatewayBase):
     ) -> None:
         super().__init__(core, start, metadata)
         self._info_for = info_for
+        self._lock = threading.Lock()  # one call at a time: the core is one record; other threads wait their turn
 
     def open(self, keys: Iterable[str], *, resume_tokens: Mapping[str, bytes] | None = None) -> list[str]:
         """Open a session per key (zero state, or from ``resume_tokens[key]``); returns the keys opened.
@@ -239,10 +240,11 @@ class Gateway(GatewayBase):
     # -- performing the core's operations ---------------------------------------------------------
 
     def _perform(self, routine: GatewayRoutine[T]) -> T:
-        try:
-            return perform(routine, self)
-        finally:
-            self._prune()
+        with self._lock:
+            try:
+                return perform(routine, self)
+            finally:
+                self._prune()
 
     def _start_lane(self, op: StartLane) -> None:
         requests: queue.Queue[object] = queue.Queue()

@@ -79,8 +79,9 @@ class GatewayCore(ResumingLanes):
 
     @property
     def keys(self) -> list[str]:
-        """The keys of the sessions that can be stepped (open, and not lost), in the order they were opened."""
-        return [key for key, m in self.members.items() if m.error is None]
+        """The keys of the sessions that can be stepped (open, and not lost), in the order they were opened. Read
+        from a copy: another thread's call may change them meanwhile."""
+        return [key for key, m in list(self.members.items()) if m.error is None]
 
     def session(self, key: str) -> GatewaySession:
         m = self._member(key)
