@@ -148,9 +148,9 @@ class GatewayCore(ResumingLanes):
         keys = self._distinct(keys)
         members = [self._member(key) for key in keys]
         yield from self._describe()
-        if self.info is None or not keys:  # no session was ever open: no key can be
+        if self.info is None:  # no session was ever open, so no key is given: nothing to say what a row holds
             return np.zeros((0, *np.shape(x)[1:2]), np.float32)
-        a, bad = check_columns(self.info, x, len(keys))
+        a, bad = check_columns(self.info, x, len(keys))  # no keys: x is [0, T, *frame], the answer [0, T, *out]
         outcome = Outcome(keyed=False)
         outcome.errors.update((keys[i], e) for i, e in bad.items())
         outcome.errors.update((m.key, m.error) for m in members if m.error is not None and m.key not in bad)

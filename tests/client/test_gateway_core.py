@@ -394,3 +394,12 @@ def test_a_drain_notice_moves_no_session_whose_steps_since_its_token_were_not_ke
     interrupted.close()  # the caller left while it waited for the answer (KeyboardInterrupt, say)
     y = c.run(core.step({"a": [3]}))
     assert positions([y["a"]]) == [2] and core.open_streams() == ["t0:1"]
+
+
+def test_a_columnar_step_of_no_keys_answers_no_rows_in_the_outputs_layout():
+    c = Cluster()
+    core = c.core()
+    c.run(core.open(["a"], {}))
+    sent = len(c.rows)
+    y = c.run(core.step_arrays([], np.zeros((0, 3), np.int64)))
+    assert y.shape == (0, 3, 1) and y.dtype == np.float32 and len(c.rows) == sent
