@@ -278,6 +278,7 @@ class Lanes:
     # -- session records --------------------------------------------------------------------------
 
     def _place(self, lane: Lane, m: Member, o: pb.OpenedSession) -> None:
+        """``m`` is the session ``o`` opened on ``lane`` (its state: the base; the inputs since not replayed yet)."""
         m.lane, m.handle, m.session_id, m.stream_steps, m.here = lane, o.handle, o.session_id, o.steps, 0
         lane.members[o.handle] = m
 
@@ -288,12 +289,14 @@ class Lanes:
         m.here = m.gap = 0
 
     def _detach(self, m: Member) -> None:
+        """``m`` leaves its stream (which has room again); its key stays, for its error or a resume."""
         if m.lane is not None and m.lane.members.get(m.handle) is m:
             del m.lane.members[m.handle]
             m.lane.full = False
         m.lane = None
 
     def _forget(self, m: Member) -> None:
+        """``m`` is closed: its key is gone from the gateway."""
         self._detach(m)
         if self.members.get(m.key) is m:
             del self.members[m.key]

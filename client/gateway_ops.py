@@ -102,8 +102,8 @@ class Member:
     idle_timeout_s: int
     token: bytes = b""
     base_steps: int = 0  # steps in the base's state
-    since: list[np.ndarray] = field(default_factory=list)
-    here: int = 0
+    since: list[np.ndarray] = field(default_factory=list)  # each an answered [T, *frame], in order
+    here: int = 0  # how many of ``since`` the session on its current stream has applied (all, but in a replay)
     gap: int = 0  # steps answered after the base whose inputs were not kept (checkpointing off)
     lane: Lane | None = None
     handle: int = 0
