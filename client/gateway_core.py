@@ -108,14 +108,14 @@ class GatewayCore(ResumingLanes):
             else:
                 fresh.append(Member(key, self.idle_timeout_s, token=tokens.get(key, b"")))
         idle_rounds = 0  # rounds in a row that opened nothing
+        refused: list[tuple[Member, CellserveClientError]] = []  # the last round's, to try elsewhere, and why
         while fresh and idle_rounds < OPEN_ROUNDS:  # a stream that broke, drains or is full: the rest go elsewhere
             opened = len(outcome.values)
             yield from self._open_round(fresh, outcome)
             idle_rounds = 0 if len(outcome.values) > opened else idle_rounds + 1
-            fresh = [Member(m.key, self.idle_timeout_s, token=m.token) for m, _ in outcome.retry]
-            last, outcome.retry = outcome.retry, []
-        if fresh:
-            outcome.errors.update((m.key, error) for m, error in last)
+            refused, outcome.retry = outcome.retry, []
+            fresh = [Member(m.key, self.idle_timeout_s, token=m.token) for m, _ in refused]
+        outcome.errors.update((m.key, error) for m, error in refused)  # none left if the last round took them all
         return self._finish(outcome, keys, [key for key in keys if key in outcome.values])
 
     def step(self, inputs: Mapping[str, object]) -> GatewayRoutine[dict[str, np.ndarray]]:
