@@ -23,7 +23,7 @@ from cellserve.client.errors import (
 )
 from cellserve.client.gateway_columns import assemble, check_columns
 from cellserve.client.gateway_errors import GatewayError
-from cellserve.client.gateway_lanes import MAX_MESSAGE_BYTES
+from cellserve.client.gateway_lanes import SERVER_MAX_MESSAGE_BYTES
 from cellserve.client.gateway_ops import (
     DEFAULT_SESSIONS_PER_STREAM,
     Describe,
@@ -59,7 +59,7 @@ class GatewayCore(ResumingLanes):
         sessions_per_stream: int = DEFAULT_SESSIONS_PER_STREAM,
         streams: int = 1,
         open_timeout_s: float = 5.0,
-        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_message_bytes: int = SERVER_MAX_MESSAGE_BYTES,
         start: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -45,7 +45,9 @@ from cellserve.client.tensors import to_numpy, to_proto
 from cellserve.v1 import cellserve_pb2 as pb
 
 log = logging.getLogger(__name__)
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The server's default max_message_bytes: a request whose answer would be larger is answered `error` as a whole
+# (every key of it fails), so requests are split to keep answers within half of this, or of the client's own limit.
+SERVER_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 class Lanes:
@@ -58,7 +60,7 @@ class Lanes:
         *,
         model: str = "",
         open_timeout_s: float = 5.0,
-        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_message_bytes: int = SERVER_MAX_MESSAGE_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.targets = targets

@@ -263,3 +263,15 @@ def test_a_server_whose_streams_hold_fewer_sessions_gets_more_streams(sdk, runni
         assert len(gw.streams) == 4 and gw.keys == keys
         y = gw.step_arrays(keys, np.arange(11).reshape(11, 1))
     np.testing.assert_allclose(y[10], tiny_oracle.sequence([10]), atol=TOL, rtol=0)
+
+
+def test_a_step_whose_answer_passes_the_servers_message_limit_is_split_not_refused(sdk, running_server, tiny_oracle):
+    """Both sides' defaults: 64 sessions x T=80 x 1 KiB of logits is a 5 MiB answer, past the server's 4 MiB limit
+    (within the client's 16 MiB): sent as one request, the server would refuse it whole and every key would fail."""
+    keys = [f"big{i}" for i in range(64)]
+    x = tokens_of(11, 64, 80)
+    with running_server() as srv, sdk.client(srv.address) as client, client.gateway("tiny", keys=keys) as gw:
+        y = gw.step_arrays(keys, x)
+    assert y.shape == (64, 80, 256)
+    for i in (0, 63):
+        np.testing.assert_allclose(y[i], tiny_oracle.sequence(x[i]), atol=TOL, rtol=0, err_msg=keys[i])
