@@ -19,7 +19,8 @@ Finish     half-closes the current stream                                      N
 =========  ==================================================================  =========================
 
 ``perform`` is that loop for the blocking shells (``Session``, ``Gateway``); ``leave`` (``leave_async``) is what
-every shell's ``with`` (``async with``) does on the way out.
+every shell's ``with`` (``async with``) does on the way out. ``whole_seconds`` checks an ``idle_timeout_s`` as
+the client takes it, for a session or a gateway.
 """
 
 from __future__ import annotations
