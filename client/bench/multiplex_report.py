@@ -195,12 +195,13 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = {"cellserve": "-", "compare": "-.", "echo": "--", "echo_single": ":"}
     qs = [i / 100 for i in range(101)]
-    labels = [f"s={c['streams']} K={c['sessions_per_message']}\nT={c['t']} inflight={c['inflight']}" for c in configs]
+    labels = [f"s={c['streams']} K={c['sessions_per_message']}\nT={c['t']} D={c['inflight']}" for c in configs]
     for i, c in enumerate(configs):
         for name, r in {"cellserve": c["cellserve"], **c["baselines"]}.items():
             if name in styles:
                 ax_lat.plot(r["latency_cdf_ms"], qs, linestyle=styles[name], color=colors[i % len(colors)],
-                            label=f"{name} s={r['streams']} K={r['sessions_per_message']} T={c['t']}",
+                            label=f"{name} s={r['streams']} K={r['sessions_per_message']} T={c['t']} "
+                                  f"D={c['inflight'] if name != 'echo_single' else 1}",
                             linewidth=1.3)  # fmt: skip
     ax_lat.set_xscale("log")
     ax_lat.set_xlabel("round-trip latency per message (ms)")
@@ -223,12 +224,15 @@ def write_png(configs: list[dict[str, Any]], path: Path) -> bool:
             ax_tp.bar(x, r["steps_per_s"], width, color=colors[j % len(colors)],
                       label=None if name in labelled else name)  # fmt: skip
             labelled.add(name)
-            ax_tp.annotate(f"{r['steps_per_s']:,.0f}", (x, r["steps_per_s"]), ha="center", va="bottom", fontsize=6)
+            ax_tp.annotate(f"{r['steps_per_s']:,.0f}", (x, r['steps_per_s']), ha="center", va="bottom", fontsize=6,
+                           rotation=90)  # fmt: skip
     ax_tp.set_xticks(range(len(configs)), labels, fontsize=7)
     ax_tp.set_yscale("log")
+    top = max(b.get_height() for b in ax_tp.patches)
+    ax_tp.set_ylim(top=top * 8)  # room for the legend above the bars
     ax_tp.set_ylabel("session-steps/s (log)")
     ax_tp.set_title("Session-steps/s against the same-run baselines")
-    ax_tp.legend(fontsize=7)
+    ax_tp.legend(fontsize=7, ncol=3, loc="upper center")
     ax_tp.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
