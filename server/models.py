@@ -50,6 +50,8 @@ class LoadedModel:
         self._vocab = m.vocab
         # ids of a chunk of up to this many steps are checked in Python (cheaper than two numpy reductions)
         self._small = 64 if not m.step_dims else 0
+        # one time step's output as served (float32), sized by its fixed dims where a dim is dynamic
+        self.output_step_bytes = 4 * (m.output_elements or max(1, math.prod(d or 1 for d in m.output.frame)))
 
     @property
     def name(self) -> str:
@@ -100,6 +102,8 @@ class LoadedModel:
         flat = x.reshape(shape[0], -1)
         vocab = self._vocab
         if vocab is not None:
+            if flat.view(np.uint64).max() < vocab:  # one reduction: a negative id is huge as uint64
+                return {}
             lo, hi = flat.min(axis=1), flat.max(axis=1)
             return {
                 int(i): InvalidArgument(
@@ -108,6 +112,8 @@ class LoadedModel:
                 )
                 for i in np.flatnonzero((lo < 0) | (hi >= vocab))
             }
+        if np.isfinite(flat.sum(dtype=np.float64)):  # one reduction: NaN or Inf anywhere makes the sum not finite
+            return {}
         bad = np.flatnonzero(~np.isfinite(flat).all(axis=1))
         message = f"input contains NaN or Inf; model {self.name!r} needs finite features"
         return {int(i): InvalidArgument(message) for i in bad}

@@ -159,11 +159,13 @@ class MultiplexHandler:
                 "number of handles (row i steps handles[i])"
             )
         sessions = [self.sessions.get(h) for h in handles]
-        unknown: dict[int, Exception] = {
-            i: FailedPrecondition(f"handle {h} names no open session on this stream (never opened, or closed)")
-            for i, (h, s) in enumerate(zip(handles, sessions, strict=True))
-            if s is None
-        }
+        unknown: dict[int, Exception] = {}
+        if None in sessions:
+            unknown = {
+                i: FailedPrecondition(f"handle {h} names no open session on this stream (never opened, or closed)")
+                for i, (h, s) in enumerate(zip(handles, sessions, strict=True))
+                if s is None
+            }
         model = next((s.model for s in sessions if s is not None), None)
         if model is not None:
             self._check_reply_size(model, len(handles), x.shape[1], step.checkpoint)
@@ -193,7 +195,7 @@ class MultiplexHandler:
     def _check_reply_size(self, model: LoadedModel, n: int, t: int, checkpoint: bool) -> None:
         """INVALID_ARGUMENT, with the numbers, when the answer could not be sent within max_message_bytes."""
         manifest = model.manifest
-        row = 4 * (manifest.output_elements or max(1, math.prod(d or 1 for d in manifest.output.frame)))
+        row = model.output_step_bytes
         tokens = n * (manifest.state_bytes + RESPONSE_OVERHEAD) if checkpoint else 0
         reply, limit = n * t * row + tokens + RESPONSE_OVERHEAD, self.plane.settings.max_message_bytes
         if reply > limit:
