@@ -18,6 +18,7 @@ serving image.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from cellserve.model.contract import ContractError, RoleHints, Roles, resolve_roles, signature
-from cellserve.model.graph_probe import GraphRunner, const_spec, first_line, learn_contract
+from cellserve.model.contract import ContractError, GraphTensor, RoleHints, Roles, resolve_roles, signature
+from cellserve.model.graph_probe import GraphRunner, first_line, learn_contract
 from cellserve.model.manifest import ConstSpec, InputKind, InputSpec, OutputSpec, StateSpec
+from cellserve.model.tensor_specs import CONST_DTYPES, MAX_CONST_VALUES
 
 PARITY_ATOL = 1e-5  # |a - b| <= 1e-5 · max(1, |b|) elementwise: absolute up to 1, relative above
 FP16_ATOL = 1e-2  # float16 anywhere: a state rounded at each chunk's end is ~1e-3 from one kept in float32
@@ -305,3 +307,48 @@ def _check_chunked(runner: GraphRunner, rng: np.random.Generator, tol: float, ba
             "--state h0:hn --state c0:cn), or pass --per-frame if x has no time axis",
         )
     return chunks, max(diffs.values())
+
+
+# -- constants ----------------------------------------------------------------------------------------------
+
+
+def const_spec(t: GraphTensor, text: str) -> tuple[ConstSpec, np.ndarray]:
+    """A constant input's value from ``--const NAME=VALUE`` text, typed by the graph input's dtype and shape."""
+    dtype = t.dtype
+    if dtype not in CONST_DTYPES:
+        raise ContractError(
+            f"constant input {t.show()} has type {t.ort_type}; cellserve feeds constants of {', '.join(CONST_DTYPES)}",
+            "export the constant input as int64 or float32",
+        )
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if dtype == "bool":
+            table = {"true": 1, "1": 1, "false": 0, "0": 0}
+            values: list[float] = [table[p.lower()] for p in parts]
+        elif dtype in ("int64", "int32"):
+            values = [int(p) for p in parts]
+        else:
+            values = [float(p) for p in parts]
+    except (ValueError, KeyError):
+        raise ContractError(
+            f"--const {t.name}={text}: {text!r} is not a comma list of {dtype} values",
+            f"give {dtype} values, e.g. --const {t.name}={'16000' if 'int' in dtype else '0.5'}",
+        ) from None
+    if len(values) > MAX_CONST_VALUES:
+        raise ContractError(f"--const {t.name} has {len(values)} values", f"at most {MAX_CONST_VALUES} fit a manifest")
+    shape: tuple[int, ...]
+    if all(isinstance(d, int) for d in t.shape):
+        shape = tuple(int(d) for d in t.shape)  # type: ignore[arg-type]
+    elif len(t.shape) == 1:
+        shape = (len(values),)
+    else:
+        raise ContractError(
+            f"constant input {t.show()} has open dims besides one", "export it with a fixed shape (a scalar or [N])"
+        )
+    if math.prod(shape) != len(values):
+        raise ContractError(
+            f"--const {t.name}={text} gives {len(values)} value(s); input {t.show()} takes {math.prod(shape)}",
+            f"give {math.prod(shape)} comma-separated values",
+        )
+    array = np.array(values, dtype=dtype).reshape(shape)
+    return ConstSpec(t.name, dtype, shape, tuple(array.reshape(-1).tolist())), array
