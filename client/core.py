@@ -1,20 +1,19 @@
 """The session core: every decision a session takes, and no I/O.
 
-A session's calls (open, step, send, next output, snapshot, end, close) are generator *routines* over
-five operations, defined in ``cellserve.client.ops``: ``Open`` a stream on a target, ``Send`` a
-request, ``Receive`` the next response, ``Pause`` between retries, ``Finish`` (half-close). The sync
-``Session`` performs them blocking, the ``AsyncSession`` awaiting them; neither decides anything.
+A session's calls (open, step, send, next output, snapshot, end, close) are generator *routines* over five
+operations, defined in ``cellserve.client.ops``: ``Open`` a stream on a target, ``Send`` a request, ``Receive``
+the next response, ``Pause`` between retries, ``Finish`` (half-close). The sync ``Session`` performs them
+blocking, the ``AsyncSession`` awaiting them; neither decides anything.
 
-What the core keeps, per session, besides ids and counts: the *base* (the newest resume token it
-holds, from a checkpoint step, ``snapshot`` or ``draining``; for a fresh session "no token", zero
-state) and the steps sent since, each answered or not (``cellserve.client.replay``).
+What the core keeps, per session, besides ids and counts: the *base* (the newest resume token it holds, from a
+checkpoint step, ``snapshot`` or ``draining``; for a fresh session "no token", zero state) and the steps sent
+since, each answered or not (``cellserve.client.replay``).
 
-When the stream ends without ``closed`` (connection reset, UNAVAILABLE, keepalive timeout, or an OK
-end), or with ``closed{DRAIN}``, the core reopens from the base on the next target (the others first,
-then the same address again: another worker behind it, or a restarted server), replays the buffer and
-hands out only the outputs the caller has not had. A ``draining`` notice moves the session at once when
-there is another target. Nothing reaches the caller unless no server takes the session within
-``resume_timeout_s``.
+When the stream ends without ``closed`` (reset, UNAVAILABLE, keepalive timeout, an OK end), or with
+``closed{DRAIN}``, the core reopens from the base on the next target (the others first, then the same address
+again: another worker behind it, or a restarted server), replays the buffer and hands out only the outputs the
+caller has not had. A ``draining`` notice moves the session at once when there is another target. Nothing
+reaches the caller unless no server takes the session within ``resume_timeout_s``.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from cellserve.client.errors import (
     SessionClosedError,
     UnavailableError,
     UnknownError,
+    log_lost,
     status_code,
     step_rejected,
 )
@@ -88,8 +88,6 @@ class SessionCore:
         self._move_wanted = False
         self._recovery: Recovery | None = None
         self._lost: CellserveClientError | None = None  # why the session cannot go on
-
-    # -- what the shells show ---------------------------------------------------------------------
 
     @property
     def target(self) -> str:
@@ -378,8 +376,6 @@ class SessionCore:
         if self._buffer.caught_up:
             self._recovery = None
 
-    # -- helpers ----------------------------------------------------------------------------------
-
     def _check_can_step(self, *, alone: bool) -> None:
         if self._lost is not None:
             raise self._lost
@@ -397,12 +393,8 @@ class SessionCore:
         return closed_error(self.session_id, self.closed_reason, self.closed_message)
 
     def _lose(self, error: CellserveClientError) -> CellserveClientError:
-        """Keep why the session cannot go on (raised on every later call); log it once, session and reason in
-        the text (all Python's last-resort handler prints) and as fields. An idle expiry is ordinary: INFO."""
+        """Keep why the session cannot go on (raised on every later call), and log it once."""
         if self._lost is None:
             self._lost = error
-            reason = error.reason if isinstance(error, SessionClosedError) else error.code.name.lower()
-            level = logging.INFO if reason == "idle" else logging.WARNING
-            fields = {"session": self.session_id, "reason": reason, "error": error.details}
-            log.log(level, "session %s cannot go on (%s): %s", self.session_id, reason, error.details, extra=fields)
+            log_lost(log, f"session {self.session_id}", self.session_id, error)
         return self._lost

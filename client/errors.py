@@ -17,6 +17,7 @@ stream and raises ``StepRejected`` for that step only.
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import grpc
@@ -178,3 +179,13 @@ def from_rpc_error(err: grpc.RpcError) -> CellserveClientError:
     details = err.details() if callable(getattr(err, "details", None)) else str(err)  # type: ignore[attr-defined]
     code = code or grpc.StatusCode.UNKNOWN
     return error_class(code)(details or "", code)
+
+
+def log_lost(log: logging.Logger, what: str, session_id: str, error: CellserveClientError, **fields: str) -> None:
+    """Log, once per session (the caller sees to it), why ``what`` (``"session <id>"``, a gateway key) cannot go on:
+    the session and the reason in the text, which is all Python's last-resort handler prints, and as fields. An idle
+    expiry is ordinary: INFO; anything else WARNING."""
+    reason = error.reason if isinstance(error, SessionClosedError) else error.code.name.lower()
+    level = logging.INFO if reason == "idle" else logging.WARNING
+    fields.update(session=session_id, reason=reason, error=error.details)
+    log.log(level, "%s cannot go on (%s): %s", what, reason, error.details, extra=fields)

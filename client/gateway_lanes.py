@@ -20,9 +20,9 @@ from cellserve.client.errors import (
     CellserveClientError,
     DataLossError,
     ResourceExhaustedError,
-    SessionClosedError,
     UnavailableError,
     UnknownError,
+    log_lost,
 )
 from cellserve.client.gateway_columns import rows_per_message
 from cellserve.client.gateway_errors import entry_error, request_error
@@ -311,11 +311,7 @@ class Lanes:
         if m.error is not None:
             return
         m.error = error
-        reason = error.reason if isinstance(error, SessionClosedError) else error.code.name.lower()
-        fields = {"key": m.key, "session": m.session_id, "reason": reason, "error": error.details}
-        level = logging.INFO if reason == "idle" else logging.WARNING
-        log.log(level, "gateway session %r (%s) cannot go on (%s): %s", m.key, m.session_id, reason, error.details,
-                extra=fields)  # fmt: skip
+        log_lost(log, f"gateway session {m.key!r} ({m.session_id})", m.session_id, error, key=m.key)
 
     def _movers(self, lane: Lane) -> list[Member]:
         """The sessions of ``lane`` that go with it when it moves or resumes."""
