@@ -8,20 +8,15 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from typing import Any
 
 import grpc
 import numpy as np
-import pytest
-from otlp_helpers import otlp_receiver
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from cellserve.client import AsyncClient, ChannelConfig, Client
+from cellserve.client import AsyncClient, ChannelConfig
 from cellserve.server.ports import PortTaken, check_free
 from cellserve.server.tensors import to_numpy
 from cellserve.v1 import cellserve_pb2 as pb
@@ -125,48 +120,6 @@ def test_connections_land_on_every_worker_and_metrics_are_their_sums(spawn_serve
     assert value(total, "cellserve_build_info", version=__import__("cellserve").__version__) == 1  # not summed
     for i, got in enumerate(sessions.outputs):
         np.testing.assert_allclose(np.concatenate(got), tiny_oracle.sequence(tokens[i]), atol=1e-5, rtol=0)
-
-
-def openmetrics(port: int) -> dict[tuple[str, tuple], Any]:
-    """An OpenMetrics scrape (what carries exemplars), parsed strictly: samples by name and labels."""
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/metrics", headers={"Accept": "application/openmetrics-text"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as reply:
-        text = reply.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s for family in openmetrics_families(text) for s in family.samples
-    }
-
-
-def test_every_workers_exemplars_reach_the_merged_openmetrics_scrape(spawn_server):
-    with otlp_receiver() as (_, otlp_port):
-        server = spawn_server("--workers", "2", "--otlp-endpoint", f"http://127.0.0.1:{otlp_port}")
-        workers = server.ready_info()["workers"]
-        sessions = Sessions(server.address, [np.arange(3, dtype=np.int64)] * CONNECTIONS)
-
-        async def main() -> None:
-            await sessions.open()
-            for t in range(3):
-                await sessions.step(t)
-            await sessions.close()
-
-        asyncio.run(main())
-        own = [openmetrics(w["metrics_port"]) for w in workers]
-        total = openmetrics(server.metrics_port)
-
-    def exemplars(samples: dict, family: str) -> dict[tuple, Any]:
-        return {k: s.exemplar for k, s in samples.items() if k[0] == family and s.exemplar is not None}
-
-    for family in ("cellserve_step_latency_seconds_bucket", "cellserve_batch_size_bucket"):
-        per_worker = [exemplars(samples, family) for samples in own]
-        assert all(per_worker), f"every worker traces steps of its own sessions: {per_worker}"
-        merged = exemplars(total, family)
-        assert merged.keys() == per_worker[0].keys() | per_worker[1].keys(), family
-        for key, exemplar in merged.items():  # each bucket's newest exemplar, whichever worker has it
-            newest = max((w[key] for w in per_worker if key in w), key=lambda e: float(e.timestamp))
-            assert exemplar.labels == newest.labels, key
-    assert total[("cellserve_steps_total", (("model", "tiny"),))].value == 3 * CONNECTIONS
 
 
 def test_a_killed_worker_is_restarted_and_counters_keep_counting(spawn_server, wait_until):
@@ -273,40 +226,6 @@ def _stop(server: Any) -> str:
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(60) == 0
     return server.proc.stderr.read() if server.proc.stderr else ""
-
-
-def _serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cellserve.server.cli", "serve", "--host", "127.0.0.1", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_second_server_on_a_taken_port_exits_with_one_line_naming_it(spawn_server, tiny_model_dir, workers):
-    first = spawn_server("--workers", "2")  # the port is shared on purpose by its own workers only
-    taken = _serve("--model-dirs", str(tiny_model_dir), "--port", str(first.port), "--metrics-port", "0",
-                   "--workers", workers)  # fmt: skip
-    assert taken.returncode == 1
-    lines = taken.stderr.strip().splitlines()
-    assert len(lines) == 1, taken.stderr
-    assert f"127.0.0.1:{first.port} is already in use" in lines[0] and "--port" in lines[0]
-    metrics = _serve("--model-dirs", str(tiny_model_dir), "--port", "0", "--metrics-port", str(first.metrics_port),
-                     "--metrics-host", "127.0.0.1", "--workers", workers)  # fmt: skip
-    assert metrics.returncode == 1
-    lines = metrics.stderr.strip().splitlines()
-    assert len(lines) == 1, metrics.stderr
-    assert f"127.0.0.1:{first.metrics_port} is already in use" in lines[0] and "--metrics-port" in lines[0]
-
-
-def test_a_plain_second_server_on_a_plain_servers_port_is_refused(spawn_server, tiny_model_dir):
-    first = spawn_server()
-    taken = _serve("--model-dirs", str(tiny_model_dir), "--port", str(first.port), "--metrics-port", "0")
-    assert taken.returncode == 1 and len(taken.stderr.strip().splitlines()) == 1, taken.stderr
-    assert str(first.port) in taken.stderr and "Traceback" not in taken.stderr
 
 
 HEARTBEAT_TIMEOUT_S = 2.0
@@ -444,45 +363,3 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-SPREAD_SESSIONS = 16  # one Client's: the default pool gives each its own connection
-
-
-def _one_process_sessions(server: Any, api: str, clients: int, sessions: int) -> list[float]:
-    """Open ``sessions`` over ``clients`` SDK clients with the default ChannelConfig, step each once, and
-    return how many each worker holds (its own metrics port) while they are all open."""
-    address, workers = server.address, server.ready_info()["workers"]
-
-    def per_worker() -> list[float]:
-        return [active(w["metrics_port"]) for w in workers]
-
-    x = np.array([1, 2], dtype=np.int64)
-    if api == "sync":
-        with contextlib.ExitStack() as stack:
-            made = [stack.enter_context(Client(address)) for _ in range(clients)]
-            held = [stack.enter_context(made[i % clients].session("tiny")) for i in range(sessions)]
-            for s in held:
-                s.step(x)
-            return per_worker()
-
-    async def main() -> list[float]:
-        async with contextlib.AsyncExitStack() as stack:
-            made = [await stack.enter_async_context(AsyncClient(address)) for _ in range(clients)]
-            held = [await stack.enter_async_context(made[i % clients].session("tiny")) for i in range(sessions)]
-            await asyncio.gather(*(s.step(x) for s in held))
-            return per_worker()
-
-    return asyncio.run(main())
-
-
-@pytest.mark.parametrize("api", ["sync", "async"])
-@pytest.mark.parametrize(("clients", "sessions"), [(1, SPREAD_SESSIONS), (20, 20)], ids=["one-client", "20-clients"])
-def test_sdk_sessions_from_one_process_reach_every_worker(spawn_server, api, clients, sessions):
-    """As a new user would: default settings, ``serve --workers 2``, all sessions from one process. gRPC
-    gives every channel to one address in a process the same connection, and the kernel balances
-    connections, not streams: without the SDK's pool of connections every session lands on one worker."""
-    server = spawn_server("--workers", "2")
-    per_worker = _one_process_sessions(server, api, clients, sessions)
-    assert sum(per_worker) == sessions, per_worker
-    assert all(n > 0 for n in per_worker), f"every worker should hold some of the {sessions} sessions: {per_worker}"

@@ -16,105 +16,21 @@ import signal
 import threading
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 import tritonclient.grpc as tc
+from state_model_oracle import KEYS, WAIT_S, Plan, tolerance
 from state_models import MODELS
 from stream_helpers import open_msg, read_rest, step_msg
 
 from cellserve.client import AsyncClient, Client
 from cellserve.model.importer import import_onnx
-from cellserve.model.manifest import Manifest, load_manifest
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
-
-KEYS = '{"active": "k1", "keys": {"k1": "' + "5a" * 32 + '"}}'
-WAIT_S = 90
-FRAME_SIZES = (64, 80)  # the per-frame model's frame length is dynamic: sessions pick one of these
-
-
-def tolerance(name: str) -> float:
-    """Batched and batch-1 runs differ by float rounding; a float16 state rounds coarser."""
-    return 2e-3 if name == "fp16_state" else 1e-4
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each class built, exported and imported as a user would: name -> model directory."""
-    dirs = {}
-    for name, spec in MODELS.items():
-        tmp = tmp_path_factory.mktemp(name)
-        import_onnx(spec.build(tmp), tmp / "model", name=name, **spec.import_kwargs)
-        dirs[name] = tmp / "model"
-    return dirs
-
-
-class Batch1:
-    """The oracle: the model's ONNX file at batch 1, its state carried by hand from call to call."""
-
-    def __init__(self, model_dir: Path) -> None:
-        self.m: Manifest = load_manifest(model_dir)
-        self.session = ort.InferenceSession(str(model_dir / self.m.onnx_file), providers=["CPUExecutionProvider"])
-        self.consts = {c.name: np.array(c.value, dtype=c.dtype).reshape(c.shape) for c in self.m.consts}
-
-    def run(self, chunks: list[np.ndarray]) -> np.ndarray:
-        """y for the chunks ([T, *frame] each) of one session, from zero state: [sum T, *out]."""
-        m = self.m
-        states = [np.zeros(s.graph_shape(1), s.dtype) for s in m.states]
-        outputs = [m.output.name, *(s.output for s in m.states)]
-        ys = []
-        for chunk in chunks:
-            for x in [chunk] if m.input.time_axis else list(chunk):  # a per-frame model: frame by frame
-                feeds = {m.input.name: x[None], **self.consts}
-                feeds.update((s.input, state) for s, state in zip(m.states, states, strict=True))
-                y, *states = self.session.run(outputs, feeds)
-                ys.append(y[0] if m.input.time_axis else y)  # [T, *out], or one frame's [1, *out]
-        return np.concatenate(ys).astype(np.float32)
-
-
-class Plan:
-    """One session's random chunks ([T, *frame] of the model's dtype) and what came back."""
-
-    def __init__(self, name: str, rng: np.random.Generator, chunks: int = 6) -> None:
-        spec = MODELS[name]
-        frame = tuple(int(rng.choice(FRAME_SIZES)) if d is None else d for d in spec.frame)
-        self.name = name
-        self.chunks = [
-            rng.standard_normal((int(rng.integers(1, 5)), *frame)).astype(spec.x_dtype) for _ in range(chunks)
-        ]
-        self.outputs: list[np.ndarray] = []
-        self.error: BaseException | None = None
-
-    def check(self, oracle: Batch1) -> None:
-        assert self.error is None, f"{self.name}: {type(self.error).__name__}: {self.error}"
-        want = oracle.run(self.chunks[: len(self.outputs)])
-        np.testing.assert_allclose(
-            np.concatenate(self.outputs), want, atol=tolerance(self.name), rtol=0, err_msg=self.name
-        )
-
-
-@pytest.fixture(scope="module")
-def oracles(model_dirs: dict[str, Path]) -> dict[str, Batch1]:
-    return {name: Batch1(d) for name, d in model_dirs.items()}
-
-
-@pytest.fixture(scope="module")
-def server(model_dirs: dict[str, Path]) -> Iterator[Any]:
-    """One in-process server serving every class."""
-    from server_helpers import serve_in_thread
-
-    from cellserve.server.settings import Settings
-
-    settings = Settings(model_dirs=list(model_dirs.values()), host="127.0.0.1", port=0, metrics_port=0)
-    with serve_in_thread(settings) as srv:
-        yield srv
-
 
 # -- SDK sessions ------------------------------------------------------------------------------------------
 
@@ -422,39 +338,3 @@ def test_a_manifest_whose_states_contradict_the_graph_fails_at_startup_in_one_li
     with pytest.raises(ManifestError) as e:
         ModelRepository.load(Settings(model_dirs=[d], metrics_port=0), Metrics(CollectorRegistry()))
     assert says in str(e.value) and str(d) in str(e.value) and "\n" not in str(e.value), str(e.value)
-
-
-# -- gateways (Multiplex) ----------------------------------------------------------------------------------
-
-
-def test_gateway_sessions_of_every_class_equal_the_batch_1_oracle(server, oracles):
-    """Many sessions per message, columnar [N, T, *frame], for each class (rows of one message share T and
-    frame); interleaved with single SDK sessions of the same model."""
-    rng = np.random.default_rng(26)
-    n, messages = 5, 4
-
-    async def main() -> dict[str, tuple[list[np.ndarray], np.ndarray, Plan]]:
-        out = {}
-        async with AsyncClient(server.address) as client:
-
-            async def one(name: str) -> None:
-                spec = MODELS[name]
-                frame = tuple(int(rng.choice(FRAME_SIZES)) if d is None else d for d in spec.frame)
-                xs = [rng.standard_normal((n, int(rng.integers(1, 4)), *frame)).astype(spec.x_dtype)
-                      for _ in range(messages)]  # fmt: skip
-                single = Plan(name, rng)
-                async with client.gateway(name, keys=[f"k{i}" for i in range(n)]) as gw, client.session(name) as s:
-                    ys = []
-                    for i, x in enumerate(xs):
-                        ys.append(await gw.step_arrays([f"k{j}" for j in range(n)], x))
-                        single.outputs.append(await s.step(single.chunks[i]))
-                out[name] = (xs, np.concatenate(ys, axis=1), single)
-
-            await asyncio.wait_for(asyncio.gather(*(one(name) for name in MODELS)), WAIT_S)
-        return out
-
-    for name, (xs, y, single) in asyncio.run(main()).items():
-        for i in range(n):
-            want = oracles[name].run([x[i] for x in xs])
-            np.testing.assert_allclose(y[i], want, atol=tolerance(name), rtol=0, err_msg=f"{name} row {i}")
-        single.check(oracles[name])
