@@ -1,6 +1,6 @@
-"""``cellserve serve --workers N``: one port, N processes, one /metrics; restarts and drains; taken ports;
-a hung (SIGSTOPped) worker killed and restarted; a killed supervisor's port free at once; the SDK's sessions
-from one process on every worker; every worker's trace exemplars in the merged OpenMetrics scrape."""
+"""``cellserve serve --workers N``: one port, N processes, one /metrics; restarts and drains; a hung (SIGSTOPped)
+worker killed and restarted; a killed supervisor's port free at once. Taken ports, the SDK's sessions from one
+process on every worker and the merged exemplars are in test_workers_ports.py, _spread.py and _exemplars.py."""
 
 from __future__ import annotations
 
