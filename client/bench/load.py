@@ -177,23 +177,14 @@ async def _open_sdk(spec: LoadSpec, client: Any, seed: int) -> tuple[Roundtrip, 
 
 
 async def _open_echo(spec: LoadSpec, channel: Any, seed: int) -> tuple[Roundtrip, Close]:
-    from cellserve.client.bench.baselines.echo import METHOD, echo_request
+    from cellserve.client.bench.baselines.echo import echo_stream
     from cellserve.client.bench.baselines.sizes import message_sizes
 
-    req_size, reply_size = message_sizes(spec)
-    call = channel.stream_stream(METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)()
-    req = echo_request(req_size, reply_size)
+    send, receive, close = echo_stream(channel, *message_sizes(spec))
 
     async def roundtrip(i: int) -> None:
-        await call.write(req)
-        reply = await call.read()
-        if not isinstance(reply, bytes) or len(reply) != reply_size:
-            raise RuntimeError(f"echo replied {reply!r:.40}, expected {reply_size} bytes")
-
-    async def close() -> None:
-        await call.done_writing()
-        while await call.read() is not grpc.aio.EOF:
-            pass
+        await send()
+        await receive()
 
     await roundtrip(0)  # the stream is up before the clock starts, as cellserve's open is
     return roundtrip, close

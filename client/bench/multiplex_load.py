@@ -114,25 +114,13 @@ def _answer(reply: object, seq: int, kind: str, what: str) -> Any:
 
 async def open_echo(spec: LoadSpec, channel: Any, seed: int) -> Pipe:
     """An echo stream whose requests and replies are the size of a Multiplex step and its answer."""
-    from cellserve.client.bench.baselines.echo import METHOD, echo_request
+    from cellserve.client.bench.baselines.echo import echo_stream
     from cellserve.client.bench.baselines.sizes import multiplex_sizes
 
-    req_size, reply_size = multiplex_sizes(spec)
-    call = channel.stream_stream(METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)()
-    req = echo_request(req_size, reply_size)
+    write, recv, close = echo_stream(channel, *multiplex_sizes(spec))
 
     async def send(i: int) -> None:
-        await call.write(req)
-
-    async def recv() -> None:
-        reply = await call.read()
-        if not isinstance(reply, bytes) or len(reply) != reply_size:
-            raise RuntimeError(f"echo replied {reply!r:.40}, expected {reply_size} bytes")
-
-    async def close() -> None:
-        await call.done_writing()
-        while await call.read() is not grpc.aio.EOF:
-            pass
+        await write()
 
     pipe = Pipe(send, recv, close)
     await pipe.roundtrip(0)  # the stream is up before the clock starts, as the multiplex sessions are open

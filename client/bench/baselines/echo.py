@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -60,3 +60,28 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+EchoOp = Callable[[], Awaitable[None]]
+
+
+def echo_stream(channel: grpc.aio.Channel, request_bytes: int, reply_bytes: int) -> tuple[EchoOp, EchoOp, EchoOp]:
+    """A client's echo stream on ``channel``: ``send`` writes one request of ``request_bytes``, ``receive`` reads
+    one reply and checks it is ``reply_bytes`` long, ``close`` half-closes and drains the stream."""
+    call = channel.stream_stream(METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)()
+    request = echo_request(request_bytes, reply_bytes)
+
+    async def send() -> None:
+        await call.write(request)
+
+    async def receive() -> None:
+        reply = await call.read()
+        if not isinstance(reply, bytes) or len(reply) != reply_bytes:
+            raise RuntimeError(f"echo replied {reply!r:.40}, expected {reply_bytes} bytes")
+
+    async def close() -> None:
+        await call.done_writing()
+        while await call.read() is not grpc.aio.EOF:
+            pass
+
+    return send, receive, close
