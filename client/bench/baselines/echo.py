@@ -49,19 +49,6 @@ async def start(host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server
     return server, bound
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--ready-file", type=Path, required=True)
-    args = p.parse_args()
-    asyncio.run(serve_until_signal(start(args.host, args.port), args.ready_file))
-
-
-if __name__ == "__main__":
-    main()
-
-
 EchoOp = Callable[[], Awaitable[None]]
 
 
@@ -85,3 +72,16 @@ def echo_stream(channel: grpc.aio.Channel, request_bytes: int, reply_bytes: int)
             pass
 
     return send, receive, close
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--ready-file", type=Path, required=True)
+    args = p.parse_args()
+    asyncio.run(serve_until_signal(start(args.host, args.port), args.ready_file))
+
+
+if __name__ == "__main__":
+    main()
