@@ -52,7 +52,6 @@ import numpy as np
 from cellserve.client.errors import UnavailableError, from_rpc_error
 from cellserve.client.gateway_core import GatewayCore
 from cellserve.client.gateway_errors import GatewayError
-from cellserve.client.gateway_lanes import SERVER_MAX_MESSAGE_BYTES
 from cellserve.client.gateway_ops import (
     Describe,
     Ended,
@@ -85,13 +84,12 @@ def new_core(
     sessions_per_stream: int, streams: int,
 ) -> GatewayCore:  # fmt: skip
     """A gateway core with ``client``'s targets, session policy and open timeout; its messages sized for the
-    smaller of the client's and the server's (default) message limits."""
+    smaller of the client's and the server's message limits (the server's from its ModelInfo)."""
     policy = client.policy if checkpoint_every is None else replace(client.policy, checkpoint_every=checkpoint_every)
-    message_bytes = min(client.config.max_message_bytes, SERVER_MAX_MESSAGE_BYTES)
     return GatewayCore(
         client.targets, policy, model=model or "", idle_timeout_s=whole_seconds(idle_timeout_s),
         sessions_per_stream=sessions_per_stream, streams=streams, open_timeout_s=client.open_timeout_s,
-        max_message_bytes=message_bytes, start=client._channels.preferred,
+        max_message_bytes=client.config.max_message_bytes, start=client._channels.preferred,
     )  # fmt: skip
 
 

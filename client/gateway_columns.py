@@ -55,9 +55,16 @@ def _expected(info: ModelInfo, n: int) -> str:
     return f"{n} keys take one [{n}, T{dims}] array (row i for keys[i], T >= 1); per row, {info.expected_input()}"
 
 
+# A server's default max_message_bytes: a request whose answer would be larger is answered `error` as a whole (every
+# key of it fails), so requests are split to keep answers within half of the server's limit and the client's.
+SERVER_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
 def rows_per_message(info: ModelInfo, steps: int, max_message_bytes: int) -> int:
     """How many rows of ``steps`` steps one request may carry so that its answer (outputs, and a resume token
-    per row when it checkpoints) stays within half of ``max_message_bytes``."""
+    per row when it checkpoints) stays within half of ``max_message_bytes`` (the client's) and of the server's
+    limit: its ModelInfo's, or the default 4 MiB from a server that does not say."""
+    max_message_bytes = min(max_message_bytes, info.max_message_bytes or SERVER_MAX_MESSAGE_BYTES)
     out = math.prod(d if d > 0 else DYNAMIC_GUESS for d in info.output_frame or ()) * 4 * steps
     inp = math.prod(d if d > 0 else DYNAMIC_GUESS for d in info.frame or ()) * ITEMSIZE.get(info.input_dtype, 8) * steps
     return max(1, (max_message_bytes // 2) // (max(out, inp) + token_bytes(info)))

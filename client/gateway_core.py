@@ -21,9 +21,8 @@ from cellserve.client.errors import (
     InvalidInputError,
     UnavailableError,
 )
-from cellserve.client.gateway_columns import assemble, check_columns
+from cellserve.client.gateway_columns import SERVER_MAX_MESSAGE_BYTES, assemble, check_columns
 from cellserve.client.gateway_errors import GatewayError
-from cellserve.client.gateway_lanes import SERVER_MAX_MESSAGE_BYTES
 from cellserve.client.gateway_ops import (
     DEFAULT_SESSIONS_PER_STREAM,
     Describe,

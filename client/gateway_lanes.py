@@ -24,7 +24,7 @@ from cellserve.client.errors import (
     UnknownError,
     log_lost,
 )
-from cellserve.client.gateway_columns import rows_per_message
+from cellserve.client.gateway_columns import SERVER_MAX_MESSAGE_BYTES, rows_per_message
 from cellserve.client.gateway_errors import entry_error, request_error
 from cellserve.client.gateway_ops import (
     Ended,
@@ -45,9 +45,6 @@ from cellserve.client.tensors import to_numpy, to_proto
 from cellserve.v1 import cellserve_pb2 as pb
 
 log = logging.getLogger(__name__)
-# The server's default max_message_bytes: a request whose answer would be larger is answered `error` as a whole
-# (every key of it fails), so requests are split to keep answers within half of this, or of the client's own limit.
-SERVER_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 class Lanes:

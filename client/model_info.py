@@ -39,6 +39,7 @@ class ModelInfo:
     time_axis: bool = True  # False: a per-frame model (the server runs a step's T frames in order)
     output_frame: tuple[int, ...] | None = None  # an output step's dims after T (None: [output_size])
     example_frame: tuple[int, ...] | None = None  # a frame the model runs: dynamic dims filled in (None: frame)
+    max_message_bytes: int = 0  # the server's limit on one gRPC message (0: not said, an older server)
 
     def __post_init__(self) -> None:  # an older server's summary, or a hand-made ModelInfo: tokens [T] or [T, I]
         tokens = self.input_kind == "tokens"
@@ -67,6 +68,7 @@ class ModelInfo:
             time_axis=m.time_axis if new else True,
             output_frame=tuple(int(d) for d in m.output_frame) if new else None,
             example_frame=tuple(int(d) for d in m.example_frame) if new and m.example_frame else None,
+            max_message_bytes=m.max_message_bytes,
         )
 
     def check_input(self, x: object) -> np.ndarray:

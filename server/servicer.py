@@ -111,12 +111,14 @@ class CellServeServicer(pb_grpc.CellServeServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_summary(m) for m in self.plane.models()])
+        limit = self.plane.settings.max_message_bytes
+        return pb.ListModelsResponse(models=[model_summary(m, limit) for m in self.plane.models()])
 
     @rpc
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         model = self.plane.model(request.model)
-        return pb.ModelInfoResponse(model=model_summary(model), manifest_json=model.manifest.to_json())
+        summary = model_summary(model, self.plane.settings.max_message_bytes)
+        return pb.ModelInfoResponse(model=summary, manifest_json=model.manifest.to_json())
 
 
 def _check_generate(request: pb.GenerateRequest, model: LoadedModel, max_tokens: int) -> None:
@@ -137,7 +139,7 @@ def _check_generate(request: pb.GenerateRequest, model: LoadedModel, max_tokens:
         raise InvalidArgument(f"top_k is {request.top_k}; model {m.name!r} has {m.output_size} tokens")
 
 
-def model_summary(model: LoadedModel) -> pb.ModelSummary:
+def model_summary(model: LoadedModel, max_message_bytes: int) -> pb.ModelSummary:
     m = model.manifest
     return pb.ModelSummary(
         **{f: getattr(m, f) for f in SUMMARY_FIELDS},
@@ -148,4 +150,5 @@ def model_summary(model: LoadedModel) -> pb.ModelSummary:
         time_axis=m.input.time_axis,
         output_frame=[-1 if d is None else d for d in m.output.frame],
         example_frame=list(m.input.example_shape),
+        max_message_bytes=max_message_bytes,
     )

@@ -16,6 +16,7 @@ from replica_helpers import drain, token_keys
 from cellserve.client import (
     AsyncClient,
     ChannelConfig,
+    Client,
     GatewayError,
     InvalidInputError,
     ResourceExhaustedError,
@@ -274,4 +275,23 @@ def test_a_step_whose_answer_passes_the_servers_message_limit_is_split_not_refus
         y = gw.step_arrays(keys, x)
     assert y.shape == (64, 80, 256)
     for i in (0, 63):
+        np.testing.assert_allclose(y[i], tiny_oracle.sequence(x[i]), atol=TOL, rtol=0, err_msg=keys[i])
+
+
+def test_a_server_with_a_smaller_message_limit_says_so_and_the_gateway_sizes_its_requests_by_it(
+    sdk, running_server, tiny_oracle
+):
+    """A server at 64 KiB: its ModelInfo says so, and 40 sessions x T=2 (an 80 KiB answer) go as several requests
+    instead of one the server would refuse whole."""
+    keys = [f"k{i}" for i in range(40)]
+    x = tokens_of(12, 40, 2)
+    with (
+        running_server(max_message_bytes=64 * 1024) as srv,
+        sdk.client(srv.address) as client,
+        client.gateway("tiny", keys=keys) as gw,
+    ):
+        y = gw.step_arrays(keys, x)
+        with Client(srv.address) as plain:
+            assert plain.model_info("tiny").max_message_bytes == 64 * 1024
+    for i in (0, 39):
         np.testing.assert_allclose(y[i], tiny_oracle.sequence(x[i]), atol=TOL, rtol=0, err_msg=keys[i])

@@ -370,7 +370,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "version", "sha256", "input_kind", "layers", "hidden", "input_size", "output_size", "inputs", "outputs", "input_dtype", "frame", "time_axis", "output_frame", "example_frame")
+    __slots__ = ("name", "version", "sha256", "input_kind", "layers", "hidden", "input_size", "output_size", "inputs", "outputs", "input_dtype", "frame", "time_axis", "output_frame", "example_frame", "max_message_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -386,6 +386,7 @@ class ModelSummary(_message.Message):
     TIME_AXIS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FRAME_FIELD_NUMBER: _ClassVar[int]
     EXAMPLE_FRAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     sha256: str
@@ -401,4 +402,5 @@ class ModelSummary(_message.Message):
     time_axis: bool
     output_frame: _containers.RepeatedScalarFieldContainer[int]
     example_frame: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., input_kind: _Optional[str] = ..., layers: _Optional[int] = ..., hidden: _Optional[int] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., frame: _Optional[_Iterable[int]] = ..., time_axis: _Optional[bool] = ..., output_frame: _Optional[_Iterable[int]] = ..., example_frame: _Optional[_Iterable[int]] = ...) -> None: ...
+    max_message_bytes: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., input_kind: _Optional[str] = ..., layers: _Optional[int] = ..., hidden: _Optional[int] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., frame: _Optional[_Iterable[int]] = ..., time_axis: _Optional[bool] = ..., output_frame: _Optional[_Iterable[int]] = ..., example_frame: _Optional[_Iterable[int]] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
