@@ -87,11 +87,25 @@ def _inputs(spec: LoadSpec, rng: np.random.Generator, n: int) -> list[np.ndarray
     return [rng.standard_normal(shape, dtype=np.float32).astype(spec.x_dtype) for _ in range(n)]
 
 
+def timed(lat: list[float], dt: float, progress: Synchronized) -> None:
+    """Record one message of the window: its latency, and every PROGRESS_EVERY of them on the shared progress
+    counter (one lock per PROGRESS_EVERY messages; :func:`timed_rest` adds what is left at the end)."""
+    lat.append(dt)
+    if len(lat) % PROGRESS_EVERY == 0:
+        with progress.get_lock():
+            progress.value += PROGRESS_EVERY
+
+
+def timed_rest(lat: list[float], progress: Synchronized) -> None:
+    """The last messages :func:`timed` recorded but has not yet put on the progress counter."""
+    with progress.get_lock():
+        progress.value += len(lat) % PROGRESS_EVERY
+
+
 async def _closed_loop(spec: LoadSpec, w: Window, roundtrip: Any, progress: Synchronized) -> tuple[list[float], int]:
     """Run ``await roundtrip(i)`` until the deadline / count: (latencies in the window, messages sent)."""
     lat: list[float] = []
     i = 0
-    since = 0
     while True:
         now = time.time()
         if w.end_at and now >= w.end_at:
@@ -103,14 +117,8 @@ async def _closed_loop(spec: LoadSpec, w: Window, roundtrip: Any, progress: Sync
         dt = time.perf_counter() - t0
         i += 1
         if now >= w.start_at:
-            lat.append(dt)
-            since += 1
-            if since >= PROGRESS_EVERY:
-                with progress.get_lock():
-                    progress.value += since
-                since = 0
-    with progress.get_lock():
-        progress.value += since
+            timed(lat, dt, progress)
+    timed_rest(lat, progress)
     return lat, i
 
 

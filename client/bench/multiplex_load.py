@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from cellserve.client.bench.load import PROGRESS_EVERY, LoadSpec, Window, _closed_loop, _inputs
+from cellserve.client.bench.load import LoadSpec, Window, _closed_loop, _inputs, timed, timed_rest
 
 MULTIPLEX_METHOD = "/cellserve.v1.CellServe/Multiplex"
 DISTINCT_INPUTS = 16  # different [K, T, *frame] tensors a stream cycles through
@@ -169,7 +169,6 @@ async def pipe_loop(spec: LoadSpec, w: Window, pipe: Pipe, progress: Synchronize
 
     async def reader() -> list[float]:
         lat: list[float] = []
-        since = 0
         while True:
             await written.acquire()
             if not in_flight:
@@ -178,14 +177,8 @@ async def pipe_loop(spec: LoadSpec, w: Window, pipe: Pipe, progress: Synchronize
             t0, in_window = in_flight.popleft()
             free.release()
             if in_window:
-                lat.append(time.perf_counter() - t0)
-                since += 1
-                if since >= PROGRESS_EVERY:
-                    with progress.get_lock():
-                        progress.value += since
-                    since = 0
-        with progress.get_lock():
-            progress.value += since
+                timed(lat, time.perf_counter() - t0, progress)
+        timed_rest(lat, progress)
         return lat
 
     lat, _ = await asyncio.gather(reader(), writer())
