@@ -90,6 +90,13 @@ class Sessions:
         for ch in self.channels:
             await ch.close()
 
+    async def step_through(self, steps: int) -> None:
+        """Open every session, step each ``steps`` tokens, close them."""
+        await self.open()
+        for t in range(steps):
+            await self.step(t)
+        await self.close()
+
 
 def test_connections_land_on_every_worker_and_metrics_are_their_sums(spawn_server, tiny_oracle):
     server = spawn_server("--workers", "2", "--token-keys", KEYS)
@@ -125,15 +132,7 @@ def test_connections_land_on_every_worker_and_metrics_are_their_sums(spawn_serve
 def test_a_killed_worker_is_restarted_and_counters_keep_counting(spawn_server, wait_until):
     server = spawn_server("--workers", "2", "--token-keys", KEYS)
     victim = server.ready_info()["workers"][0]
-    sessions = Sessions(server.address, [np.arange(4, dtype=np.int64)] * CONNECTIONS)
-
-    async def step_all() -> None:
-        await sessions.open()
-        for t in range(4):
-            await sessions.step(t)
-        await sessions.close()
-
-    asyncio.run(step_all())
+    asyncio.run(Sessions(server.address, [np.arange(4, dtype=np.int64)] * CONNECTIONS).step_through(4))
     before = value(scrape(server.metrics_port), "cellserve_steps_total", model="tiny")
     assert before == 4 * CONNECTIONS
     os.kill(victim["pid"], signal.SIGKILL)
@@ -149,8 +148,8 @@ def test_a_killed_worker_is_restarted_and_counters_keep_counting(spawn_server, w
     assert value(after, "cellserve_worker_restarts_total") == 1
     assert value(after, "cellserve_workers") == 2
     assert value(after, "cellserve_steps_total", model="tiny") == before  # the dead worker's steps still count
-    sessions = Sessions(server.address, [np.arange(4, dtype=np.int64)] * CONNECTIONS)
-    asyncio.run(step_all())  # and the port serves on both workers again
+    # and the port serves on both workers again
+    asyncio.run(Sessions(server.address, [np.arange(4, dtype=np.int64)] * CONNECTIONS).step_through(4))
     assert value(scrape(server.metrics_port), "cellserve_steps_total", model="tiny") == before + 4 * CONNECTIONS
     assert server.proc.poll() is None
     assert "worker died" in _stop(server)

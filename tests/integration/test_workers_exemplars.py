@@ -29,15 +29,7 @@ def test_every_workers_exemplars_reach_the_merged_openmetrics_scrape(spawn_serve
     with otlp_receiver() as (_, otlp_port):
         server = spawn_server("--workers", "2", "--otlp-endpoint", f"http://127.0.0.1:{otlp_port}")
         workers = server.ready_info()["workers"]
-        sessions = Sessions(server.address, [np.arange(3, dtype=np.int64)] * CONNECTIONS)
-
-        async def main() -> None:
-            await sessions.open()
-            for t in range(3):
-                await sessions.step(t)
-            await sessions.close()
-
-        asyncio.run(main())
+        asyncio.run(Sessions(server.address, [np.arange(3, dtype=np.int64)] * CONNECTIONS).step_through(3))
         own = [openmetrics(w["metrics_port"]) for w in workers]
         total = openmetrics(server.metrics_port)
 
