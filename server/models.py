@@ -69,54 +69,53 @@ class LoadedModel:
     def check_input(self, x: np.ndarray) -> np.ndarray:
         """Validate one session's step input; returns it ready for the engine or raises InvalidArgument."""
         shape = x.shape
-        if not shape or (shape[1:] != self._step_dims and not self._frame_fits(shape[1:])):
-            raise InvalidArgument(f"input has shape {list(shape)}; {self.manifest.describe_input(self.max_steps)}")
-        if x.dtype != self.input_dtype:
-            raise InvalidArgument(f"input has dtype {x.dtype}; {self.manifest.describe_input(self.max_steps)}")
-        if not 1 <= shape[0] <= self.max_steps:
-            raise InvalidArgument(f"input has T={shape[0]} steps; {self.manifest.describe_input(self.max_steps)}")
+        self._check_form(x, 0)
         vocab = self._vocab
         if vocab is not None:
             lo, hi = (min(v := x.tolist()), max(v)) if shape[0] <= self._small else (int(x.min()), int(x.max()))
             if lo < 0 or hi >= vocab:
-                bad = lo if lo < 0 else hi
-                raise InvalidArgument(
-                    f"token id {bad} is out of range; model {self.name!r} has vocabulary [0, {vocab})"
-                )
+                raise self._token_error(lo if lo < 0 else hi)
         elif not np.isfinite(x).all():
-            raise InvalidArgument(f"input contains NaN or Inf; model {self.name!r} needs finite features")
+            raise self._not_finite()
         return x
 
     def check_rows(self, x: np.ndarray) -> dict[int, Exception]:
         """Validate a gateway message's steps x ``[N, T, *frame]`` (row i: one session's step). A problem of the
         whole message (shape, dtype, T) raises InvalidArgument; rows with bad values (token ids out of range,
         NaN or Inf) are returned, each with its own error, so the others can run."""
-        shape = x.shape
-        describe = f"row i of [N, T, *frame] is one session's step: {self.manifest.describe_input(self.max_steps)}"
-        if len(shape) < 2 or (shape[2:] != self._step_dims and not self._frame_fits(shape[2:])):
-            raise InvalidArgument(f"input has shape {list(shape)}; {describe}")
-        if x.dtype != self.input_dtype:
-            raise InvalidArgument(f"input has dtype {x.dtype}; {describe}")
-        if not 1 <= shape[1] <= self.max_steps:
-            raise InvalidArgument(f"input has T={shape[1]} steps; {describe}")
-        flat = x.reshape(shape[0], -1)
+        self._check_form(x, 1, "row i of [N, T, *frame] is one session's step: ")
+        flat = x.reshape(x.shape[0], -1)
         vocab = self._vocab
         if vocab is not None:
             if flat.view(np.uint64).max() < vocab:  # one reduction: a negative id is huge as uint64
                 return {}
             lo, hi = flat.min(axis=1), flat.max(axis=1)
-            return {
-                int(i): InvalidArgument(
-                    f"token id {int(lo[i]) if lo[i] < 0 else int(hi[i])} is out of range; model {self.name!r} has "
-                    f"vocabulary [0, {vocab})"
-                )
-                for i in np.flatnonzero((lo < 0) | (hi >= vocab))
-            }
+            bad = np.flatnonzero((lo < 0) | (hi >= vocab))
+            return {int(i): self._token_error(int(lo[i]) if lo[i] < 0 else int(hi[i])) for i in bad}
         if np.isfinite(flat.sum(dtype=np.float64)):  # one reduction: NaN or Inf anywhere makes the sum not finite
             return {}
-        bad = np.flatnonzero(~np.isfinite(flat).all(axis=1))
-        message = f"input contains NaN or Inf; model {self.name!r} needs finite features"
-        return {int(i): InvalidArgument(message) for i in bad}
+        return {int(i): self._not_finite() for i in np.flatnonzero(~np.isfinite(flat).all(axis=1))}
+
+    def _check_form(self, x: np.ndarray, lead: int, prefix: str = "") -> None:
+        """InvalidArgument (saying what the model takes, after ``prefix``) unless ``x`` is ``[*lead dims, T, *frame]``
+        of the input dtype, with 1 <= T <= max_steps."""
+        shape = x.shape
+        frame = shape[lead + 1 :]
+        if len(shape) <= lead or (frame != self._step_dims and not self._frame_fits(frame)):
+            problem = f"shape {list(shape)}"
+        elif x.dtype != self.input_dtype:
+            problem = f"dtype {x.dtype}"
+        elif not 1 <= shape[lead] <= self.max_steps:
+            problem = f"T={shape[lead]} steps"
+        else:
+            return
+        raise InvalidArgument(f"input has {problem}; {prefix}{self.manifest.describe_input(self.max_steps)}")
+
+    def _token_error(self, bad: int) -> InvalidArgument:
+        return InvalidArgument(f"token id {bad} is out of range; model {self.name!r} has vocabulary [0, {self._vocab})")
+
+    def _not_finite(self) -> InvalidArgument:
+        return InvalidArgument(f"input contains NaN or Inf; model {self.name!r} needs finite features")
 
 
 class ModelRepository:
