@@ -22,6 +22,8 @@ import grpc
 import numpy as np
 
 from cellserve.client.bench.load import LoadSpec, Window, _closed_loop, _inputs, timed, timed_rest
+from cellserve.client.tensors import to_proto
+from cellserve.v1 import cellserve_pb2 as pb
 
 MULTIPLEX_METHOD = "/cellserve.v1.CellServe/Multiplex"
 DISTINCT_INPUTS = 16  # different [K, T, *frame] tensors a stream cycles through
@@ -68,9 +70,6 @@ def row_inputs(spec: LoadSpec, rng: np.random.Generator, n: int) -> list[np.ndar
 
 async def open_multiplex(spec: LoadSpec, channel: Any, seed: int) -> Pipe:
     """A Multiplex stream with ``spec.sessions`` sessions of ``spec.model`` open on it."""
-    from cellserve.client.tensors import to_proto
-    from cellserve.v1 import cellserve_pb2 as pb
-
     method = channel.stream_stream(MULTIPLEX_METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
     call = method()
     opens = [pb.SessionOpen(model=spec.model, key=str(i)) for i in range(spec.sessions)]
@@ -102,8 +101,6 @@ async def open_multiplex(spec: LoadSpec, channel: Any, seed: int) -> Pipe:
 def _answer(reply: object, seq: int, kind: str, what: str) -> Any:
     """The parsed answer to request ``seq``; RuntimeError unless it is a whole ``kind`` answer with no entry
     failed (a bench must not count a failed step as served)."""
-    from cellserve.v1 import cellserve_pb2 as pb
-
     if not isinstance(reply, bytes):
         raise RuntimeError(f"multiplex {what} got no answer: {reply!r}")
     resp = pb.MultiplexResponse.FromString(reply)
