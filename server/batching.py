@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,7 +36,22 @@ class GroupResult:
     failed: Mapping[int, Exception]
 
 
-class Request:
+class _Queued:
+    """What a queue entry does once it is done with: ``finish`` tells its sessions (once), ``fail`` answers it."""
+
+    __slots__ = ()
+    future: asyncio.Future[Any]
+
+    def finish(self, steps: int) -> None:
+        raise NotImplementedError
+
+    def fail(self, error: BaseException) -> None:
+        self.finish(0)
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class Request(_Queued):
     """One session's step: a queue entry of one row."""
 
     __slots__ = ("_finished", "future", "owner", "queued_at", "slot", "x")
@@ -72,13 +87,8 @@ class Request:
         if not self.future.done():
             self.future.set_result(y)
 
-    def fail(self, error: BaseException) -> None:
-        self.finish(0)
-        if not self.future.done():
-            self.future.set_exception(error)
 
-
-class Group:
+class Group(_Queued):
     """Many sessions' steps of equal shape (a gateway's message): one queue entry, one future, ``rows`` rows."""
 
     __slots__ = ("_finished", "failed", "future", "owners", "queued_at", "rows", "slots", "x", "y")
@@ -111,20 +121,14 @@ class Group:
 
     def complete(self, t: int, y: np.ndarray) -> None:
         """The engine ran every row: ``y`` is [n, T, *out]."""
-        self.finish(t)
-        if not self.future.done():
-            self.future.set_result(GroupResult(y, {}))
-
-    def fail(self, error: BaseException) -> None:
-        self.finish(0)
-        if not self.future.done():
-            self.future.set_exception(error)
+        self.y = y
+        self.settled(t)
 
     def rows_alone(self) -> list[Row]:
         return [Row(self, i) for i in range(self.rows)]
 
     def settled(self, t: int) -> None:
-        """Every row was run or failed alone (after a failed call): answer the group."""
+        """Every row was run, or failed alone after a failed call: answer the group."""
         self.finish(t)
         if not self.future.done():
             self.future.set_result(GroupResult(self.y, self.failed))
@@ -157,9 +161,18 @@ Entry = Request | Group
 Unit = Request | Group | Row  # what an engine call's rows come from
 
 
-def alone(group: list[Unit]) -> list[Unit]:
-    """``group`` with each gateway group replaced by its rows (for traces and retries: not the hot path)."""
-    if all(type(r) is not Group for r in group):
+def rows_of(units: Sequence[Unit]) -> list[int] | None:
+    """Each unit's rows, or None when every unit is one row (no gateway group among them): what the scheduler
+    asks once per engine call."""
+    if all(type(r) is not Group for r in units):
+        return None
+    return [r.rows for r in units]
+
+
+def alone(group: list[Unit], rows: list[int] | None) -> list[Unit]:
+    """``group`` (``rows``: its ``rows_of``) with each gateway group replaced by its rows (for traces and retries:
+    not the hot path)."""
+    if rows is None:
         return group
     return [row for r in group for row in (r.rows_alone() if type(r) is Group else (r,))]
 
@@ -177,9 +190,10 @@ def pack(entries: list[Entry], most: int) -> list[list[Unit]]:
     return calls
 
 
-def inputs(group: list[Unit]) -> tuple[np.ndarray, np.ndarray]:
-    """The engine's inputs for one call of equal step shape: slot ids [B] and x [B, T, *frame]."""
-    if all(type(r) is not Group for r in group):  # single steps (or rows retried alone)
+def inputs(group: list[Unit], rows: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The engine's inputs for one call of equal step shape (``rows``: its ``rows_of``): slot ids [B] and x
+    [B, T, *frame]."""
+    if rows is None:  # single steps (or rows retried alone)
         slots = np.array([r.slot for r in group], dtype=np.int64)  # type: ignore[union-attr]
         x = np.concatenate([r.x for r in group]).reshape(len(group), *group[0].x.shape)
         return slots, x

@@ -40,12 +40,12 @@ from cellserve.server.batching import (
     Group,
     GroupResult,
     Request,
-    Row,
     Unit,
     alone,
     describe_error,
     inputs,
     pack,
+    rows_of,
     step_failed,
 )
 from cellserve.server.engine import Engine
@@ -258,37 +258,39 @@ class Scheduler:
 
     def _run_inline(self, batch: list[Entry]) -> None:
         """One engine call per step shape, on the event loop; then the batch's metrics, once."""
-        for t, group in self._prepare(batch):
-            slots, x = inputs(group)
+        for t, group, rows in self._prepare(batch):
+            slots, x = inputs(group, rows)
             try:
                 t0 = time.perf_counter()
                 y = self.engine.run_slots(slots, x)
             except Exception as e:  # fails only this call's failing steps; the other groups still run
                 failure = e
             else:
-                self._deliver(t, group, y, time.perf_counter() - t0)
+                self._deliver(t, group, rows, y, time.perf_counter() - t0)
                 continue
-            self._settle(t, self._isolate(t, group, failure))  # outside `except`: no chained tracebacks
+            self._settle(t, group, self._isolate(t, group, rows, failure))  # outside `except`: no chained tracebacks
 
     async def _run_threaded(self, batch: list[Entry]) -> None:
         """As ``_run_inline``, with each engine call in the worker thread (the event loop goes on meanwhile)."""
         assert self._loop is not None
-        for t, group in self._prepare(batch):
-            slots, x = inputs(group)
+        for t, group, rows in self._prepare(batch):
+            slots, x = inputs(group, rows)
             try:
                 t0 = time.perf_counter()
                 y = await self._loop.run_in_executor(self._executor, self.engine.run_slots, slots, x)
             except Exception as e:
                 failure = e
             else:
-                self._deliver(t, group, y, time.perf_counter() - t0)
+                self._deliver(t, group, rows, y, time.perf_counter() - t0)
                 continue
             # The retries run in the worker thread too; the futures are settled here, on the loop.
-            self._settle(t, await self._loop.run_in_executor(self._executor, self._isolate, t, group, failure))
+            isolated = await self._loop.run_in_executor(self._executor, self._isolate, t, group, rows, failure)
+            self._settle(t, group, isolated)
 
-    def _prepare(self, batch: list[Entry]) -> list[tuple[int, list[Unit]]]:
-        """The steps still wanted, as engine calls: grouped by step shape, split to fit ``max_batch_steps``
-        (a group's rows stay in one call). Their time in the queue is observed here."""
+    def _prepare(self, batch: list[Entry]) -> list[tuple[int, list[Unit], list[int] | None]]:
+        """The steps still wanted, as engine calls (T, the call's entries, their ``rows_of``): grouped by step
+        shape, split to fit ``max_batch_steps`` (a group's rows stay in one call). Their time in the queue is
+        observed here."""
         start = time.perf_counter()
         live: list[Entry] = []
         for req in batch:
@@ -296,20 +298,24 @@ class Scheduler:
                 req.finish(0)
             else:
                 live.append(req)
-        self._m_wait.observe_elapsed(start, [r.queued_at for r in live], _rows(live))
+        rows = rows_of(live)
+        self._m_wait.observe_elapsed(start, [r.queued_at for r in live], rows)
         self._m_messages.inc(len(live))
         by_shape: dict[tuple[int, ...], list[Entry]] = {}
         for req in live:  # equal T and frame shape (a dynamic frame dim may differ between sessions)
             by_shape.setdefault(req.step_shape(), []).append(req)
-        calls: list[tuple[int, list[Unit]]] = []
+        calls: list[tuple[int, list[Unit], list[int] | None]] = []
         for shape, group in by_shape.items():  # at most max_batch_steps rows x steps per call: bounded memory
             t = shape[0]
-            calls += [(t, call) for call in pack(group, max(1, self.max_batch_steps // t))]
+            calls += [
+                (t, call, None if rows is None else rows_of(call))  # no group in the batch: none in a call
+                for call in pack(group, max(1, self.max_batch_steps // t))
+            ]
         return calls
 
-    def _deliver(self, t: int, group: list[Unit], y: np.ndarray, engine_s: float) -> None:
-        """Hand each step its rows of y; then the group's metrics (latency: queued until its output is ready)."""
-        rows = _rows(group)
+    def _deliver(self, t: int, group: list[Unit], rows: list[int] | None, y: np.ndarray, engine_s: float) -> None:
+        """Hand each step its rows of y (``rows``: the call's ``rows_of``); then the call's metrics (latency: queued
+        until its output is ready)."""
         if rows is None:  # a row per entry: each gets a [T, *out] view
             for req, row in zip(group, y, strict=True):
                 req.complete(t, row)
@@ -321,7 +327,7 @@ class Scheduler:
         end = time.perf_counter()
         self._m_latency.observe_elapsed(end, [r.queued_at for r in group], rows)
         # tracing on: a batch span when a step of it was kept, whose ids are this call's exemplar
-        exemplar = self._tracer.delivered(alone(group), t, engine_s, end) if self._tracer is not None else None
+        exemplar = self._tracer.delivered(alone(group, rows), t, engine_s, end) if self._tracer is not None else None
         self._m_engine.observe(engine_s, exemplar)
         self._m_batch.observe(len(y), exemplar)
         self._m_steps.inc(len(y) * t)
@@ -329,7 +335,7 @@ class Scheduler:
 
     # -- after a failed engine call ----------------------------------------------------------------
 
-    def _isolate(self, t: int, group: list[Unit], error: Exception) -> Isolated:
+    def _isolate(self, t: int, group: list[Unit], rows: list[int] | None, error: Exception) -> Isolated:
         """Retry a failed group in halves until each failing step stands alone; returns the calls that ran and
         the steps that failed alone, with their errors. Touches no future (it may run in the worker thread).
 
@@ -344,7 +350,7 @@ class Scheduler:
                 )
         ran: list[Ran] = []
         failed: list[tuple[Unit, Exception]] = []
-        group = alone(group)  # a gateway's rows are retried one by one, like single steps
+        group = alone(group, rows)  # a gateway's rows are retried one by one, like single steps
         suspects = [(group, error)]  # groups whose last call failed
         while suspects:
             group, error = suspects.pop()
@@ -353,7 +359,7 @@ class Scheduler:
                 continue
             mid = len(group) // 2
             for half in (group[:mid], group[mid:]):
-                slots, x = inputs(half)
+                slots, x = inputs(half, None)
                 try:
                     t0 = time.perf_counter()
                     y = self.engine.run_slots(slots, x)
@@ -363,15 +369,12 @@ class Scheduler:
                     ran.append((half, y, time.perf_counter() - t0))
         return ran, failed
 
-    def _settle(self, t: int, isolated: Isolated) -> None:
-        """Deliver what ran; fail each step that failed alone with a code that says why (logged, counted)."""
+    def _settle(self, t: int, call: list[Unit], isolated: Isolated) -> None:
+        """After the failed ``call``: deliver what ran; fail each step that failed alone with a code that says why
+        (logged, counted); then answer the call's gateway groups, whose rows are all settled now."""
         ran, failed = isolated
         for group, y, engine_s in ran:
-            self._deliver(t, group, y, engine_s)
-        groups: dict[int, Group] = {}  # the gateway groups whose rows were retried: answered once all are settled
-        for group, _, _ in ran:
-            groups.update((id(r.group), r.group) for r in group if type(r) is Row)
-        groups.update((id(r.group), r.group) for r, _ in failed if type(r) is Row)
+            self._deliver(t, group, None, y, engine_s)  # single steps and rows alone
         for req, error in failed:
             step_error = step_failed(self.model, t, error)
             with session_log_fields(req.owner.log_fields() if req.owner is not None else None):  # the step's own
@@ -384,12 +387,6 @@ class Scheduler:
             if self._tracer is not None:
                 self._tracer.failed(req, step_error, t)
             req.fail(step_error)
-        for gateway_group in groups.values():
-            gateway_group.settled(t)
-
-
-def _rows(entries: Sequence[Unit]) -> list[int] | None:
-    """Each entry's rows, or None when every entry is one session's step (no gateway group among them)."""
-    if all(type(r) is not Group for r in entries):
-        return None
-    return [r.rows for r in entries]
+        for entry in call:
+            if type(entry) is Group:
+                entry.settled(t)
