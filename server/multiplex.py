@@ -102,7 +102,7 @@ class MultiplexHandler:
             response = pb.MultiplexResponse(
                 seq=request.seq, error=pb.StepError(seq=request.seq, code=code.value[0], message=message)
             )
-        await self._write(response)
+        await self.context.write(response)  # no event writer runs now: _read waited for it, none starts unless reading
 
     def _open(self, request: pb.MultiplexRequest) -> pb.MultiplexResponse:
         wanted = request.open.sessions
@@ -346,8 +346,3 @@ class MultiplexHandler:
         if type(request) is BadRequest:
             raise request.error
         return request
-
-    async def _write(self, response: pb.MultiplexResponse | bytes) -> None:
-        if self._writer is not None:
-            await asyncio.wait([self._writer])
-        await self.context.write(response)
