@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 from cellserve.client.aio_inbox import Inbox
 from cellserve.client.channel import ChannelConfig
 from cellserve.client.client import ClientBase, Generated, generate_request, health_name, unknown_health_service
+from cellserve.client.connection_pool import ask_worker_aio
 from cellserve.client.core import SessionCore
 from cellserve.client.errors import NotFoundError, UnavailableError, from_rpc_error
 from cellserve.client.gateway_aio import DEFAULT_SESSIONS_PER_STREAM, AsyncGateway, opening_gateway
@@ -60,7 +61,7 @@ class AsyncSession(SessionBase):
 
     def __init__(self, core: SessionCore, stream: Callable[..., Any], metadata: tuple, open_timeout_s: float) -> None:
         super().__init__(core)
-        self._stream = stream  # starts a Stream call on a target: Channels.stream (any of its connections)
+        self._stream = stream  # starts a Stream call on a target: Channels.astream (a connection of its pool)
         self._metadata = metadata + trace_metadata()  # the caller's span, as the session opens: its stream's parent
         self._open_timeout_s = open_timeout_s
         self._call: grpc.aio.StreamStreamCall | None = None
@@ -166,7 +167,7 @@ class AsyncSession(SessionBase):
 
     async def _open_stream(self, op: Open) -> Reply:
         target = self._core.targets[op.index]
-        call = self._stream(target, metadata=self._metadata)
+        call = await self._stream(target, metadata=self._metadata)
         inbox = Inbox[pb.StreamResponse](call, "cellserve-session-reader")
         try:
             reply = await asyncio.wait_for(self._first_reply(call, inbox, op.request), self._open_timeout_s)
@@ -235,7 +236,9 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:  # fmt: skip
         policy = SessionPolicy(checkpoint_every, resume_timeout_s, max_in_flight)
-        super().__init__(target, config, ChannelConfig.aio_channel, timeout_s=timeout_s, policy=policy)
+        super().__init__(
+            target, config, ChannelConfig.aio_channel, ask_worker_aio, timeout_s=timeout_s, policy=policy
+        )
 
     async def close(self) -> None:
         for channel in self._channels.close():
@@ -263,7 +266,7 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
             core = self._core(model, idle_timeout_s, resume_token, checkpoint_every)
             start = self._channels.preferred  # read now: other tasks may open sessions meanwhile
             session = await AsyncSession.open(
-                core, self._channels.stream, self._model_info, self._metadata, self.open_timeout_s, start
+                core, self._channels.astream, self._model_info, self._metadata, self.open_timeout_s, start
             )
             self._opened_on(core)
             return session
@@ -283,7 +286,8 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
         seed: int | None = None, model: str | None = None,
     ) -> AsyncIterator[Generated]:  # fmt: skip
         """Stream generated tokens as the server produces them."""
-        call = self._generate(generate_request(prompt, max_tokens, temperature, top_k, seed, model or ""))
+        request = generate_request(prompt, max_tokens, temperature, top_k, seed, model or "")
+        call = await self._channels.astart(self._channels.current, "Generate", request, metadata=self._metadata)
         try:
             async for resp in call:
                 yield Generated(tuple(resp.token_ids), resp.text)

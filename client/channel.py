@@ -10,7 +10,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from cellserve.client.connection_pool import ConnectionPool
+from cellserve.client.connection_pool import ConnectionPool, Probe
 from cellserve.client.errors import FailedPreconditionError
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
@@ -58,12 +58,12 @@ class ChannelConfig:
     answers (a hung or stopped process; a ``--workers`` worker until its supervisor kills it) is left after
     it for the next target, or the same address again, where a new connection may reach another worker.
 
-    ``connections_per_target`` (default 16): each address gets up to this many TCP connections of its own,
-    and each new stream (a session, a resume, ``generate``) goes to the one with the fewest open streams, so
-    the sessions of one process reach every ``--workers`` process behind the address (the kernel spreads
-    connections over them, not streams). 1 is one connection per address, shared with every other client
-    in the process that has the same settings (gRPC's global subchannel pool): all their sessions on one
-    worker.
+    ``connections_per_target`` (default 16): each address gets up to this many TCP connections of its own.
+    Each connection is asked which ``--workers`` process it reached (the kernel spreads connections over
+    them, not streams), and each new stream (a session, a resume, a gateway's stream, ``generate``) goes to
+    the worker with the fewest, so a process's sessions sit evenly on every worker behind the address. 1 is
+    one connection per address, shared with every other client in the process that has the same settings
+    (gRPC's global subchannel pool): all their sessions on one worker.
     """
 
     max_message_bytes: int = 16 * 1024 * 1024
@@ -131,21 +131,32 @@ class Channels(Generic[C]):
     """The connections to each target (a ``ConnectionPool``, made on first use and kept for the client's
     life), plus the preferred target: where new sessions and unary calls go first."""
 
-    def __init__(self, targets: tuple[str, ...], make: Callable[[str], C], connections: int = 1) -> None:
+    def __init__(
+        self, targets: tuple[str, ...], make: Callable[[str], C], connections: int = 1, probe: Probe | None = None
+    ) -> None:
+        """``probe``: how a pool asks a new connection its worker (``connection_pool.ask_worker``); None: never."""
         self.targets = targets
         self.preferred = 0
         self.closed = False
         self._make = make
         self._connections = connections
-        self._pools: dict[str, ConnectionPool[C]] = {targets[0]: ConnectionPool(targets[0], connections, make)}
+        self._probe = probe if connections > 1 else None  # one connection: nothing to choose
+        self._pools: dict[str, ConnectionPool[C]] = {}
+        self.pool(targets[0])
 
     def pool(self, target: str) -> ConnectionPool[C]:
         if self.closed:
             raise FailedPreconditionError("the client is closed; its sessions cannot open or resume (use a new client)")
         pool = self._pools.get(target)
         if pool is None:
-            pool = self._pools[target] = ConnectionPool(target, self._connections, self._make)
+            pool = self._pools[target] = ConnectionPool(target, self._connections, self._make, self._probe)
         return pool
+
+    async def astart(self, target: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Start a streaming call on a grpc.aio pool: ``method`` on the connection ``apick`` chose."""
+        pool = self.pool(target)
+        index = await pool.apick()
+        return pool.start(method, *args, index=index, **kwargs)
 
     def channel(self, target: str) -> C:
         """The target's first connection (unary calls, readiness)."""
@@ -156,11 +167,15 @@ class Channels(Generic[C]):
         return self.pool(target).stub()
 
     def stream(self, target: str, *args: Any, **kwargs: Any) -> Any:
-        """Start a session's ``Stream`` on the target's least-loaded connection (a resume may take any)."""
+        """Start a session's ``Stream`` on the connection the target's pool picks (a resume may take any)."""
         return self.pool(target).start("Stream", *args, **kwargs)
 
+    async def astream(self, target: str, *args: Any, **kwargs: Any) -> Any:
+        """``stream`` for grpc.aio channels."""
+        return await self.astart(target, "Stream", *args, **kwargs)
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """Start a ``Generate`` on the current target's least-loaded connection."""
+        """Start a ``Generate`` on the connection the current target's pool picks."""
         return self.pool(self.current).start("Generate", *args, **kwargs)
 
     @property

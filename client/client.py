@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from cellserve.client.channel import ChannelConfig, Channels, normalize_targets
+from cellserve.client.connection_pool import PROBE_TIMEOUT_S, Probe, ask_worker
 from cellserve.client.core import SessionCore
 from cellserve.client.errors import NotFoundError, UnavailableError, from_rpc_error
 from cellserve.client.gateway import Gateway, multiplex_on, new_core
@@ -57,6 +58,7 @@ class ClientBase(Generic[C]):
         target: str | Sequence[str],
         config: ChannelConfig | None,
         make_channel: Callable[[ChannelConfig, str], C],
+        ask_worker: Callable[[tuple[tuple[str, str], ...], float], Probe],
         *,
         timeout_s: float,
         policy: SessionPolicy,
@@ -67,8 +69,9 @@ class ClientBase(Generic[C]):
         self.open_timeout_s = min(timeout_s, self.config.connect_timeout_s)  # one open of a stream, at most
         self.policy = policy
         self._metadata = self.config.call_metadata()
+        probe = ask_worker(self._metadata, min(PROBE_TIMEOUT_S, self.config.connect_timeout_s))
         self._channels: Channels[C] = Channels(
-            self.targets, lambda t: make_channel(self.config, t), self.config.connections_per_target
+            self.targets, lambda t: make_channel(self.config, t), self.config.connections_per_target, probe
         )
         self._infos: dict[str, ModelInfo] = {}
 
@@ -121,7 +124,7 @@ class Client(ClientBase[grpc.Channel]):
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, resume_timeout_s: float = DEFAULT_RESUME_TIMEOUT_S,
     ) -> None:  # fmt: skip
         policy = SessionPolicy(checkpoint_every, resume_timeout_s)
-        super().__init__(target, config, ChannelConfig.sync_channel, timeout_s=timeout_s, policy=policy)
+        super().__init__(target, config, ChannelConfig.sync_channel, ask_worker, timeout_s=timeout_s, policy=policy)
 
     def close(self) -> None:
         for channel in self._channels.close():

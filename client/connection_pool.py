@@ -4,39 +4,88 @@ Why several: behind one address may be several processes (``cellserve serve --wo
 with SO_REUSEPORT). The kernel balances *connections* over them, not the streams on a connection, and
 gRPC gives every channel to one target in a process the same connection (its global subchannel pool). With
 one connection, every session of a process lands on one worker. So each channel of a pool has its own
-subchannel pool (``grpc.use_local_subchannel_pool``, set by ``ChannelConfig.options``), and each new stream
-goes to the connection carrying the fewest open streams (ties in turn, so that an open retried after a
-connection that did not answer tries the next one). Which worker each connection reaches is the kernel's
-choice (a hash of the address pair), so N connections miss one of two workers with probability 2^(1-N).
+subchannel pool (``grpc.use_local_subchannel_pool``, set by ``ChannelConfig.options``).
 
-Connections are made on first use: a client with one session at a time holds few. Unary calls (models,
-health) use the first; they carry no state, any worker answers them.
+Which worker a connection reaches is the kernel's choice (a hash of the address pair), so the pool asks:
+each connection's first call is ``ListModels``, whose answer says which worker answered and how many share
+the port (the ``probe``). A new stream then goes to a worker carrying the fewest open streams, on a
+connection of its with no stream; where there is none and the pool has room, a new connection is made and
+asked (the kernel puts it on some worker), then the choice is made again; with no room left, the
+least-loaded connection of such a worker. So N streams from one process sit N/workers on each worker,
+whichever ports the kernel hashed, and one connection carries one stream while the pool has room. Against one
+process (or a server that does not say), streams go to the least-loaded connection (ties in turn, so that
+an open retried after a connection that did not answer tries the next one), made on first use.
+
+Unary calls (models, health) use the first connection; they carry no state, any worker answers them.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
+import grpc
+
+from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
 C = TypeVar("C")  # grpc.Channel or grpc.aio.Channel
+# A connection's (worker, workers) as its server said, or None where it could not be asked (no answer in
+# time, an older server): such a connection still carries streams, by the least-loaded rule.
+Probe = Callable[[pb_grpc.CellServeStub], Any]  # returns (worker, workers) | None, or an awaitable of it
+PROBE_TIMEOUT_S = 1.0  # at most this long (or connect_timeout_s) to ask a new connection its worker
+
+
+def _unanswered(error: grpc.RpcError) -> tuple[int, int] | None:
+    """A probe's failure: a server without ListModels (an echo server, say) never says (0 of 0); otherwise
+    nothing is known yet (no connection, a hung process) and the next pick asks again."""
+    return (0, 0) if error.code() == grpc.StatusCode.UNIMPLEMENTED else None  # type: ignore[attr-defined]
+
+
+def ask_worker(metadata: tuple[tuple[str, str], ...], timeout_s: float) -> Probe:
+    """The probe of a sync pool: ``ListModels`` on the connection; None where it does not answer in time."""
+
+    def probe(stub: pb_grpc.CellServeStub) -> tuple[int, int] | None:
+        try:
+            answer = stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=timeout_s)
+        except grpc.RpcError as e:
+            return _unanswered(e)
+        return answer.worker, answer.workers
+
+    return probe
+
+
+def ask_worker_aio(metadata: tuple[tuple[str, str], ...], timeout_s: float) -> Probe:
+    """``ask_worker`` for a grpc.aio pool."""
+
+    async def probe(stub: pb_grpc.CellServeStub) -> tuple[int, int] | None:
+        try:
+            answer = await stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=timeout_s)
+        except grpc.RpcError as e:
+            return _unanswered(e)
+        return answer.worker, answer.workers
+
+    return probe
 
 
 class ConnectionPool(Generic[C]):
     """Up to ``size`` channels to ``target`` and the streams open on each (see the module docstring)."""
 
-    def __init__(self, target: str, size: int, make: Callable[[str], C]) -> None:
+    def __init__(self, target: str, size: int, make: Callable[[str], C], probe: Probe | None = None) -> None:
         if size < 1:
             raise ValueError(f"a connection pool of {size} channels; use 1 or more")
         self.target = target
         self._make = make
+        self._probe = probe  # None: never ask, spread by connection only
         self._channels: list[C | None] = [None] * size
         self._stubs: list[pb_grpc.CellServeStub | None] = [None] * size
         self._open = [0] * size  # streams started on each connection and not yet done
+        self._worker: list[int | None] = [None] * size  # the worker each connection reached, where known
+        self._workers: int | None = None if probe is not None else 0  # behind the target (None: not asked yet)
         self._next = 0  # where the search for the least-loaded connection starts: ties go in turn
-        self._lock = threading.Lock()  # sync sessions open from many threads; grpc calls done-callbacks on its own
+        self._next_worker = 0  # the same for workers
+        self._lock = threading.RLock()  # sync sessions open from many threads; grpc calls done-callbacks on its own
         self.channel(0)
 
     def channel(self, index: int = 0) -> C:
@@ -52,16 +101,39 @@ class ConnectionPool(Generic[C]):
             stub = self._stubs[index] = pb_grpc.CellServeStub(self.channel(index))
         return stub
 
-    def start(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Start a streaming call (``Stream``, ``Generate``) on the connection with the fewest open streams.
+    def pick(self) -> int:
+        """The connection the next stream should take, asking new connections their worker (blocking)."""
+        with self._lock:
+            while True:
+                index, ask = self._choose()
+                if not ask or not self._record(index, self._ask(index)):
+                    return index
+
+    async def apick(self) -> int:
+        """``pick`` for grpc.aio channels: the asking is awaited."""
+        while True:
+            index, ask = self._choose()
+            if not ask:
+                return index
+            answer: Awaitable[Any] = self._ask(index)
+            if not self._record(index, await answer):
+                return index
+
+    def _ask(self, index: int) -> Any:
+        """Make connection ``index`` if it is not yet and ask it its worker: the probe's answer (or awaitable)."""
+        self.channel(index)
+        return self._probe(self.stub(index))  # type: ignore[misc]
+
+    def start(self, method: str, *args: Any, index: int | None = None, **kwargs: Any) -> Any:
+        """Start a streaming call (``Stream``, ``Multiplex``, ``Generate``) on connection ``index`` (default:
+        ``pick()``; an asyncio caller passes ``await apick()``).
 
         The call counts against its connection until it is done, however it ends (closed, cancelled, reset).
         """
-        with self._lock:
-            size = len(self._open)
-            index = min(((self._next + k) % size for k in range(size)), key=self._open.__getitem__)
-            self._next = (index + 1) % size
-            self._open[index] += 1
+        with self._lock:  # reentrant: a pick and its count are one step for threads opening at once
+            if index is None:
+                index = self.pick()
+            self.count(index)
             stub = self.stub(index)
         try:
             call = getattr(stub, method)(*args, **kwargs)
@@ -71,6 +143,58 @@ class ConnectionPool(Generic[C]):
         call.add_done_callback(lambda _call: self._done(index))
         return call
 
+    def _choose(self) -> tuple[int, bool]:
+        """The connection for the next stream, and whether it must first be asked its worker."""
+        size = len(self._open)
+        if self._workers is None:  # not known yet: ask the next connection in turn (a retry tries another)
+            return self._in_turn(), True
+        if self._workers > 1:
+            loads = [0] * self._workers
+            for i, w in enumerate(self._worker):
+                if w is not None:
+                    loads[w] += self._open[i]
+            order = [(self._next_worker + k) % self._workers for k in range(self._workers)]
+            fewest = [w for w in order if loads[w] == min(loads)]
+            on = lambda w: [i for i in range(size) if self._worker[i] == w]  # noqa: E731
+            for w in fewest:  # a connection of one of them with no stream: take it (ties in turn)
+                idle = next((i for i in on(w) if self._open[i] == 0), None)
+                if idle is not None:
+                    self._next_worker = (w + 1) % self._workers
+                    return idle, False
+            unmade = next((i for i in range(size) if self._channels[i] is None), None)
+            if unmade is not None:  # a new connection, wherever the kernel puts it: ask, then choose again
+                return unmade, True
+            for w in fewest:  # no room for more: the least-loaded connection of such a worker
+                if on(w):
+                    self._next_worker = (w + 1) % self._workers
+                    return min(on(w), key=self._open.__getitem__), False
+        return self._in_turn(), False
+
+    def _in_turn(self) -> int:
+        """The least-loaded connection, ties in turn."""
+        size = len(self._open)
+        index = min(((self._next + k) % size for k in range(size)), key=self._open.__getitem__)
+        self._next = (index + 1) % size
+        return index
+
+    def _record(self, index: int, answer: tuple[int, int] | None) -> bool:
+        """Note what connection ``index`` said; False where it said nothing usable (take it as it is)."""
+        if answer is None:  # no answer in time (the next pick asks again while nothing is known)
+            return False
+        worker, workers = answer
+        if workers < 1 or not 0 <= worker < workers:
+            self._workers = 0  # an older server (0 of 0): nothing to spread by
+            return False
+        self._worker[index] = worker
+        self._workers = workers
+        return workers > 1
+
+    def count(self, index: int) -> C:
+        """Count a stream on connection ``index`` (one the caller starts itself, as the bench does); its channel."""
+        with self._lock:
+            self._open[index] += 1
+            return self.channel(index)
+
     def _done(self, index: int) -> None:
         with self._lock:
             self._open[index] -= 1
@@ -79,6 +203,10 @@ class ConnectionPool(Generic[C]):
         """Streams open on each connection now (0 for one not made yet)."""
         with self._lock:
             return list(self._open)
+
+    def workers(self) -> list[int | None]:
+        """The worker each connection reached, as it said (None: not made, or not asked)."""
+        return list(self._worker)
 
     def channels(self) -> list[C]:
         """The channels made so far."""

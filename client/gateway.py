@@ -94,8 +94,13 @@ def new_core(
 
 
 def multiplex_on(client: ClientBase[Any]) -> Callable[..., Any]:
-    """Starts a ``Multiplex`` call on a target: its least-loaded connection (so streams spread over workers)."""
+    """Starts a ``Multiplex`` call on a target: the connection its pool picks (so streams spread over workers)."""
     return lambda target, *args, **kwargs: client._channels.pool(target).start("Multiplex", *args, **kwargs)
+
+
+def amultiplex_on(client: ClientBase[Any]) -> Callable[..., Any]:
+    """``multiplex_on`` for an AsyncClient: an awaitable start."""
+    return lambda target, *args, **kwargs: client._channels.astart(target, "Multiplex", *args, **kwargs)
 
 
 class GatewayBase:

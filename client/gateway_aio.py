@@ -18,7 +18,7 @@ import numpy as np
 
 from cellserve.client.aio_inbox import Inbox
 from cellserve.client.errors import UnavailableError
-from cellserve.client.gateway import GatewayBase, multiplex_on, new_core
+from cellserve.client.gateway import GatewayBase, amultiplex_on, new_core
 from cellserve.client.gateway_core import GatewayCore
 from cellserve.client.gateway_ops import (
     DEFAULT_SESSIONS_PER_STREAM,
@@ -137,7 +137,7 @@ class AsyncGateway(GatewayBase):
             self._prune()
 
     async def _start_lane(self, op: StartLane) -> None:
-        self._streams[op.lane] = _Stream(op.target, self._start(op.target, metadata=self._metadata))
+        self._streams[op.lane] = _Stream(op.target, await self._start(op.target, metadata=self._metadata))
 
     async def _send_on(self, op: SendOn) -> None:
         stream = self._streams.get(op.lane)
@@ -176,7 +176,7 @@ def opening_gateway(
                     sessions_per_stream=sessions_per_stream, streams=streams)  # fmt: skip
 
     async def opening() -> AsyncGateway:
-        gateway = AsyncGateway(core, multiplex_on(client), client._model_info, client._metadata)
+        gateway = AsyncGateway(core, amultiplex_on(client), client._model_info, client._metadata)
         if keys:
             try:
                 await gateway.open(keys)

@@ -72,8 +72,12 @@ ServicerHook = Callable[[grpc.aio.Server, Services], list[str]]
 class CellServer:
     """One serving process: models, sessions, gRPC server, health, metrics endpoint."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry, *, reuse_port: bool = False) -> None:
-        """``reuse_port``: join a port shared on purpose (a ``--workers`` supervisor's); else a taken port fails."""
+    def __init__(
+        self, settings: Settings, registry: CollectorRegistry, *, reuse_port: bool = False,
+        worker: tuple[int, int] = (0, 1),
+    ) -> None:  # fmt: skip
+        """``reuse_port``: join a port shared on purpose (a ``--workers`` supervisor's); else a taken port fails.
+        ``worker``: this process's (index, count) among those sharing the port, told to clients (ListModels)."""
         self.settings = settings
         self.registry = registry
         self.reuse_port = reuse_port
@@ -88,7 +92,7 @@ class CellServer:
         self.streams = StreamLimit(settings.max_streams)  # Stream, Generate and OIP streams together
         self.plane = DataPlane(self.models, self.sessions, self.tokens, settings, self.tracing)
         self.services = Services(self.plane, self.health, self.errors, self.streams, self.metrics)
-        self.servicer = CellServeServicer(self.plane, self.errors, self.streams)
+        self.servicer = CellServeServicer(self.plane, self.errors, self.streams, worker)
         self.tls = (
             CertificateFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
             if settings.tls_cert_file is not None and settings.tls_key_file is not None
@@ -300,9 +304,11 @@ class CellServer:
         return empty.result()
 
 
-def build_server(settings: Settings, registry: CollectorRegistry, *, reuse_port: bool = False) -> CellServer:
+def build_server(
+    settings: Settings, registry: CollectorRegistry, *, reuse_port: bool = False, worker: tuple[int, int] = (0, 1)
+) -> CellServer:
     """Build (not start) a server. Call ``await server.start()`` inside a running event loop."""
-    server = CellServer(settings, registry, reuse_port=reuse_port)
+    server = CellServer(settings, registry, reuse_port=reuse_port, worker=worker)
     if settings.oip:
         server.add_servicer(register_oip)
     return server
@@ -310,7 +316,7 @@ def build_server(settings: Settings, registry: CollectorRegistry, *, reuse_port:
 
 async def run_until_signal(
     settings: Settings, *, reuse_port: bool = False, on_ready: Callable[[int, int], None] | None = None,
-    orphaned: Callable[[], bool] | None = None,
+    orphaned: Callable[[], bool] | None = None, worker: tuple[int, int] = (0, 1),
 ) -> None:  # fmt: skip
     """Serve until SIGTERM/SIGINT, then drain. ``on_ready(port, metrics_port)`` once SERVING (workers);
     ``orphaned()`` true at the signal (a worker whose supervisor died): the drain frees the port first."""
@@ -319,7 +325,7 @@ async def run_until_signal(
         if settings.metrics_port != 0:  # "auto" binds port 0: then only the address is checked
             port = 0 if settings.metrics_port == "auto" else int(settings.metrics_port)
             check_free(settings.metrics_host, port, "metrics_port")
-    server = build_server(settings, CollectorRegistry(), reuse_port=reuse_port)
+    server = build_server(settings, CollectorRegistry(), reuse_port=reuse_port, worker=worker)
     await server.start()
     # Everything built so far (models, sessions of onnxruntime, protobuf descriptors) lives as long as the
     # process: out of the collector's sight, full collections stop re-scanning it on the per-message path.

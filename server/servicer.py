@@ -74,6 +74,7 @@ class CellServeServicer(pb_grpc.CellServeServicer):
     plane: DataPlane
     errors: ErrorBoundary
     streams: StreamLimit
+    worker: tuple[int, int] = (0, 1)  # (index, count) of this process among those sharing the port
 
     @rpc
     async def Stream(  # type: ignore[override]
@@ -112,7 +113,9 @@ class CellServeServicer(pb_grpc.CellServeServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         limit = self.plane.settings.max_message_bytes
-        return pb.ListModelsResponse(models=[model_summary(m, limit) for m in self.plane.models()])
+        index, count = self.worker
+        summaries = [model_summary(m, limit) for m in self.plane.models()]
+        return pb.ListModelsResponse(models=summaries, worker=index, workers=count)
 
     @rpc
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:

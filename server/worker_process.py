@@ -61,7 +61,7 @@ class _WorkerField(logging.Filter):
         return True
 
 
-def worker_main(settings: Settings, index: int, ready: Connection, log_level: int, supervisor: int) -> None:
+def worker_main(settings: Settings, index: int, count: int, ready: Connection, log_level: int, supervisor: int) -> None:
     """A worker process: serve on the shared port until SIGTERM/SIGINT; say when ready; beat meanwhile.
 
     A SIGTERM that finds the supervisor gone (PR_SET_PDEATHSIG) frees the port before the drain.
@@ -81,7 +81,9 @@ def worker_main(settings: Settings, index: int, ready: Connection, log_level: in
 
     try:
         orphaned = functools.partial(_supervisor_gone, supervisor)
-        asyncio.run(run_until_signal(settings, reuse_port=True, on_ready=on_ready, orphaned=orphaned))
+        asyncio.run(
+            run_until_signal(settings, reuse_port=True, on_ready=on_ready, orphaned=orphaned, worker=(index, count))
+        )
     except (OSError, ValueError, EngineUnavailable) as e:
         print(f"cellserve serve: error: worker {index}: {e}", file=sys.stderr)
         sys.exit(1)

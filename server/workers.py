@@ -169,9 +169,10 @@ class Supervisor:
 
     def _spawn(self, worker: _Worker) -> None:
         parent, child = self._ctx.Pipe(duplex=False)
+        level = logging.getLogger().getEffectiveLevel()
         worker.process = self._ctx.Process(
             target=worker_main,
-            args=(self.worker_settings, worker.index, child, logging.getLogger().getEffectiveLevel(), os.getpid()),
+            args=(self.worker_settings, worker.index, len(self.workers), child, level, os.getpid()),
             name=f"cellserve-worker-{worker.index}",
         )
         worker.process.start()

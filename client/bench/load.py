@@ -232,14 +232,18 @@ class WorkerResult:
 
 async def _run(spec: LoadSpec, sync: Any, progress: Synchronized) -> WorkerResult:
     # One channel (HTTP/2 connection) per 16 streams: like many clients, not one multiplexed pipe. A Multiplex
-    # stream gets its own, as the SDK's gateway spreads its streams over its connections (and so over --workers).
-    per_channel = 1 if spec.multiplex else 16
-    channels = [_connection(spec) for _ in range(max(1, -(-spec.streams // per_channel)))]
+    # stream gets its own, spread over the workers as the SDK's gateway spreads its streams (spread_channels).
+    if spec.multiplex:
+        from cellserve.client.bench.multiplex_load import spread_channels
+
+        placed, channels = await spread_channels(spec.address, spec.streams)
+    else:
+        channels = [_connection(spec) for _ in range(max(1, -(-spec.streams // 16)))]
     try:
         if spec.multiplex:  # pipes: one message in flight, or several (--inflight)
             from cellserve.client.bench.multiplex_load import open_pipes, pipe_loop
 
-            pipes = await open_pipes(spec, channels)
+            pipes = await open_pipes(spec, placed)
             streams = [(p.roundtrip, p.close) for p in pipes]
             window = sync.wait_window()
             cpu0 = time.process_time()

@@ -22,6 +22,8 @@ import grpc
 import numpy as np
 
 from cellserve.client.bench.load import LoadSpec, Window, _closed_loop, _inputs, timed, timed_rest
+from cellserve.client.channel import DEFAULT_CONNECTIONS_PER_TARGET
+from cellserve.client.connection_pool import PROBE_TIMEOUT_S, ConnectionPool, ask_worker_aio
 from cellserve.client.tensors import to_proto
 from cellserve.v1 import cellserve_pb2 as pb
 
@@ -125,6 +127,16 @@ async def open_echo(spec: LoadSpec, channel: Any, seed: int) -> Pipe:
 
 
 PIPES = {"multiplex": open_multiplex, "echo": open_echo}
+
+
+async def spread_channels(address: str, streams: int) -> tuple[list[Any], list[Any]]:
+    """A channel for each of ``streams`` streams, from a pool that spreads them over the server's workers as the
+    SDK's does (client/connection_pool.py), and every channel the pool made (to close)."""
+    options = [("grpc.use_local_subchannel_pool", 1)]  # each channel its own connection
+    make = lambda target: grpc.aio.insecure_channel(target, options=options)  # noqa: E731
+    pool = ConnectionPool(address, DEFAULT_CONNECTIONS_PER_TARGET, make, ask_worker_aio((), PROBE_TIMEOUT_S))
+    placed = [pool.count(await pool.apick()) for _ in range(streams)]
+    return placed, pool.channels()
 
 
 async def open_pipes(spec: LoadSpec, channels: list[Any]) -> list[Pipe]:

@@ -1,5 +1,7 @@
 """SDK sessions from one process reach every worker of ``serve --workers 2``, from one Client or from many,
-sync and asyncio: the SDK's pool of connections spreads them (the kernel balances connections, not streams)."""
+sync and asyncio: the SDK's pool of connections spreads them (the kernel balances connections, not streams),
+and one Client's sessions and gateway streams sit evenly on the workers: each connection says which worker it
+reached (ListModels), and the pool places by it (client/connection_pool.py)."""
 
 from __future__ import annotations
 
@@ -53,3 +55,31 @@ def test_sdk_sessions_from_one_process_reach_every_worker(spawn_server, api, cli
     per_worker = _one_process_sessions(server, api, clients, sessions)
     assert sum(per_worker) == sessions, per_worker
     assert all(n > 0 for n in per_worker), f"every worker should hold some of the {sessions} sessions: {per_worker}"
+    if clients == 1:  # one pool: placed by worker, not by the kernel's hash of each connection
+        assert per_worker == [sessions / 2] * 2, per_worker
+
+
+def _gateway_on_workers(server: Any, api: str, keys: list[str], streams: int) -> list[float]:
+    """A gateway of ``keys`` over ``streams`` streams from one default Client; sessions per worker while open."""
+    address, workers = server.address, server.ready_info()["workers"]
+    x = np.ones((len(keys), 2), dtype=np.int64)
+    if api == "sync":
+        with Client(address) as client, client.gateway("tiny", keys=keys, streams=streams) as gateway:
+            gateway.step_arrays(keys, x)
+            return [active(w["metrics_port"]) for w in workers]
+
+    async def main() -> list[float]:
+        async with AsyncClient(address) as client, client.gateway("tiny", keys=keys, streams=streams) as gateway:
+            await gateway.step_arrays(keys, x)
+            return [active(w["metrics_port"]) for w in workers]
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_gateways_streams_sit_evenly_on_the_workers(spawn_server, api):
+    """Four streams of 4 sessions each against ``--workers 2``: two streams on each worker, every time (by the
+    kernel's hash alone, 2:2 comes 3 times in 8)."""
+    server = spawn_server("--workers", "2")
+    keys = [f"k{i}" for i in range(16)]
+    assert _gateway_on_workers(server, api, keys, streams=4) == [8, 8]
