@@ -275,7 +275,8 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
 
     def gateway(
         self, model: str | None = None, *, keys: Iterable[str] = (), idle_timeout_s: int = 0,
-        checkpoint_every: int | None = None, sessions_per_stream: int = DEFAULT_SESSIONS_PER_STREAM, streams: int = 1,
+        checkpoint_every: int | None = None, sessions_per_stream: int = DEFAULT_SESSIONS_PER_STREAM,
+        streams: int | None = None,
     ) -> Opening[AsyncGateway]:  # fmt: skip
         """As ``Client.gateway``: ``async with client.gateway("m", keys=...) as gw`` (or ``gw = await ...``)."""
         options = {"idle_timeout_s": idle_timeout_s, "checkpoint_every": checkpoint_every, "streams": streams}

@@ -163,15 +163,19 @@ class Client(ClientBase[grpc.Channel]):
 
     def gateway(
         self, model: str | None = None, *, keys: Iterable[str] = (), idle_timeout_s: int = 0,
-        checkpoint_every: int | None = None, sessions_per_stream: int = DEFAULT_SESSIONS_PER_STREAM, streams: int = 1,
+        checkpoint_every: int | None = None, sessions_per_stream: int = DEFAULT_SESSIONS_PER_STREAM,
+        streams: int | None = None,
     ) -> Gateway:  # fmt: skip
         """Many sessions of one model (``None`` = the server's default) by key, stepped many per message over a
         few ``Multiplex`` streams; opens ``keys`` now. Use it in a ``with`` block (``cellserve.client.gateway``).
 
         ``sessions_per_stream`` (at most the server's ``max_sessions_per_stream``) and ``streams`` (at least this
-        many: one per ``--workers`` process to use them all) shape its streams; ``checkpoint_every`` overrides the
-        client's. Crash-safe as sessions are: drained or crashed servers cost the caller nothing.
+        many; default: one per ``--workers`` process behind the address, as it says) shape its streams;
+        ``checkpoint_every`` overrides the client's. Crash-safe as sessions are: drained or crashed servers cost the
+        caller nothing.
         """
+        if streams is None:
+            streams = self._channels.pool(self._channels.current).behind()
         core = new_core(self, model, idle_timeout_s=idle_timeout_s, checkpoint_every=checkpoint_every,
                         sessions_per_stream=sessions_per_stream, streams=streams)  # fmt: skip
         gateway = Gateway(core, multiplex_on(self), self._model_info, self._metadata)

@@ -124,6 +124,22 @@ class ConnectionPool(Generic[C]):
         self.channel(index)
         return self._probe(self.stub(index))  # type: ignore[misc]
 
+    def behind(self) -> int:
+        """How many workers share the target's port, as its connections say (asking one if none has yet); 1
+        where nothing says (one process, an older server, no answer)."""
+        with self._lock:
+            if self._workers is None:
+                index = self._in_turn()
+                self._record(index, self._ask(index))
+            return self._workers or 1
+
+    async def abehind(self) -> int:
+        """``behind`` for grpc.aio channels."""
+        if self._workers is None:
+            index = self._in_turn()
+            self._record(index, await self._ask(index))
+        return self._workers or 1
+
     def start(self, method: str, *args: Any, index: int | None = None, **kwargs: Any) -> Any:
         """Start a streaming call (``Stream``, ``Multiplex``, ``Generate``) on connection ``index`` (default:
         ``pick()``; an asyncio caller passes ``await apick()``).

@@ -21,9 +21,9 @@ go on fails on every later call until it is closed or opened again.
 
 **Streams.** A stream holds at most ``sessions_per_stream`` sessions (default 256, the server's
 ``max_sessions_per_stream``); the gateway opens as many streams as its sessions need, at least ``streams``,
-and puts each new session on the least-loaded one. Each stream takes the least-loaded of the client's
-connections to its address (``ChannelConfig.connections_per_target``), so the streams of one gateway reach
-the several ``--workers`` processes behind one address: use ``streams`` >= the number of workers to use them all.
+and puts each new session on the least-loaded one. ``streams`` defaults to the number of ``--workers``
+processes behind the address (its ``ListModels`` says), and the client's connection pool puts each stream on
+the worker holding the fewest (client/connection_pool.py), so one gateway uses every worker.
 
 **Crash safety**, as for single sessions (README, "Crash-safe sessions"): every ``checkpoint_every`` answered
 steps of a session, a request asks for every stepped session's resume token (``StepSessions.checkpoint``);

@@ -169,13 +169,16 @@ class AsyncGateway(GatewayBase):
 
 def opening_gateway(
     client: AsyncClient, model: str | None, keys: list[str], *, idle_timeout_s: int, checkpoint_every: int | None,
-    sessions_per_stream: int, streams: int,
+    sessions_per_stream: int, streams: int | None,
 ) -> Opening[AsyncGateway]:  # fmt: skip
-    """``AsyncClient.gateway``: a gateway on ``client``'s targets that opens ``keys`` as it is awaited."""
+    """``AsyncClient.gateway``: a gateway on ``client``'s targets that opens ``keys`` as it is awaited (``streams``
+    None: one per worker behind the address, asked then)."""
     core = new_core(client, model, idle_timeout_s=idle_timeout_s, checkpoint_every=checkpoint_every,
-                    sessions_per_stream=sessions_per_stream, streams=streams)  # fmt: skip
+                    sessions_per_stream=sessions_per_stream, streams=1 if streams is None else streams)  # fmt: skip
 
     async def opening() -> AsyncGateway:
+        if streams is None:
+            core.streams = await client._channels.pool(client._channels.current).abehind()
         gateway = AsyncGateway(core, amultiplex_on(client), client._model_info, client._metadata)
         if keys:
             try:

@@ -242,8 +242,8 @@ def _sessions_on(metrics_port: int) -> float:
 
 
 def test_one_gateways_sessions_reach_every_worker_behind_an_address(sdk, spawn_server):
-    """``serve --workers 2``: 16 streams take 16 connections of the pool, which the kernel spreads over both
-    workers (all on one: probability 2^-15)."""
+    """``serve --workers 2``: 16 streams take 16 connections of the pool, 8 on each worker (the pool asks each
+    connection its worker; the kernel's hash alone gives 8:8 about 1 time in 5)."""
     server = spawn_server("--workers", "2")
     workers = server.ready_info()["workers"]
     keys = [f"w{i}" for i in range(32)]
@@ -251,7 +251,7 @@ def test_one_gateways_sessions_reach_every_worker_behind_an_address(sdk, spawn_s
         assert len(gw.streams) == 16
         gw.step_arrays(keys, np.ones((32, 1), np.int64))
         per_worker = [_sessions_on(w["metrics_port"]) for w in workers]
-    assert sum(per_worker) == 32 and min(per_worker) > 0, per_worker
+    assert per_worker == [16, 16], per_worker
 
 
 def test_a_server_whose_streams_hold_fewer_sessions_gets_more_streams(sdk, running_server, tiny_oracle):

@@ -59,7 +59,7 @@ def test_sdk_sessions_from_one_process_reach_every_worker(spawn_server, api, cli
         assert per_worker == [sessions / 2] * 2, per_worker
 
 
-def _gateway_on_workers(server: Any, api: str, keys: list[str], streams: int) -> list[float]:
+def _gateway_on_workers(server: Any, api: str, keys: list[str], streams: int | None) -> list[float]:
     """A gateway of ``keys`` over ``streams`` streams from one default Client; sessions per worker while open."""
     address, workers = server.address, server.ready_info()["workers"]
     x = np.ones((len(keys), 2), dtype=np.int64)
@@ -77,9 +77,10 @@ def _gateway_on_workers(server: Any, api: str, keys: list[str], streams: int) ->
 
 
 @pytest.mark.parametrize("api", ["sync", "async"])
-def test_a_gateways_streams_sit_evenly_on_the_workers(spawn_server, api):
-    """Four streams of 4 sessions each against ``--workers 2``: two streams on each worker, every time (by the
-    kernel's hash alone, 2:2 comes 3 times in 8)."""
+@pytest.mark.parametrize("streams", [4, None], ids=["4-streams", "default"])
+def test_a_gateways_streams_sit_evenly_on_the_workers(spawn_server, api, streams):
+    """16 sessions against ``--workers 2``, over 4 streams (two on each worker, every time: by the kernel's hash
+    alone 2:2 comes 3 times in 8) or by default one stream per worker (the server says how many)."""
     server = spawn_server("--workers", "2")
     keys = [f"k{i}" for i in range(16)]
-    assert _gateway_on_workers(server, api, keys, streams=4) == [8, 8]
+    assert _gateway_on_workers(server, api, keys, streams) == [8, 8]
