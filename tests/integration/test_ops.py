@@ -69,8 +69,9 @@ def test_health_is_not_serving_until_models_are_warm(tiny_model_dir):
 def test_list_models_and_model_info(running_server):
     with running_server() as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.CellServeStub(ch)
-        models = stub.ListModels(pb.ListModelsRequest()).models
-        assert [m.name for m in models] == ["tiny"]
+        listed = stub.ListModels(pb.ListModelsRequest())
+        assert [m.name for m in listed.models] == ["tiny"]
+        assert (listed.worker, listed.workers) == (0, 1)  # one process: worker 0 of 1
         info = stub.ModelInfo(pb.ModelInfoRequest(model="tiny"))
         assert info.model.layers == 2 and info.model.hidden == 32 and info.model.input_kind == "tokens"
         assert json.loads(info.manifest_json)["sha256"] == info.model.sha256

@@ -9,11 +9,14 @@ import asyncio
 import contextlib
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from test_workers import active
 
 from cellserve.client import AsyncClient, Client
+from cellserve.v1 import cellserve_pb2 as pb
+from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
 SPREAD_SESSIONS = 16  # one Client's: the default pool gives each its own connection
 
@@ -84,3 +87,15 @@ def test_a_gateways_streams_sit_evenly_on_the_workers(spawn_server, api, streams
     server = spawn_server("--workers", "2")
     keys = [f"k{i}" for i in range(16)]
     assert _gateway_on_workers(server, api, keys, streams) == [8, 8]
+
+
+def test_each_connection_says_which_worker_it_reached(spawn_server):
+    """ListModels on 16 connections of their own (gRPC's own pool would give them one): each answer names the
+    worker that holds the connection, and both workers answer (all 16 on one: 1 in 32768)."""
+    server = spawn_server("--workers", "2")
+    said = []
+    for _ in range(16):
+        with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            answer = pb_grpc.CellServeStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
+            said.append((answer.worker, answer.workers))
+    assert set(said) == {(0, 2), (1, 2)}, said
