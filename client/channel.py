@@ -56,7 +56,9 @@ class ChannelConfig:
     ``connect_timeout_s`` bounds each open of a session's stream (a new session, a resume, a move),
     connecting included, and each of gRPC's connection attempts: a target that accepts TCP but never
     answers (a hung or stopped process; a ``--workers`` worker until its supervisor kills it) is left after
-    it for the next target, or the same address again, where a new connection may reach another worker.
+    it for the next target, or the same address again: the pool asks a connection that went idle its worker
+    again before it reuses it (``ListModels``, at most 2 s on top), and takes another worker's connection
+    when it does not answer (that one is not asked again for 5 s).
 
     ``connections_per_target`` (default 16): each address gets up to this many TCP connections of its own.
     Each connection is asked which ``--workers`` process it reached (the kernel spreads connections over

@@ -12,9 +12,15 @@ the port (the ``probe``). A new stream then goes to a worker carrying the fewest
 connection of its with no stream; where there is none and the pool has room, a new connection is made and
 asked (the kernel puts it on some worker), then the choice is made again; with no room left, the
 least-loaded connection of such a worker. So N streams from one process sit N/workers on each worker,
-whichever ports the kernel hashed, and one connection carries one stream while the pool has room. Against one
-process (or a server that does not say), streams go to the least-loaded connection (ties in turn, so that
-an open retried after a connection that did not answer tries the next one), made on first use.
+whichever ports the kernel hashed, and one connection carries one stream while the pool has room.
+
+What a connection said can go stale: gRPC reconnects a broken connection on its own, maybe to another
+worker. So a connection that went idle is asked again before it is reused. One that does not answer in
+``PROBE_TIMEOUT_S`` (a hung worker, no connection yet) is not chosen by worker nor asked again for
+``QUIET_S``; the stream goes where what is known says. A server that answers with another count voids
+what the others said. Against one process (or a server that does not say), streams go to the least-loaded
+connection (ties in turn, so that an open retried after a connection that did not answer tries the next
+one), made on first use.
 
 Unary calls (models, health) use the first connection; they carry no state, any worker answers them.
 """
@@ -22,7 +28,8 @@ Unary calls (models, health) use the first connection; they carry no state, any 
 from __future__ import annotations
 
 import threading
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -34,13 +41,17 @@ C = TypeVar("C")  # grpc.Channel or grpc.aio.Channel
 # A connection's (worker, workers) as its server said, or None where it could not be asked (no answer in
 # time, an older server): such a connection still carries streams, by the least-loaded rule.
 Probe = Callable[[pb_grpc.CellServeStub], Any]  # returns (worker, workers) | None, or an awaitable of it
-PROBE_TIMEOUT_S = 1.0  # at most this long (or connect_timeout_s) to ask a new connection its worker
+PROBE_TIMEOUT_S = 2.0  # at most this long (or connect_timeout_s) to ask a connection its worker
+QUIET_S = 5.0  # a connection that did not answer is not asked again for this long
 
 
-def _unanswered(error: grpc.RpcError) -> tuple[int, int] | None:
-    """A probe's failure: a server without ListModels (an echo server, say) never says (0 of 0); otherwise
-    nothing is known yet (no connection, a hung process) and the next pick asks again."""
-    return (0, 0) if error.code() == grpc.StatusCode.UNIMPLEMENTED else None  # type: ignore[attr-defined]
+TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
+def _failed(error: grpc.RpcError) -> tuple[int, int] | None:
+    """A probe's failure: no answer yet (no connection, a hung process: None, asked again later), or a server
+    that will not say (no ListModels, as an echo server; a refusal): 0 of 0, streams spread by connection."""
+    return None if error.code() in TRANSIENT else (0, 0)  # type: ignore[attr-defined]
 
 
 def ask_worker(metadata: tuple[tuple[str, str], ...], timeout_s: float) -> Probe:
@@ -50,7 +61,7 @@ def ask_worker(metadata: tuple[tuple[str, str], ...], timeout_s: float) -> Probe
         try:
             answer = stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=timeout_s)
         except grpc.RpcError as e:
-            return _unanswered(e)
+            return _failed(e)
         return answer.worker, answer.workers
 
     return probe
@@ -63,7 +74,7 @@ def ask_worker_aio(metadata: tuple[tuple[str, str], ...], timeout_s: float) -> P
         try:
             answer = await stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=timeout_s)
         except grpc.RpcError as e:
-            return _unanswered(e)
+            return _failed(e)
         return answer.worker, answer.workers
 
     return probe
@@ -82,6 +93,8 @@ class ConnectionPool(Generic[C]):
         self._stubs: list[pb_grpc.CellServeStub | None] = [None] * size
         self._open = [0] * size  # streams started on each connection and not yet done
         self._worker: list[int | None] = [None] * size  # the worker each connection reached, where known
+        self._fresh = [False] * size  # asked since it last went idle (an idle one may have reconnected elsewhere)
+        self._quiet_until = [0.0] * size  # a connection that did not answer is not asked again before this
         self._workers: int | None = None if probe is not None else 0  # behind the target (None: not asked yet)
         self._next = 0  # where the search for the least-loaded connection starts: ties go in turn
         self._next_worker = 0  # the same for workers
@@ -102,11 +115,16 @@ class ConnectionPool(Generic[C]):
         return stub
 
     def pick(self) -> int:
-        """The connection the next stream should take, asking new connections their worker (blocking)."""
+        """The connection the next stream should take, asking connections their worker (blocking)."""
         with self._lock:
             while True:
                 index, ask = self._choose()
-                if not ask or not self._record(index, self._ask(index)):
+                if not ask:
+                    return index
+                answer = self._ask(index)
+                if answer is None:  # no answer in time: ask no more now, place by what is known
+                    return self._unanswered(index)
+                if not self._record(index, answer):
                     return index
 
     async def apick(self) -> int:
@@ -115,8 +133,10 @@ class ConnectionPool(Generic[C]):
             index, ask = self._choose()
             if not ask:
                 return index
-            answer: Awaitable[Any] = self._ask(index)
-            if not self._record(index, await answer):
+            answer = await self._ask(index)
+            if answer is None:
+                return self._unanswered(index)
+            if not self._record(index, answer):
                 return index
 
     def _ask(self, index: int) -> Any:
@@ -130,14 +150,16 @@ class ConnectionPool(Generic[C]):
         with self._lock:
             if self._workers is None:
                 index = self._in_turn()
-                self._record(index, self._ask(index))
+                answer = self._ask(index)
+                self._unanswered(index) if answer is None else self._record(index, answer)
             return self._workers or 1
 
     async def abehind(self) -> int:
         """``behind`` for grpc.aio channels."""
         if self._workers is None:
             index = self._in_turn()
-            self._record(index, await self._ask(index))
+            answer = await self._ask(index)
+            self._unanswered(index) if answer is None else self._record(index, answer)
         return self._workers or 1
 
     def start(self, method: str, *args: Any, index: int | None = None, **kwargs: Any) -> Any:
@@ -159,31 +181,37 @@ class ConnectionPool(Generic[C]):
         call.add_done_callback(lambda _call: self._done(index))
         return call
 
-    def _choose(self) -> tuple[int, bool]:
-        """The connection for the next stream, and whether it must first be asked its worker."""
+    def _choose(self, asking: bool = True) -> tuple[int, bool]:
+        """The connection for the next stream, and whether it must first be asked its worker (never when not
+        ``asking``: then the best by what is known)."""
         size = len(self._open)
         if self._workers is None:  # not known yet: ask the next connection in turn (a retry tries another)
-            return self._in_turn(), True
-        if self._workers > 1:
-            loads = [0] * self._workers
-            for i, w in enumerate(self._worker):
-                if w is not None:
-                    loads[w] += self._open[i]
-            order = [(self._next_worker + k) % self._workers for k in range(self._workers)]
-            fewest = [w for w in order if loads[w] == min(loads)]
-            on = lambda w: [i for i in range(size) if self._worker[i] == w]  # noqa: E731
-            for w in fewest:  # a connection of one of them with no stream: take it (ties in turn)
-                idle = next((i for i in on(w) if self._open[i] == 0), None)
-                if idle is not None:
-                    self._next_worker = (w + 1) % self._workers
-                    return idle, False
-            unmade = next((i for i in range(size) if self._channels[i] is None), None)
-            if unmade is not None:  # a new connection, wherever the kernel puts it: ask, then choose again
-                return unmade, True
-            for w in fewest:  # no room for more: the least-loaded connection of such a worker
-                if on(w):
-                    self._next_worker = (w + 1) % self._workers
-                    return min(on(w), key=self._open.__getitem__), False
+            return self._in_turn(), asking
+        if self._workers < 2:
+            return self._in_turn(), False
+        loads = [0] * self._workers
+        for i, w in enumerate(self._worker):
+            if w is not None:
+                loads[w] += self._open[i]
+        order = sorted(((self._next_worker + k) % self._workers for k in range(self._workers)), key=loads.__getitem__)
+        on = lambda w: [i for i in range(size) if self._worker[i] == w]  # noqa: E731
+        for w in (w for w in order if loads[w] == loads[order[0]]):  # an idle connection of a least-loaded worker
+            idle = next((i for i in on(w) if self._open[i] == 0), None)
+            if idle is not None:
+                if asking and not self._fresh[idle]:
+                    return idle, True  # idle since it was asked: it may have reconnected elsewhere, or hung
+                self._next_worker = (w + 1) % self._workers
+                return idle, False
+        if asking:  # a connection not asked yet (one made, or a new one: wherever the kernel puts it)
+            now = time.monotonic()
+            unknown = [i for i in range(size) if self._worker[i] is None and self._quiet_until[i] <= now]
+            made = [i for i in unknown if self._channels[i] is not None]
+            if made or unknown:
+                return (made or unknown)[0], True
+        for w in order:  # no room for more: the least-loaded connection of the least-loaded worker reached
+            if on(w):
+                self._next_worker = (w + 1) % self._workers
+                return min(on(w), key=self._open.__getitem__), False
         return self._in_turn(), False
 
     def _in_turn(self) -> int:
@@ -193,17 +221,25 @@ class ConnectionPool(Generic[C]):
         self._next = (index + 1) % size
         return index
 
-    def _record(self, index: int, answer: tuple[int, int] | None) -> bool:
-        """Note what connection ``index`` said; False where it said nothing usable (take it as it is)."""
-        if answer is None:  # no answer in time (the next pick asks again while nothing is known)
-            return False
+    def _record(self, index: int, answer: tuple[int, int]) -> bool:
+        """Note what connection ``index`` said; True where the choice should be made again with it."""
         worker, workers = answer
         if workers < 1 or not 0 <= worker < workers:
             self._workers = 0  # an older server (0 of 0): nothing to spread by
             return False
-        self._worker[index] = worker
+        if workers != self._workers:  # another count (a restarted server): what the others said is void
+            self._worker = [None] * len(self._worker)
+            self._fresh = [False] * len(self._fresh)
+        self._worker[index], self._fresh[index], self._quiet_until[index] = worker, True, 0.0
         self._workers = workers
         return workers > 1
+
+    def _unanswered(self, index: int) -> int:
+        """Connection ``index`` did not answer in time (not connected yet, a hung worker): it is not asked again
+        for ``QUIET_S``, nor chosen by worker meanwhile; the connection to take instead, by what is known."""
+        self._worker[index], self._fresh[index] = None, False
+        self._quiet_until[index] = time.monotonic() + QUIET_S
+        return self._choose(asking=False)[0]
 
     def count(self, index: int) -> C:
         """Count a stream on connection ``index`` (one the caller starts itself, as the bench does); its channel."""
@@ -214,6 +250,8 @@ class ConnectionPool(Generic[C]):
     def _done(self, index: int) -> None:
         with self._lock:
             self._open[index] -= 1
+            if self._open[index] == 0:
+                self._fresh[index] = False
 
     def open_streams(self) -> list[int]:
         """Streams open on each connection now (0 for one not made yet)."""

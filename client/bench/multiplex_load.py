@@ -134,7 +134,8 @@ async def spread_channels(address: str, streams: int) -> tuple[list[Any], list[A
     SDK's does (client/connection_pool.py), and every channel the pool made (to close)."""
     options = [("grpc.use_local_subchannel_pool", 1)]  # each channel its own connection
     make = lambda target: grpc.aio.insecure_channel(target, options=options)  # noqa: E731
-    pool = ConnectionPool(address, DEFAULT_CONNECTIONS_PER_TARGET, make, ask_worker_aio((), PROBE_TIMEOUT_S))
+    size = max(DEFAULT_CONNECTIONS_PER_TARGET, streams)  # a connection per stream, as in runs before the pool
+    pool = ConnectionPool(address, size, make, ask_worker_aio((), PROBE_TIMEOUT_S))
     placed = [pool.count(await pool.apick()) for _ in range(streams)]
     return placed, pool.channels()
 

@@ -5,7 +5,6 @@ against a real ``serve --workers 2`` is in tests/integration/test_workers_spread
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,10 +13,10 @@ from cellserve.client.connection_pool import ConnectionPool
 
 
 class Stub:
-    """A connection's stub: the worker its connection reached, and the calls started on it."""
+    """A connection's stub: the worker its connection reached (None: it does not answer), of how many."""
 
-    def __init__(self, worker: int) -> None:
-        self.worker = worker
+    def __init__(self, worker: int | None, of: int | None) -> None:
+        self.worker, self.of = worker, of
 
     def Stream(self) -> Any:
         return Call()
@@ -28,22 +27,27 @@ class Call:
         self.done = fn
 
 
-def pool_reaching(workers: list[int], of: int | None, size: int = 8, *, aio: bool = False) -> ConnectionPool[object]:
-    """A pool whose i-th connection reaches ``workers[i]`` of ``of`` (None: the server never answers)."""
+def pool_reaching(
+    workers: list[int | None], of: int | None, size: int = 8, *, aio: bool = False
+) -> ConnectionPool[object]:
+    """A pool whose i-th connection reaches ``workers[i]`` of ``of`` (None: it does not answer in time); its
+    ``stubs`` may be changed to script a reconnection, and ``asked`` lists the workers asked, in order."""
     pool: ConnectionPool[object] = ConnectionPool("t:1", size, lambda target: object(), probe=None)
-    stubs = [Stub(w) for w in workers]
+    stubs = [Stub(w, of) for w in workers]
     pool.stub = lambda index=0: stubs[index]  # type: ignore[method-assign]
-    asked: list[int] = []
+    asked: list[int | None] = []
 
     def answer(stub: Stub) -> tuple[int, int] | None:
         asked.append(stub.worker)
-        return None if of is None else (stub.worker, of)
+        return None if stub.of is None or stub.worker is None else (stub.worker, stub.of)
 
     async def answer_aio(stub: Stub) -> tuple[int, int] | None:
+        await asyncio.sleep(0)  # other tasks pick meanwhile
         return answer(stub)
 
     pool._probe, pool._workers = (answer_aio if aio else answer), None  # as Channels makes it: probing
     pool.asked = asked  # type: ignore[attr-defined]
+    pool.stubs = stubs  # type: ignore[attr-defined]
     return pool
 
 
@@ -89,18 +93,58 @@ def test_one_worker_or_a_server_that_does_not_say_spreads_by_connection_and_asks
     assert pool.open_streams() == [2, 2, 2, 2] and len(pool.asked) == 1  # type: ignore[attr-defined]
 
 
-def test_a_connection_that_does_not_answer_is_used_as_it_is_and_asked_again_next_time():
-    pool = pool_reaching([0, 1], of=None)
+def test_while_no_connection_answers_streams_go_in_turn_and_each_open_asks_again():
+    pool = pool_reaching([0, 1, 0, 1], of=None, size=4)
     pool.start("Stream")
     pool.start("Stream")
-    assert pool.open_streams()[:2] == [1, 1] and len(pool.asked) == 2  # type: ignore[attr-defined]
+    assert pool.open_streams() == [0, 1, 0, 1] and len(pool.asked) == 2  # type: ignore[attr-defined]
 
 
-def test_the_asyncio_pick_awaits_the_probe_and_places_alike():
-    pool = pool_reaching([1, 1, 0, 1, 0], of=2, aio=True)
+def test_the_asyncio_pick_awaits_the_probe_and_places_alike_with_tasks_picking_at_once():
+    pool = pool_reaching([1, 1, 0, 1, 0, 0, 1, 0], of=2, aio=True)
 
-    async def main() -> Iterator[int]:
-        return [pool.count(await pool.apick()) and 0 for _ in range(4)]
+    async def one() -> None:
+        pool.count(await pool.apick())
+
+    async def main() -> None:
+        await asyncio.gather(*(one() for _ in range(4)))
 
     asyncio.run(main())
-    assert workers_of(pool, 2) == [2, 2] and pool.open_streams()[:5] == [1, 1, 1, 0, 1]
+    assert workers_of(pool, 2) == [2, 2] and sum(pool.open_streams()) == 4
+
+
+def test_a_connection_idle_since_it_was_asked_is_asked_again_before_it_is_reused():
+    """gRPC reconnects a broken connection on its own, maybe to another worker: asked again, placed by it."""
+    pool = pool_reaching([0, 1, 1, 0], of=2, size=4)
+    first, _ = pool.start("Stream"), pool.start("Stream")
+    assert workers_of(pool, 2) == [1, 1]
+    first.done(first)
+    pool.stubs[0].worker = 1  # type: ignore[attr-defined]  # connection 0 reconnected to worker 1
+    pool.start("Stream")  # worker 0 has fewest: connection 0 is asked (says 1), then new ones until one reaches 0
+    assert pool.asked == [0, 1, 1, 1, 0]  # type: ignore[attr-defined]
+    assert pool.workers() == [1, 1, 1, 0] and workers_of(pool, 2) == [1, 1] and pool.open_streams()[3] == 1
+
+
+def test_a_connection_that_stops_answering_is_left_and_not_asked_again_at_once():
+    """A hung worker: its connection's probe times out; the stream goes where what is known says, and the next
+    picks do not wait for that connection again."""
+    pool = pool_reaching([0, 1, 0], of=2)
+    calls = [pool.start("Stream"), pool.start("Stream")]
+    calls[0].done(calls[0])
+    pool.stubs[0].worker = None  # type: ignore[attr-defined]  # worker 0 hangs
+    index = pool.pick()  # connection 0 idle since asked: asked, no answer: taken by what is known instead
+    assert index == 1 and pool.workers()[0] is None
+    asked = len(pool.asked)  # type: ignore[attr-defined]
+    pool.pick()
+    assert pool.asked[asked:] == [0]  # type: ignore[attr-defined]  # a new connection, not the quiet one
+
+
+def test_a_server_that_comes_back_with_fewer_workers_voids_what_was_known():
+    pool = pool_reaching([3, 1, 2, 0, 1], of=4)
+    for _ in range(4):
+        pool.start("Stream")
+    for stub, w in zip(pool.stubs, [1, 0, 1, 0, 1], strict=True):  # type: ignore[attr-defined]
+        stub.worker, stub.of = w, 2
+    pool._fresh = [False] * 8  # every connection broke and came back
+    pool.start("Stream")  # asks again: no IndexError from the old worker numbers
+    assert pool._workers == 2 and all(w is None or w < 2 for w in pool.workers())
