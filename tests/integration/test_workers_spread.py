@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 from typing import Any
 
 import grpc
@@ -90,12 +91,26 @@ def test_a_gateways_streams_sit_evenly_on_the_workers(spawn_server, api, streams
 
 
 def test_each_connection_says_which_worker_it_reached(spawn_server):
-    """ListModels on 16 connections of their own (gRPC's own pool would give them one): each answer names the
-    worker that holds the connection, and both workers answer (all 16 on one: 1 in 32768)."""
+    """ListModels on connections of their own (gRPC's own pool would give them one): each answer names the
+    worker that holds the connection (a session opened on it shows on that worker's metrics), and both
+    workers answer (all 12 on one: 1 in 2048)."""
     server = spawn_server("--workers", "2")
-    said = []
-    for _ in range(16):
-        with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-            answer = pb_grpc.CellServeStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
+    workers = server.ready_info()["workers"]
+    said, held = [], [0, 0]
+    with contextlib.ExitStack() as stack:
+        for _ in range(12):
+            channel = stack.enter_context(
+                grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
+            )
+            stub = pb_grpc.CellServeStub(channel)
+            answer = stub.ListModels(pb.ListModelsRequest(), timeout=10)
             said.append((answer.worker, answer.workers))
+            requests: queue.Queue[pb.StreamRequest | None] = queue.Queue()
+            requests.put(pb.StreamRequest(open=pb.Open(model="tiny")))  # and the stream stays open till the end
+            call = stub.Stream(iter(requests.get, None), timeout=30)
+            stack.callback(call.cancel)
+            stack.callback(requests.put, None)
+            assert next(call).WhichOneof("kind") == "opened"
+            held[answer.worker] += 1
+            assert [active(w["metrics_port"]) for w in workers] == held, (said, held)
     assert set(said) == {(0, 2), (1, 2)}, said
