@@ -58,7 +58,8 @@ class ChannelConfig:
     answers (a hung or stopped process; a ``--workers`` worker until its supervisor kills it) is left after
     it for the next target, or the same address again: the pool asks a connection that went idle its worker
     again before it reuses it (``ListModels``, at most 2 s on top), and takes another worker's connection
-    when it does not answer (that one is not asked again for 5 s).
+    when it does not answer (that one is not asked again for 5 s); a worker whose open timed out takes no new
+    stream for 5 s while another can.
 
     ``connections_per_target`` (default 16): each address gets up to this many TCP connections of its own.
     Each connection is asked which ``--workers`` process it reached (the kernel spreads connections over

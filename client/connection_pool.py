@@ -17,7 +17,10 @@ whichever ports the kernel hashed, and one connection carries one stream while t
 What a connection said can go stale: gRPC reconnects a broken connection on its own, maybe to another
 worker. So a connection that went idle is asked again before it is reused. One that does not answer in
 ``PROBE_TIMEOUT_S`` (a hung worker, no connection yet) is not chosen by worker nor asked again for
-``QUIET_S``; the stream goes where what is known says. A server that answers with another count voids
+``QUIET_S``; the stream goes where what is known says. A worker whose stream ends unanswered (cancelled after
+its open timed out, the connection lost) or refused for lack of room takes no new stream for ``QUIET_S``
+while another can, and meanwhile no new connection is made (it might land there): with a hung worker one
+open fails, not every other one. A server that answers with another count voids
 what the others said. Against one process (or a server that does not say), streams go to the least-loaded
 connection (ties in turn, so that an open retried after a connection that did not answer tries the next
 one), made on first use.
@@ -27,9 +30,11 @@ Unary calls (models, health) use the first connection; they carry no state, any 
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -45,6 +50,10 @@ PROBE_TIMEOUT_S = 2.0  # at most this long (or connect_timeout_s) to ask a conne
 QUIET_S = 5.0  # a connection that did not answer is not asked again for this long
 
 
+# How a stream ends when its worker is the trouble: cancelled after its open timed out (a hung worker), the
+# connection lost or no answer in time, or refused for lack of room (a full worker).
+AVOID = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                   grpc.StatusCode.RESOURCE_EXHAUSTED})  # fmt: skip
 TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
@@ -95,6 +104,8 @@ class ConnectionPool(Generic[C]):
         self._worker: list[int | None] = [None] * size  # the worker each connection reached, where known
         self._fresh = [False] * size  # asked since it last went idle (an idle one may have reconnected elsewhere)
         self._quiet_until = [0.0] * size  # a connection that did not answer is not asked again before this
+        self._avoid_until: dict[int, float] = {}  # a worker that failed a stream takes none before this
+        self._judging: set[asyncio.Future[None]] = set()  # asyncio: the ended streams' statuses being read
         self._workers: int | None = None if probe is not None else 0  # behind the target (None: not asked yet)
         self._next = 0  # where the search for the least-loaded connection starts: ties go in turn
         self._next_worker = 0  # the same for workers
@@ -178,8 +189,34 @@ class ConnectionPool(Generic[C]):
         except BaseException:
             self._done(index)
             raise
-        call.add_done_callback(lambda _call: self._done(index))
+        call.add_done_callback(lambda ended: self._ended(index, ended))
         return call
+
+    def _ended(self, index: int, call: Any) -> None:
+        """A stream on connection ``index`` is done: uncount it; a worker that failed it is avoided a while."""
+        self._done(index)
+        code = call.code()  # a sync call's status; an asyncio call's is awaited
+        if inspect.isawaitable(code):
+            task = asyncio.ensure_future(self._aended(index, code))
+            self._judging.add(task)  # held until done (the loop keeps only weak references to tasks)
+            task.add_done_callback(self._judging.discard)
+        else:
+            self._judge(index, code)
+
+    async def _aended(self, index: int, code: Awaitable[grpc.StatusCode]) -> None:
+        self._judge(index, await code)
+
+    def _judge(self, index: int, code: grpc.StatusCode) -> None:
+        """A stream that ended unanswered (cancelled after the open timed out, the connection lost) or refused
+        for lack of room: its worker (a hung one, a full one) takes no new stream for ``QUIET_S`` while another
+        worker can, and its connection is asked again before reuse."""
+        if code not in AVOID:
+            return
+        with self._lock:
+            worker = self._worker[index]
+            self._fresh[index] = False
+            if worker is not None and self._workers is not None and worker < self._workers:
+                self._avoid_until[worker] = time.monotonic() + QUIET_S
 
     def _choose(self, asking: bool = True) -> tuple[int, bool]:
         """The connection for the next stream, and whether it must first be asked its worker (never when not
@@ -193,7 +230,11 @@ class ConnectionPool(Generic[C]):
         for i, w in enumerate(self._worker):
             if w is not None:
                 loads[w] += self._open[i]
+        now = time.monotonic()
         order = sorted(((self._next_worker + k) % self._workers for k in range(self._workers)), key=loads.__getitem__)
+        usable = [w for w in order if self._avoid_until.get(w, 0.0) <= now]
+        hunting = asking and len(usable) == len(order)  # while a worker is avoided, no new connection may land there
+        order = usable or order  # all avoided: none is
         on = lambda w: [i for i in range(size) if self._worker[i] == w]  # noqa: E731
         for w in (w for w in order if loads[w] == loads[order[0]]):  # an idle connection of a least-loaded worker
             idle = next((i for i in on(w) if self._open[i] == 0), None)
@@ -202,8 +243,7 @@ class ConnectionPool(Generic[C]):
                     return idle, True  # idle since it was asked: it may have reconnected elsewhere, or hung
                 self._next_worker = (w + 1) % self._workers
                 return idle, False
-        if asking:  # a connection not asked yet (one made, or a new one: wherever the kernel puts it)
-            now = time.monotonic()
+        if hunting:  # a connection not asked yet (one made, or a new one: wherever the kernel puts it)
             unknown = [i for i in range(size) if self._worker[i] is None and self._quiet_until[i] <= now]
             made = [i for i in unknown if self._channels[i] is not None]
             if made or unknown:
@@ -230,6 +270,7 @@ class ConnectionPool(Generic[C]):
         if workers != self._workers:  # another count (a restarted server): what the others said is void
             self._worker = [None] * len(self._worker)
             self._fresh = [False] * len(self._fresh)
+            self._avoid_until.clear()
         self._worker[index], self._fresh[index], self._quiet_until[index] = worker, True, 0.0
         self._workers = workers
         return workers > 1

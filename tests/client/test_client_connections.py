@@ -8,6 +8,7 @@ import asyncio
 import threading
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from replica_helpers import token_keys
@@ -103,6 +104,9 @@ def test_the_pool_counts_a_stream_until_it_is_done_from_many_threads():
         def finish(self) -> None:
             for fn in self.callbacks:
                 fn(self)
+
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.OK
 
     class Stub:
         def Stream(self) -> Call:

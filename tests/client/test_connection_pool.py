@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import grpc
 import pytest
 
 from cellserve.client.connection_pool import ConnectionPool
@@ -23,8 +24,17 @@ class Stub:
 
 
 class Call:
+    """A started stream: ``end(code)`` ends it as gRPC would, calling its done-callback."""
+
     def add_done_callback(self, fn: Any) -> None:
-        self.done = fn
+        self._callback = fn
+
+    def end(self, code: grpc.StatusCode = grpc.StatusCode.OK) -> None:
+        self._code = code
+        self._callback(self)
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
 
 
 def pool_reaching(
@@ -65,7 +75,7 @@ def test_streams_split_evenly_over_two_workers_however_the_connections_hash():
     calls = [pool.start("Stream") for _ in range(4)]
     assert workers_of(pool, 2) == [2, 2]
     assert pool.open_streams()[:6] == [1, 1, 0, 1, 0, 1]  # connection 2 reached worker 0 again: left idle
-    calls[0].done(calls[0])  # a stream ends on worker 0: the next goes there, to its first idle connection
+    calls[0].end()  # a stream ends on worker 0: the next goes there, to its first idle connection
     pool.start("Stream")
     assert workers_of(pool, 2) == [2, 2] and pool.open_streams()[:3] == [1, 1, 0]
 
@@ -118,7 +128,7 @@ def test_a_connection_idle_since_it_was_asked_is_asked_again_before_it_is_reused
     pool = pool_reaching([0, 1, 1, 0], of=2, size=4)
     first, _ = pool.start("Stream"), pool.start("Stream")
     assert workers_of(pool, 2) == [1, 1]
-    first.done(first)
+    first.end()
     pool.stubs[0].worker = 1  # type: ignore[attr-defined]  # connection 0 reconnected to worker 1
     pool.start("Stream")  # worker 0 has fewest: connection 0 is asked (says 1), then new ones until one reaches 0
     assert pool.asked == [0, 1, 1, 1, 0]  # type: ignore[attr-defined]
@@ -130,7 +140,7 @@ def test_a_connection_that_stops_answering_is_left_and_not_asked_again_at_once()
     picks do not wait for that connection again."""
     pool = pool_reaching([0, 1, 0], of=2)
     calls = [pool.start("Stream"), pool.start("Stream")]
-    calls[0].done(calls[0])
+    calls[0].end()
     pool.stubs[0].worker = None  # type: ignore[attr-defined]  # worker 0 hangs
     index = pool.pick()  # connection 0 idle since asked: asked, no answer: taken by what is known instead
     assert index == 1 and pool.workers()[0] is None
@@ -148,3 +158,26 @@ def test_a_server_that_comes_back_with_fewer_workers_voids_what_was_known():
     pool._fresh = [False] * 8  # every connection broke and came back
     pool.start("Stream")  # asks again: no IndexError from the old worker numbers
     assert pool._workers == 2 and all(w is None or w < 2 for w in pool.workers())
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED])
+def test_a_worker_that_failed_a_stream_takes_no_new_one_for_a_while(code):
+    """An open that timed out on a hung worker (cancelled), or a full one (refused): the next streams go to the
+    other worker though it holds more, and the avoided worker's connection is asked again before reuse."""
+    pool = pool_reaching([0, 1, 0, 1], of=2, size=4)
+    calls = [pool.start("Stream") for _ in range(4)]  # 2 and 2
+    calls[0].end(code)
+    for _ in range(3):
+        pool.start("Stream")
+    assert workers_of(pool, 2) == [1, 5]
+    pool._avoid_until.clear()  # the while has passed
+    pool.start("Stream")
+    assert workers_of(pool, 2) == [2, 5]
+
+
+def test_streams_that_end_well_leave_their_worker_chosen():
+    pool = pool_reaching([0, 1], of=2, size=2)
+    calls = [pool.start("Stream") for _ in range(2)]
+    calls[0].end()
+    pool.start("Stream")
+    assert workers_of(pool, 2) == [1, 1] and not pool._avoid_until

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
+import signal
 from typing import Any
 
 import grpc
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 from test_workers import active
 
-from cellserve.client import AsyncClient, Client
+from cellserve.client import AsyncClient, ChannelConfig, Client, UnavailableError
 from cellserve.v1 import cellserve_pb2 as pb
 from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 
@@ -114,3 +116,43 @@ def test_each_connection_says_which_worker_it_reached(spawn_server):
             held[answer.worker] += 1
             assert [active(w["metrics_port"]) for w in workers] == held, (said, held)
     assert set(said) == {(0, 2), (1, 2)}, said
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_after_one_open_times_out_on_a_stopped_worker_new_sessions_go_to_the_other(spawn_server, api):
+    """A hung worker (SIGSTOP; its supervisor would kill it only after 60 s here): the first new session that
+    lands on it fails after connect_timeout_s, and the pool then avoids that worker, so the next ones open at
+    once on the other (the pool before this took every other open there: 4 of 8 failed)."""
+    server = spawn_server("--workers", "2", "--worker-heartbeat-timeout-s", "60")
+    victim = server.ready_info()["workers"][0]
+    config = ChannelConfig(connect_timeout_s=1.0)
+    x = np.array([1, 2], dtype=np.int64)
+    failed = []
+
+    def sync_run() -> None:
+        with Client(server.address, config) as client:
+            held = [client.session("tiny") for _ in range(2)]  # one on each worker
+            os.kill(victim["pid"], signal.SIGSTOP)
+            for _ in range(6):
+                try:
+                    held.append(client.session("tiny"))
+                    held[-1].step(x)
+                except UnavailableError:
+                    failed.append(1)
+
+    async def async_run() -> None:
+        async with AsyncClient(server.address, config) as client:
+            held = [await client.session("tiny") for _ in range(2)]
+            os.kill(victim["pid"], signal.SIGSTOP)
+            for _ in range(6):
+                try:
+                    held.append(await client.session("tiny"))
+                    await held[-1].step(x)
+                except UnavailableError:
+                    failed.append(1)
+
+    try:
+        sync_run() if api == "sync" else asyncio.run(async_run())
+    finally:
+        os.kill(victim["pid"], signal.SIGCONT)
+    assert len(failed) <= 1, f"{len(failed)} of 6 opens failed on the stopped worker"
