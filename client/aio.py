@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2
 from cellserve.client.aio_inbox import Inbox
 from cellserve.client.channel import ChannelConfig
 from cellserve.client.client import ClientBase, Generated, generate_request, health_name, unknown_health_service
-from cellserve.client.connection_pool import ask_worker_aio
+from cellserve.client.connection_pool import ask_worker_aio, unanswered
 from cellserve.client.core import SessionCore
 from cellserve.client.errors import NotFoundError, UnavailableError, from_rpc_error
 from cellserve.client.gateway_aio import DEFAULT_SESSIONS_PER_STREAM, AsyncGateway, opening_gateway
@@ -172,6 +172,7 @@ class AsyncSession(SessionBase):
         try:
             reply = await asyncio.wait_for(self._first_reply(call, inbox, op.request), self._open_timeout_s)
         except TimeoutError:
+            unanswered(call)  # its worker takes no new session for a while (a hung --workers process)
             reply = Ended(UnavailableError(f"{target} did not answer the open within {self._open_timeout_s:g} s"))
         except BaseException:
             call.cancel()

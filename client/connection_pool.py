@@ -17,10 +17,11 @@ whichever ports the kernel hashed, and one connection carries one stream while t
 What a connection said can go stale: gRPC reconnects a broken connection on its own, maybe to another
 worker. So a connection that went idle is asked again before it is reused. One that does not answer in
 ``PROBE_TIMEOUT_S`` (a hung worker, no connection yet) is not chosen by worker nor asked again for
-``QUIET_S``; the stream goes where what is known says. A worker whose stream ends unanswered (cancelled after
-its open timed out, the connection lost) or refused for lack of room takes no new stream for ``QUIET_S``
-while another can, and meanwhile no new connection is made (it might land there): with a hung worker one
-open fails, not every other one. A server that answers with another count voids
+``QUIET_S``; the stream goes where what is known says. A worker that fails a stream takes no new one for
+``QUIET_S`` while another can, and meanwhile no new connection is made (it might land there): an open the
+SDK gave up on (``unanswered``: a hung worker), a connection asked again that no longer answers, a stream
+ended UNAVAILABLE (connection lost) or RESOURCE_EXHAUSTED (no room). So with a hung worker one open fails,
+not every other one. A stream the caller cancels (a generate left early) blames nobody. A server that answers with another count voids
 what the others said. Against one process (or a server that does not say), streams go to the least-loaded
 connection (ties in turn, so that an open retried after a connection that did not answer tries the next
 one), made on first use.
@@ -34,6 +35,7 @@ import asyncio
 import inspect
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -50,10 +52,21 @@ PROBE_TIMEOUT_S = 2.0  # at most this long (or connect_timeout_s) to ask a conne
 QUIET_S = 5.0  # a connection that did not answer is not asked again for this long
 
 
-# How a stream ends when its worker is the trouble: cancelled after its open timed out (a hung worker), the
-# connection lost or no answer in time, or refused for lack of room (a full worker).
-AVOID = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                   grpc.StatusCode.RESOURCE_EXHAUSTED})  # fmt: skip
+# How a stream ends when its worker is the trouble: the connection lost, or refused for lack of room (a full
+# worker). A hung worker's stream ends CANCELLED, as many healthy ones do (a generate left early, a session
+# dropped unclosed): the SDK says so itself where an open timed out (``unanswered``).
+AVOID = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# Each started call's pool and connection, while the call lives: for ``unanswered``.
+_PLACED: weakref.WeakKeyDictionary[Any, tuple[ConnectionPool[Any], int]] = weakref.WeakKeyDictionary()
+
+
+def unanswered(call: Any) -> None:
+    """The SDK gave up on ``call``: no answer within its open timeout (a hung worker). The worker it reached
+    takes no new stream for ``QUIET_S`` while another can (a call not started by a pool: nothing)."""
+    placed = _PLACED.get(call)
+    if placed is not None:
+        pool, index = placed
+        pool.avoid(index)
 TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
@@ -190,28 +203,33 @@ class ConnectionPool(Generic[C]):
             self._done(index)
             raise
         call.add_done_callback(lambda ended: self._ended(index, ended))
+        _PLACED[call] = (self, index)
         return call
 
     def _ended(self, index: int, call: Any) -> None:
         """A stream on connection ``index`` is done: uncount it; a worker that failed it is avoided a while."""
         self._done(index)
-        code = call.code()  # a sync call's status; an asyncio call's is awaited
-        if inspect.isawaitable(code):
-            task = asyncio.ensure_future(self._aended(index, code))
-            self._judging.add(task)  # held until done (the loop keeps only weak references to tasks)
-            task.add_done_callback(self._judging.discard)
-        else:
-            self._judge(index, code)
+        code = call.code()  # a sync call's status; an asyncio call's is a coroutine
+        if not inspect.isawaitable(code):
+            if code in AVOID:
+                self.avoid(index)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # ended off its loop (collected after it closed): nothing to read it on
+            code.close()  # type: ignore[attr-defined]
+            return
+        task = loop.create_task(self._aended(index, code))
+        self._judging.add(task)  # held until done (the loop keeps only weak references to tasks)
+        task.add_done_callback(self._judging.discard)
 
     async def _aended(self, index: int, code: Awaitable[grpc.StatusCode]) -> None:
-        self._judge(index, await code)
+        if await code in AVOID:
+            self.avoid(index)
 
-    def _judge(self, index: int, code: grpc.StatusCode) -> None:
-        """A stream that ended unanswered (cancelled after the open timed out, the connection lost) or refused
-        for lack of room: its worker (a hung one, a full one) takes no new stream for ``QUIET_S`` while another
-        worker can, and its connection is asked again before reuse."""
-        if code not in AVOID:
-            return
+    def avoid(self, index: int) -> None:
+        """Connection ``index``'s worker failed a stream (no answer in time, the connection lost, no room): it
+        takes no new stream for ``QUIET_S`` while another worker can; the connection is asked again before reuse."""
         with self._lock:
             worker = self._worker[index]
             self._fresh[index] = False
@@ -233,7 +251,9 @@ class ConnectionPool(Generic[C]):
         now = time.monotonic()
         order = sorted(((self._next_worker + k) % self._workers for k in range(self._workers)), key=loads.__getitem__)
         usable = [w for w in order if self._avoid_until.get(w, 0.0) <= now]
-        hunting = asking and len(usable) == len(order)  # while a worker is avoided, no new connection may land there
+        reached = {w for w in self._worker if w is not None}
+        # while a worker is avoided, no new connection (it might land there), unless no usable one is reached
+        hunting = asking and (len(usable) == len(order) or not reached.intersection(usable))
         order = usable or order  # all avoided: none is
         on = lambda w: [i for i in range(size) if self._worker[i] == w]  # noqa: E731
         for w in (w for w in order if loads[w] == loads[order[0]]):  # an idle connection of a least-loaded worker
@@ -277,7 +297,9 @@ class ConnectionPool(Generic[C]):
 
     def _unanswered(self, index: int) -> int:
         """Connection ``index`` did not answer in time (not connected yet, a hung worker): it is not asked again
-        for ``QUIET_S``, nor chosen by worker meanwhile; the connection to take instead, by what is known."""
+        for ``QUIET_S``, nor chosen by worker meanwhile, and the worker it reached (if known) is avoided as long;
+        the connection to take instead, by what is known."""
+        self.avoid(index)  # a connection asked again whose worker no longer answers: that worker hangs
         self._worker[index], self._fresh[index] = None, False
         self._quiet_until[index] = time.monotonic() + QUIET_S
         return self._choose(asking=False)[0]

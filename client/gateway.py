@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import numpy as np
 
+from cellserve.client.connection_pool import unanswered
 from cellserve.client.errors import UnavailableError, from_rpc_error
 from cellserve.client.gateway_core import GatewayCore
 from cellserve.client.gateway_errors import GatewayError
@@ -266,6 +267,7 @@ class Gateway(GatewayBase):
         stream = self._streams[op.lane]
         reply = stream.get(op.timeout_s)
         if reply is None:  # no answer in time: the target accepted the connection and hangs
+            unanswered(stream.call)  # its worker takes no new stream for a while
             stream.cancel()
             return Ended(UnavailableError(f"{stream.target} did not answer within {op.timeout_s:g} s"))
         return reply

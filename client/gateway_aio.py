@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 
 from cellserve.client.aio_inbox import Inbox
+from cellserve.client.connection_pool import unanswered
 from cellserve.client.errors import UnavailableError
 from cellserve.client.gateway import GatewayBase, amultiplex_on, new_core
 from cellserve.client.gateway_core import GatewayCore
@@ -148,6 +149,7 @@ class AsyncGateway(GatewayBase):
         stream = self._streams[op.lane]
         reply = await stream.inbox.get(op.timeout_s)
         if reply is None:  # no answer in time: the target accepted the connection and hangs
+            unanswered(stream.call)  # its worker takes no new stream for a while
             stream.cancel()
             return Ended(UnavailableError(f"{stream.target} did not answer within {op.timeout_s:g} s"))
         return reply

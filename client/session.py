@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from cellserve.client.connection_pool import unanswered
 from cellserve.client.core import SessionCore
 from cellserve.client.errors import UnavailableError, from_rpc_error
 from cellserve.client.model_info import ModelInfo
@@ -135,6 +136,7 @@ class Session(SessionBase):
         with _Deadline(self._open_timeout_s, call) as deadline:  # a target that never answers is left
             reply = _next(call)
         if deadline.passed:  # the call was cancelled, even if its answer came in the same instant
+            unanswered(call)  # its worker takes no new session for a while (a hung --workers process)
             reply = Ended(UnavailableError(f"{target} did not answer the open within {self._open_timeout_s:g} s"))
         if is_opened(reply):
             self._abandon()  # the stream it replaces (gone, or draining)

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
-from cellserve.client.connection_pool import ConnectionPool
+from cellserve.client.connection_pool import ConnectionPool, unanswered
 
 
 class Stub:
@@ -136,17 +136,16 @@ def test_a_connection_idle_since_it_was_asked_is_asked_again_before_it_is_reused
 
 
 def test_a_connection_that_stops_answering_is_left_and_not_asked_again_at_once():
-    """A hung worker: its connection's probe times out; the stream goes where what is known says, and the next
-    picks do not wait for that connection again."""
+    """A hung worker: its connection's probe times out; the stream goes to the other worker, and the next picks
+    neither wait for that connection again nor make new ones (they might land on the hung worker)."""
     pool = pool_reaching([0, 1, 0], of=2)
     calls = [pool.start("Stream"), pool.start("Stream")]
     calls[0].end()
     pool.stubs[0].worker = None  # type: ignore[attr-defined]  # worker 0 hangs
-    index = pool.pick()  # connection 0 idle since asked: asked, no answer: taken by what is known instead
-    assert index == 1 and pool.workers()[0] is None
+    index = pool.pick()  # connection 0 idle since asked: asked, no answer: worker 0 avoided, worker 1's taken
+    assert index == 1 and pool.workers()[0] is None and 0 in pool._avoid_until
     asked = len(pool.asked)  # type: ignore[attr-defined]
-    pool.pick()
-    assert pool.asked[asked:] == [0]  # type: ignore[attr-defined]  # a new connection, not the quiet one
+    assert pool.pick() == 1 and pool.asked[asked:] == []  # type: ignore[attr-defined]
 
 
 def test_a_server_that_comes_back_with_fewer_workers_voids_what_was_known():
@@ -160,13 +159,17 @@ def test_a_server_that_comes_back_with_fewer_workers_voids_what_was_known():
     assert pool._workers == 2 and all(w is None or w < 2 for w in pool.workers())
 
 
-@pytest.mark.parametrize("code", [grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED])
-def test_a_worker_that_failed_a_stream_takes_no_new_one_for_a_while(code):
-    """An open that timed out on a hung worker (cancelled), or a full one (refused): the next streams go to the
-    other worker though it holds more, and the avoided worker's connection is asked again before reuse."""
+@pytest.mark.parametrize("how", ["open timed out", "UNAVAILABLE", "RESOURCE_EXHAUSTED"])
+def test_a_worker_that_failed_a_stream_takes_no_new_one_for_a_while(how):
+    """An open that timed out on a hung worker (the SDK says so: ``unanswered``), a lost connection, a full
+    worker: the next streams go to the other worker though it holds more, until the while has passed."""
     pool = pool_reaching([0, 1, 0, 1], of=2, size=4)
     calls = [pool.start("Stream") for _ in range(4)]  # 2 and 2
-    calls[0].end(code)
+    if how == "open timed out":
+        unanswered(calls[0])
+        calls[0].end(grpc.StatusCode.CANCELLED)
+    else:
+        calls[0].end(getattr(grpc.StatusCode, how))
     for _ in range(3):
         pool.start("Stream")
     assert workers_of(pool, 2) == [1, 5]
@@ -175,9 +178,15 @@ def test_a_worker_that_failed_a_stream_takes_no_new_one_for_a_while(code):
     assert workers_of(pool, 2) == [2, 5]
 
 
-def test_streams_that_end_well_leave_their_worker_chosen():
+@pytest.mark.parametrize("code", [grpc.StatusCode.OK, grpc.StatusCode.CANCELLED])
+def test_streams_that_end_well_or_are_left_by_the_caller_leave_their_worker_chosen(code):
+    """Closed, or cancelled by the caller (a generate left early, a session dropped unclosed): no blame."""
     pool = pool_reaching([0, 1], of=2, size=2)
     calls = [pool.start("Stream") for _ in range(2)]
-    calls[0].end()
+    calls[0].end(code)
     pool.start("Stream")
     assert workers_of(pool, 2) == [1, 1] and not pool._avoid_until
+
+
+def test_unanswered_ignores_a_call_no_pool_started():
+    unanswered(Call())
