@@ -21,10 +21,10 @@ worker. So a connection that went idle is asked again before it is reused. One t
 ``QUIET_S`` while another can, and meanwhile no new connection is made (it might land there): an open the
 SDK gave up on (``unanswered``: a hung worker), a connection asked again that no longer answers, a stream
 ended UNAVAILABLE (connection lost) or RESOURCE_EXHAUSTED (no room). So with a hung worker one open fails,
-not every other one. A stream the caller cancels (a generate left early) blames nobody. A server that answers with another count voids
-what the others said. Against one process (or a server that does not say), streams go to the least-loaded
-connection (ties in turn, so that an open retried after a connection that did not answer tries the next
-one), made on first use.
+not every other one. A stream the caller cancels (a generate left early) blames nobody. A server that
+answers with another count voids what the others said. Against one process (or a server that does not
+say), streams go to the least-loaded connection (ties in turn, so that an open retried after a connection
+that did not answer tries the next one), made on first use.
 
 Unary calls (models, health) use the first connection; they carry no state, any worker answers them.
 """
