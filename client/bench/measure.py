@@ -19,6 +19,8 @@ from cellserve.client.bench.procfs import TreeUsage, tree_usage
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
 
+SNAPSHOT_LEAD_S = 0.05  # a count-bound run's server snapshot, at most this long before its window opens
+
 @dataclass
 class Result:
     """What one target did in one configuration."""
@@ -212,7 +214,10 @@ def _collect(
         raise RuntimeError(f"{target}: load workers failed to start: {_first_error(results)}") from e
     total = per_stream * plan.streams if plan.messages else None
     bar = terminal_bar(total, f"{target:>9} s={plan.streams} T={plan.t}", wanted=progress_bar)
-    time.sleep(max(0.0, window.start_at - time.time()))  # warm-up runs; the window opens
+    # Warm-up runs; the window opens. A count-bound window may close within milliseconds of opening (a small
+    # model, few messages): its snapshot is taken a little before, or a busy box could take it after them all.
+    lead = min(SNAPSHOT_LEAD_S, plan.warmup_s / 2) if plan.messages else 0.0
+    time.sleep(max(0.0, window.start_at - lead - time.time()))
     before = ServerSnapshot.take(server_pid, metrics_url, info.name)
     after: ServerSnapshot | None = None
     got: list[WorkerResult] = []
