@@ -36,7 +36,7 @@ import inspect
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -48,10 +48,12 @@ C = TypeVar("C")  # grpc.Channel or grpc.aio.Channel
 # A connection's (worker, workers) as its server said, or None where it could not be asked (no answer in
 # time, an older server): such a connection still carries streams, by the least-loaded rule.
 Probe = Callable[[pb_grpc.CellServeStub], Any]  # returns (worker, workers) | None, or an awaitable of it
+# How the pool decides where a stream goes, as a routine: it yields a connection to ask its worker, is sent the
+# answer (None: none in time), and returns the connection to take (or, for ``behind``, the worker count).
+Asking = Generator[int, "tuple[int, int] | None", int]
 PROBE_TIMEOUT_S = 2.0  # at most this long (or connect_timeout_s) to ask a connection its worker
 QUIET_S = 5.0  # a connection that did not answer is not asked again for this long
-
-
+TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 # How a stream ends when its worker is the trouble: the connection lost, or refused for lack of room (a full
 # worker). A hung worker's stream ends CANCELLED, as many healthy ones do (a generate left early, a session
 # dropped unclosed): the SDK says so itself where an open timed out (``unanswered``).
@@ -67,7 +69,6 @@ def unanswered(call: Any) -> None:
     if placed is not None:
         pool, index = placed
         pool.avoid(index)
-TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
 def _failed(error: grpc.RpcError) -> tuple[int, int] | None:
@@ -141,50 +142,61 @@ class ConnectionPool(Generic[C]):
     def pick(self) -> int:
         """The connection the next stream should take, asking connections their worker (blocking)."""
         with self._lock:
-            while True:
-                index, ask = self._choose()
-                if not ask:
-                    return index
-                answer = self._ask(index)
-                if answer is None:  # no answer in time: ask no more now, place by what is known
-                    return self._unanswered(index)
-                if not self._record(index, answer):
-                    return index
+            return self._asked(self._picking())
 
     async def apick(self) -> int:
         """``pick`` for grpc.aio channels: the asking is awaited."""
-        while True:
-            index, ask = self._choose()
-            if not ask:
-                return index
-            answer = await self._ask(index)
-            if answer is None:
-                return self._unanswered(index)
-            if not self._record(index, answer):
-                return index
-
-    def _ask(self, index: int) -> Any:
-        """Make connection ``index`` if it is not yet and ask it its worker: the probe's answer (or awaitable)."""
-        self.channel(index)
-        return self._probe(self.stub(index))  # type: ignore[misc]
+        return await self._aasked(self._picking())
 
     def behind(self) -> int:
         """How many workers share the target's port, as its connections say (asking one if none has yet); 1
         where nothing says (one process, an older server, no answer)."""
         with self._lock:
-            if self._workers is None:
-                index = self._in_turn()
-                answer = self._ask(index)
-                self._unanswered(index) if answer is None else self._record(index, answer)
-            return self._workers or 1
+            return self._asked(self._learning())
 
     async def abehind(self) -> int:
         """``behind`` for grpc.aio channels."""
+        return await self._aasked(self._learning())
+
+    def _picking(self) -> Asking:
+        """Where the next stream goes: choose, asking connections as the choice needs, until one is taken."""
+        while True:
+            index, ask = self._choose()
+            if not ask:
+                return index
+            chosen = self._heard(index, (yield index))
+            if chosen is not None:
+                return chosen
+
+    def _learning(self) -> Asking:
+        """How many workers there are: asked of a connection if nothing is known yet."""
         if self._workers is None:
             index = self._in_turn()
-            answer = await self._ask(index)
-            self._unanswered(index) if answer is None else self._record(index, answer)
+            self._heard(index, (yield index))
         return self._workers or 1
+
+    def _asked(self, routine: Asking) -> int:
+        """Run ``routine``, asking each connection it names with the (blocking) probe."""
+        try:
+            index = next(routine)
+            while True:
+                index = routine.send(self._probe(self._asking(index)))  # type: ignore[misc]
+        except StopIteration as done:
+            return done.value
+
+    async def _aasked(self, routine: Asking) -> int:
+        """``_asked`` with the asyncio probe, awaited."""
+        try:
+            index = next(routine)
+            while True:
+                index = routine.send(await self._probe(self._asking(index)))  # type: ignore[misc]
+        except StopIteration as done:
+            return done.value
+
+    def _asking(self, index: int) -> pb_grpc.CellServeStub:
+        """Connection ``index``, made now if it is not yet, to be asked its worker: its stub."""
+        self.channel(index)
+        return self.stub(index)
 
     def start(self, method: str, *args: Any, index: int | None = None, **kwargs: Any) -> Any:
         """Start a streaming call (``Stream``, ``Multiplex``, ``Generate``) on connection ``index`` (default:
@@ -233,7 +245,7 @@ class ConnectionPool(Generic[C]):
         with self._lock:
             worker = self._worker[index]
             self._fresh[index] = False
-            if worker is not None and self._workers is not None and worker < self._workers:
+            if worker is not None:
                 self._avoid_until[worker] = time.monotonic() + QUIET_S
 
     def _choose(self, asking: bool = True) -> tuple[int, bool]:
@@ -244,20 +256,19 @@ class ConnectionPool(Generic[C]):
             return self._in_turn(), asking
         if self._workers < 2:
             return self._in_turn(), False
-        loads = [0] * self._workers
+        on: dict[int, list[int]] = {}  # each reached worker's connections
         for i, w in enumerate(self._worker):
             if w is not None:
-                loads[w] += self._open[i]
+                on.setdefault(w, []).append(i)
+        loads = [sum(self._open[i] for i in on.get(w, ())) for w in range(self._workers)]
         now = time.monotonic()
         order = sorted(((self._next_worker + k) % self._workers for k in range(self._workers)), key=loads.__getitem__)
         usable = [w for w in order if self._avoid_until.get(w, 0.0) <= now]
-        reached = {w for w in self._worker if w is not None}
         # while a worker is avoided, no new connection (it might land there), unless no usable one is reached
-        hunting = asking and (len(usable) == len(order) or not reached.intersection(usable))
+        hunting = asking and (len(usable) == len(order) or not on.keys() & set(usable))
         order = usable or order  # all avoided: none is
-        on = lambda w: [i for i in range(size) if self._worker[i] == w]  # noqa: E731
         for w in (w for w in order if loads[w] == loads[order[0]]):  # an idle connection of a least-loaded worker
-            idle = next((i for i in on(w) if self._open[i] == 0), None)
+            idle = next((i for i in on.get(w, ()) if self._open[i] == 0), None)
             if idle is not None:
                 if asking and not self._fresh[idle]:
                     return idle, True  # idle since it was asked: it may have reconnected elsewhere, or hung
@@ -269,9 +280,9 @@ class ConnectionPool(Generic[C]):
             if made or unknown:
                 return (made or unknown)[0], True
         for w in order:  # no room for more: the least-loaded connection of the least-loaded worker reached
-            if on(w):
+            if w in on:
                 self._next_worker = (w + 1) % self._workers
-                return min(on(w), key=self._open.__getitem__), False
+                return min(on[w], key=self._open.__getitem__), False
         return self._in_turn(), False
 
     def _in_turn(self) -> int:
@@ -281,28 +292,29 @@ class ConnectionPool(Generic[C]):
         self._next = (index + 1) % size
         return index
 
-    def _record(self, index: int, answer: tuple[int, int]) -> bool:
-        """Note what connection ``index`` said; True where the choice should be made again with it."""
+    def _heard(self, index: int, answer: tuple[int, int] | None) -> int | None:
+        """Note what connection ``index`` said; the connection to take now, or None to choose again with it.
+
+        No answer in time (not connected yet, a hung worker): the connection is not asked again for ``QUIET_S``
+        nor chosen by worker meanwhile, the worker it reached (if known) is avoided as long, and the stream goes
+        where what is known says. A server that does not say (0 of 0): streams spread by connection from now on.
+        Another worker count than before (a restarted server): what the other connections said is void."""
+        if answer is None:
+            self.avoid(index)  # a connection asked again whose worker no longer answers: that worker hangs
+            self._worker[index] = None
+            self._quiet_until[index] = time.monotonic() + QUIET_S
+            return self._choose(asking=False)[0]
         worker, workers = answer
         if workers < 1 or not 0 <= worker < workers:
-            self._workers = 0  # an older server (0 of 0): nothing to spread by
-            return False
-        if workers != self._workers:  # another count (a restarted server): what the others said is void
+            self._workers = 0
+            return index
+        if workers != self._workers:
             self._worker = [None] * len(self._worker)
             self._fresh = [False] * len(self._fresh)
             self._avoid_until.clear()
         self._worker[index], self._fresh[index], self._quiet_until[index] = worker, True, 0.0
         self._workers = workers
-        return workers > 1
-
-    def _unanswered(self, index: int) -> int:
-        """Connection ``index`` did not answer in time (not connected yet, a hung worker): it is not asked again
-        for ``QUIET_S``, nor chosen by worker meanwhile, and the worker it reached (if known) is avoided as long;
-        the connection to take instead, by what is known."""
-        self.avoid(index)  # a connection asked again whose worker no longer answers: that worker hangs
-        self._worker[index], self._fresh[index] = None, False
-        self._quiet_until[index] = time.monotonic() + QUIET_S
-        return self._choose(asking=False)[0]
+        return None if workers > 1 else index
 
     def count(self, index: int) -> C:
         """Count a stream on connection ``index`` (one the caller starts itself, as the bench does); its channel."""
