@@ -84,9 +84,6 @@ class ClientBase(Generic[C]):
             self.targets, policy, model=model or "", idle_timeout_s=idle_timeout_s, resume_token=resume_token
         )
 
-    def _generate(self, request: pb.GenerateRequest) -> Any:
-        return self._channels.generate(request, metadata=self._metadata)
-
     def _opened_on(self, core: SessionCore) -> None:
         self._channels.preferred = core.current  # where new sessions and unary calls go first
 
@@ -193,7 +190,8 @@ class Client(ClientBase[grpc.Channel]):
         seed: int | None = None, model: str | None = None,
     ) -> Iterator[Generated]:  # fmt: skip
         """Stream generated tokens as the server produces them."""
-        call = self._generate(generate_request(prompt, max_tokens, temperature, top_k, seed, model or ""))
+        request = generate_request(prompt, max_tokens, temperature, top_k, seed, model or "")
+        call = self._channels.generate(request, metadata=self._metadata)
         try:
             for resp in call:
                 yield Generated(tuple(resp.token_ids), resp.text)

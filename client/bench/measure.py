@@ -17,9 +17,8 @@ from cellserve.client.bench.metrics_scrape import ServerCounters
 from cellserve.client.bench.procfs import TreeUsage, tree_usage
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
-
-
 SNAPSHOT_LEAD_S = 0.05  # a count-bound run's server snapshot, at most this long before its window opens
+
 
 @dataclass
 class Result:
