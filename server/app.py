@@ -38,7 +38,7 @@ from cellserve.server.ports import check_free
 from cellserve.server.reflection import enable_reflection
 from cellserve.server.resume_token import TokenCodec, TokenKeys
 from cellserve.server.security import AcceptedTokens, BearerAuth, CertificateFiles, FileWatcher, is_loopback
-from cellserve.server.servicer import CellServeServicer
+from cellserve.server.servicer import ONE_PROCESS, CellServeServicer
 from cellserve.server.servicer import add_to_server as add_native_service
 from cellserve.server.sessions import SessionManager
 from cellserve.server.settings import Settings
@@ -74,7 +74,7 @@ class CellServer:
 
     def __init__(
         self, settings: Settings, registry: CollectorRegistry, *, reuse_port: bool = False,
-        worker: tuple[int, int] = (0, 1),
+        worker: tuple[int, int] = ONE_PROCESS,
     ) -> None:  # fmt: skip
         """``reuse_port``: join a port shared on purpose (a ``--workers`` supervisor's); else a taken port fails.
         ``worker``: this process's (index, count) among those sharing the port, told to clients (ListModels)."""
@@ -305,7 +305,7 @@ class CellServer:
 
 
 def build_server(
-    settings: Settings, registry: CollectorRegistry, *, reuse_port: bool = False, worker: tuple[int, int] = (0, 1)
+    settings: Settings, registry: CollectorRegistry, *, reuse_port: bool = False, worker: tuple[int, int] = ONE_PROCESS
 ) -> CellServer:
     """Build (not start) a server. Call ``await server.start()`` inside a running event loop."""
     server = CellServer(settings, registry, reuse_port=reuse_port, worker=worker)
@@ -316,7 +316,7 @@ def build_server(
 
 async def run_until_signal(
     settings: Settings, *, reuse_port: bool = False, on_ready: Callable[[int, int], None] | None = None,
-    orphaned: Callable[[], bool] | None = None, worker: tuple[int, int] = (0, 1),
+    orphaned: Callable[[], bool] | None = None, worker: tuple[int, int] = ONE_PROCESS,
 ) -> None:  # fmt: skip
     """Serve until SIGTERM/SIGINT, then drain. ``on_ready(port, metrics_port)`` once SERVING (workers);
     ``orphaned()`` true at the signal (a worker whose supervisor died): the drain frees the port first."""

@@ -29,6 +29,8 @@ from cellserve.wire import PB_DTYPES, SUMMARY_FIELDS, tensor_spec
 SERVICE = pb.DESCRIPTOR.services_by_name["CellServe"].full_name
 
 
+ONE_PROCESS = (0, 1)  # a server's (worker index, workers) without --workers: ListModels says 0 of 1
+
 def serialize_response(response: pb.StreamResponse | pb.MultiplexResponse | bytes) -> bytes:
     """Stream's and Multiplex's responses: a message, or an output already serialized (``tensors.encode_output``,
     ``encode_sessions_output``)."""
@@ -74,7 +76,7 @@ class CellServeServicer(pb_grpc.CellServeServicer):
     plane: DataPlane
     errors: ErrorBoundary
     streams: StreamLimit
-    worker: tuple[int, int] = (0, 1)  # (index, count) of this process among those sharing the port
+    worker: tuple[int, int] = ONE_PROCESS  # (index, count) of this process among those sharing the port
 
     @rpc
     async def Stream(  # type: ignore[override]
