@@ -27,9 +27,8 @@ from cellserve.v1 import cellserve_pb2_grpc as pb_grpc
 from cellserve.wire import PB_DTYPES, SUMMARY_FIELDS, tensor_spec
 
 SERVICE = pb.DESCRIPTOR.services_by_name["CellServe"].full_name
-
-
 ONE_PROCESS = (0, 1)  # a server's (worker index, workers) without --workers: ListModels says 0 of 1
+
 
 def serialize_response(response: pb.StreamResponse | pb.MultiplexResponse | bytes) -> bytes:
     """Stream's and Multiplex's responses: a message, or an output already serialized (``tensors.encode_output``,
